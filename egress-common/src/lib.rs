@@ -1,0 +1,22 @@
+//! Types shared by the BPF programs and the agent: map names, keys, values and counter indexes.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so the kernel and userspace agree on
+//! layout; each type carries a compile-time size check.
+#![no_std]
+
+pub mod stats;
+
+/// Names of the pinned maps. The agent pins each one at `<pin dir>/<name>`; bpftool shows them
+/// under the same names.
+pub mod map_names {
+    pub const STATS: &str = "STATS";
+
+    /// Every map the programs declare, for pinning and adoption.
+    pub const ALL: [&str; 1] = [STATS];
+}
+
+/// Names of the programs in the object file (kernel limit: 15 characters).
+pub mod prog_names {
+    pub const TC_EGRESS: &str = "tc_egress";
+    pub const TC_INGRESS: &str = "tc_ingress";
+}

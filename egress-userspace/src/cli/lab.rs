@@ -1,0 +1,94 @@
+//! `egress lab`: build, inspect and remove the namespace lab by hand.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use super::ConfigArg;
+use crate::lab::{self, Lab, LabSpec};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Build the lab from the config and leave it running (remove it with `lab down`).
+    Up {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also start the agent on every server.
+        #[arg(long)]
+        agents: bool,
+    },
+    /// Remove every lab namespace, process, pin and work directory, including crashed runs'.
+    Down,
+    /// List lab namespaces, the processes in them, and leftover directories.
+    Status,
+    /// Run the lab's origin server (HTTP + UDP echo reporting the source seen). Used by the lab.
+    #[command(hide = true)]
+    Origin {
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long, default_value_t = lab::HTTP_PORT)]
+        http_port: u16,
+        #[arg(long, default_value_t = lab::UDP_PORT)]
+        udp_port: u16,
+    },
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Up { config, agents } => {
+            let spec = LabSpec::new(config.load()?, std::env::current_exe()?);
+            let mut lab = Lab::up(spec)?;
+            if agents {
+                let names: Vec<String> = lab
+                    .config()
+                    .servers
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect();
+                for name in names {
+                    lab.start_agent(&name)?;
+                }
+            }
+            println!("lab {} is up:", lab.prefix);
+            for ns in lab.namespaces() {
+                println!("  {ns}");
+            }
+            println!("config: {}", lab.config_path().display());
+            println!(
+                "try:    nsenter --net=/run/netns/{} curl -s http://{}/",
+                lab.server_ns(&lab.config().servers[0].name),
+                lab::ORIGIN_V4
+            );
+            println!("remove: cargo xtask lab down");
+            lab.persist();
+        }
+        Command::Down => {
+            let gone = lab::down_leftovers()?;
+            for (ns, pids) in &gone.namespaces {
+                println!("removed namespace {ns} (killed {} processes)", pids.len());
+            }
+            for dir in &gone.dirs {
+                println!("removed {}", dir.display());
+            }
+            if gone.namespaces.is_empty() && gone.dirs.is_empty() {
+                println!("nothing to remove");
+            }
+        }
+        Command::Status => {
+            let found = lab::leftovers()?;
+            if found.namespaces.is_empty() && found.dirs.is_empty() {
+                println!("no lab is up");
+            }
+            for (ns, pids) in &found.namespaces {
+                println!("namespace {ns}: pids {pids:?}");
+            }
+            for dir in &found.dirs {
+                println!("directory {}", dir.display());
+            }
+        }
+        Command::Origin {
+            log,
+            http_port,
+            udp_port,
+        } => lab::origin::serve(http_port, udp_port, &log)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

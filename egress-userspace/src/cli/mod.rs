@@ -1,0 +1,57 @@
+//! Command-line interface: one module per subcommand.
+
+mod agent;
+mod demo;
+mod lab;
+mod stats;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Egress steering dataplane: sends each customer connection from one of its pool addresses.
+#[derive(Debug, Parser)]
+#[command(name = "egress", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Agent(agent::Args),
+    Stats(stats::Args),
+    Demo(demo::Args),
+    #[command(subcommand)]
+    Lab(lab::Command),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Agent(a) => agent::run(a),
+            Command::Stats(a) => stats::run(a),
+            Command::Demo(a) => demo::run(a),
+            Command::Lab(c) => lab::run(c),
+        }
+    }
+}
+
+/// `--config FILE`, shared by the subcommands that read a config.
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Topology config (TOML). Without it, the embedded default (the built-in lab).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded(),
+        })
+    }
+}

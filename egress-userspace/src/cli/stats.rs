@@ -1,0 +1,52 @@
+//! `egress stats`: the datapath's counters, read from the pinned maps.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use super::ConfigArg;
+use crate::{loader, stats};
+
+/// Print the datapath counters of a running (or stopped) agent.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Server whose pins to read (default: the config's `server`).
+    #[arg(long, conflicts_with = "pin_dir")]
+    server: Option<String>,
+    /// Read the maps pinned in this directory instead.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let pin_dir = match args.pin_dir {
+        Some(dir) => dir,
+        None => {
+            let name = match args.server {
+                Some(name) => name,
+                None => args.config.load()?.select_server(None)?.name.clone(),
+            };
+            loader::pin_dir(None, &name)
+        }
+    };
+    let values = stats::read(&pin_dir)?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&values)?),
+        Format::Table => {
+            println!("{:<24} {:>14} {:>16}", "counter", "packets", "bytes");
+            for v in &values {
+                println!("{:<24} {:>14} {:>16}", v.name, v.packets, v.bytes);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,222 @@
+//! The topology config: the TOML format operators write, parsed into typed structs.
+//!
+//! Field names here are the user-facing format; keep them stable. Unknown keys are errors.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use ipnet::Ipv6Net;
+use serde::{Deserialize, Serialize};
+
+/// The config every command falls back to: the built-in lab's topology.
+pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Default for `--server`.
+    #[serde(default)]
+    pub server: Option<String>,
+    #[serde(default)]
+    pub locations: Vec<Location>,
+    #[serde(default)]
+    pub datacenters: Vec<Datacenter>,
+    #[serde(default)]
+    pub servers: Vec<Server>,
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    pub name: String,
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datacenter {
+    pub name: String,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub name: String,
+    /// Unique, 1..=65535; also the host part of the server's IPv6 pool addresses.
+    pub id: u32,
+    pub datacenter: String,
+    /// IPv4 tunnel endpoint on the fabric.
+    pub fabric: Ipv4Addr,
+    /// Interface the programs attach to.
+    pub uplink: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: String,
+    /// Unique, 1..=4294967295; carried in the GRE key of forwarded packets.
+    pub id: u64,
+    #[serde(default)]
+    pub ipv6_prefix: Option<Ipv6Net>,
+    #[serde(default)]
+    pub ipv4: Vec<PoolAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolAddress {
+    pub address: Ipv4Addr,
+    /// Port ranges of this address held by servers; empty = reserved.
+    #[serde(default)]
+    pub shares: Vec<Share>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    pub server: String,
+    /// "first-last", inclusive.
+    pub ports: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub pool: String,
+    /// IPv4 and IPv6 prefixes (a bare address means a host route).
+    pub destinations: Vec<String>,
+    /// Tenant id the proxy sets with SO_MARK; 0 matches any mark.
+    #[serde(default)]
+    pub mark: u32,
+}
+
+/// A server's IPv6 address in a pool: the prefix's network address plus the server's id
+/// (`2001:db8:7::/64`, id 11 → `2001:db8:7::b`).
+pub fn server_ipv6(prefix: Ipv6Net, id: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(prefix.network()) + u128::from(id))
+}
+
+/// Why a config could not be read. Validation errors (a well-formed file with bad values) are
+/// a separate kind so `validate` can give them their own exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot parse config {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the source in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Self {
+        Self::parse(DEFAULT_CONFIG, "<embedded default>").expect("embedded default config parses")
+    }
+
+    /// The server named `name`, or the config's default server.
+    pub fn select_server(&self, name: Option<&str>) -> Result<&Server, SelectError> {
+        let name = name
+            .or(self.server.as_deref())
+            .ok_or(SelectError::NoServer)?;
+        self.servers
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| SelectError::Unknown {
+                name: name.to_string(),
+                known: self.servers.iter().map(|s| s.name.clone()).collect(),
+            })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SelectError {
+    #[error("no server given: pass --server NAME or set `server = \"...\"` in the config")]
+    NoServer,
+    #[error("server {name:?} is not in the config (servers: {})", known.join(", "))]
+    Unknown { name: String, known: Vec<String> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_has_servers() {
+        let c = Config::embedded();
+        assert!(c.servers.len() >= 3, "default lab has several servers");
+    }
+
+    #[test]
+    fn server_ipv6_adds_id_to_network() {
+        let p: Ipv6Net = "2001:db8:7::/64".parse().unwrap();
+        assert_eq!(
+            server_ipv6(p, 11),
+            "2001:db8:7::b".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::parse("bogus = 1\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("t.toml"), "{err}");
+    }
+
+    #[test]
+    fn select_server_uses_default_and_reports_unknown() {
+        let c = Config::parse(
+            r#"
+server = "a"
+[[servers]]
+name = "a"
+id = 1
+datacenter = "d"
+fabric = "10.50.0.1"
+uplink = "eth0"
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.select_server(None).unwrap().name, "a");
+        assert_eq!(
+            c.select_server(Some("b")).unwrap_err(),
+            SelectError::Unknown {
+                name: "b".into(),
+                known: vec!["a".into()]
+            }
+        );
+        let mut c2 = c.clone();
+        c2.server = None;
+        assert_eq!(c2.select_server(None).unwrap_err(), SelectError::NoServer);
+    }
+}

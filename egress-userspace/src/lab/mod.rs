@@ -1,0 +1,493 @@
+//! The lab: a topology of network namespaces built from a config, for the tests and the demo.
+//!
+//! One namespace per server (its uplink carries the server's fabric address), one "origin"
+//! namespace standing for the internet, and a "fabric" namespace holding the bridge that joins
+//! them. Every interface is created inside the lab's namespaces; nothing touches the host's own
+//! interfaces or routes, and no namespace has a route out of the lab. Names carry a per-run
+//! prefix; dropping the [`Lab`] (also while panicking) kills what it started and removes
+//! everything, and [`down_leftovers`] removes what crashed runs left behind.
+
+pub mod netns;
+pub mod origin;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use log::{debug, warn};
+
+use crate::{config::Config, loader::DEFAULT_PIN_ROOT};
+
+/// Every lab namespace, pin directory and work directory starts with this.
+pub const LAB_PREFIX: &str = "egresslab-";
+
+/// The origin's addresses. Servers route the whole documentation prefixes to it.
+pub const ORIGIN_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// An origin address no default policy covers (traffic leaves from the server's own address).
+pub const ORIGIN_V4_NO_POLICY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 1);
+pub const ORIGIN_V6_NO_POLICY: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xcafe, 0, 0, 0, 0, 1);
+const INTERNET_ROUTES: [&str; 4] = [
+    "203.0.113.0/24",
+    "198.51.100.0/24",
+    "2001:db8:beef::/48",
+    "2001:db8:cafe::/48",
+];
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 7;
+
+/// The fabric: servers' IPv4 fabric addresses must lie in 10.50.0.0/16; IPv6 fabric addresses
+/// are fd00:50::<server id>.
+const FABRIC_V4_LEN: u8 = 16;
+const FABRIC_V4_NET: [u8; 2] = [10, 50];
+const ORIGIN_FABRIC_V4: Ipv4Addr = Ipv4Addr::new(10, 50, 255, 254);
+const ORIGIN_FABRIC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0xffff);
+
+/// A server's IPv6 address on the fabric.
+pub fn fabric_v6(id: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, (id >> 16) as u16, id as u16)
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub config: Config,
+    /// Which server the origin routes each pool IPv4 address to (what BGP would pick). Addresses
+    /// not listed go to the first server holding a share of them.
+    pub announce: BTreeMap<Ipv4Addr, String>,
+    /// The `egress` binary (agent and origin).
+    pub egress_bin: PathBuf,
+}
+
+impl LabSpec {
+    pub fn new(config: Config, egress_bin: impl Into<PathBuf>) -> Self {
+        Self {
+            config,
+            announce: BTreeMap::new(),
+            egress_bin: egress_bin.into(),
+        }
+    }
+}
+
+/// A process the lab started and will stop.
+struct Proc {
+    label: String,
+    child: Child,
+}
+
+/// A running lab. Dropping it tears everything down unless [`Lab::persist`] was called.
+pub struct Lab {
+    pub prefix: String,
+    namespaces: Vec<String>,
+    procs: Vec<Proc>,
+    pin_root: PathBuf,
+    work_dir: PathBuf,
+    config: Config,
+    egress_bin: PathBuf,
+    keep: bool,
+}
+
+/// A fresh per-run prefix: pid and clock, so concurrent runs never collide.
+fn unique_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{LAB_PREFIX}{:x}{:05x}",
+        std::process::id(),
+        nanos & 0xfffff
+    )
+}
+
+impl Lab {
+    /// Builds the lab. On failure everything made so far is removed.
+    pub fn up(spec: LabSpec) -> anyhow::Result<Lab> {
+        let prefix = unique_prefix();
+        let mut lab = Lab {
+            pin_root: Path::new(DEFAULT_PIN_ROOT).join(&prefix),
+            work_dir: std::env::temp_dir().join(&prefix),
+            prefix,
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            config: spec.config.clone(),
+            egress_bin: spec.egress_bin.clone(),
+            keep: false,
+        };
+        std::fs::create_dir_all(&lab.work_dir)?;
+        std::fs::write(lab.config_path(), toml::to_string(&spec.config)?)?;
+        lab.build(&spec)
+            .with_context(|| format!("building lab {}", lab.prefix))?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, spec: &LabSpec) -> anyhow::Result<()> {
+        let fabric = self.add_ns("fabric")?;
+        netns::ip_in(&fabric, &["link", "add", "fab", "type", "bridge"])?;
+        netns::ip_in(&fabric, &["link", "set", "fab", "up"])?;
+
+        let origin = self.add_ns("origin")?;
+        self.plug(&origin, "p-origin", "eth0")?;
+        self.address(
+            &origin,
+            "eth0",
+            &format!("{ORIGIN_FABRIC_V4}/{FABRIC_V4_LEN}"),
+        )?;
+        self.address(&origin, "eth0", &format!("{ORIGIN_FABRIC_V6}/64"))?;
+        for a in [ORIGIN_V4.to_string(), ORIGIN_V4_NO_POLICY.to_string()] {
+            self.address(&origin, "lo", &format!("{a}/32"))?;
+        }
+        for a in [ORIGIN_V6.to_string(), ORIGIN_V6_NO_POLICY.to_string()] {
+            self.address(&origin, "lo", &format!("{a}/128"))?;
+        }
+
+        for server in &spec.config.servers {
+            let o = server.fabric.octets();
+            if o[..2] != FABRIC_V4_NET {
+                bail!(
+                    "server {}: fabric address {} is outside the lab fabric 10.50.0.0/16",
+                    server.name,
+                    server.fabric
+                );
+            }
+            let ns = self.add_ns(&format!("s-{}", server.name))?;
+            self.plug(&ns, &format!("p-{}", server.id), &server.uplink)?;
+            self.address(
+                &ns,
+                &server.uplink,
+                &format!("{}/{FABRIC_V4_LEN}", server.fabric),
+            )?;
+            self.address(&ns, &server.uplink, &format!("{}/64", fabric_v6(server.id)))?;
+            for net in INTERNET_ROUTES {
+                let via = if net.contains(':') {
+                    ORIGIN_FABRIC_V6.to_string()
+                } else {
+                    ORIGIN_FABRIC_V4.to_string()
+                };
+                netns::ip_in(&ns, &["route", "add", net, "via", &via])?;
+            }
+        }
+        self.route_pools(spec)?;
+        self.start_origin()
+    }
+
+    /// The origin's routes to pool addresses: each IPv4 address to its announcing server, each
+    /// server's IPv6 pool address to that server.
+    fn route_pools(&self, spec: &LabSpec) -> anyhow::Result<()> {
+        let origin = self.origin_ns();
+        let servers: BTreeMap<&str, &crate::config::Server> = spec
+            .config
+            .servers
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        for pool in &spec.config.pools {
+            for addr in &pool.ipv4 {
+                let Some(name) = spec
+                    .announce
+                    .get(&addr.address)
+                    .map(String::as_str)
+                    .or_else(|| addr.shares.first().map(|s| s.server.as_str()))
+                else {
+                    continue; // reserved address: nobody announces it
+                };
+                let server = servers
+                    .get(name)
+                    .ok_or_else(|| anyhow!("pool {}: unknown server {name}", pool.name))?;
+                netns::ip_in(
+                    &origin,
+                    &[
+                        "route",
+                        "add",
+                        &format!("{}/32", addr.address),
+                        "via",
+                        &server.fabric.to_string(),
+                    ],
+                )?;
+            }
+            if let Some(prefix) = pool.ipv6_prefix {
+                for server in &spec.config.servers {
+                    let addr = crate::config::server_ipv6(prefix, server.id);
+                    netns::ip_in(
+                        &origin,
+                        &[
+                            "route",
+                            "add",
+                            &format!("{addr}/128"),
+                            "via",
+                            &fabric_v6(server.id).to_string(),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_ns(&mut self, role: &str) -> anyhow::Result<String> {
+        let name = format!("{}-{role}", self.prefix);
+        netns::ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        netns::ip_in(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// A veth from the fabric bridge (`port`) to `ns` (`iface`), both created inside the lab.
+    fn plug(&self, ns: &str, port: &str, iface: &str) -> anyhow::Result<()> {
+        let fabric = self.fabric_ns();
+        netns::ip_in(
+            &fabric,
+            &[
+                "link", "add", port, "type", "veth", "peer", "name", iface, "netns", ns,
+            ],
+        )?;
+        netns::ip_in(&fabric, &["link", "set", port, "master", "fab", "up"])?;
+        netns::ip_in(ns, &["link", "set", iface, "up"])?;
+        Ok(())
+    }
+
+    fn address(&self, ns: &str, iface: &str, cidr: &str) -> anyhow::Result<()> {
+        let mut args = vec!["addr", "add", cidr, "dev", iface];
+        if cidr.contains(':') {
+            args.push("nodad"); // usable at once, no duplicate detection delay
+        }
+        netns::ip_in(ns, &args).map(drop)
+    }
+
+    fn start_origin(&mut self) -> anyhow::Result<()> {
+        let mut cmd = netns::command_in(&self.origin_ns(), path_str(&self.egress_bin)?);
+        cmd.args(["lab", "origin", "--log"])
+            .arg(self.origin_log_path())
+            .args([
+                "--http-port",
+                &HTTP_PORT.to_string(),
+                "--udp-port",
+                &UDP_PORT.to_string(),
+            ]);
+        self.spawn_until_ready("origin", cmd)
+    }
+
+    /// Spawns `cmd` with stderr going to `<work dir>/<label>.log`, and waits (10 s at most) for
+    /// a line there containing "ready". A process that exits first fails with its log.
+    fn spawn_until_ready(&mut self, label: &str, mut cmd: Command) -> anyhow::Result<()> {
+        let log_path = self.log_path(label);
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {label}: {cmd:?}"))?;
+        self.procs.push(Proc {
+            label: label.to_string(),
+            child,
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if said.contains("ready") {
+                return Ok(());
+            }
+            let proc = self.procs.last_mut().expect("just pushed");
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                self.procs.pop();
+                bail!(
+                    "{label} exited ({status}) before it was ready:\n{}",
+                    said.trim()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{label} was not ready within 10 s:\n{}", said.trim());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Where a started process's stderr goes.
+    pub fn log_path(&self, label: &str) -> PathBuf {
+        self.work_dir.join(format!("{label}.log"))
+    }
+
+    /// Starts the agent of `server` in its namespace, with the lab's config and a pin directory
+    /// under the lab's pin root, and waits until it has attached.
+    pub fn start_agent(&mut self, server: &str) -> anyhow::Result<()> {
+        let mut cmd = netns::command_in(&self.server_ns(server), path_str(&self.egress_bin)?);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["--server", server, "--pin-dir"])
+            .arg(self.pin_dir(server));
+        self.spawn_until_ready(&format!("agent-{server}"), cmd)
+    }
+
+    /// Stops a process the lab started (SIGTERM, then SIGKILL after 3 s) and reaps it.
+    pub fn stop(&mut self, label: &str) -> anyhow::Result<std::process::ExitStatus> {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.label == label)
+            .ok_or_else(|| anyhow!("no process {label} in the lab"))?;
+        let mut p = self.procs.remove(i);
+        Ok(terminate(&mut p.child))
+    }
+
+    /// Runs a program in `ns` to completion and returns its stdout (error on failure).
+    pub fn run(&self, ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = netns::command_in(ns, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {program} in {ns}"))?;
+        netns::check(&format!("{program} {}", args.join(" ")), out)
+    }
+
+    /// `curl` from a server's namespace; returns the body.
+    pub fn curl(&self, server: &str, url: &str) -> anyhow::Result<String> {
+        self.run(
+            &self.server_ns(server),
+            "curl",
+            &["-sS", "--max-time", "10", url],
+        )
+    }
+
+    pub fn server_ns(&self, server: &str) -> String {
+        format!("{}-s-{server}", self.prefix)
+    }
+    pub fn origin_ns(&self) -> String {
+        format!("{}-origin", self.prefix)
+    }
+    pub fn fabric_ns(&self) -> String {
+        format!("{}-fabric", self.prefix)
+    }
+    pub fn pin_dir(&self, server: &str) -> PathBuf {
+        self.pin_root.join(server)
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.work_dir.join("config.toml")
+    }
+    pub fn origin_log_path(&self) -> PathBuf {
+        self.work_dir.join("origin-requests.log")
+    }
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// Pids of the processes the lab started and still owns.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.child.id()).collect()
+    }
+
+    /// Leaves the lab running after this value is dropped (for `lab up`); returns its prefix.
+    pub fn persist(mut self) -> String {
+        self.keep = true;
+        std::mem::take(&mut self.prefix)
+    }
+}
+
+/// SIGTERM, up to 3 s grace, then SIGKILL; always reaps.
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    netns::kill(child.id() as i32, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().expect("reaping a child we started")
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for mut p in self.procs.drain(..) {
+            debug!("stopping {} (pid {})", p.label, p.child.id());
+            terminate(&mut p.child);
+        }
+        remove(&self.namespaces, &self.pin_root, &self.work_dir);
+    }
+}
+
+/// Removes namespaces (killing what still runs inside them: only lab processes live there),
+/// then the pin and work directories.
+fn remove(namespaces: &[String], pin_root: &Path, work_dir: &Path) {
+    for ns in namespaces.iter().rev() {
+        for pid in netns::pids(ns) {
+            netns::kill(pid, libc::SIGKILL);
+        }
+        if let Err(e) = netns::ip(&["netns", "del", ns]) {
+            warn!("removing namespace {ns}: {e:#}");
+        }
+    }
+    for dir in [pin_root, work_dir] {
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// What leftover lab state exists: namespaces (with their pids), pin and work directories.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Leftovers {
+    pub namespaces: Vec<(String, Vec<i32>)>,
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Finds everything any lab run left behind (prefix [`LAB_PREFIX`]).
+pub fn leftovers() -> anyhow::Result<Leftovers> {
+    let namespaces = netns::list(LAB_PREFIX)?
+        .into_iter()
+        .map(|ns| {
+            let pids = netns::pids(&ns);
+            (ns, pids)
+        })
+        .collect();
+    let mut dirs = Vec::new();
+    for root in [
+        Path::new(DEFAULT_PIN_ROOT).to_path_buf(),
+        std::env::temp_dir(),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            dirs.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(LAB_PREFIX))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Ok(Leftovers { namespaces, dirs })
+}
+
+/// Removes every leftover of crashed or persisted lab runs; returns what was removed.
+pub fn down_leftovers() -> anyhow::Result<Leftovers> {
+    let found = leftovers()?;
+    let names: Vec<String> = found.namespaces.iter().map(|(n, _)| n.clone()).collect();
+    remove(&names, Path::new(""), Path::new(""));
+    for dir in &found.dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(found)
+}

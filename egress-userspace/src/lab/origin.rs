@@ -1,0 +1,133 @@
+//! The lab's "internet": an HTTP server and a UDP echo that answer every request with the source
+//! address and port they saw. That answer is the truth the end-to-end tests check.
+//!
+//! HTTP: `GET /` → `{"src":"ADDR","port":N}`; `GET /bytes/N` → N deterministic bytes (see
+//! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`. UDP: any datagram → the same JSON.
+//! Each request is appended to the log as `tcp|udp ADDR PORT PATH`.
+
+use std::{
+    fs::OpenOptions,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+
+/// Byte `i` of every `/bytes/N` payload; cheap, and any reordering or corruption changes the hash.
+pub fn payload_byte(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// SHA-256 (hex) of the first `n` payload bytes.
+pub fn payload_sha256(n: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut i = 0;
+    while i < n {
+        let len = (n - i).min(buf.len() as u64) as usize;
+        for (k, b) in buf[..len].iter_mut().enumerate() {
+            *b = payload_byte(i + k as u64);
+        }
+        h.update(&buf[..len]);
+        i += len as u64;
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the origin until killed: HTTP on `http_port`, UDP echo on `udp_port`, both dual-stack.
+pub fn serve(http_port: u16, udp_port: u16, log: &Path) -> anyhow::Result<()> {
+    let log = Arc::new(Mutex::new(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?,
+    ));
+    let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, http_port)).context("binding HTTP")?;
+    let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, udp_port)).context("binding UDP")?;
+    let udp_log = log.clone();
+    std::thread::spawn(move || udp_echo(udp, &udp_log));
+    eprintln!("ready: origin http :{http_port} udp :{udp_port}");
+    for stream in tcp.incoming() {
+        let Ok(stream) = stream else { continue };
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let _ = handle_http(stream, &log);
+        });
+    }
+    Ok(())
+}
+
+fn source(addr: SocketAddr) -> (String, u16) {
+    (addr.ip().to_canonical().to_string(), addr.port())
+}
+
+fn record(log: &Mutex<std::fs::File>, proto: &str, src: &(String, u16), what: &str) {
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(f, "{proto} {} {} {what}", src.0, src.1);
+    }
+}
+
+fn udp_echo(sock: UdpSocket, log: &Mutex<std::fs::File>) {
+    let mut buf = [0u8; 2048];
+    while let Ok((_, peer)) = sock.recv_from(&mut buf) {
+        let src = source(peer);
+        record(log, "udp", &src, "-");
+        let body = format!("{{\"src\":\"{}\",\"port\":{}}}", src.0, src.1);
+        let _ = sock.send_to(body.as_bytes(), peer);
+    }
+}
+
+fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let src = source(stream.peer_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    // Drain the headers; the requests we serve have no body.
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    record(log, "tcp", &src, &path);
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stream);
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nx-payload-sha256: {}\r\nconnection: close\r\n\r\n",
+            payload_sha256(n)
+        )?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(buf.len() as u64) as usize;
+            for (k, b) in buf[..len].iter_mut().enumerate() {
+                *b = payload_byte(i + k as u64);
+            }
+            out.write_all(&buf[..len])?;
+            i += len as u64;
+        }
+    } else {
+        let body = format!("{{\"src\":\"{}\",\"port\":{}}}", src.0, src.1);
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+    }
+    out.flush()
+}

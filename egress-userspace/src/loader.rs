@@ -1,0 +1,156 @@
+//! Loading the BPF object, pinning its maps, attaching the TC programs to an interface.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TcAttachType, tc},
+    util::KernelVersion,
+};
+use egress_common::{map_names, prog_names};
+
+/// The compiled programs, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// Where maps are pinned when `--pin-dir` is not given.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("must run as root (loading BPF programs needs CAP_BPF and CAP_NET_ADMIN)")]
+    NotRoot,
+    #[error(
+        "interface {iface:?} does not exist in this network namespace (it is the uplink of server {server:?} in the config)"
+    )]
+    NoInterface { iface: String, server: String },
+    #[error(
+        "{dir} is not on a bpf filesystem (is bpffs mounted? `mount -t bpf bpf /sys/fs/bpf`, which `cargo xtask setup` does)"
+    )]
+    NoBpffs { dir: String },
+    #[error("cannot create pin directory {dir}: {source}")]
+    PinDir { dir: String, source: std::io::Error },
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name} is missing from the BPF object")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {name} to {iface}: {source}")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Pin directory for a server: `--pin-dir` if given, else `/sys/fs/bpf/egress/<server>`.
+pub fn pin_dir(explicit: Option<&Path>, server: &str) -> PathBuf {
+    explicit.map_or_else(
+        || Path::new(DEFAULT_PIN_ROOT).join(server),
+        Path::to_path_buf,
+    )
+}
+
+/// Checks what loading needs before touching the kernel, so each failure gets its own message.
+pub fn preflight(iface: &str, server: &str, pin_dir: &Path) -> Result<(), LoadError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LoadError::NotRoot);
+    }
+    if ifindex(iface).is_none() {
+        return Err(LoadError::NoInterface {
+            iface: iface.to_string(),
+            server: server.to_string(),
+        });
+    }
+    // The nearest existing ancestor of the pin directory must be on bpffs.
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        return Err(LoadError::NoBpffs {
+            dir: existing.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn ifindex(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: name is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// True when `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct; c is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Loads the object. Maps already pinned under `pin_dir` are adopted (their contents and
+/// counters continue); missing ones are created and pinned there.
+pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
+    std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
+        dir: pin_dir.display().to_string(),
+        source,
+    })?;
+    let mut loader = EbpfLoader::new();
+    for name in map_names::ALL {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// How a program was attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+/// Loads and attaches both TC programs to `iface`: tcx when the kernel has it (6.6+), clsact
+/// otherwise. The links belong to `ebpf`: dropping it detaches the programs.
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode, LoadError> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let mode = if tcx {
+        AttachMode::Tcx
+    } else {
+        // Already present is fine; any other failure shows up at attach.
+        let _ = tc::qdisc_add_clsact(iface);
+        AttachMode::Clsact
+    };
+    for (name, kind) in [
+        (prog_names::TC_EGRESS, TcAttachType::Egress),
+        (prog_names::TC_INGRESS, TcAttachType::Ingress),
+    ] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+        prog.attach(iface, kind)
+            .map_err(|source| LoadError::Attach {
+                name,
+                iface: iface.to_string(),
+                source,
+            })?;
+    }
+    Ok(mode)
+}

@@ -1,0 +1,114 @@
+//! The agent's refusals: each failure gets a clear message naming what is wrong, never a panic.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(common::EGRESS)
+        .arg("agent")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_config(dir: &std::path::Path, uplink: &str) -> std::path::PathBuf {
+    let path = dir.join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "server = \"x\"\n[[servers]]\nname = \"x\"\nid = 1\ndatacenter = \"d\"\nfabric = \"10.50.0.1\"\nuplink = \"{uplink}\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn assert_fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr should mention {needle:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("egress-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn missing_config_file() {
+    let out = agent(&["--config", "/nonexistent/egress.toml"]);
+    assert_fails_with(&out, "cannot read config /nonexistent/egress.toml");
+}
+
+#[test]
+fn unparsable_config_file() {
+    let d = tempdir("unparsable");
+    let p = d.join("bad.toml");
+    std::fs::write(&p, "[[servers]\nname=").unwrap();
+    let out = agent(&["--config", p.to_str().unwrap()]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "cannot parse config");
+}
+
+#[test]
+fn missing_interface() {
+    common::require_root();
+    let d = tempdir("noiface");
+    let p = write_config(&d, "egr-none0");
+    let out = agent(&["--config", p.to_str().unwrap()]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "interface \"egr-none0\" does not exist");
+}
+
+#[test]
+fn pin_dir_not_on_bpffs() {
+    common::require_root();
+    let d = tempdir("nobpffs");
+    let p = write_config(&d, "lo");
+    let out = agent(&[
+        "--config",
+        p.to_str().unwrap(),
+        "--pin-dir",
+        d.join("pins").to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "is not on a bpf filesystem");
+}
+
+#[test]
+fn not_root() {
+    common::require_root();
+    let d = tempdir("notroot");
+    let p = write_config(&d, "lo");
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::EGRESS,
+            "agent",
+            "--config",
+        ])
+        .arg(&p)
+        .output()
+        .expect("setpriv (util-linux)");
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "must run as root");
+}
+
+#[test]
+fn unknown_server() {
+    let d = tempdir("unknownserver");
+    let p = write_config(&d, "lo");
+    let out = agent(&["--config", p.to_str().unwrap(), "--server", "nope"]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "server \"nope\" is not in the config");
+}
