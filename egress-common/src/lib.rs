@@ -4,15 +4,22 @@
 //! layout; each type carries a compile-time size check.
 #![no_std]
 
+pub mod action;
+pub mod flow;
+pub mod policy;
 pub mod stats;
 
 /// Names of the pinned maps. The agent pins each one at `<pin dir>/<name>`; bpftool shows them
 /// under the same names.
 pub mod map_names {
     pub const STATS: &str = "STATS";
+    pub const POLICY_V4: &str = "POLICY_V4";
+    pub const POLICY_V6: &str = "POLICY_V6";
+    pub const ACTIONS: &str = "ACTIONS";
+    pub const FLOWS: &str = "FLOWS";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 1] = [STATS];
+    pub const ALL: [&str; 5] = [STATS, POLICY_V4, POLICY_V6, ACTIONS, FLOWS];
 }
 
 /// Names of the programs in the object file (kernel limit: 15 characters).

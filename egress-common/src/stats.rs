@@ -49,6 +49,44 @@ stats! {
     EgressSeen = 0 => "egress_seen",
     /// Packets seen by the TC ingress program.
     IngressSeen = 1 => "ingress_seen",
+    /// Egress: not IPv4/IPv6 (ARP, …); passed.
+    EgressNotIp = 2 => "egress_not_ip",
+    /// Egress: IP header truncated or malformed; dropped (it could not be matched to a policy).
+    EgressMalformed = 3 => "egress_malformed",
+    /// Egress: destination matches no policy; passed unchanged.
+    EgressNoPolicy = 4 => "egress_no_policy",
+    /// Egress: a new connection translated to a pool address and a freshly claimed port.
+    SnatNew = 5 => "snat_new",
+    /// Egress: a packet of a known connection translated with its recorded binding.
+    SnatEstablished = 6 => "snat_established",
+    /// Egress: policy matched but the pool is held elsewhere (forwarding not planned); passed.
+    PoolNotHeld = 7 => "pool_not_held",
+    /// Egress: policy matched but no action is planned for the pool and family; dropped.
+    NoAction = 8 => "drop_no_action",
+    /// Egress: the plan says no server can carry the pool; dropped.
+    PoolUnreachable = 9 => "drop_pool_unreachable",
+    /// Egress: policy matched, but the protocol cannot be translated (not TCP, UDP or ICMP echo); dropped.
+    UnsupportedL4 = 10 => "drop_unsupported_l4",
+    /// Egress: policy matched, but the transport header is truncated; dropped.
+    TruncatedL4 = 11 => "drop_truncated_l4",
+    /// Egress: policy matched an IP fragment, which carries no ports; dropped.
+    Fragment = 12 => "drop_fragment",
+    /// Egress: every probed port of every SNAT target was taken; dropped.
+    PortExhausted = 13 => "drop_port_exhausted",
+    /// Egress: recording the connection in the flow table failed; dropped.
+    FlowInsertFailed = 14 => "drop_flow_insert_failed",
+    /// Either direction: rewriting the packet (store or checksum helper) failed; dropped.
+    RewriteFailed = 15 => "drop_rewrite_failed",
+    /// Egress: a probed port was already taken by another connection (one per collision).
+    PortCollision = 16 => "port_collision",
+    /// Ingress: a reply translated back to the connection's original address and port.
+    ReverseNat = 17 => "reverse_nat",
+    /// Ingress: not IPv4/IPv6; passed.
+    IngressNotIp = 18 => "ingress_not_ip",
+    /// Ingress: no translated connection matches; passed unchanged.
+    IngressNoFlow = 19 => "ingress_no_flow",
+    /// Ingress: header truncated or malformed; passed to the stack, which judges it.
+    IngressMalformed = 20 => "ingress_malformed",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -16,3 +16,12 @@ pub fn count(stat: Stat, bytes: u32) {
         }
     }
 }
+
+/// Adds `n` events to counter `stat` on this CPU (no bytes: for events that are not packets).
+#[inline(always)]
+pub fn add(stat: Stat, n: u64) {
+    if let Some(c) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: this CPU's slot, valid for the program's run.
+        unsafe { (*c).packets += n };
+    }
+}

@@ -120,10 +120,20 @@ pub enum ConfigError {
 
 impl Config {
     /// Parses TOML text; `origin` names the source in error messages.
+    /// Errors name the field path (`servers[0].fabric`) when the value, not the syntax, is bad.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            ConfigError::Parse {
+                path: origin.to_string(),
+                message: if field == "." {
+                    inner.to_string()
+                } else {
+                    format!("{field}: {inner}")
+                },
+            }
         })
     }
 

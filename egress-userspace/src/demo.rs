@@ -1,18 +1,36 @@
 //! The demo: build the built-in lab, run one agent per server, make real connections and show
-//! what the origin saw.
+//! what the origin saw against what the plan says it should see.
 
 use std::path::Path;
 
 use anyhow::Context as _;
-use serde::Deserialize;
 
 use crate::{
     config::Config,
     lab::{self, Lab, LabSpec},
-    stats,
+    plan, stats, validate,
 };
 
-/// One connection of the demo and its verdict.
+/// How a scenario talks to the origin.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    Http,
+    Udp,
+}
+
+/// One connection of the demo: from which server, to which origin address, and which source
+/// (address and port range) the origin must see.
+struct Scenario {
+    name: &'static str,
+    from: &'static str,
+    to: std::net::IpAddr,
+    probe: Probe,
+    egress_server: &'static str,
+    want_src: &'static str,
+    want_ports: (u16, u16),
+}
+
+/// One verdict.
 #[derive(Debug)]
 pub struct Row {
     pub scenario: String,
@@ -23,16 +41,94 @@ pub struct Row {
     pub ok: bool,
 }
 
-/// The origin's answer.
-#[derive(Debug, Deserialize)]
-pub struct Seen {
-    pub src: String,
-    pub port: u16,
+fn scenarios() -> Vec<Scenario> {
+    use lab::{
+        ORIGIN_V4 as V4, ORIGIN_V4_NO_POLICY as V4N, ORIGIN_V6 as V6, ORIGIN_V6_NO_POLICY as V6N,
+    };
+    vec![
+        Scenario {
+            name: "local SNAT (same-server)",
+            from: "fra-a-1",
+            to: V4.into(),
+            probe: Probe::Http,
+            egress_server: "fra-a-1",
+            want_src: "192.0.2.10",
+            want_ports: (1024, 32767),
+        },
+        Scenario {
+            name: "local SNAT, UDP",
+            from: "fra-a-1",
+            to: V4.into(),
+            probe: Probe::Udp,
+            egress_server: "fra-a-1",
+            want_src: "192.0.2.10",
+            want_ports: (1024, 32767),
+        },
+        Scenario {
+            name: "local SNAT (same-server)",
+            from: "fra-a-1",
+            to: V6.into(),
+            probe: Probe::Http,
+            egress_server: "fra-a-1",
+            want_src: "2001:db8:7::b",
+            want_ports: (1024, 65535),
+        },
+        Scenario {
+            name: "IPv6 is always local",
+            from: "sin-a-1",
+            to: V6.into(),
+            probe: Probe::Http,
+            egress_server: "sin-a-1",
+            want_src: "2001:db8:7::29",
+            want_ports: (1024, 65535),
+        },
+        Scenario {
+            name: "no policy: own address",
+            from: "fra-a-1",
+            to: V4N.into(),
+            probe: Probe::Http,
+            egress_server: "fra-a-1",
+            want_src: "10.50.0.11",
+            want_ports: (1, 65535),
+        },
+        Scenario {
+            name: "no policy: own address",
+            from: "fra-a-1",
+            to: V6N.into(),
+            probe: Probe::Http,
+            egress_server: "fra-a-1",
+            want_src: "fd00:50::b",
+            want_ports: (1, 65535),
+        },
+    ]
+}
+
+fn probe(lab: &Lab, egress_bin: &Path, s: &Scenario) -> anyhow::Result<(String, u16)> {
+    let body = match s.probe {
+        Probe::Http => {
+            let url = match s.to {
+                std::net::IpAddr::V4(a) => format!("http://{a}/"),
+                std::net::IpAddr::V6(a) => format!("http://[{a}]/"),
+            };
+            lab.curl(s.from, &url)?
+        }
+        Probe::Udp => {
+            let to = std::net::SocketAddr::new(s.to, lab::UDP_PORT).to_string();
+            lab.run(
+                &lab.server_ns(s.from),
+                egress_bin.to_str().context("utf-8 path")?,
+                &["lab", "udp-probe", &to],
+            )?
+        }
+    };
+    let seen: lab::Seen = serde_json::from_str(body.trim()).context("origin answer")?;
+    Ok((seen.src, seen.port))
 }
 
 /// Runs the demo with `egress_bin` as agent and origin; returns the rows (printed as they come).
 pub fn run(egress_bin: &Path) -> anyhow::Result<Vec<Row>> {
     let config = Config::embedded();
+    let topology = validate::validate(&config)?;
     let mut lab = Lab::up(LabSpec::new(config.clone(), egress_bin))?;
     println!(
         "lab {} up: {} servers, origin, fabric",
@@ -43,56 +139,71 @@ pub fn run(egress_bin: &Path) -> anyhow::Result<Vec<Row>> {
         lab.start_agent(&s.name)?;
     }
     println!("agents attached on every server\n");
+    println!("plan (IPv4):");
+    for s in &config.servers {
+        for e in plan::plan(&topology, &s.name)
+            .entries
+            .iter()
+            .filter(|e| e.family == plan::Family::Ipv4)
+        {
+            let hops: Vec<&str> = e.next_hops.iter().map(|h| h.server.as_str()).collect();
+            println!(
+                "  {:<9} pool {:<6} {:<17} {}",
+                s.name,
+                e.pool,
+                e.tier.as_str(),
+                if hops.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "→ {} (forwarding: not yet in the datapath)",
+                        hops.join(", ")
+                    )
+                }
+            );
+        }
+    }
+    println!();
     println!(
-        "{:<28} {:<6} {:<9} {:<22} {:<30} ok",
-        "scenario", "family", "from", "expected source", "source seen by origin"
+        "{:<26} {:<6} {:<8} {:<8} {:<32} {:<28} ok",
+        "scenario", "family", "from", "egress", "expected source", "source seen by origin"
     );
     let mut rows = Vec::new();
-    for s in &config.servers {
-        for (family, url, expected) in [
-            (
-                "ipv4",
-                format!("http://{}/", lab::ORIGIN_V4),
-                s.fabric.to_string(),
+    for s in scenarios() {
+        let expected = format!("{} ports {}-{}", s.want_src, s.want_ports.0, s.want_ports.1);
+        let (seen, ok) = match probe(&lab, egress_bin, &s) {
+            Ok((src, port)) => (
+                format!("{src}:{port}"),
+                src == s.want_src && (s.want_ports.0..=s.want_ports.1).contains(&port),
             ),
-            (
-                "ipv6",
-                format!("http://[{}]/", lab::ORIGIN_V6),
-                lab::fabric_v6(s.id).to_string(),
-            ),
-        ] {
-            let seen = lab
-                .curl(&s.name, &url)
-                .and_then(|body| serde_json::from_str::<Seen>(&body).context("origin answer"));
-            let (seen, ok) = match seen {
-                Ok(seen) => (format!("{}:{}", seen.src, seen.port), seen.src == expected),
-                Err(e) => (format!("error: {e:#}"), false),
-            };
-            let row = Row {
-                scenario: "pass-through (skeleton)".into(),
-                family,
-                from: s.name.clone(),
-                expected,
-                seen,
-                ok,
-            };
-            println!(
-                "{:<28} {:<6} {:<9} {:<22} {:<30} {}",
-                row.scenario,
-                row.family,
-                row.from,
-                row.expected,
-                row.seen,
-                if row.ok { "yes" } else { "NO" }
-            );
-            rows.push(row);
-        }
+            Err(e) => (format!("error: {e:#}"), false),
+        };
+        let row = Row {
+            scenario: s.name.to_string(),
+            family: if s.to.is_ipv4() { "ipv4" } else { "ipv6" },
+            from: s.from.to_string(),
+            expected: format!("{} ({expected})", s.egress_server),
+            seen,
+            ok,
+        };
+        println!(
+            "{:<26} {:<6} {:<8} {:<8} {:<32} {:<28} {}",
+            row.scenario,
+            row.family,
+            row.from,
+            s.egress_server,
+            expected,
+            row.seen,
+            if row.ok { "yes" } else { "NO" }
+        );
+        rows.push(row);
     }
     println!();
     for s in &config.servers {
         let values = stats::read(&lab.pin_dir(&s.name))?;
         let shown: Vec<String> = values
             .iter()
+            .filter(|v| v.packets > 0)
             .map(|v| format!("{}={}", v.name, v.packets))
             .collect();
         println!("counters {:<9} {}", s.name, shown.join(" "));

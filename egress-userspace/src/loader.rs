@@ -7,10 +7,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, lpm_trie::LpmTrie},
     programs::{SchedClassifier, TcAttachType, tc},
     util::KernelVersion,
 };
-use egress_common::{map_names, prog_names};
+use egress_common::{
+    action::{Action, ActionKey},
+    flow::{FlowKey, FlowValue},
+    map_names,
+    policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    prog_names,
+};
+
+use crate::apply::PlanTables;
 
 /// The compiled programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
@@ -35,6 +44,13 @@ pub enum LoadError {
     PinDir { dir: String, source: std::io::Error },
     #[error("loading the BPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("map {name} is missing from the BPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("program {name} is missing from the BPF object")]
     MissingProgram { name: &'static str },
     #[error("program {name}: {source}")]
@@ -104,16 +120,50 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 /// Loads the object. Maps already pinned under `pin_dir` are adopted (their contents and
 /// counters continue); missing ones are created and pinned there.
-pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
+pub fn load(pin_dir: &Path, flow_capacity: u32) -> Result<Ebpf, LoadError> {
     std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
         dir: pin_dir.display().to_string(),
         source,
     })?;
     let mut loader = EbpfLoader::new();
+    loader.map_max_entries(map_names::FLOWS, flow_capacity);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }
     Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// The plan maps as the kernel holds them.
+pub type KernelPlanTables = PlanTables<
+    HashMap<MapData, ActionKey, Action>,
+    LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
+    LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
+>;
+
+/// The maps the agent writes and reads, taken out of the loaded object.
+pub struct Maps {
+    pub plan: KernelPlanTables,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+    ebpf.take_map(name).ok_or(LoadError::MissingMap { name })
+}
+
+/// Takes the plan and flow maps out of `ebpf`.
+pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
+    let bad = |name| move |source| LoadError::Map { name, source };
+    Ok(Maps {
+        plan: PlanTables {
+            actions: HashMap::try_from(take(ebpf, map_names::ACTIONS)?)
+                .map_err(bad(map_names::ACTIONS))?,
+            policies_v4: LpmTrie::try_from(take(ebpf, map_names::POLICY_V4)?)
+                .map_err(bad(map_names::POLICY_V4))?,
+            policies_v6: LpmTrie::try_from(take(ebpf, map_names::POLICY_V6)?)
+                .map_err(bad(map_names::POLICY_V6))?,
+        },
+        flows: HashMap::try_from(take(ebpf, map_names::FLOWS)?).map_err(bad(map_names::FLOWS))?,
+    })
 }
 
 /// How a program was attached.
@@ -121,6 +171,34 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf, LoadError> {
 pub enum AttachMode {
     Tcx,
     Clsact,
+}
+
+/// Loads the object without pinning anything (packet tests, benchmarks).
+pub fn load_unpinned() -> Result<Ebpf, LoadError> {
+    Ok(EbpfLoader::new().load(EBPF_OBJECT)?)
+}
+
+/// The TC programs and where each attaches.
+pub const PROGRAMS: [(&str, TcAttachType); 2] = [
+    (prog_names::TC_EGRESS, TcAttachType::Egress),
+    (prog_names::TC_INGRESS, TcAttachType::Ingress),
+];
+
+/// Program `name`, loaded into the kernel (verified) if it was not yet.
+pub fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(prog)
 }
 
 /// Loads and attaches both TC programs to `iface`: tcx when the kernel has it (6.6+), clsact
@@ -134,18 +212,9 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode, LoadError> {
         let _ = tc::qdisc_add_clsact(iface);
         AttachMode::Clsact
     };
-    for (name, kind) in [
-        (prog_names::TC_EGRESS, TcAttachType::Egress),
-        (prog_names::TC_INGRESS, TcAttachType::Ingress),
-    ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| LoadError::Program { name, source })?;
-        prog.attach(iface, kind)
+    for (name, kind) in PROGRAMS {
+        program(ebpf, name)?
+            .attach(iface, kind)
             .map_err(|source| LoadError::Attach {
                 name,
                 iface: iface.to_string(),

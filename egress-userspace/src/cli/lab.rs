@@ -19,6 +19,9 @@ pub enum Command {
     Down,
     /// List lab namespaces, the processes in them, and leftover directories.
     Status,
+    /// Send one UDP datagram and print the answer (the lab's UDP client).
+    #[command(hide = true)]
+    UdpProbe { to: std::net::SocketAddr },
     /// Run the lab's origin server (HTTP + UDP echo reporting the source seen). Used by the lab.
     #[command(hide = true)]
     Origin {
@@ -84,6 +87,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("directory {}", dir.display());
             }
         }
+        Command::UdpProbe { to } => println!("{}", lab::origin::udp_probe(to)?),
         Command::Origin {
             log,
             http_port,

@@ -4,6 +4,7 @@ mod agent;
 mod demo;
 mod lab;
 mod stats;
+mod validate;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -24,6 +25,7 @@ enum Command {
     Agent(agent::Args),
     Stats(stats::Args),
     Demo(demo::Args),
+    Validate(validate::Args),
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -34,6 +36,7 @@ impl Cli {
             Command::Agent(a) => agent::run(a),
             Command::Stats(a) => stats::run(a),
             Command::Demo(a) => demo::run(a),
+            Command::Validate(a) => validate::run(a),
             Command::Lab(c) => lab::run(c),
         }
     }
@@ -48,6 +51,11 @@ struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// Loads and validates.
+    fn topology(&self) -> anyhow::Result<crate::validate::Topology> {
+        Ok(crate::validate::validate(&self.load()?)?)
+    }
+
     fn load(&self) -> anyhow::Result<Config> {
         Ok(match &self.config {
             Some(path) => Config::load(path)?,

@@ -32,6 +32,13 @@ pub const ORIGIN_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const ORIGIN_V4_NO_POLICY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 1);
 pub const ORIGIN_V6_NO_POLICY: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xcafe, 0, 0, 0, 0, 1);
+/// Every address the origin answers on.
+pub const ORIGIN_ADDRESSES: [std::net::IpAddr; 4] = [
+    std::net::IpAddr::V4(ORIGIN_V4),
+    std::net::IpAddr::V4(ORIGIN_V4_NO_POLICY),
+    std::net::IpAddr::V6(ORIGIN_V6),
+    std::net::IpAddr::V6(ORIGIN_V6_NO_POLICY),
+];
 const INTERNET_ROUTES: [&str; 4] = [
     "203.0.113.0/24",
     "198.51.100.0/24",
@@ -51,6 +58,13 @@ const ORIGIN_FABRIC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x
 /// A server's IPv6 address on the fabric.
 pub fn fabric_v6(id: u32) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, (id >> 16) as u16, id as u16)
+}
+
+/// The origin's answer: the source address and port it saw.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Seen {
+    pub src: String,
+    pub port: u16,
 }
 
 /// What to build.
@@ -139,11 +153,9 @@ impl Lab {
             &format!("{ORIGIN_FABRIC_V4}/{FABRIC_V4_LEN}"),
         )?;
         self.address(&origin, "eth0", &format!("{ORIGIN_FABRIC_V6}/64"))?;
-        for a in [ORIGIN_V4.to_string(), ORIGIN_V4_NO_POLICY.to_string()] {
-            self.address(&origin, "lo", &format!("{a}/32"))?;
-        }
-        for a in [ORIGIN_V6.to_string(), ORIGIN_V6_NO_POLICY.to_string()] {
-            self.address(&origin, "lo", &format!("{a}/128"))?;
+        for a in ORIGIN_ADDRESSES {
+            let len = if a.is_ipv4() { 32 } else { 128 };
+            self.address(&origin, "lo", &format!("{a}/{len}"))?;
         }
 
         for server in &spec.config.servers {

@@ -1,7 +1,8 @@
 //! The lab's "internet": an HTTP server and a UDP echo that answer every request with the source
 //! address and port they saw. That answer is the truth the end-to-end tests check.
 //!
-//! HTTP: `GET /` → `{"src":"ADDR","port":N}`; `GET /bytes/N` → N deterministic bytes (see
+//! HTTP: `GET /` → `{"src":"ADDR","port":N}`; `GET /delay/MS` → the same after MS ms (to hold
+//! many connections open at once); `GET /bytes/N` → N deterministic bytes (see
 //! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`. UDP: any datagram → the same JSON.
 //! Each request is appended to the log as `tcp|udp ADDR PORT PATH`.
 
@@ -52,9 +53,14 @@ pub fn serve(http_port: u16, udp_port: u16, log: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("opening {}", log.display()))?,
     ));
     let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, http_port)).context("binding HTTP")?;
-    let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, udp_port)).context("binding UDP")?;
-    let udp_log = log.clone();
-    std::thread::spawn(move || udp_echo(udp, &udp_log));
+    // One UDP socket per origin address: a wildcard socket would answer from whatever address
+    // the route picks (the fabric one), not from the address the client asked.
+    for addr in super::ORIGIN_ADDRESSES {
+        let udp =
+            UdpSocket::bind((addr, udp_port)).with_context(|| format!("binding UDP {addr}"))?;
+        let udp_log = log.clone();
+        std::thread::spawn(move || udp_echo(udp, &udp_log));
+    }
     eprintln!("ready: origin http :{http_port} udp :{udp_port}");
     for stream in tcp.incoming() {
         let Ok(stream) = stream else { continue };
@@ -122,6 +128,12 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
             i += len as u64;
         }
     } else {
+        if let Some(ms) = path
+            .strip_prefix("/delay/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms.min(10_000)));
+        }
         let body = format!("{{\"src\":\"{}\",\"port\":{}}}", src.0, src.1);
         write!(
             out,
@@ -130,4 +142,22 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
         )?;
     }
     out.flush()
+}
+
+/// Sends one UDP datagram to `to` and returns the answer (2 s timeout): the lab's UDP client.
+pub fn udp_probe(to: SocketAddr) -> anyhow::Result<String> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(b"probe", to)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .with_context(|| format!("no answer from {to}"))?;
+    anyhow::ensure!(from == to, "answer came from {from}, not {to}");
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }

@@ -1,0 +1,92 @@
+//! Planned actions: what this server does with a new connection of a pool, per family.
+
+/// Address families as stored in map keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Key of `ACTIONS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActionKey {
+    pub pool: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ActionKey>() == 8);
+
+impl ActionKey {
+    pub const fn new(pool: u32, family: u8) -> Self {
+        Self {
+            pool,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// What to do with new connections of a pool.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionKind {
+    /// Translate here to one of `snat`.
+    Snat = 1,
+    /// Nobody can carry the pool: drop, counted.
+    Drop = 2,
+    /// Another server holds the pool (forwarding comes later): pass unchanged, counted.
+    NotHeld = 3,
+}
+
+impl ActionKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Snat),
+            2 => Some(Self::Drop),
+            3 => Some(Self::NotHeld),
+            _ => None,
+        }
+    }
+}
+
+/// One pool address and the port range of it this server may hand out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatTarget {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6; network order.
+    pub addr: [u8; 16],
+    /// Inclusive range, host order.
+    pub port_min: u16,
+    pub port_max: u16,
+}
+const _: () = assert!(core::mem::size_of::<SnatTarget>() == 20);
+
+/// Most SNAT targets one action carries (shares of one pool on one server).
+pub const MAX_SNAT: usize = 4;
+const _: () = assert!(
+    MAX_SNAT.is_power_of_two(),
+    "the BPF side masks indexes with MAX_SNAT - 1"
+);
+
+/// Value of `ACTIONS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Action {
+    /// An [`ActionKind`].
+    pub kind: u8,
+    /// Valid entries in `snat`.
+    pub snat_count: u8,
+    pub _pad: [u8; 2],
+    pub snat: [SnatTarget; MAX_SNAT],
+}
+const _: () = assert!(core::mem::size_of::<Action>() == 84);
+
+/// Entries of `ACTIONS`: pools × families.
+pub const ACTIONS_CAPACITY: u32 = 65536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::ActionKey {}
+    unsafe impl aya::Pod for super::Action {}
+    unsafe impl aya::Pod for super::SnatTarget {}
+}

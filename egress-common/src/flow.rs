@@ -1,0 +1,122 @@
+//! The flow table: one entry per direction of every translated connection.
+//!
+//! An *outbound* entry is keyed by the connection as the local socket sends it and holds the
+//! translated source; a *reverse* entry is keyed by the reply as it arrives and holds the
+//! original source. The reverse entry is inserted first with `BPF_NOEXIST`: that insert is the
+//! atomic claim of the translated port. ICMP echo uses the identifier as the local port (source
+//! port of requests, destination port of replies) and 0 as the remote port.
+
+/// Key of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6; network order.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network order, as in the packet.
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    /// IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP or IPPROTO_ICMPV6.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// `FlowValue::kind`.
+pub const FLOW_OUTBOUND: u8 = 1;
+pub const FLOW_REVERSE: u8 = 2;
+
+/// `FlowValue::flags`: a FIN or RST was seen; the entry expires sooner.
+pub const FLOW_F_CLOSING: u8 = 1;
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Outbound: the translated source address. Reverse: the original (local) source address.
+    pub addr: [u8; 16],
+    /// Outbound: the translated source port. Reverse: the original source port. Network order.
+    pub port_be: u16,
+    /// [`FLOW_OUTBOUND`] or [`FLOW_REVERSE`].
+    pub kind: u8,
+    /// `FLOW_F_*` bits.
+    pub flags: u8,
+    /// Pool the connection belongs to.
+    pub pool: u32,
+    /// bpf_ktime_get_ns() of the latest packet in this direction.
+    pub last_seen_ns: u64,
+    /// bpf_ktime_get_ns() when the connection was created.
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
+
+/// Default entries of `FLOWS` (LRU; the agent can set another size at load).
+pub const FLOWS_CAPACITY: u32 = 262_144;
+
+/// Idle timeouts the agent applies when collecting expired flows, in seconds.
+pub mod timeouts {
+    pub const TCP_ESTABLISHED: u64 = 3600;
+    pub const TCP_CLOSING: u64 = 10;
+    pub const UDP: u64 = 60;
+    pub const ICMP: u64 = 30;
+}
+
+impl FlowKey {
+    /// The key of the other direction of the connection, given this direction's value.
+    pub const fn reverse(&self, value: &FlowValue) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: value.addr,
+            src_port_be: self.dst_port_be,
+            dst_port_be: value.port_be,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_of_reverse_is_the_original() {
+        let out = FlowKey {
+            src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [203, 0, 113, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src_port_be: 1111u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let out_val = FlowValue {
+            addr: [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port_be: 2000u16.to_be(),
+            kind: FLOW_OUTBOUND,
+            ..Default::default()
+        };
+        let rev = out.reverse(&out_val);
+        assert_eq!(rev.src, out.dst);
+        assert_eq!(rev.dst, out_val.addr);
+        assert_eq!(rev.src_port_be, 80u16.to_be());
+        assert_eq!(rev.dst_port_be, 2000u16.to_be());
+        let rev_val = FlowValue {
+            addr: out.src,
+            port_be: out.src_port_be,
+            kind: FLOW_REVERSE,
+            ..Default::default()
+        };
+        assert_eq!(rev.reverse(&rev_val), out);
+    }
+}

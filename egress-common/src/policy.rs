@@ -1,0 +1,48 @@
+//! Policy tries: `(mark, destination prefix)` → pool. One LPM trie per family.
+//!
+//! The trie key is the mark (matched in full: 32 bits) followed by the address, so the prefix
+//! length stored in the trie is `32 + prefix length`. A packet whose mark has no entry falls
+//! back to mark 0.
+
+/// Key data of `POLICY_V4` (the LPM trie adds the prefix length in front).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyV4 {
+    /// Tenant id from SO_MARK, big-endian so the trie matches it byte by byte.
+    pub mark_be: u32,
+    /// Destination address, network order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyV4>() == 8);
+
+/// Key data of `POLICY_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyV6 {
+    pub mark_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyV6>() == 20);
+
+/// Bits of the mark in front of the address in a trie key.
+pub const MARK_BITS: u32 = 32;
+
+/// Value of both policy tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Pool id from the config; the action is looked up by `(pool, family)`.
+    pub pool: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+
+/// Entries each policy trie can hold (no preallocation: memory follows use).
+pub const POLICY_CAPACITY: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields only, no padding (sizes asserted above).
+    unsafe impl aya::Pod for super::PolicyKeyV4 {}
+    unsafe impl aya::Pod for super::PolicyKeyV6 {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+}

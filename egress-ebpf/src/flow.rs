@@ -1,0 +1,150 @@
+//! The flow table (connection tracking): lookups, refresh, and the atomic port claim.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, btf_maps::LruHashMap, helpers::bpf_ktime_get_ns, macros::btf_map,
+};
+use egress_common::{
+    action::{Action, MAX_SNAT},
+    flow::{FLOW_F_CLOSING, FLOW_OUTBOUND, FLOW_REVERSE, FLOWS_CAPACITY, FlowKey, FlowValue},
+    stats::Stat,
+};
+
+use crate::{
+    parse::{Ip, Ports},
+    stats,
+};
+
+#[btf_map]
+static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAPACITY as usize }> = LruHashMap::new();
+
+/// Ports tried per new connection, spread round-robin over the action's SNAT targets.
+const PROBES: u32 = 32;
+
+/// The flow-table key of a packet as it is on the wire.
+#[inline(always)]
+pub fn key(ip: &Ip, ports: &Ports) -> FlowKey {
+    FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        src_port_be: ports.src_be,
+        dst_port_be: ports.dst_be,
+        proto: ip.proto,
+        family: ip.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The entry for `key` if it is of `kind` (FLOW_OUTBOUND or FLOW_REVERSE).
+#[inline(always)]
+pub fn get(key: &FlowKey, kind: u8) -> Option<*mut FlowValue> {
+    let v = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: v points into the map value for this run.
+    (unsafe { (*v).kind } == kind).then_some(v)
+}
+
+/// Records that a packet of the flow was seen now; a FIN or RST marks it closing.
+#[inline(always)]
+pub fn touch(v: *mut FlowValue, ports: &Ports) {
+    // SAFETY: v came from get() in this run.
+    unsafe {
+        (*v).last_seen_ns = bpf_ktime_get_ns();
+        if ports.closing() {
+            (*v).flags |= FLOW_F_CLOSING;
+        }
+    }
+}
+
+/// Mixes the flow's key into 32 bits (spreads ports and SNAT targets).
+#[inline(always)]
+fn hash(k: &FlowKey) -> u32 {
+    // SAFETY: FlowKey is 40 bytes of plain integers.
+    let words: &[u32; 10] = unsafe { &*(k as *const FlowKey as *const [u32; 10]) };
+    let mut h: u32 = 0x9e37_79b9;
+    let mut i = 0;
+    while i < 10 {
+        h = (h ^ words[i]).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        i += 1;
+    }
+    h ^ (h >> 16)
+}
+
+/// Claims a translated address and port for the new outbound connection `out` and records both
+/// directions. The reverse entry goes in first with BPF_NOEXIST: that insert is the claim, so two
+/// CPUs never hand out the same port towards the same remote. Returns the outbound entry.
+///
+/// One flat loop with a single branch per probe: nested loops with helper calls inside made the
+/// verifier's path count explode.
+#[inline(always)]
+pub fn claim(out: &FlowKey, action: &Action, pool: u32) -> Result<FlowValue, Stat> {
+    let h = hash(out);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let count = u32::from(action.snat_count).min(MAX_SNAT as u32);
+    if count == 0 {
+        return Err(Stat::PortExhausted);
+    }
+    let reverse = FlowValue {
+        addr: out.src,
+        port_be: out.src_port_be,
+        kind: FLOW_REVERSE,
+        flags: 0,
+        pool,
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    let mut i = 0;
+    while i < PROBES {
+        // The verifier loses bounds through `%`, and LLVM drops a mask it can prove redundant;
+        // black_box keeps the mask (MAX_SNAT is a power of two) so the index is provably valid.
+        let idx =
+            core::hint::black_box(((h >> 8).wrapping_add(i) % count) as usize) & (MAX_SNAT - 1);
+        let target = &action.snat[idx];
+        let range = u32::from(target.port_max.wrapping_sub(target.port_min)) + 1;
+        let port = target
+            .port_min
+            .wrapping_add((h.wrapping_add(i / count) % range) as u16);
+        let rkey = FlowKey {
+            src: out.dst,
+            dst: target.addr,
+            src_port_be: out.dst_port_be,
+            dst_port_be: port.to_be(),
+            proto: out.proto,
+            family: out.family,
+            _pad: [0; 2],
+        };
+        if FLOWS.insert(&rkey, &reverse, BPF_NOEXIST as u64).is_ok() {
+            if i > 0 {
+                stats::add(Stat::PortCollision, u64::from(i));
+            }
+            let value = FlowValue {
+                addr: target.addr,
+                port_be: port.to_be(),
+                kind: FLOW_OUTBOUND,
+                flags: 0,
+                pool,
+                last_seen_ns: now,
+                created_ns: now,
+            };
+            return record_outbound(out, &value);
+        }
+        i += 1;
+    }
+    stats::add(Stat::PortCollision, u64::from(PROBES));
+    Err(Stat::PortExhausted)
+}
+
+/// Inserts the outbound entry. If another CPU recorded this connection meanwhile (a
+/// retransmitted first packet), its binding wins and our reverse entry is released.
+#[inline(always)]
+fn record_outbound(out: &FlowKey, value: &FlowValue) -> Result<FlowValue, Stat> {
+    if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
+        return Ok(*value);
+    }
+    let _ = FLOWS.remove(&out.reverse(value));
+    match get(out, FLOW_OUTBOUND) {
+        // SAFETY: pointer into the map value for this run.
+        Some(existing) => Ok(unsafe { *existing }),
+        // Not a race but a failed insert (e.g. out of memory).
+        None => Err(Stat::FlowInsertFailed),
+    }
+}

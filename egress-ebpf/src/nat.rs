@@ -1,0 +1,144 @@
+//! Rewriting addresses and ports, with incremental checksum fixes.
+//!
+//! The kernel's csum helpers do the arithmetic and know about CHECKSUM_PARTIAL: for an offloaded
+//! packet the L4 field holds only the pseudo-header sum, so address changes (BPF_F_PSEUDO_HDR)
+//! are applied to it and port changes are left to the final checksum computation.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
+use egress_common::{action::FAMILY_V4, stats::Stat};
+
+use crate::parse::{ETH_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip};
+
+/// Which end of the packet to rewrite: the source on egress, the destination on ingress.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Src,
+    Dst,
+}
+
+/// Offset of the transport checksum, and flags every L4 checksum update needs.
+#[inline(always)]
+fn l4_csum(ip: &Ip) -> (usize, u64) {
+    match ip.proto {
+        IPPROTO_TCP => (ip.l4_off + 16, 0),
+        // A zero UDP checksum means "none" (IPv4) and must stay zero; a computed zero is 0xffff.
+        IPPROTO_UDP => (ip.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0)),
+        _ => (ip.l4_off + 2, 0), // ICMP, ICMPv6
+    }
+}
+
+/// Offset of the port (ICMP echo: identifier) on `side`.
+#[inline(always)]
+fn port_off(ip: &Ip, side: Side) -> usize {
+    match (ip.proto, side) {
+        (IPPROTO_TCP | IPPROTO_UDP, Side::Src) => ip.l4_off,
+        (IPPROTO_TCP | IPPROTO_UDP, Side::Dst) => ip.l4_off + 2,
+        _ => ip.l4_off + 4,
+    }
+}
+
+/// Rewrites the address and port of `side` from (`old_addr`, `old_port_be`) to (`addr`,
+/// `port_be`) and fixes the IPv4 header and transport checksums.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &TcContext,
+    ip: &Ip,
+    side: Side,
+    addr: &[u8; 16],
+    port_be: u16,
+    old_port_be: u16,
+) -> Result<(), Stat> {
+    let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
+    let (csum_off, l4_flags) = l4_csum(ip);
+    // ICMPv4 has no pseudo-header; TCP, UDP and ICMPv6 do.
+    let pseudo = ip.proto != IPPROTO_ICMP;
+    if ip.family == FAMILY_V4 {
+        rewrite_addr_v4(ctx, side, old_addr, addr, pseudo, csum_off, l4_flags)?;
+    } else {
+        rewrite_addr_v6(ctx, side, old_addr, addr, csum_off, l4_flags)?;
+    }
+    if port_be != old_port_be {
+        let off = port_off(ip, side);
+        ctx.store(off, &port_be, 0)
+            .map_err(|_| Stat::RewriteFailed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port_be),
+            u64::from(port_be),
+            l4_flags | 2,
+        )
+        .map_err(|_| Stat::RewriteFailed)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite_addr_v4(
+    ctx: &TcContext,
+    side: Side,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    pseudo: bool,
+    csum_off: usize,
+    l4_flags: u64,
+) -> Result<(), Stat> {
+    let off = ETH_LEN + if side == Side::Src { 12 } else { 16 };
+    let old4 = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]);
+    let new4 = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]);
+    if old4 == new4 {
+        return Ok(());
+    }
+    ctx.store(off, &new4, 0).map_err(|_| Stat::RewriteFailed)?;
+    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(old4), u64::from(new4), 4)
+        .map_err(|_| Stat::RewriteFailed)?;
+    if pseudo {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old4),
+            u64::from(new4),
+            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )
+        .map_err(|_| Stat::RewriteFailed)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite_addr_v6(
+    ctx: &TcContext,
+    side: Side,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    csum_off: usize,
+    l4_flags: u64,
+) -> Result<(), Stat> {
+    let off = ETH_LEN + if side == Side::Src { 8 } else { 24 };
+    let mut from = *old;
+    let mut to = *new;
+    // SAFETY: both buffers are 16 stack bytes, a multiple of 4 as the helper requires.
+    let diff = unsafe {
+        bpf_csum_diff(
+            from.as_mut_ptr() as *mut u32,
+            16,
+            to.as_mut_ptr() as *mut u32,
+            16,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(Stat::RewriteFailed);
+    }
+    ctx.store(off, &to, 0).map_err(|_| Stat::RewriteFailed)?;
+    // Size 0 in the flags: `to` is a checksum difference, `from` must be 0.
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        diff as u64,
+        l4_flags | u64::from(BPF_F_PSEUDO_HDR),
+    )
+    .map_err(|_| Stat::RewriteFailed)
+}

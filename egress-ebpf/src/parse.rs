@@ -1,0 +1,193 @@
+//! Parsing: Ethernet → IPv4/IPv6 ([`Ip`]) → TCP/UDP/ICMP echo ([`Ports`]).
+//!
+//! Reads go through `bpf_skb_load_bytes` (`TcContext::load`), which is bounds-checked against
+//! the whole packet, so non-linear packets parse the same as linear ones.
+
+use aya_ebpf::programs::TcContext;
+use egress_common::action::{FAMILY_V4, FAMILY_V6};
+
+pub const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: [u8; 4],
+    payload_len: u16,
+    next_hdr: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The network layer of a packet.
+#[derive(Clone, Copy)]
+pub struct Ip {
+    /// FAMILY_V4 or FAMILY_V6.
+    pub family: u8,
+    /// Transport protocol (IPv6: the first next-header).
+    pub proto: u8,
+    /// Offset of the transport header.
+    pub l4_off: usize,
+    /// IPv4 in the first 4 bytes (rest zero).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// A fragment (first or later): carries no reliable ports.
+    pub fragment: bool,
+}
+
+pub enum IpError {
+    /// Not IPv4/IPv6.
+    NotIp,
+    /// Truncated or inconsistent IP header.
+    Malformed,
+}
+
+/// Parses Ethernet and the IP header.
+#[inline(always)]
+pub fn ip(ctx: &TcContext) -> Result<Ip, IpError> {
+    let proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| IpError::NotIp)?);
+    match proto {
+        ETH_P_IP => ipv4(ctx),
+        ETH_P_IPV6 => ipv6(ctx),
+        _ => Err(IpError::NotIp),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext) -> Result<Ip, IpError> {
+    let h: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| IpError::Malformed)?;
+    let ihl = usize::from(h.ver_ihl & 0x0f) * 4;
+    if h.ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(IpError::Malformed);
+    }
+    let frag = u16::from_be(h.frag_off);
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&h.src);
+    dst[..4].copy_from_slice(&h.dst);
+    Ok(Ip {
+        family: FAMILY_V4,
+        proto: h.proto,
+        l4_off: ETH_LEN + ihl,
+        src,
+        dst,
+        // MF set or a non-zero offset.
+        fragment: frag & 0x3fff != 0,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext) -> Result<Ip, IpError> {
+    let h: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| IpError::Malformed)?;
+    if h.ver_tc_flow[0] >> 4 != 6 {
+        return Err(IpError::Malformed);
+    }
+    Ok(Ip {
+        family: FAMILY_V6,
+        proto: h.next_hdr,
+        l4_off: ETH_LEN + 40,
+        src: h.src,
+        dst: h.dst,
+        fragment: h.next_hdr == IPPROTO_FRAGMENT,
+    })
+}
+
+/// Which way a packet goes: ICMP echo requests leave, replies arrive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Egress,
+    Ingress,
+}
+
+/// The transport fields a translation needs.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    /// Network order. ICMP echo: the identifier on the local side, 0 on the remote side.
+    pub src_be: u16,
+    pub dst_be: u16,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+impl Ports {
+    /// A FIN or RST: the connection is closing.
+    pub fn closing(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+}
+
+pub enum PortsError {
+    /// A protocol (or ICMP type) that cannot be translated.
+    Unsupported,
+    /// The transport header is cut short.
+    Truncated,
+}
+
+/// Parses the transport header of a non-fragment.
+#[inline(always)]
+pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
+    match ip.proto {
+        IPPROTO_TCP => {
+            let h: [u8; 14] = ctx.load(ip.l4_off).map_err(|_| PortsError::Truncated)?;
+            Ok(Ports {
+                src_be: u16::from_ne_bytes([h[0], h[1]]),
+                dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                tcp_flags: h[13],
+            })
+        }
+        IPPROTO_UDP => {
+            let h: [u8; 8] = ctx.load(ip.l4_off).map_err(|_| PortsError::Truncated)?;
+            Ok(Ports {
+                src_be: u16::from_ne_bytes([h[0], h[1]]),
+                dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                tcp_flags: 0,
+            })
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h: [u8; 8] = ctx.load(ip.l4_off).map_err(|_| PortsError::Truncated)?;
+            let id = u16::from_ne_bytes([h[4], h[5]]);
+            let (request, reply) = if ip.proto == IPPROTO_ICMP {
+                (8, 0)
+            } else {
+                (128, 129)
+            };
+            match (dir, h[0]) {
+                (Dir::Egress, t) if t == request => Ok(Ports {
+                    src_be: id,
+                    dst_be: 0,
+                    tcp_flags: 0,
+                }),
+                (Dir::Ingress, t) if t == reply => Ok(Ports {
+                    src_be: 0,
+                    dst_be: id,
+                    tcp_flags: 0,
+                }),
+                _ => Err(PortsError::Unsupported),
+            }
+        }
+        _ => Err(PortsError::Unsupported),
+    }
+}

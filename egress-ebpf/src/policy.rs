@@ -1,0 +1,58 @@
+//! Policy lookup: `(mark, destination)` → pool, then `(pool, family)` → planned action.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    macros::btf_map,
+};
+use egress_common::{
+    action::{ACTIONS_CAPACITY, Action, ActionKey, FAMILY_V4},
+    policy::{MARK_BITS, POLICY_CAPACITY, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+};
+
+use crate::parse::Ip;
+
+#[btf_map]
+static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue, { POLICY_CAPACITY as usize }> = LpmTrie::new();
+#[btf_map]
+static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue, { POLICY_CAPACITY as usize }> = LpmTrie::new();
+#[btf_map]
+static ACTIONS: HashMap<ActionKey, Action, { ACTIONS_CAPACITY as usize }> = HashMap::new();
+
+/// The pool whose policy covers the packet's destination: the packet's mark first, then mark 0.
+#[inline(always)]
+pub fn pool_for(ip: &Ip, mark: u32) -> Option<u32> {
+    lookup(ip, mark).or_else(|| if mark != 0 { lookup(ip, 0) } else { None })
+}
+
+#[inline(always)]
+fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
+    let hit = if ip.family == FAMILY_V4 {
+        let mut addr = [0u8; 4];
+        addr.copy_from_slice(&ip.dst[..4]);
+        let key = Key::new(
+            MARK_BITS + 32,
+            PolicyKeyV4 {
+                mark_be: mark.to_be(),
+                addr,
+            },
+        );
+        POLICY_V4.get(&key)
+    } else {
+        let key = Key::new(
+            MARK_BITS + 128,
+            PolicyKeyV6 {
+                mark_be: mark.to_be(),
+                addr: ip.dst,
+            },
+        );
+        POLICY_V6.get(&key)
+    };
+    hit.map(|v| v.pool)
+}
+
+/// The planned action for new connections of `pool` in `family`.
+#[inline(always)]
+pub fn action_for(pool: u32, family: u8) -> Option<&'static Action> {
+    // SAFETY: the value lives in the map for the program's run; we only read it.
+    unsafe { ACTIONS.get(&ActionKey::new(pool, family)) }
+}

@@ -1,0 +1,184 @@
+//! The flow table from userspace: collecting expired connections.
+//!
+//! The datapath refreshes `last_seen_ns` on every packet of each direction; a connection expires
+//! when both directions have been idle longer than its protocol's timeout (shorter once a FIN or
+//! RST was seen). Both entries go together.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::maps::{HashMap, MapData, MapError};
+use egress_common::flow::{FLOW_F_CLOSING, FlowKey, FlowValue, timeouts};
+
+const NS: u64 = 1_000_000_000;
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * NS + ts.tv_nsec as u64
+}
+
+/// Idle timeout in ns for a connection of `proto`.
+pub fn timeout_ns(proto: u8, closing: bool) -> u64 {
+    let secs = match (proto, closing) {
+        (6, true) => timeouts::TCP_CLOSING,
+        (6, false) => timeouts::TCP_ESTABLISHED,
+        (17, _) => timeouts::UDP,
+        _ => timeouts::ICMP,
+    };
+    secs * NS
+}
+
+/// Whether the connection with entry `v` (and its other direction `other`, if present) has
+/// been idle past its timeout at `now`.
+pub fn expired(key: &FlowKey, v: &FlowValue, other: Option<&FlowValue>, now: u64) -> bool {
+    let last = other.map_or(v.last_seen_ns, |o| o.last_seen_ns.max(v.last_seen_ns));
+    let closing = (v.flags | other.map_or(0, |o| o.flags)) & FLOW_F_CLOSING != 0;
+    now.saturating_sub(last) > timeout_ns(key.proto, closing)
+}
+
+/// Deletes every expired connection (both directions); returns how many connections went.
+pub fn collect(
+    flows: &mut HashMap<MapData, FlowKey, FlowValue>,
+    now: u64,
+) -> Result<usize, MapError> {
+    let snapshot: StdHashMap<FlowKey, FlowValue> = flows.iter().collect::<Result<_, _>>()?;
+    let mut removed = 0;
+    let mut gone = std::collections::HashSet::new();
+    for (k, v) in &snapshot {
+        if gone.contains(k) {
+            continue;
+        }
+        let other_key = k.reverse(v);
+        let other = snapshot.get(&other_key).filter(|o| o.kind != v.kind);
+        if expired(k, v, other, now) {
+            // An entry the LRU evicted meanwhile is already gone: not an error.
+            let _ = flows.remove(k);
+            gone.insert(*k);
+            if other.is_some() {
+                let _ = flows.remove(&other_key);
+                gone.insert(other_key);
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::flow::{FLOW_OUTBOUND, FLOW_REVERSE};
+
+    use super::*;
+
+    fn entry(kind: u8, last: u64, flags: u8) -> FlowValue {
+        FlowValue {
+            kind,
+            last_seen_ns: last * NS,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn expiry_table() {
+        let tcp = FlowKey {
+            proto: 6,
+            ..Default::default()
+        };
+        let udp = FlowKey {
+            proto: 17,
+            ..Default::default()
+        };
+        let icmp = FlowKey {
+            proto: 1,
+            ..Default::default()
+        };
+        struct Case {
+            name: &'static str,
+            key: FlowKey,
+            v: FlowValue,
+            other: Option<FlowValue>,
+            now: u64,
+            want: bool,
+        }
+        let cases = [
+            Case {
+                name: "tcp idle 1h-1s stays",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: None,
+                now: 3599,
+                want: false,
+            },
+            Case {
+                name: "tcp idle past 1h goes",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: None,
+                now: 3601,
+                want: true,
+            },
+            Case {
+                name: "tcp closing goes after 10s",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, FLOW_F_CLOSING),
+                other: None,
+                now: 11,
+                want: true,
+            },
+            Case {
+                name: "closing seen on the reply side counts",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: Some(entry(FLOW_REVERSE, 0, FLOW_F_CLOSING)),
+                now: 11,
+                want: true,
+            },
+            Case {
+                name: "recent reply keeps an idle outbound side",
+                key: udp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: Some(entry(FLOW_REVERSE, 100, 0)),
+                now: 130,
+                want: false,
+            },
+            Case {
+                name: "udp idle past 60s goes",
+                key: udp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: None,
+                now: 61,
+                want: true,
+            },
+            Case {
+                name: "icmp idle past 30s goes",
+                key: icmp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: None,
+                now: 31,
+                want: true,
+            },
+            Case {
+                name: "icmp idle 29s stays",
+                key: icmp,
+                v: entry(FLOW_OUTBOUND, 0, 0),
+                other: None,
+                now: 29,
+                want: false,
+            },
+        ];
+        for c in cases {
+            assert_eq!(
+                expired(&c.key, &c.v, c.other.as_ref(), c.now * NS),
+                c.want,
+                "{}",
+                c.name
+            );
+        }
+    }
+}

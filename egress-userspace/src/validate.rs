@@ -1,0 +1,447 @@
+//! Validation: a parsed [`Config`] checked as a whole and turned into a [`Topology`] whose
+//! values are typed (port ranges parsed, prefixes normalised, references resolved).
+//!
+//! Every error names the field path (`pools[2].ipv4[0].shares[1].ports`) and the bad value, and
+//! all errors are reported at once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::config::Config;
+
+/// One problem in a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// All problems of a config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidConfig(pub Vec<Invalid>);
+
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid config ({} problem{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Lowest and highest port a share may hold (below 1024 stays the server's own).
+pub const PORT_MIN: u16 = 1024;
+pub const PORT_MAX: u16 = 65535;
+/// Most locations one IPv4 pool address may be announced from.
+pub const MAX_LOCATIONS_PER_ADDRESS: usize = 4;
+/// Longest IPv6 pool prefix: leaves 16 bits for server ids.
+pub const MAX_V6_PREFIX_LEN: u8 = 112;
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn overlaps(&self, o: &PortRange) -> bool {
+        self.first <= o.last && o.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// A server's share of a pool's IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Share {
+    pub address: Ipv4Addr,
+    pub server: String,
+    pub ports: PortRange,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub id: u32,
+    pub ipv6_prefix: Option<Ipv6Net>,
+    /// Every IPv4 address of the pool, shared or reserved.
+    pub addresses: Vec<Ipv4Addr>,
+    pub shares: Vec<Share>,
+}
+
+/// One `(mark, destination)` → pool rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rule {
+    pub mark: u32,
+    pub destination: IpNet,
+    pub pool: String,
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    pub config: Config,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Pool>,
+    pub rules: Vec<Rule>,
+}
+
+/// Parses "first-last" (or a single port).
+pub fn parse_ports(s: &str) -> Result<PortRange, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a port range like \"1024-32767\""))
+    };
+    let (first, last) = (parse(a)?, parse(b)?);
+    if first > last {
+        return Err(format!("{s:?} is reversed (first port above last)"));
+    }
+    if first < u32::from(PORT_MIN) || last > u32::from(PORT_MAX) {
+        return Err(format!("{s:?} is outside {PORT_MIN}-{PORT_MAX}"));
+    }
+    Ok(PortRange {
+        first: first as u16,
+        last: last as u16,
+    })
+}
+
+/// Parses a policy destination: a prefix, or a bare address (a host route). Host bits must be 0.
+pub fn parse_destination(s: &str) -> Result<IpNet, String> {
+    let net = match s.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => return Err(format!("{s:?} is not an IP prefix or address")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+#[derive(Default)]
+struct Errors(Vec<Invalid>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Invalid {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Checks that `name` was not seen before among `kind`; records it.
+fn unique<T: Ord + Clone + fmt::Debug>(
+    errs: &mut Errors,
+    seen: &mut BTreeMap<T, String>,
+    value: &T,
+    path: String,
+    what: &str,
+) {
+    if let Some(first) = seen.get(value) {
+        errs.add(
+            path,
+            format!("duplicate {what} {value:?} (first at {first})"),
+        );
+    } else {
+        seen.insert(value.clone(), path);
+    }
+}
+
+/// Validates a config; returns every problem found.
+pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
+    let mut errs = Errors::default();
+
+    let mut locations = BTreeMap::new();
+    for (i, l) in c.locations.iter().enumerate() {
+        let p = format!("locations[{i}]");
+        unique(
+            &mut errs,
+            &mut locations,
+            &l.name,
+            format!("{p}.name"),
+            "location name",
+        );
+        if !(-90.0..=90.0).contains(&l.latitude) {
+            errs.add(
+                format!("{p}.latitude"),
+                format!("{} is outside -90..90", l.latitude),
+            );
+        }
+        if !(-180.0..=180.0).contains(&l.longitude) {
+            errs.add(
+                format!("{p}.longitude"),
+                format!("{} is outside -180..180", l.longitude),
+            );
+        }
+    }
+
+    let mut dc_location = HashMap::new();
+    let mut dcs = BTreeMap::new();
+    for (i, d) in c.datacenters.iter().enumerate() {
+        let p = format!("datacenters[{i}]");
+        unique(
+            &mut errs,
+            &mut dcs,
+            &d.name,
+            format!("{p}.name"),
+            "datacenter name",
+        );
+        if !locations.contains_key(&d.location) {
+            errs.add(
+                format!("{p}.location"),
+                format!("unknown location {:?}", d.location),
+            );
+        }
+        dc_location.insert(d.name.as_str(), d.location.as_str());
+    }
+
+    let mut server_location = HashMap::new();
+    let (mut names, mut ids, mut fabrics) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for (i, s) in c.servers.iter().enumerate() {
+        let p = format!("servers[{i}]");
+        unique(
+            &mut errs,
+            &mut names,
+            &s.name,
+            format!("{p}.name"),
+            "server name",
+        );
+        unique(&mut errs, &mut ids, &s.id, format!("{p}.id"), "server id");
+        unique(
+            &mut errs,
+            &mut fabrics,
+            &s.fabric,
+            format!("{p}.fabric"),
+            "fabric address",
+        );
+        if !(1..=65535).contains(&s.id) {
+            errs.add(format!("{p}.id"), format!("{} is outside 1..=65535", s.id));
+        }
+        if s.uplink.is_empty() || s.uplink.len() > 15 {
+            errs.add(
+                format!("{p}.uplink"),
+                format!("{:?} is not an interface name (1-15 characters)", s.uplink),
+            );
+        }
+        match dc_location.get(s.datacenter.as_str()) {
+            Some(loc) => {
+                server_location.insert(s.name.as_str(), *loc);
+            }
+            None => errs.add(
+                format!("{p}.datacenter"),
+                format!("unknown datacenter {:?}", s.datacenter),
+            ),
+        }
+    }
+    if let Some(s) = &c.server
+        && !names.contains_key(s)
+    {
+        errs.add("server", format!("unknown server {s:?}"));
+    }
+
+    let mut pools = BTreeMap::new();
+    let (mut pool_names, mut pool_ids, mut addresses) =
+        (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    for (i, pool) in c.pools.iter().enumerate() {
+        let p = format!("pools[{i}]");
+        unique(
+            &mut errs,
+            &mut pool_names,
+            &pool.name,
+            format!("{p}.name"),
+            "pool name",
+        );
+        unique(
+            &mut errs,
+            &mut pool_ids,
+            &pool.id,
+            format!("{p}.id"),
+            "pool id",
+        );
+        if !(1..=u64::from(u32::MAX)).contains(&pool.id) {
+            errs.add(
+                format!("{p}.id"),
+                format!("{} is outside 1..=4294967295", pool.id),
+            );
+        }
+        if let Some(prefix) = pool.ipv6_prefix {
+            if prefix.prefix_len() > MAX_V6_PREFIX_LEN {
+                errs.add(
+                    format!("{p}.ipv6_prefix"),
+                    format!("{prefix} is longer than /{MAX_V6_PREFIX_LEN}"),
+                );
+            } else if prefix.trunc() != prefix {
+                errs.add(
+                    format!("{p}.ipv6_prefix"),
+                    format!(
+                        "{prefix} has host bits set (did you mean {}?)",
+                        prefix.trunc()
+                    ),
+                );
+            }
+        }
+        let mut shares = Vec::new();
+        for (j, a) in pool.ipv4.iter().enumerate() {
+            let ap = format!("{p}.ipv4[{j}]");
+            unique(
+                &mut errs,
+                &mut addresses,
+                &a.address,
+                format!("{ap}.address"),
+                "pool address",
+            );
+            let mut ranges: Vec<(PortRange, usize)> = Vec::new();
+            let mut locs = BTreeSet::new();
+            for (k, sh) in a.shares.iter().enumerate() {
+                let sp = format!("{ap}.shares[{k}]");
+                match server_location.get(sh.server.as_str()) {
+                    Some(loc) => {
+                        locs.insert(*loc);
+                    }
+                    None if !names.contains_key(&sh.server) => errs.add(
+                        format!("{sp}.server"),
+                        format!("unknown server {:?}", sh.server),
+                    ),
+                    None => {} // its datacenter is already reported
+                }
+                match parse_ports(&sh.ports) {
+                    Err(m) => errs.add(format!("{sp}.ports"), m),
+                    Ok(r) => {
+                        if let Some((o, ok)) = ranges.iter().find(|(o, _)| o.overlaps(&r)) {
+                            errs.add(
+                                format!("{sp}.ports"),
+                                format!("{r} overlaps {o} of {ap}.shares[{ok}]"),
+                            );
+                        }
+                        ranges.push((r, k));
+                        shares.push(Share {
+                            address: a.address,
+                            server: sh.server.clone(),
+                            ports: r,
+                        });
+                    }
+                }
+            }
+            if locs.len() > MAX_LOCATIONS_PER_ADDRESS {
+                errs.add(
+                    format!("{ap}.shares"),
+                    format!(
+                        "{} is shared over {} locations ({}); at most {MAX_LOCATIONS_PER_ADDRESS}",
+                        a.address,
+                        locs.len(),
+                        locs.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+        shares.sort();
+        // One action carries at most MAX_SNAT targets per server.
+        let mut per_server: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &shares {
+            *per_server.entry(s.server.as_str()).or_default() += 1;
+        }
+        for (server, n) in per_server {
+            if n > egress_common::action::MAX_SNAT {
+                errs.add(
+                    format!("{p}.ipv4"),
+                    format!(
+                        "server {server:?} holds {n} shares of pool {:?}; at most {}",
+                        pool.name,
+                        egress_common::action::MAX_SNAT
+                    ),
+                );
+            }
+        }
+        pools.insert(
+            pool.name.clone(),
+            Pool {
+                name: pool.name.clone(),
+                id: pool.id as u32,
+                ipv6_prefix: pool.ipv6_prefix,
+                addresses: pool.ipv4.iter().map(|a| a.address).collect(),
+                shares,
+            },
+        );
+    }
+
+    let mut rules = Vec::new();
+    let mut seen_rules = BTreeMap::new();
+    for (i, pol) in c.policies.iter().enumerate() {
+        let p = format!("policies[{i}]");
+        let pool = pools.get(&pol.pool);
+        if pool.is_none() {
+            errs.add(format!("{p}.pool"), format!("unknown pool {:?}", pol.pool));
+        }
+        if pol.destinations.is_empty() {
+            errs.add(format!("{p}.destinations"), "is empty");
+        }
+        for (j, d) in pol.destinations.iter().enumerate() {
+            let dp = format!("{p}.destinations[{j}]");
+            match parse_destination(d) {
+                Err(m) => errs.add(dp, m),
+                Ok(net) => {
+                    unique(
+                        &mut errs,
+                        &mut seen_rules,
+                        &(pol.mark, net),
+                        dp.clone(),
+                        "(mark, destination)",
+                    );
+                    if let (IpNet::V6(_), Some(pool)) = (net, pool)
+                        && pool.ipv6_prefix.is_none()
+                    {
+                        errs.add(
+                            dp,
+                            format!("{net} is IPv6 but pool {:?} has no ipv6_prefix", pool.name),
+                        );
+                    }
+                    rules.push(Rule {
+                        mark: pol.mark,
+                        destination: net,
+                        pool: pol.pool.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    if errs.0.is_empty() {
+        Ok(Topology {
+            config: c.clone(),
+            pools,
+            rules,
+        })
+    } else {
+        Err(InvalidConfig(errs.0))
+    }
+}

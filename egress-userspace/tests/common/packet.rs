@@ -1,0 +1,236 @@
+//! A small packet builder and an independent parser/checksum verifier for packet tests.
+//!
+//! Checksums are computed here from scratch (RFC 1071 sums over the whole header or segment),
+//! never with the datapath's incremental arithmetic.
+
+use std::net::IpAddr;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// ICMP / ICMPv6 echo request (`request`) or reply.
+    Echo {
+        id: u16,
+        seq: u16,
+        request: bool,
+    },
+    /// Any other IP protocol with a raw payload.
+    Raw {
+        proto: u8,
+    },
+}
+
+/// Ones-complement sum of `data` (odd length padded with zero), not yet folded.
+fn sum(data: &[u8], mut acc: u32) -> u32 {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+fn addr_bytes(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let mut acc = sum(&addr_bytes(src), 0);
+    acc = sum(&addr_bytes(dst), acc);
+    acc + u32::from(proto) + len as u32
+}
+
+/// Builds Ethernet + IP + transport + payload with correct checksums.
+pub fn build(src: IpAddr, dst: IpAddr, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let v6 = src.is_ipv6();
+    let (proto, mut seg) = match l4 {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
+            let mut h = vec![0u8; 20];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            h[12] = 5 << 4;
+            h[13] = flags;
+            h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            (6u8, h)
+        }
+        L4::Udp { sport, dport } => {
+            let mut h = vec![0u8; 8];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            (17, h)
+        }
+        L4::Echo { id, seq, request } => {
+            let mut h = vec![0u8; 8];
+            h[0] = match (v6, request) {
+                (false, true) => 8,
+                (false, false) => 0,
+                (true, true) => 128,
+                (true, false) => 129,
+            };
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            h[6..8].copy_from_slice(&seq.to_be_bytes());
+            (if v6 { 58 } else { 1 }, h)
+        }
+        L4::Raw { proto } => (proto, vec![]),
+    };
+    seg.extend_from_slice(payload);
+    let csum_at = match proto {
+        6 => Some(16),
+        17 => Some(6),
+        1 | 58 => Some(2),
+        _ => None,
+    };
+    if let Some(at) = csum_at {
+        let acc = if proto == 1 {
+            0
+        } else {
+            pseudo_sum(src, dst, proto, seg.len())
+        };
+        let mut c = fold(sum(&seg, acc));
+        if proto == 17 && c == 0 {
+            c = 0xffff;
+        }
+        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    let mut p = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    if v6 {
+        p.extend_from_slice(&[0x86, 0xdd]);
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(seg.len() as u16).to_be_bytes());
+        ip[6] = proto;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&addr_bytes(src));
+        ip[24..40].copy_from_slice(&addr_bytes(dst));
+        p.extend_from_slice(&ip);
+    } else {
+        p.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&addr_bytes(src));
+        ip[16..20].copy_from_slice(&addr_bytes(dst));
+        let c = fold(sum(&ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(&ip);
+    }
+    p.extend_from_slice(&seg);
+    p
+}
+
+/// The fields a test checks, read back from a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// TCP/UDP ports; for echo the identifier in both.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub fn parse(p: &[u8]) -> Parsed {
+    let (src, dst, proto, l4) = if p[12..14] == [0x86, 0xdd] {
+        let s: [u8; 16] = p[22..38].try_into().unwrap();
+        let d: [u8; 16] = p[38..54].try_into().unwrap();
+        (IpAddr::from(s), IpAddr::from(d), p[20], 54)
+    } else {
+        let s: [u8; 4] = p[26..30].try_into().unwrap();
+        let d: [u8; 4] = p[30..34].try_into().unwrap();
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            p[23],
+            14 + usize::from(p[14] & 0xf) * 4,
+        )
+    };
+    let (sport, dport) = match proto {
+        1 | 58 => {
+            let id = u16::from_be_bytes([p[l4 + 4], p[l4 + 5]]);
+            (id, id)
+        }
+        _ => (
+            u16::from_be_bytes([p[l4], p[l4 + 1]]),
+            u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]),
+        ),
+    };
+    Parsed {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+    }
+}
+
+/// Recomputes the IPv4 header checksum and the transport checksum from scratch; Err names the
+/// one that is wrong.
+pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
+    let v6 = p[12..14] == [0x86, 0xdd];
+    let parsed = parse(p);
+    let l4 = if v6 {
+        54
+    } else {
+        let ihl = usize::from(p[14] & 0xf) * 4;
+        let c = fold(sum(&p[14..14 + ihl], 0));
+        if c != 0 {
+            return Err(format!(
+                "IPv4 header checksum wrong (sum folds to {c:#06x})"
+            ));
+        }
+        14 + ihl
+    };
+    let seg = &p[l4..];
+    let proto = parsed.proto;
+    if proto == 17 && !v6 && seg[6..8] == [0, 0] {
+        return Ok(()); // UDP over IPv4 without checksum
+    }
+    let acc = if proto == 1 {
+        0
+    } else {
+        pseudo_sum(parsed.src, parsed.dst, proto, seg.len())
+    };
+    match proto {
+        1 | 6 | 17 | 58 => {
+            let c = fold(sum(seg, acc));
+            if c != 0 {
+                return Err(format!(
+                    "protocol {proto} checksum wrong (sum folds to {c:#06x})"
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
