@@ -64,13 +64,20 @@ pub mod timeouts {
 }
 
 impl FlowKey {
-    /// The key of the other direction of the connection, given this direction's value.
-    pub const fn reverse(&self, value: &FlowValue) -> FlowKey {
+    /// The key of the other direction of the connection, given this entry's value.
+    pub const fn other_direction(&self, value: &FlowValue) -> FlowKey {
+        let (src, dst, src_port_be, dst_port_be) = if value.kind == FLOW_REVERSE {
+            // Reply key (remote → translated); the value holds the local endpoint.
+            (value.addr, self.src, value.port_be, self.src_port_be)
+        } else {
+            // Outbound key (local → remote); the value holds the translated source.
+            (self.dst, value.addr, self.dst_port_be, value.port_be)
+        };
         FlowKey {
-            src: self.dst,
-            dst: value.addr,
-            src_port_be: self.dst_port_be,
-            dst_port_be: value.port_be,
+            src,
+            dst,
+            src_port_be,
+            dst_port_be,
             proto: self.proto,
             family: self.family,
             _pad: [0; 2],
@@ -106,7 +113,7 @@ mod tests {
             kind: FLOW_OUTBOUND,
             ..Default::default()
         };
-        let rev = out.reverse(&out_val);
+        let rev = out.other_direction(&out_val);
         assert_eq!(rev.src, out.dst);
         assert_eq!(rev.dst, out_val.addr);
         assert_eq!(rev.src_port_be, 80u16.to_be());
@@ -117,6 +124,6 @@ mod tests {
             kind: FLOW_REVERSE,
             ..Default::default()
         };
-        assert_eq!(rev.reverse(&rev_val), out);
+        assert_eq!(rev.other_direction(&rev_val), out);
     }
 }

@@ -112,7 +112,7 @@ pub fn claim(out: &FlowKey, action: &Action, pool: u32) -> Result<FlowValue, Sta
             family: out.family,
             _pad: [0; 2],
         };
-        if FLOWS.insert(&rkey, &reverse, BPF_NOEXIST as u64).is_ok() {
+        if FLOWS.insert(rkey, reverse, BPF_NOEXIST as u64).is_ok() {
             if i > 0 {
                 stats::add(Stat::PortCollision, u64::from(i));
             }
@@ -140,7 +140,7 @@ fn record_outbound(out: &FlowKey, value: &FlowValue) -> Result<FlowValue, Stat> 
     if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
         return Ok(*value);
     }
-    let _ = FLOWS.remove(&out.reverse(value));
+    let _ = FLOWS.remove(out.other_direction(value));
     match get(out, FLOW_OUTBOUND) {
         // SAFETY: pointer into the map value for this run.
         Some(existing) => Ok(unsafe { *existing }),

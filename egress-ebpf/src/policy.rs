@@ -54,5 +54,5 @@ fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
 #[inline(always)]
 pub fn action_for(pool: u32, family: u8) -> Option<&'static Action> {
     // SAFETY: the value lives in the map for the program's run; we only read it.
-    unsafe { ACTIONS.get(&ActionKey::new(pool, family)) }
+    unsafe { ACTIONS.get(ActionKey::new(pool, family)) }
 }

@@ -139,3 +139,104 @@ where
         Ok(d)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_adds_updates_removes_and_leaves_the_rest() {
+        let mut table: BTreeMap<u32, &str> = [(1, "a"), (2, "b"), (3, "c")].into();
+        let want: BTreeMap<u32, &str> = [(1, "a"), (2, "B"), (4, "d")].into();
+        let up = upsert(&mut table, &want).unwrap();
+        assert_eq!(
+            up,
+            Diff {
+                added: 1,
+                updated: 1,
+                removed: 0
+            }
+        );
+        assert_eq!(
+            table.get(&3),
+            Some(&"c"),
+            "nothing removed before the upserts are done"
+        );
+        let pr = prune(&mut table, &want).unwrap();
+        assert_eq!(
+            pr,
+            Diff {
+                added: 0,
+                updated: 0,
+                removed: 1
+            }
+        );
+        assert_eq!(table, want);
+        assert_eq!(
+            upsert(&mut table, &want).unwrap(),
+            Diff::default(),
+            "applying again changes nothing"
+        );
+    }
+
+    /// Records the order of writes to check that policies never point at a missing action.
+    #[derive(Default)]
+    struct Log<'a> {
+        inner: BTreeMap<u8, u8>,
+        name: &'static str,
+        ops: Option<&'a std::cell::RefCell<Vec<String>>>,
+    }
+
+    impl Table<u8, u8> for Log<'_> {
+        fn entries(&self) -> Result<BTreeMap<u8, u8>, MapError> {
+            Ok(self.inner.clone())
+        }
+        fn put(&mut self, k: &u8, v: &u8) -> Result<(), MapError> {
+            self.ops
+                .unwrap()
+                .borrow_mut()
+                .push(format!("put {} {k}", self.name));
+            self.inner.insert(*k, *v);
+            Ok(())
+        }
+        fn delete(&mut self, k: &u8) -> Result<(), MapError> {
+            self.ops
+                .unwrap()
+                .borrow_mut()
+                .push(format!("del {} {k}", self.name));
+            self.inner.remove(k);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn actions_go_in_before_policies_and_out_after_them() {
+        let ops = std::cell::RefCell::new(Vec::new());
+        let mut actions = Log {
+            inner: [(1, 1)].into(),
+            name: "action",
+            ops: Some(&ops),
+        };
+        let mut policies = Log {
+            inner: [(10, 1)].into(),
+            name: "policy",
+            ops: Some(&ops),
+        };
+        // Replace pool 1 by pool 2.
+        let want_actions: BTreeMap<u8, u8> = [(2, 2)].into();
+        let want_policies: BTreeMap<u8, u8> = [(20, 2)].into();
+        upsert(&mut actions, &want_actions).unwrap();
+        upsert(&mut policies, &want_policies).unwrap();
+        prune(&mut policies, &want_policies).unwrap();
+        prune(&mut actions, &want_actions).unwrap();
+        assert_eq!(
+            *ops.borrow(),
+            [
+                "put action 2",
+                "put policy 20",
+                "del policy 10",
+                "del action 1"
+            ]
+        );
+    }
+}

@@ -53,7 +53,7 @@ pub fn collect(
         if gone.contains(k) {
             continue;
         }
-        let other_key = k.reverse(v);
+        let other_key = k.other_direction(v);
         let other = snapshot.get(&other_key).filter(|o| o.kind != v.kind);
         if expired(k, v, other, now) {
             // An entry the LRU evicted meanwhile is already gone: not an error.

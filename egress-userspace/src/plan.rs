@@ -318,3 +318,353 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, validate::validate};
+
+    /// fra (two data centers), ams (near fra), sin (far); pools chosen per tier.
+    const TOPO: &str = r#"
+[[locations]]
+name = "fra"
+latitude = 50.11
+longitude = 8.68
+[[locations]]
+name = "ams"
+latitude = 52.37
+longitude = 4.90
+[[locations]]
+name = "sin"
+latitude = 1.35
+longitude = 103.82
+[[datacenters]]
+name = "fra-a"
+location = "fra"
+[[datacenters]]
+name = "fra-b"
+location = "fra"
+[[datacenters]]
+name = "ams-a"
+location = "ams"
+[[datacenters]]
+name = "sin-a"
+location = "sin"
+[[servers]]
+name = "fra-a-1"
+id = 11
+datacenter = "fra-a"
+fabric = "10.50.0.11"
+uplink = "eth0"
+[[servers]]
+name = "fra-a-2"
+id = 12
+datacenter = "fra-a"
+fabric = "10.50.0.12"
+uplink = "eth0"
+[[servers]]
+name = "fra-b-1"
+id = 21
+datacenter = "fra-b"
+fabric = "10.50.1.21"
+uplink = "eth0"
+[[servers]]
+name = "ams-a-1"
+id = 31
+datacenter = "ams-a"
+fabric = "10.50.2.31"
+uplink = "eth0"
+[[servers]]
+name = "ams-a-2"
+id = 32
+datacenter = "ams-a"
+fabric = "10.50.2.32"
+uplink = "eth0"
+[[servers]]
+name = "sin-a-1"
+id = 41
+datacenter = "sin-a"
+fabric = "10.50.3.41"
+uplink = "eth0"
+
+# fra-a-1 holds two shares on two addresses; ams-a-1 one.
+[[pools]]
+name = "acme"
+id = 7
+ipv6_prefix = "2001:db8:7::/64"
+[[pools.ipv4]]
+address = "192.0.2.11"
+shares = [{ server = "fra-a-1", ports = "20000-29999" }, { server = "ams-a-1", ports = "30000-39999" }]
+[[pools.ipv4]]
+address = "192.0.2.10"
+shares = [{ server = "fra-a-1", ports = "1024-9999" }, { server = "fra-a-1", ports = "10000-10999" }]
+
+# Only fra-b-1 (other data center of fra).
+[[pools]]
+name = "beta"
+id = 8
+[[pools.ipv4]]
+address = "192.0.2.20"
+shares = [{ server = "fra-b-1", ports = "1024-65535" }]
+
+# Only the ams servers and sin: ams is nearest to fra.
+[[pools]]
+name = "gamma"
+id = 9
+[[pools.ipv4]]
+address = "192.0.2.30"
+shares = [{ server = "ams-a-2", ports = "1024-30000" }, { server = "ams-a-1", ports = "30001-65535" }]
+[[pools.ipv4]]
+address = "192.0.2.31"
+shares = [{ server = "sin-a-1", ports = "1024-65535" }]
+
+# Reserved only: nobody can carry it.
+[[pools]]
+name = "delta"
+id = 10
+[[pools.ipv4]]
+address = "192.0.2.40"
+
+# Equidistant tie: "zzz" and "ams2" sit at the same point as ams.
+[[pools]]
+name = "tie"
+id = 11
+[[pools.ipv4]]
+address = "192.0.2.50"
+shares = [{ server = "sin-a-1", ports = "1024-65535" }]
+"#;
+
+    fn topo(extra: &str) -> Topology {
+        validate(&Config::parse(&format!("{TOPO}{extra}"), "t").unwrap()).unwrap()
+    }
+
+    fn entry<'a>(p: &'a Plan, pool: &str, family: Family) -> &'a Entry {
+        p.entries
+            .iter()
+            .find(|e| e.pool == pool && e.family == family)
+            .unwrap()
+    }
+
+    fn hops(e: &Entry) -> Vec<&str> {
+        e.next_hops.iter().map(|h| h.server.as_str()).collect()
+    }
+
+    #[test]
+    fn tiers_table() {
+        let t = topo("");
+        struct Case {
+            name: &'static str,
+            server: &'static str,
+            pool: &'static str,
+            tier: Tier,
+            action: ActionName,
+            hops: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "holder SNATs here",
+                server: "fra-a-1",
+                pool: "acme",
+                tier: Tier::SameServer,
+                action: ActionName::Snat,
+                hops: &[],
+            },
+            Case {
+                name: "same data center",
+                server: "fra-a-2",
+                pool: "acme",
+                tier: Tier::SameDatacenter,
+                action: ActionName::Forward,
+                hops: &["fra-a-1"],
+            },
+            Case {
+                name: "same location, other data center",
+                server: "fra-b-1",
+                pool: "acme",
+                tier: Tier::SameLocation,
+                action: ActionName::Forward,
+                hops: &["fra-a-1"],
+            },
+            Case {
+                name: "same data center beats a holder elsewhere in the location",
+                server: "ams-a-2",
+                pool: "acme",
+                tier: Tier::SameDatacenter,
+                action: ActionName::Forward,
+                hops: &["ams-a-1"],
+            },
+            Case {
+                name: "other data center of the location",
+                server: "fra-a-1",
+                pool: "beta",
+                tier: Tier::SameLocation,
+                action: ActionName::Forward,
+                hops: &["fra-b-1"],
+            },
+            Case {
+                name: "nearest location, all its holders",
+                server: "fra-a-1",
+                pool: "gamma",
+                tier: Tier::NearestLocation,
+                action: ActionName::Forward,
+                hops: &["ams-a-1", "ams-a-2"],
+            },
+            Case {
+                name: "from sin the nearest of fra/ams holders",
+                server: "sin-a-1",
+                pool: "beta",
+                tier: Tier::NearestLocation,
+                action: ActionName::Forward,
+                hops: &["fra-b-1"],
+            },
+            Case {
+                name: "reserved-only pool is unreachable",
+                server: "fra-a-1",
+                pool: "delta",
+                tier: Tier::Unreachable,
+                action: ActionName::Drop,
+                hops: &[],
+            },
+        ];
+        for c in cases {
+            let p = plan(&t, c.server);
+            let e = entry(&p, c.pool, Family::Ipv4);
+            assert_eq!((e.tier, e.action), (c.tier, c.action), "{}", c.name);
+            assert_eq!(hops(e), c.hops, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn several_shares_sorted_by_address_then_port() {
+        let p = plan(&topo(""), "fra-a-1");
+        let e = entry(&p, "acme", Family::Ipv4);
+        let got: Vec<(String, [u16; 2])> = e
+            .snat
+            .iter()
+            .map(|s| (s.address.to_string(), s.ports))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("192.0.2.10".to_string(), [1024, 9999]),
+                ("192.0.2.10".to_string(), [10000, 10999]),
+                ("192.0.2.11".to_string(), [20000, 29999]),
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_is_always_same_server_with_the_server_id() {
+        let p = plan(&topo(""), "sin-a-1");
+        let e = entry(&p, "acme", Family::Ipv6);
+        assert_eq!((e.tier, e.action), (Tier::SameServer, ActionName::Snat));
+        assert_eq!(
+            e.snat,
+            vec![Snat {
+                address: "2001:db8:7::29".parse().unwrap(),
+                ports: [1024, 65535]
+            }]
+        );
+        assert!(
+            p.entries
+                .iter()
+                .all(|e| e.family == Family::Ipv4 || e.pool == "acme"),
+            "no v6 entry without a prefix"
+        );
+    }
+
+    #[test]
+    fn equidistant_locations_tie_break_on_the_smaller_name() {
+        // Two more locations at exactly the same point, each with a holder of "tie".
+        let extra = r#"
+[[locations]]
+name = "zzz"
+latitude = 1.35
+longitude = 103.82
+[[locations]]
+name = "aaa"
+latitude = 1.35
+longitude = 103.82
+[[datacenters]]
+name = "zzz-a"
+location = "zzz"
+[[datacenters]]
+name = "aaa-a"
+location = "aaa"
+[[servers]]
+name = "zzz-1"
+id = 51
+datacenter = "zzz-a"
+fabric = "10.50.5.51"
+uplink = "eth0"
+[[servers]]
+name = "aaa-1"
+id = 61
+datacenter = "aaa-a"
+fabric = "10.50.6.61"
+uplink = "eth0"
+[[pools]]
+name = "tie2"
+id = 12
+[[pools.ipv4]]
+address = "192.0.2.60"
+shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports = "2001-3000" }]
+"#;
+        let p = plan(&topo(extra), "fra-a-1");
+        let e = entry(&p, "tie2", Family::Ipv4);
+        assert_eq!(e.tier, Tier::NearestLocation);
+        assert_eq!(hops(e), ["aaa-1"], "aaa < zzz at equal distance");
+    }
+
+    #[test]
+    fn entries_sorted_by_pool_then_family() {
+        let p = plan(&topo(""), "fra-a-1");
+        let keys: Vec<(&str, Family)> = p
+            .entries
+            .iter()
+            .map(|e| (e.pool.as_str(), e.family))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert_eq!(keys[0], ("acme", Family::Ipv4));
+        assert_eq!(keys[1], ("acme", Family::Ipv6));
+    }
+
+    #[test]
+    fn distance_is_great_circle() {
+        let fra = (50.11, 8.68);
+        let ams = (52.37, 4.90);
+        let d = distance_km(fra, ams);
+        assert!((350.0..380.0).contains(&d), "fra-ams {d} km");
+        assert!(distance_km(fra, (1.35, 103.82)) > 10_000.0);
+    }
+
+    #[test]
+    fn map_contents_encode_snat_and_marks() {
+        let extra = "\n[[policies]]\npool = \"acme\"\nmark = 5\ndestinations = [\"203.0.113.0/24\", \"2001:db8:beef::/48\"]\n";
+        let t = topo(extra);
+        let m = map_contents(&t, &plan(&t, "fra-a-1"));
+        let a = m.actions[&ActionKey::new(7, FAMILY_V4)];
+        assert_eq!((a.kind, a.snat_count), (ActionKind::Snat as u8, 3));
+        assert_eq!(&a.snat[0].addr[..4], &[192, 0, 2, 10]);
+        assert_eq!((a.snat[0].port_min, a.snat[0].port_max), (1024, 9999));
+        assert_eq!(
+            m.actions[&ActionKey::new(10, FAMILY_V4)].kind,
+            ActionKind::Drop as u8
+        );
+        assert_eq!(
+            m.actions[&ActionKey::new(8, FAMILY_V4)].kind,
+            ActionKind::NotHeld as u8
+        );
+        let k = (
+            MARK_BITS + 24,
+            PolicyKeyV4 {
+                mark_be: 5u32.to_be(),
+                addr: [203, 0, 113, 0],
+            },
+        );
+        assert_eq!(m.policies_v4[&k], PolicyValue { pool: 7 });
+        assert_eq!(m.policies_v6.len(), 1);
+    }
+}

@@ -445,3 +445,333 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         Err(InvalidConfig(errs.0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid base config; each case edits it.
+    const BASE: &str = r#"
+[[locations]]
+name = "fra"
+latitude = 50.11
+longitude = 8.68
+[[locations]]
+name = "ams"
+latitude = 52.37
+longitude = 4.90
+[[datacenters]]
+name = "fra-a"
+location = "fra"
+[[datacenters]]
+name = "ams-a"
+location = "ams"
+[[servers]]
+name = "fra-a-1"
+id = 11
+datacenter = "fra-a"
+fabric = "10.50.0.11"
+uplink = "eth0"
+[[servers]]
+name = "ams-a-1"
+id = 31
+datacenter = "ams-a"
+fabric = "10.50.2.31"
+uplink = "eth0"
+[[pools]]
+name = "acme"
+id = 7
+ipv6_prefix = "2001:db8:7::/64"
+[[pools.ipv4]]
+address = "192.0.2.10"
+shares = [
+  { server = "fra-a-1", ports = "1024-32767" },
+  { server = "ams-a-1", ports = "32768-65535" },
+]
+[[policies]]
+pool = "acme"
+destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
+"#;
+
+    fn check(toml: &str) -> Result<Topology, Vec<Invalid>> {
+        let c = Config::parse(toml, "t").expect("parses");
+        validate(&c).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn base_is_valid() {
+        let t = check(BASE).unwrap();
+        assert_eq!(t.rules.len(), 2);
+        assert_eq!(t.pools["acme"].shares.len(), 2);
+    }
+
+    #[test]
+    fn rejections_name_the_field_and_value() {
+        struct Case {
+            name: &'static str,
+            edit: (&'static str, &'static str),
+            path: &'static str,
+            says: &'static str,
+        }
+        let cases = [
+            Case {
+                name: "unknown location",
+                edit: ("location = \"ams\"", "location = \"lhr\""),
+                path: "datacenters[1].location",
+                says: "unknown location \"lhr\"",
+            },
+            Case {
+                name: "unknown datacenter",
+                edit: ("datacenter = \"ams-a\"", "datacenter = \"ams-b\""),
+                path: "servers[1].datacenter",
+                says: "unknown datacenter",
+            },
+            Case {
+                name: "unknown server in a share",
+                edit: (
+                    "{ server = \"ams-a-1\", ports",
+                    "{ server = \"ams-a-9\", ports",
+                ),
+                path: "pools[0].ipv4[0].shares[1].server",
+                says: "unknown server \"ams-a-9\"",
+            },
+            Case {
+                name: "unknown pool in a policy",
+                edit: ("pool = \"acme\"", "pool = \"beta\""),
+                path: "policies[0].pool",
+                says: "unknown pool \"beta\"",
+            },
+            Case {
+                name: "duplicate location",
+                edit: ("name = \"ams\"", "name = \"fra\""),
+                path: "locations[1].name",
+                says: "duplicate location name \"fra\"",
+            },
+            Case {
+                name: "duplicate server name",
+                edit: ("name = \"ams-a-1\"", "name = \"fra-a-1\""),
+                path: "servers[1].name",
+                says: "duplicate server name",
+            },
+            Case {
+                name: "duplicate server id",
+                edit: ("id = 31", "id = 11"),
+                path: "servers[1].id",
+                says: "duplicate server id 11",
+            },
+            Case {
+                name: "server id 0",
+                edit: ("id = 31", "id = 0"),
+                path: "servers[1].id",
+                says: "outside 1..=65535",
+            },
+            Case {
+                name: "server id too big",
+                edit: ("id = 31", "id = 70000"),
+                path: "servers[1].id",
+                says: "outside 1..=65535",
+            },
+            Case {
+                name: "duplicate fabric",
+                edit: ("10.50.2.31", "10.50.0.11"),
+                path: "servers[1].fabric",
+                says: "duplicate fabric address 10.50.0.11",
+            },
+            Case {
+                name: "pool id 0",
+                edit: ("id = 7", "id = 0"),
+                path: "pools[0].id",
+                says: "outside 1..=4294967295",
+            },
+            Case {
+                name: "port range above 65535",
+                edit: ("32768-65535", "32768-70000"),
+                path: "pools[0].ipv4[0].shares[1].ports",
+                says: "\"32768-70000\" is outside 1024-65535",
+            },
+            Case {
+                name: "port range below 1024",
+                edit: ("1024-32767", "80-32767"),
+                path: "pools[0].ipv4[0].shares[0].ports",
+                says: "outside 1024-65535",
+            },
+            Case {
+                name: "reversed range",
+                edit: ("1024-32767", "32767-1024"),
+                path: "pools[0].ipv4[0].shares[0].ports",
+                says: "reversed",
+            },
+            Case {
+                name: "not a range",
+                edit: ("1024-32767", "lots"),
+                path: "pools[0].ipv4[0].shares[0].ports",
+                says: "not a port range",
+            },
+            Case {
+                name: "overlapping ranges",
+                edit: ("32768-65535", "30000-65535"),
+                path: "pools[0].ipv4[0].shares[1].ports",
+                says: "30000-65535 overlaps 1024-32767 of pools[0].ipv4[0].shares[0]",
+            },
+            Case {
+                name: "latitude out of range",
+                edit: ("latitude = 52.37", "latitude = 95.0"),
+                path: "locations[1].latitude",
+                says: "outside -90..90",
+            },
+            Case {
+                name: "longitude out of range",
+                edit: ("longitude = 4.90", "longitude = -181.0"),
+                path: "locations[1].longitude",
+                says: "outside -180..180",
+            },
+            Case {
+                name: "bad destination",
+                edit: ("203.0.113.0/24", "203.0.113.0/33"),
+                path: "policies[0].destinations[0]",
+                says: "not an IP prefix",
+            },
+            Case {
+                name: "destination with host bits",
+                edit: ("203.0.113.0/24", "203.0.113.7/24"),
+                path: "policies[0].destinations[0]",
+                says: "did you mean 203.0.113.0/24",
+            },
+            Case {
+                name: "v6 prefix too long",
+                edit: ("2001:db8:7::/64", "2001:db8:7::/120"),
+                path: "pools[0].ipv6_prefix",
+                says: "longer than /112",
+            },
+            Case {
+                name: "v6 prefix with host bits",
+                edit: ("2001:db8:7::/64", "2001:db8:7::1/64"),
+                path: "pools[0].ipv6_prefix",
+                says: "host bits",
+            },
+            Case {
+                name: "same (mark, destination) twice",
+                edit: (
+                    "\"2001:db8:beef::/48\"]",
+                    "\"2001:db8:beef::/48\", \"203.0.113.0/24\"]",
+                ),
+                path: "policies[0].destinations[2]",
+                says: "duplicate (mark, destination)",
+            },
+            Case {
+                name: "default server unknown",
+                edit: (
+                    "[[locations]]\nname = \"fra\"",
+                    "server = \"nope\"\n[[locations]]\nname = \"fra\"",
+                ),
+                path: "server",
+                says: "unknown server \"nope\"",
+            },
+        ];
+        for c in cases {
+            assert!(
+                BASE.contains(c.edit.0),
+                "{}: edit target not in BASE",
+                c.name
+            );
+            let errs = check(&BASE.replacen(c.edit.0, c.edit.1, 1))
+                .err()
+                .unwrap_or_else(|| panic!("{}: accepted", c.name));
+            assert!(
+                errs.iter()
+                    .any(|e| e.path == c.path && e.message.contains(c.says)),
+                "{}: want {} ~ {:?}, got {:?}",
+                c.name,
+                c.path,
+                c.says,
+                errs
+            );
+        }
+    }
+
+    #[test]
+    fn same_address_in_two_pools() {
+        let toml = format!(
+            "{BASE}\n[[pools]]\nname = \"beta\"\nid = 8\n[[pools.ipv4]]\naddress = \"192.0.2.10\"\n"
+        );
+        let errs = check(&toml).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.path == "pools[1].ipv4[0].address"
+                && e.message.contains("duplicate pool address 192.0.2.10")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_policy_across_policies_and_mark_distinguishes() {
+        let dup =
+            format!("{BASE}\n[[policies]]\npool = \"acme\"\ndestinations = [\"203.0.113.0/24\"]\n");
+        let errs = check(&dup).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.path == "policies[1].destinations[0]"),
+            "{errs:?}"
+        );
+        let other_mark = format!(
+            "{BASE}\n[[policies]]\npool = \"acme\"\nmark = 5\ndestinations = [\"203.0.113.0/24\"]\n"
+        );
+        assert!(
+            check(&other_mark).is_ok(),
+            "another mark is a different rule"
+        );
+    }
+
+    #[test]
+    fn more_than_four_locations_on_one_address() {
+        let mut toml = String::from(BASE);
+        let mut shares = String::new();
+        for (i, loc) in ["l1", "l2", "l3", "l4"].iter().enumerate() {
+            toml.push_str(&format!(
+                "\n[[locations]]\nname = \"{loc}\"\nlatitude = 1.0\nlongitude = 1.0\n[[datacenters]]\nname = \"{loc}-a\"\nlocation = \"{loc}\"\n[[servers]]\nname = \"{loc}-1\"\nid = {}\ndatacenter = \"{loc}-a\"\nfabric = \"10.50.9.{}\"\nuplink = \"eth0\"\n",
+                100 + i,
+                i + 1
+            ));
+            shares.push_str(&format!(
+                "{{ server = \"{loc}-1\", ports = \"{}-{}\" }},",
+                2000 + i * 10,
+                2005 + i * 10
+            ));
+        }
+        toml.push_str(&format!("\n[[pools]]\nname = \"wide\"\nid = 9\n[[pools.ipv4]]\naddress = \"192.0.2.99\"\nshares = [{shares} {{ server = \"fra-a-1\", ports = \"3000-3001\" }}]\n"));
+        let errs = check(&toml).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.path == "pools[1].ipv4[0].shares" && e.message.contains("5 locations")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn reserved_address_without_shares_is_valid() {
+        let toml = format!(
+            "{BASE}\n[[pools]]\nname = \"beta\"\nid = 8\n[[pools.ipv4]]\naddress = \"192.0.2.11\"\n"
+        );
+        assert!(check(&toml).is_ok());
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let bad_addr = Config::parse(&BASE.replace("10.50.2.31", "10.50.2.x"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(bad_addr.contains("servers[1].fabric"), "{bad_addr}");
+        let unknown = Config::parse(
+            &BASE.replace(
+                "uplink = \"eth0\"\n[[servers]]",
+                "uplink = \"eth0\"\ncolour = 1\n[[servers]]",
+            ),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("colour"), "{unknown}");
+        let bad_prefix = Config::parse(&BASE.replace("2001:db8:7::/64", "2001:db8:7::/129"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(bad_prefix.contains("pools[0].ipv6_prefix"), "{bad_prefix}");
+    }
+}

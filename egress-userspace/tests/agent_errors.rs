@@ -17,7 +17,7 @@ fn write_config(dir: &std::path::Path, uplink: &str) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "server = \"x\"\n[[servers]]\nname = \"x\"\nid = 1\ndatacenter = \"d\"\nfabric = \"10.50.0.1\"\nuplink = \"{uplink}\"\n"
+            "server = \"x\"\n[[locations]]\nname = \"l\"\nlatitude = 0.0\nlongitude = 0.0\n[[datacenters]]\nname = \"d\"\nlocation = \"l\"\n[[servers]]\nname = \"x\"\nid = 1\ndatacenter = \"d\"\nfabric = \"10.50.0.1\"\nuplink = \"{uplink}\"\n"
         ),
     )
     .unwrap();
@@ -102,6 +102,19 @@ fn not_root() {
         .expect("setpriv (util-linux)");
     std::fs::remove_dir_all(&d).unwrap();
     assert_fails_with(&out, "must run as root");
+}
+
+#[test]
+fn invalid_config_names_the_field() {
+    let d = tempdir("invalid");
+    let p = write_config(&d, "lo");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("id = 1", "id = 0");
+    std::fs::write(&p, text).unwrap();
+    let out = agent(&["--config", p.to_str().unwrap()]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert_fails_with(&out, "servers[0].id: 0 is outside 1..=65535");
 }
 
 #[test]

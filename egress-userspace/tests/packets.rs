@@ -653,3 +653,59 @@ fn packet_builder_checksums_are_valid() {
         "a corrupted IPv4 header fails its checksum"
     );
 }
+
+#[test]
+fn expired_connections_are_collected_both_directions_together() {
+    use egress::flows;
+    let mut dp = datapath(TOPOLOGY);
+    // An open TCP connection and one that has seen a FIN.
+    dp.run(
+        Hook::Egress,
+        0,
+        &tcp("10.50.0.11", 7000, "203.0.113.1", 80, TCP_SYN),
+    )
+    .unwrap();
+    dp.run(
+        Hook::Egress,
+        0,
+        &tcp("10.50.0.11", 7001, "203.0.113.1", 80, TCP_SYN),
+    )
+    .unwrap();
+    dp.run(
+        Hook::Egress,
+        0,
+        &tcp(
+            "10.50.0.11",
+            7001,
+            "203.0.113.1",
+            80,
+            packet::TCP_FIN | TCP_ACK,
+        ),
+    )
+    .unwrap();
+    let count = |dp: &TestDatapath| dp.maps.flows.keys().count();
+    assert_eq!(count(&dp), 4, "two connections, two entries each");
+
+    let now = flows::monotonic_ns();
+    assert_eq!(
+        flows::collect(&mut dp.maps.flows, now).unwrap(),
+        0,
+        "nothing is idle yet"
+    );
+    let removed = flows::collect(&mut dp.maps.flows, now + 11 * 1_000_000_000).unwrap();
+    assert_eq!(removed, 1, "the closing connection goes after 10 s");
+    assert_eq!(count(&dp), 2, "with both of its entries");
+    let removed = flows::collect(&mut dp.maps.flows, now + 3601 * 1_000_000_000).unwrap();
+    assert_eq!(removed, 1, "the open one after an hour");
+    assert_eq!(count(&dp), 0);
+
+    // The port is free again: the same connection gets a binding anew.
+    let out = dp
+        .run(
+            Hook::Egress,
+            0,
+            &tcp("10.50.0.11", 7000, "203.0.113.1", 80, TCP_SYN),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK);
+}

@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Formatting and clippy (-D warnings) for the host crates and the BPF crate.
+    Lint,
     /// Build the built-in lab, run real connections through it, print what the origin saw.
     Demo,
     /// Benchmarks against bare routing and nftables.
@@ -105,6 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd.arg("test").args(&args);
             status(cmd)
         }
+        Cmd::Lint => {
+            let env = setup::run(&root)?;
+            lint(&root, &env)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo => {
             let bin = setup_and_build(&root)?;
             egress(&bin, ["demo"], &[])
@@ -139,6 +146,52 @@ fn build(root: &Path, env: &setup::Env) -> anyhow::Result<PathBuf> {
         bail!("build failed");
     }
     Ok(root.join("target/debug/egress"))
+}
+
+fn lint(root: &Path, env: &setup::Env) -> anyhow::Result<()> {
+    let steps: [(&str, Vec<&str>); 3] = [
+        ("fmt", vec!["fmt", "--all", "--", "--check"]),
+        (
+            "clippy (host crates)",
+            vec!["clippy", "--all-targets", "--", "-D", "warnings"],
+        ),
+        (
+            "clippy (BPF crate)",
+            vec![
+                "+nightly",
+                "clippy",
+                "--package",
+                "egress-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+                "target/ebpf-clippy",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    ];
+    for (name, args) in steps {
+        println!("[lint] {name}");
+        // `cargo +nightly` needs the rustup proxy, not the cargo binary running xtask.
+        let mut cmd = if args[0].starts_with('+') {
+            Command::new("cargo")
+        } else {
+            cargo(root, env)
+        };
+        cmd.current_dir(root).env("PATH", &env.path).args(&args);
+        if !cmd
+            .status()
+            .with_context(|| format!("running cargo {name}"))?
+            .success()
+        {
+            bail!("{name} failed");
+        }
+    }
+    Ok(())
 }
 
 fn setup_and_build(root: &Path) -> anyhow::Result<PathBuf> {
