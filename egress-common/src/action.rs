@@ -33,8 +33,8 @@ pub enum ActionKind {
     Snat = 1,
     /// Nobody can carry the pool: drop, counted.
     Drop = 2,
-    /// Another server holds the pool (forwarding comes later): pass unchanged, counted.
-    NotHeld = 3,
+    /// Encapsulate new connections to one of `hops` (by flow hash).
+    Forward = 3,
 }
 
 impl ActionKind {
@@ -42,7 +42,7 @@ impl ActionKind {
         match v {
             1 => Some(Self::Snat),
             2 => Some(Self::Drop),
-            3 => Some(Self::NotHeld),
+            3 => Some(Self::Forward),
             _ => None,
         }
     }
@@ -67,6 +67,13 @@ const _: () = assert!(
     "the BPF side masks indexes with MAX_SNAT - 1"
 );
 
+/// Most next hops one forwarding action carries.
+pub const MAX_HOPS: usize = 16;
+const _: () = assert!(
+    MAX_HOPS.is_power_of_two(),
+    "the BPF side masks indexes with MAX_HOPS - 1"
+);
+
 /// Value of `ACTIONS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,10 +82,14 @@ pub struct Action {
     pub kind: u8,
     /// Valid entries in `snat`.
     pub snat_count: u8,
-    pub _pad: [u8; 2],
+    /// Valid entries in `hops`.
+    pub hop_count: u8,
+    pub _pad: u8,
     pub snat: [SnatTarget; MAX_SNAT],
+    /// Fabric IPv4 addresses of the peers to forward to, network order.
+    pub hops: [[u8; 4]; MAX_HOPS],
 }
-const _: () = assert!(core::mem::size_of::<Action>() == 84);
+const _: () = assert!(core::mem::size_of::<Action>() == 148);
 
 /// Entries of `ACTIONS`: pools × families.
 pub const ACTIONS_CAPACITY: u32 = 65536;

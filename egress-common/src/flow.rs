@@ -27,6 +27,9 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 /// `FlowValue::kind`.
 pub const FLOW_OUTBOUND: u8 = 1;
 pub const FLOW_REVERSE: u8 = 2;
+/// A local connection this server forwarded (GRE) to `tunnel`; keyed like an outbound entry,
+/// untranslated, no reverse entry here (the peer translates).
+pub const FLOW_FORWARDED: u8 = 3;
 
 /// `FlowValue::flags`: a FIN or RST was seen; the entry expires sooner.
 pub const FLOW_F_CLOSING: u8 = 1;
@@ -49,8 +52,13 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// bpf_ktime_get_ns() when the connection was created.
     pub created_ns: u64,
+    /// Fabric address of the other server of a forwarded connection, network order; zero when
+    /// the connection is purely local. Forwarded: the peer it goes to. Outbound and reverse
+    /// entries on a peer: the server that owns the socket (replies are encapsulated to it).
+    pub tunnel: [u8; 4],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 
 /// Default entries of `FLOWS` (LRU; the agent can set another size at load).
 pub const FLOWS_CAPACITY: u32 = 262_144;

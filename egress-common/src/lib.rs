@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod action;
+pub mod fabric;
 pub mod flow;
 pub mod policy;
 pub mod stats;
@@ -17,9 +18,14 @@ pub mod map_names {
     pub const POLICY_V6: &str = "POLICY_V6";
     pub const ACTIONS: &str = "ACTIONS";
     pub const FLOWS: &str = "FLOWS";
+    pub const LOCAL: &str = "LOCAL";
+    pub const PEERS: &str = "PEERS";
+    pub const OWNERS: &str = "OWNERS";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 5] = [STATS, POLICY_V4, POLICY_V6, ACTIONS, FLOWS];
+    pub const ALL: [&str; 8] = [
+        STATS, POLICY_V4, POLICY_V6, ACTIONS, FLOWS, LOCAL, PEERS, OWNERS,
+    ];
 }
 
 /// Names of the programs in the object file (kernel limit: 15 characters).

@@ -59,8 +59,8 @@ stats! {
     SnatNew = 5 => "snat_new",
     /// Egress: a packet of a known connection translated with its recorded binding.
     SnatEstablished = 6 => "snat_established",
-    /// Egress: policy matched but the pool is held elsewhere (forwarding not planned); passed.
-    PoolNotHeld = 7 => "pool_not_held",
+    /// Already encapsulated or redirected by these programs (skb mark); passed untouched.
+    Ours = 7 => "ours_passed",
     /// Egress: policy matched but no action is planned for the pool and family; dropped.
     NoAction = 8 => "drop_no_action",
     /// Egress: the plan says no server can carry the pool; dropped.
@@ -87,6 +87,32 @@ stats! {
     IngressNoFlow = 19 => "ingress_no_flow",
     /// Ingress: header truncated or malformed; passed to the stack, which judges it.
     IngressMalformed = 20 => "ingress_malformed",
+    /// Egress: a new connection forwarded (GRE) to a peer holding the pool.
+    ForwardNew = 21 => "forward_new",
+    /// Egress: a packet of a forwarded connection encapsulated to its recorded peer.
+    ForwardEstablished = 22 => "forward_established",
+    /// Ingress: GRE from an address that is not a known fabric peer; dropped.
+    GreUnknownPeer = 23 => "drop_gre_unknown_peer",
+    /// Ingress: GRE without the expected header (key, IPv4 payload) or a bad inner packet; dropped.
+    GreMalformed = 24 => "drop_gre_malformed",
+    /// Ingress: a forwarded connection's packet translated here and sent on to the origin.
+    PeerSnat = 25 => "peer_snat",
+    /// Ingress: a forwarded packet for a pool this server cannot translate; dropped.
+    PeerNotHeld = 26 => "drop_peer_not_held",
+    /// Ingress: a reply translated back and encapsulated to the server owning the socket.
+    ReplyReencap = 27 => "reply_reencap",
+    /// Ingress: a decapsulated reply of a connection this server forwarded; delivered.
+    ForwardedReply = 28 => "forwarded_reply",
+    /// Ingress: a packet to a pool port range another server owns, encapsulated to it unchanged.
+    SoftUnicast = 29 => "soft_unicast",
+    /// Either direction: growing or shrinking the packet for GRE failed; dropped.
+    EncapFailed = 30 => "drop_encap_failed",
+    /// Either direction: no route or neighbour towards a peer or the origin; dropped.
+    NoRoute = 31 => "drop_no_route",
+    /// A TCP SYN or SYN-ACK of a forwarded connection whose MSS was lowered to fit the tunnel.
+    MssClamped = 32 => "mss_clamped",
+    /// Egress: IPv6 cannot be forwarded (only IPv4 pools are shared); dropped.
+    ForwardV6 = 33 => "drop_forward_ipv6",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -5,7 +5,10 @@ use aya_ebpf::{
 };
 use egress_common::{
     action::{Action, MAX_SNAT},
-    flow::{FLOW_F_CLOSING, FLOW_OUTBOUND, FLOW_REVERSE, FLOWS_CAPACITY, FlowKey, FlowValue},
+    flow::{
+        FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FLOWS_CAPACITY, FlowKey,
+        FlowValue,
+    },
     stats::Stat,
 };
 
@@ -34,12 +37,68 @@ pub fn key(ip: &Ip, ports: &Ports) -> FlowKey {
     }
 }
 
-/// The entry for `key` if it is of `kind` (FLOW_OUTBOUND or FLOW_REVERSE).
+/// The key of the other direction of a packet as it is on the wire (source and destination
+/// swapped): a reply's key finds the outbound entry of its connection.
+#[inline(always)]
+pub fn key_swapped(ip: &Ip, ports: &Ports) -> FlowKey {
+    FlowKey {
+        src: ip.dst,
+        dst: ip.src,
+        src_port_be: ports.dst_be,
+        dst_port_be: ports.src_be,
+        proto: ip.proto,
+        family: ip.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The entry for `key` if it is of `kind`.
 #[inline(always)]
 pub fn get(key: &FlowKey, kind: u8) -> Option<*mut FlowValue> {
     let v = FLOWS.get_ptr_mut(key)?;
     // SAFETY: v points into the map value for this run.
     (unsafe { (*v).kind } == kind).then_some(v)
+}
+
+/// The entry for `key`, whatever its kind.
+#[inline(always)]
+pub fn get_any(key: &FlowKey) -> Option<*mut FlowValue> {
+    FLOWS.get_ptr_mut(key)
+}
+
+/// Picks one of `count` next hops for the flow (by its hash).
+#[inline(always)]
+pub fn pick(key: &FlowKey, count: u32) -> usize {
+    if count == 0 {
+        return 0;
+    }
+    core::hint::black_box((hash(key) % count) as usize)
+}
+
+/// Records that the local connection `out` is forwarded to `peer`, so it keeps that path even
+/// if the plan changes. If another CPU recorded it first, that record wins.
+#[inline(always)]
+pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowValue, Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let value = FlowValue {
+        addr: out.src,
+        port_be: out.src_port_be,
+        kind: FLOW_FORWARDED,
+        flags: 0,
+        pool,
+        last_seen_ns: now,
+        created_ns: now,
+        tunnel: peer,
+        _pad: [0; 4],
+    };
+    if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
+        return Ok(value);
+    }
+    match get(out, FLOW_FORWARDED) {
+        // SAFETY: pointer into the map value for this run.
+        Some(existing) => Ok(unsafe { *existing }),
+        None => Err(Stat::FlowInsertFailed),
+    }
 }
 
 /// Records that a packet of the flow was seen now; a FIN or RST marks it closing.
@@ -76,7 +135,12 @@ fn hash(k: &FlowKey) -> u32 {
 /// One flat loop with a single branch per probe: nested loops with helper calls inside made the
 /// verifier's path count explode.
 #[inline(always)]
-pub fn claim(out: &FlowKey, action: &Action, pool: u32) -> Result<FlowValue, Stat> {
+pub fn claim(
+    out: &FlowKey,
+    action: &Action,
+    pool: u32,
+    tunnel: [u8; 4],
+) -> Result<FlowValue, Stat> {
     let h = hash(out);
     let now = unsafe { bpf_ktime_get_ns() };
     let count = u32::from(action.snat_count).min(MAX_SNAT as u32);
@@ -91,6 +155,8 @@ pub fn claim(out: &FlowKey, action: &Action, pool: u32) -> Result<FlowValue, Sta
         pool,
         last_seen_ns: now,
         created_ns: now,
+        tunnel,
+        _pad: [0; 4],
     };
     let mut i = 0;
     while i < PROBES {
@@ -124,6 +190,8 @@ pub fn claim(out: &FlowKey, action: &Action, pool: u32) -> Result<FlowValue, Sta
                 pool,
                 last_seen_ns: now,
                 created_ns: now,
+                tunnel,
+                _pad: [0; 4],
             };
             return record_outbound(out, &value);
         }

@@ -142,3 +142,25 @@ fn rewrite_addr_v6(
     )
     .map_err(|_| Stat::RewriteFailed)
 }
+
+/// Lowers the MSS option of a SYN or SYN-ACK to `max` so that the peer's segments fit the
+/// tunnel. Only an MSS in the first option slot is handled: every common stack puts it there.
+/// Returns whether the packet was changed.
+#[inline(always)]
+pub fn clamp_mss(ctx: &TcContext, ip: &Ip, max: u16) -> Result<bool, Stat> {
+    let doff: u8 = ctx.load(ip.l4_off + 12).map_err(|_| Stat::TruncatedL4)?;
+    if doff >> 4 < 6 {
+        return Ok(false);
+    }
+    let opt: [u8; 4] = ctx.load(ip.l4_off + 20).map_err(|_| Stat::TruncatedL4)?;
+    let mss = u16::from_be_bytes([opt[2], opt[3]]);
+    if opt[0] != 2 || opt[1] != 4 || mss <= max {
+        return Ok(false);
+    }
+    let (old_be, new_be) = (mss.to_be(), max.to_be());
+    ctx.store(ip.l4_off + 22, &new_be, 0)
+        .map_err(|_| Stat::RewriteFailed)?;
+    ctx.l4_csum_replace(ip.l4_off + 16, u64::from(old_be), u64::from(new_be), 2)
+        .map_err(|_| Stat::RewriteFailed)?;
+    Ok(true)
+}

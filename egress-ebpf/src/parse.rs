@@ -16,6 +16,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_FRAGMENT: u8 = 44;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 
 #[repr(C)]
@@ -115,11 +116,13 @@ fn ipv6(ctx: &TcContext) -> Result<Ip, IpError> {
     })
 }
 
-/// Which way a packet goes: ICMP echo requests leave, replies arrive.
+/// Which way a packet goes: ICMP echo requests leave, replies arrive; a packet out of a tunnel
+/// may be either.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
     Egress,
     Ingress,
+    Tunnel,
 }
 
 /// The transport fields a translation needs.
@@ -136,6 +139,10 @@ impl Ports {
     /// A FIN or RST: the connection is closing.
     pub fn closing(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+    /// A SYN or SYN-ACK: carries the MSS option.
+    pub fn syn(&self) -> bool {
+        self.tcp_flags & TCP_SYN != 0
     }
 }
 

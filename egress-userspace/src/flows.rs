@@ -7,7 +7,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, MapData, MapError};
-use egress_common::flow::{FLOW_F_CLOSING, FlowKey, FlowValue, timeouts};
+use egress_common::flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FlowKey, FlowValue, timeouts};
 
 const NS: u64 = 1_000_000_000;
 
@@ -54,7 +54,10 @@ pub fn collect(
             continue;
         }
         let other_key = k.other_direction(v);
-        let other = snapshot.get(&other_key).filter(|o| o.kind != v.kind);
+        // A forwarded connection has a single entry here (the peer holds the translation).
+        let other = snapshot
+            .get(&other_key)
+            .filter(|o| v.kind != FLOW_FORWARDED && o.kind != v.kind);
         if expired(k, v, other, now) {
             // An entry the LRU evicted meanwhile is already gone: not an error.
             let _ = flows.remove(k);

@@ -7,12 +7,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, lpm_trie::LpmTrie},
     programs::{SchedClassifier, TcAttachType, tc},
     util::KernelVersion,
 };
 use egress_common::{
     action::{Action, ActionKey},
+    fabric::{ENCAP_LEN, Local, Owners, Peer},
     flow::{FlowKey, FlowValue},
     map_names,
     policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue},
@@ -138,12 +139,27 @@ pub type KernelPlanTables = PlanTables<
     HashMap<MapData, ActionKey, Action>,
     LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
     LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
+    HashMap<MapData, [u8; 4], Peer>,
+    HashMap<MapData, [u8; 4], Owners>,
 >;
 
 /// The maps the agent writes and reads, taken out of the loaded object.
 pub struct Maps {
     pub plan: KernelPlanTables,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub local: Array<MapData, Local>,
+}
+
+impl Maps {
+    /// Writes this server's fabric settings (what the programs need to encapsulate).
+    pub fn set_local(&mut self, local: &Local) -> Result<(), LoadError> {
+        self.local
+            .set(0, local, 0)
+            .map_err(|source| LoadError::Map {
+                name: map_names::LOCAL,
+                source,
+            })
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
@@ -161,8 +177,13 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
                 .map_err(bad(map_names::POLICY_V4))?,
             policies_v6: LpmTrie::try_from(take(ebpf, map_names::POLICY_V6)?)
                 .map_err(bad(map_names::POLICY_V6))?,
+            peers: HashMap::try_from(take(ebpf, map_names::PEERS)?)
+                .map_err(bad(map_names::PEERS))?,
+            owners: HashMap::try_from(take(ebpf, map_names::OWNERS)?)
+                .map_err(bad(map_names::OWNERS))?,
         },
         flows: HashMap::try_from(take(ebpf, map_names::FLOWS)?).map_err(bad(map_names::FLOWS))?,
+        local: Array::try_from(take(ebpf, map_names::LOCAL)?).map_err(bad(map_names::LOCAL))?,
     })
 }
 
@@ -222,4 +243,43 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode, LoadError> {
             })?;
     }
     Ok(mode)
+}
+
+/// This server's fabric settings for the `LOCAL` map: its fabric address, the uplink's index,
+/// and the MSS that fits a forwarded IPv4 segment into the uplink's MTU.
+pub fn local_settings(fabric: std::net::Ipv4Addr, uplink: &str) -> Result<Local, LoadError> {
+    let ifindex = ifindex(uplink).ok_or_else(|| LoadError::NoInterface {
+        iface: uplink.to_string(),
+        server: String::new(),
+    })?;
+    let mtu = mtu(uplink).unwrap_or(1500);
+    Ok(Local {
+        fabric: fabric.octets(),
+        ifindex,
+        mss_v4: (mtu.saturating_sub(40 + ENCAP_LEN)).min(u32::from(u16::MAX)) as u16,
+        _pad: [0; 6],
+    })
+}
+
+/// The MTU of `iface` in this network namespace (SIOCGIFMTU; /sys would show the namespace the
+/// mounts belong to, not necessarily ours).
+fn mtu(iface: &str) -> Option<u32> {
+    // SAFETY: plain socket/ioctl/close calls on a zeroed ifreq holding a NUL-terminated name.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(iface.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *d = s as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        libc::close(fd);
+        (rc == 0).then_some(req.ifr_ifru.ifru_mtu as u32)
+    }
 }

@@ -13,7 +13,8 @@ use std::{
 };
 
 use egress_common::{
-    action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, MAX_SNAT, SnatTarget},
+    action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, MAX_HOPS, MAX_SNAT, SnatTarget},
+    fabric::{OwnerRange, Owners, Peer},
     policy::{MARK_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue},
 };
 use ipnet::IpNet;
@@ -246,6 +247,10 @@ pub struct MapContents {
     pub policies_v4: BTreeMap<LpmKeyV4, PolicyValue>,
     pub policies_v6: BTreeMap<LpmKeyV6, PolicyValue>,
     pub actions: BTreeMap<ActionKey, Action>,
+    /// Fabric address → peer: every other server (GRE is accepted from these only).
+    pub peers: BTreeMap<[u8; 4], Peer>,
+    /// Pool IPv4 address → its shares' owners (soft-unicast).
+    pub owners: BTreeMap<[u8; 4], Owners>,
 }
 
 fn addr16(a: IpAddr) -> [u8; 16] {
@@ -274,8 +279,13 @@ pub fn action_of(e: &Entry) -> Action {
             }
             a.snat_count = e.snat.len().min(MAX_SNAT) as u8;
         }
-        // Forwarding has no datapath yet: such pools pass unchanged, counted as not held here.
-        ActionName::Forward => a.kind = ActionKind::NotHeld as u8,
+        ActionName::Forward => {
+            a.kind = ActionKind::Forward as u8;
+            for (slot, h) in a.hops.iter_mut().zip(&e.next_hops) {
+                *slot = h.fabric.octets();
+            }
+            a.hop_count = e.next_hops.len().min(MAX_HOPS) as u8;
+        }
         ActionName::Drop => a.kind = ActionKind::Drop as u8,
     }
     a
@@ -291,6 +301,32 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
         };
         m.actions
             .insert(ActionKey::new(e.pool_id, family), action_of(e));
+    }
+    for s in t.config.servers.iter().filter(|s| s.name != plan.server) {
+        m.peers.insert(s.fabric.octets(), Peer { id: s.id });
+    }
+    let fabric_of: BTreeMap<&str, Ipv4Addr> = t
+        .config
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), s.fabric))
+        .collect();
+    for pool in t.pools.values() {
+        for share in &pool.shares {
+            let o = m.owners.entry(share.address.octets()).or_insert(Owners {
+                pool: pool.id,
+                ..Default::default()
+            });
+            // Validation bounds the shares per address; a longer list cannot reach here.
+            if let Some(slot) = o.ranges.get_mut(o.count as usize) {
+                *slot = OwnerRange {
+                    port_min: share.ports.first,
+                    port_max: share.ports.last,
+                    fabric: fabric_of[share.server.as_str()].octets(),
+                };
+                o.count += 1;
+            }
+        }
     }
     for r in &t.rules {
         let value = PolicyValue {
@@ -653,10 +689,23 @@ shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports =
             m.actions[&ActionKey::new(10, FAMILY_V4)].kind,
             ActionKind::Drop as u8
         );
+        let fwd = m.actions[&ActionKey::new(8, FAMILY_V4)];
         assert_eq!(
-            m.actions[&ActionKey::new(8, FAMILY_V4)].kind,
-            ActionKind::NotHeld as u8
+            (fwd.kind, fwd.hop_count, fwd.hops[0]),
+            (ActionKind::Forward as u8, 1, [10, 50, 1, 21])
         );
+        assert_eq!(m.peers.len(), 5, "every other server is a peer");
+        assert!(
+            !m.peers.contains_key(&[10, 50, 0, 11]),
+            "not this server itself"
+        );
+        let o = m.owners[&[192, 0, 2, 11]];
+        assert_eq!((o.pool, o.count), (7, 2));
+        let ams = o.ranges[..2]
+            .iter()
+            .find(|r| r.port_min == 30000)
+            .expect("ams-a-1's range");
+        assert_eq!((ams.port_max, ams.fabric), (39999, [10, 50, 2, 31]));
         let k = (
             MARK_BITS + 24,
             PolicyKeyV4 {

@@ -7,6 +7,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use egress_common::{
+    fabric::Local,
     map_names, prog_names,
     stats::{Counter, Stat},
 };
@@ -42,13 +43,15 @@ pub struct TestDatapath {
 }
 
 impl TestDatapath {
-    /// Loads the programs and writes `server`'s plan of `topology` into the maps.
-    pub fn new(topology: &Topology, server: &str) -> anyhow::Result<Self> {
+    /// Loads the programs and writes `server`'s plan of `topology` into the maps, with `local`
+    /// as this server's fabric settings.
+    pub fn new(topology: &Topology, server: &str, local: &Local) -> anyhow::Result<Self> {
         let mut ebpf = loader::load_unpinned()?;
         for (name, _) in loader::PROGRAMS {
             loader::program(&mut ebpf, name)?;
         }
         let mut maps = loader::take_maps(&mut ebpf)?;
+        maps.set_local(local)?;
         let p = plan::plan(topology, server);
         maps.plan.apply(&plan::map_contents(topology, &p))?;
         Ok(Self { ebpf, maps })

@@ -352,6 +352,17 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
                     }
                 }
             }
+            if a.shares.len() > egress_common::fabric::MAX_SHARES_PER_ADDRESS {
+                errs.add(
+                    format!("{ap}.shares"),
+                    format!(
+                        "{} has {} shares; at most {}",
+                        a.address,
+                        a.shares.len(),
+                        egress_common::fabric::MAX_SHARES_PER_ADDRESS
+                    ),
+                );
+            }
             if locs.len() > MAX_LOCATIONS_PER_ADDRESS {
                 errs.add(
                     format!("{ap}.shares"),
@@ -401,6 +412,16 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         let pool = pools.get(&pol.pool);
         if pool.is_none() {
             errs.add(format!("{p}.pool"), format!("unknown pool {:?}", pol.pool));
+        }
+        if pol.mark >= egress_common::fabric::SKB_MARK_OURS {
+            errs.add(
+                format!("{p}.mark"),
+                format!(
+                    "{} is too large: marks from {:#x} up are the dataplane's own",
+                    pol.mark,
+                    egress_common::fabric::SKB_MARK_OURS
+                ),
+            );
         }
         if pol.destinations.is_empty() {
             errs.add(format!("{p}.destinations"), "is empty");

@@ -11,10 +11,11 @@ use egress::{
     testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
     validate,
 };
-use egress_common::stats::Stat;
+use egress_common::{fabric::Local, stats::Stat};
 
-/// Server `a` holds acme (192.0.2.10 40000-40999, and the IPv6 prefix) and beta (mark 42);
-/// gamma (a longer prefix of the same destinations) is held by `b` only.
+/// Server `a` (10.50.0.11) holds acme (192.0.2.10 40000-40999, and the IPv6 prefix; `b` holds
+/// 41000-42000) and beta (mark 42); gamma (203.0.113.128/25) is held by `b` (10.50.0.12, same
+/// data center) only, so `a` forwards it there.
 const TOPOLOGY: &str = r#"
 server = "a"
 [[locations]]
@@ -71,10 +72,20 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn datapath(toml: &str) -> TestDatapath {
+/// The programs with server `a`'s plan, run from a test namespace (kept alive by the first
+/// value) whose uplink the programs use for encapsulated and redirected packets.
+fn datapath(toml: &str) -> (common::TestNet, TestDatapath) {
     common::require_root();
+    let net = common::TestNet::enter();
     let t = validate::validate(&Config::parse(toml, "test").unwrap()).unwrap();
-    TestDatapath::new(&t, "a").expect("programs load and the plan is written")
+    let local = Local {
+        fabric: [10, 50, 0, 11],
+        ifindex: net.ifindex,
+        mss_v4: 1432,
+        _pad: [0; 6],
+    };
+    let dp = TestDatapath::new(&t, "a", &local).expect("programs load and the plan is written");
+    (net, dp)
 }
 
 /// What a fixture expects of the output packet.
@@ -148,7 +159,7 @@ fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
 
 #[test]
 fn egress_fixtures() {
-    let mut dp = datapath(TOPOLOGY);
+    let (_net, mut dp) = datapath(TOPOLOGY);
     let fixtures = [
         Fixture {
             name: "new TCP SYN v4 → pool address and a port of this server's range",
@@ -257,14 +268,6 @@ fn egress_fixtures() {
             counter: Stat::EgressNoPolicy,
         },
         Fixture {
-            name: "longest prefix picks a pool this server does not hold → unchanged, counted",
-            hook: Hook::Egress,
-            mark: 0,
-            packet: tcp("10.50.0.11", 5004, "203.0.113.200", 80, TCP_SYN),
-            want: Want::Unchanged,
-            counter: Stat::PoolNotHeld,
-        },
-        Fixture {
             name: "ARP → unchanged",
             hook: Hook::Egress,
             mark: 0,
@@ -285,7 +288,7 @@ fn egress_fixtures() {
 
 #[test]
 fn established_reuses_binding_and_replies_translate_back() {
-    let mut dp = datapath(TOPOLOGY);
+    let (_net, mut dp) = datapath(TOPOLOGY);
     struct Case {
         name: &'static str,
         local: &'static str,
@@ -452,7 +455,7 @@ fn established_reuses_binding_and_replies_translate_back() {
 
 #[test]
 fn malformed_and_untranslatable_packets_are_counted_never_crash() {
-    let mut dp = datapath(TOPOLOGY);
+    let (_net, mut dp) = datapath(TOPOLOGY);
     let syn = tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_SYN);
     // test_run refuses frames shorter than a whole IP header, so truncation is shown with a
     // header length (60 bytes of options) that runs past the end of the packet.
@@ -580,7 +583,7 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
 #[test]
 fn full_port_range_is_a_counted_drop() {
     let small = TOPOLOGY.replace("40000-40999", "40000-40003");
-    let mut dp = datapath(&small);
+    let (_net, mut dp) = datapath(&small);
     let mut ports = std::collections::BTreeSet::new();
     for i in 0..4 {
         let out = dp
@@ -657,7 +660,7 @@ fn packet_builder_checksums_are_valid() {
 #[test]
 fn expired_connections_are_collected_both_directions_together() {
     use egress::flows;
-    let mut dp = datapath(TOPOLOGY);
+    let (_net, mut dp) = datapath(TOPOLOGY);
     // An open TCP connection and one that has seen a FIN.
     dp.run(
         Hook::Egress,
@@ -708,4 +711,231 @@ fn expired_connections_are_collected_both_directions_together() {
         )
         .unwrap();
     assert_eq!(out.verdict, TC_ACT_OK);
+}
+
+const A: [u8; 4] = [10, 50, 0, 11];
+const B: [u8; 4] = [10, 50, 0, 12];
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Checks an encapsulated frame byte for byte up to the inner packet: L2 to `dmac` from the
+/// uplink, outer IPv4 and GRE exactly as built independently by the test, inner checksums valid.
+/// Returns the inner packet as a frame of its own.
+fn check_encapsulated(
+    name: &str,
+    net: &common::TestNet,
+    out: &[u8],
+    dmac: [u8; 6],
+    dst: [u8; 4],
+    key: u32,
+) -> Vec<u8> {
+    assert_eq!(&out[0..6], &dmac, "{name}: destination MAC");
+    assert_eq!(&out[6..12], &net.mac, "{name}: source MAC is the uplink's");
+    assert_eq!(&out[12..14], &[0x08, 0x00], "{name}: ethertype");
+    let want = packet::gre_outer(A, dst, key, out.len() - 14 - 28);
+    assert_eq!(
+        &out[14..42],
+        &want[..],
+        "{name}: outer IPv4 + GRE header byte for byte"
+    );
+    let mut inner = out[..14].to_vec();
+    inner.extend_from_slice(&out[42..]);
+    verify_checksums(&inner).unwrap_or_else(|e| panic!("{name}: inner {e}"));
+    inner
+}
+
+#[test]
+fn forwarding_paths() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+
+    // 1. A new connection to gamma (held by b): encapsulated to b with key 9, MSS clamped.
+    let syn = packet::tcp_with_mss(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        5000,
+        80,
+        TCP_SYN,
+        1460,
+    );
+    let out = dp.run(Hook::Egress, 0, &syn).unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "forward: leaves through the uplink");
+    let inner = check_encapsulated("forward SYN", &net, &out.packet, common::PEER_MAC, B, 9);
+    assert_eq!(
+        parse(&inner),
+        parse(&syn),
+        "forward SYN: inner addresses and ports untouched"
+    );
+    assert_eq!(
+        packet::mss_of(&inner),
+        1432,
+        "forward SYN: MSS clamped to fit the tunnel"
+    );
+    assert_eq!(
+        (dp.counter(Stat::ForwardNew), dp.counter(Stat::MssClamped)),
+        (1, 1)
+    );
+
+    // 2. The next packet of the connection follows the recorded path.
+    let ack = tcp("10.50.0.11", 5000, "203.0.113.200", 80, TCP_ACK);
+    let out = dp.run(Hook::Egress, 0, &ack).unwrap();
+    let inner = check_encapsulated("forward ACK", &net, &out.packet, common::PEER_MAC, B, 9);
+    assert_eq!(
+        inner[14..],
+        ack[14..],
+        "forward ACK: inner packet unchanged"
+    );
+    assert_eq!(dp.counter(Stat::ForwardEstablished), 1);
+
+    // 3. b returns the SYN-ACK in GRE: decapsulated, MSS clamped, delivered.
+    let synack = packet::tcp_with_mss(
+        ip("203.0.113.200"),
+        ip("10.50.0.11"),
+        80,
+        5000,
+        TCP_SYN | TCP_ACK,
+        1460,
+    );
+    let out = dp
+        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 9, &synack))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "forwarded reply delivered");
+    assert_eq!(
+        parse(&out.packet),
+        parse(&synack),
+        "forwarded reply: decapsulated"
+    );
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1432,
+        "forwarded reply: MSS clamped"
+    );
+    verify_checksums(&out.packet).unwrap();
+    assert_eq!(dp.counter(Stat::ForwardedReply), 1);
+
+    // 4. b forwards one of its connections for acme to a: decapsulated, translated with a's
+    //    share, sent to the origin's gateway.
+    let req = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &req))
+        .unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "peer SNAT: redirected out of the uplink"
+    );
+    assert_eq!(
+        &out.packet[0..6],
+        &common::GATEWAY_MAC,
+        "peer SNAT: towards the origin's gateway"
+    );
+    assert_eq!(&out.packet[6..12], &net.mac);
+    let o = parse(&out.packet);
+    assert_eq!(o.src, ip("192.0.2.10"), "peer SNAT: pool address");
+    assert!(
+        (40000..=40999).contains(&o.sport),
+        "peer SNAT: a's port range"
+    );
+    assert_eq!((o.dst, o.dport), (ip("203.0.113.1"), 80));
+    verify_checksums(&out.packet).unwrap();
+    assert_eq!(dp.counter(Stat::PeerSnat), 1);
+
+    // 5. The origin's reply is translated back and encapsulated to b, which owns the socket.
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", o.sport, TCP_SYN | TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &reply).unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "reply re-encapsulated and redirected"
+    );
+    let inner = check_encapsulated("reply re-encap", &net, &out.packet, common::PEER_MAC, B, 7);
+    let r = parse(&inner);
+    assert_eq!(
+        (r.dst, r.dport),
+        (ip("10.50.0.12"), 6000),
+        "reply goes back to b's socket"
+    );
+    assert_eq!((r.src, r.sport), (ip("203.0.113.1"), 80));
+    assert_eq!(dp.counter(Stat::ReplyReencap), 1);
+
+    // 6. A packet to a port of 192.0.2.10 that b owns goes to b unchanged (soft-unicast).
+    let stray = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &stray).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "soft-unicast redirected");
+    let inner = check_encapsulated("soft-unicast", &net, &out.packet, common::PEER_MAC, B, 7);
+    assert_eq!(
+        inner[14..],
+        stray[14..],
+        "soft-unicast: inner packet unchanged"
+    );
+    assert_eq!(dp.counter(Stat::SoftUnicast), 1);
+
+    // 7. A packet to a port a owns but no connection uses is passed (the stack answers it).
+    let own = tcp("203.0.113.1", 80, "192.0.2.10", 40998, TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &own).unwrap();
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &own),
+        "own range, no flow: passed"
+    );
+}
+
+#[test]
+fn gre_is_accepted_from_known_peers_only() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let unknown = packet::gre_frame([10, 50, 9, 9], A, 7, &inner);
+    let mut no_key = packet::gre_frame(B, A, 7, &inner);
+    no_key[14 + 20] = 0; // clear the key flag
+    let mut ipv6_inside = packet::gre_frame(B, A, 7, &inner);
+    ipv6_inside[14 + 22..14 + 24].copy_from_slice(&[0x86, 0xdd]);
+    let not_held = packet::gre_frame(B, A, 9, &inner); // gamma: a holds no share of it
+    let fixtures = [
+        Fixture {
+            name: "GRE from an unknown source",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: unknown,
+            want: Want::Dropped,
+            counter: Stat::GreUnknownPeer,
+        },
+        Fixture {
+            name: "GRE without a key",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: no_key,
+            want: Want::Dropped,
+            counter: Stat::GreMalformed,
+        },
+        Fixture {
+            name: "GRE carrying IPv6",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: ipv6_inside,
+            want: Want::Dropped,
+            counter: Stat::GreMalformed,
+        },
+        Fixture {
+            name: "forwarded request for a pool not held here",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: not_held,
+            want: Want::Dropped,
+            counter: Stat::PeerNotHeld,
+        },
+    ];
+    for f in &fixtures {
+        check(&mut dp, f);
+    }
+    // Packets the programs sent themselves (skb mark) are not translated again on egress.
+    let translated = tcp("192.0.2.10", 40001, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Egress,
+            egress_common::fabric::SKB_MARK_OURS,
+            &translated,
+        )
+        .unwrap();
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &translated),
+        "marked packet untouched"
+    );
+    assert_eq!(dp.counter(Stat::Ours), 1);
 }

@@ -39,12 +39,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let mut ebpf = loader::load(&pin_dir, args.flow_capacity)?;
     let mut maps = loader::take_maps(&mut ebpf)?;
+    let local = loader::local_settings(server.fabric, &server.uplink)?;
+    maps.set_local(&local)?;
     // The plan is in the maps before the programs see a packet.
     let plan = plan::plan(&topology, &server.name);
     let diff = maps
         .plan
         .apply(&plan::map_contents(&topology, &plan))
         .context("writing the plan")?;
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| e.next_hops.len() > egress_common::action::MAX_HOPS)
+    {
+        warn!(
+            "pool {}: {} next hops, the datapath uses the first {} (by server name)",
+            e.pool,
+            e.next_hops.len(),
+            egress_common::action::MAX_HOPS
+        );
+    }
     info!(
         "plan for {}: {} entries; maps: {} added, {} updated, {} removed",
         server.name,

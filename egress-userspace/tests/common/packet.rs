@@ -234,3 +234,72 @@ pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// A TCP SYN (or SYN-ACK with `flags`) carrying an MSS option.
+pub fn tcp_with_mss(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    mss: u16,
+) -> Vec<u8> {
+    let mut p = build(
+        src,
+        dst,
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        },
+        &[],
+    );
+    let l4 = if src.is_ipv6() { 54 } else { 34 };
+    // Grow the header by one option word: MSS (kind 2, length 4).
+    p[l4 + 12] = 6 << 4;
+    p.splice(l4 + 20..l4 + 20, [2, 4, (mss >> 8) as u8, mss as u8]);
+    let seg_len = p.len() - l4;
+    if src.is_ipv6() {
+        p[18..20].copy_from_slice(&(seg_len as u16).to_be_bytes());
+    } else {
+        p[16..18].copy_from_slice(&((20 + seg_len) as u16).to_be_bytes());
+        p[24..26].copy_from_slice(&[0, 0]);
+        let c = fold(sum(&p[14..34], 0));
+        p[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+    p[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let c = fold(sum(&p[l4..], pseudo_sum(src, dst, 6, seg_len)));
+    p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// The MSS option of a TCP SYN built by [`tcp_with_mss`] (frame with Ethernet header).
+pub fn mss_of(frame: &[u8]) -> u16 {
+    let l4 = 14 + usize::from(frame[14] & 0xf) * 4;
+    assert_eq!(&frame[l4 + 20..l4 + 22], &[2, 4], "MSS option first");
+    u16::from_be_bytes([frame[l4 + 22], frame[l4 + 23]])
+}
+
+/// The 28 bytes of outer IPv4 (DF, TTL 64, protocol 47, checksum computed here) and GRE
+/// (key flag, IPv4 payload, `key`) that wrap an inner IPv4 packet of `inner_len` bytes.
+pub fn gre_outer(src: [u8; 4], dst: [u8; 4], key: u32, inner_len: usize) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((inner_len + 28) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0x40, 0, 64, 47, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = fold(sum(&h, 0));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(&[0x20, 0x00, 0x08, 0x00]);
+    h.extend_from_slice(&key.to_be_bytes());
+    h
+}
+
+/// An Ethernet frame carrying `inner` (a frame built by [`build`]) in GRE from `src` to `dst`
+/// with `gre` as the 8 GRE bytes (use [`gre_outer`]'s for a well-formed one).
+pub fn gre_frame(src: [u8; 4], dst: [u8; 4], key: u32, inner: &[u8]) -> Vec<u8> {
+    let mut p = inner[..14].to_vec();
+    p.extend_from_slice(&gre_outer(src, dst, key, inner.len() - 14));
+    p.extend_from_slice(&inner[14..]);
+    p
+}

@@ -1,0 +1,73 @@
+//! The fabric: this server's own settings, the peers GRE is accepted from, and who owns which
+//! port range of each shared IPv4 pool address (for soft-unicast).
+
+/// Outer IPv4 (20) + GRE with key (8).
+pub const ENCAP_LEN: u32 = 28;
+pub const GRE_FLAG_KEY: u16 = 0x2000;
+pub const IPPROTO_GRE: u8 = 47;
+
+/// skb mark of packets the programs encapsulated or redirected themselves, so that the egress
+/// program lets them through untouched instead of translating them a second time. Tenant marks
+/// must stay below it (validated).
+pub const SKB_MARK_OURS: u32 = 0x8000_0000;
+
+/// Value of the one-entry `LOCAL` array: this server's settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    /// This server's fabric address (outer source of its GRE packets), network order.
+    pub fabric: [u8; 4],
+    /// Interface index of the uplink (where encapsulated and redirected packets leave).
+    pub ifindex: u32,
+    /// Largest TCP MSS of a forwarded IPv4 connection: uplink MTU - 40 - ENCAP_LEN.
+    pub mss_v4: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Local>() == 16);
+
+/// Value of `PEERS` (key: a peer's fabric address, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's server id.
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Peer>() == 4);
+
+/// One share of a pool address: a port range and the server holding it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRange {
+    /// Inclusive, host order.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Fabric address of the owner, network order.
+    pub fabric: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<OwnerRange>() == 8);
+
+/// Most shares one pool address may be split into (validated).
+pub const MAX_SHARES_PER_ADDRESS: usize = 16;
+
+/// Value of `OWNERS` (key: a pool IPv4 address, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    /// Pool id, the GRE key of soft-unicast packets.
+    pub pool: u32,
+    /// Valid entries in `ranges`.
+    pub count: u32,
+    pub ranges: [OwnerRange; MAX_SHARES_PER_ADDRESS],
+}
+const _: () = assert!(core::mem::size_of::<Owners>() == 136);
+
+pub const PEERS_CAPACITY: u32 = 65536;
+pub const OWNERS_CAPACITY: u32 = 65536;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).
+    unsafe impl aya::Pod for super::Local {}
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::Owners {}
+}

@@ -1,0 +1,102 @@
+//! GRE encapsulation in the program (this kernel has no GRE device): outer IPv4 + GRE with key.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    programs::TcContext,
+};
+use egress_common::{
+    fabric::{ENCAP_LEN, GRE_FLAG_KEY, IPPROTO_GRE},
+    stats::Stat,
+};
+
+use crate::parse::{ETH_LEN, Ip};
+
+const ETH_P_IP: u16 = 0x0800;
+
+/// Outer IPv4 header and GRE header with key, as written on the wire.
+#[repr(C)]
+struct Outer {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id: u16,
+    frag_off_be: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+    gre_flags_be: u16,
+    gre_proto_be: u16,
+    gre_key_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<Outer>() == ENCAP_LEN as usize);
+
+/// RFC 1071 checksum of a 20-byte IPv4 header given as 10 words.
+#[inline(always)]
+fn ipv4_checksum(words: &[u16; 10]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 10 {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Wraps the (IPv4) packet in outer IPv4 `src` → `dst` and GRE with `key`. The segment size of
+/// GSO packets is kept (FIXED_GSO): the MSS clamp leaves room for the 28 bytes.
+#[inline(always)]
+pub fn encapsulate(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], key: u32) -> Result<(), Stat> {
+    let inner_len = ctx.len() - ETH_LEN as u32;
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
+    );
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Stat::EncapFailed)?;
+    let mut outer = Outer {
+        ver_ihl: 0x45,
+        tos: 0,
+        tot_len_be: ((inner_len + ENCAP_LEN) as u16).to_be(),
+        id: 0,
+        frag_off_be: 0x4000u16.to_be(), // DF
+        ttl: 64,
+        proto: IPPROTO_GRE,
+        check: 0,
+        src,
+        dst,
+        gre_flags_be: GRE_FLAG_KEY.to_be(),
+        gre_proto_be: ETH_P_IP.to_be(),
+        gre_key_be: key.to_be(),
+    };
+    // SAFETY: the first 20 bytes of Outer are the IPv4 header, 10 aligned u16 words.
+    let words = unsafe { &*(&outer as *const Outer as *const [u16; 10]) };
+    outer.check = ipv4_checksum(words);
+    ctx.store(ETH_LEN, &outer, 0).map_err(|_| Stat::EncapFailed)
+}
+
+/// Checks the GRE header of `outer` (key present, no checksum or sequence, IPv4 inside) and
+/// returns the key.
+#[inline(always)]
+pub fn gre_key(ctx: &TcContext, outer: &Ip) -> Result<u32, Stat> {
+    let h: [u8; 8] = ctx.load(outer.l4_off).map_err(|_| Stat::GreMalformed)?;
+    let flags = u16::from_be_bytes([h[0], h[1]]);
+    let proto = u16::from_be_bytes([h[2], h[3]]);
+    if flags != GRE_FLAG_KEY || proto != ETH_P_IP || outer.l4_off != ETH_LEN + 20 {
+        return Err(Stat::GreMalformed);
+    }
+    Ok(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))
+}
+
+/// Removes the outer IPv4 and GRE headers. Every parsed offset is stale afterwards.
+#[inline(always)]
+pub fn decapsulate(ctx: &TcContext) -> Result<(), Stat> {
+    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Stat::EncapFailed)
+}

@@ -1,0 +1,48 @@
+//! This server's fabric settings, known peers, and the owners of shared pool port ranges.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap},
+    macros::btf_map,
+};
+use egress_common::fabric::{
+    Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEERS_CAPACITY, Peer,
+};
+
+#[btf_map]
+static LOCAL: Array<Local, 1> = Array::new();
+#[btf_map]
+static PEERS: HashMap<[u8; 4], Peer, { PEERS_CAPACITY as usize }> = HashMap::new();
+#[btf_map]
+static OWNERS: HashMap<[u8; 4], Owners, { OWNERS_CAPACITY as usize }> = HashMap::new();
+
+/// This server's settings; None until the agent has written them.
+#[inline(always)]
+pub fn local() -> Option<&'static Local> {
+    LOCAL.get(0).filter(|l| l.ifindex != 0)
+}
+
+/// Whether GRE from `addr` is accepted.
+#[inline(always)]
+pub fn is_peer(addr: &[u8; 4]) -> bool {
+    // SAFETY: read-only use of the value within this run.
+    unsafe { PEERS.get(addr) }.is_some()
+}
+
+/// The pool and the owner's fabric address for `port` (host order) of pool address `addr`.
+#[inline(always)]
+pub fn owner_of(addr: &[u8; 4], port: u16) -> Option<(u32, [u8; 4])> {
+    // SAFETY: read-only use of the value within this run.
+    let owners = unsafe { OWNERS.get(addr) }?;
+    let mut i = 0;
+    while i < MAX_SHARES_PER_ADDRESS {
+        if i as u32 >= owners.count {
+            break;
+        }
+        let r = &owners.ranges[i];
+        if r.port_min <= port && port <= r.port_max {
+            return Some((owners.pool, r.fabric));
+        }
+        i += 1;
+    }
+    None
+}
