@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-
 use common::seen;
-use egress::lab::{self, origin};
+use egress::lab;
 
 const SERVER: &str = "fra-a-1";
+const FRA_A_1: common::WantSrc = common::WantSrc {
+    addr: "192.0.2.10",
+    ports: (1024, 32767),
+};
 
 #[test]
 fn curl_v4_and_v6_leave_from_the_pool_and_no_policy_from_the_server() {
@@ -50,33 +52,7 @@ fn curl_v4_and_v6_leave_from_the_pool_and_no_policy_from_the_server() {
 #[test]
 fn two_hundred_concurrent_connections_get_distinct_ports() {
     let lab = common::lab_with_agents(&[SERVER]);
-    // Each request is held 1.5 s by the origin, so all 200 connections are open at once.
-    let url = format!("http://{}/delay/1500", lab::ORIGIN_V4);
-    let mut args = vec![
-        "-sS",
-        "--max-time",
-        "30",
-        "--parallel",
-        "--parallel-immediate",
-        "--parallel-max",
-        "200",
-    ];
-    args.extend(std::iter::repeat_n(url.as_str(), 200));
-    let out = lab
-        .run(&lab.server_ns(SERVER), "curl", &args)
-        .expect("all 200 transfers succeed");
-    // The bodies arrive back to back: read them as a stream of JSON values.
-    let answers: Vec<(String, u16)> = serde_json::Deserializer::from_str(&out)
-        .into_iter::<serde_json::Value>()
-        .map(|v| seen(&v.unwrap().to_string()))
-        .collect();
-    assert_eq!(answers.len(), 200, "200 answers");
-    let ports: BTreeSet<u16> = answers.iter().map(|(_, p)| *p).collect();
-    assert_eq!(ports.len(), 200, "200 distinct source ports");
-    for (src, port) in &answers {
-        assert_eq!(src, "192.0.2.10");
-        assert!((1024..=32767).contains(port), "port {port} in range");
-    }
+    common::check_concurrent(&lab, SERVER, lab::ORIGIN_V4.into(), 200, FRA_A_1);
 }
 
 #[test]
@@ -115,43 +91,12 @@ fn udp_request_response_both_families() {
 #[test]
 fn fifty_megabyte_download_arrives_intact() {
     let lab = common::lab_with_agents(&[SERVER]);
-    const SIZE: u64 = 50 * 1024 * 1024;
-    let file = lab.work_dir().join("download.bin");
-    let headers = lab.work_dir().join("headers.txt");
-    lab.run(
-        &lab.server_ns(SERVER),
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "60",
-            "-o",
-            file.to_str().unwrap(),
-            "-D",
-            headers.to_str().unwrap(),
-            &format!("http://{}/bytes/{SIZE}", lab::ORIGIN_V4),
-        ],
-    )
-    .expect("download completes");
-    let data = std::fs::read(&file).unwrap();
-    assert_eq!(data.len() as u64, SIZE, "size");
-    use sha2::Digest as _;
-    let got = origin::hex(&sha2::Sha256::digest(&data));
-    assert_eq!(
-        got,
-        origin::payload_sha256(SIZE),
-        "content hash matches the generator"
-    );
-    let headers = std::fs::read_to_string(&headers).unwrap();
-    assert!(
-        headers.contains(&format!("x-payload-sha256: {got}")),
-        "origin's hash header matches"
-    );
-    let log = std::fs::read_to_string(lab.origin_log_path()).unwrap();
-    assert!(
-        log.contains("tcp 192.0.2.10 "),
-        "origin saw the download from the pool address: {log}"
-    );
+    common::check_download(&lab, SERVER, lab::ORIGIN_V4.into(), 50 << 20, FRA_A_1);
+    let v6 = common::WantSrc {
+        addr: "2001:db8:7::b",
+        ports: (1024, 65535),
+    };
+    common::check_download(&lab, SERVER, lab::ORIGIN_V6.into(), 50 << 20, v6);
 }
 
 #[test]

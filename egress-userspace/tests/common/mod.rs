@@ -142,3 +142,108 @@ impl Drop for TestNet {
         let _ = egress::lab::netns::ip(&["netns", "del", &self.name]);
     }
 }
+
+/// The source the origin must see: an address and a port range.
+#[derive(Debug, Clone, Copy)]
+pub struct WantSrc {
+    pub addr: &'static str,
+    pub ports: (u16, u16),
+}
+
+impl WantSrc {
+    pub fn check(&self, what: &str, (src, port): &(String, u16)) {
+        assert_eq!(src, self.addr, "{what}: source address seen by the origin");
+        assert!(
+            (self.ports.0..=self.ports.1).contains(port),
+            "{what}: source port {port} outside {}-{}",
+            self.ports.0,
+            self.ports.1
+        );
+    }
+}
+
+fn url(host: std::net::IpAddr, path: &str) -> String {
+    match host {
+        std::net::IpAddr::V4(a) => format!("http://{a}{path}"),
+        std::net::IpAddr::V6(a) => format!("http://[{a}]{path}"),
+    }
+}
+
+/// `n` connections held open together (the origin delays each answer by 1 s): all succeed, each
+/// from the expected source, with `n` distinct ports.
+pub fn check_concurrent(lab: &Lab, server: &str, host: std::net::IpAddr, n: usize, want: WantSrc) {
+    let u = url(host, "/delay/1000");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "30",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        "250",
+    ];
+    args.extend(std::iter::repeat_n(u.as_str(), n));
+    let out = lab
+        .run(&lab.server_ns(server), "curl", &args)
+        .expect("every transfer succeeds");
+    // The bodies arrive back to back: read them as a stream of JSON values.
+    let answers: Vec<(String, u16)> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
+        .map(|v| seen(&v.unwrap().to_string()))
+        .collect();
+    assert_eq!(answers.len(), n, "{server}: {n} answers");
+    let ports: std::collections::BTreeSet<u16> = answers.iter().map(|(_, p)| *p).collect();
+    assert_eq!(ports.len(), n, "{server}: {n} distinct source ports");
+    for a in &answers {
+        want.check(server, a);
+    }
+}
+
+/// Downloads `size` bytes from the origin and checks them against the generator's SHA-256;
+/// the origin's log must show the download from the expected source.
+pub fn check_download(lab: &Lab, server: &str, host: std::net::IpAddr, size: u64, want: WantSrc) {
+    let file = lab.work_dir().join(format!("download-{server}-{host}.bin"));
+    lab.run(
+        &lab.server_ns(server),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "60",
+            "-o",
+            file.to_str().unwrap(),
+            &url(host, &format!("/bytes/{size}")),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{server}: download of {size} bytes: {e:#}"));
+    let data = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(data.len() as u64, size, "{server}: size");
+    use sha2::Digest as _;
+    let got = egress::lab::origin::hex(&sha2::Sha256::digest(&data));
+    assert_eq!(
+        got,
+        egress::lab::origin::payload_sha256(size),
+        "{server}: content hash"
+    );
+    let log = std::fs::read_to_string(lab.origin_log_path()).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(&format!("/bytes/{size}")))
+        .expect("origin logged the download");
+    let mut f = line.split_whitespace().skip(1);
+    let seen_src = (
+        f.next().unwrap().to_string(),
+        f.next().unwrap().parse().unwrap(),
+    );
+    want.check(&format!("{server} download"), &seen_src);
+}
+
+/// One request; the origin's answer.
+pub fn check_curl(lab: &Lab, server: &str, host: std::net::IpAddr, want: WantSrc) {
+    let body = lab
+        .curl(server, &url(host, "/"))
+        .unwrap_or_else(|e| panic!("{server}: {e:#}"));
+    want.check(server, &seen(&body));
+}

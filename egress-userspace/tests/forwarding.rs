@@ -1,0 +1,83 @@
+//! End to end, forwarding: connections from servers that hold no share of a pool go through a
+//! peer (GRE in BPF) and the origin sees the peer's pool address and port range. All five
+//! servers of the default lab run agents. Default config: acme (192.0.2.10) is held by
+//! fra-a-1 (1024-32767) and ams-a-1 (32768-65535) and announced via fra-a-1; beta
+//! (192.0.2.20, destinations 203.0.113.128/25) by ams-a-1 only.
+
+mod common;
+
+use common::WantSrc;
+use egress::lab::{self, Lab};
+
+const SERVERS: [&str; 5] = ["fra-a-1", "fra-a-2", "fra-b-1", "ams-a-1", "sin-a-1"];
+const VIA_FRA_A_1: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (1024, 32767),
+};
+const VIA_AMS_A_1_BETA: WantSrc = WantSrc {
+    addr: "192.0.2.20",
+    ports: (1024, 65535),
+};
+const AMS_A_1_ACME: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (32768, 65535),
+};
+const MB50: u64 = 50 << 20;
+
+fn full_lab() -> Lab {
+    common::lab_with_agents(&SERVERS)
+}
+
+/// curl, 100 concurrent connections and a 50 MB download through one tier.
+fn tier(from: &str, host: std::net::Ipv4Addr, want: WantSrc) {
+    let lab = full_lab();
+    common::check_curl(&lab, from, host.into(), want);
+    common::check_concurrent(&lab, from, host.into(), 100, want);
+    common::check_download(&lab, from, host.into(), MB50, want);
+}
+
+#[test]
+fn tier_2_same_datacenter() {
+    tier("fra-a-2", lab::ORIGIN_V4, VIA_FRA_A_1);
+}
+
+#[test]
+fn tier_3_same_location() {
+    tier("fra-b-1", lab::ORIGIN_V4, VIA_FRA_A_1);
+}
+
+#[test]
+fn tier_4_nearest_location() {
+    // From fra the nearest location holding beta is ams; from sin, acme's nearest is fra.
+    tier("fra-a-2", lab::ORIGIN_V4_HIGH, VIA_AMS_A_1_BETA);
+    let lab = full_lab();
+    common::check_curl(&lab, "sin-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}
+
+#[test]
+fn replies_arriving_at_the_wrong_server_complete_the_connection() {
+    // ams-a-1 translates locally to its ports of 192.0.2.10, but the origin routes
+    // 192.0.2.10 to fra-a-1, which sends the replies on to ams-a-1.
+    let lab = full_lab();
+    let before = egress::stats::read(&lab.pin_dir("fra-a-1")).unwrap();
+    common::check_curl(&lab, "ams-a-1", lab::ORIGIN_V4.into(), AMS_A_1_ACME);
+    common::check_download(&lab, "ams-a-1", lab::ORIGIN_V4.into(), MB50, AMS_A_1_ACME);
+    let after = egress::stats::read(&lab.pin_dir("fra-a-1")).unwrap();
+    let soft = |v: &[egress::stats::StatValue]| {
+        v.iter().find(|s| s.name == "soft_unicast").unwrap().packets
+    };
+    assert!(
+        soft(&after) - soft(&before) > 1000,
+        "fra-a-1 passed the replies on (soft-unicast)"
+    );
+}
+
+#[test]
+fn ipv6_is_never_forwarded() {
+    let lab = full_lab();
+    let want = WantSrc {
+        addr: "2001:db8:7::c",
+        ports: (1024, 65535),
+    };
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V6.into(), want);
+}
