@@ -5,6 +5,7 @@ pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod flows;
 pub mod lab;
 pub mod loader;

@@ -97,6 +97,8 @@ pub struct Rule {
     pub mark: u32,
     pub destination: IpNet,
     pub pool: String,
+    /// Index of the policy in the config (`policies[i]`).
+    pub policy: usize,
 }
 
 /// A validated config.
@@ -450,6 +452,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
                         mark: pol.mark,
                         destination: net,
                         pool: pol.pool.clone(),
+                        policy: i,
                     });
                 }
             }

@@ -2,7 +2,9 @@
 
 mod agent;
 mod demo;
+mod explain;
 mod lab;
+mod plan;
 mod stats;
 mod validate;
 
@@ -26,6 +28,8 @@ enum Command {
     Stats(stats::Args),
     Demo(demo::Args),
     Validate(validate::Args),
+    Plan(plan::Args),
+    Explain(explain::Args),
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -37,9 +41,18 @@ impl Cli {
             Command::Stats(a) => stats::run(a),
             Command::Demo(a) => demo::run(a),
             Command::Validate(a) => validate::run(a),
+            Command::Plan(a) => plan::run(a),
+            Command::Explain(a) => explain::run(a),
             Command::Lab(c) => lab::run(c),
         }
     }
+}
+
+/// Output format of the reporting commands.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
 }
 
 /// `--config FILE`, shared by the subcommands that read a config.

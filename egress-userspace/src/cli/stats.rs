@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use super::ConfigArg;
+use super::{ConfigArg, Format};
 use crate::{loader, stats};
 
 /// Print the datapath counters of a running (or stopped) agent.
@@ -19,12 +19,6 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
