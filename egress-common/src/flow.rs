@@ -71,6 +71,30 @@ pub mod timeouts {
     pub const ICMP: u64 = 30;
 }
 
+impl FlowValue {
+    /// A fresh entry seen now (`now_ns`, bpf_ktime_get_ns()).
+    pub const fn new(
+        kind: u8,
+        addr: [u8; 16],
+        port_be: u16,
+        pool: u32,
+        tunnel: [u8; 4],
+        now_ns: u64,
+    ) -> Self {
+        FlowValue {
+            addr,
+            port_be,
+            kind,
+            flags: 0,
+            pool,
+            last_seen_ns: now_ns,
+            created_ns: now_ns,
+            tunnel,
+            _pad: [0; 4],
+        }
+    }
+}
+
 impl FlowKey {
     /// The key of the other direction of the connection, given this entry's value.
     pub const fn other_direction(&self, value: &FlowValue) -> FlowKey {

@@ -80,17 +80,8 @@ pub fn pick(key: &FlowKey, count: u32) -> usize {
 #[inline(always)]
 pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowValue, Stat> {
     let now = unsafe { bpf_ktime_get_ns() };
-    let value = FlowValue {
-        addr: out.src,
-        port_be: out.src_port_be,
-        kind: FLOW_FORWARDED,
-        flags: 0,
-        pool,
-        last_seen_ns: now,
-        created_ns: now,
-        tunnel: peer,
-        _pad: [0; 4],
-    };
+    // Only the tunnel matters for a forwarded entry; the rest mirrors the key.
+    let value = FlowValue::new(FLOW_FORWARDED, out.src, out.src_port_be, pool, peer, now);
     if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
         return Ok(value);
     }
@@ -147,17 +138,7 @@ pub fn claim(
     if count == 0 {
         return Err(Stat::PortExhausted);
     }
-    let reverse = FlowValue {
-        addr: out.src,
-        port_be: out.src_port_be,
-        kind: FLOW_REVERSE,
-        flags: 0,
-        pool,
-        last_seen_ns: now,
-        created_ns: now,
-        tunnel,
-        _pad: [0; 4],
-    };
+    let reverse = FlowValue::new(FLOW_REVERSE, out.src, out.src_port_be, pool, tunnel, now);
     let mut i = 0;
     while i < PROBES {
         // The verifier loses bounds through `%`, and LLVM drops a mask it can prove redundant;
@@ -182,17 +163,7 @@ pub fn claim(
             if i > 0 {
                 stats::add(Stat::PortCollision, u64::from(i));
             }
-            let value = FlowValue {
-                addr: target.addr,
-                port_be: port.to_be(),
-                kind: FLOW_OUTBOUND,
-                flags: 0,
-                pool,
-                last_seen_ns: now,
-                created_ns: now,
-                tunnel,
-                _pad: [0; 4],
-            };
+            let value = FlowValue::new(FLOW_OUTBOUND, target.addr, port.to_be(), pool, tunnel, now);
             return record_outbound(out, &value);
         }
         i += 1;
