@@ -101,26 +101,31 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         Err(IpError::NotIp) => return Ok(Verdict::Pass(Stat::EgressNotIp)),
         Err(IpError::Malformed) => return Ok(Verdict::Drop(Stat::EgressMalformed)),
     };
-    let Some(pool) = policy::pool_for(&ip, mark) else {
-        return Ok(Verdict::Pass(Stat::EgressNoPolicy));
-    };
-    let ports = ports(ctx, &ip, Dir::Egress)?;
-    let key = flow::key(&ip, &ports);
-    // A known connection keeps its path, whatever the plan says now.
-    if let Some(v) = flow::get_any(&key) {
-        flow::touch(v, &ports);
+    let parsed = ports(ctx, &ip, Dir::Egress);
+    // A known connection keeps its path whatever the plan says now, even if a reload removed
+    // its policy: the flow table is consulted before the policy.
+    if let Ok(p) = &parsed
+        && let Some(v) = flow::get_any(&flow::key(&ip, p))
+    {
+        flow::touch(v, p);
         // SAFETY: map value pointer valid for this run.
         let v = unsafe { *v };
         return match v.kind {
             FLOW_OUTBOUND => {
-                nat::rewrite(ctx, &ip, nat::Side::Src, &v.addr, v.port_be, ports.src_be)
+                nat::rewrite(ctx, &ip, nat::Side::Src, &v.addr, v.port_be, p.src_be)
                     .map_err(drop_with)?;
                 Ok(Verdict::Pass(Stat::SnatEstablished))
             }
-            FLOW_FORWARDED => forward(ctx, &ip, &ports, v.tunnel, v.pool, Stat::ForwardEstablished),
+            FLOW_FORWARDED => forward(ctx, &ip, p, v.tunnel, v.pool, Stat::ForwardEstablished),
             _ => Ok(Verdict::Drop(Stat::NoAction)),
         };
     }
+    let Some(pool) = policy::pool_for(&ip, mark) else {
+        return Ok(Verdict::Pass(Stat::EgressNoPolicy));
+    };
+    // Only now is an unparsable transport header a reason to drop: it cannot be translated.
+    let ports = parsed?;
+    let key = flow::key(&ip, &ports);
     let action = policy::action_for(pool, ip.family).ok_or(Verdict::Drop(Stat::NoAction))?;
     match ActionKind::from_u8(action.kind) {
         Some(ActionKind::Snat) => {

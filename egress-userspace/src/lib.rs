@@ -1,6 +1,7 @@
 //! The egress steering agent and CLI as a library, so the integration tests and the demo use
 //! the same code as the binary.
 
+pub mod agent;
 pub mod apply;
 pub mod cli;
 pub mod config;

@@ -8,7 +8,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, lpm_trie::LpmTrie},
-    programs::{SchedClassifier, TcAttachType, tc},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachOptions},
+    },
     util::KernelVersion,
 };
 use egress_common::{
@@ -59,6 +63,8 @@ pub enum LoadError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("pinned link {path}: {message}")]
+    Link { path: String, message: String },
     #[error("attaching {name} to {iface}: {source}")]
     Attach {
         name: &'static str,
@@ -190,7 +196,11 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
 /// How a program was attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
+    /// New tcx links, pinned.
     Tcx,
+    /// Pinned tcx links of an earlier agent, programs replaced.
+    TcxAdopted,
+    /// clsact filters (kernels before 6.6).
     Clsact,
 }
 
@@ -222,27 +232,84 @@ pub fn program<'a>(
     Ok(prog)
 }
 
-/// Loads and attaches both TC programs to `iface`: tcx when the kernel has it (6.6+), clsact
-/// otherwise. The links belong to `ebpf`: dropping it detaches the programs.
-pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<AttachMode, LoadError> {
+/// Where the link of program `name` is pinned.
+pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(format!("link_{name}"))
+}
+
+/// Attaches both TC programs to `iface` and keeps them attached beyond this process.
+///
+/// With tcx (kernel 6.6+) each link is pinned in `pin_dir`: a link pinned by an earlier agent is
+/// adopted and its program replaced atomically (no packet sees a detached uplink); a new link is
+/// pinned. Without tcx, clsact filters are used (they also outlive the process).
+pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode, LoadError> {
     let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    let mode = if tcx {
-        AttachMode::Tcx
-    } else {
+    if !tcx {
         // Already present is fine; any other failure shows up at attach.
         let _ = tc::qdisc_add_clsact(iface);
-        AttachMode::Clsact
-    };
-    for (name, kind) in PROGRAMS {
-        program(ebpf, name)?
-            .attach(iface, kind)
-            .map_err(|source| LoadError::Attach {
-                name,
-                iface: iface.to_string(),
-                source,
-            })?;
     }
-    Ok(mode)
+    let mut adopted = false;
+    for (name, kind) in PROGRAMS {
+        let attach_err = |source| LoadError::Attach {
+            name,
+            iface: iface.to_string(),
+            source,
+        };
+        let prog = program(ebpf, name)?;
+        if !tcx {
+            prog.attach(iface, kind).map_err(attach_err)?;
+            continue;
+        }
+        let path = link_pin(pin_dir, name);
+        let id = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+                    LoadError::Link {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    }
+                })?;
+                adopted = true;
+                prog.attach_to_link(link).map_err(attach_err)?
+            }
+            Err(_) => prog
+                .attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(attach_err)?,
+        };
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| LoadError::Link {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if !path.exists() {
+            fd.pin(&path).map_err(|e| LoadError::Link {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        // Dropping our fd leaves the pinned link (and the program) in place.
+    }
+    Ok(match (tcx, adopted) {
+        (false, _) => AttachMode::Clsact,
+        (true, false) => AttachMode::Tcx,
+        (true, true) => AttachMode::TcxAdopted,
+    })
+}
+
+/// Removes what an agent leaves behind in `pin_dir`: the pinned links (so the programs detach)
+/// and the pinned maps. Returns the paths removed.
+pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        std::fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    std::fs::remove_dir(pin_dir)?;
+    Ok(removed)
 }
 
 /// This server's fabric settings for the `LOCAL` map: its fabric address, the uplink's index,

@@ -1,117 +1,123 @@
-//! `egress agent`: load the programs for one server, write its plan, attach, collect expired
-//! flows until signalled.
+//! `egress agent`: run the agent of one server until SIGINT/SIGTERM; SIGHUP or a changed config
+//! file reloads; metrics over HTTP.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use log::{info, warn};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
 
-use super::ConfigArg;
-use crate::{flows, loader, plan};
+use crate::agent::{Agent, Options};
 
-/// Load the programs onto this server's uplink and run until SIGINT/SIGTERM.
+/// Load the programs onto this server's uplink, write its plan, and keep it current.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    config: ConfigArg,
+    /// Topology config (TOML), watched for changes. Without it, the embedded default.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Which server of the config this is (default: the config's `server`).
     #[arg(long)]
     server: Option<String>,
-    /// Where to pin the maps (default: /sys/fs/bpf/egress/<server>).
+    /// Where to pin maps and links (default: /sys/fs/bpf/egress/<server>).
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
     /// Flow table size (entries, LRU). Takes effect when the map is created, not when adopted.
     #[arg(long, default_value_t = egress_common::flow::FLOWS_CAPACITY)]
     flow_capacity: u32,
-    /// How often expired flows are collected, in seconds.
+    /// How often expired flows are collected and usage refreshed, in seconds.
     #[arg(long, default_value_t = 5)]
     gc_interval: u64,
+    /// Where to serve Prometheus metrics (GET /metrics).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Serve no metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// On exit, remove the pinned links and maps (the programs detach). By default they stay,
+    /// so traffic keeps flowing and a restarted agent adopts them.
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let topology = args.config.topology()?;
-    let server = topology
-        .config
-        .select_server(args.server.as_deref())?
-        .clone();
-    let pin_dir = loader::pin_dir(args.pin_dir.as_deref(), &server.name);
-    loader::preflight(&server.uplink, &server.name, &pin_dir)?;
-
-    let mut ebpf = loader::load(&pin_dir, args.flow_capacity)?;
-    let mut maps = loader::take_maps(&mut ebpf)?;
-    let local = loader::local_settings(server.fabric, &server.uplink)?;
-    maps.set_local(&local)?;
-    // The plan is in the maps before the programs see a packet.
-    let plan = plan::plan(&topology, &server.name);
-    let diff = maps
-        .plan
-        .apply(&plan::map_contents(&topology, &plan))
-        .context("writing the plan")?;
-    for e in plan
-        .entries
-        .iter()
-        .filter(|e| e.next_hops.len() > egress_common::action::MAX_HOPS)
-    {
-        warn!(
-            "pool {}: {} next hops, the datapath uses the first {} (by server name)",
-            e.pool,
-            e.next_hops.len(),
-            egress_common::action::MAX_HOPS
-        );
-    }
-    info!(
-        "plan for {}: {} entries; maps: {} added, {} updated, {} removed",
-        server.name,
-        plan.entries.len(),
-        diff.added,
-        diff.updated,
-        diff.removed
-    );
-    let mode = loader::attach(&mut ebpf, &server.uplink)?;
-    info!(
-        "ready: server {} programs attached to {} ({mode:?}), maps pinned in {}",
-        server.name,
-        server.uplink,
-        pin_dir.display()
-    );
-
-    run_until_signal(
-        Duration::from_secs(args.gc_interval.max(1)),
-        || match flows::collect(&mut maps.flows, flows::monotonic_ns()) {
-            Ok(0) => {}
-            Ok(n) => info!("collected {n} expired connections"),
-            Err(e) => warn!("collecting expired flows: {e}"),
-        },
-    )
-    .context("waiting for signals")?;
-    // Dropping `ebpf` closes the links: the programs detach. The maps stay pinned on purpose so
-    // counters and flows survive and the next agent adopts them.
-    drop(ebpf);
-    info!(
-        "detached from {}; maps remain pinned in {}",
-        server.uplink,
-        pin_dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Calls `tick` every `every` until SIGINT or SIGTERM.
-fn run_until_signal(every: Duration, mut tick: impl FnMut()) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
+    let opts = Options {
+        config_path: args.config.clone(),
+        server: args.server.clone(),
+        pin_dir: args.pin_dir.clone(),
+        flow_capacity: args.flow_capacity,
+    };
+    let (mut agent, mode) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut timer = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = timer.tick() => tick(),
+    let metrics = if args.no_metrics {
+        None
+    } else {
+        let l = rt
+            .block_on(TcpListener::bind(args.metrics_addr))
+            .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
+        Some(l)
+    };
+    agent.housekeeping();
+    info!(
+        "ready: server {} attached ({mode:?}), maps pinned in {}, metrics {}",
+        agent.server,
+        agent.pin_dir.display(),
+        if args.no_metrics {
+            "off".to_string()
+        } else {
+            format!("http://{}/metrics", args.metrics_addr)
+        }
+    );
+    rt.block_on(serve(
+        &mut agent,
+        metrics,
+        Duration::from_secs(args.gc_interval.max(1)),
+    ))
+    .context("agent loop")?;
+    agent.shutdown(args.detach_on_exit)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    agent: &mut Agent,
+    metrics: Option<TcpListener>,
+    every: Duration,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut gc = tokio::time::interval(every);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => agent.reload("SIGHUP"),
+            _ = watch.tick() => if agent.config_changed() { agent.reload("config file changed") },
+            _ = gc.tick() => agent.housekeeping(),
+            Ok((mut conn, _)) = async { metrics.as_ref().expect("guarded").accept().await }, if metrics.is_some() => {
+                // One small request per connection; scrapes are rare and cheap.
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if req.starts_with("GET /metrics") {
+                    match agent.render_metrics() {
+                        Ok(b) => ("200 OK", b),
+                        Err(e) => { warn!("rendering metrics: {e:#}"); ("500 Internal Server Error", format!("{e:#}\n")) }
+                    }
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
+                let head = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }

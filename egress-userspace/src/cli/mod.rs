@@ -2,7 +2,9 @@
 
 mod agent;
 mod demo;
+mod detach;
 mod explain;
+mod flows;
 mod lab;
 mod plan;
 mod stats;
@@ -30,6 +32,8 @@ enum Command {
     Validate(validate::Args),
     Plan(plan::Args),
     Explain(explain::Args),
+    Flows(flows::Args),
+    Detach(detach::Args),
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -43,6 +47,8 @@ impl Cli {
             Command::Validate(a) => validate::run(a),
             Command::Plan(a) => plan::run(a),
             Command::Explain(a) => explain::run(a),
+            Command::Flows(a) => flows::run(a),
+            Command::Detach(a) => detach::run(a),
             Command::Lab(c) => lab::run(c),
         }
     }
@@ -75,4 +81,22 @@ impl ConfigArg {
             None => Config::embedded(),
         })
     }
+}
+
+/// The pin directory named by `--pin-dir`, or that of `--server` (default: the config's).
+fn pin_dir_of(
+    config: &ConfigArg,
+    server: Option<String>,
+    pin_dir: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    Ok(match pin_dir {
+        Some(dir) => dir,
+        None => {
+            let name = match server {
+                Some(name) => name,
+                None => config.load()?.select_server(None)?.name.clone(),
+            };
+            crate::loader::pin_dir(None, &name)
+        }
+    })
 }

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use super::{ConfigArg, Format};
-use crate::{loader, stats};
+use crate::stats;
 
 /// Print the datapath counters of a running (or stopped) agent.
 #[derive(Debug, clap::Args)]
@@ -22,16 +22,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let pin_dir = match args.pin_dir {
-        Some(dir) => dir,
-        None => {
-            let name = match args.server {
-                Some(name) => name,
-                None => args.config.load()?.select_server(None)?.name.clone(),
-            };
-            loader::pin_dir(None, &name)
-        }
-    };
+    let pin_dir = super::pin_dir_of(&args.config, args.server, args.pin_dir)?;
     let values = stats::read(&pin_dir)?;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&values)?),

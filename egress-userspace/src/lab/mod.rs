@@ -23,6 +23,8 @@ use log::{debug, warn};
 
 use crate::{config::Config, loader::DEFAULT_PIN_ROOT};
 
+pub use crate::config::Server;
+
 /// Every lab namespace, pin directory and work directory starts with this.
 pub const LAB_PREFIX: &str = "egresslab-";
 
@@ -287,12 +289,16 @@ impl Lab {
         self.spawn_until_ready("origin", cmd)
     }
 
-    /// Spawns `cmd` with stderr going to `<work dir>/<label>.log`, and waits (10 s at most) for
-    /// a line there containing "ready". A process that exits first fails with its log.
+    /// Spawns `cmd` with stderr appended to `<work dir>/<label>.log`, and waits (10 s at most)
+    /// for a new line there containing "ready". A process that exits first fails with its log.
     fn spawn_until_ready(&mut self, label: &str, mut cmd: Command) -> anyhow::Result<()> {
         let log_path = self.log_path(label);
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let from = log.metadata()?.len() as usize;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -303,25 +309,58 @@ impl Lab {
             label: label.to_string(),
             child,
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let waited = self.wait_for_log(label, from, &["ready"], Duration::from_secs(10));
+        let proc = self.procs.last_mut().expect("just pushed");
+        match waited {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let Ok(Some(status)) = proc.child.try_wait() {
+                    self.procs.pop();
+                    bail!("{label} exited ({status}) before it was ready: {e:#}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until `<label>.log`, after byte `from`, has a line containing one of `needles`;
+    /// returns that line.
+    pub fn wait_for_log(
+        &self,
+        label: &str,
+        from: usize,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let path = self.log_path(label);
+        let deadline = Instant::now() + timeout;
         loop {
-            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if said.contains("ready") {
-                return Ok(());
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let new = text.get(from..).unwrap_or("");
+            if let Some(line) = new.lines().find(|l| needles.iter().any(|n| l.contains(n))) {
+                return Ok(line.to_string());
             }
-            let proc = self.procs.last_mut().expect("just pushed");
-            if let Ok(Some(status)) = proc.child.try_wait() {
-                self.procs.pop();
+            let exited = self
+                .procs
+                .iter()
+                .find(|p| p.label == label)
+                .is_none_or(|p| {
+                    std::fs::read_to_string(format!("/proc/{}/stat", p.child.id()))
+                        .is_ok_and(|s| s.contains(") Z "))
+                });
+            if exited || Instant::now() > deadline {
                 bail!(
-                    "{label} exited ({status}) before it was ready:\n{}",
-                    said.trim()
+                    "{label}: no line with {needles:?} within {timeout:?}; it said:\n{}",
+                    new.trim()
                 );
-            }
-            if Instant::now() > deadline {
-                bail!("{label} was not ready within 10 s:\n{}", said.trim());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Current length of a process's log (to wait for what it says next).
+    pub fn log_len(&self, label: &str) -> usize {
+        std::fs::metadata(self.log_path(label)).map_or(0, |m| m.len() as usize)
     }
 
     /// Where a started process's stderr goes.
@@ -339,6 +378,61 @@ impl Lab {
             .args(["--server", server, "--pin-dir"])
             .arg(self.pin_dir(server));
         self.spawn_until_ready(&format!("agent-{server}"), cmd)
+    }
+
+    /// Kills the agent of `server` with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill_agent(&mut self, server: &str) -> anyhow::Result<()> {
+        let label = format!("agent-{server}");
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.label == label)
+            .ok_or_else(|| anyhow!("no agent of {server} in the lab"))?;
+        let mut p = self.procs.remove(i);
+        p.child.kill()?;
+        p.child.wait()?;
+        Ok(())
+    }
+
+    /// Writes `config` as the lab's config and makes every running agent reload it (SIGHUP);
+    /// waits until each has applied or rejected it and returns their log lines.
+    pub fn reload(&mut self, config: &Config) -> anyhow::Result<Vec<String>> {
+        let tmp = self.config_path().with_extension("tmp");
+        std::fs::write(&tmp, toml::to_string(config)?)?;
+        self.reload_written(&tmp)
+    }
+
+    /// Like [`Lab::reload`] with the config file's new content given as text (may be invalid).
+    pub fn reload_text(&mut self, text: &str) -> anyhow::Result<Vec<String>> {
+        let tmp = self.config_path().with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        self.reload_written(&tmp)
+    }
+
+    fn reload_written(&mut self, tmp: &Path) -> anyhow::Result<Vec<String>> {
+        let agents: Vec<(String, u32)> = self
+            .procs
+            .iter()
+            .filter(|p| p.label.starts_with("agent-"))
+            .map(|p| (p.label.clone(), p.child.id()))
+            .collect();
+        let marks: Vec<usize> = agents.iter().map(|(l, _)| self.log_len(l)).collect();
+        std::fs::rename(tmp, self.config_path())?;
+        for (_, pid) in &agents {
+            netns::kill(*pid as i32, libc::SIGHUP);
+        }
+        agents
+            .iter()
+            .zip(marks)
+            .map(|((label, _), from)| {
+                self.wait_for_log(
+                    label,
+                    from,
+                    &["reload (", "rejected"],
+                    Duration::from_secs(10),
+                )
+            })
+            .collect()
     }
 
     /// Stops a process the lab started (SIGTERM, then SIGKILL after 3 s) and reaps it.

@@ -1,0 +1,482 @@
+//! The running agent: owns the loaded programs and maps of one server, applies plans as
+//! differences (at start and on every reload), collects expired flows, watches port pressure,
+//! and renders metrics. The CLI (`cli/agent.rs`) drives it from signals and timers.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{Ebpf, maps::PerCpuArray};
+use egress_common::{
+    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE},
+    map_names,
+    stats::{Counter, Stat},
+};
+use log::{error, info, warn};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter as PromCounter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    apply::Diff,
+    config::{Config, ConfigError},
+    flows,
+    loader::{self, AttachMode, Maps},
+    plan::{self, Plan},
+    validate::{self, Topology},
+};
+
+/// What the agent is started with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The config file; None = the embedded default (nothing to reload from).
+    pub config_path: Option<PathBuf>,
+    pub server: Option<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub flow_capacity: u32,
+}
+
+/// Usage of one port slice (a share of a pool address held by this server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceUsage {
+    pub address: Ipv4Addr,
+    pub first: u16,
+    pub last: u16,
+    /// Distinct ports of the slice in use by live connections.
+    pub used: u32,
+}
+
+impl SliceUsage {
+    pub fn size(&self) -> u32 {
+        u32::from(self.last - self.first) + 1
+    }
+}
+
+/// Share of a slice in use above which the agent warns.
+pub const SLICE_WARN: f64 = 0.8;
+
+#[derive(Debug, Default, Clone)]
+struct Observed {
+    entries: BTreeMap<&'static str, i64>,
+    slices: Vec<SliceUsage>,
+    collected: u64,
+}
+
+pub struct Agent {
+    ebpf: Ebpf,
+    maps: Maps,
+    config_path: Option<PathBuf>,
+    /// The text of the config the running plan came from (reload on change).
+    config_text: String,
+    pub server: String,
+    pub pin_dir: PathBuf,
+    topology: Topology,
+    plan: Plan,
+    pub generation: u64,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    flow_capacity: u32,
+    observed: Observed,
+    warned_slices: std::collections::BTreeSet<(Ipv4Addr, u16)>,
+}
+
+fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
+    match path {
+        None => Ok((
+            crate::config::DEFAULT_CONFIG.to_string(),
+            Config::embedded(),
+        )),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?;
+            let c = Config::parse(&text, &p.display().to_string())?;
+            Ok((text, c))
+        }
+    }
+}
+
+impl Agent {
+    /// Validates the config, loads (adopting pinned maps), writes the plan, then attaches
+    /// (adopting pinned links). The plan is in the maps before any new program sees a packet.
+    pub fn start(opts: &Options) -> anyhow::Result<(Agent, AttachMode)> {
+        let (config_text, config) = read_config(opts.config_path.as_deref())?;
+        let topology = validate::validate(&config)?;
+        let server = topology
+            .config
+            .select_server(opts.server.as_deref())?
+            .clone();
+        let pin_dir = loader::pin_dir(opts.pin_dir.as_deref(), &server.name);
+        loader::preflight(&server.uplink, &server.name, &pin_dir)?;
+
+        let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
+        let mut maps = loader::take_maps(&mut ebpf)?;
+        maps.set_local(&loader::local_settings(server.fabric, &server.uplink)?)?;
+        let mut agent = Agent {
+            ebpf,
+            maps,
+            config_path: opts.config_path.clone(),
+            config_text,
+            server: server.name.clone(),
+            pin_dir: pin_dir.clone(),
+            plan: plan::plan(&topology, &server.name),
+            topology,
+            generation: 0,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            flow_capacity: opts.flow_capacity,
+            observed: Observed::default(),
+            warned_slices: Default::default(),
+        };
+        let diff = agent.write_plan()?;
+        agent.generation = 1;
+        info!(
+            "plan generation 1 for {}: {} entries; maps: {} added, {} updated, {} removed",
+            agent.server,
+            agent.plan.entries.len(),
+            diff.added,
+            diff.updated,
+            diff.removed
+        );
+        let mode = loader::attach(&mut agent.ebpf, &server.uplink, &pin_dir)?;
+        Ok((agent, mode))
+    }
+
+    fn write_plan(&mut self) -> anyhow::Result<Diff> {
+        for e in self
+            .plan
+            .entries
+            .iter()
+            .filter(|e| e.next_hops.len() > egress_common::action::MAX_HOPS)
+        {
+            warn!(
+                "pool {}: {} next hops, the datapath uses the first {} (by server name)",
+                e.pool,
+                e.next_hops.len(),
+                egress_common::action::MAX_HOPS
+            );
+        }
+        let want = plan::map_contents(&self.topology, &self.plan);
+        self.maps
+            .plan
+            .apply(&want)
+            .context("writing the plan to the maps")
+    }
+
+    /// Whether the config file's content differs from the running plan's.
+    pub fn config_changed(&self) -> bool {
+        match &self.config_path {
+            None => false,
+            Some(p) => std::fs::read_to_string(p).is_ok_and(|t| t != self.config_text),
+        }
+    }
+
+    /// Reads, validates and applies the config as a difference. An invalid config leaves the
+    /// running plan in force; the error is logged exactly as `egress validate` words it.
+    pub fn reload(&mut self, why: &str) {
+        let result = read_config(self.config_path.as_deref())
+            .map_err(anyhow::Error::from)
+            .and_then(|(text, c)| Ok((text, validate::validate(&c)?)));
+        let (text, topology) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.reloads_failed += 1;
+                // Remember the text so an unchanged invalid file is not retried every second.
+                if let Some(p) = &self.config_path {
+                    self.config_text = std::fs::read_to_string(p).unwrap_or_default();
+                }
+                error!(
+                    "reload ({why}) rejected, plan generation {} stays in force: {e:#}",
+                    self.generation
+                );
+                return;
+            }
+        };
+        if topology.config.select_server(Some(&self.server)).is_err() {
+            self.reloads_failed += 1;
+            self.config_text = text;
+            error!(
+                "reload ({why}) rejected: server {:?} is no longer in the config",
+                self.server
+            );
+            return;
+        }
+        let previous = std::mem::replace(&mut self.topology, topology);
+        self.plan = plan::plan(&self.topology, &self.server);
+        match self.write_plan() {
+            Ok(d) => {
+                self.generation += 1;
+                self.reloads_ok += 1;
+                self.config_text = text;
+                info!(
+                    "reload ({why}): plan generation {}: {} entries; maps: {} added, {} updated, {} removed",
+                    self.generation,
+                    self.plan.entries.len(),
+                    d.added,
+                    d.updated,
+                    d.removed
+                );
+            }
+            Err(e) => {
+                self.reloads_failed += 1;
+                error!(
+                    "reload ({why}) failed while writing maps: {e:#}; restoring generation {}",
+                    self.generation
+                );
+                self.topology = previous;
+                self.plan = plan::plan(&self.topology, &self.server);
+                if let Err(e) = self.write_plan() {
+                    error!("restoring the previous plan failed too: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Collects expired flows and refreshes occupancy and port-slice usage (warning once when
+    /// a slice passes 80 %).
+    pub fn housekeeping(&mut self) {
+        match flows::collect(&mut self.maps.flows, flows::monotonic_ns()) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.observed.collected += n as u64;
+                info!("collected {n} expired connections");
+            }
+            Err(e) => warn!("collecting expired flows: {e}"),
+        }
+        self.observe();
+    }
+
+    fn observe(&mut self) {
+        let mut entries: BTreeMap<&'static str, i64> =
+            [("outbound", 0), ("reverse", 0), ("forwarded", 0)].into();
+        // Ports in use per pool address (reverse entries are keyed by the translated port).
+        let mut in_use: BTreeMap<[u8; 4], std::collections::BTreeSet<u16>> = BTreeMap::new();
+        for (k, v) in self.maps.flows.iter().filter_map(Result::ok) {
+            let kind = match v.kind {
+                FLOW_OUTBOUND => "outbound",
+                FLOW_REVERSE => "reverse",
+                FLOW_FORWARDED => "forwarded",
+                _ => continue,
+            };
+            *entries.entry(kind).or_default() += 1;
+            if v.kind == FLOW_REVERSE && k.family == 4 {
+                in_use
+                    .entry([k.dst[0], k.dst[1], k.dst[2], k.dst[3]])
+                    .or_default()
+                    .insert(u16::from_be(k.dst_port_be));
+            }
+        }
+        let mut slices = Vec::new();
+        for e in self
+            .plan
+            .entries
+            .iter()
+            .filter(|e| e.family == plan::Family::Ipv4)
+        {
+            for s in &e.snat {
+                let std::net::IpAddr::V4(address) = s.address else {
+                    continue;
+                };
+                let used = in_use.get(&address.octets()).map_or(0, |ports| {
+                    ports.range(s.ports[0]..=s.ports[1]).count() as u32
+                });
+                slices.push(SliceUsage {
+                    address,
+                    first: s.ports[0],
+                    last: s.ports[1],
+                    used,
+                });
+            }
+        }
+        for s in &slices {
+            let key = (s.address, s.first);
+            let share = f64::from(s.used) / f64::from(s.size());
+            if share > SLICE_WARN && self.warned_slices.insert(key) {
+                warn!(
+                    "port slice {} {}-{} is {:.0}% used ({} of {} ports)",
+                    s.address,
+                    s.first,
+                    s.last,
+                    share * 100.0,
+                    s.used,
+                    s.size()
+                );
+            } else if share <= SLICE_WARN {
+                self.warned_slices.remove(&key);
+            }
+        }
+        self.observed.entries = entries;
+        self.observed.slices = slices;
+    }
+
+    /// Reads every datapath counter (packets, bytes), summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Stat, Counter)>> {
+        let map = self.ebpf.map(map_names::STATS).context("STATS map")?;
+        let arr: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
+        Stat::ALL
+            .iter()
+            .map(|&s| {
+                let per_cpu = arr.get(&(s as u32), 0)?;
+                let c = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                });
+                Ok((s, c))
+            })
+            .collect()
+    }
+
+    /// Prometheus text exposition of everything the agent knows.
+    pub fn render_metrics(&self) -> anyhow::Result<String> {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct CounterLabel {
+            counter: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct KindLabel {
+            kind: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct SliceLabel {
+            address: String,
+            ports: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct ResultLabel {
+            result: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct PeerLabel {
+            server: String,
+            fabric: String,
+        }
+        let mut r = Registry::with_prefix("egress");
+        let packets = Family::<CounterLabel, PromCounter>::default();
+        let bytes = Family::<CounterLabel, PromCounter>::default();
+        r.register(
+            "datapath_packets",
+            "Packets per datapath decision or drop (see egress stats)",
+            packets.clone(),
+        );
+        r.register(
+            "datapath_bytes",
+            "Bytes per datapath decision or drop",
+            bytes.clone(),
+        );
+        for (s, c) in self.counters()? {
+            let l = CounterLabel {
+                counter: s.name().to_string(),
+            };
+            packets.get_or_create(&l).inc_by(c.packets);
+            bytes.get_or_create(&l).inc_by(c.bytes);
+        }
+        let entries = Family::<KindLabel, Gauge>::default();
+        r.register(
+            "flow_entries",
+            "Flow table entries by kind (at the last housekeeping)",
+            entries.clone(),
+        );
+        for (k, n) in &self.observed.entries {
+            entries
+                .get_or_create(&KindLabel {
+                    kind: k.to_string(),
+                })
+                .set(*n);
+        }
+        let capacity = Gauge::<i64>::default();
+        capacity.set(i64::from(self.flow_capacity));
+        r.register("flow_capacity", "Flow table size (entries, LRU)", capacity);
+        let collected = PromCounter::<u64>::default();
+        collected.inc_by(self.observed.collected);
+        r.register(
+            "flows_collected",
+            "Expired connections removed by the agent",
+            collected,
+        );
+        let used = Family::<SliceLabel, Gauge>::default();
+        let size = Family::<SliceLabel, Gauge>::default();
+        r.register(
+            "port_slice_used",
+            "Distinct ports of a slice in use by live connections",
+            used.clone(),
+        );
+        r.register("port_slice_size", "Ports in a slice", size.clone());
+        for s in &self.observed.slices {
+            let l = SliceLabel {
+                address: s.address.to_string(),
+                ports: format!("{}-{}", s.first, s.last),
+            };
+            used.get_or_create(&l).set(i64::from(s.used));
+            size.get_or_create(&l).set(i64::from(s.size()));
+        }
+        let generation = Gauge::<i64>::default();
+        generation.set(self.generation as i64);
+        r.register(
+            "plan_generation",
+            "Plans applied since the agent started (1 = the initial one)",
+            generation,
+        );
+        let reloads = Family::<ResultLabel, PromCounter>::default();
+        r.register("reloads", "Config reloads by result", reloads.clone());
+        reloads
+            .get_or_create(&ResultLabel {
+                result: "ok".into(),
+            })
+            .inc_by(self.reloads_ok);
+        reloads
+            .get_or_create(&ResultLabel {
+                result: "failed".into(),
+            })
+            .inc_by(self.reloads_failed);
+        let peers = Family::<PeerLabel, Gauge>::default();
+        r.register(
+            "peer",
+            "Fabric peers GRE is accepted from (1 = known; no health checks yet)",
+            peers.clone(),
+        );
+        for s in self
+            .topology
+            .config
+            .servers
+            .iter()
+            .filter(|s| s.name != self.server)
+        {
+            peers
+                .get_or_create(&PeerLabel {
+                    server: s.name.clone(),
+                    fabric: s.fabric.to_string(),
+                })
+                .set(1);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r)?;
+        Ok(out)
+    }
+
+    /// Exits: with `detach`, removes the pinned links (the programs detach) and maps.
+    pub fn shutdown(self, detach: bool) -> anyhow::Result<()> {
+        let pin_dir = self.pin_dir.clone();
+        drop(self);
+        if detach {
+            let removed = loader::detach(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
+            info!(
+                "detached: removed {} pins in {}",
+                removed.len(),
+                pin_dir.display()
+            );
+        } else {
+            info!(
+                "exiting; programs stay attached and maps pinned in {} (egress detach removes them)",
+                pin_dir.display()
+            );
+        }
+        Ok(())
+    }
+}
