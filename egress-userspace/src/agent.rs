@@ -191,9 +191,16 @@ impl Agent {
                 if let Some(p) = &self.config_path {
                     self.config_text = std::fs::read_to_string(p).unwrap_or_default();
                 }
+                // One line: the same problems `egress validate` lists, separated by ';'.
+                let msg: Vec<String> = format!("{e:#}")
+                    .lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect();
                 error!(
-                    "reload ({why}) rejected, plan generation {} stays in force: {e:#}",
-                    self.generation
+                    "reload ({why}) rejected, plan generation {} stays in force: {}",
+                    self.generation,
+                    msg.join("; ")
                 );
                 return;
             }

@@ -939,3 +939,42 @@ fn gre_is_accepted_from_known_peers_only() {
     );
     assert_eq!(dp.counter(Stat::Ours), 1);
 }
+
+#[test]
+fn established_connections_survive_the_removal_of_their_policy() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let syn = tcp("10.50.0.11", 8000, "203.0.113.1", 80, TCP_SYN);
+    let bound = parse(&dp.run(Hook::Egress, 0, &syn).unwrap().packet);
+    // A reload removes every policy.
+    let mut c = Config::parse(TOPOLOGY, "test").unwrap();
+    c.policies.clear();
+    let t = validate::validate(&c).unwrap();
+    let d = dp
+        .maps
+        .plan
+        .apply(&egress::plan::map_contents(
+            &t,
+            &egress::plan::plan(&t, "a"),
+        ))
+        .unwrap();
+    assert!(d.removed >= 4, "policies removed from the maps: {d:?}");
+    let ack = dp
+        .run(
+            Hook::Egress,
+            0,
+            &tcp("10.50.0.11", 8000, "203.0.113.1", 80, TCP_ACK),
+        )
+        .unwrap();
+    assert_eq!(
+        parse(&ack.packet).src,
+        bound.src,
+        "the established connection keeps its translation"
+    );
+    assert_eq!(parse(&ack.packet).sport, bound.sport);
+    let fresh = tcp("10.50.0.11", 8001, "203.0.113.1", 80, TCP_SYN);
+    let out = dp.run(Hook::Egress, 0, &fresh).unwrap();
+    assert_eq!(
+        out.packet, fresh,
+        "a new connection follows the new plan (no policy: unchanged)"
+    );
+}

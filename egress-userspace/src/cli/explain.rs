@@ -21,9 +21,18 @@ pub struct Args {
     mark: u32,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Answer from the maps a running (or stopped) agent pinned, not from the config.
+    #[arg(long)]
+    live: bool,
+    /// With --live: the pin directory (default: that of --server).
+    #[arg(long, value_name = "DIR", requires = "live")]
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.live {
+        return live(args);
+    }
     let t = args.config.topology()?;
     let server = t.config.select_server(args.server.as_deref())?.name.clone();
     let e = explain::explain(&t, &server, args.dst, args.mark);
@@ -52,6 +61,167 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             println!("why:     {}", e.why);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the pinned maps say about a destination.
+#[derive(Debug, serde::Serialize)]
+struct Live {
+    destination: IpAddr,
+    mark: u32,
+    /// None: no policy in the maps covers it.
+    pool: Option<u32>,
+    pool_name: Option<String>,
+    fell_back_to_mark_0: bool,
+    /// snat, forward, drop, or none (no action for the pool and family).
+    action: &'static str,
+    snat: Vec<String>,
+    next_hops: Vec<String>,
+}
+
+fn live(args: Args) -> anyhow::Result<ExitCode> {
+    use aya::maps::{
+        HashMap, Map, MapData,
+        lpm_trie::{Key, LpmTrie},
+    };
+    use egress_common::{
+        action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
+        map_names,
+        policy::{MARK_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    };
+    let config = args.config.load()?;
+    let dir = super::pin_dir_of(&args.config, args.server.clone(), args.pin_dir.clone())?;
+    let open = |name: &str| MapData::from_pin(dir.join(name));
+    let lookup = |mark: u32| -> anyhow::Result<Option<u32>> {
+        Ok(match args.dst {
+            IpAddr::V4(a) => {
+                let t: LpmTrie<_, PolicyKeyV4, PolicyValue> =
+                    LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V4)?))?;
+                let k = Key::new(
+                    MARK_BITS + 32,
+                    PolicyKeyV4 {
+                        mark_be: mark.to_be(),
+                        addr: a.octets(),
+                    },
+                );
+                t.get(&k, 0).ok().map(|v| v.pool)
+            }
+            IpAddr::V6(a) => {
+                let t: LpmTrie<_, PolicyKeyV6, PolicyValue> =
+                    LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))?;
+                let k = Key::new(
+                    MARK_BITS + 128,
+                    PolicyKeyV6 {
+                        mark_be: mark.to_be(),
+                        addr: a.octets(),
+                    },
+                );
+                t.get(&k, 0).ok().map(|v| v.pool)
+            }
+        })
+    };
+    let direct = lookup(args.mark)?;
+    let pool = match direct {
+        Some(p) => Some(p),
+        None if args.mark != 0 => lookup(0)?,
+        None => None,
+    };
+    let family = if args.dst.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    };
+    let action: Option<Action> = match pool {
+        Some(p) => {
+            let m: HashMap<_, ActionKey, Action> =
+                HashMap::try_from(Map::HashMap(open(map_names::ACTIONS)?))?;
+            m.get(&ActionKey::new(p, family), 0).ok()
+        }
+        None => None,
+    };
+    let server_of = |f: [u8; 4]| {
+        config
+            .servers
+            .iter()
+            .find(|s| s.fabric.octets() == f)
+            .map_or_else(
+                || std::net::Ipv4Addr::from(f).to_string(),
+                |s| format!("{} ({})", s.name, s.fabric),
+            )
+    };
+    let addr = |a: [u8; 16]| {
+        if family == FAMILY_V4 {
+            IpAddr::from([a[0], a[1], a[2], a[3]])
+        } else {
+            IpAddr::from(a)
+        }
+    };
+    let out = Live {
+        destination: args.dst,
+        mark: args.mark,
+        pool,
+        pool_name: pool.and_then(|p| {
+            config
+                .pools
+                .iter()
+                .find(|q| q.id == u64::from(p))
+                .map(|q| q.name.clone())
+        }),
+        fell_back_to_mark_0: direct.is_none() && pool.is_some(),
+        action: match action.map(|a| ActionKind::from_u8(a.kind)) {
+            None => "none",
+            Some(Some(ActionKind::Snat)) => "snat",
+            Some(Some(ActionKind::Forward)) => "forward",
+            Some(Some(ActionKind::Drop)) => "drop",
+            Some(None) => "unknown",
+        },
+        snat: action.map_or_else(Vec::new, |a| {
+            a.snat[..usize::from(a.snat_count).min(a.snat.len())]
+                .iter()
+                .map(|t| format!("{} {}-{}", addr(t.addr), t.port_min, t.port_max))
+                .collect()
+        }),
+        next_hops: action.map_or_else(Vec::new, |a| {
+            a.hops[..usize::from(a.hop_count).min(a.hops.len())]
+                .iter()
+                .map(|h| server_of(*h))
+                .collect()
+        }),
+    };
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+        Format::Table => {
+            println!(
+                "live maps in {}: {} (mark {})",
+                dir.display(),
+                out.destination,
+                out.mark
+            );
+            match out.pool {
+                None => {
+                    println!("no policy covers it: sent unchanged from the server's own address")
+                }
+                Some(p) => {
+                    println!(
+                        "pool {} ({}){}",
+                        p,
+                        out.pool_name.as_deref().unwrap_or("not in this config"),
+                        if out.fell_back_to_mark_0 {
+                            ", by mark 0's rule"
+                        } else {
+                            ""
+                        }
+                    );
+                    println!(
+                        "action: {} {}{}",
+                        out.action,
+                        out.snat.join(", "),
+                        out.next_hops.join(", ")
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

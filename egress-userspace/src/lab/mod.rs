@@ -23,13 +23,14 @@ use log::{debug, warn};
 
 use crate::{config::Config, loader::DEFAULT_PIN_ROOT};
 
-pub use crate::config::Server;
-
 /// Every lab namespace, pin directory and work directory starts with this.
 pub const LAB_PREFIX: &str = "egresslab-";
 
 /// The origin's addresses. Servers route the whole documentation prefixes to it.
 pub const ORIGIN_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// A second origin address under the default policy, for checks that must not share a remote
+/// endpoint with other traffic.
+pub const ORIGIN_V4_CHECK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// An origin address in 203.0.113.128/25 (the default config's `beta` policy).
 pub const ORIGIN_V4_HIGH: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
 /// An origin address no default policy covers (traffic leaves from the server's own address).
@@ -37,8 +38,9 @@ pub const ORIGIN_V4_NO_POLICY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const ORIGIN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 1);
 pub const ORIGIN_V6_NO_POLICY: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xcafe, 0, 0, 0, 0, 1);
 /// Every address the origin answers on.
-pub const ORIGIN_ADDRESSES: [std::net::IpAddr; 5] = [
+pub const ORIGIN_ADDRESSES: [std::net::IpAddr; 6] = [
     std::net::IpAddr::V4(ORIGIN_V4),
+    std::net::IpAddr::V4(ORIGIN_V4_CHECK),
     std::net::IpAddr::V4(ORIGIN_V4_HIGH),
     std::net::IpAddr::V4(ORIGIN_V4_NO_POLICY),
     std::net::IpAddr::V6(ORIGIN_V6),

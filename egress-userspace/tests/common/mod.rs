@@ -247,3 +247,87 @@ pub fn check_curl(lab: &Lab, server: &str, host: std::net::IpAddr, want: WantSrc
         .unwrap_or_else(|e| panic!("{server}: {e:#}"));
     want.check(server, &seen(&body));
 }
+
+/// A download running in the background in a server's namespace (curl, rate-limited so it
+/// spans the test's events). Killed on drop if not finished.
+pub struct Transfer {
+    pub server: String,
+    child: Option<std::process::Child>,
+    file: std::path::PathBuf,
+    size: u64,
+}
+
+impl Transfer {
+    pub fn start(
+        lab: &Lab,
+        server: &str,
+        host: std::net::Ipv4Addr,
+        size: u64,
+        rate: &str,
+        n: usize,
+    ) -> Transfer {
+        let file = lab.work_dir().join(format!("transfer-{server}-{n}.bin"));
+        let child = egress::lab::netns::command_in(&lab.server_ns(server), "curl")
+            .args(["-sS", "--max-time", "120", "--limit-rate", rate, "-o"])
+            .arg(&file)
+            .arg(format!("http://{host}/bytes/{size}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl starts");
+        Transfer {
+            server: server.to_string(),
+            child: Some(child),
+            file,
+            size,
+        }
+    }
+
+    /// Waits for the transfer and checks it completed with every byte intact.
+    pub fn finish(mut self) {
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: transfer failed ({}): {}",
+            self.server,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&self.file).unwrap();
+        assert_eq!(
+            data.len() as u64,
+            self.size,
+            "{}: transfer size",
+            self.server
+        );
+        use sha2::Digest as _;
+        let got = egress::lab::origin::hex(&sha2::Sha256::digest(&data));
+        assert_eq!(
+            got,
+            egress::lab::origin::payload_sha256(self.size),
+            "{}: transfer content",
+            self.server
+        );
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Datapath counter `name` (packets) of a server, from its pinned maps.
+pub fn counter(lab: &Lab, server: &str, name: &str) -> u64 {
+    egress::stats::read(&lab.pin_dir(server))
+        .unwrap()
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+        .packets
+}

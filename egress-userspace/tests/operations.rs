@@ -1,0 +1,366 @@
+//! End to end, operating it: reloads and agent restarts under real traffic, fail-closed
+//! ordering, metrics, rejected configs. All five agents of the default lab run.
+
+mod common;
+
+use common::{Transfer, WantSrc};
+use egress::{
+    config::Config,
+    lab::{self, Lab},
+};
+
+const SERVERS: [&str; 5] = ["fra-a-1", "fra-a-2", "fra-b-1", "ams-a-1", "sin-a-1"];
+const VIA_FRA_A_1: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (1024, 32767),
+};
+/// In config B, fra-a-2 holds 40000-49999 of 192.0.2.10 (carved out of ams-a-1's range).
+const FRA_A_2_IN_B: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (40000, 49999),
+};
+
+/// The default config with a port range moved: ams-a-1 gives 40000-49999 to fra-a-2, so
+/// fra-a-2 translates locally and fra-b-1 and sin-a-1 get a second next hop.
+fn config_b() -> Config {
+    let text = egress::config::DEFAULT_CONFIG.replace(
+        r#"{ server = "ams-a-1", ports = "32768-65535" },"#,
+        r#"{ server = "ams-a-1", ports = "32768-39999" },
+  { server = "fra-a-2", ports = "40000-49999" },
+  { server = "ams-a-1", ports = "50000-65535" },"#,
+    );
+    let c = Config::parse(&text, "config B").unwrap();
+    egress::validate::validate(&c).expect("config B is valid");
+    c
+}
+
+fn full_lab() -> Lab {
+    common::lab_with_agents(&SERVERS)
+}
+
+/// Starts the long-lived load: a 200 MB download on tier 1 (fra-a-1) and 50 slower ones over
+/// tiers 1 (fra-a-1), 2 (fra-a-2) and 4 (sin-a-1).
+fn load(lab: &Lab) -> Vec<Transfer> {
+    let mut t = vec![Transfer::start(
+        lab,
+        "fra-a-1",
+        lab::ORIGIN_V4,
+        200 << 20,
+        "16M",
+        0,
+    )];
+    for i in 0..50 {
+        let from = ["fra-a-1", "fra-a-2", "sin-a-1"][i % 3];
+        t.push(Transfer::start(
+            lab,
+            from,
+            lab::ORIGIN_V4,
+            3 << 20,
+            "256K",
+            i + 1,
+        ));
+    }
+    t
+}
+
+#[test]
+fn twenty_reloads_under_load_break_nothing_and_new_connections_follow_the_plan() {
+    let mut lab = full_lab();
+    let a = Config::embedded();
+    let b = config_b();
+    let transfers = load(&lab);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for i in 0..20 {
+        let (config, want) = if i % 2 == 0 {
+            (&b, FRA_A_2_IN_B)
+        } else {
+            (&a, VIA_FRA_A_1)
+        };
+        let said = lab.reload(config).expect("every agent reloads");
+        for line in &said {
+            assert!(
+                line.contains("plan generation"),
+                "reload {i} applied: {line}"
+            );
+        }
+        // A new connection follows the new plan (a remote no long-lived transfer uses).
+        common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), want);
+    }
+    for t in transfers {
+        t.finish();
+    }
+    assert!(
+        common::counter(&lab, "fra-a-1", "soft_unicast") > 0,
+        "replies for fra-a-2's new range went through fra-a-1"
+    );
+}
+
+#[test]
+fn agents_killed_and_restarted_lose_no_connection() {
+    let mut lab = full_lab();
+    let transfers = load(&lab);
+    let ns = lab.server_ns("fra-a-1");
+    for round in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let before = common::counter(&lab, "fra-a-1", "snat_established");
+        lab.kill_agent("fra-a-1").unwrap();
+        // While no agent runs, the programs stay attached: new connections are still translated.
+        common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+        common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+        lab.start_agent("fra-a-1")
+            .unwrap_or_else(|e| panic!("restart {round}: {e:#}"));
+        let after = common::counter(&lab, "fra-a-1", "snat_established");
+        assert!(
+            after > before,
+            "round {round}: counters continue across the restart ({before} → {after})"
+        );
+        let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+        assert!(
+            log.contains("TcxAdopted"),
+            "round {round}: the restarted agent adopted the pinned links"
+        );
+    }
+    let _ = ns;
+    for t in transfers {
+        t.finish();
+    }
+}
+
+#[test]
+fn traffic_never_leaves_from_the_server_address_once_the_dataplane_is_up() {
+    // Requests loop from fra-a-1 to a policy destination while its agent starts, is killed,
+    // and restarts. Before the first start they leave from 10.50.0.11 (no dataplane yet);
+    // from the first translated request on, never again: the plan is written before the
+    // programs attach, and they stay attached while the agent is away.
+    let mut lab = common::lab(Config::embedded());
+    let ns = lab.server_ns("fra-a-1");
+    let script = format!(
+        "for i in $(seq 1 400); do curl -s -m 2 -o /dev/null http://{}/ ; sleep 0.01; done",
+        lab::ORIGIN_V4_CHECK
+    );
+    let mut looper = egress::lab::netns::command_in(&ns, "bash")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    lab.start_agent("fra-a-1").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    lab.kill_agent("fra-a-1").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    lab.start_agent("fra-a-1").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = looper.kill();
+    let _ = looper.wait();
+    let log = std::fs::read_to_string(lab.origin_log_path()).unwrap();
+    let sources: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("tcp "))
+        .map(|l| l.split_whitespace().nth(1).unwrap())
+        .collect();
+    let first_pool = sources
+        .iter()
+        .position(|s| *s == "192.0.2.10")
+        .expect("some requests were translated");
+    assert!(
+        sources.len() > first_pool + 20,
+        "traffic kept flowing after the dataplane came up: {} requests, first translated: {first_pool}",
+        sources.len()
+    );
+    let leaked: Vec<_> = sources[first_pool..]
+        .iter()
+        .filter(|s| **s != "192.0.2.10")
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "requests from a non-pool address after the dataplane came up: {leaked:?}"
+    );
+}
+
+#[test]
+fn metrics_move_with_traffic() {
+    let lab = common::lab_with_agents(&["fra-a-1"]);
+    let ns = lab.server_ns("fra-a-1");
+    let scrape = || {
+        lab.run(
+            &ns,
+            "curl",
+            &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
+        )
+        .unwrap()
+    };
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no series {series}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = scrape();
+    lab.run(
+        &ns,
+        "ping",
+        &[
+            "-c",
+            "10",
+            "-i",
+            "0.02",
+            "-W",
+            "2",
+            &lab::ORIGIN_V4.to_string(),
+        ],
+    )
+    .unwrap();
+    let after = scrape();
+    let moved = |series: &str| value(&after, series) - value(&before, series);
+    let translated = moved(r#"egress_datapath_packets_total{counter="snat_new"}"#)
+        + moved(r#"egress_datapath_packets_total{counter="snat_established"}"#);
+    assert!(
+        translated >= 10,
+        "10 echo requests translated, metrics say {translated}"
+    );
+    assert!(
+        moved(r#"egress_datapath_packets_total{counter="reverse_nat"}"#) >= 10,
+        "10 replies"
+    );
+    assert!(
+        moved(r#"egress_datapath_bytes_total{counter="egress_seen"}"#) >= 10 * 98,
+        "bytes"
+    );
+    assert_eq!(value(&after, "egress_plan_generation"), 1);
+    assert_eq!(
+        value(
+            &after,
+            r#"egress_port_slice_size{address="192.0.2.10",ports="1024-32767"}"#
+        ),
+        31744
+    );
+    assert_eq!(value(&after, r#"egress_reloads_total{result="failed"}"#), 0);
+    assert!(
+        after.contains("egress_flow_entries{kind=\"outbound\"}"),
+        "flow occupancy exported"
+    );
+    assert!(
+        after.contains("egress_peer{server=\"ams-a-1\",fabric=\"10.50.2.31\"} 1"),
+        "peers exported"
+    );
+}
+
+#[test]
+fn an_invalid_config_on_reload_keeps_the_old_plan() {
+    let mut lab = common::lab_with_agents(&["fra-a-1"]);
+    let bad = egress::config::DEFAULT_CONFIG.replace("32768-65535", "30000-65535");
+    let said = lab.reload_text(&bad).unwrap();
+    assert!(
+        said[0].contains("rejected") && said[0].contains("pools[0].ipv4[0].shares[1].ports"),
+        "the rejection names the field: {}",
+        said[0]
+    );
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let ns = lab.server_ns("fra-a-1");
+    let m = lab
+        .run(&ns, "curl", &["-sS", "http://127.0.0.1:9464/metrics"])
+        .unwrap();
+    assert!(
+        m.contains("egress_reloads_total{result=\"failed\"} 1"),
+        "counted: {m}"
+    );
+    assert!(
+        m.contains("egress_plan_generation 1"),
+        "old plan still in force"
+    );
+}
+
+#[test]
+fn flows_and_live_explain_read_the_maps_and_detach_removes_everything() {
+    let mut lab = common::lab_with_agents(&["fra-a-1", "fra-a-2"]);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let config_path = lab.config_path();
+    let egress = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(common::EGRESS)
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let pins: std::collections::BTreeMap<&str, String> = ["fra-a-1", "fra-a-2"]
+        .into_iter()
+        .map(|s| (s, lab.pin_dir(s).to_str().unwrap().to_string()))
+        .collect();
+    let pin = |s: &str| pins[s].clone();
+    let local = egress(&[
+        "flows",
+        "--pin-dir",
+        &pin("fra-a-2"),
+        "--dst",
+        "203.0.113.1",
+    ]);
+    assert!(
+        local
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["path"] == "forwarded" && r["via"] == "fra-a-1" && r["pool"] == "acme"),
+        "fra-a-2 lists its forwarded connection: {local}"
+    );
+    let peer = egress(&["flows", "--pin-dir", &pin("fra-a-1"), "--pool", "acme"]);
+    assert!(
+        peer.as_array().unwrap().iter().any(|r| r["path"] == "peer"
+            && r["via"] == "fra-a-2"
+            && r["translated"].as_str().unwrap().starts_with("192.0.2.10:")),
+        "fra-a-1 lists the connection it translates for fra-a-2: {peer}"
+    );
+    let live = egress(&[
+        "explain",
+        "--live",
+        "--pin-dir",
+        &pin("fra-a-2"),
+        "--dst",
+        "203.0.113.1",
+        "--mark",
+        "3",
+    ]);
+    assert_eq!(
+        (live["action"].as_str(), live["pool_name"].as_str()),
+        (Some("forward"), Some("acme")),
+        "{live}"
+    );
+    assert_eq!(live["fell_back_to_mark_0"], true);
+    assert!(
+        live["next_hops"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("fra-a-1"),
+        "{live}"
+    );
+
+    // A clean stop leaves the programs attached; detach removes links and maps.
+    let status = lab.stop("agent-fra-a-2").unwrap();
+    assert!(status.success());
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    let out = std::process::Command::new(common::EGRESS)
+        .args(["detach", "--pin-dir", &pin("fra-a-2")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lab.pin_dir("fra-a-2").exists(), "pins removed");
+    let own = WantSrc {
+        addr: "10.50.0.12",
+        ports: (1, 65535),
+    };
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), own);
+}
