@@ -63,6 +63,8 @@ pub const SLICE_WARN: f64 = 0.8;
 #[derive(Debug, Default, Clone)]
 struct Observed {
     entries: BTreeMap<&'static str, i64>,
+    /// Entries of the plan maps (as last written).
+    map_entries: BTreeMap<&'static str, i64>,
     slices: Vec<SliceUsage>,
     collected: u64,
 }
@@ -320,6 +322,15 @@ impl Agent {
         }
         self.observed.entries = entries;
         self.observed.slices = slices;
+        let want = plan::map_contents(&self.topology, &self.plan);
+        self.observed.map_entries = [
+            (map_names::POLICY_V4, want.policies_v4.len() as i64),
+            (map_names::POLICY_V6, want.policies_v6.len() as i64),
+            (map_names::ACTIONS, want.actions.len() as i64),
+            (map_names::PEERS, want.peers.len() as i64),
+            (map_names::OWNERS, want.owners.len() as i64),
+        ]
+        .into();
     }
 
     /// Reads every datapath counter (packets, bytes), summed over CPUs.
@@ -394,6 +405,17 @@ impl Agent {
                 .get_or_create(&KindLabel {
                     kind: k.to_string(),
                 })
+                .set(*n);
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct MapLabel {
+            map: String,
+        }
+        let plan_maps = Family::<MapLabel, Gauge>::default();
+        r.register("map_entries", "Entries of the plan maps", plan_maps.clone());
+        for (m, n) in &self.observed.map_entries {
+            plan_maps
+                .get_or_create(&MapLabel { map: m.to_string() })
                 .set(*n);
         }
         let capacity = Gauge::<i64>::default();

@@ -364,3 +364,54 @@ fn flows_and_live_explain_read_the_maps_and_detach_removes_everything() {
     };
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), own);
 }
+
+#[test]
+fn a_slice_past_eighty_percent_is_reported() {
+    // fra-a-1 holds only 10 ports; 9 connections held open use 90 % of them.
+    let text = egress::config::DEFAULT_CONFIG.replace("1024-32767", "1024-1033");
+    let mut lab = common::lab(Config::parse(&text, "small").unwrap());
+    lab.start_agent("fra-a-1").unwrap();
+    let from = lab.log_len("agent-fra-a-1");
+    let url = format!("http://{}/delay/8000", lab::ORIGIN_V4);
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "20",
+        "--parallel",
+        "--parallel-immediate",
+    ];
+    args.extend(std::iter::repeat_n(url.as_str(), 9));
+    let mut held = egress::lab::netns::command_in(&lab.server_ns("fra-a-1"), "curl")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = lab.wait_for_log(
+        "agent-fra-a-1",
+        from,
+        &["port slice"],
+        std::time::Duration::from_secs(15),
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+    let line = line.expect("the agent warns within one housekeeping interval");
+    assert!(
+        line.contains("WARN") && line.contains("192.0.2.10 1024-1033 is 90% used (9 of 10 ports)"),
+        "{line}"
+    );
+    let m = lab
+        .run(
+            &lab.server_ns("fra-a-1"),
+            "curl",
+            &["-sS", "http://127.0.0.1:9464/metrics"],
+        )
+        .unwrap();
+    assert!(
+        m.contains("egress_port_slice_used{address=\"192.0.2.10\",ports=\"1024-1033\"} 9"),
+        "{m}"
+    );
+    assert!(
+        m.contains("egress_map_entries{map=\"POLICY_V4\"} 2"),
+        "plan map occupancy exported"
+    );
+}
