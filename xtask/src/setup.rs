@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// What the tests and the demo run: bpftool (map dumps), ping, curl, iperf3, nft, ip, nsenter.
+/// What the tests and the demo run: bpftool (map dumps), ping, curl, iperf3, nft, ip,
+/// nsenter/setpriv, sysctl.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
@@ -25,6 +26,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "iproute2",
     "util-linux",
+    "procps",
 ];
 
 /// What later steps need from setup.
