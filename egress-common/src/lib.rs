@@ -32,4 +32,6 @@ pub mod map_names {
 pub mod prog_names {
     pub const TC_EGRESS: &str = "tc_egress";
     pub const TC_INGRESS: &str = "tc_ingress";
+    /// Returns TC_ACT_OK and nothing else: the benchmarks' baseline.
+    pub const TC_EMPTY: &str = "tc_empty";
 }

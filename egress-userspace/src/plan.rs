@@ -123,6 +123,11 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
         .map(|d| (d.name.as_str(), d.location.as_str()))
         .collect();
     let loc_of = |s: &str| dc_of.get(s).and_then(|dc| loc_of_dc.get(dc)).copied();
+    let fabric_of: BTreeMap<&str, (&str, Ipv4Addr)> = c
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), (s.name.as_str(), s.fabric)))
+        .collect();
     let coords: BTreeMap<&str, (f64, f64)> = c
         .locations
         .iter()
@@ -148,18 +153,17 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
                     });
                 m
             });
+        // Only the pool's holders are candidates (a handful), so planning stays linear in
+        // the number of shares, not pools × servers. `holders` is ordered by server name.
         let hops = |pred: &dyn Fn(&str) -> bool| -> Vec<NextHop> {
-            c.servers
-                .iter()
-                .filter(|s| {
-                    s.name != server && holders.contains_key(s.name.as_str()) && pred(&s.name)
+            holders
+                .keys()
+                .filter(|name| **name != server && pred(name))
+                .filter_map(|name| fabric_of.get(name))
+                .map(|(name, fabric)| NextHop {
+                    server: name.to_string(),
+                    fabric: *fabric,
                 })
-                .map(|s| NextHop {
-                    server: s.name.clone(),
-                    fabric: s.fabric,
-                })
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
                 .collect()
         };
         let entry = |tier, snat: Vec<Snat>, next_hops: Vec<NextHop>| Entry {

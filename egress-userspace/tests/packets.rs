@@ -5,7 +5,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use common::packet::{self, L4, TCP_ACK, TCP_SYN, build, parse, verify_checksums};
+use egress::testrun::packet::{self, L4, TCP_ACK, TCP_SYN, build, parse, verify_checksums};
 use egress::{
     config::Config,
     testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
@@ -13,60 +13,7 @@ use egress::{
 };
 use egress_common::{fabric::Local, stats::Stat};
 
-/// Server `a` (10.50.0.11) holds acme (192.0.2.10 40000-40999, and the IPv6 prefix; `b` holds
-/// 41000-42000) and beta (mark 42); gamma (203.0.113.128/25) is held by `b` (10.50.0.12, same
-/// data center) only, so `a` forwards it there.
-const TOPOLOGY: &str = r#"
-server = "a"
-[[locations]]
-name = "l1"
-latitude = 50.0
-longitude = 8.0
-[[datacenters]]
-name = "d1"
-location = "l1"
-[[servers]]
-name = "a"
-id = 11
-datacenter = "d1"
-fabric = "10.50.0.11"
-uplink = "eth0"
-[[servers]]
-name = "b"
-id = 12
-datacenter = "d1"
-fabric = "10.50.0.12"
-uplink = "eth0"
-[[pools]]
-name = "acme"
-id = 7
-ipv6_prefix = "2001:db8:7::/64"
-[[pools.ipv4]]
-address = "192.0.2.10"
-shares = [{ server = "a", ports = "40000-40999" }, { server = "b", ports = "41000-42000" }]
-[[pools]]
-name = "beta"
-id = 8
-[[pools.ipv4]]
-address = "192.0.2.20"
-shares = [{ server = "a", ports = "2000-2999" }]
-[[pools]]
-name = "gamma"
-id = 9
-[[pools.ipv4]]
-address = "192.0.2.30"
-shares = [{ server = "b", ports = "2000-2999" }]
-[[policies]]
-pool = "acme"
-destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
-[[policies]]
-pool = "beta"
-mark = 42
-destinations = ["203.0.113.0/24"]
-[[policies]]
-pool = "gamma"
-destinations = ["203.0.113.128/25"]
-"#;
+use egress::testrun::FIXTURE_TOPOLOGY as TOPOLOGY;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -74,9 +21,9 @@ fn ip(s: &str) -> IpAddr {
 
 /// The programs with server `a`'s plan, run from a test namespace (kept alive by the first
 /// value) whose uplink the programs use for encapsulated and redirected packets.
-fn datapath(toml: &str) -> (common::TestNet, TestDatapath) {
+fn datapath(toml: &str) -> (egress::testrun::TestNet, TestDatapath) {
     common::require_root();
-    let net = common::TestNet::enter();
+    let net = egress::testrun::TestNet::enter();
     let t = validate::validate(&Config::parse(toml, "test").unwrap()).unwrap();
     let local = Local {
         fabric: [10, 50, 0, 11],
@@ -722,7 +669,7 @@ const TC_ACT_REDIRECT: u32 = 7;
 /// Returns the inner packet as a frame of its own.
 fn check_encapsulated(
     name: &str,
-    net: &common::TestNet,
+    net: &egress::testrun::TestNet,
     out: &[u8],
     dmac: [u8; 6],
     dst: [u8; 4],
@@ -758,7 +705,14 @@ fn forwarding_paths() {
     );
     let out = dp.run(Hook::Egress, 0, &syn).unwrap();
     assert_eq!(out.verdict, TC_ACT_OK, "forward: leaves through the uplink");
-    let inner = check_encapsulated("forward SYN", &net, &out.packet, common::PEER_MAC, B, 9);
+    let inner = check_encapsulated(
+        "forward SYN",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        9,
+    );
     assert_eq!(
         parse(&inner),
         parse(&syn),
@@ -777,7 +731,14 @@ fn forwarding_paths() {
     // 2. The next packet of the connection follows the recorded path.
     let ack = tcp("10.50.0.11", 5000, "203.0.113.200", 80, TCP_ACK);
     let out = dp.run(Hook::Egress, 0, &ack).unwrap();
-    let inner = check_encapsulated("forward ACK", &net, &out.packet, common::PEER_MAC, B, 9);
+    let inner = check_encapsulated(
+        "forward ACK",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        9,
+    );
     assert_eq!(
         inner[14..],
         ack[14..],
@@ -823,7 +784,7 @@ fn forwarding_paths() {
     );
     assert_eq!(
         &out.packet[0..6],
-        &common::GATEWAY_MAC,
+        &egress::testrun::GATEWAY_MAC,
         "peer SNAT: towards the origin's gateway"
     );
     assert_eq!(&out.packet[6..12], &net.mac);
@@ -844,7 +805,14 @@ fn forwarding_paths() {
         out.verdict, TC_ACT_REDIRECT,
         "reply re-encapsulated and redirected"
     );
-    let inner = check_encapsulated("reply re-encap", &net, &out.packet, common::PEER_MAC, B, 7);
+    let inner = check_encapsulated(
+        "reply re-encap",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        7,
+    );
     let r = parse(&inner);
     assert_eq!(
         (r.dst, r.dport),
@@ -858,7 +826,14 @@ fn forwarding_paths() {
     let stray = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK);
     let out = dp.run(Hook::Ingress, 0, &stray).unwrap();
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "soft-unicast redirected");
-    let inner = check_encapsulated("soft-unicast", &net, &out.packet, common::PEER_MAC, B, 7);
+    let inner = check_encapsulated(
+        "soft-unicast",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        7,
+    );
     assert_eq!(
         inner[14..],
         stray[14..],

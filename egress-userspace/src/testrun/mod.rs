@@ -1,0 +1,254 @@
+//! Running the real programs on crafted packets with BPF_PROG_TEST_RUN: the packet tests and
+//! the per-packet benchmarks use this. Nothing is attached or pinned.
+
+pub mod packet;
+
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{TestRun as _, TestRunOptions},
+};
+use egress_common::{
+    fabric::Local,
+    map_names, prog_names,
+    stats::{Counter, Stat},
+};
+
+use crate::{
+    loader::{self, LoadError, Maps},
+    plan,
+    validate::Topology,
+};
+
+/// Server `a` (10.50.0.11) holds acme (192.0.2.10 40000-40999, and the IPv6 prefix; `b` holds
+/// 41000-42000) and beta (mark 42); gamma (203.0.113.128/25) is held by `b` (10.50.0.12, same
+/// data center) only, so `a` forwards it there.
+pub const FIXTURE_TOPOLOGY: &str = r#"
+server = "a"
+[[locations]]
+name = "l1"
+latitude = 50.0
+longitude = 8.0
+[[datacenters]]
+name = "d1"
+location = "l1"
+[[servers]]
+name = "a"
+id = 11
+datacenter = "d1"
+fabric = "10.50.0.11"
+uplink = "eth0"
+[[servers]]
+name = "b"
+id = 12
+datacenter = "d1"
+fabric = "10.50.0.12"
+uplink = "eth0"
+[[pools]]
+name = "acme"
+id = 7
+ipv6_prefix = "2001:db8:7::/64"
+[[pools.ipv4]]
+address = "192.0.2.10"
+shares = [{ server = "a", ports = "40000-40999" }, { server = "b", ports = "41000-42000" }]
+[[pools]]
+name = "beta"
+id = 8
+[[pools.ipv4]]
+address = "192.0.2.20"
+shares = [{ server = "a", ports = "2000-2999" }]
+[[pools]]
+name = "gamma"
+id = 9
+[[pools.ipv4]]
+address = "192.0.2.30"
+shares = [{ server = "b", ports = "2000-2999" }]
+[[policies]]
+pool = "acme"
+destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
+[[policies]]
+pool = "beta"
+mark = 42
+destinations = ["203.0.113.0/24"]
+[[policies]]
+pool = "gamma"
+destinations = ["203.0.113.128/25"]
+"#;
+
+/// TC verdicts the programs return.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Egress,
+    Ingress,
+    /// The empty baseline program.
+    Empty,
+}
+
+/// The result of one run.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+    pub duration: std::time::Duration,
+}
+
+/// The programs loaded with their own (unpinned) maps holding one server's plan.
+pub struct TestDatapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+impl TestDatapath {
+    /// Loads the programs and writes `server`'s plan of `topology` into the maps, with `local`
+    /// as this server's fabric settings.
+    pub fn new(topology: &Topology, server: &str, local: &Local) -> anyhow::Result<Self> {
+        let mut ebpf = loader::load_unpinned()?;
+        for (name, _) in loader::PROGRAMS {
+            loader::program(&mut ebpf, name)?;
+        }
+        loader::program(&mut ebpf, prog_names::TC_EMPTY)?;
+        let mut maps = loader::take_maps(&mut ebpf)?;
+        maps.set_local(local)?;
+        let p = plan::plan(topology, server);
+        maps.plan.apply(&plan::map_contents(topology, &p))?;
+        Ok(Self { ebpf, maps })
+    }
+
+    /// Runs `packet` through the program of `hook` once, with skb mark `mark`.
+    pub fn run(&mut self, hook: Hook, mark: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
+        let name = match hook {
+            Hook::Egress => prog_names::TC_EGRESS,
+            Hook::Ingress => prog_names::TC_INGRESS,
+            Hook::Empty => prog_names::TC_EMPTY,
+        };
+        let prog = loader::program(&mut self.ebpf, name)?;
+        // A prefix of struct __sk_buff: len, pkt_type, mark.
+        let mut ctx = [0u8; 12];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 512];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| LoadError::Program { name, source })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Outcome {
+            verdict: r.return_value,
+            packet: out,
+            duration: r.duration,
+        })
+    }
+
+    /// Counter `stat` summed over CPUs (packets).
+    pub fn counter(&self, stat: Stat) -> u64 {
+        let map = self.ebpf.map(map_names::STATS).expect("STATS map");
+        let arr: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map).expect("STATS is a per-CPU array");
+        arr.get(&(stat as u32), 0)
+            .map(|v| v.iter().map(|c| c.packets).sum())
+            .unwrap_or(0)
+    }
+}
+
+/// A network namespace for packet tests: an uplink `up0` (10.50.0.11/16, forwarding on) with
+/// permanent neighbours for the peer 10.50.0.12 and the gateway 10.50.255.254 (the route to
+/// 203.0.113.0/24), so FIB lookups in BPF_PROG_TEST_RUN are deterministic. The calling thread
+/// enters it; dropping it removes it.
+pub struct TestNet {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+pub const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xff, 0xfe];
+
+impl TestNet {
+    /// Creates the namespace and moves the calling thread into it. Panics on failure (a test
+    /// or benchmark fixture).
+    pub fn enter() -> TestNet {
+        use crate::lab::netns::{ip, ip_in};
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{}{:x}t{n}-pkt", crate::lab::LAB_PREFIX, std::process::id());
+        ip(&["netns", "add", &name]).unwrap();
+        // From here on, a panic removes the namespace.
+        let mut net = TestNet {
+            name: name.clone(),
+            ifindex: 0,
+            mac: [0; 6],
+        };
+        for args in [
+            &["link", "add", "up0", "type", "veth", "peer", "name", "up1"][..],
+            &["link", "set", "up0", "up"],
+            &["link", "set", "up1", "up"],
+            &["addr", "add", "10.50.0.11/16", "dev", "up0"],
+            &["route", "add", "203.0.113.0/24", "via", "10.50.255.254"],
+            &[
+                "neigh",
+                "add",
+                "10.50.0.12",
+                "lladdr",
+                "02:00:00:00:00:12",
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+            &[
+                "neigh",
+                "add",
+                "10.50.255.254",
+                "lladdr",
+                "02:00:00:00:ff:fe",
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+        ] {
+            ip_in(&name, args).unwrap();
+        }
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.forwarding=1",
+                "net.ipv4.conf.up0.forwarding=1",
+            ])
+            .status()
+            .unwrap();
+        assert!(out.success(), "sysctl forwarding");
+        let link: serde_json::Value =
+            serde_json::from_str(&ip_in(&name, &["-j", "link", "show", "up0"]).unwrap()).unwrap();
+        let mac: Vec<u8> = link[0]["address"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        net.ifindex = link[0]["ifindex"].as_u64().unwrap() as u32;
+        net.mac = mac.try_into().unwrap();
+        // Enter it with this thread only (setns affects the calling thread).
+        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        // SAFETY: a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        net
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = crate::lab::netns::ip(&["netns", "del", &self.name]);
+    }
+}
