@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use egress_common::{action::FAMILY_V4, stats::Stat};
 
-use crate::parse::{ETH_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip};
+use crate::parse::{ETH_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip, read, write};
 
 /// Which end of the packet to rewrite: the source on egress, the destination on ingress.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,8 +41,27 @@ fn port_off(ip: &Ip, side: Side) -> usize {
     }
 }
 
+/// RFC 1624 incremental update of a ones-complement checksum (as stored) when a 32-bit field
+/// changes from `from` to `to` (both as stored).
+#[inline(always)]
+fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let mut sum = u32::from(!check)
+        + u32::from(!(from as u16))
+        + u32::from(!((from >> 16) as u16))
+        + (to & 0xffff)
+        + (to >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// Rewrites the address and port of `side` from (`old_addr`, `old_port_be`) to (`addr`,
 /// `port_be`) and fixes the IPv4 header and transport checksums.
+///
+/// The new address, port and the IPv4 header checksum are written directly (plain arithmetic:
+/// the IP header has no offload state). The transport checksum goes through the kernel helper,
+/// which knows CHECKSUM_PARTIAL: there the field holds only the pseudo-header sum, so the
+/// address change (BPF_F_PSEUDO_HDR) applies and the port change must not.
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -54,53 +73,43 @@ pub fn rewrite(
 ) -> Result<(), Stat> {
     let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
     let (csum_off, l4_flags) = l4_csum(ip);
-    // ICMPv4 has no pseudo-header; TCP, UDP and ICMPv6 do.
-    let pseudo = ip.proto != IPPROTO_ICMP;
+    let fail = |()| Stat::RewriteFailed;
+    // Direct writes first: the helpers below may move packet data.
+    if port_be != old_port_be {
+        write(ctx, port_off(ip, side), &port_be).map_err(fail)?;
+    }
     if ip.family == FAMILY_V4 {
-        rewrite_addr_v4(ctx, side, old_addr, addr, pseudo, csum_off, l4_flags)?;
+        let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        if old4 != new4 {
+            let check: u16 = read(ctx, ETH_LEN + 10).map_err(fail)?;
+            write(
+                ctx,
+                ETH_LEN + if side == Side::Src { 12 } else { 16 },
+                &new4,
+            )
+            .map_err(fail)?;
+            write(ctx, ETH_LEN + 10, &csum_replace4(check, old4, new4)).map_err(fail)?;
+            // ICMPv4 has no pseudo-header; TCP and UDP do.
+            if ip.proto != IPPROTO_ICMP {
+                ctx.l4_csum_replace(
+                    csum_off,
+                    u64::from(old4),
+                    u64::from(new4),
+                    l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+                )
+                .map_err(|_| Stat::RewriteFailed)?;
+            }
+        }
     } else {
         rewrite_addr_v6(ctx, side, old_addr, addr, csum_off, l4_flags)?;
     }
     if port_be != old_port_be {
-        let off = port_off(ip, side);
-        ctx.store(off, &port_be, 0)
-            .map_err(|_| Stat::RewriteFailed)?;
         ctx.l4_csum_replace(
             csum_off,
             u64::from(old_port_be),
             u64::from(port_be),
             l4_flags | 2,
-        )
-        .map_err(|_| Stat::RewriteFailed)?;
-    }
-    Ok(())
-}
-
-#[inline(always)]
-fn rewrite_addr_v4(
-    ctx: &TcContext,
-    side: Side,
-    old: &[u8; 16],
-    new: &[u8; 16],
-    pseudo: bool,
-    csum_off: usize,
-    l4_flags: u64,
-) -> Result<(), Stat> {
-    let off = ETH_LEN + if side == Side::Src { 12 } else { 16 };
-    let old4 = u32::from_ne_bytes([old[0], old[1], old[2], old[3]]);
-    let new4 = u32::from_ne_bytes([new[0], new[1], new[2], new[3]]);
-    if old4 == new4 {
-        return Ok(());
-    }
-    ctx.store(off, &new4, 0).map_err(|_| Stat::RewriteFailed)?;
-    ctx.l3_csum_replace(ETH_LEN + 10, u64::from(old4), u64::from(new4), 4)
-        .map_err(|_| Stat::RewriteFailed)?;
-    if pseudo {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old4),
-            u64::from(new4),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
         )
         .map_err(|_| Stat::RewriteFailed)?;
     }

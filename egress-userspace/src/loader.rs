@@ -29,6 +29,11 @@ use crate::apply::PlanTables;
 /// The compiled programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
+/// The compiled BPF object (for tools that load it their own way, such as the benchmarks).
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// Where maps are pinned when `--pin-dir` is not given.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/egress";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

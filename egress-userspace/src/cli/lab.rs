@@ -19,6 +19,19 @@ pub enum Command {
     Down,
     /// List lab namespaces, the processes in them, and leftover directories.
     Status,
+    /// Send small UDP datagrams for a while and print how many (the lab's packet generator).
+    #[command(hide = true)]
+    UdpFlood {
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        flows: u16,
+        #[arg(long, default_value_t = 64)]
+        frame: usize,
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
     /// Send one UDP datagram and print the answer (the lab's UDP client).
     #[command(hide = true)]
     UdpProbe { to: std::net::SocketAddr },
@@ -86,6 +99,18 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             for dir in &found.dirs {
                 println!("directory {}", dir.display());
             }
+        }
+        Command::UdpFlood {
+            to,
+            flows,
+            frame,
+            seconds,
+            cpu,
+        } => {
+            println!(
+                "{}",
+                lab::origin::udp_flood(to, flows, frame, seconds, cpu)?
+            )
         }
         Command::UdpProbe { to } => println!("{}", lab::origin::udp_probe(to)?),
         Command::Origin {

@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 mod agent;
+mod bench;
 mod demo;
 mod detach;
 mod explain;
@@ -34,6 +35,7 @@ enum Command {
     Explain(explain::Args),
     Flows(flows::Args),
     Detach(detach::Args),
+    Bench(bench::Args),
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -49,6 +51,7 @@ impl Cli {
             Command::Explain(a) => explain::run(a),
             Command::Flows(a) => flows::run(a),
             Command::Detach(a) => detach::run(a),
+            Command::Bench(a) => bench::run(a),
             Command::Lab(c) => lab::run(c),
         }
     }

@@ -382,6 +382,37 @@ impl Lab {
         self.spawn_until_ready(&format!("agent-{server}"), cmd)
     }
 
+    /// Starts a background process in `ns` (stderr to `<label>.log`) without waiting for it.
+    pub fn spawn(
+        &mut self,
+        label: &str,
+        ns: &str,
+        program: &str,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.log_path(label))?;
+        let child = netns::command_in(ns, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {program} in {ns}"))?;
+        self.procs.push(Proc {
+            label: label.to_string(),
+            child,
+        });
+        Ok(())
+    }
+
+    /// Stops the agent of `server` and removes its pinned links and maps, so its programs
+    /// detach: the server is back to plain routing.
+    pub fn remove_agent(&mut self, server: &str) -> anyhow::Result<()> {
+        self.stop(&format!("agent-{server}"))?;
+        crate::loader::detach(&self.pin_dir(server))?;
+        Ok(())
+    }
+
     /// Kills the agent of `server` with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill_agent(&mut self, server: &str) -> anyhow::Result<()> {
         let label = format!("agent-{server}");

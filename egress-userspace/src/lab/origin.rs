@@ -161,3 +161,53 @@ pub fn udp_probe(to: SocketAddr) -> anyhow::Result<String> {
     anyhow::ensure!(from == to, "answer came from {from}, not {to}");
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// Sends UDP datagrams making `frame`-byte Ethernet frames to `to` for `seconds`, cycling the
+/// destination port over `flows` ports (so many flows), from the calling thread pinned to
+/// `cpu`. Returns the datagrams sent. The lab's small-packet generator.
+pub fn udp_flood(
+    to: SocketAddr,
+    flows: u16,
+    frame: usize,
+    seconds: f64,
+    cpu: Option<usize>,
+) -> anyhow::Result<u64> {
+    if let Some(cpu) = cpu {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    let headers = 14 + if to.is_ipv4() { 20 } else { 40 } + 8;
+    let payload = vec![0u8; frame.saturating_sub(headers).max(1)];
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind)?;
+    let flows = flows.max(1);
+    if flows == 1 {
+        sock.connect(to)?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut sent = 0u64;
+    let mut dst = to;
+    'outer: loop {
+        for _ in 0..256 {
+            let ok = if flows == 1 {
+                sock.send(&payload).is_ok()
+            } else {
+                dst.set_port(to.port().wrapping_add((sent % u64::from(flows)) as u16));
+                sock.send_to(&payload, dst).is_ok()
+            };
+            sent += u64::from(ok);
+        }
+        if std::time::Instant::now() >= deadline {
+            break 'outer;
+        }
+    }
+    Ok(sent)
+}
