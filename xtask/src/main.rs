@@ -46,7 +46,8 @@ enum Cmd {
     Lint,
     /// Build the built-in lab, run real connections through it, print what the origin saw.
     Demo,
-    /// Benchmarks against bare routing and nftables.
+    /// Benchmarks against bare routing and nftables; a full run updates the README's
+    /// Performance section. Report in target/bench/.
     Bench {
         /// A few seconds' smoke run.
         #[arg(long)]
@@ -105,7 +106,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let env = setup::run(&root)?;
             let mut cmd = cargo(&root, &env);
             cmd.arg("test").args(&args);
-            status(cmd)
+            let code = status(cmd)?;
+            if code != ExitCode::SUCCESS || !args.is_empty() {
+                return Ok(code);
+            }
+            // The benchmarks' smoke run, so they never rot (a few seconds, debug build).
+            println!("[test] cargo xtask bench --quick");
+            let out = root.join("target/bench-quick");
+            egress(
+                &root.join("target/debug/egress"),
+                ["bench", "--quick", "--out"],
+                &[out.display().to_string()],
+            )
         }
         Cmd::Lint => {
             let env = setup::run(&root)?;
@@ -117,11 +129,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             egress(&bin, ["demo"], &[])
         }
         Cmd::Bench { quick } => {
-            let _ = quick;
-            println!("bench: not yet — the benchmarks arrive with the benchmark issue");
-            Ok(ExitCode::SUCCESS)
+            let env = setup::run(&root)?;
+            println!("[build] release build for the benchmarks");
+            let mut cmd = cargo(&root, &env);
+            cmd.args([
+                "build",
+                "--release",
+                "--package",
+                "egress-userspace",
+                "--bins",
+            ]);
+            if !cmd
+                .status()
+                .context("running cargo build --release")?
+                .success()
+            {
+                bail!("release build failed");
+            }
+            let out = root.join(if quick {
+                "target/bench-quick"
+            } else {
+                "target/bench"
+            });
+            let mut args = vec!["--out".to_string(), out.display().to_string()];
+            if quick {
+                args.push("--quick".into());
+            }
+            let code = egress(&root.join("target/release/egress"), ["bench"], &args)?;
+            if code == ExitCode::SUCCESS && !quick {
+                update_readme(&root, &out.join("performance.md"))?;
+            }
+            Ok(code)
         }
     }
+}
+
+/// Replaces the README's generated "Performance" section with the report of a full run.
+fn update_readme(root: &Path, section: &Path) -> anyhow::Result<()> {
+    const START: &str = "<!-- performance:start -->";
+    const END: &str = "<!-- performance:end -->";
+    let readme = root.join("README.md");
+    let text = std::fs::read_to_string(&readme)?;
+    let new = std::fs::read_to_string(section)?;
+    let (Some(a), Some(b)) = (text.find(START), text.find(END)) else {
+        bail!("README.md has no {START} … {END} markers");
+    };
+    let updated = format!("{}{START}\n{new}{}", &text[..a], &text[b..]);
+    std::fs::write(&readme, updated)?;
+    println!(
+        "[bench] README.md Performance section updated from {}",
+        section.display()
+    );
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the tests and the demo run: bpftool (map dumps), ping, curl, iperf3, nft, ip,
-/// nsenter/setpriv, sysctl.
+/// nsenter/setpriv, sysctl, and the font of the benchmark chart.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
     "procps",
+    "fonts-dejavu-core",
 ];
 
 /// What later steps need from setup.

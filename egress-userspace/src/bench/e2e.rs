@@ -128,7 +128,9 @@ pub struct Row {
 const NFT_RULES: &str = "table ip egressbench {
   chain post {
     type nat hook postrouting priority srcnat; policy accept;
-    ip daddr 203.0.113.0/24 snat to 192.0.2.10:1024-32767
+    ip daddr 203.0.113.0/24 ip protocol tcp snat to 192.0.2.10:1024-32767
+    ip daddr 203.0.113.0/24 ip protocol udp snat to 192.0.2.10:1024-32767
+    ip daddr 203.0.113.0/24 snat to 192.0.2.10
   }
 }
 ";
@@ -211,7 +213,7 @@ fn run_load(
     }
     let before = rx_packets(lab)?;
     let bin = egress_bin.to_str().context("utf-8 path")?;
-    let to = format!("{}:{}", lab::ORIGIN_V4, 20000);
+    let to = format!("{}:{}", lab::ORIGIN_V4, 1024);
     let children: Vec<std::process::Child> = (0..load.cores)
         .map(|cpu| {
             lab::netns::command_in(&ns, bin)

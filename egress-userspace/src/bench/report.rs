@@ -258,7 +258,8 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|x| x.ratio_to_bare)
         .filter(|v| v.is_finite())
-        .fold(1.2, f64::max);
+        .fold(1.2, f64::max)
+        + 0.25;
     let mut c = ChartBuilder::on(&root)
         .caption(
             "throughput ratio to bare routing (same run)",

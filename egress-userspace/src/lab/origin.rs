@@ -195,12 +195,16 @@ pub fn udp_flood(
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds);
     let mut sent = 0u64;
     let mut dst = to;
+    let mut i: u32 = 0;
     'outer: loop {
         for _ in 0..256 {
             let ok = if flows == 1 {
                 sock.send(&payload).is_ok()
             } else {
-                dst.set_port(to.port().wrapping_add((sent % u64::from(flows)) as u16));
+                // Ports base, base+1, … base+flows-1: stays inside 1..=65535.
+                let base = to.port().min(u16::MAX - flows + 1);
+                dst.set_port(base + (i % u32::from(flows)) as u16);
+                i = i.wrapping_add(1);
                 sock.send_to(&payload, dst).is_ok()
             };
             sent += u64::from(ok);
