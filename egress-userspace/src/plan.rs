@@ -8,7 +8,7 @@
 //! (`nearest-location`) → `unreachable` (drop). IPv6 is always `same-server`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -112,23 +112,29 @@ pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
 /// Plans `server`'s entries. `server` must be a server of the topology.
 pub fn plan(t: &Topology, server: &str) -> Plan {
     let c = &t.config;
-    let dc_of: BTreeMap<&str, &str> = c
-        .servers
-        .iter()
-        .map(|s| (s.name.as_str(), s.datacenter.as_str()))
-        .collect();
-    let loc_of_dc: BTreeMap<&str, &str> = c
+    // Hash maps: these are consulted per share of every pool (millions of times at fleet scale).
+    let loc_of_dc: HashMap<&str, &str> = c
         .datacenters
         .iter()
         .map(|d| (d.name.as_str(), d.location.as_str()))
         .collect();
-    let loc_of = |s: &str| dc_of.get(s).and_then(|dc| loc_of_dc.get(dc)).copied();
-    let fabric_of: BTreeMap<&str, (&str, Ipv4Addr)> = c
+    let dc_of: HashMap<&str, &str> = c
+        .servers
+        .iter()
+        .map(|s| (s.name.as_str(), s.datacenter.as_str()))
+        .collect();
+    let loc_of_server: HashMap<&str, &str> = c
+        .servers
+        .iter()
+        .filter_map(|s| Some((s.name.as_str(), *loc_of_dc.get(s.datacenter.as_str())?)))
+        .collect();
+    let loc_of = |s: &str| loc_of_server.get(s).copied();
+    let fabric_of: HashMap<&str, (&str, Ipv4Addr)> = c
         .servers
         .iter()
         .map(|s| (s.name.as_str(), (s.name.as_str(), s.fabric)))
         .collect();
-    let coords: BTreeMap<&str, (f64, f64)> = c
+    let coords: HashMap<&str, (f64, f64)> = c
         .locations
         .iter()
         .map(|l| (l.name.as_str(), (l.latitude, l.longitude)))

@@ -162,9 +162,9 @@ impl Errors {
 }
 
 /// Checks that `name` was not seen before among `kind`; records it.
-fn unique<T: Ord + Clone + fmt::Debug>(
+fn unique<T: std::hash::Hash + Eq + Clone + fmt::Debug>(
     errs: &mut Errors,
-    seen: &mut BTreeMap<T, String>,
+    seen: &mut HashMap<T, String>,
     value: &T,
     path: String,
     what: &str,
@@ -183,7 +183,7 @@ fn unique<T: Ord + Clone + fmt::Debug>(
 pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     let mut errs = Errors::default();
 
-    let mut locations = BTreeMap::new();
+    let mut locations = HashMap::new();
     for (i, l) in c.locations.iter().enumerate() {
         let p = format!("locations[{i}]");
         unique(
@@ -208,7 +208,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     }
 
     let mut dc_location = HashMap::new();
-    let mut dcs = BTreeMap::new();
+    let mut dcs = HashMap::new();
     for (i, d) in c.datacenters.iter().enumerate() {
         let p = format!("datacenters[{i}]");
         unique(
@@ -228,7 +228,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     }
 
     let mut server_location = HashMap::new();
-    let (mut names, mut ids, mut fabrics) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let (mut names, mut ids, mut fabrics) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, s) in c.servers.iter().enumerate() {
         let p = format!("servers[{i}]");
         unique(
@@ -273,7 +273,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
 
     let mut pools = BTreeMap::new();
     let (mut pool_names, mut pool_ids, mut addresses) =
-        (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, pool) in c.pools.iter().enumerate() {
         let p = format!("pools[{i}]");
         unique(
@@ -408,7 +408,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     }
 
     let mut rules = Vec::new();
-    let mut seen_rules = BTreeMap::new();
+    let mut seen_rules = HashMap::new();
     for (i, pol) in c.policies.iter().enumerate() {
         let p = format!("policies[{i}]");
         let pool = pools.get(&pol.pool);
