@@ -113,6 +113,9 @@ stats! {
     MssClamped = 32 => "mss_clamped",
     /// Egress: IPv6 cannot be forwarded (only IPv4 pools are shared); dropped.
     ForwardV6 = 33 => "drop_forward_ipv6",
+    /// Either direction: a packet that would exceed the uplink MTU once encapsulated (not GSO,
+    /// so it cannot be segmented); dropped here rather than silently by the device.
+    EncapTooBig = 34 => "drop_encap_too_big",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -51,9 +51,23 @@ fn ipv4_checksum(words: &[u16; 10]) -> u16 {
 
 /// Wraps the (IPv4) packet in outer IPv4 `src` → `dst` and GRE with `key`. The segment size of
 /// GSO packets is kept (FIXED_GSO): the MSS clamp leaves room for the 28 bytes.
+///
+/// A non-GSO packet that would not fit `mtu` once encapsulated is refused (counted) instead of
+/// being dropped silently by the device; the MSS clamps keep TCP below it.
 #[inline(always)]
-pub fn encapsulate(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], key: u32) -> Result<(), Stat> {
+pub fn encapsulate(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    key: u32,
+    mtu: u32,
+) -> Result<(), Stat> {
     let inner_len = ctx.len() - ETH_LEN as u32;
+    // SAFETY: reading the skb's gso_size field.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if !gso && inner_len + ENCAP_LEN > mtu {
+        return Err(Stat::EncapTooBig);
+    }
     let flags = u64::from(
         BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
     );

@@ -28,6 +28,14 @@ pub fn is_peer(addr: &[u8; 4]) -> bool {
     unsafe { PEERS.get(addr) }.is_some()
 }
 
+/// Whether pool address `addr` is split between several servers (its replies may arrive at
+/// another server and be soft-unicast here in a tunnel).
+#[inline(always)]
+pub fn is_shared(addr: &[u8; 4]) -> bool {
+    // SAFETY: read-only use of the value within this run.
+    unsafe { OWNERS.get(addr) }.is_some_and(|o| o.count > 1)
+}
+
 /// The pool and the owner's fabric address for `port` (host order) of pool address `addr`.
 #[inline(always)]
 pub fn owner_of(addr: &[u8; 4], port: u16) -> Option<(u32, [u8; 4])> {

@@ -73,6 +73,12 @@ fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Step<Ports> {
     })
 }
 
+/// The uplink MTU, from the tunnel MSS the agent derived from it.
+#[inline(always)]
+fn mtu(local: &Local) -> u32 {
+    u32::from(local.mss_v4) + 40 + egress_common::fabric::ENCAP_LEN
+}
+
 #[inline(always)]
 fn v4(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
@@ -112,6 +118,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         let v = unsafe { *v };
         return match v.kind {
             FLOW_OUTBOUND => {
+                clamp_if_shared(ctx, &ip, p, &v);
                 nat::rewrite(ctx, &ip, nat::Side::Src, &v.addr, v.port_be, p.src_be)
                     .map_err(drop_with)?;
                 Ok(Verdict::Pass(Stat::SnatEstablished))
@@ -130,6 +137,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     match ActionKind::from_u8(action.kind) {
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
+            clamp_if_shared(ctx, &ip, &ports, &bound);
             nat::rewrite(
                 ctx,
                 &ip,
@@ -170,9 +178,24 @@ fn forward(
 ) -> Step<Verdict> {
     let local = fabric::local().ok_or(Verdict::Drop(Stat::NoAction))?;
     clamp(ctx, ip, ports, local);
-    encap::encapsulate(ctx, local.fabric, peer, pool).map_err(drop_with)?;
+    encap::encapsulate(ctx, local.fabric, peer, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, peer, local.ifindex, From::Egress).map_err(drop_with)?;
     Ok(Verdict::Sent(stat, code))
+}
+
+/// A connection translated here to a shared IPv4 pool address may get its replies through a
+/// tunnel (soft-unicast from the server the address is routed to): its SYN's MSS must leave
+/// room for the encapsulation too.
+#[inline(always)]
+fn clamp_if_shared(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue) {
+    if ip.family == FAMILY_V4
+        && ip.proto == parse::IPPROTO_TCP
+        && ports.syn()
+        && fabric::is_shared(&v4(&bound.addr))
+        && let Some(local) = fabric::local()
+    {
+        clamp(ctx, ip, ports, local);
+    }
 }
 
 /// Clamps the MSS of a forwarded connection's SYN or SYN-ACK to fit the tunnel.
@@ -235,7 +258,7 @@ fn reply(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<Verdict
         return Ok(Verdict::Pass(Stat::ReverseNat));
     }
     let local = fabric::local().ok_or(Verdict::Drop(Stat::NoAction))?;
-    encap::encapsulate(ctx, local.fabric, v.tunnel, v.pool).map_err(drop_with)?;
+    encap::encapsulate(ctx, local.fabric, v.tunnel, v.pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, v.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::ReplyReencap, code))
 }
@@ -256,7 +279,7 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, ports: &Ports) -> Step<Verdict> {
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
-    encap::encapsulate(ctx, local.fabric, owner, pool).map_err(drop_with)?;
+    encap::encapsulate(ctx, local.fabric, owner, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
 }

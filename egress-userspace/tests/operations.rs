@@ -134,21 +134,43 @@ fn traffic_never_leaves_from_the_server_address_once_the_dataplane_is_up() {
     // programs attach, and they stay attached while the agent is away.
     let mut lab = common::lab(Config::embedded());
     let ns = lab.server_ns("fra-a-1");
+    // Bounded: 3000 requests at most, and stopped as soon as enough were seen.
     let script = format!(
-        "for i in $(seq 1 400); do curl -s -m 2 -o /dev/null http://{}/ ; sleep 0.01; done",
+        "for i in $(seq 1 3000); do curl -s -m 2 -o /dev/null http://{}/ ; sleep 0.01; done",
         lab::ORIGIN_V4_CHECK
     );
     let mut looper = egress::lab::netns::command_in(&ns, "bash")
         .args(["-c", &script])
         .spawn()
         .unwrap();
+    // Waits until the origin has seen at least `n` translated requests (20 s at most).
+    let origin_log = lab.origin_log_path();
+    let translated_at_least = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(&origin_log).unwrap_or_default();
+            let seen = log
+                .lines()
+                .filter(|l| l.starts_with("tcp 192.0.2.10 "))
+                .count();
+            if seen >= n {
+                return seen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {seen} of {n} translated requests arrived"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
     std::thread::sleep(std::time::Duration::from_millis(300));
     lab.start_agent("fra-a-1").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let seen = translated_at_least(5);
     lab.kill_agent("fra-a-1").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Requests keep going while no agent runs.
+    let seen = translated_at_least(seen + 5);
     lab.start_agent("fra-a-1").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    translated_at_least(seen + 20);
     let _ = looper.kill();
     let _ = looper.wait();
     let log = std::fs::read_to_string(lab.origin_log_path()).unwrap();

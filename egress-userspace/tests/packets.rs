@@ -953,3 +953,58 @@ fn established_connections_survive_the_removal_of_their_policy() {
         "a new connection follows the new plan (no policy: unchanged)"
     );
 }
+
+#[test]
+fn tunnels_never_carry_packets_larger_than_the_uplink() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    // 192.0.2.10 is shared with b: replies may come back through a tunnel, so the SYN of a
+    // connection translated here is clamped too.
+    let shared = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9000, 80, TCP_SYN, 1460);
+    let out = dp.run(Hook::Egress, 0, &shared).unwrap();
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1432,
+        "shared address: MSS leaves room for the tunnel"
+    );
+    verify_checksums(&out.packet).unwrap();
+    // 192.0.2.20 (beta, mark 42) is a only: its replies never travel in a tunnel.
+    let own = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9001, 80, TCP_SYN, 1460);
+    let out = dp.run(Hook::Egress, 42, &own).unwrap();
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1460,
+        "unshared address: MSS untouched"
+    );
+
+    // A full-size packet (not GSO) cannot be encapsulated into a 1500-byte uplink: refused and
+    // counted, not lost silently in the device.
+    let big = build(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        L4::Udp {
+            sport: 9002,
+            dport: 53,
+        },
+        &[0u8; 1472],
+    );
+    assert_eq!(big.len(), 14 + 1500);
+    let before = dp.counter(Stat::EncapTooBig);
+    let out = dp.run(Hook::Egress, 0, &big).unwrap();
+    assert_eq!(
+        out.verdict,
+        egress::testrun::TC_ACT_SHOT,
+        "too big for the tunnel"
+    );
+    assert_eq!(dp.counter(Stat::EncapTooBig), before + 1);
+    // One that fits after the 28 bytes goes through.
+    let fits = build(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        L4::Udp {
+            sport: 9003,
+            dport: 53,
+        },
+        &[0u8; 1444],
+    );
+    assert_eq!(dp.run(Hook::Egress, 0, &fits).unwrap().verdict, TC_ACT_OK);
+}
