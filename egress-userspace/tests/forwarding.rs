@@ -70,6 +70,13 @@ fn replies_arriving_at_the_wrong_server_complete_the_connection() {
         soft(&after) - soft(&before) > 1000,
         "fra-a-1 passed the replies on (soft-unicast)"
     );
+    for s in ["fra-a-1", "ams-a-1"] {
+        assert_eq!(
+            common::counter(&lab, s, "drop_encap_too_big"),
+            0,
+            "{s}: nothing too big for the tunnel"
+        );
+    }
 }
 
 #[test]
