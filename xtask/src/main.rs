@@ -110,14 +110,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if code != ExitCode::SUCCESS || !args.is_empty() {
                 return Ok(code);
             }
-            // The benchmarks' smoke run, so they never rot (a few seconds, debug build).
-            println!("[test] cargo xtask bench --quick");
+            // The benchmarks' smoke run, so they never rot (a few seconds, debug build). Its
+            // report goes to a file: the test results stay the last thing printed.
             let out = root.join("target/bench-quick");
-            egress(
-                &root.join("target/debug/egress"),
-                ["bench", "--quick", "--out"],
-                &[out.display().to_string()],
-            )
+            std::fs::create_dir_all(&out)?;
+            let mut cmd = Command::new(root.join("target/debug/egress"));
+            cmd.args(["bench", "--quick", "--out"])
+                .arg(&out)
+                .stdout(std::fs::File::create(out.join("stdout.md"))?);
+            let code = status(cmd)?;
+            println!(
+                "[test] bench smoke run (cargo xtask bench --quick): {}; report in {}",
+                if code == ExitCode::SUCCESS {
+                    "ok"
+                } else {
+                    "FAILED"
+                },
+                out.join("report.md").display()
+            );
+            Ok(code)
         }
         Cmd::Lint => {
             let env = setup::run(&root)?;
