@@ -1,7 +1,10 @@
 //! The flow table (connection tracking): lookups, refresh, and the atomic port claim.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, btf_maps::LruHashMap, helpers::bpf_ktime_get_ns, macros::btf_map,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
+    btf_maps::LruHashMap,
+    helpers::bpf_ktime_get_ns,
+    macros::btf_map,
 };
 use egress_common::{
     action::{Action, MAX_SNAT},
@@ -18,7 +21,14 @@ use crate::{
 };
 
 #[btf_map]
-static FLOWS: LruHashMap<FlowKey, FlowValue, { FLOWS_CAPACITY as usize }> = LruHashMap::new();
+// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): new flows on different CPUs do not contend on one
+// LRU lock. Each CPU evicts from its own share of the capacity.
+static FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { FLOWS_CAPACITY as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// Ports tried per new connection, spread round-robin over the action's SNAT targets.
 const PROBES: u32 = 32;
