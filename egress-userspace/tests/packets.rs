@@ -11,7 +11,7 @@ use egress::{
     testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
     validate,
 };
-use egress_common::{fabric::Local, stats::Stat};
+use egress_common::stats::Stat;
 
 use egress::testrun::FIXTURE_TOPOLOGY as TOPOLOGY;
 
@@ -24,14 +24,7 @@ fn ip(s: &str) -> IpAddr {
 fn datapath(toml: &str) -> (egress::testrun::TestNet, TestDatapath) {
     common::require_root();
     let net = egress::testrun::TestNet::enter();
-    let t = validate::validate(&Config::parse(toml, "test").unwrap()).unwrap();
-    let local = Local {
-        fabric: [10, 50, 0, 11],
-        ifindex: net.ifindex,
-        mss_v4: 1432,
-        _pad: [0; 6],
-    };
-    let dp = TestDatapath::new(&t, "a", &local).expect("programs load and the plan is written");
+    let dp = TestDatapath::fixture(&net, toml).expect("programs load and the plan is written");
     (net, dp)
 }
 

@@ -9,15 +9,10 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{
-    config::Config,
-    testrun::{
-        FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
-        packet::{self, L4, TCP_ACK},
-    },
-    validate,
+use crate::testrun::{
+    FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
+    packet::{self, L4, TCP_ACK},
 };
-use egress_common::fabric::Local;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PathCost {
@@ -94,14 +89,7 @@ pub fn measure(runs: usize) -> anyhow::Result<Vec<PathCost>> {
 
 fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
     let net = TestNet::enter();
-    let t = validate::validate(&Config::parse(FIXTURE_TOPOLOGY, "fixture")?)?;
-    let local = Local {
-        fabric: [10, 50, 0, 11],
-        ifindex: net.ifindex,
-        mss_v4: 1432,
-        _pad: [0; 6],
-    };
-    let mut dp = TestDatapath::new(&t, "a", &local)?;
+    let mut dp = TestDatapath::fixture(&net, FIXTURE_TOPOLOGY)?;
     let mut out = Vec::new();
     let mut fresh_port: u32 = 0;
     for frame in [64usize, 1500] {

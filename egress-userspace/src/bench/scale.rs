@@ -13,10 +13,7 @@ use crate::{
     testrun::{FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet, packet},
     validate,
 };
-use egress_common::{
-    fabric::Local,
-    policy::{MARK_BITS, PolicyKeyV4, PolicyValue},
-};
+use egress_common::policy::{MARK_BITS, PolicyKeyV4, PolicyValue};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Planner {
@@ -177,14 +174,7 @@ fn median(mut v: Vec<u64>) -> f64 {
 fn prefixes(count: usize, runs: usize) -> anyhow::Result<Prefixes> {
     std::thread::spawn(move || -> anyhow::Result<Prefixes> {
         let net = TestNet::enter();
-        let t = validate::validate(&Config::parse(FIXTURE_TOPOLOGY, "fixture")?)?;
-        let local = Local {
-            fabric: [10, 50, 0, 11],
-            ifindex: net.ifindex,
-            mss_v4: 1432,
-            _pad: [0; 6],
-        };
-        let mut dp = TestDatapath::new(&t, "a", &local)?;
+        let mut dp = TestDatapath::fixture(&net, FIXTURE_TOPOLOGY)?;
         let miss = packet::build(
             "10.50.0.11".parse()?,
             "198.51.100.1".parse()?,

@@ -3,7 +3,6 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
     process::ExitCode,
 };
 
@@ -22,12 +21,8 @@ use crate::flows::monotonic_ns;
 pub struct Args {
     #[command(flatten)]
     config: ConfigArg,
-    /// Server whose pins to read (default: the config's `server`).
-    #[arg(long, conflicts_with = "pin_dir")]
-    server: Option<String>,
-    /// Read the maps pinned in this directory instead.
-    #[arg(long, value_name = "DIR")]
-    pin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pins: super::PinArgs,
     /// Only connections of this pool.
     #[arg(long)]
     pool: Option<String>,
@@ -69,7 +64,7 @@ fn endpoint(ip: IpAddr, port_be: u16) -> String {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.load()?;
-    let dir = super::pin_dir_of(&args.config, args.server, args.pin_dir)?;
+    let dir = args.pins.dir(&args.config)?;
     let data = MapData::from_pin(dir.join(map_names::FLOWS))?;
     let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(data))?;
     let pools: BTreeMap<u32, String> = config

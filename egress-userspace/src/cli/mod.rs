@@ -86,6 +86,23 @@ impl ConfigArg {
     }
 }
 
+/// `--server NAME | --pin-dir DIR`: whose pinned maps a command uses.
+#[derive(Debug, clap::Args)]
+struct PinArgs {
+    /// Server whose pins to use (default: the config's `server`).
+    #[arg(long, conflicts_with = "pin_dir")]
+    server: Option<String>,
+    /// Use the maps pinned in this directory instead.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn dir(&self, config: &ConfigArg) -> anyhow::Result<PathBuf> {
+        pin_dir_of(config, self.server.clone(), self.pin_dir.clone())
+    }
+}
+
 /// The pin directory named by `--pin-dir`, or that of `--server` (default: the config's).
 fn pin_dir_of(
     config: &ConfigArg,

@@ -1,6 +1,6 @@
 //! `egress stats`: the datapath's counters, read from the pinned maps.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use super::{ConfigArg, Format};
 use crate::stats;
@@ -10,19 +10,15 @@ use crate::stats;
 pub struct Args {
     #[command(flatten)]
     config: ConfigArg,
-    /// Server whose pins to read (default: the config's `server`).
-    #[arg(long, conflicts_with = "pin_dir")]
-    server: Option<String>,
-    /// Read the maps pinned in this directory instead.
-    #[arg(long, value_name = "DIR")]
-    pin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pins: super::PinArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let pin_dir = super::pin_dir_of(&args.config, args.server, args.pin_dir)?;
+    let pin_dir = args.pins.dir(&args.config)?;
     let values = stats::read(&pin_dir)?;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&values)?),

@@ -117,6 +117,19 @@ impl TestDatapath {
         Ok(Self { ebpf, maps })
     }
 
+    /// The datapath of server `a` of `topology` (TOML; usually [`FIXTURE_TOPOLOGY`]),
+    /// encapsulating out of `net`'s uplink (fabric 10.50.0.11, tunnel MSS 1432).
+    pub fn fixture(net: &TestNet, topology: &str) -> anyhow::Result<Self> {
+        let t = crate::validate::validate(&crate::config::Config::parse(topology, "fixture")?)?;
+        let local = Local {
+            fabric: [10, 50, 0, 11],
+            ifindex: net.ifindex,
+            mss_v4: 1432,
+            _pad: [0; 6],
+        };
+        Self::new(&t, "a", &local)
+    }
+
     /// Runs `packet` through the program of `hook` once, with skb mark `mark`.
     pub fn run(&mut self, hook: Hook, mark: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
         let name = match hook {
