@@ -113,16 +113,20 @@ pub struct Lab {
     keep: bool,
 }
 
-/// A fresh per-run prefix: pid and clock, so concurrent runs never collide.
+/// A fresh per-run prefix: pid, a per-process counter (labs built at the same instant by
+/// parallel tests must not share a prefix: one's cleanup would remove the other's files), and
+/// a little of the clock against pid reuse across runs.
 fn unique_prefix() -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!(
-        "{LAB_PREFIX}{:x}{:05x}",
+        "{LAB_PREFIX}{:x}n{n:x}{:03x}",
         std::process::id(),
-        nanos & 0xfffff
+        nanos & 0xfff
     )
 }
 
@@ -632,4 +636,15 @@ pub fn down_leftovers() -> anyhow::Result<Leftovers> {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_are_unique_within_a_process_even_at_the_same_instant() {
+        let all: std::collections::BTreeSet<String> =
+            (0..1000).map(|_| super::unique_prefix()).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().all(|p| p.starts_with(super::LAB_PREFIX)));
+    }
 }
