@@ -119,8 +119,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         return match v.kind {
             FLOW_OUTBOUND => {
                 clamp_if_shared(ctx, &ip, p, &v);
-                nat::rewrite(ctx, &ip, nat::Side::Src, &v.addr, v.port_be, p.src_be)
-                    .map_err(drop_with)?;
+                translate_src(ctx, &ip, p, &v)?;
                 Ok(Verdict::Pass(Stat::SnatEstablished))
             }
             FLOW_FORWARDED => forward(ctx, &ip, p, v.tunnel, v.pool, Stat::ForwardEstablished),
@@ -138,15 +137,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
             clamp_if_shared(ctx, &ip, &ports, &bound);
-            nat::rewrite(
-                ctx,
-                &ip,
-                nat::Side::Src,
-                &bound.addr,
-                bound.port_be,
-                ports.src_be,
-            )
-            .map_err(drop_with)?;
+            translate_src(ctx, &ip, &ports, &bound)?;
             Ok(Verdict::Pass(Stat::SnatNew))
         }
         Some(ActionKind::Forward) => {
@@ -164,6 +155,20 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         Some(ActionKind::Drop) => Ok(Verdict::Drop(Stat::PoolUnreachable)),
         None => Ok(Verdict::Drop(Stat::NoAction)),
     }
+}
+
+/// Rewrites the source to the connection's translated address and port.
+#[inline(always)]
+fn translate_src(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue) -> Step<()> {
+    nat::rewrite(
+        ctx,
+        ip,
+        nat::Side::Src,
+        &bound.addr,
+        bound.port_be,
+        ports.src_be,
+    )
+    .map_err(drop_with)
 }
 
 /// Encapsulates a local connection's packet to `peer` (GRE key = pool) and sends it there.
@@ -329,15 +334,7 @@ fn from_tunnel(ctx: &TcContext, outer: &Ip) -> Step<Verdict> {
             flow::claim(&key, action, pool, peer).map_err(drop_with)?
         }
     };
-    nat::rewrite(
-        ctx,
-        &ip,
-        nat::Side::Src,
-        &bound.addr,
-        bound.port_be,
-        ports.src_be,
-    )
-    .map_err(drop_with)?;
+    translate_src(ctx, &ip, &ports, &bound)?;
     let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }

@@ -104,34 +104,10 @@ fn icmp_echo_leaves_from_the_pool_and_replies_come_back() {
     let lab = common::lab_with_agents(&[SERVER]);
     let ns = lab.server_ns(SERVER);
     let before = egress::stats::read(&lab.pin_dir(SERVER)).unwrap();
-    lab.run(
-        &ns,
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-            &lab::ORIGIN_V4.to_string(),
-        ],
-    )
-    .expect("v4 echo answered");
-    lab.run(
-        &ns,
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-            &lab::ORIGIN_V6.to_string(),
-        ],
-    )
-    .expect("v6 echo answered");
+    for origin in [lab::ORIGIN_V4.to_string(), lab::ORIGIN_V6.to_string()] {
+        lab.run(&ns, "ping", &["-c", "3", "-i", "0.05", "-W", "2", &origin])
+            .unwrap_or_else(|e| panic!("echo to {origin} answered: {e:#}"));
+    }
     let after = egress::stats::read(&lab.pin_dir(SERVER)).unwrap();
     let moved = |name: &str| {
         let get =
