@@ -6,11 +6,6 @@ pub const ENCAP_LEN: u32 = 28;
 pub const GRE_FLAG_KEY: u16 = 0x2000;
 pub const IPPROTO_GRE: u8 = 47;
 
-/// skb mark of packets the programs encapsulated or redirected themselves, so that the egress
-/// program lets them through untouched instead of translating them a second time. Tenant marks
-/// must stay below it (validated).
-pub const SKB_MARK_OURS: u32 = 0x8000_0000;
-
 /// Value of the one-entry `LOCAL` array: this server's settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +57,9 @@ pub struct Owners {
 const _: () = assert!(core::mem::size_of::<Owners>() == 136);
 
 pub const PEERS_CAPACITY: u32 = 65536;
+/// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
+/// packet's IP header starts here.
+pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;
 pub const OWNERS_CAPACITY: u32 = 65536;
 
 #[cfg(feature = "user")]

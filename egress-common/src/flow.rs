@@ -31,8 +31,13 @@ pub const FLOW_REVERSE: u8 = 2;
 /// untranslated, no reverse entry here (the peer translates).
 pub const FLOW_FORWARDED: u8 = 3;
 
-/// `FlowValue::flags`: a FIN or RST was seen; the entry expires sooner.
-pub const FLOW_F_CLOSING: u8 = 1;
+/// `FlowValue::flags`: a FIN was seen; the entries are kept for [`timeouts::TCP_FIN`] so the
+/// translated tuple is not reused while the origin may hold it in TIME_WAIT.
+pub const FLOW_F_FIN: u8 = 1;
+/// `FlowValue::flags`: a RST was seen; the entries expire after [`timeouts::TCP_RST`].
+pub const FLOW_F_RST: u8 = 2;
+/// Either closing flag.
+pub const FLOW_F_CLOSING: u8 = FLOW_F_FIN | FLOW_F_RST;
 
 /// Value of `FLOWS`.
 #[repr(C)]
@@ -66,7 +71,10 @@ pub const FLOWS_CAPACITY: u32 = 262_144;
 /// Idle timeouts the agent applies when collecting expired flows, in seconds.
 pub mod timeouts {
     pub const TCP_ESTABLISHED: u64 = 3600;
-    pub const TCP_CLOSING: u64 = 10;
+    /// After a FIN: conntrack's TIME_WAIT, longer than the 2 MSL an origin may hold the tuple.
+    pub const TCP_FIN: u64 = 120;
+    /// After a RST: nothing holds the tuple any more (conntrack's CLOSE).
+    pub const TCP_RST: u64 = 10;
     pub const UDP: u64 = 60;
     pub const ICMP: u64 = 30;
 }

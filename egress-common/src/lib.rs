@@ -21,10 +21,24 @@ pub mod map_names {
     pub const LOCAL: &str = "LOCAL";
     pub const PEERS: &str = "PEERS";
     pub const OWNERS: &str = "OWNERS";
+    pub const PEER_POLICY: &str = "PEER_POLICY";
+    /// The ingress programs' tail-call table. Pinned like the rest: the kernel empties a program
+    /// array when its last user reference goes, which would cut the tunnel and ICMP paths while
+    /// no agent runs.
+    pub const JUMP: &str = "JUMP";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 8] = [
-        STATS, POLICY_V4, POLICY_V6, ACTIONS, FLOWS, LOCAL, PEERS, OWNERS,
+    pub const ALL: [&str; 10] = [
+        STATS,
+        POLICY_V4,
+        POLICY_V6,
+        ACTIONS,
+        FLOWS,
+        LOCAL,
+        PEERS,
+        OWNERS,
+        PEER_POLICY,
+        JUMP,
     ];
 }
 
@@ -34,4 +48,16 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "tc_ingress";
     /// Returns TC_ACT_OK and nothing else: the benchmarks' baseline.
     pub const TC_EMPTY: &str = "tc_empty";
+    /// Tail-called by `tc_ingress` for IPv4 GRE.
+    pub const TC_TUNNEL: &str = "tc_tunnel";
+    /// Tail-called by `tc_ingress` and `tc_tunnel` for ICMP errors.
+    pub const TC_ICMP_ERROR: &str = "tc_icmp_error";
+
+    /// Slots of the `JUMP` map.
+    pub const JUMP_TUNNEL: u32 = 0;
+    pub const JUMP_ICMP_ERROR: u32 = 1;
+    pub const JUMP_SLOTS: u32 = 2;
+    /// Every tail-called program, by slot.
+    pub const JUMP_TARGETS: [(u32, &str); 2] =
+        [(JUMP_TUNNEL, TC_TUNNEL), (JUMP_ICMP_ERROR, TC_ICMP_ERROR)];
 }

@@ -24,6 +24,21 @@ pub struct PolicyKeyV6 {
 }
 const _: () = assert!(core::mem::size_of::<PolicyKeyV6>() == 20);
 
+/// Key data of `PEER_POLICY`: which destinations a pool's policies cover, whatever their mark.
+/// A peer's forwarded packet (GRE key = pool) is translated only towards these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerPolicyKey {
+    /// Pool id, big-endian so the trie matches it byte by byte.
+    pub pool_be: u32,
+    /// Destination address, network order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<PeerPolicyKey>() == 8);
+
+/// Bits of the pool id in front of the address in a `PEER_POLICY` key.
+pub const POOL_BITS: u32 = 32;
+
 /// Bits of the mark in front of the address in a trie key.
 pub const MARK_BITS: u32 = 32;
 
@@ -45,4 +60,5 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKeyV4 {}
     unsafe impl aya::Pod for super::PolicyKeyV6 {}
     unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::PeerPolicyKey {}
 }

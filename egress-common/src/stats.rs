@@ -59,7 +59,8 @@ stats! {
     SnatNew = 5 => "snat_new",
     /// Egress: a packet of a known connection translated with its recorded binding.
     SnatEstablished = 6 => "snat_established",
-    /// Already encapsulated or redirected by these programs (skb mark); passed untouched.
+    /// Egress: the programs' own packet, recognised by what it is (GRE from this server's fabric
+    /// address to a known peer, or a peer's connection translated here); passed untouched.
     Ours = 7 => "ours_passed",
     /// Egress: policy matched but no action is planned for the pool and family; dropped.
     NoAction = 8 => "drop_no_action",
@@ -116,6 +117,16 @@ stats! {
     /// Either direction: a packet that would exceed the uplink MTU once encapsulated (not GSO,
     /// so it cannot be segmented); dropped here rather than silently by the device.
     EncapTooBig = 34 => "drop_encap_too_big",
+    /// Ingress: a peer's packet whose inner destination no policy of the GRE key's pool covers,
+    /// that belongs to another peer's connection, or that only a reply could explain; dropped.
+    PeerPolicy = 35 => "drop_peer_policy",
+    /// Ingress: an ICMP error about a connection translated here, translated back and delivered.
+    IcmpErrorNat = 36 => "icmp_error_nat",
+    /// Ingress: an ICMP error about a peer's connection translated here, translated back and
+    /// sent through the tunnel to the server owning the socket.
+    IcmpErrorReencap = 37 => "icmp_error_reencap",
+    /// Ingress: a tail-called program was missing (the agent had not installed it); dropped.
+    MissingProgram = 38 => "drop_missing_program",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egress_common::{
-    fabric::{ENCAP_LEN, GRE_FLAG_KEY, IPPROTO_GRE},
+    fabric::{ENCAP_LEN, GRE_FLAG_KEY, INNER_OFF, IPPROTO_GRE},
     stats::Stat,
 };
 
@@ -73,6 +73,26 @@ pub fn encapsulate(
     );
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Stat::EncapFailed)?;
+    write_outer(ctx, src, dst, key, inner_len)
+}
+
+/// Points a tunnelled packet at another server: writes a fresh outer header (`src` → `dst`,
+/// `key`) over the one it arrived with. The skb keeps the encapsulation state the sending
+/// server's `adjust_room` gave it, which a second encapsulation would refuse.
+#[inline(always)]
+pub fn retarget(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], key: u32) -> Result<(), Stat> {
+    write_outer(ctx, src, dst, key, ctx.len() - INNER_OFF as u32)
+}
+
+/// Writes the outer IPv4 and GRE headers in front of an inner packet of `inner_len` bytes.
+#[inline(always)]
+fn write_outer(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    key: u32,
+    inner_len: u32,
+) -> Result<(), Stat> {
     let mut outer = Outer {
         ver_ihl: 0x45,
         tos: 0,

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use egress_common::{
     action::{Action, MAX_SNAT},
     flow::{
-        FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FLOWS_CAPACITY, FlowKey,
-        FlowValue,
+        FLOW_F_CLOSING, FLOW_F_FIN, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE,
+        FLOWS_CAPACITY, FlowKey, FlowValue,
     },
     stats::Stat,
 };
@@ -102,16 +102,43 @@ pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowV
     }
 }
 
-/// Records that a packet of the flow was seen now; a FIN or RST marks it closing.
+/// Records that a packet of the flow was seen now (a FIN or RST marks it closing; a new SYN
+/// through a forwarded entry reopens it) and returns a copy of the entry as updated.
 #[inline(always)]
-pub fn touch(v: *mut FlowValue, ports: &Ports) {
+pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
     // SAFETY: v came from get() in this run.
     unsafe {
         (*v).last_seen_ns = bpf_ktime_get_ns();
-        if ports.closing() {
-            (*v).flags |= FLOW_F_CLOSING;
+        if ports.fin() {
+            (*v).flags |= FLOW_F_FIN;
         }
+        if ports.rst() {
+            (*v).flags |= FLOW_F_RST;
+        }
+        if ports.opens() && (*v).kind == FLOW_FORWARDED {
+            (*v).flags &= !FLOW_F_CLOSING;
+        }
+        *v
     }
+}
+
+/// Whether a packet opening a connection meets a closed one's outbound entry: the tuple is
+/// being reused, and the new connection must get a port of its own.
+#[inline(always)]
+pub fn reopens(v: &FlowValue, ports: &Ports) -> bool {
+    v.kind == FLOW_OUTBOUND && v.flags & FLOW_F_CLOSING != 0 && ports.opens()
+}
+
+/// Retires the outbound entry `v` of `key` when its tuple is reopened. The old reverse entry
+/// stays, holding the old port away from new connections, and takes over the closing flags so
+/// that it expires on the closed connection's schedule.
+#[inline(always)]
+pub fn retire(key: &FlowKey, v: &FlowValue) {
+    if let Some(r) = get(&key.other_direction(v), FLOW_REVERSE) {
+        // SAFETY: pointer into the map value for this run.
+        unsafe { (*r).flags |= v.flags & FLOW_F_CLOSING };
+    }
+    let _ = FLOWS.remove(key);
 }
 
 /// Mixes the flow's key into 32 bits (spreads ports and SNAT targets).

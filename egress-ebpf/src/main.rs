@@ -4,9 +4,11 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod encap;
 mod fabric;
 mod flow;
+mod icmp;
 mod nat;
 mod parse;
 mod policy;
@@ -18,14 +20,21 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map};
+use egress_common::prog_names::{JUMP_ICMP_ERROR, JUMP_SLOTS, JUMP_TUNNEL};
 use egress_common::{
     action::{ActionKind, FAMILY_V4, MAX_HOPS},
-    fabric::{IPPROTO_GRE, Local, SKB_MARK_OURS},
-    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowValue},
+    fabric::{INNER_OFF, IPPROTO_GRE, Local},
+    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
+use icmp::Quoted;
 use parse::{Dir, Ip, IpError, Ports, PortsError};
 use redirect::From;
+
+/// The programs `tc_ingress` hands packets on to (tail calls), filled by the agent.
+#[btf_map]
+static JUMP: ProgramArray<{ JUMP_SLOTS as usize }> = ProgramArray::new();
 
 /// What happens to a packet, with the counter that records why.
 enum Verdict {
@@ -73,6 +82,13 @@ fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Step<Ports> {
     })
 }
 
+/// This server's fabric settings; a program without them (agent not started yet) drops what it
+/// would have to encapsulate or redirect.
+#[inline(always)]
+fn local() -> Step<&'static Local> {
+    fabric::local().ok_or(Verdict::Drop(Stat::NoAction))
+}
+
 /// The uplink MTU, from the tunnel MSS the agent derived from it.
 #[inline(always)]
 fn mtu(local: &Local) -> u32 {
@@ -98,46 +114,53 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Step<Verdict> {
-    let mark = mark(ctx);
-    if mark & SKB_MARK_OURS != 0 {
-        return Ok(Verdict::Pass(Stat::Ours));
-    }
     let ip = match parse::ip(ctx) {
         Ok(ip) => ip,
         Err(IpError::NotIp) => return Ok(Verdict::Pass(Stat::EgressNotIp)),
         Err(IpError::Malformed) => return Ok(Verdict::Drop(Stat::EgressMalformed)),
     };
+    if is_own_tunnel(&ip) {
+        return Ok(Verdict::Pass(Stat::Ours));
+    }
     let parsed = ports(ctx, &ip, Dir::Egress);
     // A known connection keeps its path whatever the plan says now, even if a reload removed
     // its policy: the flow table is consulted before the policy.
-    if let Ok(p) = &parsed
-        && let Some(v) = flow::get_any(&flow::key(&ip, p))
-    {
-        flow::touch(v, p);
-        // SAFETY: map value pointer valid for this run.
-        let v = unsafe { *v };
-        return match v.kind {
-            FLOW_OUTBOUND => {
-                clamp_if_shared(ctx, &ip, p, &v);
-                translate_src(ctx, &ip, p, &v)?;
-                Ok(Verdict::Pass(Stat::SnatEstablished))
+    if let Ok(p) = &parsed {
+        let key = flow::key(&ip, p);
+        if let Some(v) = flow::get_any(&key) {
+            let v = flow::touch(v, p);
+            if !flow::reopens(&v, p) {
+                return established(ctx, &ip, p, &v);
             }
-            FLOW_FORWARDED => forward(ctx, &ip, p, v.tunnel, v.pool, Stat::ForwardEstablished),
-            _ => Ok(Verdict::Drop(Stat::NoAction)),
-        };
+            flow::retire(&key, &v);
+        }
     }
-    let Some(pool) = policy::pool_for(&ip, mark) else {
+    let Some(pool) = policy::pool_for(&ip, mark(ctx)) else {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     };
+    // A peer's connection translated here and sent out by the ingress program: its source is
+    // already a translated endpoint.
+    if let Ok(p) = &parsed
+        && flow::get(&flow::key_swapped(&ip, p), FLOW_REVERSE).is_some()
+    {
+        return Ok(Verdict::Pass(Stat::Ours));
+    }
     // Only now is an unparsable transport header a reason to drop: it cannot be translated.
     let ports = parsed?;
-    let key = flow::key(&ip, &ports);
+    new_connection(ctx, &ip, &ports, pool)
+}
+
+/// A new local connection to a destination of `pool`: translated here or forwarded, as the
+/// plan says.
+#[inline(always)]
+fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32) -> Step<Verdict> {
+    let key = flow::key(ip, ports);
     let action = policy::action_for(pool, ip.family).ok_or(Verdict::Drop(Stat::NoAction))?;
     match ActionKind::from_u8(action.kind) {
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
-            clamp_if_shared(ctx, &ip, &ports, &bound);
-            translate_src(ctx, &ip, &ports, &bound)?;
+            clamp_if_shared(ctx, ip, ports, &bound);
+            translate_src(ctx, ip, ports, &bound)?;
             Ok(Verdict::Pass(Stat::SnatNew))
         }
         Some(ActionKind::Forward) => {
@@ -150,10 +173,35 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
             }
             let peer = action.hops[flow::pick(&key, count) & (MAX_HOPS - 1)];
             let rec = flow::record_forwarded(&key, peer, pool).map_err(drop_with)?;
-            forward(ctx, &ip, &ports, rec.tunnel, pool, Stat::ForwardNew)
+            forward(ctx, ip, ports, rec.tunnel, pool, Stat::ForwardNew)
         }
         Some(ActionKind::Drop) => Ok(Verdict::Drop(Stat::PoolUnreachable)),
         None => Ok(Verdict::Drop(Stat::NoAction)),
+    }
+}
+
+/// GRE from this server's fabric address to a known peer: a packet the programs encapsulated
+/// (redirected ones pass this hook again). Recognised by what it is, never by a mark that other
+/// software could set too.
+#[inline(always)]
+fn is_own_tunnel(ip: &Ip) -> bool {
+    ip.family == FAMILY_V4
+        && ip.proto == IPPROTO_GRE
+        && fabric::local().is_some_and(|l| l.fabric == v4(&ip.src))
+        && fabric::is_peer(&v4(&ip.dst))
+}
+
+/// A packet of a connection with an entry: translated with its binding, or forwarded to its peer.
+#[inline(always)]
+fn established(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<Verdict> {
+    match v.kind {
+        FLOW_OUTBOUND => {
+            clamp_if_shared(ctx, ip, ports, v);
+            translate_src(ctx, ip, ports, v)?;
+            Ok(Verdict::Pass(Stat::SnatEstablished))
+        }
+        FLOW_FORWARDED => forward(ctx, ip, ports, v.tunnel, v.pool, Stat::ForwardEstablished),
+        _ => Ok(Verdict::Drop(Stat::NoAction)),
     }
 }
 
@@ -171,6 +219,12 @@ fn translate_src(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue) -> 
     .map_err(drop_with)
 }
 
+/// Rewrites the destination of a reply to the connection's original address and port.
+#[inline(always)]
+fn translate_dst(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<()> {
+    nat::rewrite(ctx, ip, nat::Side::Dst, &v.addr, v.port_be, ports.dst_be).map_err(drop_with)
+}
+
 /// Encapsulates a local connection's packet to `peer` (GRE key = pool) and sends it there.
 #[inline(always)]
 fn forward(
@@ -181,7 +235,7 @@ fn forward(
     pool: u32,
     stat: Stat,
 ) -> Step<Verdict> {
-    let local = fabric::local().ok_or(Verdict::Drop(Stat::NoAction))?;
+    let local = local()?;
     clamp(ctx, ip, ports, local);
     encap::encapsulate(ctx, local.fabric, peer, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, peer, local.ifindex, From::Egress).map_err(drop_with)?;
@@ -226,6 +280,13 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, v)
 }
 
+/// How a packet arrived: plain, or inside a tunnel from a peer (outer headers still on).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrived {
+    Plain,
+    Tunnel,
+}
+
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> Step<Verdict> {
     let ip = match parse::ip(ctx) {
@@ -233,51 +294,75 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
         Err(IpError::NotIp) => return Ok(Verdict::Pass(Stat::IngressNotIp)),
         Err(IpError::Malformed) => return Ok(Verdict::Pass(Stat::IngressMalformed)),
     };
+    // The tunnel and ICMP error paths are programs of their own (tail calls): each BPF program
+    // has 512 bytes of stack, and the three paths together need more.
     if ip.family == FAMILY_V4 && ip.proto == IPPROTO_GRE && !ip.fragment {
-        return from_tunnel(ctx, &ip);
+        return Ok(jump(ctx, JUMP_TUNNEL));
+    }
+    if icmp::is_error(ctx, &ip) {
+        return Ok(jump(ctx, JUMP_ICMP_ERROR));
     }
     let Ok(ports) = ports(ctx, &ip, Dir::Ingress) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
     if let Some(v) = reverse_entry(&ip, &ports) {
-        return reply(ctx, &ip, &ports, &v);
+        translate_dst(ctx, &ip, &ports, &v)?;
+        return deliver(
+            ctx,
+            &v,
+            Arrived::Plain,
+            Stat::ReverseNat,
+            Stat::ReplyReencap,
+        );
     }
-    soft_unicast(ctx, &ip, &ports)
+    if ip.family != FAMILY_V4 {
+        return Ok(Verdict::Pass(Stat::IngressNoFlow));
+    }
+    soft_unicast(ctx, &v4(&ip.dst), ports.dst_be)
 }
 
 /// The reverse entry a reply matches, refreshed.
 #[inline(always)]
 fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
     let v = flow::get(&flow::key(ip, ports), FLOW_REVERSE)?;
-    flow::touch(v, ports);
-    // SAFETY: map value pointer valid for this run.
-    Some(unsafe { *v })
+    Some(flow::touch(v, ports))
 }
 
-/// A reply of a connection translated here: back to its original destination, and on to the
-/// server owning the socket when the connection came through a tunnel.
+/// Sends a reply translated back by entry `v` on: up to the local socket, or to the server
+/// that owns the socket when the connection came through a tunnel. A packet that arrived in a
+/// tunnel keeps its outer header, rewritten: the skb still carries the encapsulation state
+/// the sending server gave it, so it is never decapsulated and encapsulated again.
 #[inline(always)]
-fn reply(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<Verdict> {
-    nat::rewrite(ctx, ip, nat::Side::Dst, &v.addr, v.port_be, ports.dst_be).map_err(drop_with)?;
+fn deliver(
+    ctx: &TcContext,
+    v: &FlowValue,
+    arrived: Arrived,
+    here: Stat,
+    onward: Stat,
+) -> Step<Verdict> {
     if v.tunnel == [0; 4] {
-        return Ok(Verdict::Pass(Stat::ReverseNat));
+        if arrived == Arrived::Tunnel {
+            encap::decapsulate(ctx).map_err(drop_with)?;
+        }
+        return Ok(Verdict::Pass(here));
     }
-    let local = fabric::local().ok_or(Verdict::Drop(Stat::NoAction))?;
-    encap::encapsulate(ctx, local.fabric, v.tunnel, v.pool, mtu(local)).map_err(drop_with)?;
+    let local = local()?;
+    match arrived {
+        Arrived::Plain => encap::encapsulate(ctx, local.fabric, v.tunnel, v.pool, mtu(local)),
+        Arrived::Tunnel => encap::retarget(ctx, local.fabric, v.tunnel, v.pool),
+    }
+    .map_err(drop_with)?;
     let code = redirect::to(ctx, v.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
-    Ok(Verdict::Sent(Stat::ReplyReencap, code))
+    Ok(Verdict::Sent(onward, code))
 }
 
-/// A packet to a pool address:port owned by another server goes to that server unchanged.
+/// A packet for port `port_be` of shared pool address `addr` that another server owns goes to
+/// that server unchanged.
 #[inline(always)]
-fn soft_unicast(ctx: &TcContext, ip: &Ip, ports: &Ports) -> Step<Verdict> {
-    if ip.family != FAMILY_V4 {
-        return Ok(Verdict::Pass(Stat::IngressNoFlow));
-    }
-    let dst = v4(&ip.dst);
+fn soft_unicast(ctx: &TcContext, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
     let (Some(local), Some((pool, owner))) = (
         fabric::local(),
-        fabric::owner_of(&dst, u16::from_be(ports.dst_be)),
+        fabric::owner_of(addr, u16::from_be(port_be)),
     ) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
@@ -289,43 +374,146 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, ports: &Ports) -> Step<Verdict> {
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
 }
 
-/// GRE from the fabric: a peer's forwarded connection to translate here, a reply for one of
-/// ours, or a soft-unicast packet for a port range this server owns.
+/// Tail-calls program `index` of `JUMP`. Returns only when the slot is empty (the agent had not
+/// filled it): a counted drop.
 #[inline(always)]
-fn from_tunnel(ctx: &TcContext, outer: &Ip) -> Step<Verdict> {
+fn jump(ctx: &TcContext, index: u32) -> Verdict {
+    // SAFETY: a tail call; on success control never comes back here.
+    unsafe { JUMP.tail_call(ctx, index) };
+    Verdict::Drop(Stat::MissingProgram)
+}
+
+/// ICMP errors arriving on the uplink, plain or inside a tunnel (tail-called from `tc_ingress`
+/// and `tc_tunnel`).
+#[classifier]
+pub fn tc_icmp_error(ctx: TcContext) -> i32 {
+    let v = match icmp_error(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    finish(&ctx, v)
+}
+
+#[inline(always)]
+fn icmp_error(ctx: &TcContext) -> Step<Verdict> {
+    let outer = parse::ip(ctx).map_err(|_| Verdict::Pass(Stat::IngressMalformed))?;
+    let (ip, arrived) = if outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE {
+        tunnel_source(ctx, &outer)?;
+        let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
+        (ip, Arrived::Tunnel)
+    } else {
+        (outer, Arrived::Plain)
+    };
+    let Some(q) = icmp::quoted(ctx, &ip) else {
+        return Ok(match arrived {
+            Arrived::Plain => Verdict::Pass(Stat::IngressNoFlow),
+            Arrived::Tunnel => Verdict::Drop(Stat::PeerPolicy),
+        });
+    };
+    icmp_quoting(ctx, &ip, &q, arrived)
+}
+
+/// An ICMP error quoting `q`, a packet we sent: translated back and delivered when it is about
+/// a connection translated here; passed to the owner of the quoted port otherwise.
+#[inline(always)]
+fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<Verdict> {
+    let reply_key = flow::key_swapped(&q.ip, &q.ports);
+    if ip.dst == q.ip.src
+        && let Some(v) = flow::get(&reply_key, FLOW_REVERSE)
+    {
+        // SAFETY: map value pointer valid for this run.
+        let v = unsafe { *v };
+        icmp::translate(ctx, ip, q, &v.addr, v.port_be).map_err(drop_with)?;
+        return deliver(ctx, &v, arrived, Stat::IcmpErrorNat, Stat::IcmpErrorReencap);
+    }
+    if arrived == Arrived::Tunnel {
+        // An error about a connection this server forwarded, returned by the peer.
+        if flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED).is_some() {
+            encap::decapsulate(ctx).map_err(drop_with)?;
+            return Ok(Verdict::Pass(Stat::ForwardedReply));
+        }
+        return Ok(Verdict::Drop(Stat::PeerPolicy));
+    }
+    if q.ip.family != FAMILY_V4 || ip.dst != q.ip.src {
+        return Ok(Verdict::Pass(Stat::IngressNoFlow));
+    }
+    soft_unicast(ctx, &v4(&q.ip.src), q.ports.src_be)
+}
+
+/// The sender and key of a tunnelled packet: a known peer and a well-formed GRE header.
+#[inline(always)]
+fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     let peer = v4(&outer.src);
     if !fabric::is_peer(&peer) {
-        return Ok(Verdict::Drop(Stat::GreUnknownPeer));
+        return Err(Verdict::Drop(Stat::GreUnknownPeer));
     }
     let pool = encap::gre_key(ctx, outer).map_err(drop_with)?;
-    encap::decapsulate(ctx).map_err(drop_with)?;
-    let ip = match parse::ip(ctx) {
-        Ok(ip) if ip.family == FAMILY_V4 => ip,
-        _ => return Ok(Verdict::Drop(Stat::GreMalformed)),
+    Ok(Gre { peer, pool })
+}
+
+/// IPv4 GRE arriving on the uplink (tail-called from `tc_ingress`).
+#[classifier]
+pub fn tc_tunnel(ctx: TcContext) -> i32 {
+    let v = match from_tunnel(&ctx) {
+        Ok(v) | Err(v) => v,
     };
+    finish(&ctx, v)
+}
+
+/// GRE from the fabric: a reply for a translation made here (soft-unicast), a reply for one of
+/// our forwarded connections, or a peer's connection to translate here. The inner packet is
+/// examined in place, behind the outer headers.
+#[inline(always)]
+fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
+    let outer = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
+    let from = tunnel_source(ctx, &outer)?;
+    let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
+    if icmp::is_error(ctx, &ip) {
+        return Ok(jump(ctx, JUMP_ICMP_ERROR));
+    }
     let ports = ports(ctx, &ip, Dir::Tunnel)?;
-    let local = fabric::local().ok_or(Verdict::Drop(Stat::NoAction))?;
 
     // A reply to a translation made here (soft-unicast brought it from the announcing server).
     if let Some(v) = reverse_entry(&ip, &ports) {
-        return reply(ctx, &ip, &ports, &v);
+        translate_dst(ctx, &ip, &ports, &v)?;
+        return deliver(
+            ctx,
+            &v,
+            Arrived::Tunnel,
+            Stat::ReverseNat,
+            Stat::ReplyReencap,
+        );
     }
     // A reply of a connection this server forwarded: deliver it to the socket.
-    let swapped = flow::key_swapped(&ip, &ports);
-    if let Some(v) = flow::get(&swapped, FLOW_FORWARDED) {
+    if let Some(v) = flow::get(&flow::key_swapped(&ip, &ports), FLOW_FORWARDED) {
         flow::touch(v, &ports);
-        clamp(ctx, &ip, &ports, local);
+        clamp(ctx, &ip, &ports, local()?);
+        encap::decapsulate(ctx).map_err(drop_with)?;
         return Ok(Verdict::Pass(Stat::ForwardedReply));
     }
-    // A peer's connection: translate with this server's share and send it to the origin.
-    let key = flow::key(&ip, &ports);
-    let bound = match flow::get(&key, FLOW_OUTBOUND) {
-        Some(v) => {
-            flow::touch(v, &ports);
-            // SAFETY: map value pointer valid for this run.
-            unsafe { *v }
-        }
+    peer_connection(ctx, &ip, &ports, &from)
+}
+
+/// Where a tunnelled packet came from: the peer's fabric address and the GRE key (a pool id).
+struct Gre {
+    peer: [u8; 4],
+    pool: u32,
+}
+
+/// A peer's connection: translated with this server's share of `pool` (the GRE key) and sent
+/// to its destination. Only towards a destination of the pool's policies, and only with the
+/// peer's own connections.
+#[inline(always)]
+fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<Verdict> {
+    let (peer, pool) = (from.peer, from.pool);
+    let local = local()?;
+    let key = flow::key(ip, ports);
+    let bound = match existing_outbound(&key, ports) {
+        Some(v) if v.tunnel == peer => v,
+        Some(_) => return Ok(Verdict::Drop(Stat::PeerPolicy)),
         None => {
+            if !policy::peer_allowed(pool, &ip.dst) {
+                return Ok(Verdict::Drop(Stat::PeerPolicy));
+            }
             let action =
                 policy::action_for(pool, FAMILY_V4).ok_or(Verdict::Drop(Stat::PeerNotHeld))?;
             if ActionKind::from_u8(action.kind) != Some(ActionKind::Snat) {
@@ -334,9 +522,22 @@ fn from_tunnel(ctx: &TcContext, outer: &Ip) -> Step<Verdict> {
             flow::claim(&key, action, pool, peer).map_err(drop_with)?
         }
     };
-    translate_src(ctx, &ip, &ports, &bound)?;
+    translate_src(ctx, ip, ports, &bound)?;
+    encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::PeerSnat, code))
+}
+
+/// The outbound entry of `key`, refreshed; None when there is none or the packet reopens a
+/// closed connection's tuple (its old entry is removed: the new connection claims anew).
+#[inline(always)]
+fn existing_outbound(key: &FlowKey, ports: &Ports) -> Option<FlowValue> {
+    let v = flow::touch(flow::get(key, FLOW_OUTBOUND)?, ports);
+    if flow::reopens(&v, ports) {
+        flow::retire(key, &v);
+        return None;
+    }
+    Some(v)
 }
 
 /// Does nothing: the baseline the benchmarks subtract (never attached by the agent).

@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use egress_common::{action::FAMILY_V4, stats::Stat};
 
-use crate::parse::{ETH_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip, read, write};
+use crate::csum;
+use crate::parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip, read, write};
 
 /// Which end of the packet to rewrite: the source on egress, the destination on ingress.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,20 +42,6 @@ fn port_off(ip: &Ip, side: Side) -> usize {
     }
 }
 
-/// RFC 1624 incremental update of a ones-complement checksum (as stored) when a 32-bit field
-/// changes from `from` to `to` (both as stored).
-#[inline(always)]
-fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let mut sum = u32::from(!check)
-        + u32::from(!(from as u16))
-        + u32::from(!((from >> 16) as u16))
-        + (to & 0xffff)
-        + (to >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
 /// Rewrites the address and port of `side` from (`old_addr`, `old_port_be`) to (`addr`,
 /// `port_be`) and fixes the IPv4 header and transport checksums.
 ///
@@ -82,14 +69,14 @@ pub fn rewrite(
         let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         if old4 != new4 {
-            let check: u16 = read(ctx, ETH_LEN + 10).map_err(fail)?;
+            let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
             write(
                 ctx,
-                ETH_LEN + if side == Side::Src { 12 } else { 16 },
+                ip.l3_off + if side == Side::Src { 12 } else { 16 },
                 &new4,
             )
             .map_err(fail)?;
-            write(ctx, ETH_LEN + 10, &csum_replace4(check, old4, new4)).map_err(fail)?;
+            write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)?;
             // ICMPv4 has no pseudo-header; TCP and UDP do.
             if ip.proto != IPPROTO_ICMP {
                 ctx.l4_csum_replace(
@@ -102,7 +89,7 @@ pub fn rewrite(
             }
         }
     } else {
-        rewrite_addr_v6(ctx, side, old_addr, addr, csum_off, l4_flags)?;
+        rewrite_addr_v6(ctx, ip, side, old_addr, addr, csum_off, l4_flags)?;
     }
     if port_be != old_port_be {
         ctx.l4_csum_replace(
@@ -119,13 +106,14 @@ pub fn rewrite(
 #[inline(always)]
 fn rewrite_addr_v6(
     ctx: &TcContext,
+    ip: &Ip,
     side: Side,
     old: &[u8; 16],
     new: &[u8; 16],
     csum_off: usize,
     l4_flags: u64,
 ) -> Result<(), Stat> {
-    let off = ETH_LEN + if side == Side::Src { 8 } else { 24 };
+    let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
     let mut from = *old;
     let mut to = *new;
     // SAFETY: both buffers are 16 stack bytes, a multiple of 4 as the helper requires.

@@ -43,6 +43,7 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -77,6 +78,8 @@ pub struct Ip {
     pub family: u8,
     /// Transport protocol (IPv6: the first next-header).
     pub proto: u8,
+    /// Offset of the IP header (after Ethernet, or after the outer headers of a tunnel).
+    pub l3_off: usize,
     /// Offset of the transport header.
     pub l4_off: usize,
     /// IPv4 in the first 4 bytes (rest zero).
@@ -98,15 +101,16 @@ pub enum IpError {
 pub fn ip(ctx: &TcContext) -> Result<Ip, IpError> {
     let proto = u16::from_be(read::<u16>(ctx, 12).map_err(|_| IpError::NotIp)?);
     match proto {
-        ETH_P_IP => ipv4(ctx),
-        ETH_P_IPV6 => ipv6(ctx),
+        ETH_P_IP => ipv4(ctx, ETH_LEN),
+        ETH_P_IPV6 => ipv6(ctx, ETH_LEN),
         _ => Err(IpError::NotIp),
     }
 }
 
+/// Parses the IPv4 header at `off` (the inner packet of a tunnel, or a quoted one).
 #[inline(always)]
-fn ipv4(ctx: &TcContext) -> Result<Ip, IpError> {
-    let h: Ipv4Hdr = read(ctx, ETH_LEN).map_err(|_| IpError::Malformed)?;
+pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
+    let h: Ipv4Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
     let ihl = usize::from(h.ver_ihl & 0x0f) * 4;
     if h.ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(IpError::Malformed);
@@ -119,7 +123,8 @@ fn ipv4(ctx: &TcContext) -> Result<Ip, IpError> {
     Ok(Ip {
         family: FAMILY_V4,
         proto: h.proto,
-        l4_off: ETH_LEN + ihl,
+        l3_off: off,
+        l4_off: off + ihl,
         src,
         dst,
         // MF set or a non-zero offset.
@@ -127,16 +132,18 @@ fn ipv4(ctx: &TcContext) -> Result<Ip, IpError> {
     })
 }
 
+/// Parses the IPv6 header at `off`.
 #[inline(always)]
-fn ipv6(ctx: &TcContext) -> Result<Ip, IpError> {
-    let h: Ipv6Hdr = read(ctx, ETH_LEN).map_err(|_| IpError::Malformed)?;
+pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
+    let h: Ipv6Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
     if h.ver_tc_flow[0] >> 4 != 6 {
         return Err(IpError::Malformed);
     }
     Ok(Ip {
         family: FAMILY_V6,
         proto: h.next_hdr,
-        l4_off: ETH_LEN + 40,
+        l3_off: off,
+        l4_off: off + 40,
         src: h.src,
         dst: h.dst,
         fragment: h.next_hdr == IPPROTO_FRAGMENT,
@@ -144,7 +151,7 @@ fn ipv6(ctx: &TcContext) -> Result<Ip, IpError> {
 }
 
 /// Which way a packet goes: ICMP echo requests leave, replies arrive; a packet out of a tunnel
-/// may be either.
+/// may be either (a peer's request, or a reply returned to us).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
     Egress,
@@ -163,9 +170,17 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// A FIN or RST: the connection is closing.
-    pub fn closing(&self) -> bool {
-        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    /// A FIN: the connection is closing.
+    pub fn fin(&self) -> bool {
+        self.tcp_flags & TCP_FIN != 0
+    }
+    /// A RST: the connection is gone.
+    pub fn rst(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
+    }
+    /// A SYN without ACK: the first packet of a connection.
+    pub fn opens(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
     /// A SYN or SYN-ACK: carries the MSS option.
     pub fn syn(&self) -> bool {
@@ -209,12 +224,12 @@ pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
                 (128, 129)
             };
             match (dir, h[0]) {
-                (Dir::Egress, t) if t == request => Ok(Ports {
+                (Dir::Egress | Dir::Tunnel, t) if t == request => Ok(Ports {
                     src_be: id,
                     dst_be: 0,
                     tcp_flags: 0,
                 }),
-                (Dir::Ingress, t) if t == reply => Ok(Ports {
+                (Dir::Ingress | Dir::Tunnel, t) if t == reply => Ok(Ports {
                     src_be: 0,
                     dst_be: id,
                     tcp_flags: 0,

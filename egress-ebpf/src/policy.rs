@@ -6,7 +6,9 @@ use aya_ebpf::{
 };
 use egress_common::{
     action::{ACTIONS_CAPACITY, Action, ActionKey, FAMILY_V4},
-    policy::{MARK_BITS, POLICY_CAPACITY, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    policy::{
+        MARK_BITS, POLICY_CAPACITY, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+    },
 };
 
 use crate::parse::Ip;
@@ -15,6 +17,9 @@ use crate::parse::Ip;
 static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue, { POLICY_CAPACITY as usize }> = LpmTrie::new();
 #[btf_map]
 static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue, { POLICY_CAPACITY as usize }> = LpmTrie::new();
+#[btf_map]
+static PEER_POLICY: LpmTrie<PeerPolicyKey, PolicyValue, { POLICY_CAPACITY as usize }> =
+    LpmTrie::new();
 #[btf_map]
 static ACTIONS: HashMap<ActionKey, Action, { ACTIONS_CAPACITY as usize }> = HashMap::new();
 
@@ -55,4 +60,18 @@ fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
 pub fn action_for(pool: u32, family: u8) -> Option<&'static Action> {
     // SAFETY: the value lives in the map for the program's run; we only read it.
     unsafe { ACTIONS.get(ActionKey::new(pool, family)) }
+}
+
+/// Whether some policy of `pool`, with any mark, covers IPv4 destination `dst`: a peer may only
+/// have its connections translated here towards those.
+#[inline(always)]
+pub fn peer_allowed(pool: u32, dst: &[u8; 16]) -> bool {
+    let key = Key::new(
+        POOL_BITS + 32,
+        PeerPolicyKey {
+            pool_be: pool.to_be(),
+            addr: [dst[0], dst[1], dst[2], dst[3]],
+        },
+    );
+    PEER_POLICY.get(&key).is_some()
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use egress_common::{fabric::SKB_MARK_OURS, stats::Stat};
+use egress_common::stats::Stat;
 
 const AF_INET: u8 = 2;
 
@@ -21,13 +21,11 @@ pub enum From {
 }
 
 /// Routes the packet to IPv4 `dst` out of `ifindex`: FIB lookup for the next hop and MACs;
-/// when the neighbour is not resolved yet, the kernel resolves it (bpf_redirect_neigh). Marks
-/// the packet as ours so the egress program passes it. Returns the TC verdict.
+/// when the neighbour is not resolved yet, the kernel resolves it (bpf_redirect_neigh). The
+/// egress program recognises what it sends by its addresses, not by a mark. Returns the TC
+/// verdict.
 #[inline(always)]
 pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32, Stat> {
-    // SAFETY: reading the skb's mark field.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(mark | SKB_MARK_OURS);
     // SAFETY: a zeroed bpf_fib_lookup is a valid (empty) request.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;

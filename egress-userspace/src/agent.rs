@@ -329,6 +329,7 @@ impl Agent {
             (map_names::ACTIONS, want.actions.len() as i64),
             (map_names::PEERS, want.peers.len() as i64),
             (map_names::OWNERS, want.owners.len() as i64),
+            (map_names::PEER_POLICY, want.peer_policies.len() as i64),
         ]
         .into();
     }

@@ -115,34 +115,38 @@ pub fn prune<K: Ord, V>(
     Ok(d)
 }
 
-/// The agent's three plan tables.
-pub struct PlanTables<A, P4, P6, PE, OW> {
+/// The agent's plan tables.
+pub struct PlanTables<A, P4, P6, PE, OW, PP> {
     pub actions: A,
     pub policies_v4: P4,
     pub policies_v6: P6,
     pub peers: PE,
     pub owners: OW,
+    pub peer_policies: PP,
 }
 
-impl<A, P4, P6, PE, OW> PlanTables<A, P4, P6, PE, OW>
+impl<A, P4, P6, PE, OW, PP> PlanTables<A, P4, P6, PE, OW, PP>
 where
     A: Table<egress_common::action::ActionKey, egress_common::action::Action>,
     P4: Table<crate::plan::LpmKeyV4, egress_common::policy::PolicyValue>,
     P6: Table<crate::plan::LpmKeyV6, egress_common::policy::PolicyValue>,
     PE: Table<[u8; 4], egress_common::fabric::Peer>,
     OW: Table<[u8; 4], egress_common::fabric::Owners>,
+    PP: Table<crate::plan::LpmKeyPeer, egress_common::policy::PolicyValue>,
 {
-    /// Makes the tables hold exactly `want`. Peers and owners go in first and out last, actions
-    /// before the policies that use them and out after them.
+    /// Makes the tables hold exactly `want`. Peers, owners and what peers may use go in first
+    /// and out last, actions before the policies that use them and out after them.
     pub fn apply(&mut self, want: &MapContents) -> Result<Diff, MapError> {
         let mut d = upsert(&mut self.peers, &want.peers)?;
         d += upsert(&mut self.owners, &want.owners)?;
+        d += upsert(&mut self.peer_policies, &want.peer_policies)?;
         d += upsert(&mut self.actions, &want.actions)?;
         d += upsert(&mut self.policies_v4, &want.policies_v4)?;
         d += upsert(&mut self.policies_v6, &want.policies_v6)?;
         d += prune(&mut self.policies_v4, &want.policies_v4)?;
         d += prune(&mut self.policies_v6, &want.policies_v6)?;
         d += prune(&mut self.actions, &want.actions)?;
+        d += prune(&mut self.peer_policies, &want.peer_policies)?;
         d += prune(&mut self.owners, &want.owners)?;
         d += prune(&mut self.peers, &want.peers)?;
         Ok(d)

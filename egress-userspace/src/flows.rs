@@ -7,7 +7,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, MapData, MapError};
-use egress_common::flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FlowKey, FlowValue, timeouts};
+use egress_common::flow::{FLOW_F_FIN, FLOW_F_RST, FLOW_FORWARDED, FlowKey, FlowValue, timeouts};
 
 const NS: u64 = 1_000_000_000;
 
@@ -22,12 +22,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * NS + ts.tv_nsec as u64
 }
 
-/// Idle timeout in ns for a connection of `proto`.
-pub fn timeout_ns(proto: u8, closing: bool) -> u64 {
-    let secs = match (proto, closing) {
-        (6, true) => timeouts::TCP_CLOSING,
-        (6, false) => timeouts::TCP_ESTABLISHED,
-        (17, _) => timeouts::UDP,
+/// Idle timeout in ns for a connection of `proto` whose entries carry `flags` (FLOW_F_*): a RST
+/// ends it soonest; after a FIN it is kept long enough that the origin's TIME_WAIT for the
+/// translated tuple is over before the port is handed out again.
+pub fn timeout_ns(proto: u8, flags: u8) -> u64 {
+    let secs = match proto {
+        6 if flags & FLOW_F_RST != 0 => timeouts::TCP_RST,
+        6 if flags & FLOW_F_FIN != 0 => timeouts::TCP_FIN,
+        6 => timeouts::TCP_ESTABLISHED,
+        17 => timeouts::UDP,
         _ => timeouts::ICMP,
     };
     secs * NS
@@ -37,8 +40,8 @@ pub fn timeout_ns(proto: u8, closing: bool) -> u64 {
 /// been idle past its timeout at `now`.
 pub fn expired(key: &FlowKey, v: &FlowValue, other: Option<&FlowValue>, now: u64) -> bool {
     let last = other.map_or(v.last_seen_ns, |o| o.last_seen_ns.max(v.last_seen_ns));
-    let closing = (v.flags | other.map_or(0, |o| o.flags)) & FLOW_F_CLOSING != 0;
-    now.saturating_sub(last) > timeout_ns(key.proto, closing)
+    let flags = v.flags | other.map_or(0, |o| o.flags);
+    now.saturating_sub(last) > timeout_ns(key.proto, flags)
 }
 
 /// Deletes every expired connection (both directions); returns how many connections went.
@@ -54,10 +57,12 @@ pub fn collect(
             continue;
         }
         let other_key = k.other_direction(v);
-        // A forwarded connection has a single entry here (the peer holds the translation).
-        let other = snapshot
-            .get(&other_key)
-            .filter(|o| v.kind != FLOW_FORWARDED && o.kind != v.kind);
+        // A forwarded connection has a single entry here (the peer holds the translation). The
+        // other entry must point back: after a reopened tuple, an old reverse entry and the new
+        // outbound entry share a key but are different connections.
+        let other = snapshot.get(&other_key).filter(|o| {
+            v.kind != FLOW_FORWARDED && o.kind != v.kind && other_key.other_direction(o) == *k
+        });
         if expired(k, v, other, now) {
             // An entry the LRU evicted meanwhile is already gone: not an error.
             let _ = flows.remove(k);
@@ -127,18 +132,42 @@ mod tests {
                 want: true,
             },
             Case {
-                name: "tcp closing goes after 10s",
+                name: "tcp reset goes after 10s",
                 key: tcp,
-                v: entry(FLOW_OUTBOUND, 0, FLOW_F_CLOSING),
+                v: entry(FLOW_OUTBOUND, 0, FLOW_F_RST),
                 other: None,
                 now: 11,
                 want: true,
             },
             Case {
-                name: "closing seen on the reply side counts",
+                name: "tcp reset stays 9s",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, FLOW_F_RST),
+                other: None,
+                now: 9,
+                want: false,
+            },
+            Case {
+                name: "tcp after FIN is held past the origin's TIME_WAIT (60 s)",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, FLOW_F_FIN),
+                other: Some(entry(FLOW_REVERSE, 0, FLOW_F_FIN)),
+                now: 119,
+                want: false,
+            },
+            Case {
+                name: "tcp after FIN goes after 120s",
+                key: tcp,
+                v: entry(FLOW_OUTBOUND, 0, FLOW_F_FIN),
+                other: None,
+                now: 121,
+                want: true,
+            },
+            Case {
+                name: "a RST seen on the reply side counts",
                 key: tcp,
                 v: entry(FLOW_OUTBOUND, 0, 0),
-                other: Some(entry(FLOW_REVERSE, 0, FLOW_F_CLOSING)),
+                other: Some(entry(FLOW_REVERSE, 0, FLOW_F_RST)),
                 now: 11,
                 want: true,
             },

@@ -7,7 +7,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, ProgramArray, lpm_trie::LpmTrie},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -20,7 +20,7 @@ use egress_common::{
     fabric::{ENCAP_LEN, Local, Owners, Peer},
     flow::{FlowKey, FlowValue},
     map_names,
-    policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    policy::{PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
     prog_names,
 };
 
@@ -152,6 +152,7 @@ pub type KernelPlanTables = PlanTables<
     LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
     HashMap<MapData, [u8; 4], Peer>,
     HashMap<MapData, [u8; 4], Owners>,
+    LpmTrie<MapData, PeerPolicyKey, PolicyValue>,
 >;
 
 /// The maps the agent writes and reads, taken out of the loaded object.
@@ -192,6 +193,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
                 .map_err(bad(map_names::PEERS))?,
             owners: HashMap::try_from(take(ebpf, map_names::OWNERS)?)
                 .map_err(bad(map_names::OWNERS))?,
+            peer_policies: LpmTrie::try_from(take(ebpf, map_names::PEER_POLICY)?)
+                .map_err(bad(map_names::PEER_POLICY))?,
         },
         flows: HashMap::try_from(take(ebpf, map_names::FLOWS)?).map_err(bad(map_names::FLOWS))?,
         local: Array::try_from(take(ebpf, map_names::LOCAL)?).map_err(bad(map_names::LOCAL))?,
@@ -242,7 +245,31 @@ pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("link_{name}"))
 }
 
-/// Attaches both TC programs to `iface` and keeps them attached beyond this process.
+/// Loads the tail-called programs and points the `JUMP` slots at them (an adopted table is
+/// updated in place: each slot switches atomically to the new program).
+pub fn fill_jump_table(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for (slot, name) in prog_names::JUMP_TARGETS {
+        let fd = program(ebpf, name)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|source| LoadError::Program { name, source })?;
+        let map = ebpf.map_mut(map_names::JUMP).ok_or(LoadError::MissingMap {
+            name: map_names::JUMP,
+        })?;
+        let mut table = ProgramArray::try_from(map).map_err(|source| LoadError::Map {
+            name: map_names::JUMP,
+            source,
+        })?;
+        table.set(slot, &fd, 0).map_err(|source| LoadError::Map {
+            name: map_names::JUMP,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Attaches both TC programs to `iface` and keeps them attached beyond this process. The
+/// tail-call table is filled first.
 ///
 /// With tcx (kernel 6.6+) each link is pinned in `pin_dir`: a link pinned by an earlier agent is
 /// adopted and its program replaced atomically (no packet sees a detached uplink); a new link is
@@ -253,6 +280,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
         // Already present is fine; any other failure shows up at attach.
         let _ = tc::qdisc_add_clsact(iface);
     }
+    fill_jump_table(ebpf)?;
     let mut adopted = false;
     for (name, kind) in PROGRAMS {
         let attach_err = |source| LoadError::Attach {

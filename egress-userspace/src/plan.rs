@@ -15,7 +15,7 @@ use std::{
 use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, MAX_HOPS, MAX_SNAT, SnatTarget},
     fabric::{OwnerRange, Owners, Peer},
-    policy::{MARK_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    policy::{MARK_BITS, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -250,12 +250,16 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
 /// Key of a policy trie entry as the agent handles it: (prefix length incl. mark bits, data).
 pub type LpmKeyV4 = (u32, PolicyKeyV4);
 pub type LpmKeyV6 = (u32, PolicyKeyV6);
+pub type LpmKeyPeer = (u32, PeerPolicyKey);
 
 /// Everything the agent writes to the maps for one plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub policies_v4: BTreeMap<LpmKeyV4, PolicyValue>,
     pub policies_v6: BTreeMap<LpmKeyV6, PolicyValue>,
+    /// (pool, IPv4 destination prefix) of every policy, whatever its mark: where a peer's
+    /// forwarded connections may go.
+    pub peer_policies: BTreeMap<LpmKeyPeer, PolicyValue>,
     pub actions: BTreeMap<ActionKey, Action>,
     /// Fabric address → peer: every other server (GRE is accepted from these only).
     pub peers: BTreeMap<[u8; 4], Peer>,
@@ -351,6 +355,12 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
                 };
                 m.policies_v4
                     .insert((MARK_BITS + u32::from(n.prefix_len()), key), value);
+                let peer_key = PeerPolicyKey {
+                    pool_be: value.pool.to_be(),
+                    addr: n.network().octets(),
+                };
+                m.peer_policies
+                    .insert((POOL_BITS + u32::from(n.prefix_len()), peer_key), value);
             }
             IpNet::V6(n) => {
                 let key = PolicyKeyV6 {

@@ -415,16 +415,6 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         if pool.is_none() {
             errs.add(format!("{p}.pool"), format!("unknown pool {:?}", pol.pool));
         }
-        if pol.mark >= egress_common::fabric::SKB_MARK_OURS {
-            errs.add(
-                format!("{p}.mark"),
-                format!(
-                    "{} is too large: marks from {:#x} up are the dataplane's own",
-                    pol.mark,
-                    egress_common::fabric::SKB_MARK_OURS
-                ),
-            );
-        }
         if pol.destinations.is_empty() {
             errs.add(format!("{p}.destinations"), "is empty");
         }

@@ -601,56 +601,97 @@ fn packet_builder_checksums_are_valid() {
 fn expired_connections_are_collected_both_directions_together() {
     use egress::flows;
     let (_net, mut dp) = datapath(TOPOLOGY);
-    // An open TCP connection and one that has seen a FIN.
-    dp.run(
-        Hook::Egress,
-        0,
-        &tcp("10.50.0.11", 7000, "203.0.113.1", 80, TCP_SYN),
-    )
-    .unwrap();
-    dp.run(
-        Hook::Egress,
-        0,
-        &tcp("10.50.0.11", 7001, "203.0.113.1", 80, TCP_SYN),
-    )
-    .unwrap();
-    dp.run(
-        Hook::Egress,
-        0,
-        &tcp(
-            "10.50.0.11",
-            7001,
-            "203.0.113.1",
-            80,
-            packet::TCP_FIN | TCP_ACK,
-        ),
-    )
-    .unwrap();
+    let send = |dp: &mut TestDatapath, sport: u16, flags: u8| {
+        dp.run(
+            Hook::Egress,
+            0,
+            &tcp("10.50.0.11", sport, "203.0.113.1", 80, flags),
+        )
+        .unwrap()
+    };
+    // An open TCP connection, one reset and one that has seen a FIN.
+    for sport in [7000, 7001, 7002] {
+        send(&mut dp, sport, TCP_SYN);
+    }
+    send(&mut dp, 7001, packet::TCP_FIN | TCP_ACK);
+    send(&mut dp, 7002, packet::TCP_RST);
     let count = |dp: &TestDatapath| dp.maps.flows.keys().count();
-    assert_eq!(count(&dp), 4, "two connections, two entries each");
+    assert_eq!(count(&dp), 6, "three connections, two entries each");
 
     let now = flows::monotonic_ns();
+    let at = |s: u64| now + s * 1_000_000_000;
+    let mut collect = |dp: &mut TestDatapath, s| flows::collect(&mut dp.maps.flows, at(s)).unwrap();
+    assert_eq!(collect(&mut dp, 0), 0, "nothing is idle yet");
     assert_eq!(
-        flows::collect(&mut dp.maps.flows, now).unwrap(),
-        0,
-        "nothing is idle yet"
+        collect(&mut dp, 11),
+        1,
+        "the reset connection goes after 10 s"
     );
-    let removed = flows::collect(&mut dp.maps.flows, now + 11 * 1_000_000_000).unwrap();
-    assert_eq!(removed, 1, "the closing connection goes after 10 s");
-    assert_eq!(count(&dp), 2, "with both of its entries");
-    let removed = flows::collect(&mut dp.maps.flows, now + 3601 * 1_000_000_000).unwrap();
-    assert_eq!(removed, 1, "the open one after an hour");
+    assert_eq!(count(&dp), 4, "with both of its entries");
+    assert_eq!(
+        collect(&mut dp, 119),
+        0,
+        "after a FIN the translated tuple is held past the origin's TIME_WAIT"
+    );
+    assert_eq!(collect(&mut dp, 121), 1, "the closed one after 120 s");
+    assert_eq!(collect(&mut dp, 3601), 1, "the open one after an hour");
     assert_eq!(count(&dp), 0);
 
     // The port is free again: the same connection gets a binding anew.
-    let out = dp
-        .run(
-            Hook::Egress,
-            0,
-            &tcp("10.50.0.11", 7000, "203.0.113.1", 80, TCP_SYN),
-        )
-        .unwrap();
+    let out = send(&mut dp, 7000, TCP_SYN);
     assert_eq!(out.verdict, TC_ACT_OK);
+}
+
+/// A tuple reused after a FIN (the socket's port reopened towards the same origin) must not go
+/// out with the old translated tuple, which the origin may still hold in TIME_WAIT.
+#[test]
+fn a_reopened_tuple_gets_a_new_port_while_the_old_one_is_held() {
+    use egress::flows;
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let send = |dp: &mut TestDatapath, flags: u8| {
+        let out = dp
+            .run(
+                Hook::Egress,
+                0,
+                &tcp("10.50.0.11", 7100, "203.0.113.1", 80, flags),
+            )
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        parse(&out.packet).sport
+    };
+    let first = send(&mut dp, TCP_SYN);
+    assert_eq!(send(&mut dp, TCP_ACK), first, "same connection, same port");
+    send(&mut dp, packet::TCP_FIN | TCP_ACK);
+    let before = dp.counter(Stat::SnatNew);
+    let second = send(&mut dp, TCP_SYN);
+    assert_ne!(
+        second, first,
+        "the reopened tuple is translated to another port"
+    );
+    assert_eq!(dp.counter(Stat::SnatNew), before + 1, "as a new connection");
+    assert_eq!(send(&mut dp, TCP_ACK), second, "and keeps its new port");
+    // The old reply tuple still maps the old port: nothing else can take it.
+    let old_reply = tcp("203.0.113.1", 80, "192.0.2.10", first, TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &old_reply).unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(
+        parse(&out.packet).dport,
+        7100,
+        "the old port's reverse entry is still held"
+    );
+    assert_eq!(dp.maps.flows.keys().count(), 3, "old reverse + new pair");
+    // Expiry takes the old reverse entry alone, never the new connection's entries.
+    let now = flows::monotonic_ns();
+    let removed = flows::collect(&mut dp.maps.flows, now + 121 * 1_000_000_000).unwrap();
+    assert_eq!(
+        removed, 1,
+        "only the old entry is idle past 120 s after its FIN"
+    );
+    assert_eq!(
+        dp.maps.flows.keys().count(),
+        2,
+        "the new connection stays whole"
+    );
 }
 
 const A: [u8; 4] = [10, 50, 0, 11];
@@ -853,7 +894,27 @@ fn gre_is_accepted_from_known_peers_only() {
     no_key[14 + 20] = 0; // clear the key flag
     let mut ipv6_inside = packet::gre_frame(B, A, 7, &inner);
     ipv6_inside[14 + 22..14 + 24].copy_from_slice(&[0x86, 0xdd]);
-    let not_held = packet::gre_frame(B, A, 9, &inner); // gamma: a holds no share of it
+    // gamma (key 9) covers 203.0.113.128/25 and a holds no share of it.
+    let not_held = packet::gre_frame(
+        B,
+        A,
+        9,
+        &tcp("10.50.0.12", 6000, "203.0.113.200", 80, TCP_SYN),
+    );
+    // acme (key 7) has no policy towards 198.51.100.1: a peer may not use a's share for it.
+    let off_policy = packet::gre_frame(
+        B,
+        A,
+        7,
+        &tcp("10.50.0.12", 6000, "198.51.100.1", 80, TCP_SYN),
+    );
+    // A reply-shaped packet (to a pool address) that no connection here explains.
+    let stray_reply = packet::gre_frame(
+        B,
+        A,
+        7,
+        &tcp("203.0.113.1", 80, "192.0.2.10", 40500, TCP_SYN | TCP_ACK),
+    );
     let fixtures = [
         Fixture {
             name: "GRE from an unknown source",
@@ -887,25 +948,84 @@ fn gre_is_accepted_from_known_peers_only() {
             want: Want::Dropped,
             counter: Stat::PeerNotHeld,
         },
+        Fixture {
+            name: "forwarded request to a destination no policy of its pool covers",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: off_policy,
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        },
+        Fixture {
+            name: "forwarded packet only a reply could explain creates nothing",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: stray_reply,
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        },
     ];
     for f in &fixtures {
         check(&mut dp, f);
     }
-    // Packets the programs sent themselves (skb mark) are not translated again on egress.
-    let translated = tcp("192.0.2.10", 40001, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
-            Hook::Egress,
-            egress_common::fabric::SKB_MARK_OURS,
-            &translated,
-        )
-        .unwrap();
     assert_eq!(
-        (out.verdict, &out.packet),
-        (TC_ACT_OK, &translated),
-        "marked packet untouched"
+        dp.maps.flows.iter().count(),
+        0,
+        "refused peer packets left no flow entries"
     );
-    assert_eq!(dp.counter(Stat::Ours), 1);
+}
+
+/// The programs' own packets pass egress untouched because of what they are; nothing else does,
+/// whatever the skb mark says.
+#[test]
+fn own_packets_are_recognised_by_what_they_are_never_by_the_mark() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    // A peer's connection translated here, as the ingress program sends it out.
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .unwrap();
+    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
+    let sent = out.packet;
+    assert_eq!(parse(&sent).src, ip("192.0.2.10"), "translated by the peer");
+    let gre_to_peer = packet::gre_frame(A, B, 7, &inner);
+    let gre_to_origin = packet::gre_frame(A, [203, 0, 113, 1], 7, &inner);
+    let own = [
+        ("GRE from this server to a peer", gre_to_peer),
+        ("a peer's connection translated here", sent),
+    ];
+    for (name, p) in &own {
+        for mark in [0, 0x8000_0000, 0xffff_ffff] {
+            let before = dp.counter(Stat::Ours);
+            let out = dp.run(Hook::Egress, mark, p).unwrap();
+            assert_eq!(
+                (out.verdict, &out.packet),
+                (TC_ACT_OK, p),
+                "{name} (mark {mark:#x}): untouched"
+            );
+            assert_eq!(dp.counter(Stat::Ours), before + 1, "{name}: ours_passed");
+        }
+    }
+    // GRE to a policy destination is not ours: the policy applies and GRE cannot be translated.
+    let before = dp.counter(Stat::UnsupportedL4);
+    let out = dp.run(Hook::Egress, 0, &gre_to_origin).unwrap();
+    assert_eq!(out.verdict, TC_ACT_SHOT, "GRE to an origin is dropped");
+    assert_eq!(dp.counter(Stat::UnsupportedL4), before + 1);
+    // Bit 31 (or any mark) set by some other software: still translated.
+    for (i, mark) in [0x8000_0000u32, 0xffff_ffff, 0x8000_002a]
+        .into_iter()
+        .enumerate()
+    {
+        let f = Fixture {
+            name: "a marked packet to a policy destination is translated",
+            hook: Hook::Egress,
+            mark,
+            packet: tcp("10.50.0.11", 7000 + i as u16, "203.0.113.1", 80, TCP_SYN),
+            want: Want::Src("192.0.2.10", 40000, 40999),
+            counter: Stat::SnatNew,
+        };
+        check(&mut dp, &f);
+    }
 }
 
 #[test]

@@ -110,6 +110,7 @@ impl TestDatapath {
             loader::program(&mut ebpf, name)?;
         }
         loader::program(&mut ebpf, prog_names::TC_EMPTY)?;
+        loader::fill_jump_table(&mut ebpf)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
         maps.set_local(local)?;
         let p = plan::plan(topology, server);
