@@ -80,6 +80,40 @@ fn replies_arriving_at_the_wrong_server_complete_the_connection() {
     }
 }
 
+/// Every reply path: for each tier, the socket's server S, the owner of the port range O and
+/// the server the origin's replies arrive at A ∈ {S, O, a third server}; a 50 MB download
+/// checked by hash each time. acme's forwarded tiers all lead to fra-a-1 (ports 1024-32767).
+#[test]
+fn every_reply_path_completes_whoever_receives_the_replies() {
+    let lab = full_lab();
+    let acme = std::net::Ipv4Addr::new(192, 0, 2, 10);
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("same-server", "fra-a-1", &["fra-a-1", "ams-a-1"]),
+        ("same-datacenter", "fra-a-2", &["fra-a-2", "fra-a-1", "ams-a-1"]),
+        ("same-location", "fra-b-1", &["fra-b-1", "fra-a-1", "sin-a-1"]),
+        ("nearest-location", "sin-a-1", &["sin-a-1", "fra-a-1", "fra-b-1"]),
+    ];
+    for (tier, socket, announcers) in cases {
+        for announcer in announcers {
+            lab.announce(acme, announcer).unwrap();
+            let before = common::counter(&lab, announcer, "soft_unicast");
+            eprintln!("{tier}: socket on {socket}, replies arrive at {announcer}");
+            common::check_download(&lab, socket, lab::ORIGIN_V4.into(), MB50, VIA_FRA_A_1);
+            if *announcer != "fra-a-1" {
+                assert!(
+                    common::counter(&lab, announcer, "soft_unicast") > before,
+                    "{tier}: {announcer} passed the replies on to the owner"
+                );
+            }
+        }
+    }
+    for s in SERVERS {
+        for c in ["drop_encap_failed", "drop_encap_too_big", "drop_no_route"] {
+            assert_eq!(common::counter(&lab, s, c), 0, "{s}: {c}");
+        }
+    }
+}
+
 #[test]
 fn ipv6_is_never_forwarded() {
     let lab = full_lab();

@@ -620,7 +620,7 @@ fn expired_connections_are_collected_both_directions_together() {
 
     let now = flows::monotonic_ns();
     let at = |s: u64| now + s * 1_000_000_000;
-    let mut collect = |dp: &mut TestDatapath, s| flows::collect(&mut dp.maps.flows, at(s)).unwrap();
+    let collect = |dp: &mut TestDatapath, s| flows::collect(&mut dp.maps.flows, at(s)).unwrap();
     assert_eq!(collect(&mut dp, 0), 0, "nothing is idle yet");
     assert_eq!(
         collect(&mut dp, 11),

@@ -409,6 +409,29 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the origin route pool address `addr` to `server` from now on, as a change of BGP
+    /// announcement would: replies to that address arrive there.
+    pub fn announce(&self, addr: Ipv4Addr, server: &str) -> anyhow::Result<()> {
+        let fabric = self
+            .config
+            .servers
+            .iter()
+            .find(|s| s.name == server)
+            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
+            .fabric;
+        netns::ip_in(
+            &self.origin_ns(),
+            &[
+                "route",
+                "replace",
+                &format!("{addr}/32"),
+                "via",
+                &fabric.to_string(),
+            ],
+        )
+        .map(drop)
+    }
+
     /// Stops the agent of `server` and removes its pinned links and maps, so its programs
     /// detach: the server is back to plain routing.
     pub fn remove_agent(&mut self, server: &str) -> anyhow::Result<()> {
