@@ -89,9 +89,21 @@ fn every_reply_path_completes_whoever_receives_the_replies() {
     let acme = std::net::Ipv4Addr::new(192, 0, 2, 10);
     let cases: [(&str, &str, &[&str]); 4] = [
         ("same-server", "fra-a-1", &["fra-a-1", "ams-a-1"]),
-        ("same-datacenter", "fra-a-2", &["fra-a-2", "fra-a-1", "ams-a-1"]),
-        ("same-location", "fra-b-1", &["fra-b-1", "fra-a-1", "sin-a-1"]),
-        ("nearest-location", "sin-a-1", &["sin-a-1", "fra-a-1", "fra-b-1"]),
+        (
+            "same-datacenter",
+            "fra-a-2",
+            &["fra-a-2", "fra-a-1", "ams-a-1"],
+        ),
+        (
+            "same-location",
+            "fra-b-1",
+            &["fra-b-1", "fra-a-1", "sin-a-1"],
+        ),
+        (
+            "nearest-location",
+            "sin-a-1",
+            &["sin-a-1", "fra-a-1", "fra-b-1"],
+        ),
     ];
     for (tier, socket, announcers) in cases {
         for announcer in announcers {

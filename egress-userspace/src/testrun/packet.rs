@@ -303,3 +303,34 @@ pub fn gre_frame(src: [u8; 4], dst: [u8; 4], key: u32, inner: &[u8]) -> Vec<u8> 
     p.extend_from_slice(&inner[14..]);
     p
 }
+
+/// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` of `kind` (type, code) with the 4 bytes
+/// after the checksum set to `rest` (e.g. the MTU), quoting the first `quote` bytes of the IP
+/// packet inside `frame` (an Ethernet frame as `build` makes them).
+pub fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    kind: (u8, u8),
+    rest: u32,
+    frame: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let ip = &frame[14..];
+    let mut msg = vec![kind.0, kind.1, 0, 0];
+    msg.extend_from_slice(&rest.to_be_bytes());
+    msg.extend_from_slice(&ip[..quote.min(ip.len())]);
+    let proto = if src.is_ipv6() { 58 } else { 1 };
+    build(src, dst, L4::Raw { proto }, &msg)
+}
+
+/// The quoted IP packet of an ICMP error frame, as an Ethernet frame of its own.
+pub fn quoted_frame(error: &[u8]) -> Vec<u8> {
+    let l4 = if error[12..14] == [0x86, 0xdd] {
+        54
+    } else {
+        14 + usize::from(error[14] & 0xf) * 4
+    };
+    let mut f = error[..14].to_vec();
+    f.extend_from_slice(&error[l4 + 8..]);
+    f
+}
