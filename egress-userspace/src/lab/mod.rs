@@ -409,6 +409,61 @@ impl Lab {
         Ok(())
     }
 
+    /// A second origin at `addr` (a policy destination in 203.0.113.0/24) behind the origin,
+    /// which routes to it over a link whose MTU is `mtu` on the origin's side (1500 on the far
+    /// side, so the far origin advertises a full MSS): full-size packets with DF make the origin
+    /// send "fragmentation needed", as a router on the path would. Answers as the origin does.
+    pub fn add_far_origin(&mut self, addr: Ipv4Addr, mtu: u32) -> anyhow::Result<()> {
+        let origin = self.origin_ns();
+        let far = self.add_ns("far")?;
+        netns::ip_in(
+            &origin,
+            &[
+                "link",
+                "add",
+                "far0",
+                "mtu",
+                &mtu.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &far,
+            ],
+        )?;
+        for (ns, iface, cidr) in [
+            (&origin, "far0", "10.51.0.1/30"),
+            (&far, "eth0", "10.51.0.2/30"),
+        ] {
+            self.address(ns, iface, cidr)?;
+            netns::ip_in(ns, &["link", "set", iface, "up"])?;
+        }
+        self.address(&far, "lo", &format!("{addr}/32"))?;
+        netns::ip_in(
+            &origin,
+            &["route", "add", &format!("{addr}/32"), "via", "10.51.0.2"],
+        )?;
+        for net in ["10.50.0.0/16", "192.0.2.0/24"] {
+            netns::ip_in(&far, &["route", "add", net, "via", "10.51.0.1"])?;
+        }
+        let out = netns::command_in(&origin, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .output()?;
+        netns::check("sysctl ip_forward", out)?;
+        let mut cmd = netns::command_in(&far, path_str(&self.egress_bin)?);
+        cmd.args(["lab", "origin", "--log"])
+            .arg(self.work_dir.join("far-requests.log"))
+            .args([
+                "--http-port",
+                &HTTP_PORT.to_string(),
+                "--udp-port",
+                &UDP_PORT.to_string(),
+            ]);
+        self.spawn_until_ready("far-origin", cmd)
+    }
+
     /// Makes the origin route pool address `addr` to `server` from now on, as a change of BGP
     /// announcement would: replies to that address arrive there.
     pub fn announce(&self, addr: Ipv4Addr, server: &str) -> anyhow::Result<()> {

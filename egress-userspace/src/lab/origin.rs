@@ -3,7 +3,9 @@
 //!
 //! HTTP: `GET /` → `{"src":"ADDR","port":N}`; `GET /delay/MS` → the same after MS ms (to hold
 //! many connections open at once); `GET /bytes/N` → N deterministic bytes (see
-//! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`. UDP: any datagram → the same JSON.
+//! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`; `POST /upload` with a body →
+//! `{"src":..,"port":..,"bytes":N,"sha256":"…"}` of what arrived. UDP: any datagram → the
+//! same JSON as `GET /`.
 //! Each request is appended to the log as `tcp|udp ADDR PORT PATH`.
 
 use std::{
@@ -55,7 +57,11 @@ pub fn serve(http_port: u16, udp_port: u16, log: &Path) -> anyhow::Result<()> {
     let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, http_port)).context("binding HTTP")?;
     // One UDP socket per origin address: a wildcard socket would answer from whatever address
     // the route picks (the fabric one), not from the address the client asked.
-    for addr in super::ORIGIN_ADDRESSES {
+    // Addresses this namespace does not have are skipped (a second origin elsewhere in the lab).
+    for addr in super::ORIGIN_ADDRESSES
+        .into_iter()
+        .filter(|a| UdpSocket::bind((*a, 0)).is_ok())
+    {
         let udp =
             UdpSocket::bind((addr, udp_port)).with_context(|| format!("binding UDP {addr}"))?;
         let udp_log = log.clone();
@@ -99,16 +105,23 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    // Drain the headers; the requests we serve have no body.
+    let mut body_len = 0u64;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
             break;
         }
+        if let Some((name, value)) = h.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            body_len = value.trim().parse().unwrap_or(0);
+        }
     }
     record(log, "tcp", &src, &path);
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stream);
-    if let Some(n) = path
+    if path == "/upload" {
+        stream_hash_reply(&mut reader, body_len, &src, &mut out)?;
+    } else if let Some(n) = path
         .strip_prefix("/bytes/")
         .and_then(|n| n.parse::<u64>().ok())
     {
@@ -142,6 +155,38 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
         )?;
     }
     out.flush()
+}
+
+/// Reads an upload of `len` bytes, hashing it, and answers with what arrived from where.
+fn stream_hash_reply(
+    reader: &mut impl std::io::Read,
+    len: u64,
+    src: &(String, u16),
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < len {
+        let want = (len - got).min(buf.len() as u64) as usize;
+        let n = reader.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n as u64;
+    }
+    let body = format!(
+        "{{\"src\":\"{}\",\"port\":{},\"bytes\":{got},\"sha256\":\"{}\"}}",
+        src.0,
+        src.1,
+        hex(&h.finalize())
+    );
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Sends one UDP datagram to `to` and returns the answer (2 s timeout): the lab's UDP client.
