@@ -120,3 +120,43 @@ fn icmp_echo_leaves_from_the_pool_and_replies_come_back() {
     );
     assert!(moved("reverse_nat") >= 6, "6 replies translated back");
 }
+
+/// Other software on the host setting skb mark bit 31 (here an nftables rule marking every
+/// packet the server sends, as some network stacks do) must not make policy traffic skip
+/// translation: the origin still sees the pool address, for a local and a forwarded connection.
+#[test]
+fn a_high_mark_set_by_other_software_never_bypasses_translation() {
+    let lab = common::lab_with_agents(&[SERVER, "fra-a-2"]);
+    for server in [SERVER, "fra-a-2"] {
+        let ns = lab.server_ns(server);
+        for rule in [
+            &["add", "table", "inet", "marker"][..],
+            &[
+                "add", "chain", "inet", "marker", "out", "{", "type", "route", "hook", "output",
+                "priority", "0", ";", "}",
+            ],
+            &[
+                "add",
+                "rule",
+                "inet",
+                "marker",
+                "out",
+                "meta",
+                "mark",
+                "set",
+                "0x80000000",
+            ],
+        ] {
+            lab.run(&ns, "nft", rule).expect("nft rule");
+        }
+        let (src, port) = seen(
+            &lab.curl(server, &format!("http://{}/", lab::ORIGIN_V4))
+                .unwrap(),
+        );
+        assert_eq!(
+            src, "192.0.2.10",
+            "{server}: marked traffic still leaves from the pool"
+        );
+        FRA_A_1.check(server, &(src, port));
+    }
+}
