@@ -59,6 +59,13 @@ fn finish(ctx: &TcContext, v: Verdict) -> i32 {
 /// Ok and Err both carry the verdict; Err short-circuits with `?`.
 type Step<T> = Result<T, Verdict>;
 
+/// The TC return code of a program's outcome, counted.
+#[inline(always)]
+fn conclude(ctx: &TcContext, outcome: Step<Verdict>) -> i32 {
+    let (Ok(v) | Err(v)) = outcome;
+    finish(ctx, v)
+}
+
 fn drop_with(s: Stat) -> Verdict {
     Verdict::Drop(s)
 }
@@ -106,10 +113,7 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     stats::count(Stat::EgressSeen, ctx.len());
-    let v = match egress(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
-    finish(&ctx, v)
+    conclude(&ctx, egress(&ctx))
 }
 
 #[inline(always)]
@@ -274,10 +278,7 @@ fn clamp(ctx: &TcContext, ip: &Ip, ports: &Ports, local: &Local) {
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     stats::count(Stat::IngressSeen, ctx.len());
-    let v = match ingress(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
-    finish(&ctx, v)
+    conclude(&ctx, ingress(&ctx))
 }
 
 /// How a packet arrived: plain, or inside a tunnel from a peer (outer headers still on).
@@ -387,10 +388,7 @@ fn jump(ctx: &TcContext, index: u32) -> Verdict {
 /// and `tc_tunnel`).
 #[classifier]
 pub fn tc_icmp_error(ctx: TcContext) -> i32 {
-    let v = match icmp_error(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
-    finish(&ctx, v)
+    conclude(&ctx, icmp_error(&ctx))
 }
 
 #[inline(always)]
@@ -453,10 +451,7 @@ fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
 /// IPv4 GRE arriving on the uplink (tail-called from `tc_ingress`).
 #[classifier]
 pub fn tc_tunnel(ctx: TcContext) -> i32 {
-    let v = match from_tunnel(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
-    finish(&ctx, v)
+    conclude(&ctx, from_tunnel(&ctx))
 }
 
 /// GRE from the fabric: a reply for a translation made here (soft-unicast), a reply for one of
