@@ -679,9 +679,13 @@ fn differential() {
         }
         if problems.is_empty() {
             if let Some(m) = model_out {
+                let how = match m.verdict {
+                    Verdict::Leave => format!(" [{}]", verdict_name(real.verdict)),
+                    _ => String::new(),
+                };
                 *tally
                     .agreed
-                    .entry(format!("{} ({})", m.counter, m.rule))
+                    .entry(format!("{} ({}){how}", m.counter, m.rule))
                     .or_default() += 1;
             }
             continue;

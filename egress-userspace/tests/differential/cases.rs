@@ -1387,7 +1387,17 @@ fn ingress_reply(g: &mut G) -> Gen {
             ]);
             g.tcp(rport, port, Some(f))
         }
-        5..=7 => g.udp(rport, port),
+        5 | 6 => g.udp(rport, port),
+        7 => {
+            g.tag("udp near the MTU");
+            let n = g.r.range(1400, 1472) as usize;
+            Tp::Udp {
+                sport: rport,
+                dport: port,
+                payload: g.r.bytes(n),
+                zero_csum: false,
+            }
+        }
         8 => {
             g.tag("echo reply");
             let b = g.payload();
