@@ -202,10 +202,10 @@ pub enum L4 {
     },
     /// ICMPv4 3/11, ICMPv6 1/2/3 (at least the type byte present).
     IcmpError,
-    /// Any other ICMP type (with at least 8 bytes, or not an echo).
+    /// Any other ICMP type (with at least 8 bytes).
     IcmpOther,
-    /// TCP, UDP or ICMP echo whose header is cut short; `icmp_type` when it is ICMP and the
-    /// type byte is there.
+    /// TCP or UDP whose header is cut short, ICMP (not an error) shorter than 8 bytes;
+    /// `icmp_type` when it is ICMP and the type byte is there.
     Truncated {
         icmp: bool,
         icmp_type: Option<u8>,
@@ -279,13 +279,13 @@ pub fn parse_l4(p: &[u8], ip: &Ip) -> Result<L4, &'static str> {
             return Ok(L4::IcmpError);
         }
         let (req, rep) = echo_types(ip.v6);
+        if avail < 8 {
+            return Ok(L4::Truncated {
+                icmp: true,
+                icmp_type: Some(t),
+            });
+        }
         if t == req || t == rep {
-            if avail < 8 {
-                return Ok(L4::Truncated {
-                    icmp: true,
-                    icmp_type: Some(t),
-                });
-            }
             return Ok(L4::Echo {
                 request: t == req,
                 id: be16(p, at + 4),
