@@ -1,0 +1,751 @@
+//! Differential test: the real TC programs (BPF_PROG_TEST_RUN) against an independent model of
+//! the README's "Datapath rules" (`tests/model/`), on seeded random topologies, flow tables and
+//! packets. Every case must agree byte for byte on verdict, output packet, the counter that
+//! moved and the flow-table changes, and every output must keep the invariants (checksums,
+//! pool sources towards policy destinations, drops counted).
+//!
+//! Environment:
+//! - `EGRESS_DIFF_SEED` (decimal or 0x-hex), `EGRESS_DIFF_CASES`: seed and number of cases;
+//! - `EGRESS_DIFF_CASE=N`: run only case N of that seed, verbosely (replay);
+//! - `EGRESS_DIFF_REPORT=1`: run every case and print a table of disagreement classes with one
+//!   example each instead of stopping at the first.
+
+#[path = "differential/cases.rs"]
+mod cases;
+#[path = "differential/check.rs"]
+mod check;
+mod common;
+mod model;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Instant,
+};
+
+use cases::{Case, Rng, Topo};
+use egress::testrun::{self, GATEWAY_MAC, PEER_MAC, TestDatapath, TestNet};
+use egress_common::{
+    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+    stats::Stat,
+};
+use model::{Answer, Choices, Env, Flows, Hook, Outcome, Verdict, World};
+
+const DEFAULT_SEED: u64 = 0xe9e5_5eed;
+const DEFAULT_CASES: usize = 20_000;
+/// Cases in a row on one topology (switching rewrites the plan maps).
+const CASES_PER_TOPOLOGY: usize = 50;
+const GENERATED_TOPOLOGIES: usize = 5;
+const TC_ACT_REDIRECT: u32 = 7;
+const UNTESTABLE: &str = "BPF_PROG_TEST_RUN refuses the packet (EINVAL): not run";
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    Some(match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap_or_else(|e| panic!("{name}={v}: {e}")),
+        None => v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")),
+    })
+}
+
+fn hex(p: &[u8]) -> String {
+    p.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the programs did.
+struct Real {
+    verdict: u32,
+    packet: Vec<u8>,
+    /// Counters that moved (packets), `*_seen` excluded.
+    moved: BTreeMap<&'static str, u64>,
+    flows: Flows,
+}
+
+fn counters(dp: &TestDatapath) -> Vec<u64> {
+    Stat::ALL.iter().map(|s| dp.counter(*s)).collect()
+}
+
+/// The flow table a case starts from (later entries of the same key win, as in the map).
+fn dp_flows_or(c: &Case) -> Flows {
+    c.flows.iter().copied().collect()
+}
+
+fn flows_of(dp: &TestDatapath) -> Flows {
+    dp.maps
+        .flows
+        .iter()
+        .map(|r| r.expect("FLOWS iterates"))
+        .collect()
+}
+
+fn set_flows(dp: &mut TestDatapath, entries: &[(FlowKey, FlowValue)]) {
+    let keys: Vec<FlowKey> = dp
+        .maps
+        .flows
+        .keys()
+        .map(|k| k.expect("FLOWS keys"))
+        .collect();
+    for k in keys {
+        dp.maps.flows.remove(&k).expect("FLOWS remove");
+    }
+    for (k, v) in entries {
+        dp.maps.flows.insert(k, v, 0).expect("FLOWS insert");
+    }
+}
+
+/// None: BPF_PROG_TEST_RUN refuses the packet (e.g. an IPv6 frame cut inside the header).
+fn run_real(dp: &mut TestDatapath, c: &Case) -> Option<Real> {
+    let before = counters(dp);
+    let hook = if c.ingress {
+        testrun::Hook::Ingress
+    } else {
+        testrun::Hook::Egress
+    };
+    let out = match dp.run(hook, c.mark, &c.packet) {
+        Ok(out) => out,
+        Err(e) if format!("{e:#}").contains("os error 22") => return None,
+        Err(e) => panic!("BPF_PROG_TEST_RUN of {}: {e:#}", hex(&c.packet)),
+    };
+    let after = counters(dp);
+    let moved = Stat::ALL
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(s, (b, a))| a != b && !matches!(s, Stat::EgressSeen | Stat::IngressSeen))
+        .map(|(s, (b, a))| (s.name(), a - b))
+        .collect();
+    Some(Real {
+        verdict: out.verdict,
+        packet: out.packet,
+        moved,
+        flows: flows_of(dp),
+    })
+}
+
+// ------------------------------------------------------------------ flow tables
+
+type Masked = (u8, [u8; 16], u16, u32, [u8; 4]);
+
+/// What the rules say of an entry: kind, address and port (not for forwarded entries), pool,
+/// tunnel. Timestamps and the closing flag are not compared.
+fn masked(v: &FlowValue) -> Masked {
+    if v.kind == FLOW_FORWARDED {
+        (v.kind, [0; 16], 0, v.pool, v.tunnel)
+    } else {
+        (v.kind, v.addr, v.port_be, v.pool, v.tunnel)
+    }
+}
+
+fn key_bytes(k: &FlowKey) -> Vec<u8> {
+    let mut b = k.src.to_vec();
+    b.extend_from_slice(&k.dst);
+    b.extend_from_slice(&k.src_port_be.to_ne_bytes());
+    b.extend_from_slice(&k.dst_port_be.to_ne_bytes());
+    b.extend_from_slice(&[k.proto, k.family]);
+    b
+}
+
+fn table(f: &Flows) -> BTreeMap<Vec<u8>, (FlowKey, Masked)> {
+    f.iter()
+        .map(|(k, v)| (key_bytes(k), (*k, masked(v))))
+        .collect()
+}
+
+fn show_key(k: &FlowKey) -> String {
+    let proto = match k.proto {
+        6 => "tcp",
+        17 => "udp",
+        1 => "icmp",
+        58 => "icmp6",
+        _ => "?",
+    };
+    format!(
+        "{proto} {}:{} → {}:{}",
+        model::show_addr(&k.src, k.family),
+        u16::from_be(k.src_port_be),
+        model::show_addr(&k.dst, k.family),
+        u16::from_be(k.dst_port_be)
+    )
+}
+
+fn show_val(family: u8, m: &Masked) -> String {
+    let kind = match m.0 {
+        FLOW_OUTBOUND => "outbound",
+        FLOW_REVERSE => "reverse",
+        FLOW_FORWARDED => "forwarded",
+        _ => "?",
+    };
+    let t = if m.4 == [0; 4] {
+        String::new()
+    } else {
+        format!(" tunnel {}", std::net::Ipv4Addr::from(m.4))
+    };
+    if m.0 == FLOW_FORWARDED {
+        format!("{kind} pool {}{t}", m.3)
+    } else {
+        format!(
+            "{kind} {}:{} pool {}{t}",
+            model::show_addr(&m.1, family),
+            u16::from_be(m.2),
+            m.3
+        )
+    }
+}
+
+/// The changes from `before` to `after`, one line each.
+fn changes(before: &Flows, after: &Flows) -> Vec<String> {
+    let (b, a) = (table(before), table(after));
+    let mut out = Vec::new();
+    for (kb, (k, v)) in &a {
+        match b.get(kb) {
+            None => out.push(format!("+ {} ⇒ {}", show_key(k), show_val(k.family, v))),
+            Some((_, old)) if old != v => out.push(format!(
+                "~ {} ⇒ {} (was {})",
+                show_key(k),
+                show_val(k.family, v),
+                show_val(k.family, old)
+            )),
+            _ => {}
+        }
+    }
+    for (kb, (k, v)) in &b {
+        if !a.contains_key(kb) {
+            out.push(format!("- {} ({})", show_key(k), show_val(k.family, v)));
+        }
+    }
+    out
+}
+
+/// The choices the programs made: the claimed reverse entry, the next hop of a new forwarded
+/// entry.
+fn choices(before: &Flows, after: &Flows) -> Choices {
+    let mut c = Choices::default();
+    for (k, v) in after {
+        let old = before.get(k);
+        if v.kind == FLOW_REVERSE && old.is_none() && c.snat.is_none() {
+            c.snat = Some((k.dst, u16::from_be(k.dst_port_be)));
+        }
+        if v.kind == FLOW_FORWARDED && old.map(masked) != Some(masked(v)) && c.hop.is_none() {
+            c.hop = Some(v.tunnel);
+        }
+    }
+    c
+}
+
+// ------------------------------------------------------------------ comparison
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        0 => "pass (TC_ACT_OK)".into(),
+        2 => "drop (TC_ACT_SHOT)".into(),
+        7 => "sent (TC_ACT_REDIRECT)".into(),
+        x => format!("verdict {x}"),
+    }
+}
+
+fn verdict_ok(m: Verdict, real: u32) -> bool {
+    match m {
+        Verdict::Pass => real == 0,
+        Verdict::Drop => real == 2,
+        Verdict::Send => real == TC_ACT_REDIRECT,
+        Verdict::Leave => real == 0 || real == TC_ACT_REDIRECT,
+    }
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> String {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!(
+            "first difference at byte {i}: model {:02x}, programs {:02x}",
+            a[i], b[i]
+        ),
+        None => format!("lengths differ: model {}, programs {}", a.len(), b.len()),
+    }
+}
+
+/// Mismatches between the model's outcome and the programs': (kind, detail).
+fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, String)> {
+    let mut bad = Vec::new();
+    if !verdict_ok(m.verdict, real.verdict) {
+        bad.push((
+            "verdict",
+            format!(
+                "model {:?}, programs {}",
+                m.verdict,
+                verdict_name(real.verdict)
+            ),
+        ));
+    }
+    let main: Vec<(&str, u64)> = real
+        .moved
+        .iter()
+        .filter(|(n, _)| !matches!(**n, "port_collision" | "mss_clamped"))
+        .map(|(n, d)| (*n, *d))
+        .collect();
+    if main != [(m.counter, 1)] {
+        bad.push(("counter", format!("model {}, programs {main:?}", m.counter)));
+    }
+    let clamped = real.moved.get("mss_clamped").copied().unwrap_or(0);
+    if clamped != u64::from(m.mss_clamped) {
+        bad.push((
+            "mss_clamped",
+            format!("model {}, programs {clamped}", u64::from(m.mss_clamped)),
+        ));
+    }
+    let coll = real.moved.get("port_collision").copied().unwrap_or(0);
+    if !(m.collisions.0..=m.collisions.1).contains(&coll) {
+        bad.push((
+            "port_collision",
+            format!(
+                "model {}..={}, programs {coll}",
+                m.collisions.0, m.collisions.1
+            ),
+        ));
+    }
+    let dropped = m.verdict == Verdict::Drop && real.verdict == 2;
+    if !dropped && verdict_ok(m.verdict, real.verdict) {
+        let (a, b) = if m.l2_unspecified {
+            (
+                &m.packet[12.min(m.packet.len())..],
+                &real.packet[12.min(real.packet.len())..],
+            )
+        } else {
+            (&m.packet[..], &real.packet[..])
+        };
+        if a != b {
+            bad.push(("bytes", first_diff(&m.packet, &real.packet)));
+        }
+    }
+    if m.flows_unspecified.is_none() && table(&m.flows) != table(&real.flows) {
+        bad.push((
+            "flows",
+            format!(
+                "model {:?}, programs {:?}",
+                changes(before, &m.flows),
+                changes(before, &real.flows)
+            ),
+        ));
+    }
+    if let Some(what) = m.missing_choice
+        && m.verdict != Verdict::Drop
+    {
+        bad.push(("choice", format!("the model needed {what}")));
+    }
+    bad
+}
+
+/// Invariants of one output (the programs' or the model's): Err describes the violation.
+fn invariants(
+    topo: &Topo,
+    hook: Hook,
+    mark: u32,
+    input: &[u8],
+    verdict: u32,
+    out: &[u8],
+    moved: Option<&BTreeMap<&'static str, u64>>,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    if verdict == 2 {
+        // The README names every drop `drop_*`, except that its egress rule 1 drops a bad IP
+        // header as `egress_malformed`: that one exception is accepted.
+        if let Some(moved) = moved
+            && !moved
+                .keys()
+                .any(|n| n.starts_with("drop_") || *n == "egress_malformed")
+        {
+            bad.push(format!("dropped without a drop_* counter ({moved:?})"));
+        }
+        return bad;
+    }
+    if verdict != 0 && verdict != TC_ACT_REDIRECT {
+        bad.push(format!("unexpected verdict {verdict}"));
+        return bad;
+    }
+    // Checksums: whatever was valid going in is valid going out.
+    if matches!(check::verify(input), Ok(true)) {
+        if let Err(e) = check::verify(out) {
+            bad.push(format!("checksum: {e}"));
+        }
+        if check::verify_quote(input).is_ok()
+            && let Err(e) = check::verify_quote(out)
+        {
+            bad.push(format!("checksum: {e}"));
+        }
+        if check::plain_transport(out)
+            && let Err(e) = testrun::packet::verify_checksums(out)
+        {
+            bad.push(format!("checksum (testrun verifier): {e}"));
+        }
+    }
+    // Sources towards policy destinations.
+    let leaves = match hook {
+        Hook::Egress => true,
+        Hook::Ingress => verdict == TC_ACT_REDIRECT,
+    };
+    if leaves && let Some((src, dst, ..)) = check::outer(out) {
+        let covered = |m: u32| {
+            topo.policies
+                .iter()
+                .any(|(pm, net, _)| *pm == m && net.contains(&dst))
+        };
+        let policy = match hook {
+            Hook::Egress => covered(mark) || covered(0),
+            Hook::Ingress => topo.policies.iter().any(|(_, net, _)| net.contains(&dst)),
+        };
+        if policy && !topo.is_pool_address(src) {
+            bad.push(format!(
+                "leaves towards policy destination {dst} from {src}, not a pool address"
+            ));
+        }
+    }
+    bad
+}
+
+// ------------------------------------------------------------------ the test
+
+struct Disagreement {
+    count: usize,
+    example: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    agreed: BTreeMap<String, usize>,
+    silent: BTreeMap<&'static str, (usize, String)>,
+    disagree: BTreeMap<String, Disagreement>,
+}
+
+fn describe_case(seed: u64, i: usize, topo: &Topo, c: &Case, before: &Flows) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "case {i} of seed {seed:#x} (replay: EGRESS_DIFF_SEED={seed:#x} EGRESS_DIFF_CASE={i} cargo xtask test -- --test differential)"
+    );
+    let _ = writeln!(
+        s,
+        "  topology {}; {} mark {:#x}; class: {}",
+        topo.name,
+        if c.ingress { "ingress" } else { "egress" },
+        c.mark,
+        c.class
+    );
+    let _ = writeln!(s, "  packet  {}", hex(&c.packet));
+    for (k, v) in before {
+        let _ = writeln!(
+            s,
+            "  flow    {} ⇒ {}",
+            show_key(k),
+            show_val(k.family, &masked(v))
+        );
+    }
+    s
+}
+
+fn describe_real(real: &Real, before: &Flows) -> String {
+    format!(
+        "  programs: {}; counters {:?}\n            packet {}\n            flows {:?}\n",
+        verdict_name(real.verdict),
+        real.moved,
+        if real.verdict == 2 {
+            "-".into()
+        } else {
+            hex(&real.packet)
+        },
+        changes(before, &real.flows)
+    )
+}
+
+fn describe_model(m: &Outcome, before: &Flows) -> String {
+    format!(
+        "  model:    {:?} {}{} ({}); collisions {}..={}\n            packet {}{}\n            flows {:?}{}\n",
+        m.verdict,
+        m.counter,
+        if m.mss_clamped { " + mss_clamped" } else { "" },
+        m.rule,
+        m.collisions.0,
+        m.collisions.1,
+        if m.verdict == Verdict::Drop {
+            "-".into()
+        } else {
+            hex(&m.packet)
+        },
+        if m.l2_unspecified {
+            " (Ethernet addresses unspecified)"
+        } else {
+            ""
+        },
+        changes(before, &m.flows),
+        m.flows_unspecified
+            .map(|w| format!(" (unspecified: {w})"))
+            .unwrap_or_default(),
+    )
+}
+
+fn model_verdict(v: Verdict, real: u32) -> u32 {
+    match v {
+        Verdict::Pass => 0,
+        Verdict::Drop => 2,
+        Verdict::Send => TC_ACT_REDIRECT,
+        Verdict::Leave => real,
+    }
+}
+
+#[test]
+fn differential() {
+    common::require_root();
+    let seed = env_u64("EGRESS_DIFF_SEED").unwrap_or(DEFAULT_SEED);
+    let cases = env_u64("EGRESS_DIFF_CASES").map_or(DEFAULT_CASES, |n| n as usize);
+    let only = env_u64("EGRESS_DIFF_CASE").map(|n| n as usize);
+    let report = std::env::var("EGRESS_DIFF_REPORT").is_ok_and(|v| v == "1");
+    let started = Instant::now();
+
+    let net = TestNet::enter();
+    // Permanent neighbours for every generated peer (10.50.0.12 and the gateway exist).
+    let mut neighbours = BTreeMap::from([
+        ([10, 50, 0, 12], PEER_MAC),
+        ([10, 50, 255, 254], GATEWAY_MAC),
+    ]);
+    for (_, id, _) in &cases::SERVERS[2..] {
+        let mac = [0x02, 0, 0, 0, 0, *id as u8];
+        let ip = format!("10.50.0.{id}");
+        let lladdr = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let st = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &net.name,
+                "neigh",
+                "add",
+                &ip,
+                "lladdr",
+                &lladdr,
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ])
+            .status()
+            .expect("ip neigh add");
+        assert!(st.success(), "ip neigh add {ip}");
+        neighbours.insert([10, 50, 0, *id as u8], mac);
+    }
+    let env = Env {
+        uplink_mac: net.mac,
+        mtu: 1500,
+        local_addrs: vec![cases::FABRIC],
+        connected: vec![([10, 50, 0, 0], 16)],
+        routes: vec![([203, 0, 113, 0], 24, [10, 50, 255, 254])],
+        neighbours,
+    };
+
+    let mut topos =
+        vec![Topo::new("fixture", testrun::FIXTURE_TOPOLOGY).expect("fixture topology")];
+    let mut trng = Rng::new(seed);
+    for n in 0..GENERATED_TOPOLOGIES {
+        topos.push(cases::topology(&mut trng, &format!("generated-{n}")));
+    }
+    let mut dp = TestDatapath::fixture(&net, testrun::FIXTURE_TOPOLOGY).expect("programs load");
+    let local = egress_common::fabric::Local {
+        fabric: cases::FABRIC,
+        ifindex: net.ifindex,
+        mss_v4: 1432,
+        _pad: [0; 6],
+    };
+
+    let mut tally = Tally::default();
+    let mut current = usize::MAX;
+    let range = match only {
+        Some(i) => i..i + 1,
+        None => 0..cases,
+    };
+    let mut ran = 0usize;
+    for i in range {
+        let ti = (i / CASES_PER_TOPOLOGY) % topos.len();
+        let topo = &topos[ti];
+        if ti != current {
+            dp.maps.plan.apply(&topo.contents).expect("plan written");
+            current = ti;
+        }
+        let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let c = cases::case(topo, &mut rng);
+        ran += 1;
+        set_flows(&mut dp, &c.flows);
+        let before: Flows = dp_flows_or(&c);
+        let Some(real) = run_real(&mut dp, &c) else {
+            let e = tally.silent.entry(UNTESTABLE).or_insert((0, String::new()));
+            e.0 += 1;
+            if e.1.is_empty() {
+                e.1 = describe_case(seed, i, topo, &c, &before);
+            }
+            continue;
+        };
+        let hook = if c.ingress {
+            Hook::Ingress
+        } else {
+            Hook::Egress
+        };
+        let world = World {
+            maps: &topo.contents,
+            local,
+            env: &env,
+        };
+        let ch = choices(&before, &real.flows);
+        let answer = model::run(&world, &before, hook, c.mark, &c.packet, &ch);
+        let mut scenario = c.class.split(" / ").next().unwrap_or("").to_string();
+        if let Some(l4) = c.class.split(" / ").find_map(|t| {
+            [
+                "tcp",
+                "udp",
+                "echo request",
+                "echo reply",
+                "quotes echo",
+                "icmp",
+                "sctp",
+                "esp",
+                "gre",
+            ]
+            .into_iter()
+            .find(|p| t.starts_with(p))
+        }) {
+            scenario += &format!(" ({l4})");
+        }
+        if !c.ingress && c.mark & 0x8000_0000 != 0 {
+            scenario += " [mark bit 31]";
+        }
+
+        let mut problems: Vec<(String, String)> = Vec::new();
+        for v in invariants(
+            topo,
+            hook,
+            c.mark,
+            &c.packet,
+            real.verdict,
+            &real.packet,
+            Some(&real.moved),
+        ) {
+            problems.push(("programs invariant".into(), v));
+        }
+        let mut model_out = None;
+        match &answer {
+            Answer::Silent(why) => {
+                let e = tally.silent.entry(why).or_insert((0, String::new()));
+                e.0 += 1;
+                if e.1.is_empty() {
+                    e.1 = format!(
+                        "{}{}",
+                        describe_case(seed, i, topo, &c, &before),
+                        describe_real(&real, &before)
+                    );
+                }
+            }
+            Answer::BadChoice(why) => {
+                problems.push(("choice not allowed by the rules".into(), why.clone()))
+            }
+            Answer::Sure(m) => {
+                for (kind, d) in compare(m, &real, &before) {
+                    problems.push((
+                        format!(
+                            "{kind}: model {} / programs {:?}",
+                            m.counter,
+                            real.moved.keys().collect::<Vec<_>>()
+                        ),
+                        d,
+                    ));
+                }
+                for v in invariants(
+                    topo,
+                    hook,
+                    c.mark,
+                    &c.packet,
+                    model_verdict(m.verdict, real.verdict),
+                    &m.packet,
+                    None,
+                ) {
+                    problems.push(("model invariant".into(), v));
+                }
+                model_out = Some(m);
+            }
+        }
+        let mut text = describe_case(seed, i, topo, &c, &before);
+        if let Some(m) = model_out {
+            text += &describe_model(m, &before);
+        } else if let Answer::Silent(w) = &answer {
+            let _ = writeln!(text, "  model:    the rules are silent: {w}");
+        }
+        text += &describe_real(&real, &before);
+        if only.is_some() {
+            println!("topology {}:\n{}\n{text}", topo.name, topo.toml);
+        }
+        if problems.is_empty() {
+            if let Some(m) = model_out {
+                let how = match m.verdict {
+                    Verdict::Leave => format!(" [{}]", verdict_name(real.verdict)),
+                    _ => String::new(),
+                };
+                *tally
+                    .agreed
+                    .entry(format!("{} ({}){how}", m.counter, m.rule))
+                    .or_default() += 1;
+            }
+            continue;
+        }
+        for (k, d) in &problems {
+            let _ = writeln!(text, "  ✗ {k}: {d}");
+        }
+        if !report {
+            panic!("model and programs disagree\n{text}");
+        }
+        let kinds: BTreeSet<&str> = problems
+            .iter()
+            .map(|(k, _)| k.split(':').next().unwrap_or(""))
+            .collect();
+        let class = format!(
+            "{scenario} | model {} | programs {} | {}",
+            model_out.map_or_else(|| "silent".to_string(), |m| m.counter.to_string()),
+            real.moved
+                .keys()
+                .filter(|n| !matches!(**n, "port_collision" | "mss_clamped"))
+                .copied()
+                .collect::<Vec<_>>()
+                .join("+"),
+            kinds.into_iter().collect::<Vec<_>>().join(",")
+        );
+        let e = tally.disagree.entry(class).or_insert(Disagreement {
+            count: 0,
+            example: text,
+        });
+        e.count += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let agreed: usize = tally.agreed.values().sum();
+    let silent: usize = tally.silent.values().map(|(n, _)| n).sum();
+    let disagreed: usize = tally.disagree.values().map(|d| d.count).sum();
+    println!(
+        "differential: seed {seed:#x}, {ran} cases in {secs:.1} s ({} topologies): {agreed} agree, {silent} where the rules are silent, {disagreed} disagree",
+        topos.len()
+    );
+    println!("agreeing outcomes:");
+    for (k, n) in &tally.agreed {
+        println!("  {n:6}  {k}");
+    }
+    println!("silent (byte comparison skipped):");
+    for (k, (n, _)) in &tally.silent {
+        println!("  {n:6}  {k}");
+    }
+    if report {
+        println!("disagreement classes (scenario | model | programs | what differs):");
+        for (k, d) in &tally.disagree {
+            println!("  {:6}  {k}", d.count);
+        }
+        for (k, d) in &tally.disagree {
+            println!("\n=== {k} ({} cases)\n{}", d.count, d.example);
+        }
+        if std::env::var("EGRESS_DIFF_SILENT_EXAMPLES").is_ok_and(|v| v == "1") {
+            for (k, (_, ex)) in &tally.silent {
+                println!("\n--- silent: {k}\n{ex}");
+            }
+        }
+        assert_eq!(disagreed, 0, "{disagreed} cases disagree (table above)");
+    }
+}

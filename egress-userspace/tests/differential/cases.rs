@@ -1,0 +1,1852 @@
+//! Seeded generation of topologies, flow-table states and packets for the differential test.
+//! Packets are built here with checksums computed from scratch.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use egress::{
+    config::Config,
+    plan::{self, MapContents},
+    validate::{self, Topology},
+};
+use egress_common::{
+    action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
+    fabric::Owners,
+    flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+};
+use ipnet::IpNet;
+
+// ------------------------------------------------------------------ PRNG
+
+/// SplitMix64: small, seedable, good enough for test generation.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut r = Rng(seed ^ 0x6a09_e667_f3bc_c908);
+        r.next();
+        r
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+    pub fn u16(&mut self) -> u16 {
+        self.next() as u16
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+// ------------------------------------------------------------------ packet building
+
+fn sum(data: &[u8], mut acc: u64) -> u64 {
+    for c in data.chunks(2) {
+        acc += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u64 {
+    sum(&octets(dst), sum(&octets(src), 0)) + u64::from(proto) + len as u64
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A transport payload to build.
+#[derive(Debug, Clone)]
+pub enum Tp {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        opts: Vec<u8>,
+        payload: Vec<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+        zero_csum: bool,
+    },
+    /// ICMP / ICMPv6 message: type, code, the 4 bytes after the checksum, body.
+    Icmp {
+        typ: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
+    Raw {
+        proto: u8,
+        payload: Vec<u8>,
+    },
+}
+
+impl Tp {
+    pub fn echo(v6: bool, request: bool, id: u16, seq: u16, body: Vec<u8>) -> Tp {
+        let typ = match (v6, request) {
+            (false, true) => 8,
+            (false, false) => 0,
+            (true, true) => 128,
+            (true, false) => 129,
+        };
+        let mut rest = [0u8; 4];
+        rest[..2].copy_from_slice(&id.to_be_bytes());
+        rest[2..].copy_from_slice(&seq.to_be_bytes());
+        Tp::Icmp {
+            typ,
+            code: 0,
+            rest,
+            body,
+        }
+    }
+    pub fn proto(&self, v6: bool) -> u8 {
+        match self {
+            Tp::Tcp { .. } => 6,
+            Tp::Udp { .. } => 17,
+            Tp::Icmp { .. } => {
+                if v6 {
+                    58
+                } else {
+                    1
+                }
+            }
+            Tp::Raw { proto, .. } => *proto,
+        }
+    }
+    /// (source port, destination port) as the flow table keys this packet when it opens a
+    /// connection (echo request: identifier, 0).
+    pub fn conn_ports(&self) -> (u16, u16) {
+        match self {
+            Tp::Tcp { sport, dport, .. } | Tp::Udp { sport, dport, .. } => (*sport, *dport),
+            Tp::Icmp { rest, .. } => (u16::from_be_bytes([rest[0], rest[1]]), 0),
+            Tp::Raw { .. } => (0, 0),
+        }
+    }
+    /// The same packet's ports as a reply (echo reply: 0, identifier).
+    pub fn reply_ports(&self) -> (u16, u16) {
+        match self {
+            Tp::Icmp { rest, .. } => (0, u16::from_be_bytes([rest[0], rest[1]])),
+            _ => self.conn_ports(),
+        }
+    }
+}
+
+/// The transport bytes of `tp` between `src` and `dst`, checksums computed from scratch.
+pub fn segment(src: IpAddr, dst: IpAddr, tp: &Tp) -> Vec<u8> {
+    let v6 = src.is_ipv6();
+    let proto = tp.proto(v6);
+    let mut seg;
+    let csum_at;
+    match tp {
+        Tp::Tcp {
+            sport,
+            dport,
+            flags,
+            opts,
+            payload,
+        } => {
+            let mut o = opts.clone();
+            while o.len() % 4 != 0 {
+                o.push(0);
+            }
+            seg = vec![0u8; 20];
+            seg[0..2].copy_from_slice(&sport.to_be_bytes());
+            seg[2..4].copy_from_slice(&dport.to_be_bytes());
+            seg[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+            if flags & TCP_ACK != 0 {
+                seg[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+            }
+            seg[12] = (((20 + o.len()) / 4) as u8) << 4;
+            seg[13] = *flags;
+            seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            seg.extend_from_slice(&o);
+            seg.extend_from_slice(payload);
+            csum_at = Some(16);
+        }
+        Tp::Udp {
+            sport,
+            dport,
+            payload,
+            zero_csum,
+        } => {
+            seg = vec![0u8; 8];
+            seg[0..2].copy_from_slice(&sport.to_be_bytes());
+            seg[2..4].copy_from_slice(&dport.to_be_bytes());
+            seg[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            seg.extend_from_slice(payload);
+            csum_at = if *zero_csum { None } else { Some(6) };
+        }
+        Tp::Icmp {
+            typ,
+            code,
+            rest,
+            body,
+        } => {
+            seg = vec![*typ, *code, 0, 0];
+            seg.extend_from_slice(rest);
+            seg.extend_from_slice(body);
+            csum_at = Some(2);
+        }
+        Tp::Raw { payload, .. } => {
+            seg = payload.clone();
+            csum_at = None;
+        }
+    }
+    if let Some(at) = csum_at {
+        let acc = if proto == 1 {
+            0
+        } else {
+            pseudo(src, dst, proto, seg.len())
+        };
+        let mut c = fold(sum(&seg, acc));
+        if proto == 17 && c == 0 {
+            c = 0xffff;
+        }
+        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    seg
+}
+
+/// IPv4 header fields the generator varies.
+#[derive(Debug, Clone)]
+pub struct V4 {
+    pub tos: u8,
+    pub id: u16,
+    /// Flags and fragment offset.
+    pub frag: u16,
+    pub ttl: u8,
+    pub options: Vec<u8>,
+}
+
+impl Default for V4 {
+    fn default() -> Self {
+        V4 {
+            tos: 0,
+            id: 0x1c46,
+            frag: 0x4000,
+            ttl: 64,
+            options: vec![],
+        }
+    }
+}
+
+/// An IP packet (no Ethernet) carrying `payload` as protocol `proto`.
+pub fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, h: &V4, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let hl = 20 + h.options.len();
+            assert_eq!(hl % 4, 0);
+            let mut ip = vec![0u8; 20];
+            ip[0] = 0x40 | (hl / 4) as u8;
+            ip[1] = h.tos;
+            ip[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&h.id.to_be_bytes());
+            ip[6..8].copy_from_slice(&h.frag.to_be_bytes());
+            ip[8] = h.ttl;
+            ip[9] = proto;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            ip.extend_from_slice(&h.options);
+            let c = fold(sum(&ip, 0));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            ip.extend_from_slice(payload);
+            ip
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = vec![0u8; 40];
+            ip[0] = 0x60 | (h.tos >> 4);
+            ip[1] = h.tos << 4;
+            ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+            ip[6] = proto;
+            ip[7] = h.ttl;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            ip.extend_from_slice(payload);
+            ip
+        }
+        _ => panic!("mixed families"),
+    }
+}
+
+/// IP packet of a transport message.
+pub fn ip_tp(src: IpAddr, dst: IpAddr, h: &V4, tp: &Tp) -> Vec<u8> {
+    ip_packet(src, dst, tp.proto(src.is_ipv6()), h, &segment(src, dst, tp))
+}
+
+pub const FRAME_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const FRAME_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+pub fn frame(ethertype: u16, ip: &[u8]) -> Vec<u8> {
+    let mut f = FRAME_DST.to_vec();
+    f.extend_from_slice(&FRAME_SRC);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(ip);
+    f
+}
+
+pub fn ip_frame(ip: &[u8]) -> Vec<u8> {
+    frame(if ip[0] >> 4 == 6 { 0x86dd } else { 0x0800 }, ip)
+}
+
+/// A GRE packet (outer IPv4) around `inner` (IP bytes).
+pub fn gre_packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    h: &V4,
+    flags: u16,
+    proto: u16,
+    key: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut g = flags.to_be_bytes().to_vec();
+    g.extend_from_slice(&proto.to_be_bytes());
+    if flags & 0x8000 != 0 {
+        g.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    if flags & 0x2000 != 0 {
+        g.extend_from_slice(&key.to_be_bytes());
+    }
+    if flags & 0x1000 != 0 {
+        g.extend_from_slice(&[0, 0, 0, 1]);
+    }
+    g.extend_from_slice(inner);
+    ip_packet(src.into(), dst.into(), 47, h, &g)
+}
+
+// ------------------------------------------------------------------ topologies
+
+/// One topology as generation sees it, with the map contents of server `a`.
+pub struct Topo {
+    pub name: String,
+    pub toml: String,
+    pub topology: Topology,
+    pub contents: MapContents,
+    /// (mark, destination, pool id).
+    pub policies: Vec<(u32, IpNet, u32)>,
+    pub actions: Vec<(ActionKey, Action)>,
+    pub owners: Vec<([u8; 4], Owners)>,
+    pub peers: Vec<[u8; 4]>,
+}
+
+pub const FABRIC: [u8; 4] = [10, 50, 0, 11];
+
+impl Topo {
+    pub fn new(name: &str, toml: &str) -> Result<Topo, String> {
+        let config = Config::parse(toml, name).map_err(|e| e.to_string())?;
+        let topology = validate::validate(&config).map_err(|e| e.to_string())?;
+        let p = plan::plan(&topology, "a");
+        let contents = plan::map_contents(&topology, &p);
+        let mut policies = Vec::new();
+        for ((plen, k), v) in &contents.policies_v4 {
+            let net = IpNet::new(IpAddr::from(k.addr), (plen - 32) as u8).unwrap();
+            policies.push((u32::from_be(k.mark_be), net, v.pool));
+        }
+        for ((plen, k), v) in &contents.policies_v6 {
+            let net = IpNet::new(IpAddr::from(k.addr), (plen - 32) as u8).unwrap();
+            policies.push((u32::from_be(k.mark_be), net, v.pool));
+        }
+        Ok(Topo {
+            name: name.to_string(),
+            toml: toml.to_string(),
+            actions: contents.actions.iter().map(|(k, v)| (*k, *v)).collect(),
+            owners: contents.owners.iter().map(|(k, v)| (*k, *v)).collect(),
+            peers: contents.peers.keys().copied().collect(),
+            policies,
+            topology,
+            contents,
+        })
+    }
+
+    /// Pool ids with an action of `kind` for `family`.
+    pub fn pools_with(&self, kind: ActionKind, family: u8) -> Vec<(u32, Action)> {
+        self.actions
+            .iter()
+            .filter(|(k, a)| k.family == family && a.kind == kind as u8)
+            .map(|(k, a)| (k.pool, *a))
+            .collect()
+    }
+
+    pub fn pool_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.actions.iter().map(|(k, _)| k.pool).collect();
+        v.dedup();
+        v
+    }
+
+    /// Every pool address of the topology (IPv4 addresses; IPv6 prefixes).
+    pub fn is_pool_address(&self, a: IpAddr) -> bool {
+        self.topology.pools.values().any(|p| match a {
+            IpAddr::V4(v4) => p.addresses.contains(&v4),
+            IpAddr::V6(v6) => p.ipv6_prefix.is_some_and(|n| n.contains(&v6)),
+        })
+    }
+}
+
+pub const SERVERS: [(&str, u32, &str); 5] = [
+    ("a", 11, "d1"),
+    ("b", 12, "d1"),
+    ("c", 13, "d2"),
+    ("d", 14, "d3"),
+    ("e", 15, "d4"),
+];
+
+const DESTINATIONS: [&str; 11] = [
+    "203.0.113.0/24",
+    "203.0.113.0/25",
+    "203.0.113.128/25",
+    "203.0.113.64/26",
+    "203.0.113.7",
+    "198.51.100.0/24",
+    "198.51.100.0/25",
+    "2001:db8:beef::/48",
+    "2001:db8:beef:1::/64",
+    "2001:db8:cafe::/64",
+    "2001:db8:beef::1",
+];
+
+/// A random valid topology (retries until it validates).
+pub fn topology(rng: &mut Rng, name: &str) -> Topo {
+    for _ in 0..200 {
+        let toml = topology_toml(rng);
+        match Topo::new(name, &toml) {
+            Ok(t) => return t,
+            Err(_) => continue,
+        }
+    }
+    panic!("no valid topology generated in 200 tries");
+}
+
+fn topology_toml(rng: &mut Rng) -> String {
+    let mut t = String::from("server = \"a\"\n");
+    for (n, lat, lon) in [("l1", 50.0, 8.0), ("l2", 52.3, 4.9), ("l3", 1.3, 103.8)] {
+        t += &format!("[[locations]]\nname = \"{n}\"\nlatitude = {lat}\nlongitude = {lon}\n");
+    }
+    for (d, l) in [("d1", "l1"), ("d2", "l1"), ("d3", "l2"), ("d4", "l3")] {
+        t += &format!("[[datacenters]]\nname = \"{d}\"\nlocation = \"{l}\"\n");
+    }
+    let nservers = rng.range(2, 5) as usize;
+    let servers: Vec<_> = SERVERS[..nservers].to_vec();
+    for (name, id, dc) in &servers {
+        // b sometimes moves to another data center so every tier occurs.
+        let dc = if *name == "b" && rng.chance(30) {
+            "d3"
+        } else {
+            dc
+        };
+        t += &format!(
+            "[[servers]]\nname = \"{name}\"\nid = {id}\ndatacenter = \"{dc}\"\nfabric = \"10.50.0.{id}\"\nuplink = \"eth0\"\n"
+        );
+    }
+    let npools = rng.range(2, 4);
+    let mut pools = Vec::new();
+    let mut addr_seq = 10u8;
+    for i in 0..npools {
+        let id: u64 = match rng.below(4) {
+            0 => 7 + i,
+            1 => 100 + i,
+            2 => 0xffff_fff0 + i,
+            _ => 0x0102_0304 + i,
+        };
+        let name = format!("p{i}");
+        let v6 = rng.chance(50);
+        t += &format!("[[pools]]\nname = \"{name}\"\nid = {id}\n");
+        if v6 {
+            if rng.chance(70) {
+                t += &format!("ipv6_prefix = \"2001:db8:{:x}::/64\"\n", 0x100 + i);
+            } else {
+                t += &format!("ipv6_prefix = \"2001:db8:{:x}:1::/112\"\n", 0x100 + i);
+            }
+        }
+        let naddr = rng.range(1, 2);
+        for _ in 0..naddr {
+            addr_seq += 1;
+            t += &format!("[[pools.ipv4]]\naddress = \"192.0.2.{addr_seq}\"\n");
+            let mut shares = Vec::new();
+            let mut next = 1024u32 + rng.below(3000) as u32;
+            let holders = rng.below(4);
+            for _ in 0..holders {
+                let s = rng.pick(&servers).0;
+                let size = *rng.pick(&[1u32, 2, 3, 4, 8, 16, 40, 100, 1000, 20000]);
+                if next + size - 1 > 65535 {
+                    break;
+                }
+                shares.push(format!(
+                    "{{ server = \"{s}\", ports = \"{}-{}\" }}",
+                    next,
+                    next + size - 1
+                ));
+                next += size + rng.below(3) as u32;
+            }
+            t += &format!("shares = [{}]\n", shares.join(", "));
+        }
+        pools.push((name, v6));
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for (name, v6) in &pools {
+        for _ in 0..rng.range(1, 2) {
+            let mark: u32 = if rng.chance(60) {
+                0
+            } else {
+                *rng.pick(&[1u32, 42, 77, 0x7fff_ffff])
+            };
+            let mut dests = Vec::new();
+            for _ in 0..rng.range(1, 3) {
+                let d = *rng.pick(&DESTINATIONS);
+                if d.contains(':') && !v6 {
+                    continue;
+                }
+                if used.insert((mark, d)) {
+                    dests.push(format!("\"{d}\""));
+                }
+            }
+            if dests.is_empty() {
+                continue;
+            }
+            t += &format!(
+                "[[policies]]\npool = \"{name}\"\nmark = {mark}\ndestinations = [{}]\n",
+                dests.join(", ")
+            );
+        }
+    }
+    t
+}
+
+// ------------------------------------------------------------------ cases
+
+pub struct Case {
+    pub class: String,
+    pub ingress: bool,
+    pub mark: u32,
+    pub packet: Vec<u8>,
+    pub flows: Vec<(FlowKey, FlowValue)>,
+}
+
+fn a16(a: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let o = octets(a);
+    b[..o.len()].copy_from_slice(&o);
+    b
+}
+
+pub fn fkey(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: a16(src),
+        dst: a16(dst),
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family: if src.is_ipv6() { 6 } else { 4 },
+        _pad: [0; 2],
+    }
+}
+
+pub fn fval(kind: u8, addr: IpAddr, port: u16, pool: u32, tunnel: [u8; 4], flags: u8) -> FlowValue {
+    FlowValue {
+        addr: a16(addr),
+        port_be: port.to_be(),
+        kind,
+        flags,
+        pool,
+        last_seen_ns: 1,
+        created_ns: 1,
+        tunnel,
+        _pad: [0; 4],
+    }
+}
+
+fn v4(a: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(a))
+}
+
+fn target_addr(t: &egress_common::action::SnatTarget, family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        IpAddr::V6(Ipv6Addr::from(t.addr))
+    } else {
+        v4(t.addr[..4].try_into().unwrap())
+    }
+}
+
+struct G<'a> {
+    t: &'a Topo,
+    r: &'a mut Rng,
+    flows: Vec<(FlowKey, FlowValue)>,
+    class: Vec<String>,
+}
+
+const LOCAL_V4: [[u8; 4]; 3] = [[10, 50, 0, 11], [10, 0, 3, 7], [172, 16, 5, 9]];
+const LOCAL_V6: [&str; 2] = ["fd00:50::b", "2001:db8:aaaa::5"];
+const REMOTE_V4: [[u8; 4]; 5] = [
+    [203, 0, 113, 1],
+    [203, 0, 113, 200],
+    [198, 51, 100, 1],
+    [8, 8, 8, 8],
+    [192, 0, 2, 99],
+];
+const REMOTE_V6: [&str; 3] = ["2001:db8:beef::1", "2001:db8:cafe::1", "2001:4860::8888"];
+/// Tunnel endpoints in flow entries: peers (resolved), a fabric address without a neighbour,
+/// an address without a route.
+const ODD_TUNNELS: [[u8; 4]; 2] = [[10, 50, 0, 40], [10, 60, 0, 1]];
+
+impl G<'_> {
+    fn tag(&mut self, s: impl Into<String>) {
+        self.class.push(s.into());
+    }
+
+    fn rand_in(&mut self, net: IpNet) -> IpAddr {
+        match net {
+            IpNet::V4(n) => {
+                let host = 32 - u32::from(n.prefix_len());
+                let mask = if host == 32 {
+                    u32::MAX
+                } else {
+                    (1u32 << host) - 1
+                };
+                IpAddr::V4(Ipv4Addr::from(
+                    u32::from(n.network()) | (self.r.next() as u32 & mask),
+                ))
+            }
+            IpNet::V6(n) => {
+                let host = 128 - u32::from(n.prefix_len());
+                let mask = if host == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << host) - 1
+                };
+                let r = (u128::from(self.r.next()) << 64 | u128::from(self.r.next())) & mask;
+                IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | r))
+            }
+        }
+    }
+
+    fn local(&mut self, v6: bool) -> IpAddr {
+        if v6 {
+            self.r.pick(&LOCAL_V6).parse().unwrap()
+        } else {
+            v4(*self.r.pick(&LOCAL_V4))
+        }
+    }
+
+    fn remote(&mut self, v6: bool) -> IpAddr {
+        if v6 {
+            self.r.pick(&REMOTE_V6).parse().unwrap()
+        } else {
+            v4(*self.r.pick(&REMOTE_V4))
+        }
+    }
+
+    /// A destination: mostly inside a policy's prefix (with a mark that selects it), else a
+    /// random remote. Returns (destination, mark).
+    fn dst(&mut self, v6: bool) -> (IpAddr, u32) {
+        let pols: Vec<_> = self
+            .t
+            .policies
+            .iter()
+            .filter(|(_, n, _)| n.addr().is_ipv6() == v6)
+            .copied()
+            .collect();
+        if !pols.is_empty() && self.r.chance(75) {
+            let (mark, net, _) = *self.r.pick(&pols);
+            let d = self.rand_in(net);
+            (d, self.mark_near(mark))
+        } else {
+            let d = self.remote(v6);
+            let m = self.mark_near(0);
+            (d, m)
+        }
+    }
+
+    /// A destination covered by a policy of `pool` and the mark that selects it.
+    fn dst_of_pool(&mut self, pool: u32, v6: bool) -> Option<(IpAddr, u32)> {
+        let pols: Vec<_> = self
+            .t
+            .policies
+            .iter()
+            .filter(|(_, n, p)| *p == pool && n.addr().is_ipv6() == v6)
+            .copied()
+            .collect();
+        if pols.is_empty() {
+            return None;
+        }
+        let (mark, net, _) = *self.r.pick(&pols);
+        Some((self.rand_in(net), mark))
+    }
+
+    fn mark_near(&mut self, m: u32) -> u32 {
+        match self.r.below(10) {
+            0..=4 => m,
+            5 => 0,
+            6 => m | 0x8000_0000,
+            7 => 0x8000_0000,
+            8 => *self.r.pick(&[42, 1, 77, 0x7fff_ffff, 0xffff_ffff]),
+            _ => self.r.next() as u32,
+        }
+    }
+
+    fn port(&mut self) -> u16 {
+        match self.r.below(4) {
+            0 => *self.r.pick(&[80, 443, 53, 7, 123]),
+            _ => self.r.range(1, 65535) as u16,
+        }
+    }
+
+    fn payload(&mut self) -> Vec<u8> {
+        let n = match self.r.below(5) {
+            0 | 1 => 0,
+            2 => 1,
+            3 => self.r.range(2, 40),
+            _ => self.r.range(41, 300),
+        };
+        self.r.bytes(n as usize)
+    }
+
+    fn tcp_opts(&mut self) -> (Vec<u8>, &'static str) {
+        let mss = *self
+            .r
+            .pick(&[536u16, 1200, 1400, 1432, 1433, 1460, 8960, 65495]);
+        let [h, l] = mss.to_be_bytes();
+        match self.r.below(10) {
+            0..=3 => (vec![], "no options"),
+            4..=6 => (vec![2, 4, h, l], "MSS"),
+            7 => (vec![2, 4, h, l, 4, 2, 1, 3, 3, 7], "MSS,SACK,WS"),
+            8 => (vec![1, 1, 2, 4, h, l], "NOP,NOP,MSS"),
+            _ => (vec![1, 3, 3, 7], "WS only"),
+        }
+    }
+
+    fn tcp(&mut self, sport: u16, dport: u16, flags: Option<u8>) -> Tp {
+        let flags = flags.unwrap_or_else(|| {
+            *self.r.pick(&[
+                TCP_SYN,
+                TCP_SYN,
+                TCP_SYN | TCP_ACK,
+                TCP_ACK,
+                TCP_PSH | TCP_ACK,
+                TCP_FIN | TCP_ACK,
+                TCP_RST,
+                TCP_RST | TCP_ACK,
+                TCP_SYN | 0xc0,
+            ])
+        });
+        let (opts, o) = if flags & TCP_SYN != 0 || self.r.chance(10) {
+            self.tcp_opts()
+        } else {
+            (vec![], "no options")
+        };
+        let payload = if flags & TCP_SYN != 0 {
+            vec![]
+        } else {
+            self.payload()
+        };
+        self.tag(format!("tcp {} {o}", flag_name(flags)));
+        Tp::Tcp {
+            sport,
+            dport,
+            flags,
+            opts,
+            payload,
+        }
+    }
+
+    fn udp(&mut self, sport: u16, dport: u16) -> Tp {
+        let zero = self.r.chance(15);
+        self.tag(if zero { "udp zero-csum" } else { "udp" });
+        let payload = self.payload();
+        Tp::Udp {
+            sport,
+            dport,
+            payload,
+            zero_csum: zero,
+        }
+    }
+
+    /// A transport for a packet opening/continuing a connection from `sport` to `dport`.
+    fn conn_tp(&mut self, v6: bool, sport: u16, dport: u16) -> Tp {
+        match self.r.below(20) {
+            0..=8 => self.tcp(sport, dport, None),
+            9..=14 => self.udp(sport, dport),
+            15..=17 => {
+                self.tag("echo request");
+                let body = self.payload();
+                Tp::echo(v6, true, sport, self.r.u16(), body)
+            }
+            18 => {
+                self.tag("echo reply");
+                let body = self.payload();
+                Tp::echo(v6, false, sport, self.r.u16(), body)
+            }
+            _ => self.other_tp(v6),
+        }
+    }
+
+    fn other_tp(&mut self, v6: bool) -> Tp {
+        match self.r.below(5) {
+            0 => {
+                self.tag("icmp timestamp/other");
+                Tp::Icmp {
+                    typ: if v6 { 135 } else { 13 },
+                    code: 0,
+                    rest: [0; 4],
+                    body: self.r.bytes(12),
+                }
+            }
+            1 => {
+                self.tag("icmp error");
+                let q = self.r.bytes(28);
+                Tp::Icmp {
+                    typ: if v6 { 1 } else { 3 },
+                    code: 3,
+                    rest: [0; 4],
+                    body: q,
+                }
+            }
+            2 => {
+                self.tag("sctp");
+                Tp::Raw {
+                    proto: 132,
+                    payload: self.r.bytes(16),
+                }
+            }
+            3 => {
+                self.tag("esp");
+                Tp::Raw {
+                    proto: 50,
+                    payload: self.r.bytes(24),
+                }
+            }
+            _ => {
+                self.tag("gre");
+                Tp::Raw {
+                    proto: 47,
+                    payload: vec![0x20, 0, 8, 0, 0, 0, 0, 7],
+                }
+            }
+        }
+    }
+
+    fn v4hdr(&mut self) -> V4 {
+        let mut h = V4::default();
+        if self.r.chance(20) {
+            h.tos = self.r.next() as u8;
+            h.id = self.r.u16();
+            h.ttl = self.r.range(1, 255) as u8;
+            h.frag = if self.r.chance(50) { 0 } else { 0x4000 };
+        }
+        if self.r.chance(5) {
+            self.tag("ip options");
+            h.options = vec![1, 1, 1, 0];
+        }
+        h
+    }
+
+    /// Noise entries: unrelated connections in the table.
+    fn noise(&mut self) {
+        for _ in 0..self.r.below(3) {
+            let src = self.local(false);
+            let dst = self.remote(false);
+            let (sp, dp) = (self.r.u16(), self.r.u16());
+            let k = fkey(src, dst, sp, dp, 6);
+            let v = fval(FLOW_OUTBOUND, v4([192, 0, 2, 10]), 40001, 7, [0; 4], 0);
+            self.flows.push((k, v));
+        }
+    }
+
+    fn tunnel(&mut self) -> [u8; 4] {
+        if self.r.chance(80) && !self.t.peers.is_empty() {
+            *self.r.pick(&self.t.peers)
+        } else {
+            self.tag("odd tunnel");
+            *self.r.pick(&ODD_TUNNELS)
+        }
+    }
+
+    fn closing(&mut self) -> u8 {
+        if self.r.chance(30) {
+            self.tag("closing");
+            FLOW_F_CLOSING
+        } else {
+            0
+        }
+    }
+
+    /// A pool address of this server and a port: (addr, port, pool, family).
+    fn own_binding(&mut self, v6: bool) -> Option<(IpAddr, u16, u32)> {
+        let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
+        let snat = self.t.pools_with(ActionKind::Snat, fam);
+        if snat.is_empty() {
+            return None;
+        }
+        let (pool, a) = *self.r.pick(&snat);
+        let t = a.snat[self.r.below(u64::from(a.snat_count)) as usize];
+        let port = self.r.range(u64::from(t.port_min), u64::from(t.port_max)) as u16;
+        Some((target_addr(&t, fam), port, pool))
+    }
+
+    /// A shared IPv4 address and a port in another server's range.
+    fn others_port(&mut self) -> Option<([u8; 4], u16, u32)> {
+        let mut c = Vec::new();
+        for (a, o) in &self.t.owners {
+            for r in &o.ranges[..o.count as usize] {
+                if r.fabric != FABRIC {
+                    c.push((*a, r.port_min, r.port_max, o.pool));
+                }
+            }
+        }
+        if c.is_empty() {
+            return None;
+        }
+        let (a, lo, hi, pool) = *self.r.pick(&c);
+        Some((a, self.r.range(u64::from(lo), u64::from(hi)) as u16, pool))
+    }
+
+    /// A pool address (own share, other's share, outside any range) as replies arrive.
+    fn reply_target(&mut self, v6: bool) -> (IpAddr, u16) {
+        match self.r.below(10) {
+            0..=5 => {
+                if let Some((a, p, _)) = self.own_binding(v6) {
+                    self.tag("own range");
+                    return (a, p);
+                }
+            }
+            6..=7 if !v6 => {
+                if let Some((a, p, _)) = self.others_port() {
+                    self.tag("other's range");
+                    return (v4(a), p);
+                }
+            }
+            _ => {}
+        }
+        self.tag("outside ranges");
+        let a = if v6 {
+            "2001:db8:100::b".parse().unwrap()
+        } else if let Some((a, _)) = self.t.owners.first() {
+            v4(*a)
+        } else {
+            v4([192, 0, 2, 10])
+        };
+        (a, *self.r.pick(&[80, 1023, 65535, 1024]))
+    }
+}
+
+fn flag_name(f: u8) -> &'static str {
+    match f {
+        TCP_SYN => "SYN",
+        x if x == TCP_SYN | TCP_ACK => "SYN-ACK",
+        TCP_ACK => "ACK",
+        x if x == TCP_PSH | TCP_ACK => "PSH-ACK",
+        x if x == TCP_FIN | TCP_ACK => "FIN-ACK",
+        TCP_RST => "RST",
+        x if x == TCP_RST | TCP_ACK => "RST-ACK",
+        x if x == TCP_SYN | 0xc0 => "SYN-ECE-CWR",
+        _ => "other flags",
+    }
+}
+
+/// Generates one case for topology `t`.
+pub fn case(t: &Topo, r: &mut Rng) -> Case {
+    let mut g = G {
+        t,
+        r,
+        flows: Vec::new(),
+        class: Vec::new(),
+    };
+    let (ingress, mark, mut packet) = match g.r.below(100) {
+        0..=15 => egress_new(&mut g, false),
+        16..=21 => egress_new(&mut g, true),
+        22..=31 => egress_established(&mut g),
+        32..=35 => egress_translated(&mut g),
+        36..=39 => egress_own_gre(&mut g),
+        40..=42 => fragments(&mut g),
+        43..=46 => malformed(&mut g),
+        47..=49 => egress_big(&mut g),
+        50..=52 => egress_exhaustion(&mut g),
+        53..=62 => ingress_reply(&mut g),
+        63..=71 => ingress_icmp_error(&mut g),
+        72..=77 => gre_peer(&mut g),
+        78..=82 => gre_reply(&mut g),
+        83..=86 => gre_forwarded_reply(&mut g),
+        87..=89 => gre_icmp_error(&mut g),
+        90..=95 => gre_malformed(&mut g),
+        _ => ingress_misc(&mut g),
+    };
+    if g.r.chance(4) && packet.len() < 60 {
+        g.tag("ethernet padding");
+        packet.resize(60, 0);
+    }
+    if g.r.chance(30) {
+        g.noise();
+    }
+    Case {
+        class: g.class.join(" / "),
+        ingress,
+        mark,
+        packet,
+        flows: g.flows,
+    }
+}
+
+type Gen = (bool, u32, Vec<u8>);
+
+fn egress_new(g: &mut G, v6: bool) -> Gen {
+    g.tag(if v6 { "egress new v6" } else { "egress new v4" });
+    let src = g.local(v6);
+    let (dst, mark) = g.dst(v6);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.conn_tp(v6, sp, dp);
+    // Ports already taken towards this remote (collisions).
+    if g.r.chance(25) {
+        fill_claims(g, dst, &tp, v6, false);
+    }
+    let h = g.v4hdr();
+    (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+/// Reverse entries occupying ports of the SNAT targets towards the packet's remote.
+fn fill_claims(g: &mut G, remote: IpAddr, tp: &Tp, v6: bool, all: bool) {
+    let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
+    let (_, rport) = tp.conn_ports();
+    let proto = tp.proto(v6);
+    let targets: Vec<_> =
+        g.t.pools_with(ActionKind::Snat, fam)
+            .into_iter()
+            .flat_map(|(pool, a)| {
+                a.snat[..a.snat_count as usize]
+                    .iter()
+                    .map(move |t| (pool, *t))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    if targets.is_empty() {
+        return;
+    }
+    g.tag(if all {
+        "up to 64 ports taken"
+    } else {
+        "some ports taken"
+    });
+    for (pool, t) in targets {
+        let range = u32::from(t.port_max - t.port_min) + 1;
+        let n = if all || range <= 8 {
+            range.min(64)
+        } else {
+            g.r.range(1, 6) as u32
+        };
+        for i in 0..n {
+            let port = if all || range <= 8 {
+                t.port_min + i as u16
+            } else {
+                g.r.range(u64::from(t.port_min), u64::from(t.port_max)) as u16
+            };
+            let k = fkey(remote, target_addr(&t, fam), rport, port, proto);
+            let v = fval(FLOW_REVERSE, g.local(v6), g.r.u16(), pool, [0; 4], 0);
+            g.flows.push((k, v));
+        }
+    }
+}
+
+fn egress_established(g: &mut G) -> Gen {
+    g.tag("egress established");
+    let v6 = g.r.chance(20);
+    let src = g.local(v6);
+    let (dst, mark) = g.dst(v6);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.conn_tp(v6, sp, dp);
+    let (csp, cdp) = tp.conn_ports();
+    let proto = tp.proto(v6);
+    let k = fkey(src, dst, csp, cdp, proto);
+    if !v6 && g.r.chance(35) {
+        g.tag("forwarded entry");
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let tunnel = g.tunnel();
+        g.flows
+            .push((k, fval(FLOW_FORWARDED, src, csp, pool, tunnel, 0)));
+    } else if let Some((addr, port, pool)) = g.own_binding(v6) {
+        g.tag("outbound entry");
+        let flags = g.closing();
+        let tunnel = if g.r.chance(15) { g.tunnel() } else { [0; 4] };
+        g.flows
+            .push((k, fval(FLOW_OUTBOUND, addr, port, pool, tunnel, flags)));
+        let rk = fkey(dst, addr, cdp, port, proto);
+        g.flows
+            .push((rk, fval(FLOW_REVERSE, src, csp, pool, tunnel, flags)));
+    } else {
+        g.tag("no entry (no snat pool)");
+    }
+    let h = g.v4hdr();
+    (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+fn egress_translated(g: &mut G) -> Gen {
+    g.tag("egress already translated");
+    let v6 = g.r.chance(20);
+    let Some((addr, port, pool)) = g.own_binding(v6) else {
+        return egress_new(g, v6);
+    };
+    let (dst, mark) = g.dst(v6);
+    let dp = g.port();
+    let tp = g.conn_tp(v6, port, dp);
+    let (csp, cdp) = tp.conn_ports();
+    let proto = tp.proto(v6);
+    if g.r.chance(75) {
+        g.tag("reverse entry");
+        let peer = g.tunnel();
+        let orig = v4([10, 9, 8, 7]);
+        let orig = if v6 { g.local(true) } else { orig };
+        g.flows.push((
+            fkey(dst, addr, cdp, csp, proto),
+            fval(
+                FLOW_REVERSE,
+                orig,
+                g.r.u16(),
+                pool,
+                if v6 { [0; 4] } else { peer },
+                0,
+            ),
+        ));
+    }
+    let h = g.v4hdr();
+    (false, mark, ip_frame(&ip_tp(addr, dst, &h, &tp)))
+}
+
+fn egress_own_gre(g: &mut G) -> Gen {
+    g.tag("egress GRE");
+    let src = if g.r.chance(80) {
+        g.tag("from fabric");
+        FABRIC
+    } else {
+        g.tag("from elsewhere");
+        [10, 50, 0, 77]
+    };
+    let dst = if g.r.chance(75) && !g.t.peers.is_empty() {
+        g.tag("to peer");
+        *g.r.pick(&g.t.peers)
+    } else {
+        g.tag("to non-peer");
+        *g.r.pick(&[[10u8, 50, 0, 99], [203, 0, 113, 1]])
+    };
+    let inner_src = g.local(false);
+    let (inner_dst, _) = g.dst(false);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.tcp(sp, dp, None);
+    let inner = ip_tp(inner_src, inner_dst, &V4::default(), &tp);
+    let key = *g.r.pick(&g.t.pool_ids());
+    let mark = *g.r.pick(&[0u32, 0x8000_0000, 42, 0x8000_002a, 7]);
+    let p = gre_packet(
+        src.into(),
+        dst.into(),
+        &V4::default(),
+        0x2000,
+        0x0800,
+        key,
+        &inner,
+    );
+    (false, mark, ip_frame(&p))
+}
+
+fn fragments(g: &mut G) -> Gen {
+    let ingress = g.r.chance(40);
+    g.tag(if ingress {
+        "ingress fragment"
+    } else {
+        "egress fragment"
+    });
+    let v6 = g.r.chance(25);
+    let (src, (dst, mark)) = if ingress {
+        let (a, _) = g.reply_target(v6);
+        (g.remote(v6), (a, 0))
+    } else {
+        (g.local(v6), g.dst(v6))
+    };
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.conn_tp(v6, sp, dp);
+    let seg = segment(src, dst, &tp);
+    let p = if v6 {
+        g.tag("v6 fragment header");
+        let mut fh = vec![tp.proto(true), 0, 0, 1, 0, 0, 0, 42];
+        fh.extend_from_slice(&seg);
+        ip_packet(src, dst, 44, &V4::default(), &fh)
+    } else {
+        let mut h = g.v4hdr();
+        h.frag = match g.r.below(3) {
+            0 => {
+                g.tag("first fragment (MF)");
+                0x2000
+            }
+            1 => {
+                g.tag("middle fragment");
+                0x2000 | 185
+            }
+            _ => {
+                g.tag("last fragment");
+                185
+            }
+        };
+        ip_packet(src, dst, tp.proto(false), &h, &seg)
+    };
+    (ingress, mark, ip_frame(&p))
+}
+
+fn malformed(g: &mut G) -> Gen {
+    let ingress = g.r.chance(40);
+    g.tag(if ingress {
+        "ingress malformed"
+    } else {
+        "egress malformed"
+    });
+    let v6 = g.r.chance(25);
+    let src = g.local(v6);
+    let (dst, mark) = g.dst(v6);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.conn_tp(v6, sp, dp);
+    let h = V4::default();
+    let mut ip = ip_tp(src, dst, &h, &tp);
+    let p = match g.r.below(9) {
+        0 => {
+            g.tag("not IP (ARP)");
+            frame(0x0806, &g.r.bytes(28))
+        }
+        1 => {
+            g.tag("bad version");
+            ip[0] = (ip[0] & 0x0f) | 0x50;
+            ip_frame_as(v6, &ip)
+        }
+        2 if !v6 => {
+            g.tag("IHL < 5");
+            ip[0] = 0x44;
+            ip_frame(&ip)
+        }
+        3 => {
+            g.tag("cut inside the IP header");
+            let n = g.r.range(1, if v6 { 39 } else { 19 }) as usize;
+            ip_frame_as(v6, &ip[..n])
+        }
+        4 => {
+            g.tag("IP length beyond the frame");
+            let cut = ip
+                .len()
+                .saturating_sub(g.r.range(1, 8) as usize)
+                .max(if v6 { 40 } else { 20 });
+            ip_frame_as(v6, &ip[..cut])
+        }
+        5..=7 => {
+            g.tag("transport cut short (consistent lengths)");
+            let hl = if v6 { 40 } else { 20 };
+            let keep = g.r.range(0, 7) as usize;
+            let mut cut = ip[..(hl + keep).min(ip.len())].to_vec();
+            fix_len(&mut cut, v6);
+            ip_frame_as(v6, &cut)
+        }
+        _ => {
+            g.tag("TCP data offset bad");
+            let tp = g.tcp(sp, dp, Some(TCP_SYN));
+            let mut ip = ip_tp(src, dst, &h, &tp);
+            let hl = if v6 { 40 } else { 20 };
+            ip[hl + 12] = if g.r.chance(50) { 0x40 } else { 0xf0 };
+            ip_frame_as(v6, &ip)
+        }
+    };
+    (ingress, mark, p)
+}
+
+fn ip_frame_as(v6: bool, ip: &[u8]) -> Vec<u8> {
+    frame(if v6 { 0x86dd } else { 0x0800 }, ip)
+}
+
+/// Sets the IP length field to the bytes present (and the IPv4 header checksum).
+fn fix_len(ip: &mut [u8], v6: bool) {
+    if v6 {
+        let n = (ip.len() - 40) as u16;
+        ip[4..6].copy_from_slice(&n.to_be_bytes());
+    } else {
+        let n = ip.len() as u16;
+        ip[2..4].copy_from_slice(&n.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = fold(sum(&ip[..20], 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+fn egress_big(g: &mut G) -> Gen {
+    g.tag("egress near the MTU");
+    let fwd = g.t.pools_with(ActionKind::Forward, FAMILY_V4);
+    let (dst, mark) = match fwd.is_empty() {
+        false => {
+            let (pool, _) = *g.r.pick(&fwd);
+            g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false))
+        }
+        true => g.dst(false),
+    };
+    let src = g.local(false);
+    let total = g.r.range(1440, 1500) as usize;
+    let (sp, dp) = (g.port(), g.port());
+    let tp = if g.r.chance(50) {
+        g.tag("udp");
+        Tp::Udp {
+            sport: sp,
+            dport: dp,
+            payload: g.r.bytes(total - 28),
+            zero_csum: false,
+        }
+    } else {
+        g.tag("tcp");
+        Tp::Tcp {
+            sport: sp,
+            dport: dp,
+            flags: TCP_ACK | TCP_PSH,
+            opts: vec![],
+            payload: g.r.bytes(total - 40),
+        }
+    };
+    if g.r.chance(30) {
+        let tunnel = g.tunnel();
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let (a, b) = tp.conn_ports();
+        g.tag("forwarded entry");
+        g.flows.push((
+            fkey(src, dst, a, b, tp.proto(false)),
+            fval(FLOW_FORWARDED, src, a, pool, tunnel, 0),
+        ));
+    }
+    (false, mark, ip_frame(&ip_tp(src, dst, &V4::default(), &tp)))
+}
+
+fn egress_exhaustion(g: &mut G) -> Gen {
+    g.tag("egress port exhaustion");
+    let v6 = false;
+    let snat = g.t.pools_with(ActionKind::Snat, FAMILY_V4);
+    if snat.is_empty() {
+        return egress_new(g, v6);
+    }
+    let (pool, _) = *g.r.pick(&snat);
+    let Some((dst, mark)) = g.dst_of_pool(pool, v6) else {
+        return egress_new(g, v6);
+    };
+    let src = g.local(v6);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = if g.r.chance(70) {
+        g.tcp(sp, dp, Some(TCP_SYN))
+    } else {
+        g.udp(sp, dp)
+    };
+    let all = g.r.chance(60);
+    fill_claims(g, dst, &tp, v6, all);
+    (false, mark, ip_frame(&ip_tp(src, dst, &V4::default(), &tp)))
+}
+
+fn ingress_reply(g: &mut G) -> Gen {
+    g.tag("ingress reply");
+    let v6 = g.r.chance(25);
+    let (to, port) = g.reply_target(v6);
+    let from = if g.r.chance(70) {
+        g.dst(v6).0
+    } else {
+        g.remote(v6)
+    };
+    let rport = g.port();
+    let tp = match g.r.below(10) {
+        0..=4 => {
+            let f = *g.r.pick(&[
+                TCP_SYN | TCP_ACK,
+                TCP_ACK,
+                TCP_PSH | TCP_ACK,
+                TCP_FIN | TCP_ACK,
+                TCP_RST,
+            ]);
+            g.tcp(rport, port, Some(f))
+        }
+        5 | 6 => g.udp(rport, port),
+        7 => {
+            g.tag("udp near the MTU");
+            let n = g.r.range(1400, 1472) as usize;
+            Tp::Udp {
+                sport: rport,
+                dport: port,
+                payload: g.r.bytes(n),
+                zero_csum: false,
+            }
+        }
+        8 => {
+            g.tag("echo reply");
+            let b = g.payload();
+            Tp::echo(v6, false, port, 1, b)
+        }
+        _ => {
+            g.tag("echo request");
+            let b = g.payload();
+            Tp::echo(v6, true, port, 1, b)
+        }
+    };
+    let (a, b) = tp.reply_ports();
+    if g.r.chance(60) {
+        let tunnel = if !v6 && g.r.chance(40) {
+            g.tag("reverse entry with tunnel");
+            g.tunnel()
+        } else {
+            g.tag("reverse entry");
+            [0; 4]
+        };
+        let orig = g.local(v6);
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let flags = g.closing();
+        g.flows.push((
+            fkey(from, to, a, b, tp.proto(v6)),
+            fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, flags),
+        ));
+    }
+    let h = g.v4hdr();
+    (true, g.r.next() as u32, ip_frame(&ip_tp(from, to, &h, &tp)))
+}
+
+/// The packet an ICMP error quotes: one this server sent, from `from:port` to `to`.
+fn quoted(g: &mut G, from: IpAddr, port: u16, to: IpAddr) -> (Vec<u8>, FlowKey) {
+    let v6 = from.is_ipv6();
+    let rport = g.port();
+    let tp = match g.r.below(7) {
+        0..=2 => {
+            let f = *g.r.pick(&[TCP_SYN, TCP_ACK, TCP_PSH | TCP_ACK]);
+            g.tcp(port, rport, Some(f))
+        }
+        3..=4 => g.udp(port, rport),
+        5 => {
+            g.tag("quotes echo request");
+            let b = g.payload();
+            Tp::echo(v6, true, port, 9, b)
+        }
+        _ => {
+            g.tag("quotes echo reply");
+            let b = g.payload();
+            Tp::echo(v6, false, port, 9, b)
+        }
+    };
+    let (a, b) = tp.conn_ports();
+    let k = fkey(from, to, a, b, tp.proto(v6));
+    let mut h = V4::default();
+    if g.r.chance(10) {
+        g.tag("quote with IP options");
+        h.options = vec![1, 1, 1, 0];
+    }
+    (ip_tp(from, to, &h, &tp), k)
+}
+
+/// An ICMP error about `q` (IP bytes), sent by `router` to `to`.
+fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> Vec<u8> {
+    let v6 = router.is_ipv6();
+    let hl = if v6 {
+        40
+    } else {
+        (usize::from(q[0] & 0xf)) * 4
+    };
+    let n = match g.r.below(6) {
+        0 => {
+            g.tag("quote: header + 8");
+            hl + 8
+        }
+        1 => {
+            g.tag("quote: header + 4");
+            hl + 4
+        }
+        _ => {
+            g.tag("quote: whole");
+            q.len()
+        }
+    }
+    .min(q.len());
+    let (typ, code, rest) = if v6 {
+        match g.r.below(5) {
+            0 => (1, g.r.below(5) as u8, [0; 4]),
+            1 => (2, 0, 1280u32.to_be_bytes()),
+            2 => (3, 0, [0; 4]),
+            3 => (4, 0, [0, 0, 0, 8]),
+            _ => (1, 4, [0; 4]),
+        }
+    } else {
+        match g.r.below(6) {
+            0 => (3, 4, [0, 0, 0x05, 0x78]),
+            1 => (3, 3, [0; 4]),
+            2 => (3, 1, [0; 4]),
+            3 => (11, 0, [0; 4]),
+            4 => (12, 0, [20, 0, 0, 0]),
+            _ => (3, 13, [0; 4]),
+        }
+    };
+    g.tag(format!("type {typ} code {code}"));
+    let tp = Tp::Icmp {
+        typ,
+        code,
+        rest,
+        body: q[..n].to_vec(),
+    };
+    let h = V4 {
+        frag: 0,
+        tos: 0xc0,
+        ..V4::default()
+    };
+    ip_tp(router, to, &h, &tp)
+}
+
+fn ingress_icmp_error(g: &mut G) -> Gen {
+    g.tag("ingress ICMP error");
+    let v6 = g.r.chance(25);
+    let (from, port) = g.reply_target(v6);
+    let (remote, _) = g.dst(v6);
+    let (q, qk) = quoted(g, from, port, remote);
+    if g.r.chance(60) {
+        let tunnel = if !v6 && g.r.chance(40) {
+            g.tag("reverse entry with tunnel");
+            g.tunnel()
+        } else {
+            g.tag("reverse entry");
+            [0; 4]
+        };
+        let orig = g.local(v6);
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let rk = FlowKey {
+            src: qk.dst,
+            dst: qk.src,
+            src_port_be: qk.dst_port_be,
+            dst_port_be: qk.src_port_be,
+            ..qk
+        };
+        g.flows
+            .push((rk, fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0)));
+    }
+    let router = if g.r.chance(50) {
+        remote
+    } else if v6 {
+        "2001:db8:beef::fe".parse().unwrap()
+    } else {
+        v4([198, 51, 100, 254])
+    };
+    let to = if g.r.chance(85) {
+        from
+    } else {
+        g.tag("addressed elsewhere");
+        g.local(v6)
+    };
+    let p = icmp_error(g, router, to, &q);
+    (true, g.r.next() as u32, ip_frame(&p))
+}
+
+fn gre_outer(g: &mut G) -> (Ipv4Addr, V4) {
+    let src = if g.r.chance(90) && !g.t.peers.is_empty() {
+        *g.r.pick(&g.t.peers)
+    } else {
+        g.tag("unknown peer");
+        [10, 50, 0, 99]
+    };
+    let mut h = V4::default();
+    if g.r.chance(30) {
+        h.tos = g.r.next() as u8;
+        h.id = g.r.u16();
+        h.ttl = g.r.range(2, 255) as u8;
+        h.frag = if g.r.chance(50) { 0 } else { 0x4000 };
+    }
+    (src.into(), h)
+}
+
+fn gre_ingress(g: &mut G, key: u32, inner: &[u8]) -> Gen {
+    let (src, h) = gre_outer(g);
+    let p = gre_packet(src, FABRIC.into(), &h, 0x2000, 0x0800, key, inner);
+    (true, g.r.next() as u32, ip_frame(&p))
+}
+
+fn gre_peer(g: &mut G) -> Gen {
+    g.tag("GRE peer connection");
+    let inner_src = v4(*g
+        .r
+        .pick(&[[10u8, 9, 8, 7], [10, 50, 0, 12], [172, 16, 0, 1]]));
+    let pools = g.t.pool_ids();
+    let pool = *g.r.pick(&pools);
+    let (dst, key) = match g.r.below(10) {
+        0..=6 => match g.dst_of_pool(pool, false) {
+            Some((d, _)) => (d, pool),
+            None => (g.dst(false).0, pool),
+        },
+        7 | 8 => {
+            g.tag("destination of another pool");
+            (g.dst(false).0, pool)
+        }
+        _ => {
+            g.tag("unknown key");
+            (g.dst(false).0, 0xdead)
+        }
+    };
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.conn_tp(false, sp, dp);
+    let (peer, h) = gre_outer(g);
+    if g.r.chance(30) {
+        let (a, b) = tp.conn_ports();
+        if let Some((addr, port, pool)) = g.own_binding(false) {
+            let tunnel = if g.r.chance(75) {
+                g.tag("outbound entry of this peer");
+                peer.octets()
+            } else {
+                g.tag("outbound entry of another peer");
+                g.tunnel()
+            };
+            let k = fkey(inner_src, dst, a, b, tp.proto(false));
+            g.flows
+                .push((k, fval(FLOW_OUTBOUND, addr, port, pool, tunnel, 0)));
+            g.flows.push((
+                fkey(dst, addr, b, port, tp.proto(false)),
+                fval(FLOW_REVERSE, inner_src, a, pool, tunnel, 0),
+            ));
+        }
+    } else if g.r.chance(15) {
+        let all = g.r.chance(50);
+        fill_claims(g, dst, &tp, false, all);
+    }
+    let inner = ip_tp(inner_src, dst, &V4::default(), &tp);
+    let p = gre_packet(peer, FABRIC.into(), &h, 0x2000, 0x0800, key, &inner);
+    (true, g.r.next() as u32, ip_frame(&p))
+}
+
+fn gre_reply(g: &mut G) -> Gen {
+    g.tag("GRE reply (soft-unicast brought)");
+    let (to, port) = g.reply_target(false);
+    let (from, _) = g.dst(false);
+    let rport = g.port();
+    let tp = match g.r.below(6) {
+        0..=2 => {
+            let f = *g.r.pick(&[TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK]);
+            g.tcp(rport, port, Some(f))
+        }
+        3 | 4 => g.udp(rport, port),
+        _ => {
+            g.tag("echo reply");
+            let b = g.payload();
+            Tp::echo(false, false, port, 3, b)
+        }
+    };
+    let pool = *g.r.pick(&g.t.pool_ids());
+    if g.r.chance(80) {
+        let (a, b) = tp.reply_ports();
+        let tunnel = if g.r.chance(50) {
+            g.tag("reverse entry with tunnel");
+            g.tunnel()
+        } else {
+            g.tag("reverse entry");
+            [0; 4]
+        };
+        let orig = g.local(false);
+        g.flows.push((
+            fkey(from, to, a, b, tp.proto(false)),
+            fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0),
+        ));
+    }
+    let inner = ip_tp(from, to, &g.v4hdr(), &tp);
+    let key = if g.r.chance(80) { pool } else { 0xdead };
+    gre_ingress(g, key, &inner)
+}
+
+fn gre_forwarded_reply(g: &mut G) -> Gen {
+    g.tag("GRE forwarded reply");
+    let local = g.local(false);
+    let (remote, _) = g.dst(false);
+    let lport = g.port();
+    let rport = g.port();
+    let tp = match g.r.below(6) {
+        0..=2 => {
+            let f =
+                *g.r.pick(&[TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK, TCP_ACK, TCP_SYN]);
+            g.tcp(rport, lport, Some(f))
+        }
+        3 | 4 => g.udp(rport, lport),
+        _ => {
+            g.tag("echo reply");
+            let b = g.payload();
+            Tp::echo(false, false, lport, 3, b)
+        }
+    };
+    let pool = *g.r.pick(&g.t.pool_ids());
+    if g.r.chance(85) {
+        g.tag("forwarded entry");
+        let (a, b) = tp.reply_ports();
+        let tunnel = g.tunnel();
+        g.flows.push((
+            fkey(local, remote, b, a, tp.proto(false)),
+            fval(FLOW_FORWARDED, local, b, pool, tunnel, 0),
+        ));
+    }
+    let inner = ip_tp(remote, local, &V4::default(), &tp);
+    gre_ingress(g, pool, &inner)
+}
+
+fn gre_icmp_error(g: &mut G) -> Gen {
+    g.tag("GRE ICMP error");
+    let (remote, _) = g.dst(false);
+    let pool = *g.r.pick(&g.t.pool_ids());
+    let (q, qk, to) = if g.r.chance(60) {
+        let (from, port) = g.reply_target(false);
+        let (q, qk) = quoted(g, from, port, remote);
+        if g.r.chance(80) {
+            let tunnel = if g.r.chance(50) {
+                g.tag("reverse entry with tunnel");
+                g.tunnel()
+            } else {
+                g.tag("reverse entry");
+                [0; 4]
+            };
+            let orig = g.local(false);
+            let rk = FlowKey {
+                src: qk.dst,
+                dst: qk.src,
+                src_port_be: qk.dst_port_be,
+                dst_port_be: qk.src_port_be,
+                ..qk
+            };
+            g.flows
+                .push((rk, fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0)));
+        }
+        (q, qk, from)
+    } else {
+        g.tag("about a forwarded connection");
+        let local = g.local(false);
+        let lport = g.port();
+        let (q, qk) = quoted(g, local, lport, remote);
+        if g.r.chance(80) {
+            g.tag("forwarded entry");
+            let tunnel = g.tunnel();
+            g.flows
+                .push((qk, fval(FLOW_FORWARDED, local, lport, pool, tunnel, 0)));
+        }
+        (q, qk, local)
+    };
+    let _ = qk;
+    let inner = icmp_error(g, remote, to, &q);
+    gre_ingress(g, pool, &inner)
+}
+
+fn gre_malformed(g: &mut G) -> Gen {
+    g.tag("GRE odd");
+    let (mut src, mut h) = gre_outer(g);
+    let (dst, _) = g.dst(false);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = g.tcp(sp, dp, Some(TCP_SYN));
+    let mut inner = ip_tp(v4([10, 9, 8, 7]), dst, &V4::default(), &tp);
+    let key = *g.r.pick(&g.t.pool_ids());
+    let (mut flags, mut proto) = (0x2000u16, 0x0800u16);
+    match g.r.below(11) {
+        0 => {
+            g.tag("unknown peer");
+            src = Ipv4Addr::new(203, 0, 113, 9);
+        }
+        1 => {
+            flags =
+                *g.r.pick(&[0x0000u16, 0x3000, 0xa000, 0x2001, 0x2080, 0x8000]);
+            g.tag(format!("flags {flags:#06x}"));
+        }
+        2 => {
+            proto = *g.r.pick(&[0x86ddu16, 0x6558, 0x0806]);
+            g.tag(format!("protocol {proto:#06x}"));
+        }
+        3 => {
+            g.tag("outer options");
+            h.options = vec![1, 1, 1, 0];
+        }
+        4 => {
+            g.tag("inner version 6");
+            inner[0] = 0x65;
+        }
+        5 => {
+            g.tag("inner IHL 4");
+            inner[0] = 0x44;
+        }
+        6 => {
+            g.tag("inner cut inside its header");
+            inner.truncate(g.r.range(0, 19) as usize);
+        }
+        7 => {
+            g.tag("inner length beyond the GRE payload");
+            inner.truncate(inner.len() - 4);
+        }
+        8 => {
+            g.tag("inner fragment");
+            let seg = segment(v4([10, 9, 8, 7]), dst, &tp);
+            let hh = V4 {
+                frag: 0x2000,
+                ..V4::default()
+            };
+            inner = ip_packet(v4([10, 9, 8, 7]), dst, 6, &hh, &seg);
+        }
+        9 => {
+            g.tag("GRE cut short");
+            let p = ip_packet(
+                src.into(),
+                FABRIC.into(),
+                47,
+                &h,
+                &[0x20, 0, 8, 0, 0][..g.r.range(1, 5) as usize],
+            );
+            return (true, 0, ip_frame(&p));
+        }
+        _ => {
+            g.tag("inner IPv6 with IPv6 protocol");
+            proto = 0x86dd;
+            inner = ip_tp(
+                "2001:db8:aaaa::5".parse().unwrap(),
+                "2001:db8:beef::1".parse().unwrap(),
+                &V4::default(),
+                &tp,
+            );
+        }
+    }
+    let p = gre_packet(src, FABRIC.into(), &h, flags, proto, key, &inner);
+    (true, g.r.next() as u32, ip_frame(&p))
+}
+
+fn ingress_misc(g: &mut G) -> Gen {
+    g.tag("ingress misc");
+    let v6 = g.r.chance(30);
+    let from = g.remote(v6);
+    let to = if g.r.chance(50) {
+        g.reply_target(v6).0
+    } else {
+        g.local(v6)
+    };
+    let tp = match g.r.below(3) {
+        0 => g.other_tp(v6),
+        1 => {
+            let (a, b) = (g.port(), g.port());
+            g.tcp(a, b, None)
+        }
+        _ => {
+            let (a, b) = (g.port(), g.port());
+            g.udp(a, b)
+        }
+    };
+    (true, 0, ip_frame(&ip_tp(from, to, &g.v4hdr(), &tp)))
+}

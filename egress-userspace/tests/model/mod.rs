@@ -1,0 +1,1240 @@
+//! An independent model of the two TC programs, written from the README's "Datapath rules" only:
+//! (map contents, hook, skb mark, packet) → (verdict, output packet, the counter that moved, the
+//! flow table afterwards). It never runs the BPF programs.
+//!
+//! Where the rules leave a choice to a hash (the port a new connection claims, the next hop of
+//! a forwarded one) the caller passes the choice in [`Choices`]; the model checks that the rules
+//! allow it. Where the rules are silent the model answers [`Answer::Silent`] with the reason,
+//! or marks the part of its answer it cannot give (`flows_unspecified`, `l2_unspecified`).
+
+#![allow(dead_code, reason = "the differential test uses a subset")]
+
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+
+use egress::plan::MapContents;
+use egress_common::{
+    action::{ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, SnatTarget},
+    fabric::Local,
+    flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+};
+use wire::*;
+
+pub type Flows = HashMap<FlowKey, FlowValue>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Egress,
+    Ingress,
+}
+
+/// What the kernel's FIB and neighbour tables hold (the test namespace's, written down).
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub uplink_mac: [u8; 6],
+    pub mtu: usize,
+    /// Addresses of the uplink itself.
+    pub local_addrs: Vec<[u8; 4]>,
+    /// Directly connected prefixes of the uplink.
+    pub connected: Vec<([u8; 4], u8)>,
+    /// (prefix, length, gateway).
+    pub routes: Vec<([u8; 4], u8, [u8; 4])>,
+    pub neighbours: BTreeMap<[u8; 4], [u8; 6]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fib {
+    NoRoute,
+    /// A local or broadcast destination: the rules do not say.
+    Odd,
+    Resolved([u8; 6]),
+    Unresolved,
+}
+
+fn in_prefix(addr: &[u8], prefix: &[u8], bits: u32) -> bool {
+    let bits = bits as usize;
+    (0..bits).all(|i| {
+        let (byte, bit) = (i / 8, 7 - i % 8);
+        (addr[byte] >> bit) & 1 == (prefix[byte] >> bit) & 1
+    })
+}
+
+impl Env {
+    pub fn fib(&self, dst: [u8; 4]) -> Fib {
+        if self.local_addrs.contains(&dst) || dst[3] == 255 || dst[0] >= 224 {
+            return Fib::Odd;
+        }
+        let next = if self
+            .connected
+            .iter()
+            .any(|(p, l)| in_prefix(&dst, p, u32::from(*l)))
+        {
+            dst
+        } else if let Some((_, _, gw)) = self
+            .routes
+            .iter()
+            .filter(|(p, l, _)| in_prefix(&dst, p, u32::from(*l)))
+            .max_by_key(|(_, l, _)| *l)
+        {
+            *gw
+        } else {
+            return Fib::NoRoute;
+        };
+        match self.neighbours.get(&next) {
+            Some(mac) => Fib::Resolved(*mac),
+            None => Fib::Unresolved,
+        }
+    }
+}
+
+/// What the maps hold apart from the flow table.
+pub struct World<'a> {
+    pub maps: &'a MapContents,
+    pub local: Local,
+    pub env: &'a Env,
+}
+
+/// Choices the rules leave to a hash, read from what the programs did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Choices {
+    /// (pool address, port) of the claimed reverse entry.
+    pub snat: Option<([u8; 16], u16)>,
+    /// The peer of a new forwarded entry.
+    pub hop: Option<[u8; 4]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// TC_ACT_OK.
+    Pass,
+    /// TC_ACT_SHOT.
+    Drop,
+    /// Redirected out of the uplink (TC_ACT_REDIRECT).
+    Send,
+    /// Encapsulated on egress: leaves through the uplink; the rules do not say whether by
+    /// TC_ACT_OK or by a redirect.
+    Leave,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// The packet as it leaves (meaningless for a drop).
+    pub packet: Vec<u8>,
+    /// The one counter the outcome increments (README name).
+    pub counter: &'static str,
+    /// `mss_clamped` counted on top.
+    pub mss_clamped: bool,
+    /// How many `port_collision` events the rules allow (inclusive).
+    pub collisions: (u64, u64),
+    /// The flow table afterwards.
+    pub flows: Flows,
+    /// Why the flow table afterwards is not given by the rules (e.g. a drop after recording).
+    pub flows_unspecified: Option<&'static str>,
+    /// The Ethernet addresses are not given (neighbour unresolved: `bpf_redirect_neigh`).
+    pub l2_unspecified: bool,
+    /// A choice the model needed but the caller did not give (it used a placeholder).
+    pub missing_choice: Option<&'static str>,
+    /// The rule that decided.
+    pub rule: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Sure(Box<Outcome>),
+    /// The README rules do not decide this packet.
+    Silent(&'static str),
+    /// The programs' choice (port or next hop) is not one the rules allow.
+    BadChoice(String),
+}
+
+enum Stop {
+    Silent(&'static str),
+    BadChoice(String),
+}
+
+type R = Result<(Verdict, &'static str, &'static str), Stop>;
+
+fn silent<T>(why: &'static str) -> Result<T, Stop> {
+    Err(Stop::Silent(why))
+}
+
+pub fn key(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        src,
+        dst,
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+pub fn swap(k: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: k.dst,
+        dst: k.src,
+        src_port_be: k.dst_port_be,
+        dst_port_be: k.src_port_be,
+        ..*k
+    }
+}
+
+/// The tuple of a packet as the side that opened the connection sends it (TCP/UDP ports; echo
+/// request: identifier, 0).
+fn conn_tuple(ip: &Ip, l4: &L4) -> Option<FlowKey> {
+    let k = |s, d| Some(key(ip.family(), ip.proto, ip.src, ip.dst, s, d));
+    match *l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => k(sport, dport),
+        L4::Echo { request: true, id } => k(id, 0),
+        _ => None,
+    }
+}
+
+/// The tuple of a packet as a reply arrives (TCP/UDP ports; echo reply: 0, identifier).
+fn reply_tuple(ip: &Ip, l4: &L4) -> Option<FlowKey> {
+    let k = |s, d| Some(key(ip.family(), ip.proto, ip.src, ip.dst, s, d));
+    match *l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => k(sport, dport),
+        L4::Echo { request: false, id } => k(0, id),
+        _ => None,
+    }
+}
+
+fn addr16(a: &[u8]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..a.len()].copy_from_slice(a);
+    b
+}
+
+fn a4(a: &[u8; 16]) -> [u8; 4] {
+    a[..4].try_into().unwrap()
+}
+
+/// Runs the model on one packet.
+pub fn run(
+    w: &World,
+    flows: &Flows,
+    hook: Hook,
+    mark: u32,
+    packet: &[u8],
+    choices: &Choices,
+) -> Answer {
+    let mut cx = Cx {
+        w,
+        ch: choices,
+        flows: flows.clone(),
+        p: packet.to_vec(),
+        mss_clamped: false,
+        collisions: (0, 0),
+        flows_unspecified: None,
+        l2_unspecified: false,
+        missing_choice: None,
+    };
+    let r = match hook {
+        Hook::Egress => cx.egress(mark),
+        Hook::Ingress => cx.ingress(),
+    };
+    match r {
+        Ok((verdict, counter, rule)) => Answer::Sure(Box::new(Outcome {
+            verdict,
+            packet: cx.p,
+            counter,
+            mss_clamped: cx.mss_clamped,
+            collisions: cx.collisions,
+            flows: cx.flows,
+            flows_unspecified: cx.flows_unspecified,
+            l2_unspecified: cx.l2_unspecified,
+            missing_choice: cx.missing_choice,
+            rule,
+        })),
+        Err(Stop::Silent(why)) => Answer::Silent(why),
+        Err(Stop::BadChoice(why)) => Answer::BadChoice(why),
+    }
+}
+
+struct Cx<'a> {
+    w: &'a World<'a>,
+    ch: &'a Choices,
+    flows: Flows,
+    p: Vec<u8>,
+    mss_clamped: bool,
+    collisions: (u64, u64),
+    flows_unspecified: Option<&'static str>,
+    l2_unspecified: bool,
+    missing_choice: Option<&'static str>,
+}
+
+fn pass(counter: &'static str, rule: &'static str) -> R {
+    Ok((Verdict::Pass, counter, rule))
+}
+fn drop(counter: &'static str, rule: &'static str) -> R {
+    Ok((Verdict::Drop, counter, rule))
+}
+
+impl Cx<'_> {
+    // ---------------------------------------------------------------- map look-ups
+
+    /// POLICY_V4/V6 for exactly this mark: longest prefix over mark ‖ destination.
+    fn lookup(&self, mark: u32, ip: &Ip) -> Option<u32> {
+        let mut want = mark.to_be_bytes().to_vec();
+        if ip.v6 {
+            want.extend_from_slice(&ip.dst);
+            self.w
+                .maps
+                .policies_v6
+                .iter()
+                .filter(|((plen, k), _)| {
+                    let mut have = k.mark_be.to_ne_bytes().to_vec();
+                    have.extend_from_slice(&k.addr);
+                    in_prefix(&want, &have, *plen)
+                })
+                .max_by_key(|((plen, _), _)| *plen)
+                .map(|(_, v)| v.pool)
+        } else {
+            want.extend_from_slice(&ip.dst[..4]);
+            self.w
+                .maps
+                .policies_v4
+                .iter()
+                .filter(|((plen, k), _)| {
+                    let mut have = k.mark_be.to_ne_bytes().to_vec();
+                    have.extend_from_slice(&k.addr);
+                    in_prefix(&want, &have, *plen)
+                })
+                .max_by_key(|((plen, _), _)| *plen)
+                .map(|(_, v)| v.pool)
+        }
+    }
+
+    /// Egress rule 4: (mark, destination), else (0, destination).
+    fn policy(&self, mark: u32, ip: &Ip) -> Option<u32> {
+        self.lookup(mark, ip)
+            .or_else(|| if mark != 0 { self.lookup(0, ip) } else { None })
+    }
+
+    /// PEER_POLICY: a policy of `pool` (any mark) covers the IPv4 destination.
+    fn peer_policy(&self, pool: u32, dst: [u8; 4]) -> bool {
+        self.w.maps.policies_v4.iter().any(|((plen, k), v)| {
+            v.pool == pool && *plen >= 32 && in_prefix(&dst, &k.addr, plen - 32)
+        })
+    }
+
+    /// Whether an IPv4 pool address is *shared*: (another server owns a range of it, it is in
+    /// OWNERS at all). The README does not say which is meant for a single-holder address.
+    fn shared(&self, addr: [u8; 4]) -> (bool, bool) {
+        match self.w.maps.owners.get(&addr) {
+            None => (false, false),
+            Some(o) => (
+                o.ranges[..(o.count as usize).min(o.ranges.len())]
+                    .iter()
+                    .any(|r| r.fabric != self.w.local.fabric),
+                true,
+            ),
+        }
+    }
+
+    /// The owner of `port` of a shared IPv4 address when it is another server: (owner, pool).
+    fn other_owner(&self, addr: [u8; 4], port: u16) -> Option<([u8; 4], u32)> {
+        let o = self.w.maps.owners.get(&addr)?;
+        o.ranges[..(o.count as usize).min(o.ranges.len())]
+            .iter()
+            .find(|r| (r.port_min..=r.port_max).contains(&port))
+            .filter(|r| r.fabric != self.w.local.fabric)
+            .map(|r| (r.fabric, o.pool))
+    }
+
+    fn is_peer(&self, a: [u8; 4]) -> bool {
+        self.w.maps.peers.contains_key(&a)
+    }
+
+    // ---------------------------------------------------------------- choices
+
+    /// The claim of a port (egress rule 7): the reverse entry's insert-if-absent over up to 32
+    /// probes of `targets`. Ok(None): every probe failed.
+    fn claim(
+        &mut self,
+        targets: &[SnatTarget],
+        family: u8,
+        proto: u8,
+        remote: [u8; 16],
+        rport: u16,
+    ) -> Result<Option<(SnatTarget, u16)>, Stop> {
+        if targets.is_empty() {
+            return silent("snat action without targets");
+        }
+        let taken = |t: &SnatTarget, flows: &Flows| -> u64 {
+            flows
+                .keys()
+                .filter(|k| {
+                    k.family == family
+                        && k.proto == proto
+                        && k.src == remote
+                        && k.src_port_be == rport.to_be()
+                        && k.dst == t.addr
+                        && (t.port_min..=t.port_max).contains(&u16::from_be(k.dst_port_be))
+                })
+                .count() as u64
+        };
+        let n = 32 / targets.len() as u64;
+        let mut certain = true;
+        let mut possible = true;
+        let mut any = false;
+        for t in targets {
+            let range = u64::from(t.port_max.saturating_sub(t.port_min)) + 1;
+            let k = taken(t, &self.flows);
+            any |= k > 0;
+            certain &= k >= range;
+            possible &= k >= range.min(n);
+        }
+        match self.ch.snat {
+            Some((addr, port)) => {
+                let Some(t) = targets
+                    .iter()
+                    .find(|t| t.addr == addr && (t.port_min..=t.port_max).contains(&port))
+                else {
+                    return Err(Stop::BadChoice(format!(
+                        "claimed {}:{port}, not in this server's SNAT targets {:?}",
+                        show_addr(&addr, family),
+                        targets
+                            .iter()
+                            .map(|t| format!(
+                                "{} {}-{}",
+                                show_addr(&t.addr, family),
+                                t.port_min,
+                                t.port_max
+                            ))
+                            .collect::<Vec<_>>()
+                    )));
+                };
+                let rk = key(family, proto, remote, t.addr, rport, port);
+                if self.flows.contains_key(&rk) {
+                    return Err(Stop::BadChoice(format!(
+                        "claimed {}:{port}, which collides with an existing entry",
+                        show_addr(&addr, family)
+                    )));
+                }
+                if certain {
+                    return Err(Stop::BadChoice(
+                        "claimed a port although every port of every target was taken".into(),
+                    ));
+                }
+                self.collisions = if any { (0, 31) } else { (0, 0) };
+                Ok(Some((*t, port)))
+            }
+            None if possible => {
+                self.collisions = (32, 32);
+                Ok(None)
+            }
+            None => {
+                self.missing_choice = Some("a port claim (the programs claimed none)");
+                for t in targets {
+                    for port in t.port_min..=t.port_max {
+                        if !self
+                            .flows
+                            .contains_key(&key(family, proto, remote, t.addr, rport, port))
+                        {
+                            return Ok(Some((*t, port)));
+                        }
+                    }
+                }
+                unreachable!("not every port is taken")
+            }
+        }
+    }
+
+    fn hop(&mut self, hops: &[[u8; 4]]) -> Result<[u8; 4], Stop> {
+        if hops.is_empty() {
+            return silent("forward action without next hops");
+        }
+        match self.ch.hop {
+            Some(h) if hops.contains(&h) => Ok(h),
+            Some(h) => Err(Stop::BadChoice(format!(
+                "forwarded to {}, not one of the planned hops {:?}",
+                show_addr(&addr16(&h), 4),
+                hops.iter()
+                    .map(|h| show_addr(&addr16(h), 4))
+                    .collect::<Vec<_>>()
+            ))),
+            None => {
+                self.missing_choice = Some("a next hop (the programs recorded none)");
+                Ok(hops[0])
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- rewrites
+
+    /// Rewrites the source (`src`) or destination address of `ip`, fixing the IPv4 header
+    /// checksum and the transport checksum when it covers a pseudo-header.
+    fn set_addr(&mut self, ip: &Ip, src: bool, new: &[u8; 16], l4_csum_of: Option<usize>) {
+        let (at, n) = if src { ip.src_at() } else { ip.dst_at() };
+        let old = self.p[at..at + n].to_vec();
+        let new = &new[..n];
+        if !ip.v6 {
+            fix_csum(&mut self.p, ip.at + 10, false, &old, new);
+        }
+        if let Some(l4) = l4_csum_of
+            && let Some((off, true)) = l4_csum(ip.v6, ip.proto)
+        {
+            fix_csum(&mut self.p, l4 + off, ip.proto == PROTO_UDP, &old, new);
+        }
+        self.p[at..at + n].copy_from_slice(new);
+    }
+
+    /// Writes a 16-bit word of the transport header of `ip` at `at`, fixing its checksum.
+    fn set_l4_word(&mut self, ip: &Ip, at: usize, v: u16) {
+        let old = self.p[at..at + 2].to_vec();
+        let (off, _) = l4_csum(ip.v6, ip.proto).expect("a transport with a checksum");
+        fix_csum(
+            &mut self.p,
+            ip.l4() + off,
+            ip.proto == PROTO_UDP,
+            &old,
+            &v.to_be_bytes(),
+        );
+        put16(&mut self.p, at, v);
+    }
+
+    /// Source → (addr, port): the port is the TCP/UDP source port or the echo identifier.
+    fn snat(&mut self, ip: &Ip, l4: &L4, addr: [u8; 16], port: u16) {
+        self.set_addr(ip, true, &addr, Some(ip.l4()));
+        let at = match l4 {
+            L4::Echo { .. } => ip.l4() + 4,
+            _ => ip.l4(),
+        };
+        self.set_l4_word(ip, at, port);
+    }
+
+    /// Destination → (addr, port): TCP/UDP destination port or the echo identifier.
+    fn dnat(&mut self, ip: &Ip, l4: &L4, addr: [u8; 16], port: u16) {
+        self.set_addr(ip, false, &addr, Some(ip.l4()));
+        let at = match l4 {
+            L4::Echo { .. } => ip.l4() + 4,
+            _ => ip.l4() + 2,
+        };
+        self.set_l4_word(ip, at, port);
+    }
+
+    /// The MSS (first option) exceeds the tunnel MSS.
+    fn mss_too_big(&self, ip: &Ip, l4: &L4) -> Result<bool, Stop> {
+        let L4::Tcp { doff, .. } = *l4 else {
+            return Ok(false);
+        };
+        let at = ip.l4();
+        if doff < 24 || self.p[at + 20] != 2 {
+            return Ok(false);
+        }
+        if self.p[at + 21] != 4 {
+            return silent("MSS option whose length is not 4");
+        }
+        Ok(be16(&self.p, at + 22) > self.w.local.mss_v4)
+    }
+
+    fn clamp(&mut self, ip: &Ip, l4: &L4) -> Result<(), Stop> {
+        if self.mss_too_big(ip, l4)? {
+            let at = ip.l4() + 22;
+            self.set_l4_word(ip, at, self.w.local.mss_v4);
+            self.mss_clamped = true;
+        }
+        Ok(())
+    }
+
+    fn tcp_flags(l4: &L4) -> u8 {
+        match *l4 {
+            L4::Tcp { flags, .. } => flags,
+            _ => 0,
+        }
+    }
+
+    /// A SYN translated here to `to` (IPv4 pool address): clamped when the address is shared.
+    fn clamp_translated(&mut self, ip: &Ip, l4: &L4, to: [u8; 16]) -> Result<(), Stop> {
+        let f = Self::tcp_flags(l4);
+        if f & TCP_SYN == 0 || ip.v6 || !self.mss_too_big(ip, l4)? {
+            return Ok(());
+        }
+        let (strict, loose) = self.shared(a4(&to));
+        if f & TCP_ACK != 0 {
+            if strict || loose {
+                return silent("SYN-ACK translated to a shared pool address: clamp or not");
+            }
+            return Ok(());
+        }
+        if strict != loose {
+            return silent(
+                "SYN translated to a pool address all of whose shares are this server's: is it shared",
+            );
+        }
+        if strict {
+            self.clamp(ip, l4)?;
+        }
+        Ok(())
+    }
+
+    /// Ethernet addresses towards `dst`. Err(drop counter) without a route.
+    fn route(&mut self, dst: [u8; 4]) -> Result<Result<(), &'static str>, Stop> {
+        match self.w.env.fib(dst) {
+            Fib::NoRoute => Ok(Err("drop_no_route")),
+            Fib::Odd => silent("next hop is a local or broadcast address"),
+            Fib::Unresolved => {
+                self.l2_unspecified = true;
+                self.p[6..12].copy_from_slice(&self.w.env.uplink_mac);
+                Ok(Ok(()))
+            }
+            Fib::Resolved(mac) => {
+                self.p[0..6].copy_from_slice(&mac);
+                self.p[6..12].copy_from_slice(&self.w.env.uplink_mac);
+                Ok(Ok(()))
+            }
+        }
+    }
+
+    /// Wraps the IPv4 packet at 14 in outer IPv4 + GRE to `peer` with `gre_key`.
+    /// Err(drop counter) when it does not fit or has no route.
+    fn encap(
+        &mut self,
+        ip: &Ip,
+        peer: [u8; 4],
+        gre_key: u32,
+    ) -> Result<Result<(), &'static str>, Stop> {
+        if ip.v6 {
+            return silent("IPv6 packet to be encapsulated (GRE carries IPv4)");
+        }
+        if ip.padded {
+            return silent("encapsulating a frame with bytes past the IP packet");
+        }
+        let inner_len = self.p.len() - ETH_LEN;
+        let too_big = inner_len + 28 > self.w.env.mtu;
+        let fib = self.w.env.fib(peer);
+        if too_big && fib == Fib::NoRoute {
+            return silent("too big to encapsulate and no route: which drop");
+        }
+        if too_big {
+            return Ok(Err("drop_encap_too_big"));
+        }
+        let mut outer = vec![0x45, 0];
+        outer.extend_from_slice(&((inner_len + 28) as u16).to_be_bytes());
+        outer.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_GRE, 0, 0]);
+        outer.extend_from_slice(&self.w.local.fabric);
+        outer.extend_from_slice(&peer);
+        let c = checksum(&outer);
+        put16(&mut outer, 10, c);
+        outer.extend_from_slice(&[0x20, 0x00, 0x08, 0x00]);
+        outer.extend_from_slice(&gre_key.to_be_bytes());
+        let mut p = self.p[..ETH_LEN].to_vec();
+        p[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        p.extend_from_slice(&outer);
+        p.extend_from_slice(&self.p[ETH_LEN..]);
+        self.p = p;
+        self.route(peer)
+    }
+
+    /// Removes the outer IPv4 + GRE (28 bytes after the Ethernet header).
+    fn strip(&mut self) {
+        self.p.drain(ETH_LEN..ETH_LEN + 28);
+    }
+
+    /// Tunnel rule 2 with a tunnel: the outer header rewritten in place towards `tunnel`.
+    fn reencap_in_place(
+        &mut self,
+        tunnel: [u8; 4],
+        pool: u32,
+    ) -> Result<Result<(), &'static str>, Stop> {
+        let o = ETH_LEN;
+        self.p[o + 12..o + 16].copy_from_slice(&self.w.local.fabric);
+        self.p[o + 16..o + 20].copy_from_slice(&tunnel);
+        self.p[o + 8] = 64;
+        put16(&mut self.p, o + 10, 0);
+        let c = checksum(&self.p[o..o + 20]);
+        put16(&mut self.p, o + 10, c);
+        self.p[o + 24..o + 28].copy_from_slice(&pool.to_be_bytes());
+        self.route(tunnel)
+    }
+
+    // ---------------------------------------------------------------- TC egress
+
+    fn egress(&mut self, mark: u32) -> R {
+        let ethertype = be16(&self.p, 12);
+        let ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+            IpParse::NotIp => return pass("egress_not_ip", "egress 1: not IP"),
+            IpParse::Bad => return drop("egress_malformed", "egress 1: bad IP header"),
+            IpParse::Silent(s) => return silent(s),
+            IpParse::Ok(ip) => ip,
+        };
+        // 2. Own packets.
+        if !ip.v6
+            && ip.proto == PROTO_GRE
+            && ip.src4() == self.w.local.fabric
+            && self.is_peer(ip.dst4())
+        {
+            return pass("ours_passed", "egress 2: own GRE");
+        }
+        let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
+        let tuple = if ip.frag { None } else { conn_tuple(&ip, &l4) };
+        if let L4::Echo { request: false, id } = l4 {
+            let k = key(ip.family(), ip.proto, ip.src, ip.dst, id, 0);
+            if self.flows.contains_key(&k) || self.flows.contains_key(&swap(&k)) {
+                return silent("egress echo reply whose (identifier, 0) tuple has a flow entry");
+            }
+        }
+        // 3. Established.
+        let mut restarted = false;
+        if let Some(k) = tuple
+            && let Some(v) = self.flows.get(&k).copied()
+        {
+            match v.kind {
+                FLOW_OUTBOUND => {
+                    let f = Self::tcp_flags(&l4);
+                    let syn_only =
+                        matches!(l4, L4::Tcp { .. }) && f & TCP_SYN != 0 && f & TCP_ACK == 0;
+                    if syn_only && v.flags & FLOW_F_CLOSING != 0 {
+                        self.flows.remove(&k);
+                        restarted = true;
+                    } else {
+                        let port = u16::from_be(v.port_be);
+                        self.snat(&ip, &l4, v.addr, port);
+                        self.clamp_translated(&ip, &l4, v.addr)?;
+                        return pass("snat_established", "egress 3: outbound entry");
+                    }
+                }
+                FLOW_FORWARDED => {
+                    if Self::tcp_flags(&l4) & TCP_SYN != 0 {
+                        self.clamp(&ip, &l4)?;
+                    }
+                    return match self.encap(&ip, v.tunnel, v.pool)? {
+                        Ok(()) => Ok((
+                            Verdict::Leave,
+                            "forward_established",
+                            "egress 3: forwarded entry",
+                        )),
+                        Err(c) => drop(c, "egress 3: forwarded entry, encapsulation failed"),
+                    };
+                }
+                _ => return silent("egress tuple is the key of a reverse entry"),
+            }
+        }
+        let restart_silent = |r: R| -> R {
+            match r {
+                Ok((_, "snat_new", _)) | Err(_) => r,
+                Ok(_) if restarted => {
+                    silent("SYN after FIN/RST whose new connection is not translated here")
+                }
+                Ok(_) => r,
+            }
+        };
+        // 4. Policy.
+        let Some(pool) = self.policy(mark, &ip) else {
+            return restart_silent(pass("egress_no_policy", "egress 4: no policy"));
+        };
+        // 5. Already translated.
+        if let Some(k) = tuple
+            && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE)
+        {
+            return restart_silent(pass("ours_passed", "egress 5: already translated"));
+        }
+        // 6. Untranslatable.
+        if ip.frag {
+            if ip.v6 {
+                return silent("IPv6 Fragment header to a policy destination");
+            }
+            return drop("drop_fragment", "egress 6: fragment");
+        }
+        if ip.ext {
+            return silent("IPv6 extension header to a policy destination");
+        }
+        match l4 {
+            L4::Tcp { .. } | L4::Udp { .. } | L4::Echo { request: true, .. } => {}
+            L4::Truncated { icmp: false, .. } => {
+                return drop("drop_truncated_l4", "egress 6: transport cut short");
+            }
+            L4::Truncated {
+                icmp: true,
+                icmp_type: Some(t),
+            } => {
+                return if t == echo_types(ip.v6).0 {
+                    drop("drop_truncated_l4", "egress 6: echo request cut short")
+                } else {
+                    silent(
+                        "ICMP shorter than 8 bytes, not an echo request: unsupported or cut short",
+                    )
+                };
+            }
+            L4::Truncated {
+                icmp: true,
+                icmp_type: None,
+            } => return silent("ICMP without a type byte to a policy destination"),
+            _ => return drop("drop_unsupported_l4", "egress 6: unsupported transport"),
+        }
+        let k = tuple.expect("translatable packets have a tuple");
+        // 7. The action.
+        let family = if ip.v6 { FAMILY_V6 } else { FAMILY_V4 };
+        let Some(action) = self
+            .w
+            .maps
+            .actions
+            .get(&ActionKey::new(pool, family))
+            .copied()
+        else {
+            return restart_silent(drop("drop_no_action", "egress 7: no action"));
+        };
+        match ActionKind::from_u8(action.kind) {
+            Some(ActionKind::Snat) => {
+                let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
+                let remote_port = u16::from_be(k.dst_port_be);
+                let Some((t, port)) = self.claim(targets, family, ip.proto, ip.dst, remote_port)?
+                else {
+                    return drop("drop_port_exhausted", "egress 7: every probe collided");
+                };
+                self.record(&k, &t, port, pool, [0; 4]);
+                self.snat(&ip, &l4, t.addr, port);
+                self.clamp_translated(&ip, &l4, t.addr)?;
+                pass("snat_new", "egress 7: snat")
+            }
+            Some(ActionKind::Forward) if ip.v6 => {
+                restart_silent(drop("drop_forward_ipv6", "egress 7: forward IPv6"))
+            }
+            Some(ActionKind::Forward) => {
+                let hops = &action.hops[..usize::from(action.hop_count).min(action.hops.len())];
+                let peer = self.hop(hops)?;
+                self.flows
+                    .insert(k, FlowValue::new(FLOW_FORWARDED, [0; 16], 0, pool, peer, 0));
+                if Self::tcp_flags(&l4) & TCP_SYN != 0 {
+                    self.clamp(&ip, &l4)?;
+                }
+                restart_silent(match self.encap(&ip, peer, pool)? {
+                    Ok(()) => Ok((Verdict::Leave, "forward_new", "egress 7: forward")),
+                    Err(c) => {
+                        self.flows_unspecified =
+                            Some("a new forwarded connection dropped after its entry was recorded");
+                        drop(c, "egress 7: forward, encapsulation failed")
+                    }
+                })
+            }
+            Some(ActionKind::Drop) => {
+                restart_silent(drop("drop_pool_unreachable", "egress 7: unreachable"))
+            }
+            None => silent("unknown action kind"),
+        }
+    }
+
+    /// Records the outbound entry at `k` (translated to `t.addr:port`) and its reverse entry.
+    fn record(&mut self, k: &FlowKey, t: &SnatTarget, port: u16, pool: u32, tunnel: [u8; 4]) {
+        let rk = FlowKey {
+            src: k.dst,
+            dst: t.addr,
+            src_port_be: k.dst_port_be,
+            dst_port_be: port.to_be(),
+            ..*k
+        };
+        self.flows.insert(
+            rk,
+            FlowValue::new(FLOW_REVERSE, k.src, k.src_port_be, pool, tunnel, 0),
+        );
+        self.flows.insert(
+            *k,
+            FlowValue::new(FLOW_OUTBOUND, t.addr, port.to_be(), pool, tunnel, 0),
+        );
+    }
+
+    // ---------------------------------------------------------------- TC ingress
+
+    fn ingress(&mut self) -> R {
+        let ethertype = be16(&self.p, 12);
+        let ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+            IpParse::NotIp => return pass("ingress_not_ip", "ingress 1: not IP"),
+            IpParse::Bad => return pass("ingress_malformed", "ingress 1: bad IP header"),
+            IpParse::Silent(s) => return silent(s),
+            IpParse::Ok(ip) => ip,
+        };
+        if ip.ext {
+            return silent("ingress IPv6 extension header");
+        }
+        if !ip.v6 && ip.proto == PROTO_GRE && !ip.frag {
+            return self.tunnel(&ip);
+        }
+        if ip.frag {
+            return silent(
+                "ingress fragment (the rules point to a Fragments section that does not exist)",
+            );
+        }
+        let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
+        if l4 == L4::IcmpError {
+            return self.icmp_error(&ip, false);
+        }
+        if let L4::Echo { request: true, id } = l4 {
+            let k = key(ip.family(), ip.proto, ip.src, ip.dst, 0, id);
+            if self.flows.contains_key(&k) {
+                return silent("echo request arriving whose (0, identifier) tuple is a reply's");
+            }
+            if !ip.v6 && self.w.maps.owners.contains_key(&ip.dst4()) {
+                return silent(
+                    "echo request arriving for a shared pool address: does its identifier select an owner",
+                );
+            }
+            return pass("ingress_no_flow", "ingress 7: echo request");
+        }
+        let Some(k) = reply_tuple(&ip, &l4) else {
+            return pass("ingress_no_flow", "ingress 4/7: no tuple");
+        };
+        // 5. Reverse entry.
+        if let Some(v) = self.flows.get(&k).copied() {
+            if v.kind != FLOW_REVERSE {
+                return silent("ingress tuple is the key of an outbound or forwarded entry");
+            }
+            self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
+            if v.tunnel == [0; 4] {
+                return pass("reverse_nat", "ingress 5: reverse entry");
+            }
+            return match self.encap(&ip, v.tunnel, v.pool)? {
+                Ok(()) => Ok((
+                    Verdict::Send,
+                    "reply_reencap",
+                    "ingress 5: reverse entry, tunnel",
+                )),
+                Err(c) => drop(c, "ingress 5: re-encapsulation failed"),
+            };
+        }
+        // 6. Soft-unicast.
+        if !ip.v6
+            && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))
+        {
+            return match self.encap(&ip, owner, pool)? {
+                Ok(()) => Ok((Verdict::Send, "soft_unicast", "ingress 6: soft-unicast")),
+                Err(c) => drop(c, "ingress 6: soft-unicast encapsulation failed"),
+            };
+        }
+        pass("ingress_no_flow", "ingress 7: no flow")
+    }
+
+    // ---------------------------------------------------------------- Tunnel
+
+    fn tunnel(&mut self, outer: &Ip) -> R {
+        let peer = outer.src4();
+        if !self.is_peer(peer) {
+            return drop("drop_gre_unknown_peer", "tunnel 1: unknown peer");
+        }
+        let malformed = |why| drop("drop_gre_malformed", why);
+        if outer.hdr_len != 20 {
+            return malformed("tunnel 1: outer options");
+        }
+        let g = outer.l4();
+        if outer.end < g + 4 {
+            return malformed("tunnel 1: GRE cut short");
+        }
+        if be16(&self.p, g) != 0x2000 {
+            return malformed("tunnel 1: GRE flags");
+        }
+        if be16(&self.p, g + 2) != ETHERTYPE_IPV4 {
+            return malformed("tunnel 1: GRE payload protocol");
+        }
+        if outer.end < g + 8 {
+            return malformed("tunnel 1: GRE key cut short");
+        }
+        let gre_key = be32(&self.p, g + 4);
+        if outer.padded {
+            return silent("GRE frame with bytes past the outer IP packet");
+        }
+        let ip = match parse_ip(&self.p, g + 8, None) {
+            IpParse::NotIp | IpParse::Bad => return malformed("tunnel 1: inner not IPv4"),
+            IpParse::Silent(s) => return silent(s),
+            IpParse::Ok(ip) => ip,
+        };
+        if ip.padded {
+            return silent("inner IPv4 shorter than the GRE payload");
+        }
+        if ip.frag {
+            return silent("inner fragment");
+        }
+        let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
+        // 2. Reverse entry (soft-unicast brought a reply).
+        if let L4::Echo { request: true, id } = l4
+            && self
+                .flows
+                .contains_key(&key(4, ip.proto, ip.src, ip.dst, 0, id))
+        {
+            return silent("inner echo request whose (0, identifier) tuple is a reply's");
+        }
+        if let Some(k) = reply_tuple(&ip, &l4)
+            && let Some(v) = self.flows.get(&k).copied()
+            && v.kind == FLOW_REVERSE
+        {
+            self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
+            return self.tunnel_reply(v, "reverse_nat", "reply_reencap", "tunnel 2: reverse entry");
+        }
+        // 3. Inner ICMP error.
+        if l4 == L4::IcmpError {
+            return self.icmp_error(&ip, true);
+        }
+        // 4. Reply of a connection forwarded from here.
+        if let Some(k) = reply_tuple(&ip, &l4)
+            && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_FORWARDED)
+        {
+            let f = Self::tcp_flags(&l4);
+            if f & TCP_SYN != 0 {
+                if f & TCP_ACK != 0 {
+                    self.clamp(&ip, &l4)?;
+                } else if self.mss_too_big(&ip, &l4)? {
+                    return silent(
+                        "SYN (not SYN-ACK) replying to a forwarded connection: clamp or not",
+                    );
+                }
+            }
+            self.strip();
+            return pass("forwarded_reply", "tunnel 4: forwarded entry");
+        }
+        if let L4::Echo { request: true, id } = l4
+            && self
+                .flows
+                .get(&key(4, ip.proto, ip.dst, ip.src, id, 0))
+                .map(|v| v.kind)
+                == Some(FLOW_FORWARDED)
+        {
+            return silent("inner echo request matching a forwarded entry swapped");
+        }
+        // 5. A peer's connection.
+        let Some(k) = conn_tuple(&ip, &l4) else {
+            return silent("inner packet that is neither a reply nor a translatable connection");
+        };
+        if let Some(v) = self.flows.get(&k).copied() {
+            if v.kind != FLOW_OUTBOUND {
+                return silent("inner tuple is the key of a reverse or forwarded entry");
+            }
+            if v.tunnel != peer {
+                return silent("outbound entry naming another peer as its tunnel");
+            }
+            let port = u16::from_be(v.port_be);
+            self.snat(&ip, &l4, v.addr, port);
+            self.clamp_translated(&ip, &l4, v.addr)?;
+            self.strip();
+            return match self.route(ip.dst4())? {
+                Ok(()) => Ok((Verdict::Send, "peer_snat", "tunnel 5: outbound entry")),
+                Err(c) => drop(c, "tunnel 5: no route"),
+            };
+        }
+        if !self.peer_policy(gre_key, ip.dst4()) {
+            return drop("drop_peer_policy", "tunnel 5: no policy of the key's pool");
+        }
+        let action = self
+            .w
+            .maps
+            .actions
+            .get(&ActionKey::new(gre_key, FAMILY_V4))
+            .copied();
+        let Some(action) = action.filter(|a| a.kind == ActionKind::Snat as u8) else {
+            return drop("drop_peer_not_held", "tunnel 5: pool not held here");
+        };
+        let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
+        let Some((t, port)) =
+            self.claim(targets, 4, ip.proto, ip.dst, u16::from_be(k.dst_port_be))?
+        else {
+            return drop("drop_port_exhausted", "tunnel 5: every probe collided");
+        };
+        self.record(&k, &t, port, gre_key, peer);
+        self.snat(&ip, &l4, t.addr, port);
+        self.clamp_translated(&ip, &l4, t.addr)?;
+        self.strip();
+        match self.route(ip.dst4())? {
+            Ok(()) => Ok((Verdict::Send, "peer_snat", "tunnel 5: new peer connection")),
+            Err(c) => {
+                self.flows_unspecified =
+                    Some("a peer's new connection dropped after its entries were recorded");
+                drop(c, "tunnel 5: no route")
+            }
+        }
+    }
+
+    /// Tunnel rule 2's ending: no tunnel → strip and pass; else rewrite the outer header in
+    /// place and send.
+    fn tunnel_reply(
+        &mut self,
+        v: FlowValue,
+        plain: &'static str,
+        reencap: &'static str,
+        rule: &'static str,
+    ) -> R {
+        if v.tunnel == [0; 4] {
+            self.strip();
+            return pass(plain, rule);
+        }
+        match self.reencap_in_place(v.tunnel, v.pool)? {
+            Ok(()) => Ok((Verdict::Send, reencap, rule)),
+            Err(c) => drop(c, "tunnel: no route to the tunnel"),
+        }
+    }
+
+    // ---------------------------------------------------------------- ICMP errors
+
+    /// An ICMP error `ip` (at 14, or inside a tunnel).
+    fn icmp_error(&mut self, ip: &Ip, in_tunnel: bool) -> R {
+        let otherwise = |_: ()| -> R {
+            if in_tunnel {
+                drop("drop_peer_policy", "icmp 4: unmatched in a tunnel")
+            } else {
+                pass("ingress_no_flow", "icmp 4: unmatched")
+            }
+        };
+        let icmp = ip.l4();
+        if ip.end < icmp + 8 {
+            return otherwise(());
+        }
+        let q = icmp + 8;
+        let qip = match parse_ip(
+            &self.p[..ip.end],
+            q,
+            Some(if ip.v6 {
+                ETHERTYPE_IPV6
+            } else {
+                ETHERTYPE_IPV4
+            }),
+        ) {
+            IpParse::Ok(qip) => qip,
+            // A quote is cut short by design: its length field speaks of the whole packet.
+            IpParse::Silent(_) => match quoted_ip(&self.p[..ip.end], q, ip.v6) {
+                Some(qip) => qip,
+                None => return otherwise(()),
+            },
+            _ => return otherwise(()),
+        };
+        if qip.ext {
+            return otherwise(());
+        }
+        if qip.frag {
+            return silent("ICMP error quoting a fragment");
+        }
+        let ql4 = qip.l4();
+        let qavail = ip.end.saturating_sub(ql4);
+        if qavail < 8 {
+            return otherwise(());
+        }
+        let (sport, dport) = match qip.proto {
+            PROTO_TCP | PROTO_UDP => (be16(&self.p, ql4), be16(&self.p, ql4 + 2)),
+            pr if (pr == PROTO_ICMP && !ip.v6) || (pr == PROTO_ICMPV6 && ip.v6) => {
+                if self.p[ql4] != echo_types(ip.v6).0 {
+                    return otherwise(());
+                }
+                (be16(&self.p, ql4 + 4), 0)
+            }
+            _ => return otherwise(()),
+        };
+        let qk = key(qip.family(), qip.proto, qip.src, qip.dst, sport, dport);
+        // 1. A reverse entry for the swapped quoted tuple, the error addressed to the quoted source.
+        if let Some(v) = self.flows.get(&swap(&qk)).copied()
+            && v.kind == FLOW_REVERSE
+            && ip.dst == qip.src
+        {
+            let before = self.p[icmp..ip.end].to_vec();
+            // The quoted source address, its header checksum, its transport checksum.
+            let (sat, n) = qip.src_at();
+            let old = self.p[sat..sat + n].to_vec();
+            let new = v.addr[..n].to_vec();
+            if !qip.v6 {
+                fix_csum(&mut self.p, qip.at + 10, false, &old, &new);
+            }
+            let qcsum = l4_csum(qip.v6, qip.proto).map(|(off, pseudo)| (ql4 + off, pseudo));
+            let holds = |at: usize| at + 2 <= ip.end;
+            if let Some((cat, true)) = qcsum
+                && holds(cat)
+            {
+                fix_csum(&mut self.p, cat, qip.proto == PROTO_UDP, &old, &new);
+            }
+            self.p[sat..sat + n].copy_from_slice(&new);
+            // The quoted source port / echo identifier.
+            let pat = if matches!(qip.proto, PROTO_TCP | PROTO_UDP) {
+                ql4
+            } else {
+                ql4 + 4
+            };
+            let oldp = self.p[pat..pat + 2].to_vec();
+            let newp = v.port_be.to_ne_bytes();
+            if let Some((cat, _)) = qcsum
+                && holds(cat)
+            {
+                fix_csum(&mut self.p, cat, qip.proto == PROTO_UDP, &oldp, &newp);
+            }
+            self.p[pat..pat + 2].copy_from_slice(&newp);
+            // The error's own checksum over every changed word of its message.
+            let after = self.p[icmp..ip.end].to_vec();
+            let c = csum_update(be16(&self.p, icmp + 2), &before, &after);
+            put16(&mut self.p, icmp + 2, c);
+            // The error's destination (and for ICMPv6 its pseudo-header).
+            let mut err_ip = ip.clone();
+            err_ip.proto = if ip.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+            self.set_addr(&err_ip, false, &v.addr, Some(icmp));
+            if in_tunnel {
+                return self.tunnel_reply(
+                    v,
+                    "icmp_error_nat",
+                    "icmp_error_reencap",
+                    "icmp 1: reverse entry (tunnel)",
+                );
+            }
+            if v.tunnel == [0; 4] {
+                return pass("icmp_error_nat", "icmp 1: reverse entry");
+            }
+            return match self.encap(ip, v.tunnel, v.pool)? {
+                Ok(()) => Ok((
+                    Verdict::Send,
+                    "icmp_error_reencap",
+                    "icmp 1: reverse entry, tunnel",
+                )),
+                Err(c) => drop(c, "icmp 1: re-encapsulation failed"),
+            };
+        }
+        // 2. In a tunnel: the quoted tuple is a forwarded entry.
+        if in_tunnel && self.flows.get(&qk).map(|v| v.kind) == Some(FLOW_FORWARDED) {
+            self.strip();
+            return pass("forwarded_reply", "icmp 2: forwarded entry");
+        }
+        // 3. Plain IPv4: the quoted source port belongs to another server.
+        if !in_tunnel
+            && !ip.v6
+            && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)
+        {
+            return match self.encap(ip, owner, pool)? {
+                Ok(()) => Ok((Verdict::Send, "soft_unicast", "icmp 3: soft-unicast")),
+                Err(c) => drop(c, "icmp 3: soft-unicast encapsulation failed"),
+            };
+        }
+        otherwise(())
+    }
+}
+
+/// The quoted IP header of an ICMP error (its length field may exceed the quote).
+fn quoted_ip(p: &[u8], at: usize, v6: bool) -> Option<Ip> {
+    let mut q = p.to_vec();
+    // Parse with the length field pretending the quote is whole.
+    if v6 {
+        if q.len() < at + 40 {
+            return None;
+        }
+        let len = (q.len() - at - 40) as u16;
+        put16(&mut q, at + 4, len);
+    } else {
+        if q.len() < at + 20 {
+            return None;
+        }
+        let len = (q.len() - at) as u16;
+        put16(&mut q, at + 2, len);
+    }
+    match parse_ip(
+        &q,
+        at,
+        Some(if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 }),
+    ) {
+        IpParse::Ok(ip) => Some(Ip {
+            padded: false,
+            ..ip
+        }),
+        _ => None,
+    }
+}
+
+pub fn show_addr(a: &[u8; 16], family: u8) -> String {
+    if family == 6 {
+        std::net::Ipv6Addr::from(*a).to_string()
+    } else {
+        std::net::Ipv4Addr::from(a4(a)).to_string()
+    }
+}

@@ -1,0 +1,323 @@
+//! Reading packets and fixing checksums the way the README says the programs do: headers parsed
+//! from the frame, checksums fixed incrementally (RFC 1624, eqn. 3), never recomputed over the
+//! payload.
+
+pub const ETH_LEN: usize = 14;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_GRE: u8 = 47;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub fn be16(p: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([p[at], p[at + 1]])
+}
+
+pub fn be32(p: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]])
+}
+
+pub fn put16(p: &mut [u8], at: usize, v: u16) {
+    p[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One's complement sum folded to 16 bits (not complemented).
+pub fn fold(mut acc: u64) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// Sum of the 16-bit big-endian words of `data` (odd length: last byte padded with zero).
+pub fn sum(data: &[u8]) -> u64 {
+    data.chunks(2)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// A checksum computed from scratch over `data` (for headers the model builds itself).
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum(data))
+}
+
+/// RFC 1624 eqn. 3: the checksum `csum` after the 16-bit-aligned bytes `old` became `new`.
+pub fn csum_update(csum: u16, old: &[u8], new: &[u8]) -> u16 {
+    debug_assert_eq!(old.len(), new.len());
+    let mut acc = u64::from(!csum);
+    for (o, n) in old.chunks(2).zip(new.chunks(2)) {
+        let ow = u16::from_be_bytes([o[0], *o.get(1).unwrap_or(&0)]);
+        let nw = u16::from_be_bytes([n[0], *n.get(1).unwrap_or(&0)]);
+        acc += u64::from(!ow) + u64::from(nw);
+    }
+    !fold(acc)
+}
+
+/// A parsed IP header (IPv4 or IPv6) starting at `at` in a frame.
+#[derive(Debug, Clone)]
+pub struct Ip {
+    pub v6: bool,
+    pub at: usize,
+    pub hdr_len: usize,
+    /// Frame offset just past the IP packet (from its length field).
+    pub end: usize,
+    /// The frame holds bytes past `end` (e.g. Ethernet padding).
+    pub padded: bool,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4: MF set or a fragment offset; IPv6: a Fragment header follows.
+    pub frag: bool,
+    /// IPv6: the next header is an extension header (the rules name none).
+    pub ext: bool,
+}
+
+impl Ip {
+    pub fn l4(&self) -> usize {
+        self.at + self.hdr_len
+    }
+    pub fn src4(&self) -> [u8; 4] {
+        self.src[..4].try_into().unwrap()
+    }
+    pub fn dst4(&self) -> [u8; 4] {
+        self.dst[..4].try_into().unwrap()
+    }
+    pub fn family(&self) -> u8 {
+        if self.v6 { 6 } else { 4 }
+    }
+    /// Byte range of the source / destination address in the frame.
+    pub fn src_at(&self) -> (usize, usize) {
+        if self.v6 {
+            (self.at + 8, 16)
+        } else {
+            (self.at + 12, 4)
+        }
+    }
+    pub fn dst_at(&self) -> (usize, usize) {
+        if self.v6 {
+            (self.at + 24, 16)
+        } else {
+            (self.at + 16, 4)
+        }
+    }
+}
+
+pub enum IpParse {
+    NotIp,
+    Bad,
+    /// A header the rules do not describe (lengths that disagree with the frame).
+    Silent(&'static str),
+    Ok(Ip),
+}
+
+/// Parses the IP header at `at`. `ethertype` is `None` for a packet inside GRE (IPv4 expected).
+pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
+    let v6 = match ethertype {
+        Some(ETHERTYPE_IPV4) | None => false,
+        Some(ETHERTYPE_IPV6) => true,
+        Some(_) => return IpParse::NotIp,
+    };
+    if v6 {
+        if p.len() < at + 40 || p[at] >> 4 != 6 {
+            return IpParse::Bad;
+        }
+        let end = at + 40 + usize::from(be16(p, at + 4));
+        if end > p.len() {
+            return IpParse::Silent("IPv6 payload length beyond the frame");
+        }
+        let nh = p[at + 6];
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&p[at + 8..at + 24]);
+        dst.copy_from_slice(&p[at + 24..at + 40]);
+        return IpParse::Ok(Ip {
+            v6,
+            at,
+            hdr_len: 40,
+            end,
+            padded: end < p.len(),
+            proto: nh,
+            src,
+            dst,
+            frag: nh == 44,
+            ext: matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254),
+        });
+    }
+    if p.len() < at + 20 || p[at] >> 4 != 4 || p[at] & 0xf < 5 {
+        return IpParse::Bad;
+    }
+    let hdr_len = usize::from(p[at] & 0xf) * 4;
+    if p.len() < at + hdr_len {
+        return IpParse::Bad;
+    }
+    let total = usize::from(be16(p, at + 2));
+    if total < hdr_len {
+        return IpParse::Silent("IPv4 total length shorter than the header");
+    }
+    let end = at + total;
+    if end > p.len() {
+        return IpParse::Silent("IPv4 total length beyond the frame");
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&p[at + 12..at + 16]);
+    dst[..4].copy_from_slice(&p[at + 16..at + 20]);
+    let frag_field = be16(p, at + 6);
+    IpParse::Ok(Ip {
+        v6,
+        at,
+        hdr_len,
+        end,
+        padded: end < p.len(),
+        proto: p[at + 9],
+        src,
+        dst,
+        frag: frag_field & 0x2000 != 0 || frag_field & 0x1fff != 0,
+        ext: false,
+    })
+}
+
+/// The transport header as far as the rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        doff: usize,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Echo {
+        request: bool,
+        id: u16,
+    },
+    /// ICMPv4 3/11, ICMPv6 1/2/3 (at least the type byte present).
+    IcmpError,
+    /// Any other ICMP type (with at least 8 bytes).
+    IcmpOther,
+    /// TCP or UDP whose header is cut short, ICMP (not an error) shorter than 8 bytes;
+    /// `icmp_type` when it is ICMP and the type byte is there.
+    Truncated {
+        icmp: bool,
+        icmp_type: Option<u8>,
+    },
+    /// Another IP protocol (or ICMP of the other family).
+    Other,
+}
+
+pub fn is_icmp(ip: &Ip) -> bool {
+    (!ip.v6 && ip.proto == PROTO_ICMP) || (ip.v6 && ip.proto == PROTO_ICMPV6)
+}
+
+pub fn is_error_type(v6: bool, t: u8) -> bool {
+    if v6 {
+        matches!(t, 1..=3)
+    } else {
+        matches!(t, 3 | 11)
+    }
+}
+
+pub fn echo_types(v6: bool) -> (u8, u8) {
+    if v6 { (128, 129) } else { (8, 0) }
+}
+
+/// Parses the transport header of `ip`. Err: a TCP data offset the rules do not describe.
+pub fn parse_l4(p: &[u8], ip: &Ip) -> Result<L4, &'static str> {
+    let at = ip.l4();
+    let avail = ip.end - at;
+    if ip.ext {
+        return Ok(L4::Other);
+    }
+    if ip.proto == PROTO_TCP {
+        if avail < 20 {
+            return Ok(L4::Truncated {
+                icmp: false,
+                icmp_type: None,
+            });
+        }
+        let doff = usize::from(p[at + 12] >> 4) * 4;
+        if doff < 20 || doff > avail {
+            return Err("TCP data offset below 20 or beyond the packet");
+        }
+        return Ok(L4::Tcp {
+            sport: be16(p, at),
+            dport: be16(p, at + 2),
+            flags: p[at + 13],
+            doff,
+        });
+    }
+    if ip.proto == PROTO_UDP {
+        if avail < 8 {
+            return Ok(L4::Truncated {
+                icmp: false,
+                icmp_type: None,
+            });
+        }
+        return Ok(L4::Udp {
+            sport: be16(p, at),
+            dport: be16(p, at + 2),
+        });
+    }
+    if is_icmp(ip) {
+        if avail < 1 {
+            return Ok(L4::Truncated {
+                icmp: true,
+                icmp_type: None,
+            });
+        }
+        let t = p[at];
+        if is_error_type(ip.v6, t) {
+            return Ok(L4::IcmpError);
+        }
+        let (req, rep) = echo_types(ip.v6);
+        if avail < 8 {
+            return Ok(L4::Truncated {
+                icmp: true,
+                icmp_type: Some(t),
+            });
+        }
+        if t == req || t == rep {
+            return Ok(L4::Echo {
+                request: t == req,
+                id: be16(p, at + 4),
+            });
+        }
+        return Ok(L4::IcmpOther);
+    }
+    Ok(L4::Other)
+}
+
+/// Offset of the transport checksum from the transport header, and whether it covers a
+/// pseudo-header.
+pub fn l4_csum(v6: bool, proto: u8) -> Option<(usize, bool)> {
+    match proto {
+        PROTO_TCP => Some((16, true)),
+        PROTO_UDP => Some((6, true)),
+        PROTO_ICMP if !v6 => Some((2, false)),
+        PROTO_ICMPV6 if v6 => Some((2, true)),
+        _ => None,
+    }
+}
+
+/// Writes `new` at `at` in `p` and fixes the checksum at `csum_at` for that change (UDP
+/// semantics when `udp`: a zero checksum stays zero, a computed zero becomes 0xffff).
+pub fn fix_csum(p: &mut [u8], csum_at: usize, udp: bool, old: &[u8], new: &[u8]) {
+    let c = be16(p, csum_at);
+    if udp && c == 0 {
+        return;
+    }
+    let mut n = csum_update(c, old, new);
+    if udp && n == 0 {
+        n = 0xffff;
+    }
+    put16(p, csum_at, n);
+}
