@@ -500,6 +500,15 @@ struct Gre {
 #[inline(always)]
 fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<Verdict> {
     let (peer, pool) = (from.peer, from.pool);
+    // Peers send connections, never replies: an echo reply here is not a connection of theirs.
+    // (unwrap_or: a value on every path; LLVM may otherwise read the unset Ok bytes, which the
+    // verifier refuses.)
+    const ICMP_ECHO_REPLY: u8 = 0;
+    if ip.proto == parse::IPPROTO_ICMP
+        && parse::read::<[u8; 2]>(ctx, ip.l4_off).unwrap_or([u8::MAX; 2])[0] == ICMP_ECHO_REPLY
+    {
+        return Ok(Verdict::Drop(Stat::PeerPolicy));
+    }
     let local = local()?;
     let key = flow::key(ip, ports);
     let bound = match existing_outbound(&key, ports) {
@@ -517,6 +526,7 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
             flow::claim(&key, action, pool, peer).map_err(drop_with)?
         }
     };
+    clamp_if_shared(ctx, ip, ports, &bound);
     translate_src(ctx, ip, ports, &bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;

@@ -82,6 +82,8 @@ pub struct Ip {
     pub l3_off: usize,
     /// Offset of the transport header.
     pub l4_off: usize,
+    /// Offset of the end of the IP packet by its length field (Ethernet padding lies beyond).
+    pub end: usize,
     /// IPv4 in the first 4 bytes (rest zero).
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -115,6 +117,10 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
     if h.ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(IpError::Malformed);
     }
+    let tot = usize::from(u16::from_be(h.tot_len));
+    if tot < ihl {
+        return Err(IpError::Malformed);
+    }
     let frag = u16::from_be(h.frag_off);
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
@@ -125,6 +131,7 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.proto,
         l3_off: off,
         l4_off: off + ihl,
+        end: off + tot,
         src,
         dst,
         // MF set or a non-zero offset.
@@ -144,6 +151,7 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.next_hdr,
         l3_off: off,
         l4_off: off + 40,
+        end: off + 40 + usize::from(u16::from_be(h.payload_len)),
         src: h.src,
         dst: h.dst,
         fragment: h.next_hdr == IPPROTO_FRAGMENT,
@@ -195,12 +203,21 @@ pub enum PortsError {
     Truncated,
 }
 
+/// Reads the `T` at the start of the transport header, if the packet (by its IP length) holds it.
+#[inline(always)]
+fn l4_header<T: Copy>(ctx: &TcContext, ip: &Ip) -> Result<T, PortsError> {
+    if ip.l4_off + core::mem::size_of::<T>() > ip.end {
+        return Err(PortsError::Truncated);
+    }
+    read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)
+}
+
 /// Parses the transport header of a non-fragment.
 #[inline(always)]
 pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
     match ip.proto {
         IPPROTO_TCP => {
-            let h: [u8; 14] = read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)?;
+            let h: [u8; 20] = l4_header(ctx, ip)?;
             Ok(Ports {
                 src_be: u16::from_ne_bytes([h[0], h[1]]),
                 dst_be: u16::from_ne_bytes([h[2], h[3]]),
@@ -208,7 +225,7 @@ pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
             })
         }
         IPPROTO_UDP => {
-            let h: [u8; 8] = read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)?;
+            let h: [u8; 8] = l4_header(ctx, ip)?;
             Ok(Ports {
                 src_be: u16::from_ne_bytes([h[0], h[1]]),
                 dst_be: u16::from_ne_bytes([h[2], h[3]]),
@@ -216,13 +233,18 @@ pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
             })
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let h: [u8; 8] = read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)?;
-            let id = u16::from_ne_bytes([h[4], h[5]]);
             let (request, reply) = if ip.proto == IPPROTO_ICMP {
                 (8, 0)
             } else {
                 (128, 129)
             };
+            // The type decides first: anything but echo cannot be translated, however short.
+            let [t, _code]: [u8; 2] = l4_header(ctx, ip)?;
+            if t != request && t != reply {
+                return Err(PortsError::Unsupported);
+            }
+            let h: [u8; 8] = l4_header(ctx, ip)?;
+            let id = u16::from_ne_bytes([h[4], h[5]]);
             match (dir, h[0]) {
                 (Dir::Egress | Dir::Tunnel, t) if t == request => Ok(Ports {
                     src_be: id,

@@ -427,12 +427,12 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
     );
     let fixtures = [
         Fixture {
-            name: "IPv4 options run past the end",
+            name: "IPv4 options run past the end (the IP header is cut short)",
             hook: Hook::Egress,
             mark: 0,
             packet: ip_cut.clone(),
             want: Want::Dropped,
-            counter: Stat::TruncatedL4,
+            counter: Stat::EgressMalformed,
         },
         Fixture {
             name: "IP version 5 in an IPv4 frame",
@@ -496,7 +496,7 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
             mark: 0,
             packet: ip_cut,
             want: Want::Unchanged,
-            counter: Stat::IngressNoFlow,
+            counter: Stat::IngressMalformed,
         },
         Fixture {
             name: "ingress: IPv4 header length 12",
