@@ -125,11 +125,58 @@ impl FlowKey {
     }
 }
 
+/// Key of `FRAGS`: one datagram's fragments, as they arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6; network order.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The IP identification (IPv4: 16 bits), as in the packet.
+    pub id: u32,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// `FragValue::kind`: rewrite the source to `addr` (egress SNAT; a peer's connection).
+pub const FRAG_SRC: u8 = 1;
+/// Rewrite the destination to `addr`, then on through `tunnel` if set (a reply).
+pub const FRAG_DST: u8 = 2;
+/// Encapsulate unchanged to `tunnel` with key `pool` (egress forward; soft-unicast).
+pub const FRAG_ENCAP: u8 = 3;
+/// Sent by this server itself (a peer's connection translated here): egress passes it.
+pub const FRAG_OURS: u8 = 4;
+
+/// Value of `FRAGS`: what the first fragment of a datagram got; later fragments get the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// The address to write (FRAG_SRC: source; FRAG_DST: destination); network order.
+    pub addr: [u8; 16],
+    /// Fabric address to send through (FRAG_ENCAP, FRAG_DST of a forwarded connection), or the
+    /// peer a FRAG_SRC datagram came from; zero when none.
+    pub tunnel: [u8; 4],
+    /// GRE key when tunnelled.
+    pub pool: u32,
+    /// A `FRAG_*` kind.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 32);
+
+/// Entries of `FRAGS` (LRU): datagrams in flight at once.
+pub const FRAGS_CAPACITY: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]

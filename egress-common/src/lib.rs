@@ -26,9 +26,10 @@ pub mod map_names {
     /// array when its last user reference goes, which would cut the tunnel and ICMP paths while
     /// no agent runs.
     pub const JUMP: &str = "JUMP";
+    pub const FRAGS: &str = "FRAGS";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         STATS,
         POLICY_V4,
         POLICY_V6,
@@ -39,6 +40,7 @@ pub mod map_names {
         OWNERS,
         PEER_POLICY,
         JUMP,
+        FRAGS,
     ];
 }
 
@@ -52,12 +54,26 @@ pub mod prog_names {
     pub const TC_TUNNEL: &str = "tc_tunnel";
     /// Tail-called by `tc_ingress` and `tc_tunnel` for ICMP errors.
     pub const TC_ICMP_ERROR: &str = "tc_icmp_error";
+    /// Tail-called by `tc_egress` for later fragments.
+    pub const TC_FRAG_OUT: &str = "tc_frag_out";
+    /// Tail-called by `tc_ingress` and `tc_tunnel` for later fragments.
+    pub const TC_FRAG_IN: &str = "tc_frag_in";
+    /// Tail-called by `tc_egress` for new connections.
+    pub const TC_NEW_OUT: &str = "tc_new_out";
 
     /// Slots of the `JUMP` map.
     pub const JUMP_TUNNEL: u32 = 0;
     pub const JUMP_ICMP_ERROR: u32 = 1;
-    pub const JUMP_SLOTS: u32 = 2;
+    pub const JUMP_FRAG_OUT: u32 = 2;
+    pub const JUMP_FRAG_IN: u32 = 3;
+    pub const JUMP_NEW_OUT: u32 = 4;
+    pub const JUMP_SLOTS: u32 = 5;
     /// Every tail-called program, by slot.
-    pub const JUMP_TARGETS: [(u32, &str); 2] =
-        [(JUMP_TUNNEL, TC_TUNNEL), (JUMP_ICMP_ERROR, TC_ICMP_ERROR)];
+    pub const JUMP_TARGETS: [(u32, &str); 5] = [
+        (JUMP_TUNNEL, TC_TUNNEL),
+        (JUMP_ICMP_ERROR, TC_ICMP_ERROR),
+        (JUMP_FRAG_OUT, TC_FRAG_OUT),
+        (JUMP_FRAG_IN, TC_FRAG_IN),
+        (JUMP_NEW_OUT, TC_NEW_OUT),
+    ];
 }

@@ -70,7 +70,8 @@ stats! {
     UnsupportedL4 = 10 => "drop_unsupported_l4",
     /// Egress: policy matched, but the transport header is truncated; dropped.
     TruncatedL4 = 11 => "drop_truncated_l4",
-    /// Egress: policy matched an IP fragment, which carries no ports; dropped.
+    /// A later fragment to a policy destination (or in a tunnel) whose first fragment was not
+    /// seen (lost, or overtaken); dropped.
     Fragment = 12 => "drop_fragment",
     /// Egress: every probed port of every SNAT target was taken; dropped.
     PortExhausted = 13 => "drop_port_exhausted",
@@ -127,6 +128,8 @@ stats! {
     IcmpErrorReencap = 37 => "icmp_error_reencap",
     /// Ingress: a tail-called program was missing (the agent had not installed it); dropped.
     MissingProgram = 38 => "drop_missing_program",
+    /// Either direction: a later fragment handled as its datagram's first fragment was.
+    FragmentFollowed = 39 => "fragment_followed",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

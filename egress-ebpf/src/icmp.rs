@@ -7,7 +7,10 @@ use egress_common::{action::FAMILY_V4, stats::Stat};
 
 use crate::{
     csum::Delta,
-    parse::{self, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, Ports, read, write},
+    parse::{
+        self, FRAG_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, Ports, read,
+        write,
+    },
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -32,7 +35,7 @@ pub struct Quoted {
 /// fragmentation needed and packet too big, and time exceeded).
 #[inline(always)]
 pub fn is_error(ctx: &TcContext, ip: &Ip) -> bool {
-    if ip.fragment {
+    if ip.frag != FRAG_NONE {
         return false;
     }
     // Type and code together: a 1-byte direct read compiles to a bounds check the verifier
@@ -63,7 +66,7 @@ pub fn quoted(ctx: &TcContext, ip: &Ip) -> Option<Quoted> {
         parse::ipv6(ctx, off)
     }
     .ok()?;
-    if q.fragment {
+    if q.frag != FRAG_NONE {
         return None;
     }
     let h: [u8; 8] = read(ctx, q.l4_off).ok()?;

@@ -8,6 +8,7 @@ mod csum;
 mod encap;
 mod fabric;
 mod flow;
+mod frag;
 mod icmp;
 mod nat;
 mod parse;
@@ -21,12 +22,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map};
-use egress_common::prog_names::{JUMP_ICMP_ERROR, JUMP_SLOTS, JUMP_TUNNEL};
 use egress_common::{
     action::{ActionKind, FAMILY_V4, MAX_HOPS},
     fabric::{INNER_OFF, IPPROTO_GRE, Local},
     flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
+};
+use egress_common::{
+    flow::{FRAG_DST, FRAG_ENCAP, FRAG_OURS, FRAG_SRC},
+    prog_names::{
+        JUMP_FRAG_IN, JUMP_FRAG_OUT, JUMP_ICMP_ERROR, JUMP_NEW_OUT, JUMP_SLOTS, JUMP_TUNNEL,
+    },
 };
 use icmp::Quoted;
 use parse::{Dir, Ip, IpError, Ports, PortsError};
@@ -37,6 +43,7 @@ use redirect::From;
 static JUMP: ProgramArray<{ JUMP_SLOTS as usize }> = ProgramArray::new();
 
 /// What happens to a packet, with the counter that records why.
+#[derive(Clone, Copy)]
 enum Verdict {
     Pass(Stat),
     Drop(Stat),
@@ -78,7 +85,7 @@ fn mark(ctx: &TcContext) -> u32 {
 
 #[inline(always)]
 fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Step<Ports> {
-    if ip.fragment {
+    if ip.later_fragment() {
         return Err(Verdict::Drop(Stat::Fragment));
     }
     parse::ports(ctx, ip, dir).map_err(|e| {
@@ -126,32 +133,83 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     if is_own_tunnel(&ip) {
         return Ok(Verdict::Pass(Stat::Ours));
     }
+    if ip.later_fragment() {
+        return Ok(jump(ctx, JUMP_FRAG_OUT));
+    }
     let parsed = ports(ctx, &ip, Dir::Egress);
+    let verdict = egress_packet(ctx, &ip, &parsed);
+    // One place for first fragments (rare), so the common path keeps its stack small.
+    if ip.frag == parse::FRAG_FIRST
+        && let Ok(p) = &parsed
+    {
+        remember_first_out(&ip, p);
+    }
+    verdict
+}
+
+/// What the first fragment `ip` got on egress, from its connection's entry, for its later
+/// fragments.
+#[inline(always)]
+fn remember_first_out(ip: &Ip, ports: &Ports) {
+    if let Some(v) = flow::get_any(&flow::key(ip, ports)) {
+        // SAFETY: map value pointer valid for this run.
+        let v = unsafe { *v };
+        match v.kind {
+            FLOW_OUTBOUND => frag::remember(ip, FRAG_SRC, &v.addr, [0; 4], v.pool),
+            FLOW_FORWARDED => frag::remember(ip, FRAG_ENCAP, &[0; 16], v.tunnel, v.pool),
+            _ => {}
+        }
+    }
+}
+
+/// A whole packet or first fragment leaving: its connection's path, or a new one by policy.
+#[inline(always)]
+fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict> {
     // A known connection keeps its path whatever the plan says now, even if a reload removed
     // its policy: the flow table is consulted before the policy.
-    if let Ok(p) = &parsed {
-        let key = flow::key(&ip, p);
+    if let Ok(p) = parsed {
+        let key = flow::key(ip, p);
         if let Some(v) = flow::get_any(&key) {
             let v = flow::touch(v, p);
             if !flow::reopens(&v, p) {
-                return established(ctx, &ip, p, &v);
+                return established(ctx, ip, p, &v);
             }
             flow::retire(&key, &v);
         }
     }
-    let Some(pool) = policy::pool_for(&ip, mark(ctx)) else {
+    let Some(pool) = policy::pool_for(ip, mark(ctx)) else {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     };
     // A peer's connection translated here and sent out by the ingress program: its source is
     // already a translated endpoint.
-    if let Ok(p) = &parsed
-        && flow::get(&flow::key_swapped(&ip, p), FLOW_REVERSE).is_some()
+    if let Ok(p) = parsed
+        && flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE).is_some()
     {
         return Ok(Verdict::Pass(Stat::Ours));
     }
+    // A new connection: a program of its own (tail call), for stack.
+    Ok(jump(ctx, JUMP_NEW_OUT))
+}
+
+/// New connections leaving through the uplink (tail-called from `tc_egress`).
+#[classifier]
+pub fn tc_new_out(ctx: TcContext) -> i32 {
+    conclude(&ctx, new_out(&ctx))
+}
+
+#[inline(always)]
+fn new_out(ctx: &TcContext) -> Step<Verdict> {
+    let ip = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::EgressMalformed))?;
+    let Some(pool) = policy::pool_for(&ip, mark(ctx)) else {
+        return Ok(Verdict::Pass(Stat::EgressNoPolicy));
+    };
     // Only now is an unparsable transport header a reason to drop: it cannot be translated.
-    let ports = parsed?;
-    new_connection(ctx, &ip, &ports, pool)
+    let ports = ports(ctx, &ip, Dir::Egress)?;
+    let verdict = new_connection(ctx, &ip, &ports, pool);
+    if ip.frag == parse::FRAG_FIRST {
+        remember_first_out(&ip, &ports);
+    }
+    verdict
 }
 
 /// A new local connection to a destination of `pool`: translated here or forwarded, as the
@@ -297,20 +355,25 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
     };
     // The tunnel and ICMP error paths are programs of their own (tail calls): each BPF program
     // has 512 bytes of stack, and the three paths together need more.
-    if ip.family == FAMILY_V4 && ip.proto == IPPROTO_GRE && !ip.fragment {
+    if ip.family == FAMILY_V4 && ip.proto == IPPROTO_GRE && ip.frag == parse::FRAG_NONE {
         return Ok(jump(ctx, JUMP_TUNNEL));
     }
     if icmp::is_error(ctx, &ip) {
         return Ok(jump(ctx, JUMP_ICMP_ERROR));
+    }
+    if ip.later_fragment() {
+        return Ok(jump(ctx, JUMP_FRAG_IN));
     }
     let Ok(ports) = ports(ctx, &ip, Dir::Ingress) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
     if let Some(v) = reverse_entry(&ip, &ports) {
         translate_dst(ctx, &ip, &ports, &v)?;
+        frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+        let to = Gre::of(&v);
         return deliver(
             ctx,
-            &v,
+            &to,
             Arrived::Plain,
             Stat::ReverseNat,
             Stat::ReplyReencap,
@@ -319,7 +382,7 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
     if ip.family != FAMILY_V4 {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
-    soft_unicast(ctx, &v4(&ip.dst), ports.dst_be)
+    soft_unicast(ctx, &ip, &v4(&ip.dst), ports.dst_be)
 }
 
 /// The reverse entry a reply matches, refreshed.
@@ -329,19 +392,14 @@ fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
     Some(flow::touch(v, ports))
 }
 
-/// Sends a reply translated back by entry `v` on: up to the local socket, or to the server
-/// that owns the socket when the connection came through a tunnel. A packet that arrived in a
+/// Sends a reply translated back on: up to the local socket, or through `to` (tunnel and pool
+/// of the connection) to the server that owns the socket when it came through a tunnel. A packet that arrived in a
 /// tunnel keeps its outer header, rewritten: the skb still carries the encapsulation state
 /// the sending server gave it, so it is never decapsulated and encapsulated again.
 #[inline(always)]
-fn deliver(
-    ctx: &TcContext,
-    v: &FlowValue,
-    arrived: Arrived,
-    here: Stat,
-    onward: Stat,
-) -> Step<Verdict> {
-    if v.tunnel == [0; 4] {
+fn deliver(ctx: &TcContext, to: &Gre, arrived: Arrived, here: Stat, onward: Stat) -> Step<Verdict> {
+    let (tunnel, pool) = (to.peer, to.pool);
+    if tunnel == [0; 4] {
         if arrived == Arrived::Tunnel {
             encap::decapsulate(ctx).map_err(drop_with)?;
         }
@@ -349,18 +407,18 @@ fn deliver(
     }
     let local = local()?;
     match arrived {
-        Arrived::Plain => encap::encapsulate(ctx, local.fabric, v.tunnel, v.pool, mtu(local)),
-        Arrived::Tunnel => encap::retarget(ctx, local.fabric, v.tunnel, v.pool),
+        Arrived::Plain => encap::encapsulate(ctx, local.fabric, tunnel, pool, mtu(local)),
+        Arrived::Tunnel => encap::retarget(ctx, local.fabric, tunnel, pool),
     }
     .map_err(drop_with)?;
-    let code = redirect::to(ctx, v.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
+    let code = redirect::to(ctx, tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(onward, code))
 }
 
 /// A packet for port `port_be` of shared pool address `addr` that another server owns goes to
 /// that server unchanged.
 #[inline(always)]
-fn soft_unicast(ctx: &TcContext, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
+fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
     let (Some(local), Some((pool, owner))) = (
         fabric::local(),
         fabric::owner_of(addr, u16::from_be(port_be)),
@@ -370,6 +428,7 @@ fn soft_unicast(ctx: &TcContext, addr: &[u8; 4], port_be: u16) -> Step<Verdict> 
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
+    frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
     encap::encapsulate(ctx, local.fabric, owner, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
@@ -421,7 +480,14 @@ fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<
         // SAFETY: map value pointer valid for this run.
         let v = unsafe { *v };
         icmp::translate(ctx, ip, q, &v.addr, v.port_be).map_err(drop_with)?;
-        return deliver(ctx, &v, arrived, Stat::IcmpErrorNat, Stat::IcmpErrorReencap);
+        let to = Gre::of(&v);
+        return deliver(
+            ctx,
+            &to,
+            arrived,
+            Stat::IcmpErrorNat,
+            Stat::IcmpErrorReencap,
+        );
     }
     if arrived == Arrived::Tunnel {
         // An error about a connection this server forwarded, returned by the peer.
@@ -434,7 +500,7 @@ fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<
     if q.ip.family != FAMILY_V4 || ip.dst != q.ip.src {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
-    soft_unicast(ctx, &v4(&q.ip.src), q.ports.src_be)
+    soft_unicast(ctx, ip, &v4(&q.ip.src), q.ports.src_be)
 }
 
 /// The sender and key of a tunnelled packet: a known peer and a well-formed GRE header.
@@ -465,14 +531,19 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     if icmp::is_error(ctx, &ip) {
         return Ok(jump(ctx, JUMP_ICMP_ERROR));
     }
+    if ip.later_fragment() {
+        return Ok(jump(ctx, JUMP_FRAG_IN));
+    }
     let ports = ports(ctx, &ip, Dir::Tunnel)?;
 
     // A reply to a translation made here (soft-unicast brought it from the announcing server).
     if let Some(v) = reverse_entry(&ip, &ports) {
         translate_dst(ctx, &ip, &ports, &v)?;
+        frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+        let to = Gre::of(&v);
         return deliver(
             ctx,
-            &v,
+            &to,
             Arrived::Tunnel,
             Stat::ReverseNat,
             Stat::ReplyReencap,
@@ -488,10 +559,22 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     peer_connection(ctx, &ip, &ports, &from)
 }
 
-/// Where a tunnelled packet came from: the peer's fabric address and the GRE key (a pool id).
+/// A tunnel end and key: where a tunnelled packet came from (the peer's fabric address and the
+/// GRE key, a pool id), or where a reply goes on to (zero address: nowhere, it is local).
 struct Gre {
     peer: [u8; 4],
     pool: u32,
+}
+
+impl Gre {
+    /// The tunnel and pool of a connection's entry.
+    #[inline(always)]
+    fn of(v: &FlowValue) -> Gre {
+        Gre {
+            peer: v.tunnel,
+            pool: v.pool,
+        }
+    }
 }
 
 /// A peer's connection: translated with this server's share of `pool` (the GRE key) and sent
@@ -528,6 +611,9 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     };
     clamp_if_shared(ctx, ip, ports, &bound);
     translate_src(ctx, ip, ports, &bound)?;
+    frag::remember(ip, FRAG_SRC, &bound.addr, peer, pool);
+    // Its later fragments leave through egress with the translated source: ours.
+    frag::remember_as(ip, &bound.addr, FRAG_OURS, &[0; 16], [0; 4], 0);
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::PeerSnat, code))
@@ -543,6 +629,104 @@ fn existing_outbound(key: &FlowKey, ports: &Ports) -> Option<FlowValue> {
         return None;
     }
     Some(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Later fragments: no ports; they get what their datagram's first fragment got.
+
+/// Later fragments leaving through the uplink (tail-called from `tc_egress`).
+#[classifier]
+pub fn tc_frag_out(ctx: TcContext) -> i32 {
+    conclude(&ctx, fragment_out(&ctx))
+}
+
+#[inline(always)]
+fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
+    let ip = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::EgressMalformed))?;
+    let Some(f) = frag::lookup(&ip) else {
+        // Never let a fragment to a policy destination leave untranslated.
+        return Ok(match policy::pool_for(&ip, mark(ctx)) {
+            Some(_) => Verdict::Drop(Stat::Fragment),
+            None => Verdict::Pass(Stat::EgressNoPolicy),
+        });
+    };
+    match f.kind {
+        FRAG_SRC => {
+            nat::rewrite_addr(ctx, &ip, nat::Side::Src, &f.addr).map_err(drop_with)?;
+            Ok(Verdict::Pass(Stat::FragmentFollowed))
+        }
+        FRAG_ENCAP => {
+            let local = local()?;
+            encap::encapsulate(ctx, local.fabric, f.tunnel, f.pool, mtu(local))
+                .map_err(drop_with)?;
+            let code =
+                redirect::to(ctx, f.tunnel, local.ifindex, From::Egress).map_err(drop_with)?;
+            Ok(Verdict::Sent(Stat::FragmentFollowed, code))
+        }
+        FRAG_OURS => Ok(Verdict::Pass(Stat::Ours)),
+        _ => Ok(Verdict::Drop(Stat::Fragment)),
+    }
+}
+
+/// Later fragments arriving on the uplink, plain or inside a tunnel (tail-called from
+/// `tc_ingress` and `tc_tunnel`).
+#[classifier]
+pub fn tc_frag_in(ctx: TcContext) -> i32 {
+    conclude(&ctx, fragment_in(&ctx))
+}
+
+#[inline(always)]
+fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
+    let outer = parse::ip(ctx).map_err(|_| Verdict::Pass(Stat::IngressMalformed))?;
+    let tunnelled =
+        outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE && outer.frag == parse::FRAG_NONE;
+    let (ip, arrived, peer) = if tunnelled {
+        let from = tunnel_source(ctx, &outer)?;
+        let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
+        (ip, Arrived::Tunnel, from.peer)
+    } else {
+        (outer, Arrived::Plain, [0; 4])
+    };
+    let unknown = match arrived {
+        Arrived::Plain => Verdict::Pass(Stat::IngressNoFlow),
+        Arrived::Tunnel => Verdict::Drop(Stat::Fragment),
+    };
+    let Some(f) = frag::lookup(&ip) else {
+        return Ok(unknown);
+    };
+    match (f.kind, arrived) {
+        (FRAG_DST, _) => {
+            nat::rewrite_addr(ctx, &ip, nat::Side::Dst, &f.addr).map_err(drop_with)?;
+            let to = Gre {
+                peer: f.tunnel,
+                pool: f.pool,
+            };
+            deliver(
+                ctx,
+                &to,
+                arrived,
+                Stat::FragmentFollowed,
+                Stat::FragmentFollowed,
+            )
+        }
+        (FRAG_ENCAP, Arrived::Plain) => {
+            let local = local()?;
+            encap::encapsulate(ctx, local.fabric, f.tunnel, f.pool, mtu(local))
+                .map_err(drop_with)?;
+            let code =
+                redirect::to(ctx, f.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
+            Ok(Verdict::Sent(Stat::FragmentFollowed, code))
+        }
+        (FRAG_SRC, Arrived::Tunnel) if f.tunnel == peer => {
+            let local = local()?;
+            nat::rewrite_addr(ctx, &ip, nat::Side::Src, &f.addr).map_err(drop_with)?;
+            encap::decapsulate(ctx).map_err(drop_with)?;
+            let code =
+                redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
+            Ok(Verdict::Sent(Stat::FragmentFollowed, code))
+        }
+        _ => Ok(unknown),
+    }
 }
 
 /// Does nothing: the baseline the benchmarks subtract (never attached by the agent).

@@ -161,3 +161,30 @@ pub fn clamp_mss(ctx: &TcContext, ip: &Ip, max: u16) -> Result<bool, Stat> {
         .map_err(|_| Stat::RewriteFailed)?;
     Ok(true)
 }
+
+/// Rewrites only the address of `side` (a later fragment: no transport header to fix); for IPv4
+/// the header checksum follows.
+#[inline(always)]
+pub fn rewrite_addr(ctx: &TcContext, ip: &Ip, side: Side, addr: &[u8; 16]) -> Result<(), Stat> {
+    let fail = |()| Stat::RewriteFailed;
+    if ip.family == FAMILY_V4 {
+        let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
+        let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
+        write(
+            ctx,
+            ip.l3_off + if side == Side::Src { 12 } else { 16 },
+            &new4,
+        )
+        .map_err(fail)?;
+        write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)
+    } else {
+        write(
+            ctx,
+            ip.l3_off + if side == Side::Src { 8 } else { 24 },
+            addr,
+        )
+        .map_err(fail)
+    }
+}

@@ -87,8 +87,25 @@ pub struct Ip {
     /// IPv4 in the first 4 bytes (rest zero).
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// A fragment (first or later): carries no reliable ports.
-    pub fragment: bool,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] (carries the transport header) or [`FRAG_LATER`].
+    pub frag: u8,
+    /// The IP identification of a fragment (IPv4: 16 bits as in the packet; IPv6: 32 bits).
+    pub frag_id: u32,
+}
+
+/// `Ip::frag`: a whole packet.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram (offset 0, more to come): has the transport header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset ≠ 0): no transport header.
+pub const FRAG_LATER: u8 = 2;
+
+impl Ip {
+    /// A later fragment: it carries no ports and follows its first fragment.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        self.frag == FRAG_LATER
+    }
 }
 
 pub enum IpError {
@@ -134,8 +151,14 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         end: off + tot,
         src,
         dst,
-        // MF set or a non-zero offset.
-        fragment: frag & 0x3fff != 0,
+        frag: if frag & 0x1fff != 0 {
+            FRAG_LATER
+        } else if frag & 0x2000 != 0 {
+            FRAG_FIRST
+        } else {
+            FRAG_NONE
+        },
+        frag_id: u32::from(h.id),
     })
 }
 
@@ -146,7 +169,7 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
     if h.ver_tc_flow[0] >> 4 != 6 {
         return Err(IpError::Malformed);
     }
-    Ok(Ip {
+    let mut ip = Ip {
         family: FAMILY_V6,
         proto: h.next_hdr,
         l3_off: off,
@@ -154,8 +177,25 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         end: off + 40 + usize::from(u16::from_be(h.payload_len)),
         src: h.src,
         dst: h.dst,
-        fragment: h.next_hdr == IPPROTO_FRAGMENT,
-    })
+        frag: FRAG_NONE,
+        frag_id: 0,
+    };
+    if h.next_hdr == IPPROTO_FRAGMENT {
+        // Next header, reserved, offset (13 bits) | M, identification.
+        let f: [u8; 8] = read(ctx, off + 40).map_err(|_| IpError::Malformed)?;
+        let offset_m = u16::from_be_bytes([f[2], f[3]]);
+        ip.proto = f[0];
+        ip.l4_off = off + 48;
+        ip.frag_id = u32::from_ne_bytes([f[4], f[5], f[6], f[7]]);
+        ip.frag = if offset_m >> 3 != 0 {
+            FRAG_LATER
+        } else if offset_m & 1 != 0 {
+            FRAG_FIRST
+        } else {
+            FRAG_NONE // an atomic fragment: a whole packet
+        };
+    }
+    Ok(ip)
 }
 
 /// Which way a packet goes: ICMP echo requests leave, replies arrive; a packet out of a tunnel
@@ -212,7 +252,7 @@ fn l4_header<T: Copy>(ctx: &TcContext, ip: &Ip) -> Result<T, PortsError> {
     read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)
 }
 
-/// Parses the transport header of a non-fragment.
+/// Parses the transport header of a whole packet or a first fragment.
 #[inline(always)]
 pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
     match ip.proto {

@@ -334,3 +334,79 @@ pub fn quoted_frame(error: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&error[l4 + 8..]);
     f
 }
+
+/// Splits the IP datagram in `frame` into a first fragment carrying `first` payload bytes (a
+/// multiple of 8) and a later fragment with the rest, both with identification `id`. IPv4:
+/// more-fragments and offset in the header; IPv6: a Fragment header after the fixed header.
+pub fn fragments(frame: &[u8], first: usize, id: u32) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first % 8, 0, "fragment payloads are multiples of 8 bytes");
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let hlen = if v6 {
+        40
+    } else {
+        usize::from(frame[14] & 0xf) * 4
+    };
+    let (l2, hdr, payload) = (&frame[..14], &frame[14..14 + hlen], &frame[14 + hlen..]);
+    let piece = |data: &[u8], offset: usize, more: bool| -> Vec<u8> {
+        let mut h = hdr.to_vec();
+        let mut p = l2.to_vec();
+        if v6 {
+            let proto = h[6];
+            h[6] = 44;
+            h[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+            p.extend_from_slice(&h);
+            let off_m = ((offset / 8) << 3) as u16 | u16::from(more);
+            p.extend_from_slice(&[proto, 0]);
+            p.extend_from_slice(&off_m.to_be_bytes());
+            p.extend_from_slice(&id.to_be_bytes());
+        } else {
+            h[2..4].copy_from_slice(&((hlen + data.len()) as u16).to_be_bytes());
+            h[4..6].copy_from_slice(&(id as u16).to_be_bytes());
+            let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            h[6..8].copy_from_slice(&flags.to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let c = fold(sum(&h, 0));
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            p.extend_from_slice(&h);
+        }
+        p.extend_from_slice(data);
+        p
+    };
+    (
+        piece(&payload[..first], 0, true),
+        piece(&payload[first..], first, false),
+    )
+}
+
+/// Puts a first and a later fragment (as `fragments` makes them, possibly rewritten) back
+/// together into one frame, with the first fragment's header, so its checksums can be verified.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let v6 = first[12..14] == [0x86, 0xdd];
+    let mut p;
+    if v6 {
+        p = first[..14 + 40].to_vec();
+        p[20] = first[54]; // the Fragment header's next header
+        p.extend_from_slice(&first[62..]);
+        p.extend_from_slice(&later[62..]);
+        let len = (p.len() - 54) as u16;
+        p[18..20].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let hlen = usize::from(first[14] & 0xf) * 4;
+        p = first.to_vec();
+        p.extend_from_slice(&later[14 + hlen..]);
+        let len = (p.len() - 14) as u16;
+        p[16..18].copy_from_slice(&len.to_be_bytes());
+        p[20..22].copy_from_slice(&[0, 0]);
+        p[24..26].copy_from_slice(&[0, 0]);
+        let c = fold(sum(&p[14..14 + hlen], 0));
+        p[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+/// Whether a frame's IPv4 header checksum is right (fragments: the transport checksum covers
+/// the whole datagram, see `reassemble`).
+pub fn ipv4_header_ok(p: &[u8]) -> bool {
+    let hlen = usize::from(p[14] & 0xf) * 4;
+    fold(sum(&p[14..14 + hlen], 0)) == 0
+}
