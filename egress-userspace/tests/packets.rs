@@ -1302,14 +1302,25 @@ fn fragments_follow_their_first_fragment() {
         let (first, later) = packet::fragments(&dgram, 1496, 0x4242);
         let f = run(&mut dp, Hook::Egress, &first);
         assert_eq!(f.verdict, TC_ACT_OK, "{name}: first fragment");
-        assert_eq!(parse(&f.packet).src, ip(want_src), "{name}: first from the pool");
+        assert_eq!(
+            parse(&f.packet).src,
+            ip(want_src),
+            "{name}: first from the pool"
+        );
         let before = followed(&dp);
         let l = run(&mut dp, Hook::Egress, &later);
         assert_eq!(l.verdict, TC_ACT_OK, "{name}: later fragment");
         assert_eq!(followed(&dp), before + 1, "{name}: fragment_followed");
-        assert_eq!(parse(&l.packet).src, ip(want_src), "{name}: later from the pool");
+        assert_eq!(
+            parse(&l.packet).src,
+            ip(want_src),
+            "{name}: later from the pool"
+        );
         if name == "v4" {
-            assert!(packet::ipv4_header_ok(&l.packet), "{name}: later header checksum");
+            assert!(
+                packet::ipv4_header_ok(&l.packet),
+                "{name}: later header checksum"
+            );
         }
         let whole = packet::reassemble(&f.packet, &l.packet);
         verify_checksums(&whole).unwrap_or_else(|e| panic!("{name}: reassembled {e}"));
@@ -1320,8 +1331,16 @@ fn fragments_follow_their_first_fragment() {
         let (rf, rl) = packet::fragments(&reply, 1496, 0x5151);
         let rf = run(&mut dp, Hook::Ingress, &rf);
         let rl = run(&mut dp, Hook::Ingress, &rl);
-        assert_eq!(parse(&rf.packet).dst, ip(src), "{name}: reply first to the socket");
-        assert_eq!(parse(&rl.packet).dst, ip(src), "{name}: reply later to the socket");
+        assert_eq!(
+            parse(&rf.packet).dst,
+            ip(src),
+            "{name}: reply first to the socket"
+        );
+        assert_eq!(
+            parse(&rl.packet).dst,
+            ip(src),
+            "{name}: reply later to the socket"
+        );
         verify_checksums(&packet::reassemble(&rf.packet, &rl.packet))
             .unwrap_or_else(|e| panic!("{name}: reply reassembled {e}"));
     }
@@ -1332,7 +1351,11 @@ fn fragments_follow_their_first_fragment() {
     for (what, p) in [("first", &first), ("later", &later)] {
         let out = run(&mut dp, Hook::Egress, p);
         let inner = check_encapsulated_fragment(&net, &out.packet);
-        assert_eq!(&inner[14..], &p[14..], "forwarded {what} fragment: unchanged inside");
+        assert_eq!(
+            &inner[14..],
+            &p[14..],
+            "forwarded {what} fragment: unchanged inside"
+        );
     }
 
     // 4. A peer's datagram in the tunnel: translated here, both pieces; the later one then
@@ -1340,7 +1363,11 @@ fn fragments_follow_their_first_fragment() {
     let dgram = udp_datagram("10.50.0.12", 6000, "203.0.113.1", 53, 1200);
     let (first, later) = packet::fragments(&dgram, 800, 0x4444);
     let f = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &first));
-    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer's first fragment translated");
+    assert_eq!(
+        dp.counter(Stat::PeerSnat),
+        1,
+        "peer's first fragment translated"
+    );
     let before = followed(&dp);
     let l = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &later));
     assert_eq!(followed(&dp), before + 1, "peer's later fragment followed");
@@ -1349,7 +1376,11 @@ fn fragments_follow_their_first_fragment() {
         .unwrap_or_else(|e| panic!("peer reassembled {e}"));
     let ours = dp.counter(Stat::Ours);
     let out = run(&mut dp, Hook::Egress, &l.packet);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &l.packet), "ours: untouched");
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &l.packet),
+        "ours: untouched"
+    );
     assert_eq!(dp.counter(Stat::Ours), ours + 1);
     // Another peer's packet with the same key gets nothing.
     let stranger = packet::gre_frame([10, 50, 0, 13], A, 7, &later);
@@ -1365,7 +1396,11 @@ fn fragments_follow_their_first_fragment() {
     let elsewhere = udp_datagram("10.50.0.11", 5355, "198.51.100.1", 53, 1200);
     let (_, later) = packet::fragments(&elsewhere, 800, 0x4646);
     let out = run(&mut dp, Hook::Egress, &later);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &later), "no policy: untouched");
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &later),
+        "no policy: untouched"
+    );
 }
 
 /// The inner packet of an encapsulated fragment sent to b (key 9), checked up to the inner
@@ -1373,7 +1408,11 @@ fn fragments_follow_their_first_fragment() {
 fn check_encapsulated_fragment(net: &egress::testrun::TestNet, out: &[u8]) -> Vec<u8> {
     assert_eq!(&out[6..12], &net.mac, "source MAC is the uplink's");
     let want = packet::gre_outer(A, B, 9, out.len() - 14 - 28);
-    assert_eq!(&out[14..42], &want[..], "outer IPv4 + GRE header byte for byte");
+    assert_eq!(
+        &out[14..42],
+        &want[..],
+        "outer IPv4 + GRE header byte for byte"
+    );
     let mut inner = out[..14].to_vec();
     inner.extend_from_slice(&out[42..]);
     inner

@@ -34,7 +34,13 @@ pub enum Command {
     },
     /// Send one UDP datagram and print the answer (the lab's UDP client).
     #[command(hide = true)]
-    UdpProbe { to: std::net::SocketAddr },
+    UdpProbe {
+        to: std::net::SocketAddr,
+        /// Payload bytes (deterministic, see `lab::origin::payload_byte`); larger than the
+        /// MTU, the datagram leaves in fragments.
+        #[arg(long, default_value_t = 5)]
+        size: usize,
+    },
     /// Run the lab's origin server (HTTP + UDP echo reporting the source seen). Used by the lab.
     #[command(hide = true)]
     Origin {
@@ -112,7 +118,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 lab::origin::udp_flood(to, flows, frame, seconds, cpu)?
             )
         }
-        Command::UdpProbe { to } => println!("{}", lab::origin::udp_probe(to)?),
+        Command::UdpProbe { to, size } => println!("{}", lab::origin::udp_probe(to, size)?),
         Command::Origin {
             log,
             http_port,

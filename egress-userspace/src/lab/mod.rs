@@ -83,7 +83,14 @@ pub struct LabSpec {
     pub announce: BTreeMap<Ipv4Addr, String>,
     /// The `egress` binary (agent and origin).
     pub egress_bin: PathBuf,
+    /// MTU of every fabric link (default [`INTERNET_MTU`]). Above it, the routes towards the
+    /// internet (servers) and towards pool addresses (origin) keep [`INTERNET_MTU`]: a
+    /// data-centre fabric with room for the tunnel's 28 bytes, as forwarded fragments need.
+    pub fabric_mtu: u32,
 }
+
+/// The MTU of paths to and from the internet in the lab.
+pub const INTERNET_MTU: u32 = 1500;
 
 impl LabSpec {
     pub fn new(config: Config, egress_bin: impl Into<PathBuf>) -> Self {
@@ -91,6 +98,7 @@ impl LabSpec {
             config,
             announce: BTreeMap::new(),
             egress_bin: egress_bin.into(),
+            fabric_mtu: INTERNET_MTU,
         }
     }
 }
@@ -157,7 +165,7 @@ impl Lab {
         netns::ip_in(&fabric, &["link", "set", "fab", "up"])?;
 
         let origin = self.add_ns("origin")?;
-        self.plug(&origin, "p-origin", "eth0")?;
+        self.plug(&origin, "p-origin", "eth0", spec.fabric_mtu)?;
         self.address(
             &origin,
             "eth0",
@@ -179,7 +187,12 @@ impl Lab {
                 );
             }
             let ns = self.add_ns(&format!("s-{}", server.name))?;
-            self.plug(&ns, &format!("p-{}", server.id), &server.uplink)?;
+            self.plug(
+                &ns,
+                &format!("p-{}", server.id),
+                &server.uplink,
+                spec.fabric_mtu,
+            )?;
             self.address(
                 &ns,
                 &server.uplink,
@@ -192,7 +205,7 @@ impl Lab {
                 } else {
                     ORIGIN_FABRIC_V4.to_string()
                 };
-                netns::ip_in(&ns, &["route", "add", net, "via", &via])?;
+                add_route(&ns, net, &via, spec.fabric_mtu)?;
             }
         }
         self.route_pools(spec)?;
@@ -222,15 +235,11 @@ impl Lab {
                 let server = servers
                     .get(name)
                     .ok_or_else(|| anyhow!("pool {}: unknown server {name}", pool.name))?;
-                netns::ip_in(
+                add_route(
                     &origin,
-                    &[
-                        "route",
-                        "add",
-                        &format!("{}/32", addr.address),
-                        "via",
-                        &server.fabric.to_string(),
-                    ],
+                    &format!("{}/32", addr.address),
+                    &server.fabric.to_string(),
+                    spec.fabric_mtu,
                 )?;
             }
             if let Some(prefix) = pool.ipv6_prefix {
@@ -260,13 +269,16 @@ impl Lab {
         Ok(name)
     }
 
-    /// A veth from the fabric bridge (`port`) to `ns` (`iface`), both created inside the lab.
-    fn plug(&self, ns: &str, port: &str, iface: &str) -> anyhow::Result<()> {
+    /// A veth from the fabric bridge (`port`) to `ns` (`iface`), both created inside the lab,
+    /// both of MTU `mtu`.
+    fn plug(&self, ns: &str, port: &str, iface: &str, mtu: u32) -> anyhow::Result<()> {
         let fabric = self.fabric_ns();
+        let mtu = mtu.to_string();
         netns::ip_in(
             &fabric,
             &[
-                "link", "add", port, "type", "veth", "peer", "name", iface, "netns", ns,
+                "link", "add", port, "mtu", &mtu, "type", "veth", "peer", "name", iface, "mtu",
+                &mtu, "netns", ns,
             ],
         )?;
         netns::ip_in(&fabric, &["link", "set", port, "master", "fab", "up"])?;
@@ -632,6 +644,17 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     }
     let _ = child.kill();
     child.wait().expect("reaping a child we started")
+}
+
+/// Adds the route `net via via` in `ns`, with the internet MTU on it when the fabric's is
+/// larger.
+fn add_route(ns: &str, net: &str, via: &str, fabric_mtu: u32) -> anyhow::Result<()> {
+    let mtu = INTERNET_MTU.to_string();
+    let mut args = vec!["route", "add", net, "via", via];
+    if fabric_mtu > INTERNET_MTU {
+        args.extend(["mtu", mtu.as_str()]);
+    }
+    netns::ip_in(ns, &args).map(drop)
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {

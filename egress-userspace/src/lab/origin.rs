@@ -5,7 +5,7 @@
 //! many connections open at once); `GET /bytes/N` → N deterministic bytes (see
 //! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`; `POST /upload` with a body →
 //! `{"src":..,"port":..,"bytes":N,"sha256":"…"}` of what arrived. UDP: any datagram → the
-//! same JSON as `GET /`.
+//! same JSON as `GET /`, plus `bytes` and `sha256` of the datagram that arrived.
 //! Each request is appended to the log as `tcp|udp ADDR PORT PATH`.
 
 use std::{
@@ -89,11 +89,16 @@ fn record(log: &Mutex<std::fs::File>, proto: &str, src: &(String, u16), what: &s
 }
 
 fn udp_echo(sock: UdpSocket, log: &Mutex<std::fs::File>) {
-    let mut buf = [0u8; 2048];
-    while let Ok((_, peer)) = sock.recv_from(&mut buf) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, peer)) = sock.recv_from(&mut buf) {
         let src = source(peer);
         record(log, "udp", &src, "-");
-        let body = format!("{{\"src\":\"{}\",\"port\":{}}}", src.0, src.1);
+        let body = format!(
+            "{{\"src\":\"{}\",\"port\":{},\"bytes\":{n},\"sha256\":\"{}\"}}",
+            src.0,
+            src.1,
+            hex(&Sha256::digest(&buf[..n]))
+        );
         let _ = sock.send_to(body.as_bytes(), peer);
     }
 }
@@ -190,7 +195,7 @@ fn stream_hash_reply(
 }
 
 /// Sends one UDP datagram to `to` and returns the answer (2 s timeout): the lab's UDP client.
-pub fn udp_probe(to: SocketAddr) -> anyhow::Result<String> {
+pub fn udp_probe(to: SocketAddr, size: usize) -> anyhow::Result<String> {
     let bind: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -198,7 +203,8 @@ pub fn udp_probe(to: SocketAddr) -> anyhow::Result<String> {
     };
     let sock = UdpSocket::bind(bind)?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
-    sock.send_to(b"probe", to)?;
+    let payload: Vec<u8> = (0..size as u64).map(payload_byte).collect();
+    sock.send_to(&payload, to)?;
     let mut buf = [0u8; 2048];
     let (n, from) = sock
         .recv_from(&mut buf)
