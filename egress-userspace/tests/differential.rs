@@ -668,7 +668,14 @@ fn differential() {
             } else {
                 st.class.split(" / ").next().unwrap_or("").to_string()
             };
+            let padded = c.class.contains("ethernet padding");
+            if padded {
+                scenario = "frame with Ethernet padding".into();
+            } else if c.class.contains("inner fragment") {
+                scenario += ": inner first fragment";
+            }
             if !sequence
+                && !padded
                 && let Some(l4) = c.class.split(" / ").find_map(|t| {
                     [
                         "tcp",
@@ -687,7 +694,7 @@ fn differential() {
             {
                 scenario += &format!(" ({l4})");
             }
-            if !sequence && !st.ingress && st.mark & 0x8000_0000 != 0 {
+            if !sequence && !padded && !st.ingress && st.mark & 0x8000_0000 != 0 {
                 scenario += " [mark bit 31]";
             }
 

@@ -1167,6 +1167,45 @@ fn egress_translated(g: &mut G) -> Gen {
         ));
     }
     let h = g.v4hdr();
+    if g.r.chance(20) {
+        // Shaped like a reply (remote → pool address), sent by this host.
+        let reply = match tp {
+            Tp::Tcp {
+                sport,
+                dport,
+                flags,
+                opts,
+                payload,
+            } => Some(Tp::Tcp {
+                sport: dport,
+                dport: sport,
+                flags,
+                opts,
+                payload,
+            }),
+            Tp::Udp {
+                sport,
+                dport,
+                payload,
+                zero_csum,
+            } => Some(Tp::Udp {
+                sport: dport,
+                dport: sport,
+                payload,
+                zero_csum,
+            }),
+            _ => None,
+        };
+        if let Some(tp) = reply {
+            g.tag("reply-shaped, sent by this host");
+            return (false, mark, ip_frame(&ip_tp(dst, addr, &h, &tp)));
+        }
+        return (
+            false,
+            mark,
+            ip_frame(&ip_tp(addr, dst, &h, &g.udp(port, dp))),
+        );
+    }
     (false, mark, ip_frame(&ip_tp(addr, dst, &h, &tp)))
 }
 
@@ -1218,6 +1257,13 @@ fn fragment_datagram(g: &mut G, src: IpAddr, dst: IpAddr, tp: &Tp, id: u32) -> V
     // The first fragment carries the transport header; 1–3 later ones carry the rest.
     let first = (hdr.div_ceil(8) + g.r.below(3) as usize) * 8;
     let first = first.min((seg.len() - 1) / 8 * 8).max(8);
+    if src.is_ipv6() && g.r.chance(10) {
+        g.tag("atomic fragment (offset 0, M clear)");
+        let mut fh = vec![proto, 0, 0, 0];
+        fh.extend_from_slice(&id.to_be_bytes());
+        fh.extend_from_slice(&seg);
+        return vec![ip_packet(src, dst, 44, &V4::default(), &fh)];
+    }
     let mut cuts = vec![0, first];
     let pieces = g.r.range(1, 3) as usize;
     for i in 1..pieces {
@@ -1488,7 +1534,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
     let mut order: Vec<usize> = (0..frags.len()).collect();
     if scenario == 6 {
         order.remove(0);
-    } else {
+    } else if order.len() > 1 {
         match g.r.below(10) {
             0..=1 => {
                 g.tag("a later fragment overtakes the first");
@@ -2081,7 +2127,7 @@ fn gre_malformed(g: &mut G) -> Gen {
     let mut inner = ip_tp(v4([10, 9, 8, 7]), dst, &V4::default(), &tp);
     let key = *g.r.pick(&g.t.pool_ids());
     let (mut flags, mut proto) = (0x2000u16, 0x0800u16);
-    match g.r.below(11) {
+    match g.r.below(12) {
         0 => {
             g.tag("unknown peer");
             src = Ipv4Addr::new(203, 0, 113, 9);
@@ -2134,6 +2180,14 @@ fn gre_malformed(g: &mut G) -> Gen {
                 &[0x20, 0, 8, 0, 0][..g.r.range(1, 5) as usize],
             );
             return (true, 0, ip_frame(&p));
+        }
+        11 => {
+            h.frag = *g.r.pick(&[0x2000u16, 0x2000 | 3, 3]);
+            g.tag(if h.frag == 0x2000 {
+                "outer GRE first fragment"
+            } else {
+                "outer GRE later fragment"
+            });
         }
         _ => {
             g.tag("inner IPv6 with IPv6 protocol");

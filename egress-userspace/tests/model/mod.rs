@@ -757,6 +757,7 @@ impl Cx<'_> {
             }
         }
         // 3. Established.
+        let mut reopened = false;
         if let Some(k) = tuple
             && let Some(v) = self.flows.get(&k).copied()
         {
@@ -780,6 +781,7 @@ impl Cx<'_> {
                         if self.flows.contains_key(&rk) {
                             self.keep_flags.push(rk);
                         }
+                        reopened = true;
                     } else {
                         let port = u16::from_be(v.port_be);
                         self.snat(&ip, &l4, v.addr, port);
@@ -894,6 +896,9 @@ impl Cx<'_> {
                         peer: None,
                     },
                 );
+                if reopened {
+                    return pass("snat_new", "egress 7: snat (a reopened tuple)");
+                }
                 pass("snat_new", "egress 7: snat")
             }
             Some(ActionKind::Forward) if ip.v6 => {
