@@ -608,6 +608,7 @@ fn differential() {
         None => 0..cases,
     };
     let mut ran = 0usize;
+    let mut replay_failed = false;
     for i in range {
         let ti = (i / CASES_PER_TOPOLOGY) % topos.len();
         let topo = &topos[ti];
@@ -803,6 +804,14 @@ fn differential() {
             for (k, d) in &problems {
                 let _ = writeln!(text, "  ✗ {k}: {d}");
             }
+            if only.is_some() {
+                // Replaying one case: every step is shown, the test fails after the last.
+                for (k, d) in &problems {
+                    println!("  ✗ {k}: {d}");
+                }
+                replay_failed = true;
+                continue;
+            }
             if !report {
                 panic!("model and programs disagree\n{text}");
             }
@@ -828,6 +837,7 @@ fn differential() {
             e.count += 1;
         }
     }
+    assert!(!replay_failed, "model and programs disagree (steps above)");
     let secs = started.elapsed().as_secs_f64();
     let agreed: usize = tally.agreed.values().sum();
     let silent: usize = tally.silent.values().map(|(n, _)| n).sum();
