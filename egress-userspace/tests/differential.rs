@@ -714,7 +714,11 @@ fn differential() {
             let mut model_out = None;
             match &answer {
                 Answer::Silent(why) => {
-                    frags = None;
+                    // Only a first fragment records in FRAGS: after a silent later fragment
+                    // the model's FRAGS still holds.
+                    if !st.class.starts_with("later fragment") {
+                        frags = None;
+                    }
                     let e = tally.silent.entry(why).or_insert((0, String::new()));
                     e.0 += 1;
                     if e.1.is_empty() {

@@ -860,10 +860,11 @@ impl Cx<'_> {
                     )
                 };
             }
+            // No type byte: nothing makes it unsupported; fewer than 8 bytes: cut short.
             L4::Truncated {
                 icmp: true,
                 icmp_type: None,
-            } => return silent("ICMP without a type byte to a policy destination"),
+            } => return drop("drop_truncated_l4", "egress 6: ICMP without a type byte"),
             _ => return drop("drop_unsupported_l4", "egress 6: unsupported transport"),
         }
         let k = tuple.expect("translatable packets have a tuple");
@@ -1201,7 +1202,12 @@ impl Cx<'_> {
             L4::Truncated {
                 icmp: true,
                 icmp_type: None,
-            } => return silent("inner ICMP without a type byte"),
+            } => {
+                return drop(
+                    "drop_truncated_l4",
+                    "tunnel 2: inner ICMP without a type byte",
+                );
+            }
             L4::Truncated { .. } => {
                 return drop("drop_truncated_l4", "tunnel 2: inner transport cut short");
             }
