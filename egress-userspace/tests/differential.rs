@@ -2,7 +2,11 @@
 //! the README's "Datapath rules" (`tests/model/`), on seeded random topologies, flow tables and
 //! packets. Every case must agree byte for byte on verdict, output packet, the counter that
 //! moved and the flow-table changes, and every output must keep the invariants (checksums,
-//! pool sources towards policy destinations, drops counted).
+//! pool sources towards policy destinations, drops counted). A case is a flow table and one or
+//! more packets run one after another through the same datapath (a fragmented datagram: first
+//! and later fragments, in order or not); the model's `FRAGS` follows the sequence, the
+//! programs' is not read. Counters are compared by name: one the programs lack (e.g.
+//! `fragment_followed` before fragments are implemented) is a disagreement.
 //!
 //! Environment:
 //! - `EGRESS_DIFF_SEED` (decimal or 0x-hex), `EGRESS_DIFF_CASES`: seed and number of cases;

@@ -1,6 +1,8 @@
 //! An independent model of the two TC programs, written from the README's "Datapath rules" only:
-//! (map contents, hook, skb mark, packet) → (verdict, output packet, the counter that moved, the
-//! flow table afterwards). It never runs the BPF programs.
+//! (map contents, `FRAGS`, hook, skb mark, packet) → (verdict, output packet, the counter that
+//! moved, the flow table and `FRAGS` afterwards). It never runs the BPF programs. `FRAGS` cannot
+//! be read from the programs: the caller carries the model's own from one packet of a sequence
+//! to the next.
 //!
 //! Where the rules leave a choice to a hash (the port a new connection claims, the next hop of
 //! a forwarded one) the caller passes the choice in [`Choices`]; the model checks that the rules
