@@ -2,7 +2,11 @@
 //! the README's "Datapath rules" (`tests/model/`), on seeded random topologies, flow tables and
 //! packets. Every case must agree byte for byte on verdict, output packet, the counter that
 //! moved and the flow-table changes, and every output must keep the invariants (checksums,
-//! pool sources towards policy destinations, drops counted).
+//! pool sources towards policy destinations, drops counted). A case is a flow table and one or
+//! more packets run one after another through the same datapath (a fragmented datagram: first
+//! and later fragments, in order or not); the model's `FRAGS` follows the sequence, the
+//! programs' is not read. Counters are compared by name: one the programs lack (e.g.
+//! `fragment_followed` before fragments are implemented) is a disagreement.
 //!
 //! Environment:
 //! - `EGRESS_DIFF_SEED` (decimal or 0x-hex), `EGRESS_DIFF_CASES`: seed and number of cases;
@@ -23,13 +27,13 @@ use std::{
     time::Instant,
 };
 
-use cases::{Case, Rng, Topo};
+use cases::{Case, Rng, Step, Topo};
 use egress::testrun::{self, GATEWAY_MAC, PEER_MAC, TestDatapath, TestNet};
 use egress_common::{
-    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+    flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
-use model::{Answer, Choices, Env, Flows, Hook, Outcome, Verdict, World};
+use model::{Answer, Choices, Env, Flows, Frags, Hook, Outcome, Verdict, World};
 
 const DEFAULT_SEED: u64 = 0xe9e5_5eed;
 const DEFAULT_CASES: usize = 20_000;
@@ -94,17 +98,17 @@ fn set_flows(dp: &mut TestDatapath, entries: &[(FlowKey, FlowValue)]) {
 }
 
 /// None: BPF_PROG_TEST_RUN refuses the packet (e.g. an IPv6 frame cut inside the header).
-fn run_real(dp: &mut TestDatapath, c: &Case) -> Option<Real> {
+fn run_real(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> Option<Real> {
     let before = counters(dp);
-    let hook = if c.ingress {
+    let hook = if s.ingress {
         testrun::Hook::Ingress
     } else {
         testrun::Hook::Egress
     };
-    let out = match dp.run(hook, c.mark, &c.packet) {
+    let out = match dp.run(hook, s.mark, packet) {
         Ok(out) => out,
         Err(e) if format!("{e:#}").contains("os error 22") => return None,
-        Err(e) => panic!("BPF_PROG_TEST_RUN of {}: {e:#}", hex(&c.packet)),
+        Err(e) => panic!("BPF_PROG_TEST_RUN of {}: {e:#}", hex(packet)),
     };
     let after = counters(dp);
     let moved = Stat::ALL
@@ -247,7 +251,6 @@ fn verdict_ok(m: Verdict, real: u32) -> bool {
         Verdict::Pass => real == 0,
         Verdict::Drop => real == 2,
         Verdict::Send => real == TC_ACT_REDIRECT,
-        Verdict::Leave => real == 0 || real == TC_ACT_REDIRECT,
     }
 }
 
@@ -281,7 +284,20 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
         .map(|(n, d)| (*n, *d))
         .collect();
     if main != [(m.counter, 1)] {
-        bad.push(("counter", format!("model {}, programs {main:?}", m.counter)));
+        // Looked up by name: a counter the programs' Stat does not have is a disagreement.
+        let known = Stat::ALL.iter().any(|s| s.name() == m.counter);
+        bad.push((
+            "counter",
+            format!(
+                "model {}{}, programs {main:?}",
+                m.counter,
+                if known {
+                    ""
+                } else {
+                    " (no such counter in the programs' Stat)"
+                }
+            ),
+        ));
     }
     let clamped = real.moved.get("mss_clamped").copied().unwrap_or(0);
     if clamped != u64::from(m.mss_clamped) {
@@ -302,16 +318,27 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
     }
     let dropped = m.verdict == Verdict::Drop && real.verdict == 2;
     if !dropped && verdict_ok(m.verdict, real.verdict) {
+        // Padding the input had past its IP packet may stay after the output's.
+        let real_packet = if m.tail_unspecified && real.packet.len() > m.packet.len() {
+            &real.packet[..m.packet.len()]
+        } else {
+            &real.packet[..]
+        };
         let (a, b) = if m.l2_unspecified {
             (
                 &m.packet[12.min(m.packet.len())..],
-                &real.packet[12.min(real.packet.len())..],
+                &real_packet[12.min(real_packet.len())..],
             )
         } else {
-            (&m.packet[..], &real.packet[..])
+            (&m.packet[..], real_packet)
         };
         if a != b {
-            bad.push(("bytes", first_diff(&m.packet, &real.packet)));
+            let at = if m.l2_unspecified { 12 } else { 0 };
+            let mut d = first_diff(a, b);
+            if at > 0 {
+                d += " (from byte 12: the Ethernet addresses are not compared)";
+            }
+            bad.push(("bytes", d));
         }
     }
     if m.flows_unspecified.is_none() && table(&m.flows) != table(&real.flows) {
@@ -323,6 +350,19 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
                 changes(before, &real.flows)
             ),
         ));
+    }
+    for k in &m.keep_flags {
+        let was = before.get(k).map(|v| v.flags & FLOW_F_CLOSING);
+        let now = real.flows.get(k).map(|v| v.flags & FLOW_F_CLOSING);
+        if was != now {
+            bad.push((
+                "flows",
+                format!(
+                    "{}: the old reverse entry's FIN/RST flag {was:?} became {now:?}",
+                    show_key(k)
+                ),
+            ));
+        }
     }
     if let Some(what) = m.missing_choice
         && m.verdict != Verdict::Drop
@@ -413,21 +453,34 @@ struct Tally {
     disagree: BTreeMap<String, Disagreement>,
 }
 
-fn describe_case(seed: u64, i: usize, topo: &Topo, c: &Case, before: &Flows) -> String {
+#[allow(clippy::too_many_arguments, reason = "one description of one step")]
+fn describe_case(
+    seed: u64,
+    i: usize,
+    topo: &Topo,
+    c: &Case,
+    si: usize,
+    packet: &[u8],
+    before: &Flows,
+    history: &str,
+) -> String {
+    let st = &c.steps[si];
     let mut s = String::new();
     let _ = writeln!(
         s,
         "case {i} of seed {seed:#x} (replay: EGRESS_DIFF_SEED={seed:#x} EGRESS_DIFF_CASE={i} cargo xtask test -- --test differential)"
     );
+    let _ = writeln!(s, "  topology {}; class: {}", topo.name, c.class);
+    s += history;
     let _ = writeln!(
         s,
-        "  topology {}; {} mark {:#x}; class: {}",
-        topo.name,
-        if c.ingress { "ingress" } else { "egress" },
-        c.mark,
-        c.class
+        "  step {si} of {}: {} mark {:#x}; {}",
+        c.steps.len(),
+        if st.ingress { "ingress" } else { "egress" },
+        st.mark,
+        st.class
     );
-    let _ = writeln!(s, "  packet  {}", hex(&c.packet));
+    let _ = writeln!(s, "  packet  {}", hex(packet));
     for (k, v) in before {
         let _ = writeln!(
             s,
@@ -479,12 +532,11 @@ fn describe_model(m: &Outcome, before: &Flows) -> String {
     )
 }
 
-fn model_verdict(v: Verdict, real: u32) -> u32 {
+fn model_verdict(v: Verdict) -> u32 {
     match v {
         Verdict::Pass => 0,
         Verdict::Drop => 2,
         Verdict::Send => TC_ACT_REDIRECT,
-        Verdict::Leave => real,
     }
 }
 
@@ -560,6 +612,7 @@ fn differential() {
         None => 0..cases,
     };
     let mut ran = 0usize;
+    let mut replay_failed = false;
     for i in range {
         let ti = (i / CASES_PER_TOPOLOGY) % topos.len();
         let topo = &topos[ti];
@@ -568,155 +621,231 @@ fn differential() {
             current = ti;
         }
         let mut rng = Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let c = cases::case(topo, &mut rng);
+        let c = cases::case(topo, &mut rng, i);
         ran += 1;
         set_flows(&mut dp, &c.flows);
-        let before: Flows = dp_flows_or(&c);
-        let Some(real) = run_real(&mut dp, &c) else {
-            let e = tally.silent.entry(UNTESTABLE).or_insert((0, String::new()));
-            e.0 += 1;
-            if e.1.is_empty() {
-                e.1 = describe_case(seed, i, topo, &c, &before);
-            }
-            continue;
-        };
-        let hook = if c.ingress {
-            Hook::Ingress
-        } else {
-            Hook::Egress
-        };
         let world = World {
             maps: &topo.contents,
             local,
             env: &env,
         };
-        let ch = choices(&before, &real.flows);
-        let answer = model::run(&world, &before, hook, c.mark, &c.packet, &ch);
-        let mut scenario = c.class.split(" / ").next().unwrap_or("").to_string();
-        if let Some(l4) = c.class.split(" / ").find_map(|t| {
-            [
-                "tcp",
-                "udp",
-                "echo request",
-                "echo reply",
-                "quotes echo",
-                "icmp",
-                "sctp",
-                "esp",
-                "gre",
-            ]
-            .into_iter()
-            .find(|p| t.starts_with(p))
-        }) {
-            scenario += &format!(" ({l4})");
-        }
-        if !c.ingress && c.mark & 0x8000_0000 != 0 {
-            scenario += " [mark bit 31]";
-        }
-
-        let mut problems: Vec<(String, String)> = Vec::new();
-        for v in invariants(
-            topo,
-            hook,
-            c.mark,
-            &c.packet,
-            real.verdict,
-            &real.packet,
-            Some(&real.moved),
-        ) {
-            problems.push(("programs invariant".into(), v));
-        }
-        let mut model_out = None;
-        match &answer {
-            Answer::Silent(why) => {
-                let e = tally.silent.entry(why).or_insert((0, String::new()));
+        let mut before: Flows = dp_flows_or(&c);
+        // The model's FRAGS over the sequence; None once a step left it unknown.
+        let mut frags: Option<Frags> = Some(Frags::new());
+        let mut prev_out: Option<Vec<u8>> = None;
+        let mut history = String::new();
+        for (si, st) in c.steps.iter().enumerate() {
+            let packet = if st.prev_output {
+                match prev_out.take() {
+                    Some(p) => p,
+                    None => continue,
+                }
+            } else {
+                st.packet.clone()
+            };
+            prev_out = None;
+            let head = describe_case(seed, i, topo, &c, si, &packet, &before, &history);
+            let Some(real) = run_real(&mut dp, st, &packet) else {
+                let e = tally.silent.entry(UNTESTABLE).or_insert((0, String::new()));
                 e.0 += 1;
                 if e.1.is_empty() {
-                    e.1 = format!(
-                        "{}{}",
-                        describe_case(seed, i, topo, &c, &before),
-                        describe_real(&real, &before)
-                    );
+                    e.1 = head;
+                }
+                break;
+            };
+            let hook = if st.ingress {
+                Hook::Ingress
+            } else {
+                Hook::Egress
+            };
+            let ch = choices(&before, &real.flows);
+            let answer = match &frags {
+                Some(f) => model::run(&world, &before, f, hook, st.mark, &packet, &ch),
+                None => Answer::Silent("a step before in the sequence the rules are silent on"),
+            };
+            let sequence = c.steps.len() > 1 || c.class.starts_with("fragments");
+            let mut scenario = if sequence {
+                // One class per scenario and kind of step (not per fragment number or transport).
+                let head = c.class.split(" / ").take(3).collect::<Vec<_>>().join(" / ");
+                let what = st.class.split(" / ").next().unwrap_or("");
+                let what: String = what.chars().filter(|c| !c.is_ascii_digit()).collect();
+                format!("{head}: {}", what.replace("  ", " "))
+            } else {
+                st.class.split(" / ").next().unwrap_or("").to_string()
+            };
+            let padded = c.class.contains("ethernet padding");
+            if padded {
+                scenario = "frame with Ethernet padding".into();
+            } else if c.class.contains("inner fragment") {
+                scenario += ": inner first fragment";
+            }
+            if !sequence
+                && !padded
+                && let Some(l4) = c.class.split(" / ").find_map(|t| {
+                    [
+                        "tcp",
+                        "udp",
+                        "echo request",
+                        "echo reply",
+                        "quotes echo",
+                        "icmp",
+                        "sctp",
+                        "esp",
+                        "gre",
+                    ]
+                    .into_iter()
+                    .find(|p| t.starts_with(p))
+                })
+            {
+                scenario += &format!(" ({l4})");
+            }
+            if !sequence && !padded && !st.ingress && st.mark & 0x8000_0000 != 0 {
+                scenario += " [mark bit 31]";
+            }
+
+            let mut problems: Vec<(String, String)> = Vec::new();
+            for v in invariants(
+                topo,
+                hook,
+                st.mark,
+                &packet,
+                real.verdict,
+                &real.packet,
+                Some(&real.moved),
+            ) {
+                problems.push(("programs invariant".into(), v));
+            }
+            let mut model_out = None;
+            match &answer {
+                Answer::Silent(why) => {
+                    // Only a first fragment records in FRAGS: after a silent later fragment
+                    // the model's FRAGS still holds.
+                    if !st.class.starts_with("later fragment") {
+                        frags = None;
+                    }
+                    let e = tally.silent.entry(why).or_insert((0, String::new()));
+                    e.0 += 1;
+                    if e.1.is_empty() {
+                        e.1 = format!("{head}{}", describe_real(&real, &before));
+                    }
+                }
+                Answer::BadChoice(why) => {
+                    frags = None;
+                    problems.push(("choice not allowed by the rules".into(), why.clone()))
+                }
+                Answer::Sure(m) => {
+                    for (kind, d) in compare(m, &real, &before) {
+                        problems.push((
+                            format!(
+                                "{kind}: model {} / programs {:?}",
+                                m.counter,
+                                real.moved.keys().collect::<Vec<_>>()
+                            ),
+                            d,
+                        ));
+                    }
+                    for v in invariants(
+                        topo,
+                        hook,
+                        st.mark,
+                        &packet,
+                        model_verdict(m.verdict),
+                        &m.packet,
+                        None,
+                    ) {
+                        problems.push(("model invariant".into(), v));
+                    }
+                    frags = frags.map(|_| m.frags.clone());
+                    model_out = Some(m);
                 }
             }
-            Answer::BadChoice(why) => {
-                problems.push(("choice not allowed by the rules".into(), why.clone()))
-            }
-            Answer::Sure(m) => {
-                for (kind, d) in compare(m, &real, &before) {
-                    problems.push((
-                        format!(
-                            "{kind}: model {} / programs {:?}",
-                            m.counter,
-                            real.moved.keys().collect::<Vec<_>>()
-                        ),
-                        d,
-                    ));
-                }
-                for v in invariants(
-                    topo,
-                    hook,
-                    c.mark,
-                    &c.packet,
-                    model_verdict(m.verdict, real.verdict),
-                    &m.packet,
-                    None,
-                ) {
-                    problems.push(("model invariant".into(), v));
-                }
-                model_out = Some(m);
-            }
-        }
-        let mut text = describe_case(seed, i, topo, &c, &before);
-        if let Some(m) = model_out {
-            text += &describe_model(m, &before);
-        } else if let Answer::Silent(w) = &answer {
-            let _ = writeln!(text, "  model:    the rules are silent: {w}");
-        }
-        text += &describe_real(&real, &before);
-        if only.is_some() {
-            println!("topology {}:\n{}\n{text}", topo.name, topo.toml);
-        }
-        if problems.is_empty() {
+            let mut text = head;
             if let Some(m) = model_out {
-                let how = match m.verdict {
-                    Verdict::Leave => format!(" [{}]", verdict_name(real.verdict)),
-                    _ => String::new(),
-                };
-                *tally
-                    .agreed
-                    .entry(format!("{} ({}){how}", m.counter, m.rule))
-                    .or_default() += 1;
+                text += &describe_model(m, &before);
+            } else if let Answer::Silent(w) = &answer {
+                let _ = writeln!(text, "  model:    the rules are silent: {w}");
             }
-            continue;
+            text += &describe_real(&real, &before);
+            if only.is_some() {
+                if si == 0 {
+                    println!("topology {}:\n{}", topo.name, topo.toml);
+                }
+                println!("{text}");
+            }
+            let _ = writeln!(
+                history,
+                "  step {si} ({}{}): programs {} {:?}; model {}",
+                st.class.split(" / ").next().unwrap_or(""),
+                if st.prev_output {
+                    ", the step before's output"
+                } else {
+                    ""
+                },
+                verdict_name(real.verdict),
+                real.moved.keys().collect::<Vec<_>>(),
+                match &answer {
+                    Answer::Sure(m) => format!("{:?} {}", m.verdict, m.counter),
+                    Answer::Silent(_) => "silent".into(),
+                    Answer::BadChoice(_) => "bad choice".into(),
+                }
+            );
+            if real.verdict != 2 {
+                prev_out = Some(real.packet.clone());
+            }
+            before = real.flows.clone();
+            if problems.is_empty() {
+                if let Some(m) = model_out {
+                    let how = if hook == Hook::Egress && m.counter.contains("forward")
+                        || m.rule.contains("egress, encapsulate")
+                    {
+                        format!(" [{}]", verdict_name(real.verdict))
+                    } else {
+                        String::new()
+                    };
+                    *tally
+                        .agreed
+                        .entry(format!("{} ({}){how}", m.counter, m.rule))
+                        .or_default() += 1;
+                }
+                continue;
+            }
+            for (k, d) in &problems {
+                let _ = writeln!(text, "  ✗ {k}: {d}");
+            }
+            if only.is_some() {
+                // Replaying one case: every step is shown, the test fails after the last.
+                for (k, d) in &problems {
+                    println!("  ✗ {k}: {d}");
+                }
+                replay_failed = true;
+                continue;
+            }
+            if !report {
+                panic!("model and programs disagree\n{text}");
+            }
+            let kinds: BTreeSet<&str> = problems
+                .iter()
+                .map(|(k, _)| k.split(':').next().unwrap_or(""))
+                .collect();
+            let class = format!(
+                "{scenario} | model {} | programs {} | {}",
+                model_out.map_or_else(|| "silent".to_string(), |m| m.counter.to_string()),
+                real.moved
+                    .keys()
+                    .filter(|n| !matches!(**n, "port_collision" | "mss_clamped"))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                kinds.into_iter().collect::<Vec<_>>().join(",")
+            );
+            let e = tally.disagree.entry(class).or_insert(Disagreement {
+                count: 0,
+                example: text,
+            });
+            e.count += 1;
         }
-        for (k, d) in &problems {
-            let _ = writeln!(text, "  ✗ {k}: {d}");
-        }
-        if !report {
-            panic!("model and programs disagree\n{text}");
-        }
-        let kinds: BTreeSet<&str> = problems
-            .iter()
-            .map(|(k, _)| k.split(':').next().unwrap_or(""))
-            .collect();
-        let class = format!(
-            "{scenario} | model {} | programs {} | {}",
-            model_out.map_or_else(|| "silent".to_string(), |m| m.counter.to_string()),
-            real.moved
-                .keys()
-                .filter(|n| !matches!(**n, "port_collision" | "mss_clamped"))
-                .copied()
-                .collect::<Vec<_>>()
-                .join("+"),
-            kinds.into_iter().collect::<Vec<_>>().join(",")
-        );
-        let e = tally.disagree.entry(class).or_insert(Disagreement {
-            count: 0,
-            example: text,
-        });
-        e.count += 1;
     }
+    assert!(!replay_failed, "model and programs disagree (steps above)");
     let secs = started.elapsed().as_secs_f64();
     let agreed: usize = tally.agreed.values().sum();
     let silent: usize = tally.silent.values().map(|(n, _)| n).sum();

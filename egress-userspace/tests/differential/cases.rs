@@ -547,11 +547,22 @@ fn topology_toml(rng: &mut Rng) -> String {
 
 // ------------------------------------------------------------------ cases
 
-pub struct Case {
+/// One packet of a case, run through the datapath after the steps before it.
+pub struct Step {
     pub class: String,
     pub ingress: bool,
     pub mark: u32,
     pub packet: Vec<u8>,
+    /// Run on egress the programs' output of the step before (a packet they sent out through
+    /// the uplink), instead of `packet`.
+    pub prev_output: bool,
+}
+
+/// A flow table and the packets run one after another through the same datapath (one for
+/// most cases; a fragmented datagram's fragments for sequences).
+pub struct Case {
+    pub class: String,
+    pub steps: Vec<Step>,
     pub flows: Vec<(FlowKey, FlowValue)>,
 }
 
@@ -975,21 +986,34 @@ fn flag_name(f: u8) -> &'static str {
     }
 }
 
-/// Generates one case for topology `t`.
-pub fn case(t: &Topo, r: &mut Rng) -> Case {
+/// Generates case `idx` for topology `t` (`idx` makes IP identifications of fragments unique
+/// over a run: the programs' `FRAGS` is not emptied between cases).
+pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
     let mut g = G {
         t,
         r,
         flows: Vec::new(),
         class: Vec::new(),
     };
-    let (ingress, mark, mut packet) = match g.r.below(100) {
+    let roll = g.r.below(100);
+    if matches!(roll, 14 | 15 | 40..=42) {
+        let steps = fragment_sequence(&mut g, idx);
+        if g.r.chance(30) {
+            g.noise();
+        }
+        return Case {
+            class: g.class.join(" / "),
+            steps,
+            flows: g.flows,
+        };
+    }
+    let (ingress, mark, mut packet) = match roll {
         0..=15 => egress_new(&mut g, false),
         16..=21 => egress_new(&mut g, true),
         22..=31 => egress_established(&mut g),
         32..=35 => egress_translated(&mut g),
         36..=39 => egress_own_gre(&mut g),
-        40..=42 => fragments(&mut g),
+        40..=42 => unreachable!("sequences"),
         43..=46 => malformed(&mut g),
         47..=49 => egress_big(&mut g),
         50..=52 => egress_exhaustion(&mut g),
@@ -1009,11 +1033,16 @@ pub fn case(t: &Topo, r: &mut Rng) -> Case {
     if g.r.chance(30) {
         g.noise();
     }
+    let class = g.class.join(" / ");
     Case {
-        class: g.class.join(" / "),
-        ingress,
-        mark,
-        packet,
+        class: class.clone(),
+        steps: vec![Step {
+            class,
+            ingress,
+            mark,
+            packet,
+            prev_output: false,
+        }],
         flows: g.flows,
     }
 }
@@ -1138,6 +1167,45 @@ fn egress_translated(g: &mut G) -> Gen {
         ));
     }
     let h = g.v4hdr();
+    if g.r.chance(20) {
+        // Shaped like a reply (remote → pool address), sent by this host.
+        let reply = match tp {
+            Tp::Tcp {
+                sport,
+                dport,
+                flags,
+                opts,
+                payload,
+            } => Some(Tp::Tcp {
+                sport: dport,
+                dport: sport,
+                flags,
+                opts,
+                payload,
+            }),
+            Tp::Udp {
+                sport,
+                dport,
+                payload,
+                zero_csum,
+            } => Some(Tp::Udp {
+                sport: dport,
+                dport: sport,
+                payload,
+                zero_csum,
+            }),
+            _ => None,
+        };
+        if let Some(tp) = reply {
+            g.tag("reply-shaped, sent by this host");
+            return (false, mark, ip_frame(&ip_tp(dst, addr, &h, &tp)));
+        }
+        return (
+            false,
+            mark,
+            ip_frame(&ip_tp(addr, dst, &h, &g.udp(port, dp))),
+        );
+    }
     (false, mark, ip_frame(&ip_tp(addr, dst, &h, &tp)))
 }
 
@@ -1176,47 +1244,339 @@ fn egress_own_gre(g: &mut G) -> Gen {
     (false, mark, ip_frame(&p))
 }
 
-fn fragments(g: &mut G) -> Gen {
-    let ingress = g.r.chance(40);
-    g.tag(if ingress {
-        "ingress fragment"
-    } else {
-        "egress fragment"
-    });
-    let v6 = g.r.chance(25);
-    let (src, (dst, mark)) = if ingress {
-        let (a, _) = g.reply_target(v6);
-        (g.remote(v6), (a, 0))
-    } else {
-        (g.local(v6), g.dst(v6))
+/// The IP packets of one datagram cut into fragments: the first (offset 0, more fragments) and
+/// the later ones, checksums computed over the whole datagram.
+fn fragment_datagram(g: &mut G, src: IpAddr, dst: IpAddr, tp: &Tp, id: u32) -> Vec<Vec<u8>> {
+    let v6 = src.is_ipv6();
+    let proto = tp.proto(v6);
+    let seg = segment(src, dst, tp);
+    let hdr = match tp {
+        Tp::Tcp { opts, .. } => 20 + opts.len().div_ceil(4) * 4,
+        _ => 8,
     };
-    let (sp, dp) = (g.port(), g.port());
-    let tp = g.conn_tp(v6, sp, dp);
-    let seg = segment(src, dst, &tp);
-    let p = if v6 {
-        g.tag("v6 fragment header");
-        let mut fh = vec![tp.proto(true), 0, 0, 1, 0, 0, 0, 42];
+    // The first fragment carries the transport header; 1–3 later ones carry the rest.
+    let first = (hdr.div_ceil(8) + g.r.below(3) as usize) * 8;
+    let first = first.min((seg.len() - 1) / 8 * 8).max(8);
+    if src.is_ipv6() && g.r.chance(10) {
+        g.tag("atomic fragment (offset 0, M clear)");
+        let mut fh = vec![proto, 0, 0, 0];
+        fh.extend_from_slice(&id.to_be_bytes());
         fh.extend_from_slice(&seg);
-        ip_packet(src, dst, 44, &V4::default(), &fh)
-    } else {
-        let mut h = g.v4hdr();
-        h.frag = match g.r.below(3) {
-            0 => {
-                g.tag("first fragment (MF)");
-                0x2000
+        return vec![ip_packet(src, dst, 44, &V4::default(), &fh)];
+    }
+    let mut cuts = vec![0, first];
+    let pieces = g.r.range(1, 3) as usize;
+    for i in 1..pieces {
+        let left = seg.len().saturating_sub(*cuts.last().unwrap());
+        let step = (left / (pieces - i + 1)) / 8 * 8;
+        if step >= 8 {
+            cuts.push(cuts.last().unwrap() + step);
+        }
+    }
+    cuts.push(seg.len());
+    cuts.dedup();
+    let mut out = Vec::new();
+    for w in cuts.windows(2) {
+        let (off, end) = (w[0], w[1]);
+        let more = end < seg.len();
+        let chunk = &seg[off..end];
+        if v6 {
+            let mut fh = vec![proto, 0];
+            fh.extend_from_slice(&(((off / 8) as u16) << 3 | u16::from(more)).to_be_bytes());
+            fh.extend_from_slice(&id.to_be_bytes());
+            fh.extend_from_slice(chunk);
+            out.push(ip_packet(src, dst, 44, &V4::default(), &fh));
+        } else {
+            let h = V4 {
+                id: id as u16,
+                frag: (off / 8) as u16 | if more { 0x2000 } else { 0 },
+                ..V4::default()
+            };
+            out.push(ip_packet(src, dst, proto, &h, chunk));
+        }
+    }
+    out
+}
+
+/// A transport for a fragmented datagram: TCP, UDP or an echo (request unless `reply`) with a
+/// payload long enough to be cut.
+fn big_tp(g: &mut G, v6: bool, sport: u16, dport: u16, reply: bool) -> Tp {
+    let n = g.r.range(40, 600) as usize;
+    let payload = g.r.bytes(n);
+    match g.r.below(10) {
+        0..=3 => {
+            let flags = if reply {
+                *g.r.pick(&[TCP_ACK, TCP_PSH | TCP_ACK, TCP_SYN | TCP_ACK])
+            } else {
+                *g.r.pick(&[TCP_ACK, TCP_PSH | TCP_ACK, TCP_SYN])
+            };
+            let (opts, o) = if flags & TCP_SYN != 0 {
+                g.tcp_opts()
+            } else {
+                (vec![], "no options")
+            };
+            g.tag(format!("tcp {} {o}", flag_name(flags)));
+            Tp::Tcp {
+                sport,
+                dport,
+                flags,
+                opts,
+                payload,
             }
-            1 => {
-                g.tag("middle fragment");
-                0x2000 | 185
+        }
+        4..=7 => {
+            let zero = g.r.chance(10);
+            g.tag(if zero { "udp zero-csum" } else { "udp" });
+            Tp::Udp {
+                sport,
+                dport,
+                payload,
+                zero_csum: zero,
             }
-            _ => {
-                g.tag("last fragment");
-                185
+        }
+        _ => {
+            g.tag(if reply { "echo reply" } else { "echo request" });
+            let id = if reply { dport } else { sport };
+            Tp::echo(v6, !reply, id, 5, payload)
+        }
+    }
+}
+
+fn step(class: &str, ingress: bool, mark: u32, ip: &[u8]) -> Step {
+    Step {
+        class: class.to_string(),
+        ingress,
+        mark,
+        packet: ip_frame(ip),
+        prev_output: false,
+    }
+}
+
+/// A fragmented datagram through one datapath: the first fragment and its later ones (in
+/// order; a later one overtaking the first; the first lost), in the scenarios the *Fragments*
+/// rules name: egress SNAT and forward, a peer's connection in a tunnel (and its translated
+/// fragments on egress), replies plain and in a tunnel, soft-unicast.
+fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
+    g.tag("fragments");
+    let id4 = u32::from((idx as u16).wrapping_mul(40503) ^ 0x5a5a);
+    let id6 = 0x4000_0000 | idx as u32;
+    let scenario = g.r.below(7);
+    let v6 = matches!(scenario, 0 | 3) && g.r.chance(35);
+    let id = if v6 { id6 } else { id4 };
+    g.tag(if v6 { "v6" } else { "v4" });
+    // (source, destination, transport, hook of the plain packets, mark, GRE wrapper)
+    let (src, dst, tp, ingress, mark, gre): (
+        IpAddr,
+        IpAddr,
+        Tp,
+        bool,
+        u32,
+        Option<(Ipv4Addr, u32)>,
+    ) = match scenario {
+        0 | 1 => {
+            let kind = if scenario == 0 {
+                ActionKind::Snat
+            } else {
+                ActionKind::Forward
+            };
+            g.tag(if scenario == 0 {
+                "egress snat"
+            } else {
+                "egress forward"
+            });
+            let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
+            let pools = g.t.pools_with(kind, fam);
+            let (dst, mark) = if pools.is_empty() {
+                g.dst(v6)
+            } else {
+                let (pool, _) = *g.r.pick(&pools);
+                g.dst_of_pool(pool, v6).unwrap_or_else(|| g.dst(v6))
+            };
+            let src = g.local(v6);
+            let (sp, dp) = (g.port(), g.port());
+            let tp = big_tp(g, v6, sp, dp, false);
+            if g.r.chance(30) {
+                // An established connection.
+                let (a, b) = tp.conn_ports();
+                let proto = tp.proto(v6);
+                if scenario == 1 && !v6 {
+                    g.tag("forwarded entry");
+                    let pool = *g.r.pick(&g.t.pool_ids());
+                    let tunnel = g.tunnel();
+                    g.flows.push((
+                        fkey(src, dst, a, b, proto),
+                        fval(FLOW_FORWARDED, src, a, pool, tunnel, 0),
+                    ));
+                } else if let Some((addr, port, pool)) = g.own_binding(v6) {
+                    g.tag("outbound entry");
+                    g.flows.push((
+                        fkey(src, dst, a, b, proto),
+                        fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
+                    ));
+                    g.flows.push((
+                        fkey(dst, addr, b, port, proto),
+                        fval(FLOW_REVERSE, src, a, pool, [0; 4], 0),
+                    ));
+                }
             }
-        };
-        ip_packet(src, dst, tp.proto(false), &h, &seg)
+            (src, dst, tp, false, mark, None)
+        }
+        2 => {
+            g.tag("peer in tunnel");
+            let snat = g.t.pools_with(ActionKind::Snat, FAMILY_V4);
+            let pool = if snat.is_empty() {
+                *g.r.pick(&g.t.pool_ids())
+            } else {
+                g.r.pick(&snat).0
+            };
+            let dst = g
+                .dst_of_pool(pool, false)
+                .map_or_else(|| g.dst(false).0, |d| d.0);
+            let src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
+            let (sp, dp) = (g.port(), g.port());
+            let tp = big_tp(g, false, sp, dp, false);
+            let peer = if g.t.peers.is_empty() {
+                [10, 50, 0, 12]
+            } else {
+                *g.r.pick(&g.t.peers)
+            };
+            (src, dst, tp, true, 0, Some((peer.into(), pool)))
+        }
+        3 | 4 => {
+            g.tag(if scenario == 3 {
+                "reply plain"
+            } else {
+                "reply in tunnel"
+            });
+            let (to, port) = g.reply_target(v6);
+            let (from, _) = g.dst(v6);
+            let rport = g.port();
+            let tp = big_tp(g, v6, rport, port, true);
+            let (a, b) = tp.reply_ports();
+            if g.r.chance(85) {
+                let tunnel = if !v6 && g.r.chance(40) {
+                    g.tag("reverse entry with tunnel");
+                    g.tunnel()
+                } else {
+                    g.tag("reverse entry");
+                    [0; 4]
+                };
+                let orig = g.local(v6);
+                let pool = *g.r.pick(&g.t.pool_ids());
+                g.flows.push((
+                    fkey(from, to, a, b, tp.proto(v6)),
+                    fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0),
+                ));
+            }
+            let gre = if scenario == 4 {
+                let peer = if g.t.peers.is_empty() {
+                    [10, 50, 0, 12]
+                } else {
+                    *g.r.pick(&g.t.peers)
+                };
+                Some((peer.into(), *g.r.pick(&g.t.pool_ids())))
+            } else {
+                None
+            };
+            (from, to, tp, true, g.r.next() as u32, gre)
+        }
+        5 => {
+            g.tag("soft-unicast");
+            let (to, port) = match g.others_port() {
+                Some((a, p, _)) => (v4(a), p),
+                None => g.reply_target(false),
+            };
+            let (from, _) = g.dst(false);
+            let rport = g.port();
+            let tp = big_tp(g, false, rport, port, true);
+            (from, to, tp, true, 0, None)
+        }
+        _ => {
+            g.tag("later fragments alone");
+            let ingress = g.r.chance(50);
+            let (src, (dst, mark)) = if ingress {
+                let (a, _) = g.reply_target(false);
+                (g.remote(false), (a, 0))
+            } else {
+                (g.local(false), g.dst(false))
+            };
+            let (sp, dp) = (g.port(), g.port());
+            let tp = big_tp(g, false, sp, dp, ingress);
+            let gre = if ingress && g.r.chance(40) {
+                let peer = if g.t.peers.is_empty() {
+                    [10, 50, 0, 12]
+                } else {
+                    *g.r.pick(&g.t.peers)
+                };
+                Some((peer.into(), *g.r.pick(&g.t.pool_ids())))
+            } else {
+                None
+            };
+            (src, dst, tp, ingress, mark, gre)
+        }
     };
-    (ingress, mark, ip_frame(&p))
+    let frags = fragment_datagram(g, src, dst, &tp, id);
+    let wrap = |g: &mut G, ip: &[u8], other_peer: bool| -> Vec<u8> {
+        let (peer, key) = gre.expect("a tunnel");
+        let peer = if other_peer {
+            g.tag("a later fragment from another peer");
+            g.t.peers
+                .iter()
+                .copied()
+                .find(|p| Ipv4Addr::from(*p) != peer)
+                .map_or(Ipv4Addr::new(10, 50, 0, 99), Ipv4Addr::from)
+        } else {
+            peer
+        };
+        gre_packet(peer, FABRIC.into(), &V4::default(), 0x2000, 0x0800, key, ip)
+    };
+    // The order they arrive in.
+    let mut order: Vec<usize> = (0..frags.len()).collect();
+    if scenario == 6 {
+        order.remove(0);
+    } else if order.len() > 1 {
+        match g.r.below(10) {
+            0..=1 => {
+                g.tag("a later fragment overtakes the first");
+                order.swap(0, 1);
+            }
+            2 => {
+                g.tag("first fragment lost");
+                order.remove(0);
+            }
+            3 => {
+                g.tag("a later fragment twice");
+                order.push(*order.last().unwrap());
+            }
+            _ => g.tag("in order"),
+        }
+    }
+    let mut steps = Vec::new();
+    for i in order {
+        let name = if i == 0 {
+            "first fragment".to_string()
+        } else {
+            format!("later fragment {i}")
+        };
+        let ip = &frags[i];
+        if gre.is_some() && (scenario != 4 || i == 0 || g.r.chance(70)) {
+            let other = i != 0 && scenario == 2 && g.r.chance(10);
+            let p = wrap(g, ip, other);
+            steps.push(step(&format!("{name} in GRE"), true, 0, &p));
+            if scenario == 2 && g.r.chance(60) {
+                steps.push(Step {
+                    class: format!("{name} translated, on egress"),
+                    ingress: false,
+                    mark: 0,
+                    packet: vec![],
+                    prev_output: true,
+                });
+            }
+        } else {
+            steps.push(step(&name, ingress, mark, ip));
+        }
+    }
+    steps
 }
 
 fn malformed(g: &mut G) -> Gen {
@@ -1457,6 +1817,14 @@ fn quoted(g: &mut G, from: IpAddr, port: u16, to: IpAddr) -> (Vec<u8>, FlowKey) 
     if g.r.chance(10) {
         g.tag("quote with IP options");
         h.options = vec![1, 1, 1, 0];
+    }
+    if !v6 && g.r.chance(8) {
+        h.frag = *g.r.pick(&[0x2000u16, 0x2000 | 20, 20]);
+        g.tag(if h.frag == 0x2000 {
+            "quotes a first fragment"
+        } else {
+            "quotes a later fragment"
+        });
     }
     (ip_tp(from, to, &h, &tp), k)
 }
@@ -1759,7 +2127,7 @@ fn gre_malformed(g: &mut G) -> Gen {
     let mut inner = ip_tp(v4([10, 9, 8, 7]), dst, &V4::default(), &tp);
     let key = *g.r.pick(&g.t.pool_ids());
     let (mut flags, mut proto) = (0x2000u16, 0x0800u16);
-    match g.r.below(11) {
+    match g.r.below(12) {
         0 => {
             g.tag("unknown peer");
             src = Ipv4Addr::new(203, 0, 113, 9);
@@ -1812,6 +2180,14 @@ fn gre_malformed(g: &mut G) -> Gen {
                 &[0x20, 0, 8, 0, 0][..g.r.range(1, 5) as usize],
             );
             return (true, 0, ip_frame(&p));
+        }
+        11 => {
+            h.frag = *g.r.pick(&[0x2000u16, 0x2000 | 3, 3]);
+            g.tag(if h.frag == 0x2000 {
+                "outer GRE first fragment"
+            } else {
+                "outer GRE later fragment"
+            });
         }
         _ => {
             g.tag("inner IPv6 with IPv6 protocol");

@@ -1,6 +1,8 @@
 //! An independent model of the two TC programs, written from the README's "Datapath rules" only:
-//! (map contents, hook, skb mark, packet) → (verdict, output packet, the counter that moved, the
-//! flow table afterwards). It never runs the BPF programs.
+//! (map contents, `FRAGS`, hook, skb mark, packet) → (verdict, output packet, the counter that
+//! moved, the flow table and `FRAGS` afterwards). It never runs the BPF programs. `FRAGS` cannot
+//! be read from the programs: the caller carries the model's own from one packet of a sequence
+//! to the next.
 //!
 //! Where the rules leave a choice to a hash (the port a new connection claims, the next hop of
 //! a forwarded one) the caller passes the choice in [`Choices`]; the model checks that the rules
@@ -22,6 +24,50 @@ use egress_common::{
 use wire::*;
 
 pub type Flows = HashMap<FlowKey, FlowValue>;
+
+/// `FRAGS`: (source, destination, IP identification, protocol, family) of a first fragment as
+/// it arrived → what was done with it. The programs' map cannot be read; the model keeps its own
+/// over a sequence of packets.
+pub type Frags = HashMap<FragKey, FragEntry>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragEntry {
+    /// Egress SNAT, or a peer's connection in a tunnel (`peer`): the translated source.
+    Source {
+        addr: [u8; 16],
+        peer: Option<[u8; 4]>,
+    },
+    /// A reply translated back (plain or in a tunnel): the original destination, the
+    /// connection's tunnel and pool.
+    Destination {
+        addr: [u8; 16],
+        tunnel: [u8; 4],
+        pool: u32,
+    },
+    /// Egress forward, soft-unicast: the peer or owner and the pool.
+    Encapsulate { to: [u8; 4], pool: u32 },
+    /// A peer's first fragment translated here, under its translated key.
+    Ours,
+}
+
+fn frag_key(ip: &Ip) -> FragKey {
+    FragKey {
+        src: ip.src,
+        dst: ip.dst,
+        id: ip.id,
+        proto: ip.proto,
+        family: ip.family(),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -110,11 +156,9 @@ pub enum Verdict {
     Pass,
     /// TC_ACT_SHOT.
     Drop,
-    /// Redirected out of the uplink (TC_ACT_REDIRECT).
+    /// Redirected (TC_ACT_REDIRECT). "Send" is this, except on egress with the neighbour
+    /// resolved, where it is TC_ACT_OK ([`Verdict::Pass`]).
     Send,
-    /// Encapsulated on egress: leaves through the uplink; the rules do not say whether by
-    /// TC_ACT_OK or by a redirect.
-    Leave,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +174,13 @@ pub struct Outcome {
     pub collisions: (u64, u64),
     /// The flow table afterwards.
     pub flows: Flows,
+    /// `FRAGS` afterwards.
+    pub frags: Frags,
+    /// Entries whose FIN/RST flag must be what it was (a reopened tuple's old reverse entry).
+    pub keep_flags: Vec<FlowKey>,
+    /// The input frame had bytes past its IP packet (Ethernet padding): the model's packet
+    /// ends with the IP packet, the programs' may keep the padding after it.
+    pub tail_unspecified: bool,
     /// Why the flow table afterwards is not given by the rules (e.g. a drop after recording).
     pub flows_unspecified: Option<&'static str>,
     /// The Ethernet addresses are not given (neighbour unresolved: `bpf_redirect_neigh`).
@@ -217,6 +268,7 @@ fn a4(a: &[u8; 16]) -> [u8; 4] {
 pub fn run(
     w: &World,
     flows: &Flows,
+    frags: &Frags,
     hook: Hook,
     mark: u32,
     packet: &[u8],
@@ -226,6 +278,10 @@ pub fn run(
         w,
         ch: choices,
         flows: flows.clone(),
+        frags: frags.clone(),
+        keep_flags: Vec::new(),
+        tail_unspecified: false,
+        hook,
         p: packet.to_vec(),
         mss_clamped: false,
         collisions: (0, 0),
@@ -245,6 +301,9 @@ pub fn run(
             mss_clamped: cx.mss_clamped,
             collisions: cx.collisions,
             flows: cx.flows,
+            frags: cx.frags,
+            keep_flags: cx.keep_flags,
+            tail_unspecified: cx.tail_unspecified,
             flows_unspecified: cx.flows_unspecified,
             l2_unspecified: cx.l2_unspecified,
             missing_choice: cx.missing_choice,
@@ -259,6 +318,10 @@ struct Cx<'a> {
     w: &'a World<'a>,
     ch: &'a Choices,
     flows: Flows,
+    frags: Frags,
+    keep_flags: Vec<FlowKey>,
+    tail_unspecified: bool,
+    hook: Hook,
     p: Vec<u8>,
     mss_clamped: bool,
     collisions: (u64, u64),
@@ -322,21 +385,15 @@ impl Cx<'_> {
         })
     }
 
-    /// Whether an IPv4 pool address is *shared*: (another server owns a range of it, it is in
-    /// OWNERS at all). The README does not say which is meant for a single-holder address.
-    fn shared(&self, addr: [u8; 4]) -> (bool, bool) {
-        match self.w.maps.owners.get(&addr) {
-            None => (false, false),
-            Some(o) => (
-                o.ranges[..(o.count as usize).min(o.ranges.len())]
-                    .iter()
-                    .any(|r| r.fabric != self.w.local.fabric),
-                true,
-            ),
-        }
+    /// Whether an IPv4 pool address is *shared*: `OWNERS` splits it between more than one
+    /// share.
+    fn shared(&self, addr: [u8; 4]) -> bool {
+        self.w.maps.owners.get(&addr).is_some_and(|o| o.count > 1)
     }
 
     /// The owner of `port` of a shared IPv4 address when it is another server: (owner, pool).
+    /// Here "shared" is the map paragraph's sense (`OWNERS` holds "shared IPv4 pool
+    /// address[es]", one share or more), not the MSS paragraph's (more than one share).
     fn other_owner(&self, addr: [u8; 4], port: u16) -> Option<([u8; 4], u32)> {
         let o = self.w.maps.owners.get(&addr)?;
         o.ranges[..(o.count as usize).min(o.ranges.len())]
@@ -524,8 +581,20 @@ impl Cx<'_> {
             return Ok(false);
         };
         let at = ip.l4();
-        if doff < 24 || self.p[at + 20] != 2 {
+        if doff < 24 {
             return Ok(false);
+        }
+        if at + 24 > ip.end {
+            if at + 22 <= ip.end && self.p[at + 20] == 2 {
+                return silent("MSS option cut off by the end of the packet");
+            }
+            return Ok(false);
+        }
+        if self.p[at + 20] != 2 {
+            return Ok(false);
+        }
+        if doff > ip.end - at && be16(&self.p, at + 22) > self.w.local.mss_v4 {
+            return silent("TCP data offset beyond the packet, an MSS in its place: clamp or not");
         }
         if self.p[at + 21] != 4 {
             return silent("MSS option whose length is not 4");
@@ -549,28 +618,31 @@ impl Cx<'_> {
         }
     }
 
-    /// A SYN translated here to `to` (IPv4 pool address): clamped when the address is shared.
+    /// A segment with SYN set (SYN or SYN-ACK) translated here to `to` (IPv4 pool address):
+    /// clamped when the address is shared.
     fn clamp_translated(&mut self, ip: &Ip, l4: &L4, to: [u8; 16]) -> Result<(), Stop> {
-        let f = Self::tcp_flags(l4);
-        if f & TCP_SYN == 0 || ip.v6 || !self.mss_too_big(ip, l4)? {
+        if Self::tcp_flags(l4) & TCP_SYN == 0 || ip.v6 || !self.shared(a4(&to)) {
             return Ok(());
         }
-        let (strict, loose) = self.shared(a4(&to));
-        if f & TCP_ACK != 0 {
-            if strict || loose {
-                return silent("SYN-ACK translated to a shared pool address: clamp or not");
-            }
-            return Ok(());
+        self.clamp(ip, l4)
+    }
+
+    /// How "send" ends: TC_ACT_OK on egress with the neighbour resolved, else a redirect.
+    fn sent(&self) -> Verdict {
+        if self.hook == Hook::Egress && !self.l2_unspecified {
+            Verdict::Pass
+        } else {
+            Verdict::Send
         }
-        if strict != loose {
-            return silent(
-                "SYN translated to a pool address all of whose shares are this server's: is it shared",
-            );
+    }
+
+    /// Ethernet padding is not part of the packet: the model's frame ends with the IP packet.
+    fn trim(&mut self, ip: &mut Ip) {
+        if ip.padded {
+            self.p.truncate(ip.end);
+            ip.padded = false;
+            self.tail_unspecified = true;
         }
-        if strict {
-            self.clamp(ip, l4)?;
-        }
-        Ok(())
     }
 
     /// Ethernet addresses towards `dst`. Err(drop counter) without a route.
@@ -602,9 +674,7 @@ impl Cx<'_> {
         if ip.v6 {
             return silent("IPv6 packet to be encapsulated (GRE carries IPv4)");
         }
-        if ip.padded {
-            return silent("encapsulating a frame with bytes past the IP packet");
-        }
+        debug_assert!(!ip.padded, "trimmed first");
         let inner_len = self.p.len() - ETH_LEN;
         let too_big = inner_len + 28 > self.w.env.mtu;
         let fib = self.w.env.fib(peer);
@@ -636,20 +706,25 @@ impl Cx<'_> {
         self.p.drain(ETH_LEN..ETH_LEN + 28);
     }
 
-    /// Tunnel rule 2 with a tunnel: the outer header rewritten in place towards `tunnel`.
+    /// Tunnel rule 2 with a tunnel: a fresh outer header, exactly as *Encapsulation* builds
+    /// one, written over the one the packet came with.
     fn reencap_in_place(
         &mut self,
         tunnel: [u8; 4],
         pool: u32,
     ) -> Result<Result<(), &'static str>, Stop> {
         let o = ETH_LEN;
-        self.p[o + 12..o + 16].copy_from_slice(&self.w.local.fabric);
-        self.p[o + 16..o + 20].copy_from_slice(&tunnel);
-        self.p[o + 8] = 64;
-        put16(&mut self.p, o + 10, 0);
-        let c = checksum(&self.p[o..o + 20]);
-        put16(&mut self.p, o + 10, c);
-        self.p[o + 24..o + 28].copy_from_slice(&pool.to_be_bytes());
+        let total = (self.p.len() - ETH_LEN) as u16;
+        let mut outer = vec![0x45, 0];
+        outer.extend_from_slice(&total.to_be_bytes());
+        outer.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_GRE, 0, 0]);
+        outer.extend_from_slice(&self.w.local.fabric);
+        outer.extend_from_slice(&tunnel);
+        let c = checksum(&outer);
+        put16(&mut outer, 10, c);
+        outer.extend_from_slice(&[0x20, 0x00, 0x08, 0x00]);
+        outer.extend_from_slice(&pool.to_be_bytes());
+        self.p[o..o + 28].copy_from_slice(&outer);
         self.route(tunnel)
     }
 
@@ -657,12 +732,13 @@ impl Cx<'_> {
 
     fn egress(&mut self, mark: u32) -> R {
         let ethertype = be16(&self.p, 12);
-        let ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+        let mut ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
             IpParse::NotIp => return pass("egress_not_ip", "egress 1: not IP"),
             IpParse::Bad => return drop("egress_malformed", "egress 1: bad IP header"),
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
+        self.trim(&mut ip);
         // 2. Own packets.
         if !ip.v6
             && ip.proto == PROTO_GRE
@@ -671,8 +747,11 @@ impl Cx<'_> {
         {
             return pass("ours_passed", "egress 2: own GRE");
         }
+        if ip.later() {
+            return self.egress_later_fragment(&ip, mark);
+        }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
-        let tuple = if ip.frag { None } else { conn_tuple(&ip, &l4) };
+        let tuple = conn_tuple(&ip, &l4);
         if let L4::Echo { request: false, id } = l4 {
             let k = key(ip.family(), ip.proto, ip.src, ip.dst, id, 0);
             if self.flows.contains_key(&k) || self.flows.contains_key(&swap(&k)) {
@@ -680,7 +759,7 @@ impl Cx<'_> {
             }
         }
         // 3. Established.
-        let mut restarted = false;
+        let mut reopened = false;
         if let Some(k) = tuple
             && let Some(v) = self.flows.get(&k).copied()
         {
@@ -690,12 +769,32 @@ impl Cx<'_> {
                     let syn_only =
                         matches!(l4, L4::Tcp { .. }) && f & TCP_SYN != 0 && f & TCP_ACK == 0;
                     if syn_only && v.flags & FLOW_F_CLOSING != 0 {
+                        // Reopened: the old outbound entry goes, its reverse entry stays as it
+                        // is (old port, old FIN/RST flags).
                         self.flows.remove(&k);
-                        restarted = true;
+                        let rk = key(
+                            k.family,
+                            k.proto,
+                            k.dst,
+                            v.addr,
+                            u16::from_be(k.dst_port_be),
+                            u16::from_be(v.port_be),
+                        );
+                        if self.flows.contains_key(&rk) {
+                            self.keep_flags.push(rk);
+                        }
+                        reopened = true;
                     } else {
                         let port = u16::from_be(v.port_be);
                         self.snat(&ip, &l4, v.addr, port);
                         self.clamp_translated(&ip, &l4, v.addr)?;
+                        self.record_frag(
+                            &ip,
+                            FragEntry::Source {
+                                addr: v.addr,
+                                peer: None,
+                            },
+                        );
                         return pass("snat_established", "egress 3: outbound entry");
                     }
                 }
@@ -703,44 +802,40 @@ impl Cx<'_> {
                     if Self::tcp_flags(&l4) & TCP_SYN != 0 {
                         self.clamp(&ip, &l4)?;
                     }
+                    let first = frag_key(&ip);
                     return match self.encap(&ip, v.tunnel, v.pool)? {
-                        Ok(()) => Ok((
-                            Verdict::Leave,
-                            "forward_established",
-                            "egress 3: forwarded entry",
-                        )),
+                        Ok(()) => {
+                            self.record_frag_at(
+                                &ip,
+                                first,
+                                FragEntry::Encapsulate {
+                                    to: v.tunnel,
+                                    pool: v.pool,
+                                },
+                            );
+                            Ok((
+                                self.sent(),
+                                "forward_established",
+                                "egress 3: forwarded entry",
+                            ))
+                        }
                         Err(c) => drop(c, "egress 3: forwarded entry, encapsulation failed"),
                     };
                 }
-                _ => return silent("egress tuple is the key of a reverse entry"),
+                _ => return drop("drop_no_action", "egress 3: reverse entry"),
             }
         }
-        let restart_silent = |r: R| -> R {
-            match r {
-                Ok((_, "snat_new", _)) | Err(_) => r,
-                Ok(_) if restarted => {
-                    silent("SYN after FIN/RST whose new connection is not translated here")
-                }
-                Ok(_) => r,
-            }
-        };
         // 4. Policy.
         let Some(pool) = self.policy(mark, &ip) else {
-            return restart_silent(pass("egress_no_policy", "egress 4: no policy"));
+            return pass("egress_no_policy", "egress 4: no policy");
         };
         // 5. Already translated.
         if let Some(k) = tuple
             && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE)
         {
-            return restart_silent(pass("ours_passed", "egress 5: already translated"));
+            return pass("ours_passed", "egress 5: already translated");
         }
         // 6. Untranslatable.
-        if ip.frag {
-            if ip.v6 {
-                return silent("IPv6 Fragment header to a policy destination");
-            }
-            return drop("drop_fragment", "egress 6: fragment");
-        }
         if ip.ext {
             return silent("IPv6 extension header to a policy destination");
         }
@@ -753,18 +848,25 @@ impl Cx<'_> {
                 icmp: true,
                 icmp_type: Some(t),
             } => {
-                return if t == echo_types(ip.v6).0 {
+                let (req, rep) = echo_types(ip.v6);
+                return if t == req {
                     drop("drop_truncated_l4", "egress 6: echo request cut short")
-                } else {
+                } else if t == rep {
                     silent(
-                        "ICMP shorter than 8 bytes, not an echo request: unsupported or cut short",
+                        "egress echo reply cut short: unsupported (rule 6) or cut short (its type passes)",
+                    )
+                } else {
+                    drop(
+                        "drop_unsupported_l4",
+                        "egress 6: short ICMP of another type",
                     )
                 };
             }
+            // No type byte: nothing makes it unsupported; fewer than 8 bytes: cut short.
             L4::Truncated {
                 icmp: true,
                 icmp_type: None,
-            } => return silent("ICMP without a type byte to a policy destination"),
+            } => return drop("drop_truncated_l4", "egress 6: ICMP without a type byte"),
             _ => return drop("drop_unsupported_l4", "egress 6: unsupported transport"),
         }
         let k = tuple.expect("translatable packets have a tuple");
@@ -777,7 +879,7 @@ impl Cx<'_> {
             .get(&ActionKey::new(pool, family))
             .copied()
         else {
-            return restart_silent(drop("drop_no_action", "egress 7: no action"));
+            return drop("drop_no_action", "egress 7: no action");
         };
         match ActionKind::from_u8(action.kind) {
             Some(ActionKind::Snat) => {
@@ -790,10 +892,20 @@ impl Cx<'_> {
                 self.record(&k, &t, port, pool, [0; 4]);
                 self.snat(&ip, &l4, t.addr, port);
                 self.clamp_translated(&ip, &l4, t.addr)?;
+                self.record_frag(
+                    &ip,
+                    FragEntry::Source {
+                        addr: t.addr,
+                        peer: None,
+                    },
+                );
+                if reopened {
+                    return pass("snat_new", "egress 7: snat (a reopened tuple)");
+                }
                 pass("snat_new", "egress 7: snat")
             }
             Some(ActionKind::Forward) if ip.v6 => {
-                restart_silent(drop("drop_forward_ipv6", "egress 7: forward IPv6"))
+                drop("drop_forward_ipv6", "egress 7: forward IPv6")
             }
             Some(ActionKind::Forward) => {
                 let hops = &action.hops[..usize::from(action.hop_count).min(action.hops.len())];
@@ -803,19 +915,76 @@ impl Cx<'_> {
                 if Self::tcp_flags(&l4) & TCP_SYN != 0 {
                     self.clamp(&ip, &l4)?;
                 }
-                restart_silent(match self.encap(&ip, peer, pool)? {
-                    Ok(()) => Ok((Verdict::Leave, "forward_new", "egress 7: forward")),
+                let first = frag_key(&ip);
+                match self.encap(&ip, peer, pool)? {
+                    Ok(()) => {
+                        self.record_frag_at(&ip, first, FragEntry::Encapsulate { to: peer, pool });
+                        Ok((self.sent(), "forward_new", "egress 7: forward"))
+                    }
                     Err(c) => {
                         self.flows_unspecified =
                             Some("a new forwarded connection dropped after its entry was recorded");
                         drop(c, "egress 7: forward, encapsulation failed")
                     }
-                })
+                }
             }
-            Some(ActionKind::Drop) => {
-                restart_silent(drop("drop_pool_unreachable", "egress 7: unreachable"))
-            }
+            Some(ActionKind::Drop) => drop("drop_pool_unreachable", "egress 7: unreachable"),
             None => silent("unknown action kind"),
+        }
+    }
+
+    /// A first fragment translated, forwarded, soft-unicast or translated back: its entry under
+    /// its key as it arrived (`ip` still describes the packet as it arrived).
+    fn record_frag(&mut self, ip: &Ip, e: FragEntry) {
+        self.record_frag_at(ip, frag_key(ip), e);
+    }
+
+    fn record_frag_at(&mut self, ip: &Ip, k: FragKey, e: FragEntry) {
+        if ip.first() {
+            self.frags.insert(k, e);
+        }
+    }
+
+    /// *Fragments* 2 and 3 on egress.
+    fn egress_later_fragment(&mut self, ip: &Ip, mark: u32) -> R {
+        match self.frags.get(&frag_key(ip)).copied() {
+            Some(FragEntry::Source { addr, .. }) => {
+                self.set_addr(ip, true, &addr, None);
+                pass("fragment_followed", "fragments 2: egress, source")
+            }
+            Some(FragEntry::Encapsulate { to, pool }) => match self.encap(ip, to, pool)? {
+                Ok(()) => Ok((
+                    self.sent(),
+                    "fragment_followed",
+                    "fragments 2: egress, encapsulate",
+                )),
+                Err(c) => drop(c, "fragments 2: egress, encapsulation failed"),
+            },
+            Some(FragEntry::Ours) => pass("ours_passed", "fragments 2: egress, ours"),
+            Some(FragEntry::Destination { .. }) => {
+                silent("egress later fragment whose entry says destination")
+            }
+            None => {
+                if self.policy(mark, ip).is_some() {
+                    return drop("drop_fragment", "fragments 3: egress, policy destination");
+                }
+                let any_mark =
+                    if ip.v6 {
+                        self.w.maps.policies_v6.iter().any(|((plen, k), _)| {
+                            in_prefix(&ip.dst, &k.addr, plen.saturating_sub(32))
+                        })
+                    } else {
+                        self.w.maps.policies_v4.iter().any(|((plen, k), _)| {
+                            in_prefix(&ip.dst[..4], &k.addr, plen.saturating_sub(32))
+                        })
+                    };
+                if any_mark {
+                    return silent(
+                        "egress later fragment without an entry to a destination only another mark's policy covers",
+                    );
+                }
+                pass("egress_no_policy", "fragments 3: egress, no policy")
+            }
         }
     }
 
@@ -842,22 +1011,21 @@ impl Cx<'_> {
 
     fn ingress(&mut self) -> R {
         let ethertype = be16(&self.p, 12);
-        let ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+        let mut ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
             IpParse::NotIp => return pass("ingress_not_ip", "ingress 1: not IP"),
             IpParse::Bad => return pass("ingress_malformed", "ingress 1: bad IP header"),
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
+        self.trim(&mut ip);
         if ip.ext {
-            return silent("ingress IPv6 extension header");
+            return silent("ingress IPv6 extension header (other than one Fragment header)");
         }
-        if !ip.v6 && ip.proto == PROTO_GRE && !ip.frag {
+        if !ip.v6 && ip.proto == PROTO_GRE && !ip.fragment() {
             return self.tunnel(&ip);
         }
-        if ip.frag {
-            return silent(
-                "ingress fragment (the rules point to a Fragments section that does not exist)",
-            );
+        if ip.later() {
+            return self.ingress_later_fragment(&ip);
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
         if l4 == L4::IcmpError {
@@ -883,16 +1051,26 @@ impl Cx<'_> {
             if v.kind != FLOW_REVERSE {
                 return silent("ingress tuple is the key of an outbound or forwarded entry");
             }
+            let first = frag_key(&ip);
+            let entry = FragEntry::Destination {
+                addr: v.addr,
+                tunnel: v.tunnel,
+                pool: v.pool,
+            };
             self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
             if v.tunnel == [0; 4] {
+                self.record_frag_at(&ip, first, entry);
                 return pass("reverse_nat", "ingress 5: reverse entry");
             }
             return match self.encap(&ip, v.tunnel, v.pool)? {
-                Ok(()) => Ok((
-                    Verdict::Send,
-                    "reply_reencap",
-                    "ingress 5: reverse entry, tunnel",
-                )),
+                Ok(()) => {
+                    self.record_frag_at(&ip, first, entry);
+                    Ok((
+                        Verdict::Send,
+                        "reply_reencap",
+                        "ingress 5: reverse entry, tunnel",
+                    ))
+                }
                 Err(c) => drop(c, "ingress 5: re-encapsulation failed"),
             };
         }
@@ -901,11 +1079,80 @@ impl Cx<'_> {
             && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))
         {
             return match self.encap(&ip, owner, pool)? {
-                Ok(()) => Ok((Verdict::Send, "soft_unicast", "ingress 6: soft-unicast")),
+                Ok(()) => {
+                    self.record_frag(&ip, FragEntry::Encapsulate { to: owner, pool });
+                    Ok((Verdict::Send, "soft_unicast", "ingress 6: soft-unicast"))
+                }
                 Err(c) => drop(c, "ingress 6: soft-unicast encapsulation failed"),
             };
         }
         pass("ingress_no_flow", "ingress 7: no flow")
+    }
+
+    /// *Fragments* 2 and 3 on plain ingress.
+    fn ingress_later_fragment(&mut self, ip: &Ip) -> R {
+        match self.frags.get(&frag_key(ip)).copied() {
+            Some(FragEntry::Destination { addr, tunnel, pool }) => {
+                self.set_addr(ip, false, &addr, None);
+                if tunnel == [0; 4] {
+                    return pass("fragment_followed", "fragments 2: ingress, destination");
+                }
+                match self.encap(ip, tunnel, pool)? {
+                    Ok(()) => Ok((
+                        Verdict::Send,
+                        "fragment_followed",
+                        "fragments 2: ingress, destination, tunnel",
+                    )),
+                    Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
+                }
+            }
+            Some(FragEntry::Encapsulate { to, pool }) => match self.encap(ip, to, pool)? {
+                Ok(()) => Ok((
+                    Verdict::Send,
+                    "fragment_followed",
+                    "fragments 2: ingress, encapsulate",
+                )),
+                Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
+            },
+            Some(_) => silent("ingress later fragment whose entry says source or ours"),
+            None => pass("ingress_no_flow", "fragments 3: ingress, no entry"),
+        }
+    }
+
+    /// *Fragments* 2 and 3 in a tunnel from `peer` (outer headers still on).
+    fn tunnel_later_fragment(&mut self, ip: &Ip, peer: [u8; 4]) -> R {
+        match self.frags.get(&frag_key(ip)).copied() {
+            Some(FragEntry::Source {
+                addr,
+                peer: Some(p),
+            }) if p == peer => {
+                self.set_addr(ip, true, &addr, None);
+                self.strip();
+                match self.route(ip.dst4())? {
+                    Ok(()) => Ok((
+                        Verdict::Send,
+                        "fragment_followed",
+                        "fragments 2: tunnel, source of this peer",
+                    )),
+                    Err(c) => drop(c, "fragments 2: tunnel, no route"),
+                }
+            }
+            Some(FragEntry::Destination { addr, tunnel, pool }) => {
+                self.set_addr(ip, false, &addr, None);
+                let v = FlowValue::new(FLOW_REVERSE, addr, 0, pool, tunnel, 0);
+                self.tunnel_reply(
+                    v,
+                    "fragment_followed",
+                    "fragment_followed",
+                    "fragments 2: tunnel, destination",
+                )
+            }
+            Some(FragEntry::Source { .. }) => silent(
+                "later fragment in a tunnel whose entry is another peer's (or a local) source",
+            ),
+            Some(_) => silent("later fragment in a tunnel whose entry says encapsulate or ours"),
+            None => drop("drop_fragment", "fragments 3: tunnel, no entry"),
+        }
     }
 
     // ---------------------------------------------------------------- Tunnel
@@ -933,9 +1180,6 @@ impl Cx<'_> {
             return malformed("tunnel 1: GRE key cut short");
         }
         let gre_key = be32(&self.p, g + 4);
-        if outer.padded {
-            return silent("GRE frame with bytes past the outer IP packet");
-        }
         let ip = match parse_ip(&self.p, g + 8, None) {
             IpParse::NotIp | IpParse::Bad => return malformed("tunnel 1: inner not IPv4"),
             IpParse::Silent(s) => return silent(s),
@@ -944,10 +1188,38 @@ impl Cx<'_> {
         if ip.padded {
             return silent("inner IPv4 shorter than the GRE payload");
         }
-        if ip.frag {
-            return silent("inner fragment");
+        // 2. Later fragments; what is not TCP, UDP or ICMP echo (an ICMP error goes on to 3).
+        if ip.later() {
+            return self.tunnel_later_fragment(&ip, peer);
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
+        match l4 {
+            L4::Tcp { .. } | L4::Udp { .. } | L4::Echo { .. } | L4::IcmpError => {}
+            L4::Truncated {
+                icmp: true,
+                icmp_type: Some(t),
+            } if !is_echo(ip.v6, t) => {
+                return drop("drop_unsupported_l4", "tunnel 2: short ICMP, not echo");
+            }
+            L4::Truncated {
+                icmp: true,
+                icmp_type: None,
+            } => {
+                return drop(
+                    "drop_truncated_l4",
+                    "tunnel 2: inner ICMP without a type byte",
+                );
+            }
+            L4::Truncated { .. } => {
+                return drop("drop_truncated_l4", "tunnel 2: inner transport cut short");
+            }
+            L4::IcmpOther | L4::Other => {
+                return drop(
+                    "drop_unsupported_l4",
+                    "tunnel 2: inner not TCP, UDP, ICMP echo",
+                );
+            }
+        }
         // 2. Reverse entry (soft-unicast brought a reply).
         if let L4::Echo { request: true, id } = l4
             && self
@@ -961,7 +1233,18 @@ impl Cx<'_> {
             && v.kind == FLOW_REVERSE
         {
             self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
-            return self.tunnel_reply(v, "reverse_nat", "reply_reencap", "tunnel 2: reverse entry");
+            let r = self.tunnel_reply(v, "reverse_nat", "reply_reencap", "tunnel 2: reverse entry");
+            if matches!(r, Ok((verdict, ..)) if verdict != Verdict::Drop) {
+                self.record_frag(
+                    &ip,
+                    FragEntry::Destination {
+                        addr: v.addr,
+                        tunnel: v.tunnel,
+                        pool: v.pool,
+                    },
+                );
+            }
+            return r;
         }
         // 3. Inner ICMP error.
         if l4 == L4::IcmpError {
@@ -993,23 +1276,30 @@ impl Cx<'_> {
         {
             return silent("inner echo request matching a forwarded entry swapped");
         }
-        // 5. A peer's connection.
+        // 5. A peer's connection: TCP, UDP or an echo request.
         let Some(k) = conn_tuple(&ip, &l4) else {
-            return silent("inner packet that is neither a reply nor a translatable connection");
+            return drop("drop_peer_policy", "tunnel 5: not TCP, UDP or echo request");
         };
+        let first = frag_key(&ip);
         if let Some(v) = self.flows.get(&k).copied() {
             if v.kind != FLOW_OUTBOUND {
                 return silent("inner tuple is the key of a reverse or forwarded entry");
             }
             if v.tunnel != peer {
-                return silent("outbound entry naming another peer as its tunnel");
+                return drop(
+                    "drop_peer_policy",
+                    "tunnel 5: another peer's outbound entry",
+                );
             }
             let port = u16::from_be(v.port_be);
             self.snat(&ip, &l4, v.addr, port);
             self.clamp_translated(&ip, &l4, v.addr)?;
             self.strip();
             return match self.route(ip.dst4())? {
-                Ok(()) => Ok((Verdict::Send, "peer_snat", "tunnel 5: outbound entry")),
+                Ok(()) => {
+                    self.record_peer_frags(&ip, first, v.addr, peer);
+                    Ok((Verdict::Send, "peer_snat", "tunnel 5: outbound entry"))
+                }
                 Err(c) => drop(c, "tunnel 5: no route"),
             };
         }
@@ -1036,13 +1326,31 @@ impl Cx<'_> {
         self.clamp_translated(&ip, &l4, t.addr)?;
         self.strip();
         match self.route(ip.dst4())? {
-            Ok(()) => Ok((Verdict::Send, "peer_snat", "tunnel 5: new peer connection")),
+            Ok(()) => {
+                self.record_peer_frags(&ip, first, t.addr, peer);
+                Ok((Verdict::Send, "peer_snat", "tunnel 5: new peer connection"))
+            }
             Err(c) => {
                 self.flows_unspecified =
                     Some("a peer's new connection dropped after its entries were recorded");
                 drop(c, "tunnel 5: no route")
             }
         }
+    }
+
+    /// A peer's first fragment translated here: *source* under its key as it arrived, *ours*
+    /// under its translated key.
+    fn record_peer_frags(&mut self, ip: &Ip, first: FragKey, addr: [u8; 16], peer: [u8; 4]) {
+        self.record_frag_at(
+            ip,
+            first,
+            FragEntry::Source {
+                addr,
+                peer: Some(peer),
+            },
+        );
+        let ours = FragKey { src: addr, ..first };
+        self.record_frag_at(ip, ours, FragEntry::Ours);
     }
 
     /// Tunnel rule 2's ending: no tunnel → strip and pass; else rewrite the outer header in
@@ -1100,8 +1408,9 @@ impl Cx<'_> {
         if qip.ext {
             return otherwise(());
         }
-        if qip.frag {
-            return silent("ICMP error quoting a fragment");
+        // ICMP errors quoting a fragment are not translated; a later fragment has no ports.
+        if qip.later() {
+            return otherwise(());
         }
         let ql4 = qip.l4();
         let qavail = ip.end.saturating_sub(ql4);
@@ -1123,6 +1432,7 @@ impl Cx<'_> {
         if let Some(v) = self.flows.get(&swap(&qk)).copied()
             && v.kind == FLOW_REVERSE
             && ip.dst == qip.src
+            && !qip.fragment()
         {
             let before = self.p[icmp..ip.end].to_vec();
             // The quoted source address, its header checksum, its transport checksum.
@@ -1182,6 +1492,11 @@ impl Cx<'_> {
                 Err(c) => drop(c, "icmp 1: re-encapsulation failed"),
             };
         }
+        if qip.fragment() {
+            return silent(
+                "ICMP error quoting a first fragment: \"not translated\" skips rule 1; do rules 2 and 3 still apply",
+            );
+        }
         // 2. In a tunnel: the quoted tuple is a forwarded entry.
         if in_tunnel && self.flows.get(&qk).map(|v| v.kind) == Some(FLOW_FORWARDED) {
             self.strip();
@@ -1190,6 +1505,7 @@ impl Cx<'_> {
         // 3. Plain IPv4: the quoted source port belongs to another server.
         if !in_tunnel
             && !ip.v6
+            && ip.dst == qip.src
             && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)
         {
             return match self.encap(ip, owner, pool)? {

@@ -72,10 +72,24 @@ pub struct Ip {
     pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// IPv4: MF set or a fragment offset; IPv6: a Fragment header follows.
-    pub frag: bool,
-    /// IPv6: the next header is an extension header (the rules name none).
+    /// Where the packet stands as a fragment.
+    pub frag: Frag,
+    /// IPv4 identification, IPv6 Fragment header identification (0 without one).
+    pub id: u32,
+    /// IPv6: an extension header the rules do not name (anything but one Fragment header right
+    /// after the fixed header).
     pub ext: bool,
+}
+
+/// Fragments as the rules see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// A whole packet (also an IPv6 Fragment header with offset 0 and M clear).
+    Whole,
+    /// Offset 0, more fragments: carries the transport header, goes through the rules.
+    First,
+    /// Offset ≠ 0: no transport header.
+    Later,
 }
 
 impl Ip {
@@ -87,6 +101,16 @@ impl Ip {
     }
     pub fn dst4(&self) -> [u8; 4] {
         self.dst[..4].try_into().unwrap()
+    }
+    pub fn first(&self) -> bool {
+        self.frag == Frag::First
+    }
+    pub fn later(&self) -> bool {
+        self.frag == Frag::Later
+    }
+    /// Any kind of fragment (first or later).
+    pub fn fragment(&self) -> bool {
+        self.frag != Frag::Whole
     }
     pub fn family(&self) -> u8 {
         if self.v6 { 6 } else { 4 }
@@ -131,21 +155,37 @@ pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
         if end > p.len() {
             return IpParse::Silent("IPv6 payload length beyond the frame");
         }
-        let nh = p[at + 6];
+        let mut nh = p[at + 6];
         let mut src = [0u8; 16];
         let mut dst = [0u8; 16];
         src.copy_from_slice(&p[at + 8..at + 24]);
         dst.copy_from_slice(&p[at + 24..at + 40]);
+        let (mut hdr_len, mut frag, mut id) = (40, Frag::Whole, 0);
+        if nh == 44 {
+            if end < at + 48 {
+                return IpParse::Silent("IPv6 Fragment header cut short");
+            }
+            let off = be16(p, at + 42);
+            frag = match (off >> 3, off & 1) {
+                (0, 0) => Frag::Whole,
+                (0, _) => Frag::First,
+                _ => Frag::Later,
+            };
+            id = be32(p, at + 44);
+            nh = p[at + 40];
+            hdr_len = 48;
+        }
         return IpParse::Ok(Ip {
             v6,
             at,
-            hdr_len: 40,
+            hdr_len,
             end,
             padded: end < p.len(),
             proto: nh,
             src,
             dst,
-            frag: nh == 44,
+            frag,
+            id,
             ext: matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254),
         });
     }
@@ -169,6 +209,11 @@ pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
     src[..4].copy_from_slice(&p[at + 12..at + 16]);
     dst[..4].copy_from_slice(&p[at + 16..at + 20]);
     let frag_field = be16(p, at + 6);
+    let frag = match (frag_field & 0x1fff, frag_field & 0x2000) {
+        (0, 0) => Frag::Whole,
+        (0, _) => Frag::First,
+        _ => Frag::Later,
+    };
     IpParse::Ok(Ip {
         v6,
         at,
@@ -178,7 +223,8 @@ pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
         proto: p[at + 9],
         src,
         dst,
-        frag: frag_field & 0x2000 != 0 || frag_field & 0x1fff != 0,
+        frag,
+        id: u32::from(be16(p, at + 4)),
         ext: false,
     })
 }
@@ -226,15 +272,21 @@ pub fn is_error_type(v6: bool, t: u8) -> bool {
     }
 }
 
+pub fn is_echo(v6: bool, t: u8) -> bool {
+    let (req, rep) = echo_types(v6);
+    t == req || t == rep
+}
+
 pub fn echo_types(v6: bool) -> (u8, u8) {
     if v6 { (128, 129) } else { (8, 0) }
 }
 
-/// Parses the transport header of `ip`. Err: a TCP data offset the rules do not describe.
+/// Parses the transport header of `ip` (a later fragment has none: `Other`). The TCP data offset
+/// plays no part in it (only in finding the MSS option).
 pub fn parse_l4(p: &[u8], ip: &Ip) -> Result<L4, &'static str> {
     let at = ip.l4();
     let avail = ip.end - at;
-    if ip.ext {
+    if ip.ext || ip.later() {
         return Ok(L4::Other);
     }
     if ip.proto == PROTO_TCP {
@@ -245,9 +297,6 @@ pub fn parse_l4(p: &[u8], ip: &Ip) -> Result<L4, &'static str> {
             });
         }
         let doff = usize::from(p[at + 12] >> 4) * 4;
-        if doff < 20 || doff > avail {
-            return Err("TCP data offset below 20 or beyond the packet");
-        }
         return Ok(L4::Tcp {
             sport: be16(p, at),
             dport: be16(p, at + 2),
