@@ -5,6 +5,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
         BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
+    helpers::bpf_skb_change_tail,
     programs::TcContext,
 };
 use egress_common::{
@@ -49,7 +50,7 @@ fn ipv4_checksum(words: &[u16; 10]) -> u16 {
     !(sum as u16)
 }
 
-/// Wraps the (IPv4) packet in outer IPv4 `src` → `dst` and GRE with `key`. The segment size of
+/// Wraps the (IPv4) packet ending at `end` in outer IPv4 `src` → `dst` and GRE with `key`. The segment size of
 /// GSO packets is kept (FIXED_GSO): the MSS clamp leaves room for the 28 bytes.
 ///
 /// A non-GSO packet that would not fit `mtu` once encapsulated is refused (counted) instead of
@@ -57,11 +58,13 @@ fn ipv4_checksum(words: &[u16; 10]) -> u16 {
 #[inline(always)]
 pub fn encapsulate(
     ctx: &TcContext,
+    end: usize,
     src: [u8; 4],
     dst: [u8; 4],
     key: u32,
     mtu: u32,
 ) -> Result<(), Stat> {
+    trim(ctx, end)?;
     let inner_len = ctx.len() - ETH_LEN as u32;
     // SAFETY: reading the skb's gso_size field.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
@@ -80,8 +83,29 @@ pub fn encapsulate(
 /// `key`) over the one it arrived with. The skb keeps the encapsulation state the sending
 /// server's `adjust_room` gave it, which a second encapsulation would refuse.
 #[inline(always)]
-pub fn retarget(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], key: u32) -> Result<(), Stat> {
+pub fn retarget(
+    ctx: &TcContext,
+    end: usize,
+    src: [u8; 4],
+    dst: [u8; 4],
+    key: u32,
+) -> Result<(), Stat> {
+    trim(ctx, end)?;
     write_outer(ctx, src, dst, key, ctx.len() - INNER_OFF as u32)
+}
+
+/// Cuts what follows the IP packet ending at `end` (Ethernet padding of a short frame), so that
+/// the tunnel carries the packet and nothing else.
+#[inline(always)]
+fn trim(ctx: &TcContext, end: usize) -> Result<(), Stat> {
+    if ctx.len() as usize > end {
+        // SAFETY: plain helper call on this program's skb.
+        let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut _, end as u32, 0) };
+        if rc != 0 {
+            return Err(Stat::EncapFailed);
+        }
+    }
+    Ok(())
 }
 
 /// Writes the outer IPv4 and GRE headers in front of an inner packet of `inner_len` bytes.

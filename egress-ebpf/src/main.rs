@@ -66,6 +66,12 @@ fn finish(ctx: &TcContext, v: Verdict) -> i32 {
 /// Ok and Err both carry the verdict; Err short-circuits with `?`.
 type Step<T> = Result<T, Verdict>;
 
+/// Whether the outcome drops the packet (what a first fragment got is remembered only if not).
+#[inline(always)]
+fn dropped(outcome: &Step<Verdict>) -> bool {
+    matches!(outcome, Ok(Verdict::Drop(_)) | Err(Verdict::Drop(_)))
+}
+
 /// The TC return code of a program's outcome, counted.
 #[inline(always)]
 fn conclude(ctx: &TcContext, outcome: Step<Verdict>) -> i32 {
@@ -140,6 +146,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     let verdict = egress_packet(ctx, &ip, &parsed);
     // One place for first fragments (rare), so the common path keeps its stack small.
     if ip.frag == parse::FRAG_FIRST
+        && !dropped(&verdict)
         && let Ok(p) = &parsed
     {
         remember_first_out(&ip, p);
@@ -206,7 +213,7 @@ fn new_out(ctx: &TcContext) -> Step<Verdict> {
     // Only now is an unparsable transport header a reason to drop: it cannot be translated.
     let ports = ports(ctx, &ip, Dir::Egress)?;
     let verdict = new_connection(ctx, &ip, &ports, pool);
-    if ip.frag == parse::FRAG_FIRST {
+    if ip.frag == parse::FRAG_FIRST && !dropped(&verdict) {
         remember_first_out(&ip, &ports);
     }
     verdict
@@ -299,7 +306,7 @@ fn forward(
 ) -> Step<Verdict> {
     let local = local()?;
     clamp(ctx, ip, ports, local);
-    encap::encapsulate(ctx, local.fabric, peer, pool, mtu(local)).map_err(drop_with)?;
+    encap::encapsulate(ctx, ip.end, local.fabric, peer, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, peer, local.ifindex, From::Egress).map_err(drop_with)?;
     Ok(Verdict::Sent(stat, code))
 }
@@ -369,15 +376,19 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
     };
     if let Some(v) = reverse_entry(&ip, &ports) {
         translate_dst(ctx, &ip, &ports, &v)?;
-        frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
         let to = Gre::of(&v);
-        return deliver(
+        let sent = deliver(
             ctx,
+            ip.end,
             &to,
             Arrived::Plain,
             Stat::ReverseNat,
             Stat::ReplyReencap,
         );
+        if !dropped(&sent) {
+            frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+        }
+        return sent;
     }
     if ip.family != FAMILY_V4 {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
@@ -397,7 +408,14 @@ fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
 /// tunnel keeps its outer header, rewritten: the skb still carries the encapsulation state
 /// the sending server gave it, so it is never decapsulated and encapsulated again.
 #[inline(always)]
-fn deliver(ctx: &TcContext, to: &Gre, arrived: Arrived, here: Stat, onward: Stat) -> Step<Verdict> {
+fn deliver(
+    ctx: &TcContext,
+    end: usize,
+    to: &Gre,
+    arrived: Arrived,
+    here: Stat,
+    onward: Stat,
+) -> Step<Verdict> {
     let (tunnel, pool) = (to.peer, to.pool);
     if tunnel == [0; 4] {
         if arrived == Arrived::Tunnel {
@@ -407,8 +425,8 @@ fn deliver(ctx: &TcContext, to: &Gre, arrived: Arrived, here: Stat, onward: Stat
     }
     let local = local()?;
     match arrived {
-        Arrived::Plain => encap::encapsulate(ctx, local.fabric, tunnel, pool, mtu(local)),
-        Arrived::Tunnel => encap::retarget(ctx, local.fabric, tunnel, pool),
+        Arrived::Plain => encap::encapsulate(ctx, end, local.fabric, tunnel, pool, mtu(local)),
+        Arrived::Tunnel => encap::retarget(ctx, end, local.fabric, tunnel, pool),
     }
     .map_err(drop_with)?;
     let code = redirect::to(ctx, tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
@@ -428,9 +446,9 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
-    frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
-    encap::encapsulate(ctx, local.fabric, owner, pool, mtu(local)).map_err(drop_with)?;
+    encap::encapsulate(ctx, ip.end, local.fabric, owner, pool, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
+    frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
 }
 
@@ -483,6 +501,7 @@ fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<
         let to = Gre::of(&v);
         return deliver(
             ctx,
+            ip.end,
             &to,
             arrived,
             Stat::IcmpErrorNat,
@@ -539,15 +558,19 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     // A reply to a translation made here (soft-unicast brought it from the announcing server).
     if let Some(v) = reverse_entry(&ip, &ports) {
         translate_dst(ctx, &ip, &ports, &v)?;
-        frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
         let to = Gre::of(&v);
-        return deliver(
+        let sent = deliver(
             ctx,
+            ip.end,
             &to,
             Arrived::Tunnel,
             Stat::ReverseNat,
             Stat::ReplyReencap,
         );
+        if !dropped(&sent) {
+            frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+        }
+        return sent;
     }
     // A reply of a connection this server forwarded: deliver it to the socket.
     if let Some(v) = flow::get(&flow::key_swapped(&ip, &ports), FLOW_FORWARDED) {
@@ -611,11 +634,11 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     };
     clamp_if_shared(ctx, ip, ports, &bound);
     translate_src(ctx, ip, ports, &bound)?;
+    encap::decapsulate(ctx).map_err(drop_with)?;
+    let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
     frag::remember(ip, FRAG_SRC, &bound.addr, peer, pool);
     // Its later fragments leave through egress with the translated source: ours.
     frag::remember_as(ip, &bound.addr, FRAG_OURS, &[0; 16], [0; 4], 0);
-    encap::decapsulate(ctx).map_err(drop_with)?;
-    let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 
@@ -657,7 +680,7 @@ fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
         }
         FRAG_ENCAP => {
             let local = local()?;
-            encap::encapsulate(ctx, local.fabric, f.tunnel, f.pool, mtu(local))
+            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, f.pool, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Egress).map_err(drop_with)?;
@@ -703,6 +726,7 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
             };
             deliver(
                 ctx,
+                ip.end,
                 &to,
                 arrived,
                 Stat::FragmentFollowed,
@@ -711,7 +735,7 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
         }
         (FRAG_ENCAP, Arrived::Plain) => {
             let local = local()?;
-            encap::encapsulate(ctx, local.fabric, f.tunnel, f.pool, mtu(local))
+            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, f.pool, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
