@@ -80,8 +80,9 @@ pub fn encapsulate(
 }
 
 /// Points a tunnelled packet at another server: writes a fresh outer header (`src` → `dst`,
-/// `key`) over the one it arrived with. The skb keeps the encapsulation state the sending
-/// server's `adjust_room` gave it, which a second encapsulation would refuse.
+/// `key`) over the one it arrived with. Such an skb often carries encapsulation state (from the
+/// sending server's `adjust_room` when it crossed a veth, from GRO on a real NIC), which a
+/// second `adjust_room` encapsulation refuses; a rewrite in place needs none.
 #[inline(always)]
 pub fn retarget(
     ctx: &TcContext,

@@ -36,6 +36,13 @@ pub fn is_shared(addr: &[u8; 4]) -> bool {
     unsafe { OWNERS.get(addr) }.is_some_and(|o| o.count > 1)
 }
 
+/// Whether `addr` is a pool IPv4 address (one with shares in the plan).
+#[inline(always)]
+pub fn is_pool_address(addr: &[u8; 4]) -> bool {
+    // SAFETY: read-only use of the value within this run.
+    unsafe { OWNERS.get(addr) }.is_some()
+}
+
 /// The pool and the owner's fabric address for `port` (host order) of pool address `addr`.
 #[inline(always)]
 pub fn owner_of(addr: &[u8; 4], port: u16) -> Option<(u32, [u8; 4])> {

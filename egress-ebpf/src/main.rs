@@ -184,9 +184,9 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
             flow::retire(&key, &v);
         }
     }
-    let Some(pool) = policy::pool_for(ip, mark(ctx)) else {
+    if policy::pool_for(ip, mark(ctx)).is_none() {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
-    };
+    }
     // A peer's connection translated here and sent out by the ingress program: its source is
     // already a translated endpoint.
     if let Ok(p) = parsed
@@ -405,8 +405,8 @@ fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
 
 /// Sends a reply translated back on: up to the local socket, or through `to` (tunnel and pool
 /// of the connection) to the server that owns the socket when it came through a tunnel. A packet that arrived in a
-/// tunnel keeps its outer header, rewritten: the skb still carries the encapsulation state
-/// the sending server gave it, so it is never decapsulated and encapsulated again.
+/// tunnel keeps its outer header, rewritten (see `encap::retarget`): it is never decapsulated
+/// and encapsulated again.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
@@ -617,11 +617,13 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     }
     let local = local()?;
     let key = flow::key(ip, ports);
-    let bound = match existing_outbound(&key, ports) {
-        Some(v) if v.tunnel == peer => v,
-        Some(_) => return Ok(Verdict::Drop(Stat::PeerPolicy)),
+    let bound = match existing_outbound(&key, ports, peer)? {
+        Some(v) => v,
         None => {
-            if !policy::peer_allowed(pool, &ip.dst) {
+            // Never towards a pool address: that is a reply or soft-unicast packet nothing here
+            // explains (a policy may well cover pool addresses, e.g. 0.0.0.0/0), and translating
+            // it would send it back to the announcer, to be soft-unicast here again.
+            if fabric::is_pool_address(&v4(&ip.dst)) || !policy::peer_allowed(pool, &ip.dst) {
                 return Ok(Verdict::Drop(Stat::PeerPolicy));
             }
             let action =
@@ -642,16 +644,24 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 
-/// The outbound entry of `key`, refreshed; None when there is none or the packet reopens a
-/// closed connection's tuple (its old entry is removed: the new connection claims anew).
+/// The outbound entry of `key` for a packet from `peer`, refreshed; None when there is none or
+/// the packet reopens a closed connection's tuple (its old entry is removed: the new connection
+/// claims anew). Another peer's entry is neither refreshed nor touched: a drop.
 #[inline(always)]
-fn existing_outbound(key: &FlowKey, ports: &Ports) -> Option<FlowValue> {
-    let v = flow::touch(flow::get(key, FLOW_OUTBOUND)?, ports);
+fn existing_outbound(key: &FlowKey, ports: &Ports, peer: [u8; 4]) -> Step<Option<FlowValue>> {
+    let Some(p) = flow::get(key, FLOW_OUTBOUND) else {
+        return Ok(None);
+    };
+    // SAFETY: map value pointer valid for this run.
+    if unsafe { (*p).tunnel } != peer {
+        return Err(Verdict::Drop(Stat::PeerPolicy));
+    }
+    let v = flow::touch(p, ports);
     if flow::reopens(&v, ports) {
         flow::retire(key, &v);
-        return None;
+        return Ok(None);
     }
-    Some(v)
+    Ok(Some(v))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -674,7 +684,8 @@ fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
         });
     };
     match f.kind {
-        FRAG_SRC => {
+        // Only a local datagram's entry (a peer's has its tunnel set).
+        FRAG_SRC if f.tunnel == [0; 4] => {
             nat::rewrite_addr(ctx, &ip, nat::Side::Src, &f.addr).map_err(drop_with)?;
             Ok(Verdict::Pass(Stat::FragmentFollowed))
         }

@@ -246,7 +246,8 @@ pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Loads the tail-called programs and points the `JUMP` slots at them (an adopted table is
-/// updated in place: each slot switches atomically to the new program).
+/// updated in place: each slot switches atomically to the new program, so slot numbers must
+/// never be reassigned between releases: old root programs may tail-call new ones).
 pub fn fill_jump_table(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     for (slot, name) in prog_names::JUMP_TARGETS {
         let fd = program(ebpf, name)?
@@ -279,6 +280,11 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
     if !tcx {
         // Already present is fine; any other failure shows up at attach.
         let _ = tc::qdisc_add_clsact(iface);
+    }
+    // Every program is loaded (verified) before the shared table points at any of them, so a
+    // program the kernel refuses leaves the running ones and their table as they were.
+    for (name, _) in PROGRAMS {
+        program(ebpf, name)?;
     }
     fill_jump_table(ebpf)?;
     let mut adopted = false;

@@ -1382,9 +1382,15 @@ fn fragments_follow_their_first_fragment() {
         "ours: untouched"
     );
     assert_eq!(dp.counter(Stat::Ours), ours + 1);
-    // Another peer's packet with the same key gets nothing.
+    // Another peer (c) sending a fragment under b's datagram key gets nothing.
     let stranger = packet::gre_frame([10, 50, 0, 13], A, 7, &later);
+    let before = dp.counter(Stat::Fragment);
     assert_eq!(run(&mut dp, Hook::Ingress, &stranger).verdict, TC_ACT_SHOT);
+    assert_eq!(
+        dp.counter(Stat::Fragment),
+        before + 1,
+        "another peer's: drop_fragment"
+    );
 
     // 5. A later fragment that overtook its first fragment: dropped towards a policy
     // destination, passed elsewhere, never translated or sent from the server's address.
@@ -1416,4 +1422,66 @@ fn check_encapsulated_fragment(net: &egress::testrun::TestNet, out: &[u8]) -> Ve
     let mut inner = out[..14].to_vec();
     inner.extend_from_slice(&out[42..]);
     inner
+}
+
+/// Unsolicited packets to a pool address, brought by soft-unicast, never become a peer's
+/// connection, even when a policy covers the pool address itself (here 0.0.0.0/0): that would
+/// claim a port, send the packet back to the announcer and round again.
+#[test]
+fn soft_unicast_strays_create_nothing_even_under_a_catch_all_policy() {
+    let topology = format!(
+        "{TOPOLOGY}\n[[policies]]\npool = \"acme\"\nmark = 99\ndestinations = [\"0.0.0.0/0\"]\n"
+    );
+    let (_net, mut dp) = datapath(&topology);
+    for (sport, dport) in [(80, 40500), (4444, 41500), (53, 2500)] {
+        let stray = packet::gre_frame(
+            B,
+            A,
+            7,
+            &tcp("198.51.100.9", sport, "192.0.2.10", dport, TCP_SYN),
+        );
+        let f = Fixture {
+            name: "a stray to a pool address in a tunnel",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: stray,
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        };
+        check(&mut dp, &f);
+    }
+    assert_eq!(dp.maps.flows.iter().count(), 0, "no state created");
+}
+
+/// A second peer's packet on the first peer's connection tuple neither refreshes nor takes it.
+#[test]
+fn another_peer_cannot_touch_a_peers_connection() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6100, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .unwrap();
+    let port = parse(&out.packet).sport;
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    for flags in [packet::TCP_RST, TCP_SYN, packet::TCP_FIN | TCP_ACK] {
+        let theirs = tcp("10.50.0.12", 6100, "203.0.113.1", 80, flags);
+        let f = Fixture {
+            name: "c on b's connection",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame([10, 50, 0, 13], A, 7, &theirs),
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        };
+        check(&mut dp, &f);
+    }
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(
+        before, after,
+        "b's entries untouched (times, flags, binding)"
+    );
+    let again = dp
+        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .unwrap();
+    assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
 }

@@ -22,7 +22,7 @@ use crate::{
 
 /// Server `a` (10.50.0.11) holds acme (192.0.2.10 40000-40999, and the IPv6 prefix; `b` holds
 /// 41000-42000) and beta (mark 42); gamma (203.0.113.128/25) is held by `b` (10.50.0.12, same
-/// data center) only, so `a` forwards it there.
+/// data center) only, so `a` forwards it there. `c` (10.50.0.13) is a peer holding nothing.
 pub const FIXTURE_TOPOLOGY: &str = r#"
 server = "a"
 [[locations]]
@@ -43,6 +43,12 @@ name = "b"
 id = 12
 datacenter = "d1"
 fabric = "10.50.0.12"
+uplink = "eth0"
+[[servers]]
+name = "c"
+id = 13
+datacenter = "d1"
+fabric = "10.50.0.13"
 uplink = "eth0"
 [[pools]]
 name = "acme"
