@@ -195,6 +195,20 @@ fn show_val(family: u8, m: &Masked) -> String {
     }
 }
 
+/// An entry with its flags and timestamps.
+fn show_full(family: u8, v: Option<&FlowValue>) -> String {
+    match v {
+        None => "absent".into(),
+        Some(v) => format!(
+            "{} flags {:#x} last_seen {} created {}",
+            show_val(family, &masked(v)),
+            v.flags,
+            v.last_seen_ns,
+            v.created_ns
+        ),
+    }
+}
+
 /// The changes from `before` to `after`, one line each.
 fn changes(before: &Flows, after: &Flows) -> Vec<String> {
     let (b, a) = (table(before), table(after));
@@ -360,6 +374,20 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
                 format!(
                     "{}: the old reverse entry's FIN/RST flag {was:?} became {now:?}",
                     show_key(k)
+                ),
+            ));
+        }
+    }
+    for k in &m.untouched {
+        let (was, now) = (before.get(k), real.flows.get(k));
+        if was != now {
+            bad.push((
+                "flows",
+                format!(
+                    "{}: left untouched by the rules, but {} became {}",
+                    show_key(k),
+                    show_full(k.family, was),
+                    show_full(k.family, now)
                 ),
             ));
         }
