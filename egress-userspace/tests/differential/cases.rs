@@ -1499,6 +1499,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
     let v6 = matches!(scenario, 0 | 3) && g.r.chance(35);
     let id = if v6 { id6 } else { id4 };
     g.tag(if v6 { "v6" } else { "v4" });
+    let mut egress_mark = 0;
     // (source, destination, transport, hook of the plain packets, mark, GRE wrapper)
     let (src, dst, tp, ingress, mark, gre): (
         IpAddr,
@@ -1564,9 +1565,9 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             } else {
                 g.r.pick(&snat).0
             };
-            let dst = g
-                .dst_of_pool(pool, false)
-                .map_or_else(|| g.dst(false).0, |d| d.0);
+            let (dst, m) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+            // The mark of the datagram's later fragments sent untranslated on egress.
+            egress_mark = if g.r.chance(70) { m } else { 0 };
             let src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
             let (sp, dp) = (g.port(), g.port());
             let tp = big_tp(g, false, sp, dp, false);
@@ -1713,7 +1714,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
                 steps.push(step(
                     &format!("{name} untranslated, on egress"),
                     false,
-                    0,
+                    egress_mark,
                     ip,
                 ));
             }

@@ -962,18 +962,27 @@ impl Cx<'_> {
             Some(FragEntry::Destination { .. }) => {
                 silent("egress later fragment whose entry says destination")
             }
-            // Without an entry, or with a peer's *source* entry (egress follows only a local
-            // datagram's): rule 3, the policy as in egress rule 4.
-            entry @ (None | Some(FragEntry::Source { .. })) => {
-                let why = if entry.is_some() {
-                    "fragments 3: egress, a peer's source entry"
-                } else {
-                    "fragments 3: egress, no entry"
-                };
+            // A peer's *source* entry: egress follows only a local datagram's (rule 2). Rule 3
+            // names a later fragment without an entry, or in a tunnel with another peer's: to a
+            // policy destination (as in egress rule 4) both drop; otherwise the rules do not
+            // say whether it passes like one without an entry.
+            Some(FragEntry::Source { .. }) => {
                 if self.policy(mark, ip).is_some() {
-                    return drop("drop_fragment", why);
+                    return drop(
+                        "drop_fragment",
+                        "fragments 3: egress, a peer's source entry",
+                    );
                 }
-                pass("egress_no_policy", why)
+                silent(
+                    "egress later fragment with a peer's source entry, no policy for (mark or 0, destination): pass as without an entry, or drop",
+                )
+            }
+            // Rule 3: the policy as in egress rule 4.
+            None => {
+                if self.policy(mark, ip).is_some() {
+                    return drop("drop_fragment", "fragments 3: egress, no entry");
+                }
+                pass("egress_no_policy", "fragments 3: egress, no entry")
             }
         }
     }
