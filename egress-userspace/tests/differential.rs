@@ -8,6 +8,10 @@
 //! programs' is not read. Counters are compared by name: one the programs lack (e.g.
 //! `fragment_followed` before fragments are implemented) is a disagreement.
 //!
+//! Coverage floor (default mode: all cases, at least the default number): the model may be
+//! silent on at most `MAX_SILENT_PERCENT` of the steps, and every rule family (`families`)
+//! needs `FAMILY_FLOOR` agreeing steps; the per-family counts are printed.
+//!
 //! Environment:
 //! - `EGRESS_DIFF_SEED` (decimal or 0x-hex), `EGRESS_DIFF_CASES`: seed and number of cases;
 //! - `EGRESS_DIFF_CASE=N`: run only case N of that seed, verbosely (replay);
@@ -41,6 +45,55 @@ const DEFAULT_CASES: usize = 20_000;
 const CASES_PER_TOPOLOGY: usize = 50;
 const GENERATED_TOPOLOGIES: usize = 5;
 const TC_ACT_REDIRECT: u32 = 7;
+/// At most this share of the steps run may be ones the model is silent on (default mode).
+const MAX_SILENT_PERCENT: f64 = 5.0;
+/// Agreeing steps each rule family needs in default mode.
+const FAMILY_FLOOR: usize = 36;
+
+/// The rule families an agreeing outcome belongs to (counter, the model's rule).
+fn families(counter: &str, rule: &str) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    let reply = matches!(counter, "reverse_nat" | "reply_reencap");
+    for (yes, name) in [
+        (counter == "snat_new", "egress SNAT new"),
+        (counter == "snat_established", "egress SNAT established"),
+        (counter.starts_with("forward_"), "egress forward"),
+        (
+            reply && rule.starts_with("ingress"),
+            "reverse NAT (plain ingress)",
+        ),
+        (
+            reply && rule.starts_with("tunnel"),
+            "tunnel reply (reverse entry)",
+        ),
+        (counter == "peer_snat", "tunnel peer SNAT"),
+        (counter == "forwarded_reply", "tunnel forwarded reply"),
+        (counter == "soft_unicast", "soft-unicast"),
+        (rule.starts_with("icmp"), "ICMP errors"),
+        (rule.starts_with("fragments"), "fragments"),
+        (
+            counter.starts_with("drop_") || counter == "egress_malformed",
+            "drops",
+        ),
+        (
+            rule == "tunnel 5: to a pool address",
+            "tunnel stray to a pool address",
+        ),
+        (
+            rule == "tunnel 5: another peer's outbound entry",
+            "tunnel another peer's tuple",
+        ),
+        (
+            rule == "fragments 3: egress, a peer's source entry",
+            "egress fragment, a peer's source entry",
+        ),
+    ] {
+        if yes {
+            f.push(name);
+        }
+    }
+    f
+}
 const UNTESTABLE: &str = "BPF_PROG_TEST_RUN refuses the packet (EINVAL): not run";
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -192,6 +245,20 @@ fn show_val(family: u8, m: &Masked) -> String {
             u16::from_be(m.2),
             m.3
         )
+    }
+}
+
+/// An entry with its flags and timestamps.
+fn show_full(family: u8, v: Option<&FlowValue>) -> String {
+    match v {
+        None => "absent".into(),
+        Some(v) => format!(
+            "{} flags {:#x} last_seen {} created {}",
+            show_val(family, &masked(v)),
+            v.flags,
+            v.last_seen_ns,
+            v.created_ns
+        ),
     }
 }
 
@@ -364,6 +431,20 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
             ));
         }
     }
+    for k in &m.untouched {
+        let (was, now) = (before.get(k), real.flows.get(k));
+        if was != now {
+            bad.push((
+                "flows",
+                format!(
+                    "{}: left untouched by the rules, but {} became {}",
+                    show_key(k),
+                    show_full(k.family, was),
+                    show_full(k.family, now)
+                ),
+            ));
+        }
+    }
     if let Some(what) = m.missing_choice
         && m.verdict != Verdict::Drop
     {
@@ -420,7 +501,12 @@ fn invariants(
         Hook::Egress => true,
         Hook::Ingress => verdict == TC_ACT_REDIRECT,
     };
-    if leaves && let Some((src, dst, ..)) = check::outer(out) {
+    // The tunnel itself (GRE from this server's fabric address, own packets by egress rule 2)
+    // is not tenant traffic, also when a catch-all policy covers the fabric.
+    if leaves
+        && let Some((src, dst, proto, ..)) = check::outer(out)
+        && !(proto == 47 && src == std::net::IpAddr::from(cases::FABRIC))
+    {
         let covered = |m: u32| {
             topo.policies
                 .iter()
@@ -449,6 +535,7 @@ struct Disagreement {
 #[derive(Default)]
 struct Tally {
     agreed: BTreeMap<String, usize>,
+    families: BTreeMap<&'static str, usize>,
     silent: BTreeMap<&'static str, (usize, String)>,
     disagree: BTreeMap<String, Disagreement>,
 }
@@ -597,6 +684,7 @@ fn differential() {
     for n in 0..GENERATED_TOPOLOGIES {
         topos.push(cases::topology(&mut trng, &format!("generated-{n}")));
     }
+    topos.push(Topo::new("catch-all", cases::CATCH_ALL_TOPOLOGY).expect("catch-all topology"));
     let mut dp = TestDatapath::fixture(&net, testrun::FIXTURE_TOPOLOGY).expect("programs load");
     let local = egress_common::fabric::Local {
         fabric: cases::FABRIC,
@@ -806,6 +894,9 @@ fn differential() {
                         .agreed
                         .entry(format!("{} ({}){how}", m.counter, m.rule))
                         .or_default() += 1;
+                    for f in families(m.counter, m.rule) {
+                        *tally.families.entry(f).or_default() += 1;
+                    }
                 }
                 continue;
             }
@@ -862,6 +953,30 @@ fn differential() {
     for (k, (n, _)) in &tally.silent {
         println!("  {n:6}  {k}");
     }
+    let all_families = families_all();
+    println!("agreeing steps per rule family (floor {FAMILY_FLOOR} in default mode):");
+    for f in &all_families {
+        println!("  {:6}  {f}", tally.families.get(f).copied().unwrap_or(0));
+    }
+    let steps = agreed + silent + disagreed;
+    let silent_pct = 100.0 * silent as f64 / steps.max(1) as f64;
+    println!("silent: {silent_pct:.2} % of {steps} steps (at most {MAX_SILENT_PERCENT} %)");
+    // The coverage floor: the model may not go silent on too much, nor lose a rule family.
+    let floor_failures: Vec<String> = if only.is_none() && cases >= DEFAULT_CASES {
+        let mut v: Vec<String> = all_families
+            .iter()
+            .filter(|f| tally.families.get(*f).copied().unwrap_or(0) < FAMILY_FLOOR)
+            .map(|f| format!("rule family \"{f}\" has fewer than {FAMILY_FLOOR} agreeing steps"))
+            .collect();
+        if silent_pct > MAX_SILENT_PERCENT {
+            v.push(format!(
+                "the model is silent on {silent_pct:.2} % of the steps (at most {MAX_SILENT_PERCENT} %)"
+            ));
+        }
+        v
+    } else {
+        Vec::new()
+    };
     if report {
         println!("disagreement classes (scenario | model | programs | what differs):");
         for (k, d) in &tally.disagree {
@@ -877,4 +992,29 @@ fn differential() {
         }
         assert_eq!(disagreed, 0, "{disagreed} cases disagree (table above)");
     }
+    assert!(
+        floor_failures.is_empty(),
+        "coverage floor: {}",
+        floor_failures.join("; ")
+    );
+}
+
+/// Every family [`families`] can name, in the order printed.
+fn families_all() -> Vec<&'static str> {
+    vec![
+        "egress SNAT new",
+        "egress SNAT established",
+        "egress forward",
+        "reverse NAT (plain ingress)",
+        "tunnel reply (reverse entry)",
+        "tunnel peer SNAT",
+        "tunnel forwarded reply",
+        "soft-unicast",
+        "ICMP errors",
+        "fragments",
+        "drops",
+        "tunnel stray to a pool address",
+        "tunnel another peer's tuple",
+        "egress fragment, a peer's source entry",
+    ]
 }

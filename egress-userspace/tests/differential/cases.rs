@@ -416,6 +416,96 @@ impl Topo {
     }
 }
 
+/// Catch-all policies (`0.0.0.0/0`, `::/0`, and `0.0.0.0/0` under another mark): pool and
+/// fabric addresses are policy destinations. Addresses shared, held whole here, held whole by
+/// another server.
+pub const CATCH_ALL_TOPOLOGY: &str = r#"
+server = "a"
+[[locations]]
+name = "l1"
+latitude = 50.0
+longitude = 8.0
+[[locations]]
+name = "l2"
+latitude = 52.3
+longitude = 4.9
+[[datacenters]]
+name = "d1"
+location = "l1"
+[[datacenters]]
+name = "d2"
+location = "l1"
+[[datacenters]]
+name = "d3"
+location = "l2"
+[[servers]]
+name = "a"
+id = 11
+datacenter = "d1"
+fabric = "10.50.0.11"
+uplink = "eth0"
+[[servers]]
+name = "b"
+id = 12
+datacenter = "d1"
+fabric = "10.50.0.12"
+uplink = "eth0"
+[[servers]]
+name = "c"
+id = 13
+datacenter = "d2"
+fabric = "10.50.0.13"
+uplink = "eth0"
+[[servers]]
+name = "d"
+id = 14
+datacenter = "d3"
+fabric = "10.50.0.14"
+uplink = "eth0"
+[[pools]]
+name = "wide"
+id = 21
+ipv6_prefix = "2001:db8:21::/64"
+[[pools.ipv4]]
+address = "192.0.2.40"
+shares = [{ server = "a", ports = "1024-20000" }, { server = "b", ports = "20001-40000" }, { server = "c", ports = "40001-65535" }]
+[[pools.ipv4]]
+address = "192.0.2.41"
+shares = [{ server = "a", ports = "1024-65535" }]
+[[pools]]
+name = "marked"
+id = 22
+[[pools.ipv4]]
+address = "192.0.2.42"
+shares = [{ server = "a", ports = "3000-3999" }, { server = "d", ports = "4000-4999" }]
+[[pools]]
+name = "elsewhere"
+id = 23
+[[pools.ipv4]]
+address = "192.0.2.43"
+shares = [{ server = "d", ports = "1024-65535" }]
+[[pools]]
+name = "nearby"
+id = 24
+[[pools.ipv4]]
+address = "192.0.2.44"
+shares = [{ server = "b", ports = "1024-65535" }]
+[[policies]]
+pool = "wide"
+destinations = ["0.0.0.0/0", "::/0"]
+[[policies]]
+pool = "marked"
+mark = 42
+destinations = ["0.0.0.0/0"]
+[[policies]]
+pool = "elsewhere"
+mark = 7
+destinations = ["0.0.0.0/0", "203.0.113.0/24"]
+[[policies]]
+pool = "nearby"
+destinations = ["198.51.100.0/24"]
+"#;
+
 pub const SERVERS: [(&str, u32, &str); 5] = [
     ("a", 11, "d1"),
     ("b", 12, "d1"),
@@ -424,7 +514,9 @@ pub const SERVERS: [(&str, u32, &str); 5] = [
     ("e", 15, "d4"),
 ];
 
-const DESTINATIONS: [&str; 11] = [
+const DESTINATIONS: [&str; 13] = [
+    "0.0.0.0/0",
+    "::/0",
     "203.0.113.0/24",
     "203.0.113.0/25",
     "203.0.113.128/25",
@@ -638,6 +730,10 @@ impl G<'_> {
     }
 
     fn rand_in(&mut self, net: IpNet) -> IpAddr {
+        if net.prefix_len() == 0 {
+            // A catch-all: the addresses that matter (remotes, fabric, pool addresses).
+            return self.catch_all_pick(net.addr().is_ipv6());
+        }
         match net {
             IpNet::V4(n) => {
                 let host = 32 - u32::from(n.prefix_len());
@@ -660,6 +756,36 @@ impl G<'_> {
                 let r = (u128::from(self.r.next()) << 64 | u128::from(self.r.next())) & mask;
                 IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | r))
             }
+        }
+    }
+
+    /// An address a catch-all policy covers that the rules treat apart: a remote, a fabric
+    /// address (peer or not), a pool address.
+    fn catch_all_pick(&mut self, v6: bool) -> IpAddr {
+        if v6 {
+            return match self.r.below(3) {
+                0 => "2001:db8:100::b".parse().unwrap(),
+                _ => self.remote(true),
+            };
+        }
+        match self.r.below(10) {
+            0..=3 => self.remote(false),
+            4 | 5 => {
+                let mut f: Vec<[u8; 4]> = self.t.peers.clone();
+                f.push([10, 50, 0, 40]);
+                v4(*self.r.pick(&f))
+            }
+            6..=8 if !self.t.owners.is_empty() => {
+                let a = self.r.pick(&self.t.owners).0;
+                v4(a)
+            }
+            // Some unicast address (not multicast, broadcast or this host's).
+            _ => v4([
+                *self.r.pick(&[1u8, 45, 100, 185, 203, 223]),
+                self.r.next() as u8,
+                self.r.next() as u8,
+                self.r.range(1, 254) as u8,
+            ]),
         }
     }
 
@@ -996,6 +1122,14 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         class: Vec::new(),
     };
     let roll = g.r.below(100);
+    if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
+        let steps = second_peer(&mut g);
+        return Case {
+            class: g.class.join(" / "),
+            steps,
+            flows: g.flows,
+        };
+    }
     if matches!(roll, 14 | 15 | 40..=42) {
         let steps = fragment_sequence(&mut g, idx);
         if g.r.chance(30) {
@@ -1019,7 +1153,8 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         50..=52 => egress_exhaustion(&mut g),
         53..=62 => ingress_reply(&mut g),
         63..=71 => ingress_icmp_error(&mut g),
-        72..=77 => gre_peer(&mut g),
+        72..=75 => gre_peer(&mut g),
+        76 | 77 => gre_stray(&mut g),
         78..=82 => gre_reply(&mut g),
         83..=86 => gre_forwarded_reply(&mut g),
         87..=89 => gre_icmp_error(&mut g),
@@ -1364,6 +1499,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
     let v6 = matches!(scenario, 0 | 3) && g.r.chance(35);
     let id = if v6 { id6 } else { id4 };
     g.tag(if v6 { "v6" } else { "v4" });
+    let mut egress_mark = 0;
     // (source, destination, transport, hook of the plain packets, mark, GRE wrapper)
     let (src, dst, tp, ingress, mark, gre): (
         IpAddr,
@@ -1429,9 +1565,9 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             } else {
                 g.r.pick(&snat).0
             };
-            let dst = g
-                .dst_of_pool(pool, false)
-                .map_or_else(|| g.dst(false).0, |d| d.0);
+            let (dst, m) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+            // The mark of the datagram's later fragments sent untranslated on egress.
+            egress_mark = if g.r.chance(70) { m } else { 0 };
             let src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
             let (sp, dp) = (g.port(), g.port());
             let tp = big_tp(g, false, sp, dp, false);
@@ -1571,6 +1707,16 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
                     packet: vec![],
                     prev_output: true,
                 });
+            }
+            if scenario == 2 && i != 0 && g.r.chance(60) {
+                // The same later fragment sent by this host: a peer's *source* entry is not
+                // followed on egress.
+                steps.push(step(
+                    &format!("{name} untranslated, on egress"),
+                    false,
+                    egress_mark,
+                    ip,
+                ));
             }
         } else {
             steps.push(step(&name, ingress, mark, ip));
@@ -1788,6 +1934,147 @@ fn ingress_reply(g: &mut G) -> Gen {
     }
     let h = g.v4hdr();
     (true, g.r.next() as u32, ip_frame(&ip_tp(from, to, &h, &tp)))
+}
+
+/// A packet in a tunnel to a pool address (a reply or soft-unicast packet nothing here
+/// explains: no reverse entry): a peer's packet to a pool address never becomes a connection.
+fn gre_stray(g: &mut G) -> Gen {
+    g.tag("GRE stray to a pool address");
+    if g.t.owners.is_empty() {
+        return gre_peer(g);
+    }
+    let (to, port) = g.reply_target(false);
+    let from = if g.r.chance(70) {
+        g.dst(false).0
+    } else {
+        v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]))
+    };
+    let rport = g.port();
+    let tp = match g.r.below(10) {
+        0..=5 => {
+            let f = *g.r.pick(&[
+                TCP_SYN,
+                TCP_SYN | TCP_ACK,
+                TCP_ACK,
+                TCP_FIN | TCP_ACK,
+                TCP_RST,
+            ]);
+            g.tcp(rport, port, Some(f))
+        }
+        6..=8 => g.udp(rport, port),
+        _ => {
+            g.tag("echo request");
+            let b = g.payload();
+            Tp::echo(false, true, port, 2, b)
+        }
+    };
+    let to4: [u8; 4] = match to {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(_) => unreachable!("IPv4 reply target"),
+    };
+    let key = match g.t.owners.iter().find(|(a, _)| *a == to4) {
+        Some((_, o)) if g.r.chance(70) => o.pool,
+        _ => *g.r.pick(&g.t.pool_ids()),
+    };
+    let inner = ip_tp(from, to, &g.v4hdr(), &tp);
+    gre_ingress(g, key, &inner)
+}
+
+/// A second peer sending on a first peer's connection tuple: dropped, the first peer's
+/// outbound entry left untouched; the first peer's next packet still translated.
+fn second_peer(g: &mut G) -> Vec<Step> {
+    g.tag("second peer on a peer's tuple");
+    let snat = g.t.pools_with(ActionKind::Snat, FAMILY_V4);
+    let peers: Vec<[u8; 4]> = g.t.peers.clone();
+    if snat.is_empty() || peers.len() < 2 {
+        g.tag("(no snat pool or one peer)");
+        let (ingress, mark, packet) = gre_peer(g);
+        return vec![Step {
+            class: g.class.join(" / "),
+            ingress,
+            mark,
+            packet,
+            prev_output: false,
+        }];
+    }
+    let (pool, _) = *g.r.pick(&snat);
+    let dst = match g.dst_of_pool(pool, false) {
+        Some((d, _)) => d,
+        None => g.dst(false).0,
+    };
+    let src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
+    let first = *g.r.pick(&peers);
+    let second = *g.r.pick(
+        &peers
+            .iter()
+            .copied()
+            .filter(|p| *p != first)
+            .collect::<Vec<_>>(),
+    );
+    let (sp, dp) = (g.port(), g.port());
+    let udp = g.r.chance(20);
+    let mk = |g: &mut G, flags: u8| -> Tp {
+        if udp {
+            g.udp(sp, dp)
+        } else {
+            g.tcp(sp, dp, Some(flags))
+        }
+    };
+    let wrap = |peer: [u8; 4], tp: &Tp| -> Vec<u8> {
+        let inner = ip_tp(src, dst, &V4::default(), tp);
+        ip_frame(&gre_packet(
+            peer.into(),
+            FABRIC.into(),
+            &V4::default(),
+            0x2000,
+            0x0800,
+            pool,
+            &inner,
+        ))
+    };
+    let mut steps = Vec::new();
+    if g.r.chance(50) {
+        g.tag("entry made by the first peer's SYN");
+        let tp = mk(g, TCP_SYN);
+        steps.push(step_frame("first peer opens in GRE", &wrap(first, &tp)));
+    } else if let Some((addr, port, bpool)) = g.own_binding(false) {
+        let flags = g.closing();
+        g.tag("first peer's entry in the table");
+        let proto = if udp { 17 } else { 6 };
+        g.flows.push((
+            fkey(src, dst, sp, dp, proto),
+            fval(FLOW_OUTBOUND, addr, port, bpool, first, flags),
+        ));
+        g.flows.push((
+            fkey(dst, addr, dp, sp, proto),
+            fval(FLOW_REVERSE, src, sp, bpool, first, flags),
+        ));
+    }
+    let f = *g.r.pick(&[
+        TCP_SYN,
+        TCP_FIN | TCP_ACK,
+        TCP_RST,
+        TCP_RST | TCP_ACK,
+        TCP_ACK,
+    ]);
+    let tp = mk(g, f);
+    steps.push(step_frame(
+        "second peer on the tuple in GRE",
+        &wrap(second, &tp),
+    ));
+    let tp = mk(g, TCP_ACK);
+    steps.push(step_frame("first peer again in GRE", &wrap(first, &tp)));
+    steps
+}
+
+fn step_frame(class: &str, frame: &[u8]) -> Step {
+    Step {
+        class: class.to_string(),
+        ingress: true,
+        mark: 0,
+        packet: frame.to_vec(),
+        prev_output: false,
+    }
 }
 
 /// The packet an ICMP error quotes: one this server sent, from `from:port` to `to`.

@@ -178,6 +178,9 @@ pub struct Outcome {
     pub frags: Frags,
     /// Entries whose FIN/RST flag must be what it was (a reopened tuple's old reverse entry).
     pub keep_flags: Vec<FlowKey>,
+    /// Entries the rules leave untouched (no refresh, no flags): compared whole, timestamps
+    /// included (another peer's packet on a peer's outbound entry).
+    pub untouched: Vec<FlowKey>,
     /// The input frame had bytes past its IP packet (Ethernet padding): the model's packet
     /// ends with the IP packet, the programs' may keep the padding after it.
     pub tail_unspecified: bool,
@@ -280,6 +283,7 @@ pub fn run(
         flows: flows.clone(),
         frags: frags.clone(),
         keep_flags: Vec::new(),
+        untouched: Vec::new(),
         tail_unspecified: false,
         hook,
         p: packet.to_vec(),
@@ -303,6 +307,7 @@ pub fn run(
             flows: cx.flows,
             frags: cx.frags,
             keep_flags: cx.keep_flags,
+            untouched: cx.untouched,
             tail_unspecified: cx.tail_unspecified,
             flows_unspecified: cx.flows_unspecified,
             l2_unspecified: cx.l2_unspecified,
@@ -320,6 +325,7 @@ struct Cx<'a> {
     flows: Flows,
     frags: Frags,
     keep_flags: Vec<FlowKey>,
+    untouched: Vec<FlowKey>,
     tail_unspecified: bool,
     hook: Hook,
     p: Vec<u8>,
@@ -676,14 +682,12 @@ impl Cx<'_> {
         }
         debug_assert!(!ip.padded, "trimmed first");
         let inner_len = self.p.len() - ETH_LEN;
-        let too_big = inner_len + 28 > self.w.env.mtu;
-        let fib = self.w.env.fib(peer);
-        if too_big && fib == Fib::NoRoute {
-            return silent("too big to encapsulate and no route: which drop");
-        }
-        if too_big {
+        // *Encapsulation*: too big is checked before the route.
+        if inner_len + 28 > self.w.env.mtu {
             return Ok(Err("drop_encap_too_big"));
         }
+        // Ethernet padding after the IP packet is cut before encapsulating (trimmed already).
+        self.tail_unspecified = false;
         let mut outer = vec![0x45, 0];
         outer.extend_from_slice(&((inner_len + 28) as u16).to_be_bytes());
         outer.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_GRE, 0, 0]);
@@ -751,13 +755,9 @@ impl Cx<'_> {
             return self.egress_later_fragment(&ip, mark);
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
+        // A leaving echo reply is not translatable (*Encapsulation*): it has no connection
+        // tuple, so rules 3 and 5 do not see it; under a policy rule 6 drops it.
         let tuple = conn_tuple(&ip, &l4);
-        if let L4::Echo { request: false, id } = l4 {
-            let k = key(ip.family(), ip.proto, ip.src, ip.dst, id, 0);
-            if self.flows.contains_key(&k) || self.flows.contains_key(&swap(&k)) {
-                return silent("egress echo reply whose (identifier, 0) tuple has a flow entry");
-            }
-        }
         // 3. Established.
         let mut reopened = false;
         if let Some(k) = tuple
@@ -849,12 +849,10 @@ impl Cx<'_> {
                 icmp_type: Some(t),
             } => {
                 let (req, rep) = echo_types(ip.v6);
-                return if t == req {
-                    drop("drop_truncated_l4", "egress 6: echo request cut short")
-                } else if t == rep {
-                    silent(
-                        "egress echo reply cut short: unsupported (rule 6) or cut short (its type passes)",
-                    )
+                // The type decides first: only types other than echo request or reply are
+                // unsupported however short.
+                return if t == req || t == rep {
+                    drop("drop_truncated_l4", "egress 6: echo cut short")
                 } else {
                     drop(
                         "drop_unsupported_l4",
@@ -948,7 +946,7 @@ impl Cx<'_> {
     /// *Fragments* 2 and 3 on egress.
     fn egress_later_fragment(&mut self, ip: &Ip, mark: u32) -> R {
         match self.frags.get(&frag_key(ip)).copied() {
-            Some(FragEntry::Source { addr, .. }) => {
+            Some(FragEntry::Source { addr, peer: None }) => {
                 self.set_addr(ip, true, &addr, None);
                 pass("fragment_followed", "fragments 2: egress, source")
             }
@@ -964,26 +962,27 @@ impl Cx<'_> {
             Some(FragEntry::Destination { .. }) => {
                 silent("egress later fragment whose entry says destination")
             }
-            None => {
+            // A peer's *source* entry: egress follows only a local datagram's (rule 2). Rule 3
+            // names a later fragment without an entry, or in a tunnel with another peer's: to a
+            // policy destination (as in egress rule 4) both drop; otherwise the rules do not
+            // say whether it passes like one without an entry.
+            Some(FragEntry::Source { .. }) => {
                 if self.policy(mark, ip).is_some() {
-                    return drop("drop_fragment", "fragments 3: egress, policy destination");
-                }
-                let any_mark =
-                    if ip.v6 {
-                        self.w.maps.policies_v6.iter().any(|((plen, k), _)| {
-                            in_prefix(&ip.dst, &k.addr, plen.saturating_sub(32))
-                        })
-                    } else {
-                        self.w.maps.policies_v4.iter().any(|((plen, k), _)| {
-                            in_prefix(&ip.dst[..4], &k.addr, plen.saturating_sub(32))
-                        })
-                    };
-                if any_mark {
-                    return silent(
-                        "egress later fragment without an entry to a destination only another mark's policy covers",
+                    return drop(
+                        "drop_fragment",
+                        "fragments 3: egress, a peer's source entry",
                     );
                 }
-                pass("egress_no_policy", "fragments 3: egress, no policy")
+                silent(
+                    "egress later fragment with a peer's source entry, no policy for (mark or 0, destination): pass as without an entry, or drop",
+                )
+            }
+            // Rule 3: the policy as in egress rule 4.
+            None => {
+                if self.policy(mark, ip).is_some() {
+                    return drop("drop_fragment", "fragments 3: egress, no entry");
+                }
+                pass("egress_no_policy", "fragments 3: egress, no entry")
             }
         }
     }
@@ -1031,17 +1030,9 @@ impl Cx<'_> {
         if l4 == L4::IcmpError {
             return self.icmp_error(&ip, false);
         }
-        if let L4::Echo { request: true, id } = l4 {
-            let k = key(ip.family(), ip.proto, ip.src, ip.dst, 0, id);
-            if self.flows.contains_key(&k) {
-                return silent("echo request arriving whose (0, identifier) tuple is a reply's");
-            }
-            if !ip.v6 && self.w.maps.owners.contains_key(&ip.dst4()) {
-                return silent(
-                    "echo request arriving for a shared pool address: does its identifier select an owner",
-                );
-            }
-            return pass("ingress_no_flow", "ingress 7: echo request");
+        // An arriving echo request is never a reply (ingress rule 6): passed.
+        if let L4::Echo { request: true, .. } = l4 {
+            return pass("ingress_no_flow", "ingress 6: echo request");
         }
         let Some(k) = reply_tuple(&ip, &l4) else {
             return pass("ingress_no_flow", "ingress 4/7: no tuple");
@@ -1147,8 +1138,9 @@ impl Cx<'_> {
                     "fragments 2: tunnel, destination",
                 )
             }
-            Some(FragEntry::Source { .. }) => silent(
-                "later fragment in a tunnel whose entry is another peer's (or a local) source",
+            Some(FragEntry::Source { .. }) => drop(
+                "drop_fragment",
+                "fragments 3: tunnel, another peer's (or a local) source",
             ),
             Some(_) => silent("later fragment in a tunnel whose entry says encapsulate or ours"),
             None => drop("drop_fragment", "fragments 3: tunnel, no entry"),
@@ -1220,14 +1212,8 @@ impl Cx<'_> {
                 );
             }
         }
-        // 2. Reverse entry (soft-unicast brought a reply).
-        if let L4::Echo { request: true, id } = l4
-            && self
-                .flows
-                .contains_key(&key(4, ip.proto, ip.src, ip.dst, 0, id))
-        {
-            return silent("inner echo request whose (0, identifier) tuple is a reply's");
-        }
+        // 2. Reverse entry (soft-unicast brought a reply). An echo request is never a reply:
+        // it has no reply tuple (rules 2 and 4 do not see it).
         if let Some(k) = reply_tuple(&ip, &l4)
             && let Some(v) = self.flows.get(&k).copied()
             && v.kind == FLOW_REVERSE
@@ -1267,15 +1253,6 @@ impl Cx<'_> {
             self.strip();
             return pass("forwarded_reply", "tunnel 4: forwarded entry");
         }
-        if let L4::Echo { request: true, id } = l4
-            && self
-                .flows
-                .get(&key(4, ip.proto, ip.dst, ip.src, id, 0))
-                .map(|v| v.kind)
-                == Some(FLOW_FORWARDED)
-        {
-            return silent("inner echo request matching a forwarded entry swapped");
-        }
         // 5. A peer's connection: TCP, UDP or an echo request.
         let Some(k) = conn_tuple(&ip, &l4) else {
             return drop("drop_peer_policy", "tunnel 5: not TCP, UDP or echo request");
@@ -1286,10 +1263,20 @@ impl Cx<'_> {
                 return silent("inner tuple is the key of a reverse or forwarded entry");
             }
             if v.tunnel != peer {
+                // Left untouched: no refresh, no flags.
+                self.untouched.push(k);
                 return drop(
                     "drop_peer_policy",
                     "tunnel 5: another peer's outbound entry",
                 );
+            }
+            let f = Self::tcp_flags(&l4);
+            if matches!(l4, L4::Tcp { .. })
+                && f & TCP_SYN != 0
+                && f & TCP_ACK == 0
+                && v.flags & FLOW_F_CLOSING != 0
+            {
+                return silent("a peer's SYN on its own closed outbound entry: reopened or not");
             }
             let port = u16::from_be(v.port_be);
             self.snat(&ip, &l4, v.addr, port);
@@ -1302,6 +1289,9 @@ impl Cx<'_> {
                 }
                 Err(c) => drop(c, "tunnel 5: no route"),
             };
+        }
+        if self.w.maps.owners.contains_key(&ip.dst4()) {
+            return drop("drop_peer_policy", "tunnel 5: to a pool address");
         }
         if !self.peer_policy(gre_key, ip.dst4()) {
             return drop("drop_peer_policy", "tunnel 5: no policy of the key's pool");
@@ -1492,10 +1482,9 @@ impl Cx<'_> {
                 Err(c) => drop(c, "icmp 1: re-encapsulation failed"),
             };
         }
+        // Quoting a (first) fragment: not translated, ICMP errors rule 4.
         if qip.fragment() {
-            return silent(
-                "ICMP error quoting a first fragment: \"not translated\" skips rule 1; do rules 2 and 3 still apply",
-            );
+            return otherwise(());
         }
         // 2. In a tunnel: the quoted tuple is a forwarded entry.
         if in_tunnel && self.flows.get(&qk).map(|v| v.kind) == Some(FLOW_FORWARDED) {
