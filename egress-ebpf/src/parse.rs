@@ -278,8 +278,14 @@ pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
             } else {
                 (128, 129)
             };
-            // The type decides first: anything but echo cannot be translated, however short.
-            let [t, _code]: [u8; 2] = l4_header(ctx, ip)?;
+            // The type decides first: anything but echo cannot be translated, however short
+            // (one byte is enough to tell; the helper reads it, as a 1-byte direct read
+            // compiles to a bounds check the verifier cannot follow).
+            let t: u8 = if ip.l4_off >= ip.end {
+                return Err(PortsError::Truncated);
+            } else {
+                ctx.load(ip.l4_off).map_err(|_| PortsError::Truncated)?
+            };
             if t != request && t != reply {
                 return Err(PortsError::Unsupported);
             }
