@@ -375,20 +375,7 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
     if let Some(v) = reverse_entry(&ip, &ports) {
-        translate_dst(ctx, &ip, &ports, &v)?;
-        let to = Gre::of(&v);
-        let sent = deliver(
-            ctx,
-            ip.end,
-            &to,
-            Arrived::Plain,
-            Stat::ReverseNat,
-            Stat::ReplyReencap,
-        );
-        if !dropped(&sent) {
-            frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
-        }
-        return sent;
+        return reply(ctx, &ip, &ports, &v, Arrived::Plain);
     }
     if ip.family != FAMILY_V4 {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
@@ -401,6 +388,32 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
 fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
     let v = flow::get(&flow::key(ip, ports), FLOW_REVERSE)?;
     Some(flow::touch(v, ports))
+}
+
+/// A reply of a connection translated here (entry `v`): translated back and delivered; what a
+/// first fragment got is remembered for the rest of its datagram.
+#[inline(always)]
+fn reply(
+    ctx: &TcContext,
+    ip: &Ip,
+    ports: &Ports,
+    v: &FlowValue,
+    arrived: Arrived,
+) -> Step<Verdict> {
+    translate_dst(ctx, ip, ports, v)?;
+    let to = Gre::of(v);
+    let sent = deliver(
+        ctx,
+        ip.end,
+        &to,
+        arrived,
+        Stat::ReverseNat,
+        Stat::ReplyReencap,
+    );
+    if !dropped(&sent) {
+        frag::remember(ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+    }
+    sent
 }
 
 /// Sends a reply translated back on: up to the local socket, or through `to` (tunnel and pool
@@ -557,20 +570,7 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
 
     // A reply to a translation made here (soft-unicast brought it from the announcing server).
     if let Some(v) = reverse_entry(&ip, &ports) {
-        translate_dst(ctx, &ip, &ports, &v)?;
-        let to = Gre::of(&v);
-        let sent = deliver(
-            ctx,
-            ip.end,
-            &to,
-            Arrived::Tunnel,
-            Stat::ReverseNat,
-            Stat::ReplyReencap,
-        );
-        if !dropped(&sent) {
-            frag::remember(&ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
-        }
-        return sent;
+        return reply(ctx, &ip, &ports, &v, Arrived::Tunnel);
     }
     // A reply of a connection this server forwarded: deliver it to the socket.
     if let Some(v) = flow::get(&flow::key_swapped(&ip, &ports), FLOW_FORWARDED) {
