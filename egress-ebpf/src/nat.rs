@@ -69,14 +69,7 @@ pub fn rewrite(
         let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         if old4 != new4 {
-            let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
-            write(
-                ctx,
-                ip.l3_off + if side == Side::Src { 12 } else { 16 },
-                &new4,
-            )
-            .map_err(fail)?;
-            write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)?;
+            write_ipv4_addr(ctx, ip, side, old4, new4)?;
             // ICMPv4 has no pseudo-header; TCP and UDP do.
             if ip.proto != IPPROTO_ICMP {
                 ctx.l4_csum_replace(
@@ -166,25 +159,31 @@ pub fn clamp_mss(ctx: &TcContext, ip: &Ip, max: u16) -> Result<bool, Stat> {
 /// the header checksum follows.
 #[inline(always)]
 pub fn rewrite_addr(ctx: &TcContext, ip: &Ip, side: Side, addr: &[u8; 16]) -> Result<(), Stat> {
-    let fail = |()| Stat::RewriteFailed;
     if ip.family == FAMILY_V4 {
         let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
         let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
-        write(
-            ctx,
-            ip.l3_off + if side == Side::Src { 12 } else { 16 },
-            &new4,
-        )
-        .map_err(fail)?;
-        write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)
+        write_ipv4_addr(ctx, ip, side, old4, new4)
     } else {
         write(
             ctx,
             ip.l3_off + if side == Side::Src { 8 } else { 24 },
             addr,
         )
-        .map_err(fail)
+        .map_err(|()| Stat::RewriteFailed)
     }
+}
+
+/// Writes IPv4 address `new4` (as stored) on `side` over `old4` and fixes the header checksum.
+#[inline(always)]
+fn write_ipv4_addr(ctx: &TcContext, ip: &Ip, side: Side, old4: u32, new4: u32) -> Result<(), Stat> {
+    let fail = |()| Stat::RewriteFailed;
+    let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
+    write(
+        ctx,
+        ip.l3_off + if side == Side::Src { 12 } else { 16 },
+        &new4,
+    )
+    .map_err(fail)?;
+    write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)
 }
