@@ -130,6 +130,9 @@ stats! {
     MissingProgram = 38 => "drop_missing_program",
     /// Either direction: a later fragment handled as its datagram's first fragment was.
     FragmentFollowed = 39 => "fragment_followed",
+    /// Ingress: GRE from a known peer but addressed to another fabric address than this
+    /// server's; dropped.
+    GreNotLocal = 40 => "drop_gre_not_local",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

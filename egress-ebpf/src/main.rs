@@ -484,12 +484,12 @@ pub fn tc_icmp_error(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext) -> Step<Verdict> {
     let outer = parse::ip(ctx).map_err(|_| Verdict::Pass(Stat::IngressMalformed))?;
-    let (ip, arrived) = if outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE {
-        tunnel_source(ctx, &outer)?;
+    let (ip, arrived, peer) = if outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE {
+        let from = tunnel_source(ctx, &outer)?;
         let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
-        (ip, Arrived::Tunnel)
+        (ip, Arrived::Tunnel, from.peer)
     } else {
-        (outer, Arrived::Plain)
+        (outer, Arrived::Plain, [0; 4])
     };
     let Some(q) = icmp::quoted(ctx, &ip) else {
         return Ok(match arrived {
@@ -497,13 +497,19 @@ fn icmp_error(ctx: &TcContext) -> Step<Verdict> {
             Arrived::Tunnel => Verdict::Drop(Stat::PeerPolicy),
         });
     };
-    icmp_quoting(ctx, &ip, &q, arrived)
+    icmp_quoting(ctx, &ip, &q, arrived, peer)
 }
 
 /// An ICMP error quoting `q`, a packet we sent: translated back and delivered when it is about
 /// a connection translated here; passed to the owner of the quoted port otherwise.
 #[inline(always)]
-fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<Verdict> {
+fn icmp_quoting(
+    ctx: &TcContext,
+    ip: &Ip,
+    q: &Quoted,
+    arrived: Arrived,
+    peer: [u8; 4],
+) -> Step<Verdict> {
     let reply_key = flow::key_swapped(&q.ip, &q.ports);
     if ip.dst == q.ip.src
         && let Some(v) = flow::get(&reply_key, FLOW_REVERSE)
@@ -522,8 +528,11 @@ fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<
         );
     }
     if arrived == Arrived::Tunnel {
-        // An error about a connection this server forwarded, returned by the peer.
-        if flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED).is_some() {
+        // An error about a connection this server forwarded, returned by the peer it went to.
+        if let Some(v) = flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED)
+            // SAFETY: map value pointer valid for this run.
+            && unsafe { (*v).tunnel } == peer
+        {
             encap::decapsulate(ctx).map_err(drop_with)?;
             return Ok(Verdict::Pass(Stat::ForwardedReply));
         }
@@ -535,12 +544,16 @@ fn icmp_quoting(ctx: &TcContext, ip: &Ip, q: &Quoted, arrived: Arrived) -> Step<
     soft_unicast(ctx, ip, &v4(&q.ip.src), q.ports.src_be)
 }
 
-/// The sender and key of a tunnelled packet: a known peer and a well-formed GRE header.
+/// The sender and key of a tunnelled packet: a known peer, sending to this server's fabric
+/// address, with a well-formed GRE header.
 #[inline(always)]
 fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     let peer = v4(&outer.src);
     if !fabric::is_peer(&peer) {
         return Err(Verdict::Drop(Stat::GreUnknownPeer));
+    }
+    if v4(&outer.dst) != local()?.fabric {
+        return Err(Verdict::Drop(Stat::GreNotLocal));
     }
     let pool = encap::gre_key(ctx, outer).map_err(drop_with)?;
     Ok(Gre { peer, pool })
@@ -572,8 +585,13 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     if let Some(v) = reverse_entry(&ip, &ports) {
         return reply(ctx, &ip, &ports, &v, Arrived::Tunnel);
     }
-    // A reply of a connection this server forwarded: deliver it to the socket.
+    // A reply of a connection this server forwarded, from the peer it went to: deliver it to
+    // the socket. Another peer has no say in that connection.
     if let Some(v) = flow::get(&flow::key_swapped(&ip, &ports), FLOW_FORWARDED) {
+        // SAFETY: map value pointer valid for this run.
+        if unsafe { (*v).tunnel } != from.peer {
+            return Ok(Verdict::Drop(Stat::PeerPolicy));
+        }
         flow::touch(v, &ports);
         clamp(ctx, &ip, &ports, local()?);
         encap::decapsulate(ctx).map_err(drop_with)?;

@@ -1485,3 +1485,59 @@ fn another_peer_cannot_touch_a_peers_connection() {
         .unwrap();
     assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
 }
+
+/// Every tunnel check is strict: GRE must be addressed to this server, and a forwarded
+/// connection's replies (and ICMP errors about it) come back only from the peer it went to.
+#[test]
+fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6200, "203.0.113.1", 80, TCP_SYN);
+    let f = Fixture {
+        name: "GRE from a peer to another fabric address",
+        hook: Hook::Ingress,
+        mark: 0,
+        packet: packet::gre_frame(B, [10, 50, 0, 99], 7, &inner),
+        want: Want::Dropped,
+        counter: Stat::GreNotLocal,
+    };
+    check(&mut dp, &f);
+    // a forwards a gamma connection to b; c answers in b's place.
+    let syn = tcp("10.50.0.11", 5500, "203.0.113.200", 80, TCP_SYN);
+    dp.run(Hook::Egress, 0, &syn).unwrap();
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    let synack = tcp("203.0.113.200", 80, "10.50.0.11", 5500, TCP_SYN | TCP_ACK);
+    let err = packet::icmp_error(
+        ip("198.51.100.254"),
+        ip("10.50.0.11"),
+        (3, 4),
+        1300,
+        &syn,
+        1000,
+    );
+    for (name, p) in [("reply", &synack), ("ICMP error", &err)] {
+        let f = Fixture {
+            name,
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame([10, 50, 0, 13], A, 9, p),
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        };
+        check(&mut dp, &f);
+    }
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(before, after, "the forwarded entry untouched");
+    // From b itself, both are delivered.
+    for p in [&synack, &err] {
+        let before = dp.counter(Stat::ForwardedReply);
+        let out = dp
+            .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 9, p))
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(
+            dp.counter(Stat::ForwardedReply),
+            before + 1,
+            "from its peer"
+        );
+    }
+}

@@ -1028,7 +1028,7 @@ impl Cx<'_> {
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
         if l4 == L4::IcmpError {
-            return self.icmp_error(&ip, false);
+            return self.icmp_error(&ip, false, [0; 4]);
         }
         // An arriving echo request is never a reply (ingress rule 6): passed.
         if let L4::Echo { request: true, .. } = l4 {
@@ -1154,6 +1154,9 @@ impl Cx<'_> {
         if !self.is_peer(peer) {
             return drop("drop_gre_unknown_peer", "tunnel 1: unknown peer");
         }
+        if outer.dst4() != self.w.local.fabric {
+            return drop("drop_gre_not_local", "tunnel 1: not to this server");
+        }
         let malformed = |why| drop("drop_gre_malformed", why);
         if outer.hdr_len != 20 {
             return malformed("tunnel 1: outer options");
@@ -1234,12 +1237,19 @@ impl Cx<'_> {
         }
         // 3. Inner ICMP error.
         if l4 == L4::IcmpError {
-            return self.icmp_error(&ip, true);
+            return self.icmp_error(&ip, true, peer);
         }
-        // 4. Reply of a connection forwarded from here.
+        // 4. Reply of a connection forwarded from here: from its own peer only.
         if let Some(k) = reply_tuple(&ip, &l4)
-            && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_FORWARDED)
+            && let Some(v) = self.flows.get(&swap(&k))
+            && v.kind == FLOW_FORWARDED
         {
+            if v.tunnel != peer {
+                return drop(
+                    "drop_peer_policy",
+                    "tunnel 4: another peer's forwarded entry",
+                );
+            }
             let f = Self::tcp_flags(&l4);
             if f & TCP_SYN != 0 {
                 if f & TCP_ACK != 0 {
@@ -1365,7 +1375,7 @@ impl Cx<'_> {
     // ---------------------------------------------------------------- ICMP errors
 
     /// An ICMP error `ip` (at 14, or inside a tunnel).
-    fn icmp_error(&mut self, ip: &Ip, in_tunnel: bool) -> R {
+    fn icmp_error(&mut self, ip: &Ip, in_tunnel: bool, peer: [u8; 4]) -> R {
         let otherwise = |_: ()| -> R {
             if in_tunnel {
                 drop("drop_peer_policy", "icmp 4: unmatched in a tunnel")
@@ -1486,8 +1496,13 @@ impl Cx<'_> {
         if qip.fragment() {
             return otherwise(());
         }
-        // 2. In a tunnel: the quoted tuple is a forwarded entry.
-        if in_tunnel && self.flows.get(&qk).map(|v| v.kind) == Some(FLOW_FORWARDED) {
+        // 2. In a tunnel from the connection's own peer: the quoted tuple is a forwarded entry.
+        if in_tunnel
+            && self
+                .flows
+                .get(&qk)
+                .is_some_and(|v| v.kind == FLOW_FORWARDED && v.tunnel == peer)
+        {
             self.strip();
             return pass("forwarded_reply", "icmp 2: forwarded entry");
         }
