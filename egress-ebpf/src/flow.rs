@@ -89,6 +89,7 @@ pub fn pick(key: &FlowKey, count: u32) -> usize {
 /// if the plan changes. If another CPU recorded it first, that record wins.
 #[inline(always)]
 pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowValue, Stat> {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // Only the tunnel matters for a forwarded entry; the rest mirrors the key.
     let value = FlowValue::new(FLOW_FORWARDED, out.src, out.src_port_be, pool, peer, now);
@@ -170,6 +171,7 @@ pub fn claim(
     tunnel: [u8; 4],
 ) -> Result<FlowValue, Stat> {
     let h = hash(out);
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let count = u32::from(action.snat_count).min(MAX_SNAT as u32);
     if count == 0 {
