@@ -130,6 +130,20 @@ pub fn reopens(v: &FlowValue, ports: &Ports) -> bool {
     v.kind == FLOW_OUTBOUND && v.flags & FLOW_F_CLOSING != 0 && ports.opens()
 }
 
+/// Removes the entry of `key` (a forwarded connection whose first packet was dropped).
+#[inline(always)]
+pub fn remove(key: &FlowKey) {
+    let _ = FLOWS.remove(key);
+}
+
+/// Releases a connection claimed for a packet that was then dropped: both its entries go, and
+/// its port is free again.
+#[inline(always)]
+pub fn release(out: &FlowKey, v: &FlowValue) {
+    let _ = FLOWS.remove(out.other_direction(v));
+    let _ = FLOWS.remove(out);
+}
+
 /// Retires the outbound entry `v` of `key` when its tuple is reopened. The old reverse entry
 /// stays, holding the old port away from new connections, and takes over the closing flags so
 /// that it expires on the closed connection's schedule.

@@ -229,7 +229,11 @@ fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32) -> Step<Ve
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
             clamp_if_shared(ctx, ip, ports, &bound);
-            translate_src(ctx, ip, ports, &bound)?;
+            if let Err(v) = translate_src(ctx, ip, ports, &bound) {
+                // A dropped packet holds no state.
+                flow::release(&key, &bound);
+                return Err(v);
+            }
             Ok(Verdict::Pass(Stat::SnatNew))
         }
         Some(ActionKind::Forward) => {
@@ -242,7 +246,12 @@ fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32) -> Step<Ve
             }
             let peer = action.hops[flow::pick(&key, count) & (MAX_HOPS - 1)];
             let rec = flow::record_forwarded(&key, peer, pool).map_err(drop_with)?;
-            forward(ctx, ip, ports, rec.tunnel, pool, Stat::ForwardNew)
+            let sent = forward(ctx, ip, ports, rec.tunnel, pool, Stat::ForwardNew);
+            if dropped(&sent) {
+                // A dropped packet holds no state.
+                flow::remove(&key);
+            }
+            sent
         }
         Some(ActionKind::Drop) => Ok(Verdict::Drop(Stat::PoolUnreachable)),
         None => Ok(Verdict::Drop(Stat::NoAction)),
@@ -635,8 +644,8 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     }
     let local = local()?;
     let key = flow::key(ip, ports);
-    let bound = match existing_outbound(&key, ports, peer)? {
-        Some(v) => v,
+    let (bound, fresh) = match existing_outbound(&key, ports, peer)? {
+        Some(v) => (v, false),
         None => {
             // Never towards a pool address: that is a reply or soft-unicast packet nothing here
             // explains (a policy may well cover pool addresses, e.g. 0.0.0.0/0), and translating
@@ -649,16 +658,40 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
             if ActionKind::from_u8(action.kind) != Some(ActionKind::Snat) {
                 return Ok(Verdict::Drop(Stat::PeerNotHeld));
             }
-            flow::claim(&key, action, pool, peer).map_err(drop_with)?
+            (
+                flow::claim(&key, action, pool, peer).map_err(drop_with)?,
+                true,
+            )
         }
     };
-    clamp_if_shared(ctx, ip, ports, &bound);
-    translate_src(ctx, ip, ports, &bound)?;
-    encap::decapsulate(ctx).map_err(drop_with)?;
-    let code = redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
+    let sent = peer_send(ctx, ip, ports, &bound, local.ifindex);
+    if dropped(&sent) {
+        if fresh {
+            // A dropped packet holds no state.
+            flow::release(&key, &bound);
+        }
+        return sent;
+    }
     frag::remember(ip, FRAG_SRC, &bound.addr, peer, pool);
     // Its later fragments leave through egress with the translated source: ours.
     frag::remember_as(ip, &bound.addr, FRAG_OURS, &[0; 16], [0; 4], 0);
+    sent
+}
+
+/// Translates a peer's packet with `bound`, strips the tunnel and sends it on to its
+/// destination out of `ifindex`.
+#[inline(always)]
+fn peer_send(
+    ctx: &TcContext,
+    ip: &Ip,
+    ports: &Ports,
+    bound: &FlowValue,
+    ifindex: u32,
+) -> Step<Verdict> {
+    clamp_if_shared(ctx, ip, ports, bound);
+    translate_src(ctx, ip, ports, bound)?;
+    encap::decapsulate(ctx).map_err(drop_with)?;
+    let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 

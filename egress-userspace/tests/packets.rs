@@ -1541,3 +1541,37 @@ fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
         );
     }
 }
+
+/// A packet dropped after its connection was recorded (no room in the tunnel, no route) leaves
+/// no entry behind: the port it claimed is free again.
+#[test]
+fn a_dropped_first_packet_holds_no_state() {
+    let topology = format!(
+        "{TOPOLOGY}\n[[policies]]\npool = \"acme\"\nmark = 99\ndestinations = [\"0.0.0.0/0\"]\n"
+    );
+    let (_net, mut dp) = datapath(&topology);
+    // Forwarded (gamma → b), but too big for the tunnel and not GSO.
+    let big = udp_datagram("10.50.0.11", 5600, "203.0.113.200", 53, 1472);
+    let f = Fixture {
+        name: "a forwarded first packet too big for the tunnel",
+        hook: Hook::Egress,
+        mark: 0,
+        packet: big,
+        want: Want::Dropped,
+        counter: Stat::EncapTooBig,
+    };
+    check(&mut dp, &f);
+    assert_eq!(dp.maps.flows.iter().count(), 0, "no forwarded entry left");
+    // A peer's connection to a destination this server has no route to.
+    let inner = tcp("10.50.0.12", 6300, "198.51.100.9", 80, TCP_SYN);
+    let f = Fixture {
+        name: "a peer's first packet with no route onward",
+        hook: Hook::Ingress,
+        mark: 0,
+        packet: packet::gre_frame(B, A, 7, &inner),
+        want: Want::Dropped,
+        counter: Stat::NoRoute,
+    };
+    check(&mut dp, &f);
+    assert_eq!(dp.maps.flows.iter().count(), 0, "no claim left");
+}

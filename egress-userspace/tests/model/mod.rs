@@ -424,6 +424,8 @@ impl Cx<'_> {
         proto: u8,
         remote: [u8; 16],
         rport: u16,
+        // The packet will be dropped after the claim (which is then released, leaving no trace).
+        released: bool,
     ) -> Result<Option<(SnatTarget, u16)>, Stop> {
         if targets.is_empty() {
             return silent("snat action without targets");
@@ -487,12 +489,18 @@ impl Cx<'_> {
                 self.collisions = if any { (0, 31) } else { (0, 0) };
                 Ok(Some((*t, port)))
             }
+            None if possible && released => {
+                silent("no claim visible: every probe collided, or a claim was released")
+            }
             None if possible => {
                 self.collisions = (32, 32);
                 Ok(None)
             }
             None => {
+                // No claim visible: the programs claimed none, or released it when the packet
+                // was then dropped (any number of probes may have collided first).
                 self.missing_choice = Some("a port claim (the programs claimed none)");
+                self.collisions = if any { (0, 31) } else { (0, 0) };
                 for t in targets {
                     for port in t.port_min..=t.port_max {
                         if !self
@@ -883,7 +891,8 @@ impl Cx<'_> {
             Some(ActionKind::Snat) => {
                 let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
                 let remote_port = u16::from_be(k.dst_port_be);
-                let Some((t, port)) = self.claim(targets, family, ip.proto, ip.dst, remote_port)?
+                let Some((t, port)) =
+                    self.claim(targets, family, ip.proto, ip.dst, remote_port, false)?
                 else {
                     return drop("drop_port_exhausted", "egress 7: every probe collided");
                 };
@@ -908,6 +917,7 @@ impl Cx<'_> {
             Some(ActionKind::Forward) => {
                 let hops = &action.hops[..usize::from(action.hop_count).min(action.hops.len())];
                 let peer = self.hop(hops)?;
+                let before = self.flows.clone();
                 self.flows
                     .insert(k, FlowValue::new(FLOW_FORWARDED, [0; 16], 0, pool, peer, 0));
                 if Self::tcp_flags(&l4) & TCP_SYN != 0 {
@@ -920,8 +930,8 @@ impl Cx<'_> {
                         Ok((self.sent(), "forward_new", "egress 7: forward"))
                     }
                     Err(c) => {
-                        self.flows_unspecified =
-                            Some("a new forwarded connection dropped after its entry was recorded");
+                        // A dropped packet holds no state (egress rule 7).
+                        self.flows = before;
                         drop(c, "egress 7: forward, encapsulation failed")
                     }
                 }
@@ -1316,11 +1326,21 @@ impl Cx<'_> {
             return drop("drop_peer_not_held", "tunnel 5: pool not held here");
         };
         let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
-        let Some((t, port)) =
-            self.claim(targets, 4, ip.proto, ip.dst, u16::from_be(k.dst_port_be))?
+        // With no route onward, a claim is released again (tunnel rule 5): no trace of it is
+        // left, and "every probe collided" may look the same from outside.
+        let released = matches!(self.w.env.fib(ip.dst4()), Fib::NoRoute);
+        let Some((t, port)) = self.claim(
+            targets,
+            4,
+            ip.proto,
+            ip.dst,
+            u16::from_be(k.dst_port_be),
+            released,
+        )?
         else {
             return drop("drop_port_exhausted", "tunnel 5: every probe collided");
         };
+        let before = self.flows.clone();
         self.record(&k, &t, port, gre_key, peer);
         self.snat(&ip, &l4, t.addr, port);
         self.clamp_translated(&ip, &l4, t.addr)?;
@@ -1331,8 +1351,8 @@ impl Cx<'_> {
                 Ok((Verdict::Send, "peer_snat", "tunnel 5: new peer connection"))
             }
             Err(c) => {
-                self.flows_unspecified =
-                    Some("a peer's new connection dropped after its entries were recorded");
+                // A dropped packet holds no state (tunnel rule 5).
+                self.flows = before;
                 drop(c, "tunnel 5: no route")
             }
         }
