@@ -34,10 +34,15 @@ pub const FLOW_FORWARDED: u8 = 3;
 /// `FlowValue::flags`: a FIN was seen; the entries are kept for [`timeouts::TCP_FIN`] so the
 /// translated tuple is not reused while the origin may hold it in TIME_WAIT.
 pub const FLOW_F_FIN: u8 = 1;
-/// `FlowValue::flags`: a RST was seen; the entries expire after [`timeouts::TCP_RST`].
+/// `FlowValue::flags`: the latest packet in this direction was a RST (a later packet without
+/// RST clears it). A connection whose latest packet overall was a RST expires after
+/// [`timeouts::TCP_RST`]; a spoofed RST the socket answers (RFC 5961 challenge ACK) does not.
 pub const FLOW_F_RST: u8 = 2;
 /// Either closing flag.
 pub const FLOW_F_CLOSING: u8 = FLOW_F_FIN | FLOW_F_RST;
+/// `FlowValue::flags` of a reverse or forwarded entry: a reply was seen. A connection without
+/// one expires after [`timeouts::UNREPLIED`] and is the first to go when the table fills up.
+pub const FLOW_F_REPLIED: u8 = 4;
 
 /// Value of `FLOWS`.
 #[repr(C)]
@@ -65,7 +70,8 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 
-/// Default entries of `FLOWS` (LRU; the agent can set another size at load).
+/// Default entries of `FLOWS` (a hash map that never evicts; the agent can set another size at
+/// load). Full, it refuses new connections (`drop_flow_table_full`).
 pub const FLOWS_CAPACITY: u32 = 262_144;
 
 /// Idle timeouts the agent applies when collecting expired flows, in seconds.
@@ -77,6 +83,14 @@ pub mod timeouts {
     pub const TCP_RST: u64 = 10;
     pub const UDP: u64 = 60;
     pub const ICMP: u64 = 30;
+    /// A connection that never saw a reply (conntrack's UNREPLIED; SYN_SENT is longer there,
+    /// but a retransmitted SYN simply claims again).
+    pub const UNREPLIED: u64 = 30;
+    /// Table pressure: from this share of the capacity (per mille) on, the collector also
+    /// removes every unreplied connection idle for [`EARLY_DROP_IDLE`] s (conntrack's early
+    /// drop), so that connections with replies are never crowded out.
+    pub const EARLY_DROP_PER_MILLE: u64 = 875;
+    pub const EARLY_DROP_IDLE: u64 = 1;
 }
 
 impl FlowValue {

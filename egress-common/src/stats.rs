@@ -133,6 +133,18 @@ stats! {
     /// Ingress: GRE from a known peer but addressed to another fabric address than this
     /// server's; dropped.
     GreNotLocal = 40 => "drop_gre_not_local",
+    /// A new connection refused because the flow table is full (established connections are
+    /// never evicted to make room); dropped.
+    FlowTableFull = 41 => "drop_flow_table_full",
+    /// Ingress: a tunnel packet whose kind (GRE key bits: connection, soft-unicast, reply) does
+    /// not fit what it carries, e.g. a soft-unicast packet that matches no connection; dropped.
+    TunnelKind = 42 => "drop_tunnel_kind",
+    /// Ingress: a packet this server would forward to another host (soft-unicast, reply
+    /// re-encapsulation, a peer's connection) whose TTL would reach 0; dropped, as by a router.
+    TtlExceeded = 43 => "drop_ttl_exceeded",
+    /// Ingress: a peer's new connection refused because that peer already holds its budget of
+    /// connections translated here; dropped.
+    PeerBudget = 44 => "drop_peer_budget",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

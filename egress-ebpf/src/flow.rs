@@ -1,16 +1,13 @@
 //! The flow table (connection tracking): lookups, refresh, and the atomic port claim.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST},
-    btf_maps::LruHashMap,
-    helpers::bpf_ktime_get_ns,
-    macros::btf_map,
+    bindings::BPF_NOEXIST, btf_maps::HashMap, helpers::bpf_ktime_get_ns, macros::btf_map,
 };
 use egress_common::{
     action::{Action, MAX_SNAT},
     flow::{
-        FLOW_F_CLOSING, FLOW_F_FIN, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE,
-        FLOWS_CAPACITY, FlowKey, FlowValue,
+        FLOW_F_CLOSING, FLOW_F_FIN, FLOW_F_REPLIED, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND,
+        FLOW_REVERSE, FLOWS_CAPACITY, FlowKey, FlowValue,
     },
     stats::Stat,
 };
@@ -21,14 +18,15 @@ use crate::{
 };
 
 #[btf_map]
-// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): new flows on different CPUs do not contend on one
-// LRU lock. Each CPU evicts from its own share of the capacity.
-static FLOWS: LruHashMap<
-    FlowKey,
-    FlowValue,
-    { FLOWS_CAPACITY as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+// A plain (preallocated) hash, not an LRU: an LRU evicts whatever is oldest on the inserting
+// CPU, which may be one direction of an idle established connection (it then gets a new port
+// mid-connection). Here nothing is evicted; both entries of a connection go together, by the
+// agent's collector, which also drops unreplied connections first under pressure. Full, an
+// insert fails and the new connection is refused, counted.
+static FLOWS: HashMap<FlowKey, FlowValue, { FLOWS_CAPACITY as usize }> = HashMap::new();
+
+/// What an insert-if-absent returns when the key exists (any other error: the table is full).
+const EEXIST: i32 = -17;
 
 /// Ports tried per new connection, spread round-robin over the action's SNAT targets.
 const PROBES: u32 = 32;
@@ -93,8 +91,10 @@ pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowV
     let now = unsafe { bpf_ktime_get_ns() };
     // Only the tunnel matters for a forwarded entry; the rest mirrors the key.
     let value = FlowValue::new(FLOW_FORWARDED, out.src, out.src_port_be, pool, peer, now);
-    if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
-        return Ok(value);
+    match FLOWS.insert(out, value, BPF_NOEXIST as u64) {
+        Ok(()) => return Ok(value),
+        Err(e) if e != EEXIST => return Err(Stat::FlowTableFull),
+        Err(_) => {}
     }
     match get(out, FLOW_FORWARDED) {
         // SAFETY: pointer into the map value for this run.
@@ -103,23 +103,53 @@ pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowV
     }
 }
 
-/// Records that a packet of the flow was seen now (a FIN or RST marks it closing; a new SYN
-/// through a forwarded entry reopens it) and returns a copy of the entry as updated.
+/// Records that a packet of the flow leaving from its socket's side was seen now (a FIN marks
+/// it closing; a new SYN through a forwarded entry reopens it) and returns a copy of the entry as
+/// updated.
 #[inline(always)]
 pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
     // SAFETY: v came from get() in this run.
     unsafe {
-        (*v).last_seen_ns = bpf_ktime_get_ns();
+        let mut flags = seen(v, ports);
         if ports.fin() {
-            (*v).flags |= FLOW_F_FIN;
-        }
-        if ports.rst() {
-            (*v).flags |= FLOW_F_RST;
+            flags |= FLOW_F_FIN;
         }
         if ports.opens() && (*v).kind == FLOW_FORWARDED {
-            (*v).flags &= !FLOW_F_CLOSING;
+            flags &= !FLOW_F_CLOSING;
         }
+        (*v).flags = flags;
         *v
+    }
+}
+
+/// Records that a reply of the flow (from the remote side, which anyone can spoof) was seen now
+/// and returns a copy of the entry as updated. A reply's FIN is not taken as closing: only the
+/// socket's own FIN is (a spoofed FIN would otherwise cut the connection's timeout).
+#[inline(always)]
+pub fn touch_reply(v: *mut FlowValue, ports: &Ports) -> FlowValue {
+    // SAFETY: v came from get() in this run.
+    unsafe {
+        (*v).flags = seen(v, ports) | FLOW_F_REPLIED;
+        *v
+    }
+}
+
+/// Refreshes the entry's clock and returns its flags with the RST bit saying whether this
+/// packet is a RST: the bit reports the latest packet, so a spoofed RST that the socket answers
+/// (a challenge ACK, RFC 5961) or that traffic follows does not end the connection.
+///
+/// # Safety
+/// `v` must point to a live map value of this run.
+#[inline(always)]
+unsafe fn seen(v: *mut FlowValue, ports: &Ports) -> u8 {
+    // SAFETY: per the contract.
+    unsafe {
+        (*v).last_seen_ns = bpf_ktime_get_ns();
+        if ports.rst() {
+            (*v).flags | FLOW_F_RST
+        } else {
+            (*v).flags & !FLOW_F_RST
+        }
     }
 }
 
@@ -212,12 +242,17 @@ pub fn claim(
             family: out.family,
             _pad: [0; 2],
         };
-        if FLOWS.insert(rkey, reverse, BPF_NOEXIST as u64).is_ok() {
+        let inserted = FLOWS.insert(rkey, reverse, BPF_NOEXIST as u64);
+        if inserted.is_ok() {
             if i > 0 {
                 stats::add(Stat::PortCollision, u64::from(i));
             }
             let value = FlowValue::new(FLOW_OUTBOUND, target.addr, port.to_be(), pool, tunnel, now);
             return record_outbound(out, &value);
+        }
+        if inserted.err() != Some(EEXIST) {
+            // Not a taken port: the table is full; probing on cannot help.
+            return Err(Stat::FlowTableFull);
         }
         i += 1;
     }
@@ -229,10 +264,14 @@ pub fn claim(
 /// retransmitted first packet), its binding wins and our reverse entry is released.
 #[inline(always)]
 fn record_outbound(out: &FlowKey, value: &FlowValue) -> Result<FlowValue, Stat> {
-    if FLOWS.insert(out, value, BPF_NOEXIST as u64).is_ok() {
+    let inserted = FLOWS.insert(out, value, BPF_NOEXIST as u64);
+    if inserted.is_ok() {
         return Ok(*value);
     }
     let _ = FLOWS.remove(out.other_direction(value));
+    if inserted.err() != Some(EEXIST) {
+        return Err(Stat::FlowTableFull);
+    }
     match get(out, FLOW_OUTBOUND) {
         // SAFETY: pointer into the map value for this run.
         Some(existing) => Ok(unsafe { *existing }),

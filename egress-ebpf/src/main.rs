@@ -396,7 +396,7 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
 #[inline(always)]
 fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
     let v = flow::get(&flow::key(ip, ports), FLOW_REVERSE)?;
-    Some(flow::touch(v, ports))
+    Some(flow::touch_reply(v, ports))
 }
 
 /// A reply of a connection translated here (entry `v`): translated back and delivered; what a
@@ -601,7 +601,7 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
         if unsafe { (*v).tunnel } != from.peer {
             return Ok(Verdict::Drop(Stat::PeerPolicy));
         }
-        flow::touch(v, &ports);
+        flow::touch_reply(v, &ports);
         clamp(ctx, &ip, &ports, local()?);
         encap::decapsulate(ctx).map_err(drop_with)?;
         return Ok(Verdict::Pass(Stat::ForwardedReply));

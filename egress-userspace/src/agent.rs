@@ -67,6 +67,10 @@ struct Observed {
     map_entries: BTreeMap<&'static str, i64>,
     slices: Vec<SliceUsage>,
     collected: u64,
+    /// Unreplied connections removed early under table pressure.
+    early_dropped: u64,
+    /// Whether the last collection found the table under pressure (logged on change).
+    pressure: bool,
 }
 
 pub struct Agent {
@@ -120,6 +124,13 @@ impl Agent {
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
         maps.set_local(&loader::local_settings(server.fabric, &server.uplink)?)?;
+        let maps_capacity = maps.flow_capacity;
+        if maps_capacity != opts.flow_capacity {
+            warn!(
+                "the pinned flow table holds {maps_capacity} entries, not --flow-capacity {}: kept (egress detach, then start, to resize)",
+                opts.flow_capacity
+            );
+        }
         let mut agent = Agent {
             ebpf,
             maps,
@@ -132,7 +143,7 @@ impl Agent {
             generation: 0,
             reloads_ok: 0,
             reloads_failed: 0,
-            flow_capacity: opts.flow_capacity,
+            flow_capacity: maps_capacity,
             observed: Observed::default(),
             warned_slices: Default::default(),
         };
@@ -250,11 +261,30 @@ impl Agent {
     /// Collects expired flows and refreshes occupancy and port-slice usage (warning once when
     /// a slice passes 80 %).
     pub fn housekeeping(&mut self) {
-        match flows::collect(&mut self.maps.flows, flows::monotonic_ns()) {
-            Ok(0) => {}
-            Ok(n) => {
-                self.observed.collected += n as u64;
-                info!("collected {n} expired connections");
+        match flows::collect(
+            &mut self.maps.flows,
+            flows::monotonic_ns(),
+            self.flow_capacity,
+        ) {
+            Ok(done) => {
+                self.observed.collected += done.expired as u64;
+                self.observed.early_dropped += done.early_dropped as u64;
+                if done.expired > 0 {
+                    info!("collected {} expired connections", done.expired);
+                }
+                let pressure = flows::under_pressure(done.entries, self.flow_capacity);
+                if pressure && !self.observed.pressure {
+                    warn!(
+                        "flow table under pressure: {} of {} entries; unreplied connections are dropped early ({} now), new ones refused when full (drop_flow_table_full)",
+                        done.entries, self.flow_capacity, done.early_dropped
+                    );
+                } else if !pressure && self.observed.pressure {
+                    info!(
+                        "flow table pressure over: {} of {} entries",
+                        done.entries, self.flow_capacity
+                    );
+                }
+                self.observed.pressure = pressure;
             }
             Err(e) => warn!("collecting expired flows: {e}"),
         }
@@ -421,7 +451,18 @@ impl Agent {
         }
         let capacity = Gauge::<i64>::default();
         capacity.set(i64::from(self.flow_capacity));
-        r.register("flow_capacity", "Flow table size (entries, LRU)", capacity);
+        r.register(
+            "flow_capacity",
+            "Flow table size (entries; full, new connections are refused)",
+            capacity,
+        );
+        let early = PromCounter::<u64>::default();
+        early.inc_by(self.observed.early_dropped);
+        r.register(
+            "flows_early_dropped",
+            "Unreplied connections removed early because the flow table was under pressure",
+            early,
+        );
         let collected = PromCounter::<u64>::default();
         collected.inc_by(self.observed.collected);
         r.register(

@@ -56,6 +56,10 @@ pub enum LoadError {
     Load(#[from] aya::EbpfError),
     #[error("map {name} is missing from the BPF object")]
     MissingMap { name: &'static str },
+    #[error(
+        "the pinned flow table {name} is an LRU map of an older version, which may evict established connections; run `egress detach` first (live connections lose their translation)"
+    )]
+    OldFlowTable { name: &'static str },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -159,6 +163,8 @@ pub type KernelPlanTables = PlanTables<
 pub struct Maps {
     pub plan: KernelPlanTables,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// Entries `flows` can hold (as the kernel made it, also when adopted).
+    pub flow_capacity: u32,
     pub local: Array<MapData, Local>,
 }
 
@@ -181,6 +187,15 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError
 /// Takes the plan and flow maps out of `ebpf`.
 pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
     let bad = |name| move |source| LoadError::Map { name, source };
+    let flows = take(ebpf, map_names::FLOWS)?;
+    let flow_capacity = match &flows {
+        aya::maps::Map::HashMap(d) => d.info().map_err(bad(map_names::FLOWS))?.max_entries(),
+        _ => {
+            return Err(LoadError::OldFlowTable {
+                name: map_names::FLOWS,
+            });
+        }
+    };
     Ok(Maps {
         plan: PlanTables {
             actions: HashMap::try_from(take(ebpf, map_names::ACTIONS)?)
@@ -196,7 +211,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
             peer_policies: LpmTrie::try_from(take(ebpf, map_names::PEER_POLICY)?)
                 .map_err(bad(map_names::PEER_POLICY))?,
         },
-        flows: HashMap::try_from(take(ebpf, map_names::FLOWS)?).map_err(bad(map_names::FLOWS))?,
+        flows: HashMap::try_from(flows).map_err(bad(map_names::FLOWS))?,
+        flow_capacity,
         local: Array::try_from(take(ebpf, map_names::LOCAL)?).map_err(bad(map_names::LOCAL))?,
     })
 }
@@ -213,8 +229,10 @@ pub enum AttachMode {
 }
 
 /// Loads the object without pinning anything (packet tests, benchmarks).
-pub fn load_unpinned() -> Result<Ebpf, LoadError> {
-    Ok(EbpfLoader::new().load(EBPF_OBJECT)?)
+pub fn load_unpinned(flow_capacity: u32) -> Result<Ebpf, LoadError> {
+    Ok(EbpfLoader::new()
+        .map_max_entries(map_names::FLOWS, flow_capacity)
+        .load(EBPF_OBJECT)?)
 }
 
 /// The TC programs and where each attaches.

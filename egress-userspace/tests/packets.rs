@@ -5,7 +5,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use egress::testrun::packet::{self, L4, TCP_ACK, TCP_SYN, build, parse, verify_checksums};
+use egress::testrun::packet::{self, L4, TCP_ACK, TCP_SYN, build, parse, tcp, verify_checksums};
 use egress::{
     config::Config,
     testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
@@ -82,19 +82,6 @@ fn check(dp: &mut TestDatapath, f: &Fixture) -> Outcome {
         }
     }
     out
-}
-
-fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
-    build(
-        ip(src),
-        ip(dst),
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-        },
-        b"",
-    )
 }
 
 #[test]
@@ -602,6 +589,7 @@ fn packet_builder_checksums_are_valid() {
 fn expired_connections_are_collected_both_directions_together() {
     use egress::flows;
     let (_net, mut dp) = datapath(TOPOLOGY);
+    let cap = dp.maps.flow_capacity;
     let send = |dp: &mut TestDatapath, sport: u16, flags: u8| {
         dp.run(
             Hook::Egress,
@@ -610,25 +598,40 @@ fn expired_connections_are_collected_both_directions_together() {
         )
         .unwrap()
     };
-    // An open TCP connection, one reset and one that has seen a FIN.
-    for sport in [7000, 7001, 7002] {
-        send(&mut dp, sport, TCP_SYN);
+    // Open TCP connections (replied): one stays open, one is reset and one sees the socket's
+    // FIN. A fourth never gets a reply.
+    for sport in [7000, 7001, 7002, 7003] {
+        let out = send(&mut dp, sport, TCP_SYN);
+        if sport != 7003 {
+            let port = parse(&out.packet).sport;
+            let reply = tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_SYN | TCP_ACK);
+            assert_eq!(dp.run(Hook::Ingress, 0, &reply).unwrap().verdict, TC_ACT_OK);
+        }
     }
     send(&mut dp, 7001, packet::TCP_FIN | TCP_ACK);
     send(&mut dp, 7002, packet::TCP_RST);
     let count = |dp: &TestDatapath| dp.maps.flows.keys().count();
-    assert_eq!(count(&dp), 6, "three connections, two entries each");
+    assert_eq!(count(&dp), 8, "four connections, two entries each");
 
     let now = flows::monotonic_ns();
     let at = |s: u64| now + s * 1_000_000_000;
-    let collect = |dp: &mut TestDatapath, s| flows::collect(&mut dp.maps.flows, at(s)).unwrap();
+    let collect = |dp: &mut TestDatapath, s| {
+        flows::collect(&mut dp.maps.flows, at(s), cap)
+            .unwrap()
+            .expired
+    };
     assert_eq!(collect(&mut dp, 0), 0, "nothing is idle yet");
     assert_eq!(
         collect(&mut dp, 11),
         1,
         "the reset connection goes after 10 s"
     );
-    assert_eq!(count(&dp), 4, "with both of its entries");
+    assert_eq!(count(&dp), 6, "with both of its entries");
+    assert_eq!(
+        collect(&mut dp, 31),
+        1,
+        "the connection that never saw a reply after 30 s"
+    );
     assert_eq!(
         collect(&mut dp, 119),
         0,
@@ -671,6 +674,11 @@ fn a_reopened_tuple_gets_a_new_port_while_the_old_one_is_held() {
     );
     assert_eq!(dp.counter(Stat::SnatNew), before + 1, "as a new connection");
     assert_eq!(send(&mut dp, TCP_ACK), second, "and keeps its new port");
+    let new_reply = tcp("203.0.113.1", 80, "192.0.2.10", second, TCP_ACK);
+    assert_eq!(
+        dp.run(Hook::Ingress, 0, &new_reply).unwrap().verdict,
+        TC_ACT_OK
+    );
     // The old reply tuple still maps the old port: nothing else can take it.
     let old_reply = tcp("203.0.113.1", 80, "192.0.2.10", first, TCP_ACK);
     let out = dp.run(Hook::Ingress, 0, &old_reply).unwrap();
@@ -683,9 +691,10 @@ fn a_reopened_tuple_gets_a_new_port_while_the_old_one_is_held() {
     assert_eq!(dp.maps.flows.keys().count(), 3, "old reverse + new pair");
     // Expiry takes the old reverse entry alone, never the new connection's entries.
     let now = flows::monotonic_ns();
-    let removed = flows::collect(&mut dp.maps.flows, now + 121 * 1_000_000_000).unwrap();
+    let cap = dp.maps.flow_capacity;
+    let removed = flows::collect(&mut dp.maps.flows, now + 121 * 1_000_000_000, cap).unwrap();
     assert_eq!(
-        removed, 1,
+        removed.expired, 1,
         "only the old entry is idle past 120 s after its FIN"
     );
     assert_eq!(

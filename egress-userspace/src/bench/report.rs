@@ -111,7 +111,7 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- Flow table of {} entries (LRU, preallocated): {:.1} MiB kernel memory, {:.0} bytes per entry.\n",
+        "- Flow table of {} entries (hash, preallocated): {:.1} MiB kernel memory, {:.0} bytes per entry.\n",
         fl.entries,
         fl.memlock_bytes as f64 / (1024.0 * 1024.0),
         fl.bytes_per_entry

@@ -42,7 +42,7 @@ pub struct Prefixes {
 #[derive(Debug, Clone, Serialize)]
 pub struct Flows {
     pub entries: u32,
-    /// Kernel memory of the (preallocated LRU) flow table, from the map's fdinfo.
+    /// Kernel memory of the (preallocated hash) flow table, from the map's fdinfo.
     pub memlock_bytes: u64,
     pub bytes_per_entry: f64,
 }
@@ -248,10 +248,10 @@ fn flows(entries: u32) -> anyhow::Result<Flows> {
         .map(egress_common::map_names::FLOWS)
         .ok_or_else(|| anyhow::anyhow!("FLOWS map"))?;
     let fd = match map {
-        aya::maps::Map::LruHashMap(d) => {
+        aya::maps::Map::HashMap(d) => {
             std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(d.fd()))
         }
-        _ => anyhow::bail!("FLOWS is not an LRU hash"),
+        _ => anyhow::bail!("FLOWS is not a hash map"),
     };
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     let memlock_bytes: u64 = info

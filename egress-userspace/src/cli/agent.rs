@@ -24,7 +24,8 @@ pub struct Args {
     /// Where to pin maps and links (default: /sys/fs/bpf/egress/<server>).
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
-    /// Flow table size (entries, LRU). Takes effect when the map is created, not when adopted.
+    /// Flow table size (entries; full, new connections are refused). Takes effect when the map is
+    /// created, not when adopted.
     #[arg(long, default_value_t = egress_common::flow::FLOWS_CAPACITY)]
     flow_capacity: u32,
     /// How often expired flows are collected and usage refreshed, in seconds.

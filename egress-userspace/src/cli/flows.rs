@@ -66,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.load()?;
     let dir = args.pins.dir(&args.config)?;
     let data = MapData::from_pin(dir.join(map_names::FLOWS))?;
-    let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(data))?;
+    let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::HashMap(data))?;
     let pools: BTreeMap<u32, String> = config
         .pools
         .iter()

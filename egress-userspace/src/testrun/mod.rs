@@ -10,6 +10,7 @@ use aya::{
 };
 use egress_common::{
     fabric::Local,
+    flow::FLOWS_CAPACITY,
     map_names, prog_names,
     stats::{Counter, Stat},
 };
@@ -111,7 +112,17 @@ impl TestDatapath {
     /// Loads the programs and writes `server`'s plan of `topology` into the maps, with `local`
     /// as this server's fabric settings.
     pub fn new(topology: &Topology, server: &str, local: &Local) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load_unpinned()?;
+        Self::with_flow_capacity(topology, server, local, FLOWS_CAPACITY)
+    }
+
+    /// Like [`TestDatapath::new`] with a flow table of `flow_capacity` entries.
+    pub fn with_flow_capacity(
+        topology: &Topology,
+        server: &str,
+        local: &Local,
+        flow_capacity: u32,
+    ) -> anyhow::Result<Self> {
+        let mut ebpf = loader::load_unpinned(flow_capacity)?;
         for (name, _) in loader::PROGRAMS {
             loader::program(&mut ebpf, name)?;
         }
@@ -127,6 +138,15 @@ impl TestDatapath {
     /// The datapath of server `a` of `topology` (TOML; usually [`FIXTURE_TOPOLOGY`]),
     /// encapsulating out of `net`'s uplink (fabric 10.50.0.11, tunnel MSS 1432).
     pub fn fixture(net: &TestNet, topology: &str) -> anyhow::Result<Self> {
+        Self::fixture_with_flow_capacity(net, topology, FLOWS_CAPACITY)
+    }
+
+    /// [`TestDatapath::fixture`] with a flow table of `flow_capacity` entries.
+    pub fn fixture_with_flow_capacity(
+        net: &TestNet,
+        topology: &str,
+        flow_capacity: u32,
+    ) -> anyhow::Result<Self> {
         let t = crate::validate::validate(&crate::config::Config::parse(topology, "fixture")?)?;
         let local = Local {
             fabric: [10, 50, 0, 11],
@@ -134,7 +154,7 @@ impl TestDatapath {
             mss_v4: 1432,
             _pad: [0; 6],
         };
-        Self::new(&t, "a", &local)
+        Self::with_flow_capacity(&t, "a", &local, flow_capacity)
     }
 
     /// Runs `packet` through the program of `hook` once, with skb mark `mark`.

@@ -61,6 +61,24 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     acc + u32::from(proto) + len as u32
 }
 
+/// A TCP segment without payload between textual addresses (tests' shorthand).
+pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+    let addr = |s: &str| {
+        s.parse::<IpAddr>()
+            .unwrap_or_else(|e| panic!("address {s:?}: {e}"))
+    };
+    build(
+        addr(src),
+        addr(dst),
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        },
+        b"",
+    )
+}
+
 /// Builds Ethernet + IP + transport + payload with correct checksums.
 pub fn build(src: IpAddr, dst: IpAddr, l4: L4, payload: &[u8]) -> Vec<u8> {
     let v6 = src.is_ipv6();
