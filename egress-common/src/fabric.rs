@@ -6,6 +6,36 @@ pub const ENCAP_LEN: u32 = 28;
 pub const GRE_FLAG_KEY: u16 = 0x2000;
 pub const IPPROTO_GRE: u8 = 47;
 
+/// The GRE key of every tunnel packet: what it carries in the top two bits, the pool id in the
+/// other 30. The receiver checks the kind against what it finds: a soft-unicast packet may only
+/// meet an existing connection, a reply only a connection forwarded to that peer.
+pub mod tunnel {
+    /// A forwarded connection's packet, from the socket's server to the peer that translates.
+    pub const CONNECTION: u32 = 1;
+    /// A packet for a pool port another server owns, from the server the address is routed to.
+    pub const SOFT_UNICAST: u32 = 2;
+    /// A reply (or ICMP error) translated back, from the translating peer to the socket's server.
+    pub const REPLY: u32 = 3;
+    const KIND_SHIFT: u32 = 30;
+    /// Largest pool id (validated): the key's low 30 bits.
+    pub const MAX_POOL_ID: u32 = (1 << KIND_SHIFT) - 1;
+
+    /// The key of a `kind` packet of `pool`.
+    pub const fn key(kind: u32, pool: u32) -> u32 {
+        (kind << KIND_SHIFT) | (pool & MAX_POOL_ID)
+    }
+
+    /// The kind a key says.
+    pub const fn kind(key: u32) -> u32 {
+        key >> KIND_SHIFT
+    }
+
+    /// The pool a key names.
+    pub const fn pool(key: u32) -> u32 {
+        key & MAX_POOL_ID
+    }
+}
+
 /// Value of the one-entry `LOCAL` array: this server's settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -163,6 +163,8 @@ pub const FRAG_DST: u8 = 2;
 pub const FRAG_ENCAP: u8 = 3;
 /// Sent by this server itself (a peer's connection translated here): egress passes it.
 pub const FRAG_OURS: u8 = 4;
+/// Strip the tunnel and pass up (a reply of a connection forwarded to `tunnel`, from it).
+pub const FRAG_DELIVER: u8 = 5;
 
 /// Value of `FRAGS`: what the first fragment of a datagram got; later fragments get the same.
 #[repr(C)]

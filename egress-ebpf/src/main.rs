@@ -24,12 +24,12 @@ use aya_ebpf::{
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map};
 use egress_common::{
     action::{ActionKind, FAMILY_V4, MAX_HOPS},
-    fabric::{INNER_OFF, IPPROTO_GRE, Local},
+    fabric::{INNER_OFF, IPPROTO_GRE, Local, tunnel},
     flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
 use egress_common::{
-    flow::{FRAG_DST, FRAG_ENCAP, FRAG_OURS, FRAG_SRC},
+    flow::{FRAG_DELIVER, FRAG_DST, FRAG_ENCAP, FRAG_OURS, FRAG_SRC},
     prog_names::{
         JUMP_FRAG_IN, JUMP_FRAG_OUT, JUMP_ICMP_ERROR, JUMP_NEW_OUT, JUMP_SLOTS, JUMP_TUNNEL,
     },
@@ -315,7 +315,8 @@ fn forward(
 ) -> Step<Verdict> {
     let local = local()?;
     clamp(ctx, ip, ports, local);
-    encap::encapsulate(ctx, ip.end, local.fabric, peer, pool, mtu(local)).map_err(drop_with)?;
+    let key = tunnel::key(tunnel::CONNECTION, pool);
+    encap::encapsulate(ctx, ip.end, local.fabric, peer, key, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, peer, local.ifindex, From::Egress).map_err(drop_with)?;
     Ok(Verdict::Sent(stat, code))
 }
@@ -411,47 +412,42 @@ fn reply(
 ) -> Step<Verdict> {
     translate_dst(ctx, ip, ports, v)?;
     let to = Gre::of(v);
-    let sent = deliver(
-        ctx,
-        ip.end,
-        &to,
-        arrived,
-        Stat::ReverseNat,
-        Stat::ReplyReencap,
-    );
+    let sent = deliver(ctx, ip, &to, arrived, Stat::ReverseNat, Stat::ReplyReencap);
     if !dropped(&sent) {
         frag::remember(ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
     }
     sent
 }
 
-/// Sends a reply translated back on: up to the local socket, or through `to` (tunnel and pool
-/// of the connection) to the server that owns the socket when it came through a tunnel. A packet that arrived in a
-/// tunnel keeps its outer header, rewritten (see `encap::retarget`): it is never decapsulated
-/// and encapsulated again.
+/// Sends a reply `ip` translated back on: up to the local socket, or through `to` (tunnel and
+/// pool of the connection) to the server that owns the socket when it came through a tunnel
+/// (a hop: TTL decremented). A packet that arrived in a tunnel keeps its outer header,
+/// rewritten (see `encap::retarget`): it is never decapsulated and encapsulated again.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
-    end: usize,
+    ip: &Ip,
     to: &Gre,
     arrived: Arrived,
     here: Stat,
     onward: Stat,
 ) -> Step<Verdict> {
-    let (tunnel, pool) = (to.peer, to.pool);
-    if tunnel == [0; 4] {
+    let peer = to.peer;
+    if peer == [0; 4] {
         if arrived == Arrived::Tunnel {
             encap::decapsulate(ctx).map_err(drop_with)?;
         }
         return Ok(Verdict::Pass(here));
     }
     let local = local()?;
+    nat::hop(ctx, ip).map_err(drop_with)?;
+    let key = tunnel::key(tunnel::REPLY, to.pool);
     match arrived {
-        Arrived::Plain => encap::encapsulate(ctx, end, local.fabric, tunnel, pool, mtu(local)),
-        Arrived::Tunnel => encap::retarget(ctx, end, local.fabric, tunnel, pool),
+        Arrived::Plain => encap::encapsulate(ctx, ip.end, local.fabric, peer, key, mtu(local)),
+        Arrived::Tunnel => encap::retarget(ctx, ip.end, local.fabric, peer, key),
     }
     .map_err(drop_with)?;
-    let code = redirect::to(ctx, tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
+    let code = redirect::to(ctx, peer, local.ifindex, From::Ingress).map_err(drop_with)?;
     Ok(Verdict::Sent(onward, code))
 }
 
@@ -468,7 +464,9 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     }
-    encap::encapsulate(ctx, ip.end, local.fabric, owner, pool, mtu(local)).map_err(drop_with)?;
+    nat::hop(ctx, ip).map_err(drop_with)?;
+    let key = tunnel::key(tunnel::SOFT_UNICAST, pool);
+    encap::encapsulate(ctx, ip.end, local.fabric, owner, key, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
     frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
@@ -493,12 +491,12 @@ pub fn tc_icmp_error(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext) -> Step<Verdict> {
     let outer = parse::ip(ctx).map_err(|_| Verdict::Pass(Stat::IngressMalformed))?;
-    let (ip, arrived, peer) = if outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE {
+    let (ip, arrived, from) = if outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE {
         let from = tunnel_source(ctx, &outer)?;
         let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
-        (ip, Arrived::Tunnel, from.peer)
+        (ip, Arrived::Tunnel, from)
     } else {
-        (outer, Arrived::Plain, [0; 4])
+        (outer, Arrived::Plain, Gre::NONE)
     };
     let Some(q) = icmp::quoted(ctx, &ip) else {
         return Ok(match arrived {
@@ -506,7 +504,7 @@ fn icmp_error(ctx: &TcContext) -> Step<Verdict> {
             Arrived::Tunnel => Verdict::Drop(Stat::PeerPolicy),
         });
     };
-    icmp_quoting(ctx, &ip, &q, arrived, peer)
+    icmp_quoting(ctx, &ip, &q, arrived, &from)
 }
 
 /// An ICMP error quoting `q`, a packet we sent: translated back and delivered when it is about
@@ -517,10 +515,12 @@ fn icmp_quoting(
     ip: &Ip,
     q: &Quoted,
     arrived: Arrived,
-    peer: [u8; 4],
+    from: &Gre,
 ) -> Step<Verdict> {
     let reply_key = flow::key_swapped(&q.ip, &q.ports);
-    if ip.dst == q.ip.src
+    // In a tunnel, only soft-unicast brings an error about a connection translated here.
+    if (arrived == Arrived::Plain || from.kind == tunnel::SOFT_UNICAST)
+        && ip.dst == q.ip.src
         && let Some(v) = flow::get(&reply_key, FLOW_REVERSE)
     {
         // SAFETY: map value pointer valid for this run.
@@ -529,7 +529,7 @@ fn icmp_quoting(
         let to = Gre::of(&v);
         return deliver(
             ctx,
-            ip.end,
+            ip,
             &to,
             arrived,
             Stat::IcmpErrorNat,
@@ -538,9 +538,10 @@ fn icmp_quoting(
     }
     if arrived == Arrived::Tunnel {
         // An error about a connection this server forwarded, returned by the peer it went to.
-        if let Some(v) = flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED)
+        if from.kind == tunnel::REPLY
+            && let Some(v) = flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED)
             // SAFETY: map value pointer valid for this run.
-            && unsafe { (*v).tunnel } == peer
+            && unsafe { (*v).tunnel } == from.peer
         {
             encap::decapsulate(ctx).map_err(drop_with)?;
             return Ok(Verdict::Pass(Stat::ForwardedReply));
@@ -564,8 +565,12 @@ fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     if v4(&outer.dst) != local()?.fabric {
         return Err(Verdict::Drop(Stat::GreNotLocal));
     }
-    let pool = encap::gre_key(ctx, outer).map_err(drop_with)?;
-    Ok(Gre { peer, pool })
+    let key = encap::gre_key(ctx, outer).map_err(drop_with)?;
+    Ok(Gre {
+        peer,
+        pool: tunnel::pool(key),
+        kind: tunnel::kind(key),
+    })
 }
 
 /// IPv4 GRE arriving on the uplink (tail-called from `tc_ingress`).
@@ -589,40 +594,61 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
         return Ok(jump(ctx, JUMP_FRAG_IN));
     }
     let ports = ports(ctx, &ip, Dir::Tunnel)?;
+    match from.kind {
+        tunnel::CONNECTION => peer_connection(ctx, &ip, &ports, &from),
+        // Only a reply to a translation made here (the announcing server sent it on); never
+        // anything that creates state.
+        tunnel::SOFT_UNICAST => match reverse_entry(&ip, &ports) {
+            Some(v) => reply(ctx, &ip, &ports, &v, Arrived::Tunnel),
+            None => Ok(Verdict::Drop(Stat::TunnelKind)),
+        },
+        tunnel::REPLY => forwarded_reply(ctx, &ip, &ports, &from),
+        _ => Ok(Verdict::Drop(Stat::TunnelKind)),
+    }
+}
 
-    // A reply to a translation made here (soft-unicast brought it from the announcing server).
-    if let Some(v) = reverse_entry(&ip, &ports) {
-        return reply(ctx, &ip, &ports, &v, Arrived::Tunnel);
+/// A reply of a connection this server forwarded, from the peer it went to: delivered to the
+/// socket. Another peer has no say in that connection.
+#[inline(always)]
+fn forwarded_reply(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<Verdict> {
+    let Some(v) = flow::get(&flow::key_swapped(ip, ports), FLOW_FORWARDED) else {
+        return Ok(Verdict::Drop(Stat::TunnelKind));
+    };
+    // SAFETY: map value pointer valid for this run.
+    if unsafe { (*v).tunnel } != from.peer {
+        return Ok(Verdict::Drop(Stat::PeerPolicy));
     }
-    // A reply of a connection this server forwarded, from the peer it went to: deliver it to
-    // the socket. Another peer has no say in that connection.
-    if let Some(v) = flow::get(&flow::key_swapped(&ip, &ports), FLOW_FORWARDED) {
-        // SAFETY: map value pointer valid for this run.
-        if unsafe { (*v).tunnel } != from.peer {
-            return Ok(Verdict::Drop(Stat::PeerPolicy));
-        }
-        flow::touch_reply(v, &ports);
-        clamp(ctx, &ip, &ports, local()?);
-        encap::decapsulate(ctx).map_err(drop_with)?;
-        return Ok(Verdict::Pass(Stat::ForwardedReply));
-    }
-    peer_connection(ctx, &ip, &ports, &from)
+    flow::touch_reply(v, ports);
+    clamp(ctx, ip, ports, local()?);
+    encap::decapsulate(ctx).map_err(drop_with)?;
+    frag::remember(ip, FRAG_DELIVER, &[0; 16], from.peer, 0);
+    Ok(Verdict::Pass(Stat::ForwardedReply))
 }
 
 /// A tunnel end and key: where a tunnelled packet came from (the peer's fabric address and the
-/// GRE key, a pool id), or where a reply goes on to (zero address: nowhere, it is local).
+/// GRE key: pool id and kind), or where a reply goes on to (zero address: nowhere, it is local).
 struct Gre {
     peer: [u8; 4],
     pool: u32,
+    /// A `tunnel::*` kind.
+    kind: u32,
 }
 
 impl Gre {
-    /// The tunnel and pool of a connection's entry.
+    /// No tunnel (a packet that arrived plain).
+    const NONE: Gre = Gre {
+        peer: [0; 4],
+        pool: 0,
+        kind: 0,
+    };
+
+    /// Where a reply of the connection with entry `v` goes on to.
     #[inline(always)]
     fn of(v: &FlowValue) -> Gre {
         Gre {
             peer: v.tunnel,
             pool: v.pool,
+            kind: tunnel::REPLY,
         }
     }
 }
@@ -688,6 +714,7 @@ fn peer_send(
     bound: &FlowValue,
     ifindex: u32,
 ) -> Step<Verdict> {
+    nat::hop(ctx, ip).map_err(drop_with)?;
     clamp_if_shared(ctx, ip, ports, bound);
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
@@ -742,7 +769,8 @@ fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
         }
         FRAG_ENCAP => {
             let local = local()?;
-            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, f.pool, mtu(local))
+            let key = tunnel::key(tunnel::CONNECTION, f.pool);
+            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, key, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Egress).map_err(drop_with)?;
@@ -765,12 +793,12 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
     let outer = parse::ip(ctx).map_err(|_| Verdict::Pass(Stat::IngressMalformed))?;
     let tunnelled =
         outer.family == FAMILY_V4 && outer.proto == IPPROTO_GRE && outer.frag == parse::FRAG_NONE;
-    let (ip, arrived, peer) = if tunnelled {
+    let (ip, arrived, from) = if tunnelled {
         let from = tunnel_source(ctx, &outer)?;
         let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
-        (ip, Arrived::Tunnel, from.peer)
+        (ip, Arrived::Tunnel, from)
     } else {
-        (outer, Arrived::Plain, [0; 4])
+        (outer, Arrived::Plain, Gre::NONE)
     };
     let unknown = match arrived {
         Arrived::Plain => Verdict::Pass(Stat::IngressNoFlow),
@@ -779,16 +807,27 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
     let Some(f) = frag::lookup(&ip) else {
         return Ok(unknown);
     };
+    // In a tunnel, each entry kind only with the packet kind that made it.
+    let kind_fits = match f.kind {
+        FRAG_DST => tunnel::SOFT_UNICAST,
+        FRAG_SRC => tunnel::CONNECTION,
+        FRAG_DELIVER => tunnel::REPLY,
+        _ => 0,
+    } == from.kind;
+    if arrived == Arrived::Tunnel && !kind_fits {
+        return Ok(unknown);
+    }
     match (f.kind, arrived) {
         (FRAG_DST, _) => {
             nat::rewrite_addr(ctx, &ip, nat::Side::Dst, &f.addr).map_err(drop_with)?;
             let to = Gre {
                 peer: f.tunnel,
                 pool: f.pool,
+                kind: tunnel::REPLY,
             };
             deliver(
                 ctx,
-                ip.end,
+                &ip,
                 &to,
                 arrived,
                 Stat::FragmentFollowed,
@@ -797,19 +836,26 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
         }
         (FRAG_ENCAP, Arrived::Plain) => {
             let local = local()?;
-            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, f.pool, mtu(local))
+            nat::hop(ctx, &ip).map_err(drop_with)?;
+            let key = tunnel::key(tunnel::SOFT_UNICAST, f.pool);
+            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, key, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;
             Ok(Verdict::Sent(Stat::FragmentFollowed, code))
         }
-        (FRAG_SRC, Arrived::Tunnel) if f.tunnel == peer => {
+        (FRAG_SRC, Arrived::Tunnel) if f.tunnel == from.peer => {
             let local = local()?;
+            nat::hop(ctx, &ip).map_err(drop_with)?;
             nat::rewrite_addr(ctx, &ip, nat::Side::Src, &f.addr).map_err(drop_with)?;
             encap::decapsulate(ctx).map_err(drop_with)?;
             let code =
                 redirect::to(ctx, v4(&ip.dst), local.ifindex, From::Ingress).map_err(drop_with)?;
             Ok(Verdict::Sent(Stat::FragmentFollowed, code))
+        }
+        (FRAG_DELIVER, Arrived::Tunnel) if f.tunnel == from.peer => {
+            encap::decapsulate(ctx).map_err(drop_with)?;
+            Ok(Verdict::Pass(Stat::FragmentFollowed))
         }
         _ => Ok(unknown),
     }

@@ -187,3 +187,25 @@ fn write_ipv4_addr(ctx: &TcContext, ip: &Ip, side: Side, old4: u32, new4: u32) -
     .map_err(fail)?;
     write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)
 }
+
+/// Decrements the TTL of an IPv4 packet this server sends on to another host, as a router does,
+/// and fixes the header checksum. A packet whose TTL would reach 0 is refused: a forwarding
+/// loop (a misrouted pool address) dies out instead of circling. IPv6 is never sent on.
+#[inline(always)]
+pub fn hop(ctx: &TcContext, ip: &Ip) -> Result<(), Stat> {
+    if ip.family != FAMILY_V4 {
+        return Ok(());
+    }
+    let fail = |()| Stat::RewriteFailed;
+    // TTL and protocol: one checksum word.
+    let w: [u8; 2] = read(ctx, ip.l3_off + 8).map_err(fail)?;
+    if w[0] <= 1 {
+        return Err(Stat::TtlExceeded);
+    }
+    let next = [w[0] - 1, w[1]];
+    let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
+    let mut d = csum::Delta::default();
+    d.word(u16::from_ne_bytes(w), u16::from_ne_bytes(next));
+    write(ctx, ip.l3_off + 8, &next).map_err(fail)?;
+    write(ctx, ip.l3_off + 10, &d.apply(check)).map_err(fail)
+}

@@ -63,7 +63,7 @@ pub struct Server {
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
-    /// Unique, 1..=4294967295; carried in the GRE key of forwarded packets.
+    /// Unique, 1..=1073741823; carried in the GRE key of tunnel packets (30 bits).
     pub id: u64,
     #[serde(default)]
     pub ipv6_prefix: Option<Ipv6Net>,

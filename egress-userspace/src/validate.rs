@@ -290,10 +290,12 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
             format!("{p}.id"),
             "pool id",
         );
-        if !(1..=u64::from(u32::MAX)).contains(&pool.id) {
+        // The GRE key carries the id in 30 bits (the other two say what the tunnel carries).
+        let max = egress_common::fabric::tunnel::MAX_POOL_ID;
+        if !(1..=u64::from(max)).contains(&pool.id) {
             errs.add(
                 format!("{p}.id"),
-                format!("{} is outside 1..=4294967295", pool.id),
+                format!("{} is outside 1..={max}", pool.id),
             );
         }
         if let Some(prefix) = pool.ipv6_prefix {
@@ -595,7 +597,7 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
                 name: "pool id 0",
                 edit: ("id = 7", "id = 0"),
                 path: "pools[0].id",
-                says: "outside 1..=4294967295",
+                says: "outside 1..=1073741823",
             },
             Case {
                 name: "port range above 65535",

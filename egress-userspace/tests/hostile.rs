@@ -8,11 +8,17 @@ mod common;
 use egress::flows;
 use egress::testrun::{
     FIXTURE_TOPOLOGY as TOPOLOGY, Hook, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, TestNet,
-    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, tcp},
+    packet::{
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, gre_frame, parse, tcp, verify_checksums, with_ttl,
+    },
 };
-use egress_common::stats::Stat;
+use egress_common::{fabric::tunnel, stats::Stat};
 
 const NS: u64 = 1_000_000_000;
+const TC_ACT_REDIRECT: u32 = 7;
+/// This server (a) and its peers b, c in the fixture.
+const A: [u8; 4] = [10, 50, 0, 11];
+const B: [u8; 4] = [10, 50, 0, 12];
 
 fn datapath_with(capacity: u32) -> (TestNet, TestDatapath) {
     common::require_root();
@@ -91,7 +97,7 @@ fn a_full_flow_table_refuses_new_connections_and_keeps_established_ones() {
     );
     let n = entries(&dp);
     assert!(
-        n <= CAPACITY as usize && n % 2 == 0,
+        n <= CAPACITY as usize && n.is_multiple_of(2),
         "{n} entries: whole connections only, no half left by the refused one"
     );
     assert_eq!(
@@ -182,4 +188,165 @@ fn spoofed_rst_and_fin_do_not_cut_a_live_connection() {
     assert_eq!(collect(&mut dp, 11), 1, "a RST left unanswered ends it");
     assert_eq!(entries(&dp), 0);
     assert_eq!(dp.counter(Stat::SnatNew), 1);
+}
+
+/// Runs `p` on ingress and checks that it was dropped with `stat` and changed no flow entry.
+fn refused(dp: &mut TestDatapath, name: &str, p: &[u8], stat: Stat) {
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    let count = dp.counter(stat);
+    let out = dp.run(Hook::Ingress, 0, p).unwrap();
+    assert_eq!(out.verdict, TC_ACT_SHOT, "{name}: dropped");
+    assert_eq!(
+        dp.counter(stat),
+        count + 1,
+        "{name}: {} counted",
+        stat.name()
+    );
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(before, after, "{name}: no flow entry created or touched");
+}
+
+/// The GRE key says what a tunnel packet carries; a packet whose kind does not fit what it
+/// meets here is dropped and creates nothing: a soft-unicast packet only ever meets an existing
+/// connection, a reply only a connection forwarded to that very peer.
+#[test]
+fn a_tunnel_packet_is_taken_only_as_the_kind_it_says() {
+    let (_net, mut dp) = datapath_with(1024);
+    let key = |kind| tunnel::key(kind, 7);
+    // A peer-connection-shaped packet (b's socket to an origin), under each other kind.
+    let conn = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    refused(
+        &mut dp,
+        "a connection sent as soft-unicast",
+        &gre_frame(B, A, key(tunnel::SOFT_UNICAST), &conn),
+        Stat::TunnelKind,
+    );
+    refused(
+        &mut dp,
+        "a connection sent as a reply",
+        &gre_frame(B, A, key(tunnel::REPLY), &conn),
+        Stat::TunnelKind,
+    );
+    refused(
+        &mut dp,
+        "a key without a kind",
+        &gre_frame(B, A, 7, &conn),
+        Stat::TunnelKind,
+    );
+
+    // A connection translated here and one forwarded from here (gamma → b).
+    let port = open(&mut dp, 9300, true).unwrap();
+    let fwd = tcp("10.50.0.11", 9301, "203.0.113.200", 80, TCP_SYN);
+    assert_eq!(dp.run(Hook::Egress, 0, &fwd).unwrap().verdict, TC_ACT_OK);
+    let reply_here = tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_ACK);
+    let reply_fwd = tcp("203.0.113.200", 80, "10.50.0.11", 9301, TCP_SYN | TCP_ACK);
+    refused(
+        &mut dp,
+        "a reply to a translation made here, sent as a reply of a forwarded connection",
+        &gre_frame(B, A, key(tunnel::REPLY), &reply_here),
+        Stat::TunnelKind,
+    );
+    refused(
+        &mut dp,
+        "a reply to a translation made here, sent as a connection",
+        &gre_frame(B, A, key(tunnel::CONNECTION), &reply_here),
+        Stat::PeerPolicy,
+    );
+    refused(
+        &mut dp,
+        "a forwarded connection's reply sent as soft-unicast",
+        &gre_frame(B, A, tunnel::key(tunnel::SOFT_UNICAST, 9), &reply_fwd),
+        Stat::TunnelKind,
+    );
+    // Each as the kind it is: taken.
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &gre_frame(B, A, key(tunnel::SOFT_UNICAST), &reply_here),
+        )
+        .unwrap();
+    assert_eq!(
+        (out.verdict, parse(&out.packet).dport),
+        (TC_ACT_OK, 9300),
+        "soft-unicast reply delivered"
+    );
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &gre_frame(B, A, tunnel::key(tunnel::REPLY, 9), &reply_fwd),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "forwarded reply delivered");
+    assert_eq!(dp.counter(Stat::ForwardedReply), 1);
+}
+
+/// Every packet this server sends on to another host is a router hop: its (inner) TTL goes down
+/// by one, with a valid checksum, and at 1 it is dropped, counted, leaving nothing behind. A
+/// forwarding loop dies out.
+#[test]
+fn every_hop_decrements_the_ttl_and_drops_at_one() {
+    let (_net, mut dp) = datapath_with(1024);
+    // Soft-unicast: a packet for b's port range of 192.0.2.10.
+    let stray = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK);
+    refused(
+        &mut dp,
+        "soft-unicast at TTL 1",
+        &with_ttl(&stray, 1),
+        Stat::TtlExceeded,
+    );
+    let out = dp.run(Hook::Ingress, 0, &with_ttl(&stray, 2)).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "soft-unicast at TTL 2: sent");
+    let inner = inner_of(&out.packet);
+    assert_eq!(inner[14 + 8], 1, "soft-unicast: TTL 2 → 1");
+    verify_checksums(&inner).unwrap();
+
+    // A peer's connection: translated and sent to the origin.
+    let conn = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let conn_key = tunnel::key(tunnel::CONNECTION, 7);
+    refused(
+        &mut dp,
+        "a peer's new connection at TTL 1",
+        &gre_frame(B, A, conn_key, &with_ttl(&conn, 1)),
+        Stat::TtlExceeded,
+    );
+    assert_eq!(entries(&dp), 0, "its claim released");
+    let out = dp
+        .run(Hook::Ingress, 0, &gre_frame(B, A, conn_key, &conn))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet[14 + 8], 63, "peer SNAT: TTL 64 → 63");
+    verify_checksums(&out.packet).unwrap();
+    let port = parse(&out.packet).sport;
+
+    // The origin's reply, sent on to b.
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_SYN | TCP_ACK);
+    // (It refreshes its connection's entry like any reply, then is dropped.)
+    let out = dp.run(Hook::Ingress, 0, &with_ttl(&reply, 1)).unwrap();
+    assert_eq!(out.verdict, TC_ACT_SHOT, "a reply re-encapsulated at TTL 1");
+    assert_eq!(dp.counter(Stat::TtlExceeded), 3);
+    assert_eq!(entries(&dp), 2);
+    let out = dp.run(Hook::Ingress, 0, &reply).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let inner = inner_of(&out.packet);
+    assert_eq!(inner[14 + 8], 63, "reply re-encap: TTL 64 → 63");
+    verify_checksums(&inner).unwrap();
+
+    // Replies delivered here are not hops: the TTL stays.
+    let local = open(&mut dp, 9400, false).unwrap();
+    let back = tcp("203.0.113.1", 80, "192.0.2.10", local, TCP_SYN | TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &with_ttl(&back, 1)).unwrap();
+    assert_eq!(
+        (out.verdict, out.packet[14 + 8]),
+        (TC_ACT_OK, 1),
+        "a local delivery at TTL 1"
+    );
+}
+
+/// The inner packet of an encapsulated frame, as a frame of its own.
+fn inner_of(frame: &[u8]) -> Vec<u8> {
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&frame[14 + 28..]);
+    inner
 }

@@ -11,7 +11,7 @@ use egress::{
     testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
     validate,
 };
-use egress_common::stats::Stat;
+use egress_common::{fabric::tunnel, stats::Stat};
 
 use egress::testrun::FIXTURE_TOPOLOGY as TOPOLOGY;
 
@@ -708,6 +708,17 @@ const A: [u8; 4] = [10, 50, 0, 11];
 const B: [u8; 4] = [10, 50, 0, 12];
 const TC_ACT_REDIRECT: u32 = 7;
 
+/// GRE keys of the fixture's pools (acme 7, gamma 9), by what the tunnel carries.
+fn conn_key(pool: u32) -> u32 {
+    tunnel::key(tunnel::CONNECTION, pool)
+}
+fn soft_key(pool: u32) -> u32 {
+    tunnel::key(tunnel::SOFT_UNICAST, pool)
+}
+fn reply_key(pool: u32) -> u32 {
+    tunnel::key(tunnel::REPLY, pool)
+}
+
 /// Checks an encapsulated frame byte for byte up to the inner packet: L2 to `dmac` from the
 /// uplink, outer IPv4 and GRE exactly as built independently by the test, inner checksums valid.
 /// Returns the inner packet as a frame of its own.
@@ -755,7 +766,7 @@ fn forwarding_paths() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        9,
+        conn_key(9),
     );
     assert_eq!(
         parse(&inner),
@@ -781,7 +792,7 @@ fn forwarding_paths() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        9,
+        conn_key(9),
     );
     assert_eq!(
         inner[14..],
@@ -800,7 +811,11 @@ fn forwarding_paths() {
         1460,
     );
     let out = dp
-        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 9, &synack))
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, reply_key(9), &synack),
+        )
         .unwrap();
     assert_eq!(out.verdict, TC_ACT_OK, "forwarded reply delivered");
     assert_eq!(
@@ -820,7 +835,11 @@ fn forwarding_paths() {
     //    share, sent to the origin's gateway.
     let req = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
     let out = dp
-        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &req))
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &req),
+        )
         .unwrap();
     assert_eq!(
         out.verdict, TC_ACT_REDIRECT,
@@ -855,7 +874,7 @@ fn forwarding_paths() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        7,
+        reply_key(7),
     );
     let r = parse(&inner);
     assert_eq!(
@@ -876,12 +895,12 @@ fn forwarding_paths() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        7,
+        soft_key(7),
     );
     assert_eq!(
         inner[14..],
-        stray[14..],
-        "soft-unicast: inner packet unchanged"
+        packet::hopped(&stray)[14..],
+        "soft-unicast: inner packet unchanged but for the TTL"
     );
     assert_eq!(dp.counter(Stat::SoftUnicast), 1);
 
@@ -899,30 +918,30 @@ fn forwarding_paths() {
 fn gre_is_accepted_from_known_peers_only() {
     let (_net, mut dp) = datapath(TOPOLOGY);
     let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
-    let unknown = packet::gre_frame([10, 50, 9, 9], A, 7, &inner);
-    let mut no_key = packet::gre_frame(B, A, 7, &inner);
+    let unknown = packet::gre_frame([10, 50, 9, 9], A, conn_key(7), &inner);
+    let mut no_key = packet::gre_frame(B, A, conn_key(7), &inner);
     no_key[14 + 20] = 0; // clear the key flag
-    let mut ipv6_inside = packet::gre_frame(B, A, 7, &inner);
+    let mut ipv6_inside = packet::gre_frame(B, A, conn_key(7), &inner);
     ipv6_inside[14 + 22..14 + 24].copy_from_slice(&[0x86, 0xdd]);
     // gamma (key 9) covers 203.0.113.128/25 and a holds no share of it.
     let not_held = packet::gre_frame(
         B,
         A,
-        9,
+        conn_key(9),
         &tcp("10.50.0.12", 6000, "203.0.113.200", 80, TCP_SYN),
     );
     // acme (key 7) has no policy towards 198.51.100.1: a peer may not use a's share for it.
     let off_policy = packet::gre_frame(
         B,
         A,
-        7,
+        conn_key(7),
         &tcp("10.50.0.12", 6000, "198.51.100.1", 80, TCP_SYN),
     );
     // A reply-shaped packet (to a pool address) that no connection here explains.
     let stray_reply = packet::gre_frame(
         B,
         A,
-        7,
+        conn_key(7),
         &tcp("203.0.113.1", 80, "192.0.2.10", 40500, TCP_SYN | TCP_ACK),
     );
     let fixtures = [
@@ -993,13 +1012,17 @@ fn own_packets_are_recognised_by_what_they_are_never_by_the_mark() {
     // A peer's connection translated here, as the ingress program sends it out.
     let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
     let out = dp
-        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
         .unwrap();
     assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
     let sent = out.packet;
     assert_eq!(parse(&sent).src, ip("192.0.2.10"), "translated by the peer");
-    let gre_to_peer = packet::gre_frame(A, B, 7, &inner);
-    let gre_to_origin = packet::gre_frame(A, [203, 0, 113, 1], 7, &inner);
+    let gre_to_peer = packet::gre_frame(A, B, conn_key(7), &inner);
+    let gre_to_origin = packet::gre_frame(A, [203, 0, 113, 1], conn_key(7), &inner);
     let own = [
         ("GRE from this server to a peer", gre_to_peer),
         ("a peer's connection translated here", sent),
@@ -1211,7 +1234,12 @@ fn icmp_errors_are_translated_back() {
     // 4. A peer's connection translated here: the error goes back to the peer through the
     // tunnel, translated.
     let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
-    let sent = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &inner)).packet;
+    let sent = run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, conn_key(7), &inner),
+    )
+    .packet;
     let err = packet::icmp_error(router4, ip("192.0.2.10"), (3, 4), 1300, &sent, 1000);
     let before = dp.counter(Stat::IcmpErrorReencap);
     let out = run(&mut dp, Hook::Ingress, &err);
@@ -1223,17 +1251,23 @@ fn icmp_errors_are_translated_back() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        7,
+        reply_key(7),
     );
     assert_eq!(parse(&back).dst, ip("10.50.0.12"));
+    // As this server sent it on: one hop further.
+    let inner_sent = packet::hopped(&inner);
     assert_eq!(
         ip_part(&packet::quoted_frame(&back), 1000),
-        ip_part(&inner, 1000),
+        ip_part(&inner_sent, 1000),
         "the peer gets its socket's packet quoted"
     );
 
     // 5. The same error brought here by soft-unicast (in a tunnel): retargeted in place.
-    let out = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &err));
+    let out = run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, soft_key(7), &err),
+    );
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "tunnelled error: sent on");
     let back = check_encapsulated(
         "tunnelled error to the peer",
@@ -1241,11 +1275,11 @@ fn icmp_errors_are_translated_back() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        7,
+        reply_key(7),
     );
     assert_eq!(
         ip_part(&packet::quoted_frame(&back), 1000),
-        ip_part(&inner, 1000)
+        ip_part(&inner_sent, 1000)
     );
 
     // 6. An error about b's port range (41000-42000) goes to b unchanged.
@@ -1264,9 +1298,13 @@ fn icmp_errors_are_translated_back() {
         &out.packet,
         egress::testrun::PEER_MAC,
         B,
-        7,
+        soft_key(7),
     );
-    assert_eq!(&inner_out[14..], &err[14..], "unchanged");
+    assert_eq!(
+        &inner_out[14..],
+        &packet::hopped(&err)[14..],
+        "unchanged but for the TTL"
+    );
 
     // 7. An error about nothing here: untouched.
     let nobody = tcp("192.0.2.10", 40500, "203.0.113.1", 80, TCP_SYN);
@@ -1281,7 +1319,11 @@ fn icmp_errors_are_translated_back() {
     run(&mut dp, Hook::Egress, &fwd);
     let err = packet::icmp_error(router4, ip("10.50.0.11"), (3, 4), 1300, &fwd, 1000);
     let before = dp.counter(Stat::ForwardedReply);
-    let out = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 9, &err));
+    let out = run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, reply_key(9), &err),
+    );
     assert_eq!(out.verdict, TC_ACT_OK, "returned error delivered");
     assert_eq!(dp.counter(Stat::ForwardedReply), before + 1);
     assert_eq!(&out.packet[14..], &err[14..], "decapsulated, unchanged");
@@ -1366,19 +1408,44 @@ fn fragments_follow_their_first_fragment() {
             "forwarded {what} fragment: unchanged inside"
         );
     }
+    // b returns a fragmented reply: both pieces reach the socket, decapsulated.
+    let reply = udp_datagram("203.0.113.200", 53, "10.50.0.11", 5354, 1200);
+    let (rf, rl) = packet::fragments(&reply, 800, 0x4747);
+    let before = followed(&dp);
+    for (what, p) in [("first", &rf), ("later", &rl)] {
+        let out = run(
+            &mut dp,
+            Hook::Ingress,
+            &packet::gre_frame(B, A, reply_key(9), p),
+        );
+        assert_eq!(
+            (out.verdict, &out.packet[14..]),
+            (TC_ACT_OK, &p[14..]),
+            "forwarded reply's {what} fragment: delivered decapsulated"
+        );
+    }
+    assert_eq!(followed(&dp), before + 1, "the later one followed");
 
     // 4. A peer's datagram in the tunnel: translated here, both pieces; the later one then
     // passes egress as this server's own.
     let dgram = udp_datagram("10.50.0.12", 6000, "203.0.113.1", 53, 1200);
     let (first, later) = packet::fragments(&dgram, 800, 0x4444);
-    let f = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &first));
+    let f = run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, conn_key(7), &first),
+    );
     assert_eq!(
         dp.counter(Stat::PeerSnat),
         1,
         "peer's first fragment translated"
     );
     let before = followed(&dp);
-    let l = run(&mut dp, Hook::Ingress, &packet::gre_frame(B, A, 7, &later));
+    let l = run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, conn_key(7), &later),
+    );
     assert_eq!(followed(&dp), before + 1, "peer's later fragment followed");
     assert_eq!(parse(&l.packet).src, ip("192.0.2.10"));
     verify_checksums(&packet::reassemble(&f.packet, &l.packet))
@@ -1392,7 +1459,7 @@ fn fragments_follow_their_first_fragment() {
     );
     assert_eq!(dp.counter(Stat::Ours), ours + 1);
     // Another peer (c) sending a fragment under b's datagram key gets nothing.
-    let stranger = packet::gre_frame([10, 50, 0, 13], A, 7, &later);
+    let stranger = packet::gre_frame([10, 50, 0, 13], A, conn_key(7), &later);
     let before = dp.counter(Stat::Fragment);
     assert_eq!(run(&mut dp, Hook::Ingress, &stranger).verdict, TC_ACT_SHOT);
     assert_eq!(
@@ -1422,7 +1489,7 @@ fn fragments_follow_their_first_fragment() {
 /// packet like `check_encapsulated` (fragments carry no verifiable transport checksum).
 fn check_encapsulated_fragment(net: &egress::testrun::TestNet, out: &[u8]) -> Vec<u8> {
     assert_eq!(&out[6..12], &net.mac, "source MAC is the uplink's");
-    let want = packet::gre_outer(A, B, 9, out.len() - 14 - 28);
+    let want = packet::gre_outer(A, B, conn_key(9), out.len() - 14 - 28);
     assert_eq!(
         &out[14..42],
         &want[..],
@@ -1442,22 +1509,29 @@ fn soft_unicast_strays_create_nothing_even_under_a_catch_all_policy() {
         "{TOPOLOGY}\n[[policies]]\npool = \"acme\"\nmark = 99\ndestinations = [\"0.0.0.0/0\"]\n"
     );
     let (_net, mut dp) = datapath(&topology);
-    for (sport, dport) in [(80, 40500), (4444, 41500), (53, 2500)] {
-        let stray = packet::gre_frame(
-            B,
-            A,
-            7,
-            &tcp("198.51.100.9", sport, "192.0.2.10", dport, TCP_SYN),
-        );
-        let f = Fixture {
-            name: "a stray to a pool address in a tunnel",
-            hook: Hook::Ingress,
-            mark: 0,
-            packet: stray,
-            want: Want::Dropped,
-            counter: Stat::PeerPolicy,
-        };
-        check(&mut dp, &f);
+    // Whether it says it is soft-unicast (it matches no connection) or a connection (to a pool
+    // address).
+    for (key, counter) in [
+        (soft_key(7), Stat::TunnelKind),
+        (conn_key(7), Stat::PeerPolicy),
+    ] {
+        for (sport, dport) in [(80, 40500), (4444, 41500), (53, 2500)] {
+            let stray = packet::gre_frame(
+                B,
+                A,
+                key,
+                &tcp("198.51.100.9", sport, "192.0.2.10", dport, TCP_SYN),
+            );
+            let f = Fixture {
+                name: "a stray to a pool address in a tunnel",
+                hook: Hook::Ingress,
+                mark: 0,
+                packet: stray,
+                want: Want::Dropped,
+                counter,
+            };
+            check(&mut dp, &f);
+        }
     }
     assert_eq!(dp.maps.flows.iter().count(), 0, "no state created");
 }
@@ -1468,7 +1542,11 @@ fn another_peer_cannot_touch_a_peers_connection() {
     let (_net, mut dp) = datapath(TOPOLOGY);
     let inner = tcp("10.50.0.12", 6100, "203.0.113.1", 80, TCP_SYN);
     let out = dp
-        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
         .unwrap();
     let port = parse(&out.packet).sport;
     let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
@@ -1478,7 +1556,7 @@ fn another_peer_cannot_touch_a_peers_connection() {
             name: "c on b's connection",
             hook: Hook::Ingress,
             mark: 0,
-            packet: packet::gre_frame([10, 50, 0, 13], A, 7, &theirs),
+            packet: packet::gre_frame([10, 50, 0, 13], A, conn_key(7), &theirs),
             want: Want::Dropped,
             counter: Stat::PeerPolicy,
         };
@@ -1490,7 +1568,11 @@ fn another_peer_cannot_touch_a_peers_connection() {
         "b's entries untouched (times, flags, binding)"
     );
     let again = dp
-        .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 7, &inner))
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
         .unwrap();
     assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
 }
@@ -1505,7 +1587,7 @@ fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
         name: "GRE from a peer to another fabric address",
         hook: Hook::Ingress,
         mark: 0,
-        packet: packet::gre_frame(B, [10, 50, 0, 99], 7, &inner),
+        packet: packet::gre_frame(B, [10, 50, 0, 99], conn_key(7), &inner),
         want: Want::Dropped,
         counter: Stat::GreNotLocal,
     };
@@ -1528,7 +1610,7 @@ fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
             name,
             hook: Hook::Ingress,
             mark: 0,
-            packet: packet::gre_frame([10, 50, 0, 13], A, 9, p),
+            packet: packet::gre_frame([10, 50, 0, 13], A, reply_key(9), p),
             want: Want::Dropped,
             counter: Stat::PeerPolicy,
         };
@@ -1540,7 +1622,7 @@ fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
     for p in [&synack, &err] {
         let before = dp.counter(Stat::ForwardedReply);
         let out = dp
-            .run(Hook::Ingress, 0, &packet::gre_frame(B, A, 9, p))
+            .run(Hook::Ingress, 0, &packet::gre_frame(B, A, reply_key(9), p))
             .unwrap();
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(
@@ -1577,7 +1659,7 @@ fn a_dropped_first_packet_holds_no_state() {
         name: "a peer's first packet with no route onward",
         hook: Hook::Ingress,
         mark: 0,
-        packet: packet::gre_frame(B, A, 7, &inner),
+        packet: packet::gre_frame(B, A, conn_key(7), &inner),
         want: Want::Dropped,
         counter: Stat::NoRoute,
     };

@@ -187,7 +187,12 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             TCP_ACK,
             frame - 28,
         );
-        let gre = packet::gre_frame([10, 50, 0, 12], [10, 50, 0, 11], 7, &inner);
+        let gre = packet::gre_frame(
+            [10, 50, 0, 12],
+            [10, 50, 0, 11],
+            egress_common::fabric::tunnel::key(egress_common::fabric::tunnel::CONNECTION, 7),
+            &inner,
+        );
         let peer_bound = packet::parse(&dp.run(Hook::Ingress, 0, &gre)?.packet);
         out.push(stats(
             "peer (decapsulate + SNAT)",

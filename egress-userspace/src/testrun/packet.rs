@@ -428,3 +428,19 @@ pub fn ipv4_header_ok(p: &[u8]) -> bool {
     let hlen = usize::from(p[14] & 0xf) * 4;
     fold(sum(&p[14..14 + hlen], 0)) == 0
 }
+
+/// `frame` as a router sends it on: IPv4 TTL one lower, header checksum recomputed.
+pub fn hopped(frame: &[u8]) -> Vec<u8> {
+    with_ttl(frame, frame[14 + 8] - 1)
+}
+
+/// `frame` (IPv4) with TTL `ttl`, header checksum recomputed.
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    let mut p = frame.to_vec();
+    let hlen = usize::from(p[14] & 0xf) * 4;
+    p[14 + 8] = ttl;
+    p[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let check = fold(sum(&p[14..14 + hlen], 0));
+    p[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    p
+}
