@@ -46,7 +46,9 @@ pub struct Local {
     pub ifindex: u32,
     /// Largest TCP MSS of a forwarded IPv4 connection: uplink MTU - 40 - ENCAP_LEN.
     pub mss_v4: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Most connections one peer may have translated here at once (`PEER_LOAD`); 0: no limit.
+    pub peer_budget: u32,
 }
 const _: () = assert!(core::mem::size_of::<Local>() == 16);
 
@@ -87,6 +89,9 @@ pub struct Owners {
 const _: () = assert!(core::mem::size_of::<Owners>() == 136);
 
 pub const PEERS_CAPACITY: u32 = 65536;
+/// Default [`Local::peer_budget`]: a quarter of the default flow table (two entries each), so
+/// that no one peer can fill the table.
+pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 8;
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;

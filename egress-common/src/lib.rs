@@ -27,9 +27,11 @@ pub mod map_names {
     /// no agent runs.
     pub const JUMP: &str = "JUMP";
     pub const FRAGS: &str = "FRAGS";
+    /// Connections translated here per peer (the peer budget), recounted by the agent.
+    pub const PEER_LOAD: &str = "PEER_LOAD";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         STATS,
         POLICY_V4,
         POLICY_V6,
@@ -41,6 +43,7 @@ pub mod map_names {
         PEER_POLICY,
         JUMP,
         FRAGS,
+        PEER_LOAD,
     ];
 }
 

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod budget;
 mod csum;
 mod encap;
 mod fabric;
@@ -177,11 +178,14 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
     if let Ok(p) = parsed {
         let key = flow::key(ip, p);
         if let Some(v) = flow::get_any(&key) {
+            // Whether it reopens is judged on the flags before this packet.
+            // SAFETY: map value pointer valid for this run.
+            let before = unsafe { *v };
             let v = flow::touch(v, p);
-            if !flow::reopens(&v, p) {
+            if !flow::reopens(&before, p) {
                 return established(ctx, ip, p, &v);
             }
-            flow::retire(&key, &v);
+            flow::retire(&key, &before);
         }
     }
     if policy::pool_for(ip, mark(ctx)).is_none() {
@@ -684,10 +688,14 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
             if ActionKind::from_u8(action.kind) != Some(ActionKind::Snat) {
                 return Ok(Verdict::Drop(Stat::PeerNotHeld));
             }
-            (
-                flow::claim(&key, action, pool, peer).map_err(drop_with)?,
-                true,
-            )
+            budget::take(peer, local.peer_budget).map_err(drop_with)?;
+            match flow::claim(&key, action, pool, peer) {
+                Ok(bound) => (bound, true),
+                Err(s) => {
+                    budget::give_back(peer);
+                    return Ok(Verdict::Drop(s));
+                }
+            }
         }
     };
     let sent = peer_send(ctx, ip, ports, &bound, local.ifindex);
@@ -695,6 +703,7 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
         if fresh {
             // A dropped packet holds no state.
             flow::release(&key, &bound);
+            budget::give_back(peer);
         }
         return sent;
     }
@@ -734,9 +743,11 @@ fn existing_outbound(key: &FlowKey, ports: &Ports, peer: [u8; 4]) -> Step<Option
     if unsafe { (*p).tunnel } != peer {
         return Err(Verdict::Drop(Stat::PeerPolicy));
     }
+    // SAFETY: map value pointer valid for this run.
+    let before = unsafe { *p };
     let v = flow::touch(p, ports);
-    if flow::reopens(&v, ports) {
-        flow::retire(key, &v);
+    if flow::reopens(&before, ports) {
+        flow::retire(key, &before);
         return Ok(None);
     }
     Ok(Some(v))

@@ -39,6 +39,8 @@ pub struct Options {
     pub server: Option<String>,
     pub pin_dir: Option<PathBuf>,
     pub flow_capacity: u32,
+    /// Most connections one peer may have translated here at once (0: no limit).
+    pub peer_budget: u32,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -71,6 +73,8 @@ struct Observed {
     early_dropped: u64,
     /// Whether the last collection found the table under pressure (logged on change).
     pressure: bool,
+    /// Connections translated here per peer (fabric address), at the last housekeeping.
+    peer_load: BTreeMap<Ipv4Addr, u64>,
 }
 
 pub struct Agent {
@@ -87,6 +91,7 @@ pub struct Agent {
     reloads_ok: u64,
     reloads_failed: u64,
     flow_capacity: u32,
+    peer_budget: u32,
     observed: Observed,
     warned_slices: std::collections::BTreeSet<(Ipv4Addr, u16)>,
 }
@@ -123,7 +128,11 @@ impl Agent {
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
-        maps.set_local(&loader::local_settings(server.fabric, &server.uplink)?)?;
+        maps.set_local(&loader::local_settings(
+            server.fabric,
+            &server.uplink,
+            opts.peer_budget,
+        )?)?;
         let maps_capacity = maps.flow_capacity;
         if maps_capacity != opts.flow_capacity {
             warn!(
@@ -144,6 +153,7 @@ impl Agent {
             reloads_ok: 0,
             reloads_failed: 0,
             flow_capacity: maps_capacity,
+            peer_budget: opts.peer_budget,
             observed: Observed::default(),
             warned_slices: Default::default(),
         };
@@ -352,6 +362,17 @@ impl Agent {
         }
         self.observed.entries = entries;
         self.observed.slices = slices;
+        let peer_load = flows::peer_load(
+            self.maps
+                .flows
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(_, v)| v),
+        );
+        if let Err(e) = self.maps.set_peer_load(&peer_load) {
+            warn!("recounting the peer budget: {e}");
+        }
+        self.observed.peer_load = peer_load;
         let want = plan::map_contents(&self.topology, &self.plan);
         self.observed.map_entries = [
             (map_names::POLICY_V4, want.policies_v4.len() as i64),
@@ -525,6 +546,33 @@ impl Agent {
                 })
                 .set(1);
         }
+        let load = Family::<PeerLabel, Gauge>::default();
+        r.register(
+            "peer_connections",
+            "Connections translated here for each peer (its budget: egress_peer_budget)",
+            load.clone(),
+        );
+        for s in self
+            .topology
+            .config
+            .servers
+            .iter()
+            .filter(|s| s.name != self.server)
+        {
+            let n = self.observed.peer_load.get(&s.fabric).copied().unwrap_or(0);
+            load.get_or_create(&PeerLabel {
+                server: s.name.clone(),
+                fabric: s.fabric.to_string(),
+            })
+            .set(n as i64);
+        }
+        let budget = Gauge::<i64>::default();
+        budget.set(i64::from(self.peer_budget));
+        r.register(
+            "peer_budget",
+            "Most connections one peer may have translated here (0: no limit)",
+            budget,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;
         Ok(out)

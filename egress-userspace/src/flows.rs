@@ -162,6 +162,19 @@ pub fn collect(
     Ok(done)
 }
 
+/// Connections translated here per peer: the outbound entries naming it as their tunnel.
+pub fn peer_load(
+    entries: impl IntoIterator<Item = FlowValue>,
+) -> std::collections::BTreeMap<std::net::Ipv4Addr, u64> {
+    let mut load = std::collections::BTreeMap::new();
+    for v in entries {
+        if v.kind == FLOW_OUTBOUND && v.tunnel != [0; 4] {
+            *load.entry(std::net::Ipv4Addr::from(v.tunnel)).or_default() += 1;
+        }
+    }
+    load
+}
+
 /// Whether entry `k` saw a packet since `was` was read (or is gone).
 pub fn moved(flows: &HashMap<MapData, FlowKey, FlowValue>, k: &FlowKey, was: &FlowValue) -> bool {
     flows

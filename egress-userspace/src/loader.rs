@@ -166,6 +166,8 @@ pub struct Maps {
     /// Entries `flows` can hold (as the kernel made it, also when adopted).
     pub flow_capacity: u32,
     pub local: Array<MapData, Local>,
+    /// Connections translated here per peer (fabric address, network order).
+    pub peer_load: HashMap<MapData, [u8; 4], u64>,
 }
 
 impl Maps {
@@ -177,6 +179,32 @@ impl Maps {
                 name: map_names::LOCAL,
                 source,
             })
+    }
+
+    /// Writes the true per-peer connection counts (recounted from the flow table); peers with
+    /// none are removed.
+    pub fn set_peer_load(
+        &mut self,
+        load: &std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
+    ) -> Result<(), LoadError> {
+        let bad = |source| LoadError::Map {
+            name: map_names::PEER_LOAD,
+            source,
+        };
+        let stale: Vec<[u8; 4]> = self
+            .peer_load
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !load.contains_key(&std::net::Ipv4Addr::from(*k)))
+            .collect();
+        for k in stale {
+            // Gone meanwhile is fine.
+            let _ = self.peer_load.remove(&k);
+        }
+        for (peer, n) in load {
+            self.peer_load.insert(peer.octets(), n, 0).map_err(bad)?;
+        }
+        Ok(())
     }
 }
 
@@ -214,6 +242,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
         flows: HashMap::try_from(flows).map_err(bad(map_names::FLOWS))?,
         flow_capacity,
         local: Array::try_from(take(ebpf, map_names::LOCAL)?).map_err(bad(map_names::LOCAL))?,
+        peer_load: HashMap::try_from(take(ebpf, map_names::PEER_LOAD)?)
+            .map_err(bad(map_names::PEER_LOAD))?,
     })
 }
 
@@ -371,7 +401,11 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// This server's fabric settings for the `LOCAL` map: its fabric address, the uplink's index,
 /// and the MSS that fits a forwarded IPv4 segment into the uplink's MTU.
-pub fn local_settings(fabric: std::net::Ipv4Addr, uplink: &str) -> Result<Local, LoadError> {
+pub fn local_settings(
+    fabric: std::net::Ipv4Addr,
+    uplink: &str,
+    peer_budget: u32,
+) -> Result<Local, LoadError> {
     let ifindex = ifindex(uplink).ok_or_else(|| LoadError::NoInterface {
         iface: uplink.to_string(),
         server: String::new(),
@@ -381,7 +415,8 @@ pub fn local_settings(fabric: std::net::Ipv4Addr, uplink: &str) -> Result<Local,
         fabric: fabric.octets(),
         ifindex,
         mss_v4: (mtu.saturating_sub(40 + ENCAP_LEN)).min(u32::from(u16::MAX)) as u16,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        peer_budget,
     })
 }
 

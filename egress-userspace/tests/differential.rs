@@ -693,7 +693,9 @@ fn differential() {
         fabric: cases::FABRIC,
         ifindex: net.ifindex,
         mss_v4: 1432,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        // No budget: the model sees one case at a time, not the load of earlier ones.
+        peer_budget: 0,
     };
 
     let mut tally = Tally::default();

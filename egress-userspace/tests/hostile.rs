@@ -350,3 +350,68 @@ fn inner_of(frame: &[u8]) -> Vec<u8> {
     inner.extend_from_slice(&frame[14 + 28..]);
     inner
 }
+
+/// One peer (or whoever spoofs its fabric address) can hold at most its budget of connections
+/// translated here; beyond it new ones are refused, counted, leaving nothing behind, while other
+/// peers and established connections are unaffected. The agent's recount frees the budget as
+/// connections expire.
+#[test]
+fn a_peer_gets_no_more_than_its_budget() {
+    let (net, mut dp) = datapath_with(1024);
+    dp.maps
+        .set_local(&egress_common::fabric::Local {
+            fabric: A,
+            ifindex: net.ifindex,
+            mss_v4: 1432,
+            _pad: [0; 2],
+            peer_budget: 3,
+        })
+        .unwrap();
+    let key = tunnel::key(tunnel::CONNECTION, 7);
+    let syn = |sport| tcp("10.50.0.12", sport, "203.0.113.1", 80, TCP_SYN);
+    let from = |peer: [u8; 4], sport| gre_frame(peer, A, key, &syn(sport));
+    for sport in 6000..6003 {
+        let out = dp.run(Hook::Ingress, 0, &from(B, sport)).unwrap();
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "b's connection {sport} translated"
+        );
+    }
+    refused(
+        &mut dp,
+        "b's fourth connection",
+        &from(B, 6003),
+        Stat::PeerBudget,
+    );
+    assert_eq!(entries(&dp), 6, "b's three connections only");
+    // b's established connections go on.
+    let ack = gre_frame(
+        B,
+        A,
+        key,
+        &tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_ACK),
+    );
+    assert_eq!(
+        dp.run(Hook::Ingress, 0, &ack).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+    // Another peer has a budget of its own.
+    let c = [10, 50, 0, 13];
+    let out = dp.run(Hook::Ingress, 0, &from(c, 7000)).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "c's connection translated");
+
+    // The connections expire (no reply); the recount frees b's budget.
+    let now = flows::monotonic_ns();
+    let done = flows::collect(&mut dp.maps.flows, now + 31 * NS, 1024).unwrap();
+    assert_eq!(done.expired, 4);
+    let load = flows::peer_load(dp.maps.flows.iter().map(|e| e.unwrap().1));
+    assert!(load.is_empty(), "nothing left to count: {load:?}");
+    dp.maps.set_peer_load(&load).unwrap();
+    let out = dp.run(Hook::Ingress, 0, &from(B, 6003)).unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "b may open a connection again"
+    );
+    let load = flows::peer_load(dp.maps.flows.iter().map(|e| e.unwrap().1));
+    assert_eq!(load.get(&std::net::Ipv4Addr::from(B)), Some(&1));
+}

@@ -28,6 +28,10 @@ pub struct Args {
     /// created, not when adopted.
     #[arg(long, default_value_t = egress_common::flow::FLOWS_CAPACITY)]
     flow_capacity: u32,
+    /// Most connections one peer may have translated here at once; beyond it the peer's new
+    /// connections are refused (drop_peer_budget). 0: no limit.
+    #[arg(long, default_value_t = egress_common::fabric::PEER_BUDGET)]
+    peer_budget: u32,
     /// How often expired flows are collected and usage refreshed, in seconds.
     #[arg(long, default_value_t = 5)]
     gc_interval: u64,
@@ -49,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         server: args.server.clone(),
         pin_dir: args.pin_dir.clone(),
         flow_capacity: args.flow_capacity,
+        peer_budget: args.peer_budget,
     };
     let (mut agent, mode) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()

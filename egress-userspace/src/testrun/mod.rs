@@ -152,7 +152,8 @@ impl TestDatapath {
             fabric: [10, 50, 0, 11],
             ifindex: net.ifindex,
             mss_v4: 1432,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            peer_budget: egress_common::fabric::PEER_BUDGET,
         };
         Self::with_flow_capacity(&t, "a", &local, flow_capacity)
     }
