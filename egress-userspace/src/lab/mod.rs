@@ -389,12 +389,18 @@ impl Lab {
     /// Starts the agent of `server` in its namespace, with the lab's config and a pin directory
     /// under the lab's pin root, and waits until it has attached.
     pub fn start_agent(&mut self, server: &str) -> anyhow::Result<()> {
+        self.start_agent_with(server, &[])
+    }
+
+    /// [`Lab::start_agent`] with extra agent arguments (e.g. `--peer-budget 100`).
+    pub fn start_agent_with(&mut self, server: &str, extra: &[&str]) -> anyhow::Result<()> {
         let mut cmd = netns::command_in(&self.server_ns(server), path_str(&self.egress_bin)?);
         cmd.arg("agent")
             .arg("--config")
             .arg(self.config_path())
             .args(["--server", server, "--pin-dir"])
-            .arg(self.pin_dir(server));
+            .arg(self.pin_dir(server))
+            .args(extra);
         self.spawn_until_ready(&format!("agent-{server}"), cmd)
     }
 

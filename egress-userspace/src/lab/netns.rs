@@ -86,3 +86,60 @@ pub fn kill(pid: i32, sig: i32) {
         libc::kill(pid, sig);
     }
 }
+
+/// Sends raw IPv4 packets (each a whole IP packet, header included, as crafted: any source,
+/// TTL, protocol) from network namespace `ns`, routed there by their destination. For tests that
+/// play an attacker on the internet side. Returns how many were sent.
+pub fn send_ipv4(ns: &str, packets: &[Vec<u8>]) -> anyhow::Result<usize> {
+    let path = format!("/run/netns/{ns}");
+    let packets = packets.to_vec();
+    // setns affects only the calling thread: a thread of its own enters the namespace.
+    std::thread::scope(|s| {
+        s.spawn(move || -> anyhow::Result<usize> {
+            let ns_file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on a valid namespace fd, for this thread only.
+            if unsafe {
+                libc::setns(
+                    std::os::fd::AsRawFd::as_raw_fd(&ns_file),
+                    libc::CLONE_NEWNET,
+                )
+            } != 0
+            {
+                bail!("entering {ns}: {}", io::Error::last_os_error());
+            }
+            // SAFETY: plain socket call; IPPROTO_RAW implies IP_HDRINCL.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            if fd < 0 {
+                bail!("raw socket in {ns}: {}", io::Error::last_os_error());
+            }
+            let mut sent = 0;
+            for p in &packets {
+                if p.len() < 20 {
+                    continue;
+                }
+                let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                to.sin_family = libc::AF_INET as libc::sa_family_t;
+                to.sin_addr.s_addr = u32::from_ne_bytes([p[16], p[17], p[18], p[19]]);
+                // SAFETY: p and to are valid for the lengths given.
+                let rc = unsafe {
+                    libc::sendto(
+                        fd,
+                        p.as_ptr().cast(),
+                        p.len(),
+                        0,
+                        (&to as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                if rc >= 0 {
+                    sent += 1;
+                }
+            }
+            // SAFETY: closing the socket opened above.
+            unsafe { libc::close(fd) };
+            Ok(sent)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw sender thread panicked"))?
+    })
+}
