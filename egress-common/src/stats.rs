@@ -145,6 +145,9 @@ stats! {
     /// Ingress: a peer's new connection refused because that peer already holds its budget of
     /// connections translated here; dropped.
     PeerBudget = 44 => "drop_peer_budget",
+    /// A packet to encapsulate, or a tunnel packet, with VLAN tags in the frame data (the
+    /// tunnel is built for an untagged uplink); dropped.
+    VlanTunnel = 45 => "drop_vlan_tunnel",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -50,21 +50,25 @@ fn ipv4_checksum(words: &[u16; 10]) -> u16 {
     !(sum as u16)
 }
 
-/// Wraps the (IPv4) packet ending at `end` in outer IPv4 `src` → `dst` and GRE with `key`. The segment size of
-/// GSO packets is kept (FIXED_GSO): the MSS clamp leaves room for the 28 bytes.
+/// Wraps the (IPv4) packet `ip` in outer IPv4 `src` → `dst` and GRE with `key`. The segment
+/// size of GSO packets is kept (FIXED_GSO): the MSS clamp leaves room for the 28 bytes.
 ///
 /// A non-GSO packet that would not fit `mtu` once encapsulated is refused (counted) instead of
-/// being dropped silently by the device; the MSS clamps keep TCP below it.
+/// being dropped silently by the device; the MSS clamps keep TCP below it. A frame with VLAN
+/// tags in its data is refused too: the tunnel is built for an untagged uplink.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &TcContext,
-    end: usize,
+    ip: &Ip,
     src: [u8; 4],
     dst: [u8; 4],
     key: u32,
     mtu: u32,
 ) -> Result<(), Stat> {
-    trim(ctx, end)?;
+    if ip.l3_off != ETH_LEN {
+        return Err(Stat::VlanTunnel);
+    }
+    trim(ctx, ip.end)?;
     let inner_len = ctx.len() - ETH_LEN as u32;
     // SAFETY: reading the skb's gso_size field.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;

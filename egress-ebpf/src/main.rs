@@ -320,7 +320,7 @@ fn forward(
     let local = local()?;
     clamp(ctx, ip, ports, local);
     let key = tunnel::key(tunnel::CONNECTION, pool);
-    encap::encapsulate(ctx, ip.end, local.fabric, peer, key, mtu(local)).map_err(drop_with)?;
+    encap::encapsulate(ctx, ip, local.fabric, peer, key, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, peer, local.ifindex, From::Egress).map_err(drop_with)?;
     Ok(Verdict::Sent(stat, code))
 }
@@ -447,7 +447,7 @@ fn deliver(
     nat::hop(ctx, ip).map_err(drop_with)?;
     let key = tunnel::key(tunnel::REPLY, to.pool);
     match arrived {
-        Arrived::Plain => encap::encapsulate(ctx, ip.end, local.fabric, peer, key, mtu(local)),
+        Arrived::Plain => encap::encapsulate(ctx, ip, local.fabric, peer, key, mtu(local)),
         Arrived::Tunnel => encap::retarget(ctx, ip.end, local.fabric, peer, key),
     }
     .map_err(drop_with)?;
@@ -470,7 +470,7 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<
     }
     nat::hop(ctx, ip).map_err(drop_with)?;
     let key = tunnel::key(tunnel::SOFT_UNICAST, pool);
-    encap::encapsulate(ctx, ip.end, local.fabric, owner, key, mtu(local)).map_err(drop_with)?;
+    encap::encapsulate(ctx, ip, local.fabric, owner, key, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
     frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
@@ -563,6 +563,9 @@ fn icmp_quoting(
 #[inline(always)]
 fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     let peer = v4(&outer.src);
+    if outer.l3_off != parse::ETH_LEN {
+        return Err(Verdict::Drop(Stat::VlanTunnel));
+    }
     if !fabric::is_peer(&peer) {
         return Err(Verdict::Drop(Stat::GreUnknownPeer));
     }
@@ -781,7 +784,7 @@ fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
         FRAG_ENCAP => {
             let local = local()?;
             let key = tunnel::key(tunnel::CONNECTION, f.pool);
-            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, key, mtu(local))
+            encap::encapsulate(ctx, &ip, local.fabric, f.tunnel, key, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Egress).map_err(drop_with)?;
@@ -849,7 +852,7 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
             let local = local()?;
             nat::hop(ctx, &ip).map_err(drop_with)?;
             let key = tunnel::key(tunnel::SOFT_UNICAST, f.pool);
-            encap::encapsulate(ctx, ip.end, local.fabric, f.tunnel, key, mtu(local))
+            encap::encapsulate(ctx, &ip, local.fabric, f.tunnel, key, mtu(local))
                 .map_err(drop_with)?;
             let code =
                 redirect::to(ctx, f.tunnel, local.ifindex, From::Ingress).map_err(drop_with)?;

@@ -115,15 +115,35 @@ pub enum IpError {
     Malformed,
 }
 
-/// Parses Ethernet and the IP header.
+/// Parses Ethernet (with up to two VLAN tags in the frame data: 802.1Q, 802.1ad) and the IP
+/// header.
 #[inline(always)]
 pub fn ip(ctx: &TcContext) -> Result<Ip, IpError> {
-    let proto = u16::from_be(read::<u16>(ctx, 12).map_err(|_| IpError::NotIp)?);
+    let mut off = ETH_LEN;
+    let mut proto = u16::from_be(read::<u16>(ctx, off - 2).map_err(|_| IpError::NotIp)?);
+    // Unrolled: at most two tags (a tag and its outer service tag).
+    if is_vlan(proto) {
+        off += VLAN_LEN;
+        proto = u16::from_be(read::<u16>(ctx, off - 2).map_err(|_| IpError::NotIp)?);
+        if is_vlan(proto) {
+            off += VLAN_LEN;
+            proto = u16::from_be(read::<u16>(ctx, off - 2).map_err(|_| IpError::NotIp)?);
+        }
+    }
     match proto {
-        ETH_P_IP => ipv4(ctx, ETH_LEN),
-        ETH_P_IPV6 => ipv6(ctx, ETH_LEN),
+        ETH_P_IP => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
         _ => Err(IpError::NotIp),
     }
+}
+
+/// A VLAN tag's length: TPID (the ethertype slot) and TCI; the next ethertype follows.
+const VLAN_LEN: usize = 4;
+
+/// An 802.1Q (customer) or 802.1ad (service) tag protocol id.
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == 0x8100 || ethertype == 0x88a8
 }
 
 /// Parses the IPv4 header at `off` (the inner packet of a tunnel, or a quoted one).

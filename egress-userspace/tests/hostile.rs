@@ -9,7 +9,7 @@ use egress::flows;
 use egress::testrun::{
     FIXTURE_TOPOLOGY as TOPOLOGY, Hook, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, TestNet,
     packet::{
-        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, gre_frame, parse, tcp, verify_checksums, with_ttl,
+        self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, gre_frame, parse, tcp, verify_checksums, with_ttl,
     },
 };
 use egress_common::{fabric::tunnel, stats::Stat};
@@ -414,4 +414,55 @@ fn a_peer_gets_no_more_than_its_budget() {
     );
     let load = flows::peer_load(dp.maps.flows.iter().map(|e| e.unwrap().1));
     assert_eq!(load.get(&std::net::Ipv4Addr::from(B)), Some(&1));
+}
+
+/// VLAN tags in the frame data (one 802.1Q tag, or an 802.1ad service tag over it) never let a
+/// policy packet pass untranslated: translations work through them, and what would need a
+/// tunnel is refused, counted, leaving nothing behind.
+#[test]
+fn vlan_tagged_frames_are_translated_never_passed() {
+    let (_net, mut dp) = datapath_with(1024);
+    for (name, tags) in [
+        ("802.1Q", vec![(0x8100, 100)]),
+        ("802.1ad", vec![(0x88a8, 10), (0x8100, 100)]),
+    ] {
+        let sport = 9500 + tags.len() as u16;
+        let syn = tcp("10.50.0.11", sport, "203.0.113.1", 80, TCP_SYN);
+        let out = dp
+            .run(Hook::Egress, 0, &packet::tagged(&syn, &tags))
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK, "{name}: translated");
+        let (plain, kept) = packet::untagged(&out.packet);
+        assert_eq!(kept, tags, "{name}: tags kept");
+        verify_checksums(&plain).unwrap();
+        let o = parse(&plain);
+        assert_eq!(o.src.to_string(), "192.0.2.10", "{name}: from the pool");
+        let reply = tcp("203.0.113.1", 80, "192.0.2.10", o.sport, TCP_SYN | TCP_ACK);
+        let back = dp
+            .run(Hook::Ingress, 0, &packet::tagged(&reply, &tags))
+            .unwrap();
+        let (plain, _) = packet::untagged(&back.packet);
+        verify_checksums(&plain).unwrap();
+        assert_eq!(parse(&plain).dport, sport, "{name}: reply translated back");
+
+        // Forwarded (gamma → b): refused, nothing left behind.
+        let before = entries(&dp);
+        let fwd = tcp("10.50.0.11", sport, "203.0.113.200", 80, TCP_SYN);
+        let out = dp
+            .run(Hook::Egress, 0, &packet::tagged(&fwd, &tags))
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{name}: a tunnel is refused");
+        assert_eq!(entries(&dp), before, "{name}: no forwarded entry left");
+    }
+    assert_eq!(dp.counter(Stat::VlanTunnel), 2);
+    assert_eq!(dp.counter(Stat::SnatNew), 2);
+    // A tunnel packet still tagged (a second tag the kernel did not take off).
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let gre = gre_frame(B, A, tunnel::key(tunnel::CONNECTION, 7), &inner);
+    refused(
+        &mut dp,
+        "tagged GRE",
+        &packet::tagged(&gre, &[(0x8100, 100)]),
+        Stat::VlanTunnel,
+    );
 }

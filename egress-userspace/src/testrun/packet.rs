@@ -444,3 +444,31 @@ pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
     p[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
     p
 }
+
+/// `frame` with VLAN tags (TPID, VLAN id), outermost first, inserted after the MAC addresses.
+pub fn tagged(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut p = frame[..12].to_vec();
+    for (tpid, vid) in tags {
+        p.extend_from_slice(&tpid.to_be_bytes());
+        p.extend_from_slice(&vid.to_be_bytes());
+    }
+    p.extend_from_slice(&frame[12..]);
+    p
+}
+
+/// `frame` without its VLAN tags (802.1Q, 802.1ad), and the tags it had.
+pub fn untagged(frame: &[u8]) -> (Vec<u8>, Vec<(u16, u16)>) {
+    let mut tags = Vec::new();
+    let mut off = 12;
+    loop {
+        let tpid = u16::from_be_bytes([frame[off], frame[off + 1]]);
+        if tpid != 0x8100 && tpid != 0x88a8 {
+            break;
+        }
+        tags.push((tpid, u16::from_be_bytes([frame[off + 2], frame[off + 3]])));
+        off += 4;
+    }
+    let mut p = frame[..12].to_vec();
+    p.extend_from_slice(&frame[off..]);
+    (p, tags)
+}
