@@ -125,7 +125,7 @@ fn write_outer(
     let mut outer = Outer {
         ver_ihl: 0x45,
         tos: 0,
-        tot_len_be: ((inner_len + ENCAP_LEN) as u16).to_be(),
+        tot_len_be: total_len_field(inner_len + ENCAP_LEN).to_be(),
         id: 0,
         frag_off_be: 0x4000u16.to_be(), // DF
         ttl: 64,
@@ -141,6 +141,17 @@ fn write_outer(
     let words = unsafe { &*(&outer as *const Outer as *const [u16; 10]) };
     outer.check = ipv4_checksum(words);
     ctx.store(ETH_LEN, &outer, 0).map_err(|_| Stat::EncapFailed)
+}
+
+/// The IPv4 total length field for a packet of `len` bytes: a GSO packet above 64 KiB (BIG
+/// TCP) says 0, as the kernel writes it, instead of a length wrapped to 16 bits.
+#[inline(always)]
+fn total_len_field(len: u32) -> u16 {
+    if len > u32::from(u16::MAX) {
+        0
+    } else {
+        len as u16
+    }
 }
 
 /// Checks the GRE header of `outer` (key present, no checksum or sequence, IPv4 inside) and

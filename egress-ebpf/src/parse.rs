@@ -146,6 +146,17 @@ fn is_vlan(ethertype: u16) -> bool {
     ethertype == 0x8100 || ethertype == 0x88a8
 }
 
+/// The length of what follows `off` by its length field `len`; a GSO packet above 64 KiB (BIG
+/// TCP) says 0 there, and its length is the skb's, as the kernel's `iph_totlen` takes it.
+#[inline(always)]
+fn big_len(ctx: &TcContext, off: usize, len: usize) -> usize {
+    // SAFETY: reading the skb's gso_size field.
+    if len == 0 && unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return (ctx.len() as usize).saturating_sub(off);
+    }
+    len
+}
+
 /// Parses the IPv4 header at `off` (the inner packet of a tunnel, or a quoted one).
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
@@ -154,7 +165,7 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
     if h.ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(IpError::Malformed);
     }
-    let tot = usize::from(u16::from_be(h.tot_len));
+    let tot = big_len(ctx, off, usize::from(u16::from_be(h.tot_len)));
     if tot < ihl {
         return Err(IpError::Malformed);
     }
@@ -194,7 +205,7 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.next_hdr,
         l3_off: off,
         l4_off: off + 40,
-        end: off + 40 + usize::from(u16::from_be(h.payload_len)),
+        end: off + big_len(ctx, off + 40, usize::from(u16::from_be(h.payload_len))),
         src: h.src,
         dst: h.dst,
         frag: FRAG_NONE,

@@ -22,9 +22,6 @@ const SIZE: u64 = 4 << 20;
 fn uploads_complete_across_a_smaller_mtu_local_and_forwarded() {
     let mut lab = common::lab_with_agents(&SERVERS);
     lab.add_far_origin(FAR, 1300).expect("far origin");
-    let file = lab.work_dir().join("upload.bin");
-    let data: Vec<u8> = (0..SIZE).map(egress::lab::origin::payload_byte).collect();
-    std::fs::write(&file, data).unwrap();
     // fra-a-1 translates its own connection; fra-a-2's goes through fra-a-1 (same data
     // center). 192.0.2.10 is announced via fra-a-1, so the errors arrive there.
     for (socket, counter) in [
@@ -32,41 +29,10 @@ fn uploads_complete_across_a_smaller_mtu_local_and_forwarded() {
         ("fra-a-2", "icmp_error_reencap"),
     ] {
         let before = common::counter(&lab, "fra-a-1", counter);
-        let body = lab
-            .run(
-                &lab.server_ns(socket),
-                "curl",
-                &[
-                    "-sS",
-                    "--max-time",
-                    "30",
-                    "--data-binary",
-                    &format!("@{}", file.display()),
-                    &format!("http://{FAR}/upload"),
-                ],
-            )
-            .unwrap_or_else(|e| panic!("{socket}: upload across the 1300-byte link: {e:#}"));
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
-        want_src(socket, &v);
-        assert_eq!(v["bytes"], SIZE, "{socket}: every byte arrived");
-        assert_eq!(
-            v["sha256"].as_str().unwrap(),
-            egress::lab::origin::payload_sha256(SIZE),
-            "{socket}: content"
-        );
+        common::check_upload(&lab, socket, FAR.into(), SIZE, VIA_FRA_A_1);
         assert!(
             common::counter(&lab, "fra-a-1", counter) > before,
             "{socket}: fra-a-1 translated the router's errors ({counter})"
         );
     }
-}
-
-fn want_src(socket: &str, v: &serde_json::Value) {
-    VIA_FRA_A_1.check(
-        socket,
-        &(
-            v["src"].as_str().unwrap().to_string(),
-            v["port"].as_u64().unwrap() as u16,
-        ),
-    );
 }

@@ -139,6 +139,44 @@ pub fn check_download(lab: &Lab, server: &str, host: std::net::IpAddr, size: u64
     want.check(&format!("{server} download"), &seen_src);
 }
 
+/// Uploads `size` bytes of the payload generator's content to `host`'s `/upload` and checks
+/// that every byte arrived intact, from `want`.
+pub fn check_upload(lab: &Lab, server: &str, host: std::net::IpAddr, size: u64, want: WantSrc) {
+    let file = lab.work_dir().join(format!("upload-{size}.bin"));
+    if !file.exists() {
+        let data: Vec<u8> = (0..size).map(egress::lab::origin::payload_byte).collect();
+        std::fs::write(&file, data).unwrap();
+    }
+    let body = lab
+        .run(
+            &lab.server_ns(server),
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "60",
+                "--data-binary",
+                &format!("@{}", file.display()),
+                &url(host, "/upload"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{server}: upload of {size} bytes: {e:#}"));
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
+    want.check(
+        &format!("{server} upload"),
+        &(
+            v["src"].as_str().unwrap().to_string(),
+            v["port"].as_u64().unwrap() as u16,
+        ),
+    );
+    assert_eq!(v["bytes"], size, "{server}: every byte arrived");
+    assert_eq!(
+        v["sha256"].as_str().unwrap(),
+        egress::lab::origin::payload_sha256(size),
+        "{server}: upload content"
+    );
+}
+
 /// One request; the origin's answer.
 pub fn check_curl(lab: &Lab, server: &str, host: std::net::IpAddr, want: WantSrc) {
     let body = lab
