@@ -4,6 +4,7 @@
 //! scale. Writes `report.json`, `report.md` and `ratios.png`.
 
 pub mod e2e;
+pub mod flood;
 pub mod perpacket;
 pub mod report;
 pub mod scale;
@@ -43,6 +44,7 @@ pub struct Report {
     pub quick: bool,
     pub per_packet: Vec<perpacket::PathCost>,
     pub end_to_end: Vec<e2e::Row>,
+    pub flood: flood::Flood,
     pub scale: scale::Scale,
     pub targets: Vec<Target>,
 }
@@ -99,12 +101,19 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     };
     let end_to_end = e2e::measure(&opts.egress_bin, &plan)?;
+    eprintln!("[bench] a forwarded download under a flood of unsolicited packets");
+    let flood = if opts.quick {
+        flood::measure(&opts.egress_bin, 1, 1)?
+    } else {
+        flood::measure(&opts.egress_bin, 3, 3)?
+    };
     let mut r = Report {
         date: today(),
         machine: machine(),
         quick: opts.quick,
         per_packet,
         end_to_end,
+        flood,
         scale,
         targets: vec![],
     };

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::testrun::{
     FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
-    packet::{self, L4, TCP_ACK},
+    packet::{self, L4, TCP_ACK, TCP_SYN},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,6 +220,27 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             "soft-unicast owner redirect",
             frame,
             time(&mut dp, Hook::Ingress, &mut |_| stray.clone())?,
+            empty,
+        ));
+        // Hostile input at the owner: an unsolicited packet the announcer sent on, which matches
+        // no connection here — the per-packet cost of refusing a flood.
+        let unsolicited = packet::gre_frame(
+            [10, 50, 0, 12],
+            [10, 50, 0, 11],
+            egress_common::fabric::tunnel::key(egress_common::fabric::tunnel::SOFT_UNICAST, 7),
+            &tcp(
+                "198.51.100.9",
+                4444,
+                "192.0.2.10",
+                40500,
+                TCP_SYN,
+                frame - 28,
+            ),
+        );
+        out.push(stats(
+            "unsolicited refused (owner)",
+            frame,
+            time(&mut dp, Hook::Ingress, &mut |_| unsolicited.clone())?,
             empty,
         ));
         out.push(PathCost {

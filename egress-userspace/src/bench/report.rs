@@ -86,6 +86,7 @@ pub fn markdown(r: &Report) -> String {
     );
     s.push_str(&end_to_end_table(r));
     s.push_str(&per_packet_table(r));
+    s.push_str(&super::flood::markdown(&r.flood));
     let (pl, px, fl) = (&r.scale.planner, &r.scale.prefixes, &r.scale.flows);
     let _ = writeln!(s, "## Scale\n");
     let _ = writeln!(
@@ -216,6 +217,7 @@ pub fn performance_section(r: &Report) -> String {
     );
     s.push_str(&end_to_end_table(r).replacen("## ", "#### ", 1));
     s.push_str(&per_packet_table(r).replacen("## ", "#### ", 1));
+    s.push_str(&super::flood::markdown(&r.flood).replacen("## ", "#### ", 1));
     let missed: Vec<&Target> = r.targets.iter().filter(|t| !t.met).collect();
     let _ = writeln!(
         s,
