@@ -14,7 +14,7 @@ use egress_common::{
 use serde::Serialize;
 
 use super::{ConfigArg, Format};
-use crate::flows::monotonic_ns;
+use crate::flows::{State, monotonic_ns};
 
 /// List live connections: original and translated tuples, how they leave, idle time.
 #[derive(Debug, clap::Args)]
@@ -44,6 +44,8 @@ struct Row {
     path: &'static str,
     /// Forwarded: the peer; peer: the socket's server.
     via: Option<String>,
+    /// unreplied, open, closing (the socket's FIN) or reset (a RST was the latest packet).
+    state: &'static str,
     idle_s: u64,
 }
 
@@ -97,7 +99,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .cloned()
                 .unwrap_or_else(|| Ipv4Addr::from(v.tunnel).to_string())
         });
+        let other = (v.kind == FLOW_OUTBOUND)
+            .then(|| flows.get(&k.other_direction(&v), 0).ok())
+            .flatten();
+        let state = match State::of(&v, other.as_ref()) {
+            State { rst: true, .. } => "reset",
+            State { fin: true, .. } => "closing",
+            State { replied: false, .. } => "unreplied",
+            _ => "open",
+        };
         rows.push(Row {
+            state,
             proto: match k.proto {
                 6 => "tcp",
                 17 => "udp",
@@ -127,18 +139,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => {
             println!(
-                "{:<5} {:<8} {:<54} {:<28} {:<10} {:<9} idle",
-                "proto", "pool", "original", "translated", "path", "via"
+                "{:<5} {:<8} {:<54} {:<28} {:<10} {:<9} {:<9} idle",
+                "proto", "pool", "original", "translated", "path", "via", "state"
             );
             for r in &rows {
                 println!(
-                    "{:<5} {:<8} {:<54} {:<28} {:<10} {:<9} {}s",
+                    "{:<5} {:<8} {:<54} {:<28} {:<10} {:<9} {:<9} {}s",
                     r.proto,
                     r.pool,
                     r.original,
                     r.translated.as_deref().unwrap_or("-"),
                     r.path,
                     r.via.as_deref().unwrap_or("-"),
+                    r.state,
                     r.idle_s
                 );
             }
