@@ -94,6 +94,8 @@ pub struct Agent {
     peer_budget: u32,
     observed: Observed,
     warned_slices: std::collections::BTreeSet<(Ipv4Addr, u16)>,
+    /// Held while the agent runs: one agent per pin directory.
+    _lock: [loader::AgentLock; 2],
 }
 
 fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
@@ -125,6 +127,7 @@ impl Agent {
             .clone();
         let pin_dir = loader::pin_dir(opts.pin_dir.as_deref(), &server.name);
         loader::preflight(&server.uplink, &server.name, &pin_dir)?;
+        let lock = loader::lock_all(&pin_dir, &server.uplink)?;
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
@@ -156,6 +159,7 @@ impl Agent {
             peer_budget: opts.peer_budget,
             observed: Observed::default(),
             warned_slices: Default::default(),
+            _lock: lock,
         };
         let diff = agent.write_plan()?;
         agent.generation = 1;

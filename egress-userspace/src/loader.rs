@@ -52,6 +52,19 @@ pub enum LoadError {
     NoBpffs { dir: String },
     #[error("cannot create pin directory {dir}: {source}")]
     PinDir { dir: String, source: std::io::Error },
+    #[error(
+        "another agent ({holder}) is running on {what} (lock {lock}): stop it first; two agents would write each other's plans and programs"
+    )]
+    Locked {
+        what: String,
+        holder: String,
+        lock: String,
+    },
+    #[error("cannot take the agent lock {lock}: {source}")]
+    Lock {
+        lock: String,
+        source: std::io::Error,
+    },
     #[error("loading the BPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("map {name} is missing from the BPF object")]
@@ -80,6 +93,82 @@ pub enum LoadError {
         iface: String,
         source: aya::programs::ProgramError,
     },
+}
+
+/// Where agents keep their locks (one per pin directory).
+pub const LOCK_DIR: &str = "/run/egress";
+
+/// The exclusive claim of one agent on a pin directory, held until the agent exits (the kernel
+/// releases it even after kill -9).
+#[derive(Debug)]
+pub struct AgentLock {
+    _file: std::fs::File,
+    pub path: PathBuf,
+}
+
+/// The locks an agent takes before it touches anything: its pin directory (the maps), and its
+/// uplink in this network namespace (the programs; another pin directory does not make a second
+/// agent on the same interface harmless). A second agent exits at once, naming the holder.
+pub fn lock_all(pin_dir: &Path, uplink: &str) -> Result<[AgentLock; 2], LoadError> {
+    let pins = lock(
+        &pin_dir
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('/', "_"),
+        &pin_dir.display().to_string(),
+    )?;
+    // SAFETY: an all-zero stat is valid to write into; the path is NUL-terminated.
+    let netns = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::stat(c"/proc/self/ns/net".as_ptr(), &mut st);
+        st.st_ino
+    };
+    let link = lock(
+        &format!("net{netns}-{uplink}"),
+        &format!("interface {uplink} (network namespace {netns})"),
+    )?;
+    Ok([pins, link])
+}
+
+/// Takes lock `name` without waiting; `what` names what it guards in the error.
+fn lock(name: &str, what: &str) -> Result<AgentLock, LoadError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
+    let fail = |source| LoadError::Lock {
+        lock: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(LOCK_DIR).map_err(fail)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(fail)?;
+    // SAFETY: flock on an fd this function owns.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(LoadError::Locked {
+            what: what.to_string(),
+            holder: match holder.trim() {
+                "" => "pid unknown".to_string(),
+                pid => format!("pid {pid}"),
+            },
+            lock: path.display().to_string(),
+        });
+    }
+    file.set_len(0).map_err(fail)?;
+    file.rewind().map_err(fail)?;
+    write!(file, "{}", std::process::id()).map_err(fail)?;
+    Ok(AgentLock { _file: file, path })
 }
 
 /// Pin directory for a server: `--pin-dir` if given, else `/sys/fs/bpf/egress/<server>`.

@@ -449,3 +449,60 @@ fn a_slice_past_eighty_percent_is_reported() {
         "plan map occupancy exported"
     );
 }
+
+/// A second agent started by mistake on a server's pins exits at once, naming the running one,
+/// and touches nothing: the first agent's plan and traffic stay as they were.
+#[test]
+fn a_second_agent_on_the_same_pins_exits_at_once() {
+    let lab = common::lab_with_agents(&["fra-a-1"]);
+    // Its config has no policies: had it written its plan, fra-a-1's traffic would leave from
+    // the server's own address.
+    let mut other = Config::embedded();
+    other.policies.clear();
+    let other_path = lab.work_dir().join("second.toml");
+    std::fs::write(&other_path, toml::to_string(&other).unwrap()).unwrap();
+    let out = egress::lab::netns::command_in(&lab.server_ns("fra-a-1"), common::EGRESS)
+        .arg("agent")
+        .arg("--config")
+        .arg(&other_path)
+        .args(["--server", "fra-a-1", "--no-metrics", "--pin-dir"])
+        .arg(lab.pin_dir("fra-a-1"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    let first = lab.pids();
+    assert!(
+        first
+            .iter()
+            .any(|pid| err.contains(&format!("another agent (pid {pid}) is running on"))),
+        "names the running agent {first:?}: {err}"
+    );
+    assert!(
+        err.contains(lab.pin_dir("fra-a-1").to_str().unwrap()),
+        "names the pin directory: {err}"
+    );
+    // Another pin directory does not make it harmless: the interface is taken too.
+    let elsewhere = lab.pin_dir("elsewhere");
+    let out = egress::lab::netns::command_in(&lab.server_ns("fra-a-1"), common::EGRESS)
+        .arg("agent")
+        .arg("--config")
+        .arg(&other_path)
+        .args(["--server", "fra-a-1", "--no-metrics", "--pin-dir"])
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(
+        err.contains("is running on interface eth0"),
+        "names the interface: {err}"
+    );
+    // Nothing was written: the first agent's plan still translates.
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert!(
+        !log.contains("reload"),
+        "the first agent saw no change: {log}"
+    );
+}

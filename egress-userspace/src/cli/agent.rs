@@ -55,17 +55,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         flow_capacity: args.flow_capacity,
         peer_budget: args.peer_budget,
     };
+    // Everything that can fail comes before the first write to the maps: the metrics port too.
+    let listener = if args.no_metrics {
+        None
+    } else {
+        let l = std::net::TcpListener::bind(args.metrics_addr)
+            .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
+        l.set_nonblocking(true)?;
+        Some(l)
+    };
     let (mut agent, mode) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let metrics = if args.no_metrics {
-        None
-    } else {
-        let l = rt
-            .block_on(TcpListener::bind(args.metrics_addr))
-            .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
-        Some(l)
+    let metrics = {
+        let _guard = rt.enter();
+        listener.map(TcpListener::from_std).transpose()?
     };
     agent.housekeeping();
     info!(

@@ -699,6 +699,36 @@ fn remove(namespaces: &[String], pin_root: &Path, work_dir: &Path) {
             warn!("removing {}: {e}", dir.display());
         }
     }
+    if let Some(name) = pin_root.file_name() {
+        remove_locks(&name.to_string_lossy());
+    }
+}
+
+/// Removes the agents' lock files of a lab (their name holds `fragment`, the lab's prefix, or
+/// names a network namespace) that no live agent holds.
+fn remove_locks(fragment: &str) {
+    let Ok(entries) = std::fs::read_dir(crate::loader::LOCK_DIR) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.contains(fragment) || name.starts_with("net")) {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        // SAFETY: flock on an fd owned here; taking it means no agent holds it.
+        let free = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0;
+        if free {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// What leftover lab state exists: namespaces (with their pids), pin and work directories.
@@ -742,6 +772,7 @@ pub fn down_leftovers() -> anyhow::Result<Leftovers> {
     for dir in &found.dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+    remove_locks(LAB_PREFIX);
     Ok(found)
 }
 
