@@ -205,7 +205,7 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.next_hdr,
         l3_off: off,
         l4_off: off + 40,
-        end: off + big_len(ctx, off + 40, usize::from(u16::from_be(h.payload_len))),
+        end: off + 40 + big_len(ctx, off + 40, usize::from(u16::from_be(h.payload_len))),
         src: h.src,
         dst: h.dst,
         frag: FRAG_NONE,

@@ -87,6 +87,8 @@ fn families(counter: &str, rule: &str) -> Vec<&'static str> {
             rule == "fragments 3: egress, a peer's source entry",
             "egress fragment, a peer's source entry",
         ),
+        (counter == "drop_tunnel_kind", "tunnel key of another kind"),
+        (counter == "drop_ttl_exceeded", "hop with TTL 0 or 1"),
     ] {
         if yes {
             f.push(name);
@@ -1021,5 +1023,7 @@ fn families_all() -> Vec<&'static str> {
         "tunnel stray to a pool address",
         "tunnel another peer's tuple",
         "egress fragment, a peer's source entry",
+        "tunnel key of another kind",
+        "hop with TTL 0 or 1",
     ]
 }

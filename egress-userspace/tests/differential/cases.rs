@@ -308,6 +308,20 @@ pub fn ip_tp(src: IpAddr, dst: IpAddr, h: &V4, tp: &Tp) -> Vec<u8> {
     ip_packet(src, dst, tp.proto(src.is_ipv6()), h, &segment(src, dst, tp))
 }
 
+/// *Tunnel keys*: `kind << 30 | pool id`.
+pub const KIND_CONNECTION: u32 = 1;
+pub const KIND_SOFT_UNICAST: u32 = 2;
+pub const KIND_REPLY: u32 = 3;
+
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        KIND_CONNECTION => "connection",
+        KIND_SOFT_UNICAST => "soft-unicast",
+        KIND_REPLY => "reply",
+        _ => "0",
+    }
+}
+
 pub const FRAME_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const FRAME_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
@@ -570,7 +584,8 @@ fn topology_toml(rng: &mut Rng) -> String {
         let id: u64 = match rng.below(4) {
             0 => 7 + i,
             1 => 100 + i,
-            2 => 0xffff_fff0 + i,
+            // The largest pool ids: the GRE key's top two bits are its kind.
+            2 => 0x3fff_fff0 + i,
             _ => 0x0102_0304 + i,
         };
         let name = format!("p{i}");
@@ -994,6 +1009,50 @@ impl G<'_> {
         }
     }
 
+    /// The GRE key of a tunnel packet of `pool`: mostly with the kind that fits what is sent,
+    /// sometimes another kind or kind 0 (the receiver takes a packet only as its kind).
+    fn gre_key(&mut self, fits: u32, pool: u32) -> u32 {
+        let kind = match self.r.below(20) {
+            0..=15 => fits,
+            16..=18 => {
+                let others: Vec<u32> = [KIND_CONNECTION, KIND_SOFT_UNICAST, KIND_REPLY]
+                    .into_iter()
+                    .filter(|k| *k != fits)
+                    .collect();
+                let k = *self.r.pick(&others);
+                self.tag(format!("kind {} for {}", kind_name(k), kind_name(fits)));
+                k
+            }
+            _ => {
+                self.tag("kind 0");
+                0
+            }
+        };
+        kind << 30 | pool
+    }
+
+    /// The TTL of a packet that may be sent on to another host (a hop): mostly an ordinary
+    /// one, sometimes 0 or 1 (dropped) or 2 (the last that goes on).
+    fn hop_ttl(&mut self) -> u8 {
+        if self.r.chance(15) {
+            let t = *self.r.pick(&[0u8, 1, 2]);
+            self.tag(format!("TTL {t}"));
+            t
+        } else {
+            64
+        }
+    }
+
+    /// An IPv4 header of a packet arriving from the uplink (see [`G::v4hdr`]) that may be a
+    /// hop.
+    fn hop_hdr(&mut self) -> V4 {
+        let mut h = self.v4hdr();
+        if h.ttl == 64 {
+            h.ttl = self.hop_ttl();
+        }
+        h
+    }
+
     fn v4hdr(&mut self) -> V4 {
         let mut h = V4::default();
         if self.r.chance(20) {
@@ -1365,7 +1424,7 @@ fn egress_own_gre(g: &mut G) -> Gen {
     let (sp, dp) = (g.port(), g.port());
     let tp = g.tcp(sp, dp, None);
     let inner = ip_tp(inner_src, inner_dst, &V4::default(), &tp);
-    let key = *g.r.pick(&g.t.pool_ids());
+    let key = KIND_CONNECTION << 30 | *g.r.pick(&g.t.pool_ids());
     let mark = *g.r.pick(&[0u32, 0x8000_0000, 42, 0x8000_002a, 7]);
     let p = gre_packet(
         src.into(),
@@ -1380,8 +1439,16 @@ fn egress_own_gre(g: &mut G) -> Gen {
 }
 
 /// The IP packets of one datagram cut into fragments: the first (offset 0, more fragments) and
-/// the later ones, checksums computed over the whole datagram.
-fn fragment_datagram(g: &mut G, src: IpAddr, dst: IpAddr, tp: &Tp, id: u32) -> Vec<Vec<u8>> {
+/// the later ones, checksums computed over the whole datagram. `ttl`: the IPv4 TTL of a
+/// datagram that may be a hop (a later fragment sometimes with a low one of its own).
+fn fragment_datagram(
+    g: &mut G,
+    src: IpAddr,
+    dst: IpAddr,
+    tp: &Tp,
+    id: u32,
+    ttl: Option<u8>,
+) -> Vec<Vec<u8>> {
     let v6 = src.is_ipv6();
     let proto = tp.proto(v6);
     let seg = segment(src, dst, tp);
@@ -1422,9 +1489,19 @@ fn fragment_datagram(g: &mut G, src: IpAddr, dst: IpAddr, tp: &Tp, id: u32) -> V
             fh.extend_from_slice(chunk);
             out.push(ip_packet(src, dst, 44, &V4::default(), &fh));
         } else {
+            let ttl = match ttl {
+                Some(_) if off != 0 && g.r.chance(15) => {
+                    let t = *g.r.pick(&[0u8, 1, 2]);
+                    g.tag(format!("a later fragment with TTL {t}"));
+                    t
+                }
+                Some(t) => t,
+                None => 64,
+            };
             let h = V4 {
                 id: id as u16,
                 frag: (off / 8) as u16 | if more { 0x2000 } else { 0 },
+                ttl,
                 ..V4::default()
             };
             out.push(ip_packet(src, dst, proto, &h, chunk));
@@ -1490,17 +1567,23 @@ fn step(class: &str, ingress: bool, mark: u32, ip: &[u8]) -> Step {
 /// A fragmented datagram through one datapath: the first fragment and its later ones (in
 /// order; a later one overtaking the first; the first lost), in the scenarios the *Fragments*
 /// rules name: egress SNAT and forward, a peer's connection in a tunnel (and its translated
-/// fragments on egress), replies plain and in a tunnel, soft-unicast.
+/// fragments on egress), replies plain and in a tunnel, soft-unicast, a forwarded connection's
+/// reply in a tunnel (delivered).
 fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
     g.tag("fragments");
     let id4 = u32::from((idx as u16).wrapping_mul(40503) ^ 0x5a5a);
     let id6 = 0x4000_0000 | idx as u32;
-    let scenario = g.r.below(7);
+    // A peer's connection (2) twice as often: its later fragments go three ways (in the
+    // tunnel, translated and untranslated on egress), and a key of the wrong kind loses some.
+    let scenario = match g.r.below(9) {
+        8 => 2,
+        s => s,
+    };
     let v6 = matches!(scenario, 0 | 3) && g.r.chance(35);
     let id = if v6 { id6 } else { id4 };
     g.tag(if v6 { "v6" } else { "v4" });
     let mut egress_mark = 0;
-    // (source, destination, transport, hook of the plain packets, mark, GRE wrapper)
+    // (source, destination, transport, hook of the plain packets, mark, GRE wrapper: peer, key)
     let (src, dst, tp, ingress, mark, gre): (
         IpAddr,
         IpAddr,
@@ -1576,7 +1659,8 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             } else {
                 *g.r.pick(&g.t.peers)
             };
-            (src, dst, tp, true, 0, Some((peer.into(), pool)))
+            let key = g.gre_key(KIND_CONNECTION, pool);
+            (src, dst, tp, true, 0, Some((peer.into(), key)))
         }
         3 | 4 => {
             g.tag(if scenario == 3 {
@@ -1610,7 +1694,9 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
                 } else {
                     *g.r.pick(&g.t.peers)
                 };
-                Some((peer.into(), *g.r.pick(&g.t.pool_ids())))
+                // Soft-unicast brings a reply to the server that owns its port.
+                let pool = *g.r.pick(&g.t.pool_ids());
+                Some((peer.into(), g.gre_key(KIND_SOFT_UNICAST, pool)))
             } else {
                 None
             };
@@ -1627,7 +1713,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             let tp = big_tp(g, false, rport, port, true);
             (from, to, tp, true, 0, None)
         }
-        _ => {
+        6 => {
             g.tag("later fragments alone");
             let ingress = g.r.chance(50);
             let (src, (dst, mark)) = if ingress {
@@ -1644,16 +1730,58 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
                 } else {
                     *g.r.pick(&g.t.peers)
                 };
-                Some((peer.into(), *g.r.pick(&g.t.pool_ids())))
+                let kind =
+                    *g.r.pick(&[0, KIND_CONNECTION, KIND_SOFT_UNICAST, KIND_REPLY]);
+                Some((peer.into(), kind << 30 | *g.r.pick(&g.t.pool_ids())))
             } else {
                 None
             };
             (src, dst, tp, ingress, mark, gre)
         }
+        _ => {
+            g.tag("forwarded reply in tunnel");
+            let local = g.local(false);
+            let (remote, _) = g.dst(false);
+            let (lport, rport) = (g.port(), g.port());
+            let tp = big_tp(g, false, rport, lport, true);
+            let peer = if g.t.peers.is_empty() {
+                [10, 50, 0, 12]
+            } else {
+                *g.r.pick(&g.t.peers)
+            };
+            let pool = *g.r.pick(&g.t.pool_ids());
+            if g.r.chance(90) {
+                let tunnel = if g.r.chance(85) {
+                    g.tag("forwarded entry of this peer");
+                    peer
+                } else {
+                    g.tag("forwarded entry, any tunnel");
+                    g.tunnel()
+                };
+                let (a, b) = tp.reply_ports();
+                g.flows.push((
+                    fkey(local, remote, b, a, tp.proto(false)),
+                    fval(FLOW_FORWARDED, local, b, pool, tunnel, 0),
+                ));
+            }
+            let key = g.gre_key(KIND_REPLY, pool);
+            (remote, local, tp, true, 0, Some((peer.into(), key)))
+        }
     };
-    let frags = fragment_datagram(g, src, dst, &tp, id);
-    let wrap = |g: &mut G, ip: &[u8], other_peer: bool| -> Vec<u8> {
-        let (peer, key) = gre.expect("a tunnel");
+    // Packets from the uplink may be hops: their TTL matters.
+    let ttl = if ingress && !v6 {
+        Some(g.hop_ttl())
+    } else {
+        None
+    };
+    let frags = fragment_datagram(g, src, dst, &tp, id, ttl);
+    let wrap = |g: &mut G, ip: &[u8], other_peer: bool, other_kind: bool| -> Vec<u8> {
+        let (peer, mut key) = gre.expect("a tunnel");
+        if other_kind {
+            let kind = (key >> 30) + g.r.range(1, 3) as u32;
+            g.tag("a later fragment with another kind");
+            key = (kind % 4) << 30 | key & ((1 << 30) - 1);
+        }
         let peer = if other_peer {
             g.tag("a later fragment from another peer");
             g.t.peers
@@ -1696,8 +1824,9 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
         };
         let ip = &frags[i];
         if gre.is_some() && (scenario != 4 || i == 0 || g.r.chance(70)) {
-            let other = i != 0 && scenario == 2 && g.r.chance(10);
-            let p = wrap(g, ip, other);
+            let other = i != 0 && matches!(scenario, 2 | 7) && g.r.chance(10);
+            let other_kind = i != 0 && matches!(scenario, 2 | 4 | 7) && g.r.chance(10);
+            let p = wrap(g, ip, other, other_kind);
             steps.push(step(&format!("{name} in GRE"), true, 0, &p));
             if scenario == 2 && g.r.chance(60) {
                 steps.push(Step {
@@ -1932,7 +2061,8 @@ fn ingress_reply(g: &mut G) -> Gen {
             fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, flags),
         ));
     }
-    let h = g.v4hdr();
+    // Re-encapsulated or soft-unicast, it is a hop.
+    let h = g.hop_hdr();
     (true, g.r.next() as u32, ip_frame(&ip_tp(from, to, &h, &tp)))
 }
 
@@ -1972,11 +2102,19 @@ fn gre_stray(g: &mut G) -> Gen {
         IpAddr::V4(a) => a.octets(),
         IpAddr::V6(_) => unreachable!("IPv4 reply target"),
     };
-    let key = match g.t.owners.iter().find(|(a, _)| *a == to4) {
+    let pool = match g.t.owners.iter().find(|(a, _)| *a == to4) {
         Some((_, o)) if g.r.chance(70) => o.pool,
         _ => *g.r.pick(&g.t.pool_ids()),
     };
-    let inner = ip_tp(from, to, &g.v4hdr(), &tp);
+    // Brought by soft-unicast (no reverse entry explains it), or a peer's "connection" to a
+    // pool address.
+    let fits = if g.r.chance(50) {
+        KIND_SOFT_UNICAST
+    } else {
+        KIND_CONNECTION
+    };
+    let key = g.gre_key(fits, pool);
+    let inner = ip_tp(from, to, &g.hop_hdr(), &tp);
     gre_ingress(g, key, &inner)
 }
 
@@ -2028,7 +2166,7 @@ fn second_peer(g: &mut G) -> Vec<Step> {
             &V4::default(),
             0x2000,
             0x0800,
-            pool,
+            KIND_CONNECTION << 30 | pool,
             &inner,
         ))
     };
@@ -2164,9 +2302,11 @@ fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> Vec<u8> {
         rest,
         body: q[..n].to_vec(),
     };
+    // Translated back to a tunnel, or soft-unicast, an error is a hop.
     let h = V4 {
         frag: 0,
         tos: 0xc0,
+        ttl: if v6 { 64 } else { g.hop_ttl() },
         ..V4::default()
     };
     ip_tp(router, to, &h, &tp)
@@ -2255,10 +2395,11 @@ fn gre_peer(g: &mut G) -> Gen {
             (g.dst(false).0, pool)
         }
         _ => {
-            g.tag("unknown key");
+            g.tag("unknown pool");
             (g.dst(false).0, 0xdead)
         }
     };
+    let key = g.gre_key(KIND_CONNECTION, key);
     let (sp, dp) = (g.port(), g.port());
     let tp = g.conn_tp(false, sp, dp);
     let (peer, h) = gre_outer(g);
@@ -2284,7 +2425,12 @@ fn gre_peer(g: &mut G) -> Gen {
         let all = g.r.chance(50);
         fill_claims(g, dst, &tp, false, all);
     }
-    let inner = ip_tp(inner_src, dst, &V4::default(), &tp);
+    // Sent on to its destination, it is a hop (the inner TTL).
+    let ih = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let inner = ip_tp(inner_src, dst, &ih, &tp);
     let p = gre_packet(peer, FABRIC.into(), &h, 0x2000, 0x0800, key, &inner);
     (true, g.r.next() as u32, ip_frame(&p))
 }
@@ -2322,8 +2468,9 @@ fn gre_reply(g: &mut G) -> Gen {
             fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0),
         ));
     }
-    let inner = ip_tp(from, to, &g.v4hdr(), &tp);
-    let key = if g.r.chance(80) { pool } else { 0xdead };
+    let inner = ip_tp(from, to, &g.hop_hdr(), &tp);
+    let pool = if g.r.chance(80) { pool } else { 0xdead };
+    let key = g.gre_key(KIND_SOFT_UNICAST, pool);
     gre_ingress(g, key, &inner)
 }
 
@@ -2356,15 +2503,22 @@ fn gre_forwarded_reply(g: &mut G) -> Gen {
             fval(FLOW_FORWARDED, local, b, pool, tunnel, 0),
         ));
     }
-    let inner = ip_tp(remote, local, &V4::default(), &tp);
-    gre_ingress(g, pool, &inner)
+    // Delivered here, not a hop: its TTL plays no part.
+    let h = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let inner = ip_tp(remote, local, &h, &tp);
+    let key = g.gre_key(KIND_REPLY, pool);
+    gre_ingress(g, key, &inner)
 }
 
 fn gre_icmp_error(g: &mut G) -> Gen {
     g.tag("GRE ICMP error");
     let (remote, _) = g.dst(false);
     let pool = *g.r.pick(&g.t.pool_ids());
-    let (q, qk, to) = if g.r.chance(60) {
+    // (quote, its tuple, the error's destination, the kind that brings it)
+    let (q, qk, to, fits) = if g.r.chance(60) {
         let (from, port) = g.reply_target(false);
         let (q, qk) = quoted(g, from, port, remote);
         if g.r.chance(80) {
@@ -2386,7 +2540,7 @@ fn gre_icmp_error(g: &mut G) -> Gen {
             g.flows
                 .push((rk, fval(FLOW_REVERSE, orig, g.r.u16(), pool, tunnel, 0)));
         }
-        (q, qk, from)
+        (q, qk, from, KIND_SOFT_UNICAST)
     } else {
         g.tag("about a forwarded connection");
         let local = g.local(false);
@@ -2398,11 +2552,12 @@ fn gre_icmp_error(g: &mut G) -> Gen {
             g.flows
                 .push((qk, fval(FLOW_FORWARDED, local, lport, pool, tunnel, 0)));
         }
-        (q, qk, local)
+        (q, qk, local, KIND_REPLY)
     };
     let _ = qk;
     let inner = icmp_error(g, remote, to, &q);
-    gre_ingress(g, pool, &inner)
+    let key = g.gre_key(fits, pool);
+    gre_ingress(g, key, &inner)
 }
 
 fn gre_malformed(g: &mut G) -> Gen {
@@ -2412,7 +2567,7 @@ fn gre_malformed(g: &mut G) -> Gen {
     let (sp, dp) = (g.port(), g.port());
     let tp = g.tcp(sp, dp, Some(TCP_SYN));
     let mut inner = ip_tp(v4([10, 9, 8, 7]), dst, &V4::default(), &tp);
-    let key = *g.r.pick(&g.t.pool_ids());
+    let key = KIND_CONNECTION << 30 | *g.r.pick(&g.t.pool_ids());
     let (mut flags, mut proto) = (0x2000u16, 0x0800u16);
     match g.r.below(12) {
         0 => {
@@ -2511,5 +2666,5 @@ fn ingress_misc(g: &mut G) -> Gen {
             g.udp(a, b)
         }
     };
-    (true, 0, ip_frame(&ip_tp(from, to, &g.v4hdr(), &tp)))
+    (true, 0, ip_frame(&ip_tp(from, to, &g.hop_hdr(), &tp)))
 }

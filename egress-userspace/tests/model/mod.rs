@@ -8,6 +8,10 @@
 //! a forwarded one) the caller passes the choice in [`Choices`]; the model checks that the rules
 //! allow it. Where the rules are silent the model answers [`Answer::Silent`] with the reason,
 //! or marks the part of its answer it cannot give (`flows_unspecified`, `l2_unspecified`).
+//!
+//! `FLOWS` is taken never to be full (the harness's table is far larger than any case), so
+//! `drop_flow_table_full` is never the model's answer; `PEER_LOAD` is not modelled: with a
+//! non-zero peer budget a new peer connection is silent.
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -24,6 +28,17 @@ use egress_common::{
 use wire::*;
 
 pub type Flows = HashMap<FlowKey, FlowValue>;
+
+/// *Tunnel keys*: the GRE key is `kind << 30 | pool id`.
+pub const KIND_CONNECTION: u32 = 1;
+pub const KIND_SOFT_UNICAST: u32 = 2;
+pub const KIND_REPLY: u32 = 3;
+pub const POOL_MASK: u32 = (1 << 30) - 1;
+
+/// The GRE key of a `kind` packet of `pool`.
+pub fn tunnel_key(kind: u32, pool: u32) -> u32 {
+    kind << 30 | pool
+}
 
 /// `FRAGS`: (source, destination, IP identification, protocol, family) of a first fragment as
 /// it arrived → what was done with it. The programs' map cannot be read; the model keeps its own
@@ -55,6 +70,8 @@ pub enum FragEntry {
     },
     /// Egress forward, soft-unicast: the peer or owner and the pool.
     Encapsulate { to: [u8; 4], pool: u32 },
+    /// A forwarded connection's reply from its peer (Tunnel rule 4): that peer.
+    Deliver { peer: [u8; 4] },
     /// A peer's first fragment translated here, under its translated key.
     Ours,
 }
@@ -659,6 +676,24 @@ impl Cx<'_> {
         }
     }
 
+    /// *Hops*: a packet sent on to another host has its IPv4 TTL (`ip`: the inner packet of a
+    /// tunnelled one) decremented and the header checksum fixed, before anything else is
+    /// written. Err(drop counter) for a TTL of 0 or 1.
+    fn hop_ttl(&mut self, ip: &Ip) -> Result<Result<(), &'static str>, Stop> {
+        if ip.v6 {
+            return silent("IPv6 packet to be sent on to another host (GRE carries IPv4)");
+        }
+        let at = ip.at + 8;
+        let ttl = self.p[at];
+        if ttl <= 1 {
+            return Ok(Err("drop_ttl_exceeded"));
+        }
+        let (old, new) = ([ttl, self.p[at + 1]], [ttl - 1, self.p[at + 1]]);
+        fix_csum(&mut self.p, ip.at + 10, false, &old, &new);
+        self.p[at] = ttl - 1;
+        Ok(Ok(()))
+    }
+
     /// Ethernet addresses towards `dst`. Err(drop counter) without a route.
     fn route(&mut self, dst: [u8; 4]) -> Result<Result<(), &'static str>, Stop> {
         match self.w.env.fib(dst) {
@@ -811,7 +846,8 @@ impl Cx<'_> {
                         self.clamp(&ip, &l4)?;
                     }
                     let first = frag_key(&ip);
-                    return match self.encap(&ip, v.tunnel, v.pool)? {
+                    let gre_key = tunnel_key(KIND_CONNECTION, v.pool);
+                    return match self.encap(&ip, v.tunnel, gre_key)? {
                         Ok(()) => {
                             self.record_frag_at(
                                 &ip,
@@ -924,7 +960,7 @@ impl Cx<'_> {
                     self.clamp(&ip, &l4)?;
                 }
                 let first = frag_key(&ip);
-                match self.encap(&ip, peer, pool)? {
+                match self.encap(&ip, peer, tunnel_key(KIND_CONNECTION, pool))? {
                     Ok(()) => {
                         self.record_frag_at(&ip, first, FragEntry::Encapsulate { to: peer, pool });
                         Ok((self.sent(), "forward_new", "egress 7: forward"))
@@ -960,17 +996,20 @@ impl Cx<'_> {
                 self.set_addr(ip, true, &addr, None);
                 pass("fragment_followed", "fragments 2: egress, source")
             }
-            Some(FragEntry::Encapsulate { to, pool }) => match self.encap(ip, to, pool)? {
-                Ok(()) => Ok((
-                    self.sent(),
-                    "fragment_followed",
-                    "fragments 2: egress, encapsulate",
-                )),
-                Err(c) => drop(c, "fragments 2: egress, encapsulation failed"),
-            },
+            // This host's own datagram: not a hop.
+            Some(FragEntry::Encapsulate { to, pool }) => {
+                match self.encap(ip, to, tunnel_key(KIND_CONNECTION, pool))? {
+                    Ok(()) => Ok((
+                        self.sent(),
+                        "fragment_followed",
+                        "fragments 2: egress, encapsulate",
+                    )),
+                    Err(c) => drop(c, "fragments 2: egress, encapsulation failed"),
+                }
+            }
             Some(FragEntry::Ours) => pass("ours_passed", "fragments 2: egress, ours"),
-            Some(FragEntry::Destination { .. }) => {
-                silent("egress later fragment whose entry says destination")
+            Some(FragEntry::Destination { .. } | FragEntry::Deliver { .. }) => {
+                silent("egress later fragment whose entry says destination or deliver")
             }
             // A peer's *source* entry: egress follows only a local datagram's (rule 2). Rule 3
             // names a later fragment without an entry, or in a tunnel with another peer's: to a
@@ -1038,7 +1077,7 @@ impl Cx<'_> {
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
         if l4 == L4::IcmpError {
-            return self.icmp_error(&ip, false, [0; 4]);
+            return self.icmp_error(&ip, None);
         }
         // An arriving echo request is never a reply (ingress rule 6): passed.
         if let L4::Echo { request: true, .. } = l4 {
@@ -1058,12 +1097,17 @@ impl Cx<'_> {
                 tunnel: v.tunnel,
                 pool: v.pool,
             };
-            self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
             if v.tunnel == [0; 4] {
+                self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
                 self.record_frag_at(&ip, first, entry);
                 return pass("reverse_nat", "ingress 5: reverse entry");
             }
-            return match self.encap(&ip, v.tunnel, v.pool)? {
+            // A hop: the TTL first (the entry is refreshed all the same, not compared).
+            if let Err(c) = self.hop_ttl(&ip)? {
+                return drop(c, "ingress 5: reverse entry, tunnel, a hop");
+            }
+            self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
+            return match self.encap(&ip, v.tunnel, tunnel_key(KIND_REPLY, v.pool))? {
                 Ok(()) => {
                     self.record_frag_at(&ip, first, entry);
                     Ok((
@@ -1079,9 +1123,13 @@ impl Cx<'_> {
         if !ip.v6
             && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))
         {
-            return match self.encap(&ip, owner, pool)? {
+            let first = frag_key(&ip);
+            if let Err(c) = self.hop_ttl(&ip)? {
+                return drop(c, "ingress 6: soft-unicast, a hop");
+            }
+            return match self.encap(&ip, owner, tunnel_key(KIND_SOFT_UNICAST, pool))? {
                 Ok(()) => {
-                    self.record_frag(&ip, FragEntry::Encapsulate { to: owner, pool });
+                    self.record_frag_at(&ip, first, FragEntry::Encapsulate { to: owner, pool });
                     Ok((Verdict::Send, "soft_unicast", "ingress 6: soft-unicast"))
                 }
                 Err(c) => drop(c, "ingress 6: soft-unicast encapsulation failed"),
@@ -1094,11 +1142,15 @@ impl Cx<'_> {
     fn ingress_later_fragment(&mut self, ip: &Ip) -> R {
         match self.frags.get(&frag_key(ip)).copied() {
             Some(FragEntry::Destination { addr, tunnel, pool }) => {
-                self.set_addr(ip, false, &addr, None);
                 if tunnel == [0; 4] {
+                    self.set_addr(ip, false, &addr, None);
                     return pass("fragment_followed", "fragments 2: ingress, destination");
                 }
-                match self.encap(ip, tunnel, pool)? {
+                if let Err(c) = self.hop_ttl(ip)? {
+                    return drop(c, "fragments 2: ingress, destination, tunnel, a hop");
+                }
+                self.set_addr(ip, false, &addr, None);
+                match self.encap(ip, tunnel, tunnel_key(KIND_REPLY, pool))? {
                     Ok(()) => Ok((
                         Verdict::Send,
                         "fragment_followed",
@@ -1107,26 +1159,35 @@ impl Cx<'_> {
                     Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
                 }
             }
-            Some(FragEntry::Encapsulate { to, pool }) => match self.encap(ip, to, pool)? {
-                Ok(()) => Ok((
-                    Verdict::Send,
-                    "fragment_followed",
-                    "fragments 2: ingress, encapsulate",
-                )),
-                Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
-            },
-            Some(_) => silent("ingress later fragment whose entry says source or ours"),
+            Some(FragEntry::Encapsulate { to, pool }) => {
+                if let Err(c) = self.hop_ttl(ip)? {
+                    return drop(c, "fragments 2: ingress, encapsulate, a hop");
+                }
+                match self.encap(ip, to, tunnel_key(KIND_SOFT_UNICAST, pool))? {
+                    Ok(()) => Ok((
+                        Verdict::Send,
+                        "fragment_followed",
+                        "fragments 2: ingress, encapsulate",
+                    )),
+                    Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
+                }
+            }
+            Some(_) => silent("ingress later fragment whose entry says source, ours or deliver"),
             None => pass("ingress_no_flow", "fragments 3: ingress, no entry"),
         }
     }
 
-    /// *Fragments* 2 and 3 in a tunnel from `peer` (outer headers still on).
-    fn tunnel_later_fragment(&mut self, ip: &Ip, peer: [u8; 4]) -> R {
+    /// *Fragments* 2 and 3 in a tunnel from `peer` whose key says `kind` (outer headers still
+    /// on): an entry is followed only with the kind that made it.
+    fn tunnel_later_fragment(&mut self, ip: &Ip, peer: [u8; 4], kind: u32) -> R {
         match self.frags.get(&frag_key(ip)).copied() {
             Some(FragEntry::Source {
                 addr,
                 peer: Some(p),
-            }) if p == peer => {
+            }) if p == peer && kind == KIND_CONNECTION => {
+                if let Err(c) = self.hop_ttl(ip)? {
+                    return drop(c, "fragments 2: tunnel, source of this peer, a hop");
+                }
                 self.set_addr(ip, true, &addr, None);
                 self.strip();
                 match self.route(ip.dst4())? {
@@ -1138,19 +1199,31 @@ impl Cx<'_> {
                     Err(c) => drop(c, "fragments 2: tunnel, no route"),
                 }
             }
-            Some(FragEntry::Destination { addr, tunnel, pool }) => {
+            Some(FragEntry::Destination { addr, tunnel, pool }) if kind == KIND_SOFT_UNICAST => {
                 self.set_addr(ip, false, &addr, None);
                 let v = FlowValue::new(FLOW_REVERSE, addr, 0, pool, tunnel, 0);
                 self.tunnel_reply(
+                    ip,
                     v,
                     "fragment_followed",
                     "fragment_followed",
                     "fragments 2: tunnel, destination",
                 )
             }
-            Some(FragEntry::Source { .. }) => drop(
+            Some(FragEntry::Deliver { peer: p }) if p == peer && kind == KIND_REPLY => {
+                self.strip();
+                pass(
+                    "fragment_followed",
+                    "fragments 2: tunnel, deliver of this peer",
+                )
+            }
+            Some(
+                FragEntry::Source { .. }
+                | FragEntry::Destination { .. }
+                | FragEntry::Deliver { .. },
+            ) => drop(
                 "drop_fragment",
-                "fragments 3: tunnel, another peer's (or a local) source",
+                "fragments 3: tunnel, an entry of another peer or kind (or a local source)",
             ),
             Some(_) => silent("later fragment in a tunnel whose entry says encapsulate or ours"),
             None => drop("drop_fragment", "fragments 3: tunnel, no entry"),
@@ -1184,7 +1257,9 @@ impl Cx<'_> {
         if outer.end < g + 8 {
             return malformed("tunnel 1: GRE key cut short");
         }
+        // *Tunnel keys*: the kind and the pool.
         let gre_key = be32(&self.p, g + 4);
+        let (kind, pool) = (gre_key >> 30, gre_key & POOL_MASK);
         let ip = match parse_ip(&self.p, g + 8, None) {
             IpParse::NotIp | IpParse::Bad => return malformed("tunnel 1: inner not IPv4"),
             IpParse::Silent(s) => return silent(s),
@@ -1195,7 +1270,7 @@ impl Cx<'_> {
         }
         // 2. Later fragments; what is not TCP, UDP or ICMP echo (an ICMP error goes on to 3).
         if ip.later() {
-            return self.tunnel_later_fragment(&ip, peer);
+            return self.tunnel_later_fragment(&ip, peer, kind);
         }
         let l4 = parse_l4(&self.p, &ip).or_else(silent)?;
         match l4 {
@@ -1225,63 +1300,96 @@ impl Cx<'_> {
                 );
             }
         }
-        // 2. Reverse entry (soft-unicast brought a reply). An echo request is never a reply:
-        // it has no reply tuple (rules 2 and 4 do not see it).
-        if let Some(k) = reply_tuple(&ip, &l4)
-            && let Some(v) = self.flows.get(&k).copied()
-            && v.kind == FLOW_REVERSE
-        {
-            self.dnat(&ip, &l4, v.addr, u16::from_be(v.port_be));
-            let r = self.tunnel_reply(v, "reverse_nat", "reply_reencap", "tunnel 2: reverse entry");
-            if matches!(r, Ok((verdict, ..)) if verdict != Verdict::Drop) {
-                self.record_frag(
-                    &ip,
-                    FragEntry::Destination {
-                        addr: v.addr,
-                        tunnel: v.tunnel,
-                        pool: v.pool,
-                    },
-                );
-            }
-            return r;
-        }
-        // 3. Inner ICMP error.
+        // 3. Inner ICMP error, whatever the kind (ICMP errors rules 1 and 2 look at it).
         if l4 == L4::IcmpError {
-            return self.icmp_error(&ip, true, peer);
+            return self.icmp_error(&ip, Some((peer, kind)));
         }
-        // 4. Reply of a connection forwarded from here: from its own peer only.
-        if let Some(k) = reply_tuple(&ip, &l4)
-            && let Some(v) = self.flows.get(&swap(&k))
-            && v.kind == FLOW_FORWARDED
-        {
-            if v.tunnel != peer {
-                return drop(
-                    "drop_peer_policy",
-                    "tunnel 4: another peer's forwarded entry",
+        // 2. Then by kind.
+        match kind {
+            KIND_SOFT_UNICAST => self.tunnel_soft_unicast(&ip, &l4),
+            KIND_REPLY => self.tunnel_forwarded_reply(&ip, &l4, peer),
+            KIND_CONNECTION => self.tunnel_connection(&ip, &l4, peer, pool),
+            _ => drop("drop_tunnel_kind", "tunnel 2: no such kind"),
+        }
+    }
+
+    /// Tunnel rule 2, kind *soft-unicast*: a reply with a reverse entry (an echo request is
+    /// never a reply: it has no reply tuple), else nothing is created.
+    fn tunnel_soft_unicast(&mut self, ip: &Ip, l4: &L4) -> R {
+        let Some(v) = reply_tuple(ip, l4)
+            .and_then(|k| self.flows.get(&k).copied())
+            .filter(|v| v.kind == FLOW_REVERSE)
+        else {
+            return drop(
+                "drop_tunnel_kind",
+                "tunnel 2: soft-unicast without a reverse entry",
+            );
+        };
+        self.dnat(ip, l4, v.addr, u16::from_be(v.port_be));
+        let r = self.tunnel_reply(
+            ip,
+            v,
+            "reverse_nat",
+            "reply_reencap",
+            "tunnel 2: reverse entry",
+        );
+        if matches!(r, Ok((verdict, ..)) if verdict != Verdict::Drop) {
+            self.record_frag(
+                ip,
+                FragEntry::Destination {
+                    addr: v.addr,
+                    tunnel: v.tunnel,
+                    pool: v.pool,
+                },
+            );
+        }
+        r
+    }
+
+    /// Tunnel rule 4, kind *reply*: the reply of a connection forwarded from here, from its own
+    /// peer only. Delivered here: not a hop.
+    fn tunnel_forwarded_reply(&mut self, ip: &Ip, l4: &L4, peer: [u8; 4]) -> R {
+        let Some((k, v)) = reply_tuple(ip, l4)
+            .map(|k| swap(&k))
+            .and_then(|k| self.flows.get(&k).map(|v| (k, *v)))
+            .filter(|(_, v)| v.kind == FLOW_FORWARDED)
+        else {
+            return drop(
+                "drop_tunnel_kind",
+                "tunnel 4: reply without a forwarded entry",
+            );
+        };
+        if v.tunnel != peer {
+            self.untouched.push(k);
+            return drop(
+                "drop_peer_policy",
+                "tunnel 4: another peer's forwarded entry",
+            );
+        }
+        let f = Self::tcp_flags(l4);
+        if f & TCP_SYN != 0 {
+            if f & TCP_ACK != 0 {
+                self.clamp(ip, l4)?;
+            } else if self.mss_too_big(ip, l4)? {
+                return silent(
+                    "SYN (not SYN-ACK) replying to a forwarded connection: clamp or not",
                 );
             }
-            let f = Self::tcp_flags(&l4);
-            if f & TCP_SYN != 0 {
-                if f & TCP_ACK != 0 {
-                    self.clamp(&ip, &l4)?;
-                } else if self.mss_too_big(&ip, &l4)? {
-                    return silent(
-                        "SYN (not SYN-ACK) replying to a forwarded connection: clamp or not",
-                    );
-                }
-            }
-            self.strip();
-            return pass("forwarded_reply", "tunnel 4: forwarded entry");
         }
-        // 5. A peer's connection: TCP, UDP or an echo request.
-        let Some(k) = conn_tuple(&ip, &l4) else {
+        self.strip();
+        self.record_frag(ip, FragEntry::Deliver { peer });
+        pass("forwarded_reply", "tunnel 4: forwarded entry")
+    }
+
+    /// Tunnel rule 5, kind *connection*: a peer's connection translated here (`pool`: the one
+    /// the key names).
+    fn tunnel_connection(&mut self, ip: &Ip, l4: &L4, peer: [u8; 4], pool: u32) -> R {
+        let Some(k) = conn_tuple(ip, l4) else {
             return drop("drop_peer_policy", "tunnel 5: not TCP, UDP or echo request");
         };
-        let first = frag_key(&ip);
-        if let Some(v) = self.flows.get(&k).copied() {
-            if v.kind != FLOW_OUTBOUND {
-                return silent("inner tuple is the key of a reverse or forwarded entry");
-            }
+        let first = frag_key(ip);
+        let existing = self.flows.get(&k).copied();
+        if let Some(v) = existing.filter(|v| v.kind == FLOW_OUTBOUND) {
             if v.tunnel != peer {
                 // Left untouched: no refresh, no flags.
                 self.untouched.push(k);
@@ -1290,7 +1398,7 @@ impl Cx<'_> {
                     "tunnel 5: another peer's outbound entry",
                 );
             }
-            let f = Self::tcp_flags(&l4);
+            let f = Self::tcp_flags(l4);
             if matches!(l4, L4::Tcp { .. })
                 && f & TCP_SYN != 0
                 && f & TCP_ACK == 0
@@ -1298,37 +1406,49 @@ impl Cx<'_> {
             {
                 return silent("a peer's SYN on its own closed outbound entry: reopened or not");
             }
+            // A hop: the inner TTL before anything else is written.
+            if let Err(c) = self.hop_ttl(ip)? {
+                return drop(c, "tunnel 5: outbound entry, a hop");
+            }
             let port = u16::from_be(v.port_be);
-            self.snat(&ip, &l4, v.addr, port);
-            self.clamp_translated(&ip, &l4, v.addr)?;
+            self.snat(ip, l4, v.addr, port);
+            self.clamp_translated(ip, l4, v.addr)?;
             self.strip();
             return match self.route(ip.dst4())? {
                 Ok(()) => {
-                    self.record_peer_frags(&ip, first, v.addr, peer);
+                    self.record_peer_frags(ip, first, v.addr, peer);
                     Ok((Verdict::Send, "peer_snat", "tunnel 5: outbound entry"))
                 }
                 Err(c) => drop(c, "tunnel 5: no route"),
             };
         }
+        // Without an outbound entry (a reverse or forwarded entry under the tuple is not one).
         if self.w.maps.owners.contains_key(&ip.dst4()) {
             return drop("drop_peer_policy", "tunnel 5: to a pool address");
         }
-        if !self.peer_policy(gre_key, ip.dst4()) {
+        if !self.peer_policy(pool, ip.dst4()) {
             return drop("drop_peer_policy", "tunnel 5: no policy of the key's pool");
         }
         let action = self
             .w
             .maps
             .actions
-            .get(&ActionKey::new(gre_key, FAMILY_V4))
+            .get(&ActionKey::new(pool, FAMILY_V4))
             .copied();
         let Some(action) = action.filter(|a| a.kind == ActionKind::Snat as u8) else {
             return drop("drop_peer_not_held", "tunnel 5: pool not held here");
         };
+        if existing.is_some() {
+            return silent("a peer's new connection on the key of a reverse or forwarded entry");
+        }
+        // PEER_LOAD is not modelled: only "no budget" (0) is.
+        if self.w.local.peer_budget != 0 {
+            return silent("a peer budget: the peer's load is not modelled");
+        }
         let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
-        // With no route onward, a claim is released again (tunnel rule 5): no trace of it is
-        // left, and "every probe collided" may look the same from outside.
-        let released = matches!(self.w.env.fib(ip.dst4()), Fib::NoRoute);
+        // Dropped after the claim (TTL, no route onward), the claim is released again (tunnel
+        // rule 5): no trace of it is left, and "every probe collided" may look the same.
+        let released = self.p[ip.at + 8] <= 1 || matches!(self.w.env.fib(ip.dst4()), Fib::NoRoute);
         let Some((t, port)) = self.claim(
             targets,
             4,
@@ -1341,13 +1461,18 @@ impl Cx<'_> {
             return drop("drop_port_exhausted", "tunnel 5: every probe collided");
         };
         let before = self.flows.clone();
-        self.record(&k, &t, port, gre_key, peer);
-        self.snat(&ip, &l4, t.addr, port);
-        self.clamp_translated(&ip, &l4, t.addr)?;
+        self.record(&k, &t, port, pool, peer);
+        // A hop: after the claim, before anything is written.
+        if let Err(c) = self.hop_ttl(ip)? {
+            self.flows = before;
+            return drop(c, "tunnel 5: new peer connection, a hop");
+        }
+        self.snat(ip, l4, t.addr, port);
+        self.clamp_translated(ip, l4, t.addr)?;
         self.strip();
         match self.route(ip.dst4())? {
             Ok(()) => {
-                self.record_peer_frags(&ip, first, t.addr, peer);
+                self.record_peer_frags(ip, first, t.addr, peer);
                 Ok((Verdict::Send, "peer_snat", "tunnel 5: new peer connection"))
             }
             Err(c) => {
@@ -1373,10 +1498,11 @@ impl Cx<'_> {
         self.record_frag_at(ip, ours, FragEntry::Ours);
     }
 
-    /// Tunnel rule 2's ending: no tunnel → strip and pass; else rewrite the outer header in
-    /// place and send.
+    /// Tunnel rule 2's ending (`ip`: the inner packet): no tunnel → strip and pass; else a hop,
+    /// then a fresh outer header of kind *reply* in place of the old one, and send.
     fn tunnel_reply(
         &mut self,
+        ip: &Ip,
         v: FlowValue,
         plain: &'static str,
         reencap: &'static str,
@@ -1386,7 +1512,11 @@ impl Cx<'_> {
             self.strip();
             return pass(plain, rule);
         }
-        match self.reencap_in_place(v.tunnel, v.pool)? {
+        // The TTL is written before the rewrite in the rules; the checksum comes out the same.
+        if let Err(c) = self.hop_ttl(ip)? {
+            return drop(c, "tunnel: retarget to the tunnel, a hop");
+        }
+        match self.reencap_in_place(v.tunnel, tunnel_key(KIND_REPLY, v.pool))? {
             Ok(()) => Ok((Verdict::Send, reencap, rule)),
             Err(c) => drop(c, "tunnel: no route to the tunnel"),
         }
@@ -1394,8 +1524,10 @@ impl Cx<'_> {
 
     // ---------------------------------------------------------------- ICMP errors
 
-    /// An ICMP error `ip` (at 14, or inside a tunnel).
-    fn icmp_error(&mut self, ip: &Ip, in_tunnel: bool, peer: [u8; 4]) -> R {
+    /// An ICMP error `ip` (at 14, or inside a tunnel from a peer with the key's kind).
+    fn icmp_error(&mut self, ip: &Ip, tunnel: Option<([u8; 4], u32)>) -> R {
+        let in_tunnel = tunnel.is_some();
+        let (peer, kind) = tunnel.unwrap_or(([0; 4], 0));
         let otherwise = |_: ()| -> R {
             if in_tunnel {
                 drop("drop_peer_policy", "icmp 4: unmatched in a tunnel")
@@ -1448,11 +1580,13 @@ impl Cx<'_> {
             _ => return otherwise(()),
         };
         let qk = key(qip.family(), qip.proto, qip.src, qip.dst, sport, dport);
-        // 1. A reverse entry for the swapped quoted tuple, the error addressed to the quoted source.
+        // 1. A reverse entry for the swapped quoted tuple, the error addressed to the quoted
+        // source; in a tunnel only with kind *soft-unicast*.
         if let Some(v) = self.flows.get(&swap(&qk)).copied()
             && v.kind == FLOW_REVERSE
             && ip.dst == qip.src
             && !qip.fragment()
+            && (!in_tunnel || kind == KIND_SOFT_UNICAST)
         {
             let before = self.p[icmp..ip.end].to_vec();
             // The quoted source address, its header checksum, its transport checksum.
@@ -1494,6 +1628,7 @@ impl Cx<'_> {
             self.set_addr(&err_ip, false, &v.addr, Some(icmp));
             if in_tunnel {
                 return self.tunnel_reply(
+                    ip,
                     v,
                     "icmp_error_nat",
                     "icmp_error_reencap",
@@ -1503,7 +1638,11 @@ impl Cx<'_> {
             if v.tunnel == [0; 4] {
                 return pass("icmp_error_nat", "icmp 1: reverse entry");
             }
-            return match self.encap(ip, v.tunnel, v.pool)? {
+            // A hop: the error's TTL (the checksum comes out as if written first).
+            if let Err(c) = self.hop_ttl(ip)? {
+                return drop(c, "icmp 1: reverse entry, tunnel, a hop");
+            }
+            return match self.encap(ip, v.tunnel, tunnel_key(KIND_REPLY, v.pool))? {
                 Ok(()) => Ok((
                     Verdict::Send,
                     "icmp_error_reencap",
@@ -1516,8 +1655,10 @@ impl Cx<'_> {
         if qip.fragment() {
             return otherwise(());
         }
-        // 2. In a tunnel from the connection's own peer: the quoted tuple is a forwarded entry.
+        // 2. In a tunnel with kind *reply* from the connection's own peer: the quoted tuple is a
+        // forwarded entry.
         if in_tunnel
+            && kind == KIND_REPLY
             && self
                 .flows
                 .get(&qk)
@@ -1532,7 +1673,10 @@ impl Cx<'_> {
             && ip.dst == qip.src
             && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)
         {
-            return match self.encap(ip, owner, pool)? {
+            if let Err(c) = self.hop_ttl(ip)? {
+                return drop(c, "icmp 3: soft-unicast, a hop");
+            }
+            return match self.encap(ip, owner, tunnel_key(KIND_SOFT_UNICAST, pool))? {
                 Ok(()) => Ok((Verdict::Send, "soft_unicast", "icmp 3: soft-unicast")),
                 Err(c) => drop(c, "icmp 3: soft-unicast encapsulation failed"),
             };
