@@ -41,6 +41,8 @@ pub struct Options {
     pub flow_capacity: u32,
     /// Most connections one peer may have translated here at once (0: no limit).
     pub peer_budget: u32,
+    /// Where to serve metrics; bound before anything is written (None: no metrics).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -118,7 +120,9 @@ fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
 impl Agent {
     /// Validates the config, loads (adopting pinned maps), writes the plan, then attaches
     /// (adopting pinned links). The plan is in the maps before any new program sees a packet.
-    pub fn start(opts: &Options) -> anyhow::Result<(Agent, AttachMode)> {
+    pub fn start(
+        opts: &Options,
+    ) -> anyhow::Result<(Agent, AttachMode, Option<std::net::TcpListener>)> {
         let (config_text, config) = read_config(opts.config_path.as_deref())?;
         let topology = validate::validate(&config)?;
         let server = topology
@@ -128,6 +132,16 @@ impl Agent {
         let pin_dir = loader::pin_dir(opts.pin_dir.as_deref(), &server.name);
         loader::preflight(&server.uplink, &server.name, &pin_dir)?;
         let lock = loader::lock_all(&pin_dir, &server.uplink)?;
+        // Everything that can fail comes before the first write: the metrics port too.
+        let listener = opts
+            .metrics_addr
+            .map(|addr| -> anyhow::Result<_> {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding metrics on {addr}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .transpose()?;
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
@@ -172,7 +186,7 @@ impl Agent {
             diff.removed
         );
         let mode = loader::attach(&mut agent.ebpf, &server.uplink, &pin_dir)?;
-        Ok((agent, mode))
+        Ok((agent, mode, listener))
     }
 
     fn write_plan(&mut self) -> anyhow::Result<Diff> {

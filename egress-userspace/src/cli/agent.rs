@@ -54,17 +54,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         pin_dir: args.pin_dir.clone(),
         flow_capacity: args.flow_capacity,
         peer_budget: args.peer_budget,
+        metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
     };
-    // Everything that can fail comes before the first write to the maps: the metrics port too.
-    let listener = if args.no_metrics {
-        None
-    } else {
-        let l = std::net::TcpListener::bind(args.metrics_addr)
-            .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
-        l.set_nonblocking(true)?;
-        Some(l)
-    };
-    let (mut agent, mode) = Agent::start(&opts)?;
+    let (mut agent, mode, listener) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
