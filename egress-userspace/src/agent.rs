@@ -43,6 +43,9 @@ pub struct Options {
     pub peer_budget: u32,
     /// Where to serve metrics; bound before anything is written (None: no metrics).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Recreate pinned maps whose layout differs from the programs' (carrying flow entries
+    /// over where their layout allows) instead of refusing to start.
+    pub migrate: bool,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -142,9 +145,35 @@ impl Agent {
                 Ok(l)
             })
             .transpose()?;
+        // Adopted maps must have the layout the programs expect (checked before anything is
+        // loaded or written).
+        let mismatches = loader::check_pins(&pin_dir, opts.flow_capacity)?;
+        let saved = match mismatches.first() {
+            None => Vec::new(),
+            Some(m) if !opts.migrate => return Err(m.error().into()),
+            Some(_) => {
+                for m in &mismatches {
+                    warn!(
+                        "migrating {}: pinned {}, recreated as {}",
+                        m.name, m.pinned, m.expected
+                    );
+                }
+                loader::migrate(&mismatches)?
+            }
+        };
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
+        if !mismatches.is_empty() {
+            let carried = saved
+                .iter()
+                .filter(|(k, v)| maps.flows.insert(k, v, 0).is_ok())
+                .count();
+            info!(
+                "migration: {carried} of {} flow entries carried over",
+                saved.len()
+            );
+        }
         maps.set_local(&loader::local_settings(
             server.fabric,
             &server.uplink,

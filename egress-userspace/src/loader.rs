@@ -70,9 +70,16 @@ pub enum LoadError {
     #[error("map {name} is missing from the BPF object")]
     MissingMap { name: &'static str },
     #[error(
-        "the pinned flow table {name} is an LRU map of an older version, which may evict established connections; run `egress detach` first (live connections lose their translation)"
+        "pinned map {name} ({path}) has another layout than these programs expect: pinned {pinned}, expected {expected}; `egress agent --migrate` recreates it (flow entries are carried over when their key and value sizes match), or `egress detach` first (live connections lose their translation)"
     )]
-    OldFlowTable { name: &'static str },
+    Layout {
+        name: String,
+        path: String,
+        pinned: Layout,
+        expected: Layout,
+    },
+    #[error("the BPF object's map definitions cannot be read: {0}")]
+    Object(String),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -93,6 +100,162 @@ pub enum LoadError {
         iface: String,
         source: aya::programs::ProgramError,
     },
+}
+
+/// What the kernel must have for a map the programs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// BPF_MAP_TYPE_*.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.map_type {
+            1 => "hash".to_string(),
+            2 => "array".to_string(),
+            3 => "prog_array".to_string(),
+            6 => "percpu_array".to_string(),
+            9 => "lru_hash".to_string(),
+            11 => "lpm_trie".to_string(),
+            t => format!("type {t}"),
+        };
+        write!(
+            f,
+            "{kind}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// The layout of every map, as the object file defines it (`FLOWS` with `flow_capacity`).
+pub fn expected_layouts(
+    flow_capacity: u32,
+) -> Result<std::collections::BTreeMap<String, Layout>, LoadError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoadError::Object(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(name, _)| map_names::ALL.contains(&name.as_str()))
+        .map(|(name, m)| {
+            let max_entries = if name == map_names::FLOWS {
+                flow_capacity
+            } else {
+                m.max_entries()
+            };
+            (
+                name.clone(),
+                Layout {
+                    map_type: m.map_type(),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries,
+                    flags: m.map_flags(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The layout of the map pinned at `path`, if there is one.
+fn pinned_layout(path: &Path) -> Result<Option<Layout>, LoadError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bad = |e: aya::maps::MapError| LoadError::Object(format!("{}: {e}", path.display()));
+    let info = MapData::from_pin(path).map_err(bad)?.info().map_err(bad)?;
+    Ok(Some(Layout {
+        map_type: info.map_type().map_err(bad)? as u32,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    }))
+}
+
+/// A pinned map the programs cannot use as it is.
+#[derive(Debug, Clone)]
+pub struct Mismatch {
+    pub name: String,
+    pub path: PathBuf,
+    pub pinned: Layout,
+    pub expected: Layout,
+}
+
+impl Mismatch {
+    /// The refusal naming the map and both layouts.
+    pub fn error(&self) -> LoadError {
+        LoadError::Layout {
+            name: self.name.clone(),
+            path: self.path.display().to_string(),
+            pinned: self.pinned,
+            expected: self.expected,
+        }
+    }
+}
+
+/// Every map pinned under `pin_dir` whose layout differs from what the programs expect. A
+/// flow table of another capacity is not a mismatch: it is kept (its capacity is the kernel's).
+pub fn check_pins(pin_dir: &Path, flow_capacity: u32) -> Result<Vec<Mismatch>, LoadError> {
+    let mut out = Vec::new();
+    for (name, expected) in expected_layouts(flow_capacity)? {
+        let path = pin_dir.join(&name);
+        let Some(pinned) = pinned_layout(&path)? else {
+            continue;
+        };
+        let same = if name == map_names::FLOWS {
+            Layout {
+                max_entries: expected.max_entries,
+                ..pinned
+            } == expected
+        } else {
+            pinned == expected
+        };
+        if !same {
+            out.push(Mismatch {
+                name,
+                path,
+                pinned,
+                expected,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Flow entries read out of a pinned flow table that is about to be recreated.
+pub type SavedFlows = Vec<(FlowKey, FlowValue)>;
+
+/// Unpins every mismatched map so that loading creates it anew; returns the flow entries of an
+/// old flow table whose key and value sizes match, to be written into the new one. The old maps
+/// live on while the attached programs use them, until the new programs replace those.
+pub fn migrate(mismatches: &[Mismatch]) -> Result<SavedFlows, LoadError> {
+    let mut saved = Vec::new();
+    for m in mismatches {
+        let same_entries = m.pinned.key_size == m.expected.key_size
+            && m.pinned.value_size == m.expected.value_size;
+        if m.name == map_names::FLOWS && same_entries {
+            let bad =
+                |e: aya::maps::MapError| LoadError::Object(format!("{}: {e}", m.path.display()));
+            let data = MapData::from_pin(&m.path).map_err(bad)?;
+            let map = match m.pinned.map_type {
+                9 => aya::maps::Map::LruHashMap(data),
+                _ => aya::maps::Map::HashMap(data),
+            };
+            let flows: HashMap<MapData, FlowKey, FlowValue> =
+                HashMap::try_from(map).map_err(bad)?;
+            saved.extend(flows.iter().filter_map(Result::ok));
+        }
+        std::fs::remove_file(&m.path).map_err(|source| LoadError::PinDir {
+            dir: m.path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(saved)
 }
 
 /// Where agents keep their locks (one per pin directory).
@@ -307,10 +470,12 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
     let flows = take(ebpf, map_names::FLOWS)?;
     let flow_capacity = match &flows {
         aya::maps::Map::HashMap(d) => d.info().map_err(bad(map_names::FLOWS))?.max_entries(),
+        // check_pins refuses another layout before anything is loaded.
         _ => {
-            return Err(LoadError::OldFlowTable {
-                name: map_names::FLOWS,
-            });
+            return Err(LoadError::Object(format!(
+                "{} is not a hash map",
+                map_names::FLOWS
+            )));
         }
     };
     Ok(Maps {

@@ -506,3 +506,127 @@ fn a_second_agent_on_the_same_pins_exits_at_once() {
         "the first agent saw no change: {log}"
     );
 }
+
+/// `v`'s bytes as bpftool takes them (`hex 0a 32 …`).
+fn hex_words<T: Copy>(v: &T) -> Vec<String> {
+    // SAFETY: T is a plain repr(C) value; its bytes are read, not interpreted.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pinned map of another layout (an older version's) is refused with both layouts named,
+/// before anything is written; `--migrate` recreates it and carries the flow entries over.
+#[test]
+fn pinned_maps_of_another_layout_are_refused_or_migrated() {
+    use egress_common::flow::{FLOW_OUTBOUND, FlowKey, FlowValue};
+    let mut lab = common::lab(Config::embedded());
+    let pins = lab.pin_dir("fra-a-1");
+    std::fs::create_dir_all(&pins).unwrap();
+    let flows = pins.join("FLOWS");
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let create = |value: &str| {
+        let _ = std::fs::remove_file(&flows);
+        bpftool(&[
+            "map",
+            "create",
+            flows.to_str().unwrap(),
+            "type",
+            "lru_hash",
+            "key",
+            "40",
+            "value",
+            value,
+            "entries",
+            "1024",
+            "name",
+            "FLOWS",
+        ]);
+    };
+    let agent = |extra: &[&str]| {
+        egress::lab::netns::command_in(&lab.server_ns("fra-a-1"), common::EGRESS)
+            .arg("agent")
+            .arg("--config")
+            .arg(lab.config_path())
+            .args(["--server", "fra-a-1", "--no-metrics", "--pin-dir"])
+            .arg(&pins)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    // Values of another size: refused, naming the map and both layouts; nothing else pinned.
+    create("64");
+    let out = agent(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    for needle in [
+        "pinned map FLOWS",
+        "pinned lru_hash, key 40 B, value 64 B",
+        "expected hash, key 40 B, value 48 B",
+        "--migrate",
+    ] {
+        assert!(err.contains(needle), "mentions {needle:?}: {err}");
+    }
+    let pinned: Vec<_> = std::fs::read_dir(&pins)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(pinned, ["FLOWS"], "nothing else was created");
+
+    // An older LRU flow table with live entries: --migrate carries them over.
+    create("48");
+    let key = FlowKey {
+        src: [10, 50, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [203, 0, 113, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        src_port_be: 5555u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    };
+    let value = FlowValue {
+        addr: [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        port_be: 2000u16.to_be(),
+        kind: FLOW_OUTBOUND,
+        pool: 7,
+        // Fresh: the agent's first collection must not find it expired.
+        last_seen_ns: egress::flows::monotonic_ns(),
+        ..Default::default()
+    };
+    let mut args = vec![
+        "map",
+        "update",
+        "pinned",
+        flows.to_str().unwrap(),
+        "key",
+        "hex",
+    ];
+    let (k, v) = (hex_words(&key), hex_words(&value));
+    args.extend(k.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(v.iter().map(String::as_str));
+    bpftool(&args);
+    lab.start_agent_with("fra-a-1", &["--migrate"]).unwrap();
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert!(
+        log.contains("migrating FLOWS: pinned lru_hash")
+            && log.contains("migration: 1 of 1 flow entries carried over"),
+        "migrated: {log}"
+    );
+    let data = aya::maps::MapData::from_pin(&flows).unwrap();
+    let table: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("now a hash map");
+    assert_eq!(table.get(&key, 0).unwrap(), value, "the entry carried over");
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}

@@ -32,6 +32,10 @@ pub struct Args {
     /// connections are refused (drop_peer_budget). 0: no limit.
     #[arg(long, default_value_t = egress_common::fabric::PEER_BUDGET)]
     peer_budget: u32,
+    /// Recreate pinned maps whose layout differs from this version's (an upgrade), carrying the
+    /// flow entries over where their layout allows, instead of refusing to start.
+    #[arg(long)]
+    migrate: bool,
     /// How often expired flows are collected and usage refreshed, in seconds.
     #[arg(long, default_value_t = 5)]
     gc_interval: u64,
@@ -55,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         flow_capacity: args.flow_capacity,
         peer_budget: args.peer_budget,
         metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
+        migrate: args.migrate,
     };
     let (mut agent, mode, listener) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
