@@ -451,6 +451,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         }
     }
 
+    capacities(&mut errs, c, &rules);
     if errs.0.is_empty() {
         Ok(Topology {
             config: c.clone(),
@@ -462,9 +463,87 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     }
 }
 
+/// The plan must fit the maps: a topology that does not is refused here, naming the map and
+/// its size, instead of failing half-way through writing a plan. (Counts are the same on
+/// every server: peers, owners, actions per pool and family, and rules are global.)
+fn capacities(errs: &mut Errors, c: &Config, rules: &[Rule]) {
+    use egress_common::{action::ACTIONS_CAPACITY, fabric, policy::POLICY_CAPACITY};
+    let v4_rules = rules.iter().filter(|r| r.destination.addr().is_ipv4()).count();
+    let v4_pools = c.pools.iter().filter(|p| !p.ipv4.is_empty()).count();
+    let v6_pools = c.pools.iter().filter(|p| p.ipv6_prefix.is_some()).count();
+    let checks = [
+        (
+            "servers",
+            c.servers.len().saturating_sub(1),
+            "PEERS",
+            fabric::PEERS_CAPACITY,
+            "peers",
+        ),
+        (
+            "pools",
+            c.pools.iter().map(|p| p.ipv4.len()).sum(),
+            "OWNERS",
+            fabric::OWNERS_CAPACITY,
+            "pool IPv4 addresses",
+        ),
+        (
+            "pools",
+            v4_pools + v6_pools,
+            "ACTIONS",
+            ACTIONS_CAPACITY,
+            "(pool, family) actions",
+        ),
+        (
+            "policies",
+            v4_rules,
+            "POLICY_V4",
+            POLICY_CAPACITY,
+            "IPv4 rules",
+        ),
+        (
+            "policies",
+            rules.len() - v4_rules,
+            "POLICY_V6",
+            POLICY_CAPACITY,
+            "IPv6 rules",
+        ),
+    ];
+    for (path, n, map, cap, what) in checks {
+        if n > cap as usize {
+            errs.add(
+                path,
+                format!("{n} {what} do not fit map {map} ({cap} entries)"),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topology_larger_than_the_maps_is_refused_naming_the_map() {
+        let mut c = Config::parse(BASE, "base").unwrap();
+        let extra = egress_common::action::ACTIONS_CAPACITY as usize + 10;
+        for i in 0..extra as u32 {
+            c.pools.push(crate::config::Pool {
+                name: format!("p{i}"),
+                id: u64::from(100_000 + i),
+                ipv6_prefix: None,
+                ipv4: vec![crate::config::PoolAddress {
+                    address: Ipv4Addr::from(0x6440_0000 + i),
+                    shares: vec![],
+                }],
+            });
+        }
+        let err = validate(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("do not fit map ACTIONS (65536 entries)"),
+            "{err}"
+        );
+        assert!(err.contains("do not fit map OWNERS (65536 entries)"), "{err}");
+    }
 
     /// A valid base config; each case edits it.
     const BASE: &str = r#"
