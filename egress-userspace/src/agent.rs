@@ -110,10 +110,7 @@ fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
             Config::embedded(),
         )),
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.display().to_string(),
-                source,
-            })?;
+            let text = crate::config::read_text(p)?;
             let c = Config::parse(&text, &p.display().to_string())?;
             Ok((text, c))
         }
@@ -243,7 +240,7 @@ impl Agent {
     pub fn config_changed(&self) -> bool {
         match &self.config_path {
             None => false,
-            Some(p) => std::fs::read_to_string(p).is_ok_and(|t| t != self.config_text),
+            Some(p) => crate::config::read_text(p).is_ok_and(|t| t != self.config_text),
         }
     }
 
@@ -259,7 +256,7 @@ impl Agent {
                 self.reloads_failed += 1;
                 // Remember the text so an unchanged invalid file is not retried every second.
                 if let Some(p) = &self.config_path {
-                    self.config_text = std::fs::read_to_string(p).unwrap_or_default();
+                    self.config_text = crate::config::read_text(p).unwrap_or_default();
                 }
                 // One line: the same problems `egress validate` lists, separated by ';'.
                 let msg: Vec<String> = format!("{e:#}")

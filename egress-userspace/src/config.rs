@@ -118,6 +118,42 @@ pub enum ConfigError {
     Parse { path: String, message: String },
 }
 
+/// Largest config file read (a topology of 100,000 pools is about 20 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+/// Reads a config file's text: a regular file only (a FIFO would block the reader, a device
+/// such as /dev/zero never ends), opened without blocking, and at most [`MAX_CONFIG_BYTES`].
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let fail = |source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return Err(fail(std::io::Error::other("not a regular file")));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(fail(std::io::Error::other(format!(
+            "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",
+            meta.len()
+        ))));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    String::from_utf8(bytes).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+    })
+}
+
 impl Config {
     /// Parses TOML text; `origin` names the source in error messages.
     /// Errors name the field path (`servers[0].fabric`) when the value, not the syntax, is bad.
@@ -139,10 +175,7 @@ impl Config {
 
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_text(path)?;
         Self::parse(&text, &path.display().to_string())
     }
 

@@ -468,7 +468,10 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
 /// every server: peers, owners, actions per pool and family, and rules are global.)
 fn capacities(errs: &mut Errors, c: &Config, rules: &[Rule]) {
     use egress_common::{action::ACTIONS_CAPACITY, fabric, policy::POLICY_CAPACITY};
-    let v4_rules = rules.iter().filter(|r| r.destination.addr().is_ipv4()).count();
+    let v4_rules = rules
+        .iter()
+        .filter(|r| r.destination.addr().is_ipv4())
+        .count();
     let v4_pools = c.pools.iter().filter(|p| !p.ipv4.is_empty()).count();
     let v6_pools = c.pools.iter().filter(|p| p.ipv6_prefix.is_some()).count();
     let checks = [
@@ -542,7 +545,10 @@ mod tests {
             err.contains("do not fit map ACTIONS (65536 entries)"),
             "{err}"
         );
-        assert!(err.contains("do not fit map OWNERS (65536 entries)"), "{err}");
+        assert!(
+            err.contains("do not fit map OWNERS (65536 entries)"),
+            "{err}"
+        );
     }
 
     /// A valid base config; each case edits it.

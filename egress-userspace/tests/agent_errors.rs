@@ -125,3 +125,49 @@ fn unknown_server() {
     std::fs::remove_dir_all(&d).unwrap();
     assert_fails_with(&out, "server \"nope\" is not in the config");
 }
+
+/// Runs `egress ARGS`, failing the test if it does not finish within 10 s (a reader blocked on a
+/// FIFO would hang forever).
+fn egress_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(common::EGRESS)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("egress {args:?} did not finish in 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_config_path_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let d = tempdir("not-regular");
+    let fifo = d.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo.to_str().unwrap(), "/dev/zero"] {
+        for cmd in ["agent", "validate"] {
+            let out = egress_bounded(&[cmd, "--config", path]);
+            assert_fails_with(
+                &out,
+                &format!("cannot read config {path}: not a regular file"),
+            );
+        }
+    }
+    // Not UTF-8: an invalid config (exit 2 from validate), named as such.
+    let binary = d.join("binary.toml");
+    std::fs::write(&binary, b"server = \"\xff\"\n").unwrap();
+    let out = egress_bounded(&["validate", "--config", binary.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not UTF-8 text (byte 10)"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
