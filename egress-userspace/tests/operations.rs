@@ -630,3 +630,44 @@ fn pinned_maps_of_another_layout_are_refused_or_migrated() {
     assert_eq!(table.get(&key, 0).unwrap(), value, "the entry carried over");
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
 }
+
+/// Scrapers that connect and never send, or never read, hold no one up: a reload completes at
+/// once and a real scrape is still answered.
+#[test]
+fn idle_scrapers_never_delay_the_agent() {
+    let mut lab = common::lab_with_agents(&["fra-a-1"]);
+    let ns = lab.server_ns("fra-a-1");
+    let idle: Vec<std::net::TcpStream> = egress::lab::netns::in_ns(&ns, || {
+        let mut v = Vec::new();
+        for i in 0..12 {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9464")?;
+            if i == 0 {
+                // Asks, and never reads the answer.
+                std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\n\r\n")?;
+            }
+            v.push(s);
+        }
+        Ok(v)
+    })
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let lines = lab.reload(&config_b()).unwrap();
+    let took = t0.elapsed();
+    assert!(
+        lines.iter().all(|l| l.contains("plan generation 2")),
+        "{lines:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "the reload waited {took:?} behind idle scrapers"
+    );
+    let body = lab
+        .run(
+            &ns,
+            "curl",
+            &["-sS", "--max-time", "20", "http://127.0.0.1:9464/metrics"],
+        )
+        .unwrap();
+    assert!(body.contains("egress_plan_generation 2"), "{body}");
+    drop(idle);
+}

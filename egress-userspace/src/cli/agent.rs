@@ -80,15 +80,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             format!("http://{}/metrics", args.metrics_addr)
         }
     );
-    rt.block_on(serve(
-        &mut agent,
-        metrics,
-        Duration::from_secs(args.gc_interval.max(1)),
-    ))
-    .context("agent loop")?;
+    // spawn_local: the metrics tasks share the loop's thread (the agent is not Send).
+    let local = tokio::task::LocalSet::new();
+    local
+        .block_on(
+            &rt,
+            serve(
+                &mut agent,
+                metrics,
+                Duration::from_secs(args.gc_interval.max(1)),
+            ),
+        )
+        .context("agent loop")?;
     agent.shutdown(args.detach_on_exit)?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Requests from the metrics server to the agent's loop: a channel to send the rendered text on.
+type Render = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// Scrapes served at once; more wait in the kernel's accept queue.
+const METRICS_CONNECTIONS: usize = 8;
+/// What a scraper gets to send its request, and to take the answer.
+const METRICS_IO: Duration = Duration::from_secs(2);
 
 async fn serve(
     agent: &mut Agent,
@@ -101,6 +115,12 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut gc = tokio::time::interval(every);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    // Metrics are served on tasks of their own; the loop only renders the text on request, so
+    // a slow or idle scraper never delays a reload or a collection.
+    let (render_tx, mut render_rx) = tokio::sync::mpsc::channel::<Render>(METRICS_CONNECTIONS);
+    if let Some(listener) = metrics {
+        tokio::task::spawn_local(accept_scrapes(listener, render_tx));
+    }
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -108,24 +128,69 @@ async fn serve(
             _ = hup.recv() => agent.reload("SIGHUP"),
             _ = watch.tick() => if agent.config_changed() { agent.reload("config file changed") },
             _ = gc.tick() => agent.housekeeping(),
-            Ok((mut conn, _)) = async { metrics.as_ref().expect("guarded").accept().await }, if metrics.is_some() => {
-                // One small request per connection; scrapes are rare and cheap.
-                let mut buf = [0u8; 1024];
-                let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /metrics") {
-                    match agent.render_metrics() {
-                        Ok(b) => ("200 OK", b),
-                        Err(e) => { warn!("rendering metrics: {e:#}"); ("500 Internal Server Error", format!("{e:#}\n")) }
-                    }
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let head = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(body.as_bytes()).await;
+            Some(reply) = render_rx.recv() => {
+                let _ = reply.send(agent.render_metrics().map_err(|e| format!("{e:#}")));
             }
         }
     }
     Ok(())
+}
+
+/// Accepts scrapes, at most [`METRICS_CONNECTIONS`] at once, each bounded in time.
+async fn accept_scrapes(listener: TcpListener, render: tokio::sync::mpsc::Sender<Render>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let render = render.clone();
+        tokio::task::spawn_local(async move {
+            let _permit = permit;
+            if tokio::time::timeout(METRICS_IO * 3, scrape(conn, render))
+                .await
+                .is_err()
+            {
+                warn!("metrics: a scrape took too long and was cut");
+            }
+        });
+    }
+}
+
+/// One request per connection: GET /metrics, answered and closed.
+async fn scrape(mut conn: tokio::net::TcpStream, render: tokio::sync::mpsc::Sender<Render>) {
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(METRICS_IO, conn.read(&mut buf))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if req.starts_with("GET /metrics") {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answer = match render.send(tx).await {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err("agent loop gone".into())),
+            Err(_) => Err("agent loop gone".into()),
+        };
+        match answer {
+            Ok(b) => ("200 OK", b),
+            Err(e) => {
+                warn!("rendering metrics: {e}");
+                ("500 Internal Server Error", format!("{e}\n"))
+            }
+        }
+    } else {
+        ("404 Not Found", "try /metrics\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        conn.write_all(head.as_bytes()).await?;
+        conn.write_all(body.as_bytes()).await
+    };
+    let _ = tokio::time::timeout(METRICS_IO, write).await;
 }

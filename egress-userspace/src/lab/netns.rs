@@ -89,7 +89,7 @@ pub fn kill(pid: i32, sig: i32) {
 
 /// Runs `f` on a thread of its own inside network namespace `ns` (setns affects only the
 /// calling thread).
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::scope(|s| {
         s.spawn(move || -> anyhow::Result<T> {
