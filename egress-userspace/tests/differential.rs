@@ -50,8 +50,33 @@ const MAX_SILENT_PERCENT: f64 = 5.0;
 /// Agreeing steps each rule family needs in default mode.
 const FAMILY_FLOOR: usize = 36;
 
-/// The rule families an agreeing outcome belongs to (counter, the model's rule).
-fn families(counter: &str, rule: &str) -> Vec<&'static str> {
+/// VLAN tags in an input frame's data, as the rules read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tags {
+    Untagged,
+    /// One or two tags (TPID 0x8100 or 0x88a8), IPv4/IPv6 after them.
+    ReadThrough,
+    /// Tags the rules do not read through (a third tag, an odd TPID): not IP.
+    NotIp,
+}
+
+fn tags_of(p: &[u8]) -> Tags {
+    if p.len() < 14 {
+        return Tags::Untagged;
+    }
+    let odd = cases::ODD_TPIDS.contains(&u16::from_be_bytes([p[12], p[13]]));
+    match model::wire::l2(p) {
+        Some((0x0800 | 0x86dd, _, n)) if n > 0 => Tags::ReadThrough,
+        Some((_, _, n)) if n > 0 => Tags::NotIp,
+        None => Tags::NotIp,
+        _ if odd => Tags::NotIp,
+        _ => Tags::Untagged,
+    }
+}
+
+/// The rule families an agreeing outcome belongs to (counter, the model's rule; the input
+/// frame's VLAN tags, and whether its IP header left rewritten with the tags it came with).
+fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'static str> {
     let mut f = Vec::new();
     let reply = matches!(counter, "reverse_nat" | "reply_reencap");
     for (yes, name) in [
@@ -89,6 +114,26 @@ fn families(counter: &str, rule: &str) -> Vec<&'static str> {
         ),
         (counter == "drop_tunnel_kind", "tunnel key of another kind"),
         (counter == "drop_ttl_exceeded", "hop with TTL 0 or 1"),
+        (
+            tags == Tags::ReadThrough,
+            "VLAN-tagged frame, IP read through the tags",
+        ),
+        (
+            tags == Tags::ReadThrough && rewritten,
+            "VLAN-tagged frame rewritten, tags kept",
+        ),
+        (
+            counter == "drop_vlan_tunnel" && !rule.starts_with("tunnel 1"),
+            "drop_vlan_tunnel: tagged frame not encapsulated",
+        ),
+        (
+            counter == "drop_vlan_tunnel" && rule.starts_with("tunnel 1"),
+            "drop_vlan_tunnel: tagged GRE (tunnel rule 1)",
+        ),
+        (
+            tags == Tags::NotIp && counter.ends_with("_not_ip"),
+            "VLAN tags not read through (third tag, odd TPID): not IP",
+        ),
     ] {
         if yes {
             f.push(name);
@@ -624,6 +669,19 @@ fn describe_model(m: &Outcome, before: &Flows) -> String {
     )
 }
 
+/// Whether the model's output (agreeing with the programs') keeps the input's Ethernet header
+/// and VLAN tags with a rewritten IP header after them.
+fn rewritten(input: &[u8], m: &Outcome) -> bool {
+    let Some((_, l3, _)) = model::wire::l2(input) else {
+        return false;
+    };
+    let hdr = |p: &[u8]| p.get(l3..l3 + 20).map(<[u8]>::to_vec);
+    m.verdict != Verdict::Drop
+        && m.packet.get(12..l3) == input.get(12..l3)
+        && hdr(&m.packet).is_some()
+        && hdr(&m.packet) != hdr(input)
+}
+
 fn model_verdict(v: Verdict) -> u32 {
     match v {
         Verdict::Pass => 0,
@@ -797,6 +855,11 @@ fn differential() {
             if !sequence && !padded && !st.ingress && st.mark & 0x8000_0000 != 0 {
                 scenario += " [mark bit 31]";
             }
+            match tags_of(&packet) {
+                Tags::Untagged => {}
+                Tags::ReadThrough => scenario += " [VLAN tags]",
+                Tags::NotIp => scenario += " [VLAN tags not read through]",
+            }
 
             let mut problems: Vec<(String, String)> = Vec::new();
             for v in invariants(
@@ -897,11 +960,17 @@ fn differential() {
                     } else {
                         String::new()
                     };
+                    let tags = tags_of(&packet);
+                    let vlan = match tags {
+                        Tags::Untagged => "",
+                        Tags::ReadThrough => " [VLAN tags]",
+                        Tags::NotIp => " [VLAN tags not read through]",
+                    };
                     *tally
                         .agreed
-                        .entry(format!("{} ({}){how}", m.counter, m.rule))
+                        .entry(format!("{} ({}){how}{vlan}", m.counter, m.rule))
                         .or_default() += 1;
-                    for f in families(m.counter, m.rule) {
+                    for f in families(m.counter, m.rule, tags, rewritten(&packet, m)) {
                         *tally.families.entry(f).or_default() += 1;
                     }
                 }
@@ -1025,5 +1094,10 @@ fn families_all() -> Vec<&'static str> {
         "egress fragment, a peer's source entry",
         "tunnel key of another kind",
         "hop with TTL 0 or 1",
+        "VLAN-tagged frame, IP read through the tags",
+        "VLAN-tagged frame rewritten, tags kept",
+        "drop_vlan_tunnel: tagged frame not encapsulated",
+        "drop_vlan_tunnel: tagged GRE (tunnel rule 1)",
+        "VLAN tags not read through (third tag, odd TPID): not IP",
     ]
 }

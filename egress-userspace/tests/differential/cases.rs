@@ -1182,7 +1182,8 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
     };
     let roll = g.r.below(100);
     if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
-        let steps = second_peer(&mut g);
+        let mut steps = second_peer(&mut g);
+        tag_sequence(&mut g, &mut steps);
         return Case {
             class: g.class.join(" / "),
             steps,
@@ -1190,10 +1191,11 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         };
     }
     if matches!(roll, 14 | 15 | 40..=42) {
-        let steps = fragment_sequence(&mut g, idx);
+        let mut steps = fragment_sequence(&mut g, idx);
         if g.r.chance(30) {
             g.noise();
         }
+        tag_sequence(&mut g, &mut steps);
         return Case {
             class: g.class.join(" / "),
             steps,
@@ -1227,6 +1229,10 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
     if g.r.chance(30) {
         g.noise();
     }
+    if g.r.chance(VLAN_PERCENT) {
+        let tags = vlan_tags(&mut g);
+        packet.splice(12..12, tags);
+    }
     let class = g.class.join(" / ");
     Case {
         class: class.clone(),
@@ -1242,6 +1248,72 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
 }
 
 type Gen = (bool, u32, Vec<u8>);
+
+/// The share of cases (percent) whose frames carry VLAN tags in their data, drawn last so the
+/// rest of a case is what it would be untagged.
+const VLAN_PERCENT: u64 = 7;
+
+/// Tag protocol identifiers the rules do not read through (802.1Q-in-Q of old, 802.1ah).
+pub const ODD_TPIDS: [u16; 3] = [0x9100, 0x9200, 0x88e7];
+
+/// VLAN tags to insert after the Ethernet addresses (tags in the frame data, the ethertype
+/// after them): mostly one 802.1Q tag or an 802.1ad service tag over one; the other orders
+/// of the two TPIDs the rules name; a few the rules do not read through — a third tag, an odd
+/// TPID — which leave a frame that is not IPv4/IPv6.
+fn vlan_tags(g: &mut G) -> Vec<u8> {
+    let (tpids, name): (&[u16], &str) = match g.r.below(40) {
+        0..=16 => (&[0x8100], "vlan: 802.1Q tag"),
+        17..=28 => (&[0x88a8, 0x8100], "vlan: 802.1ad over 802.1Q"),
+        29 | 30 => (&[0x88a8], "vlan: 802.1ad tag alone"),
+        31 => (&[0x8100, 0x8100], "vlan: two 802.1Q tags"),
+        32 => (&[0x8100, 0x88a8], "vlan: 802.1Q over 802.1ad"),
+        33 | 34 => (&[0x88a8, 0x8100, 0x8100], "vlan: a third tag"),
+        35 => (&[0x8100, 0x8100, 0x8100], "vlan: three 802.1Q tags"),
+        36 => (&[ODD_TPIDS[0]], "vlan: odd TPID"),
+        37 => (&[ODD_TPIDS[1]], "vlan: odd TPID"),
+        38 => (&[0x88a8, ODD_TPIDS[0]], "vlan: odd TPID after a tag"),
+        _ => (&[0x8100, ODD_TPIDS[2]], "vlan: odd TPID after a tag"),
+    };
+    g.tag(name);
+    let mut b = Vec::new();
+    for tpid in tpids {
+        // PCP, DEI and VID; now and then a priority tag (VID 0).
+        let vid = if g.r.chance(10) {
+            0
+        } else {
+            g.r.range(1, 4094) as u16
+        };
+        let tci = (g.r.below(8) as u16) << 13 | vid;
+        b.extend_from_slice(&tpid.to_be_bytes());
+        b.extend_from_slice(&tci.to_be_bytes());
+    }
+    b
+}
+
+/// Tags (sometimes) the frames of a sequence: every packet it builds, or one of them (the
+/// programs' output of a step before stays as it is).
+fn tag_sequence(g: &mut G, steps: &mut [Step]) {
+    if !g.r.chance(VLAN_PERCENT) {
+        return;
+    }
+    let own: Vec<usize> = (0..steps.len())
+        .filter(|i| !steps[*i].prev_output)
+        .collect();
+    if own.is_empty() {
+        return;
+    }
+    let tags = vlan_tags(g);
+    let which: Vec<usize> = if own.len() > 1 && g.r.chance(40) {
+        g.tag("one packet tagged");
+        vec![*g.r.pick(&own)]
+    } else {
+        own
+    };
+    for i in which {
+        steps[i].packet.splice(12..12, tags.iter().copied());
+        steps[i].class += " / tagged";
+    }
+}
 
 fn egress_new(g: &mut G, v6: bool) -> Gen {
     g.tag(if v6 { "egress new v6" } else { "egress new v4" });

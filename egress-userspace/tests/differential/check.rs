@@ -19,14 +19,26 @@ fn folds_to_zero(acc: u64) -> bool {
     a == 0xffff
 }
 
-/// The outer IP header of a frame: (source, destination, protocol, header start, header
-/// length, end of the IP packet). None when the frame is not a whole IP packet.
+/// The outer IP header of a frame, read through up to two VLAN tags (TPID 0x8100 or 0x88a8):
+/// (source, destination, protocol, header start, header length, end of the IP packet). None
+/// when the frame is not a whole IP packet.
 pub fn outer(p: &[u8]) -> Option<(IpAddr, IpAddr, u8, usize, usize, usize)> {
     if p.len() < 14 {
         return None;
     }
-    let et = u16::from_be_bytes([p[12], p[13]]);
-    ip_at(p, 14, et == 0x86dd).filter(|_| et == 0x0800 || et == 0x86dd)
+    let mut at = 14;
+    let mut et = u16::from_be_bytes([p[12], p[13]]);
+    for _ in 0..2 {
+        if !matches!(et, 0x8100 | 0x88a8) {
+            break;
+        }
+        if p.len() < at + 4 {
+            return None;
+        }
+        et = u16::from_be_bytes([p[at + 2], p[at + 3]]);
+        at += 4;
+    }
+    ip_at(p, at, et == 0x86dd).filter(|_| et == 0x0800 || et == 0x86dd)
 }
 
 fn ip_at(p: &[u8], at: usize, v6: bool) -> Option<(IpAddr, IpAddr, u8, usize, usize, usize)> {
@@ -221,12 +233,15 @@ fn ip_at_quote(p: &[u8], at: usize, v6: bool) -> Option<(IpAddr, IpAddr, u8, usi
     Some((s.into(), d.into(), p[at + 9], at, hl, end))
 }
 
-/// Frames `egress::testrun::packet::verify_checksums` can read: IPv4/IPv6 TCP (≥ 20), UDP
-/// (≥ 8), ICMP (≥ 8), no padding, no IPv6 extension headers, not a fragment.
+/// Frames `egress::testrun::packet::verify_checksums` can read: untagged IPv4/IPv6 TCP (≥ 20),
+/// UDP (≥ 8), ICMP (≥ 8), no padding, no IPv6 extension headers, not a fragment.
 pub fn plain_transport(p: &[u8]) -> bool {
     let Some((src, _, proto, at, hl, end)) = outer(p) else {
         return false;
     };
+    if at != 14 {
+        return false;
+    }
     if end != p.len() {
         return false;
     }

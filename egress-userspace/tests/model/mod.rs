@@ -12,6 +12,10 @@
 //! `FLOWS` is taken never to be full (the harness's table is far larger than any case), so
 //! `drop_flow_table_full` is never the model's answer; `PEER_LOAD` is not modelled: with a
 //! non-zero peer budget a new peer connection is silent.
+//!
+//! Ethernet is read through up to two VLAN tags in the frame data (`wire::l2`): the IP header
+//! follows the last tag, rewrites keep the tags, and a tagged frame is never encapsulated nor
+//! taken as a tunnel packet (`drop_vlan_tunnel`).
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -304,6 +308,8 @@ pub fn run(
         tail_unspecified: false,
         hook,
         p: packet.to_vec(),
+        l3: ETH_LEN,
+        vlan_tags: 0,
         mss_clamped: false,
         collisions: (0, 0),
         flows_unspecified: None,
@@ -346,6 +352,10 @@ struct Cx<'a> {
     tail_unspecified: bool,
     hook: Hook,
     p: Vec<u8>,
+    /// Frame offset of the (outer) IP header: after the Ethernet header and its VLAN tags.
+    l3: usize,
+    /// VLAN tags read in the frame data (up to two).
+    vlan_tags: usize,
     mss_clamped: bool,
     collisions: (u64, u64),
     flows_unspecified: Option<&'static str>,
@@ -713,17 +723,23 @@ impl Cx<'_> {
     }
 
     /// Wraps the IPv4 packet at 14 in outer IPv4 + GRE to `peer` with `gre_key`.
-    /// Err(drop counter) when it does not fit or has no route.
+    /// Err(drop counter) when the frame is tagged, does not fit or has no route.
     fn encap(
         &mut self,
         ip: &Ip,
         peer: [u8; 4],
         gre_key: u32,
     ) -> Result<Result<(), &'static str>, Stop> {
+        // *Encapsulation*: a frame with VLAN tags in its data is never encapsulated, checked
+        // first (the tunnel is built for an untagged uplink).
+        if self.vlan_tags > 0 {
+            return Ok(Err("drop_vlan_tunnel"));
+        }
         if ip.v6 {
             return silent("IPv6 packet to be encapsulated (GRE carries IPv4)");
         }
         debug_assert!(!ip.padded, "trimmed first");
+        debug_assert_eq!(self.l3, ETH_LEN, "untagged");
         let inner_len = self.p.len() - ETH_LEN;
         // *Encapsulation*: too big is checked before the route.
         if inner_len + 28 > self.w.env.mtu {
@@ -748,8 +764,10 @@ impl Cx<'_> {
         self.route(peer)
     }
 
-    /// Removes the outer IPv4 + GRE (28 bytes after the Ethernet header).
+    /// Removes the outer IPv4 + GRE (28 bytes after the Ethernet header; a tunnel packet is
+    /// untagged, tagged ones are dropped by Tunnel rule 1).
     fn strip(&mut self) {
+        debug_assert_eq!(self.l3, ETH_LEN, "untagged");
         self.p.drain(ETH_LEN..ETH_LEN + 28);
     }
 
@@ -760,6 +778,7 @@ impl Cx<'_> {
         tunnel: [u8; 4],
         pool: u32,
     ) -> Result<Result<(), &'static str>, Stop> {
+        debug_assert_eq!(self.l3, ETH_LEN, "untagged");
         let o = ETH_LEN;
         let total = (self.p.len() - ETH_LEN) as u16;
         let mut outer = vec![0x45, 0];
@@ -777,9 +796,20 @@ impl Cx<'_> {
 
     // ---------------------------------------------------------------- TC egress
 
+    /// Ethernet through up to two VLAN tags: the ethertype after them (the IP header's offset
+    /// and the tags read are kept).
+    fn read_l2(&mut self) -> Result<u16, Stop> {
+        let Some((ethertype, l3, tags)) = l2(&self.p) else {
+            return silent("frame ends inside a VLAN tag");
+        };
+        self.l3 = l3;
+        self.vlan_tags = tags;
+        Ok(ethertype)
+    }
+
     fn egress(&mut self, mark: u32) -> R {
-        let ethertype = be16(&self.p, 12);
-        let mut ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+        let ethertype = self.read_l2()?;
+        let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("egress_not_ip", "egress 1: not IP"),
             IpParse::Bad => return drop("egress_malformed", "egress 1: bad IP header"),
             IpParse::Silent(s) => return silent(s),
@@ -1058,8 +1088,8 @@ impl Cx<'_> {
     // ---------------------------------------------------------------- TC ingress
 
     fn ingress(&mut self) -> R {
-        let ethertype = be16(&self.p, 12);
-        let mut ip = match parse_ip(&self.p, ETH_LEN, Some(ethertype)) {
+        let ethertype = self.read_l2()?;
+        let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("ingress_not_ip", "ingress 1: not IP"),
             IpParse::Bad => return pass("ingress_malformed", "ingress 1: bad IP header"),
             IpParse::Silent(s) => return silent(s),
@@ -1233,6 +1263,10 @@ impl Cx<'_> {
     // ---------------------------------------------------------------- Tunnel
 
     fn tunnel(&mut self, outer: &Ip) -> R {
+        // 1. VLAN tags in the frame data: checked first.
+        if self.vlan_tags > 0 {
+            return drop("drop_vlan_tunnel", "tunnel 1: VLAN tags");
+        }
         let peer = outer.src4();
         if !self.is_peer(peer) {
             return drop("drop_gre_unknown_peer", "tunnel 1: unknown peer");
@@ -1524,7 +1558,7 @@ impl Cx<'_> {
 
     // ---------------------------------------------------------------- ICMP errors
 
-    /// An ICMP error `ip` (at 14, or inside a tunnel from a peer with the key's kind).
+    /// An ICMP error `ip` (after the Ethernet header and its VLAN tags, or inside a tunnel from a peer with the key's kind).
     fn icmp_error(&mut self, ip: &Ip, tunnel: Option<([u8; 4], u32)>) -> R {
         let in_tunnel = tunnel.is_some();
         let (peer, kind) = tunnel.unwrap_or(([0; 4], 0));

@@ -5,6 +5,11 @@
 pub const ETH_LEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// The two VLAN tag protocol identifiers the rules read through (802.1Q, 802.1ad).
+pub const TPID_8021Q: u16 = 0x8100;
+pub const TPID_8021AD: u16 = 0x88a8;
+/// At most this many VLAN tags are read through.
+pub const MAX_VLAN_TAGS: usize = 2;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -57,6 +62,26 @@ pub fn csum_update(csum: u16, old: &[u8], new: &[u8]) -> u16 {
         acc += u64::from(!ow) + u64::from(nw);
     }
     !fold(acc)
+}
+
+/// Ethernet as both programs read it: through up to two VLAN tags in the frame data (TPID
+/// 0x8100 or 0x88a8, in any order), the IP header following the last tag. Returns (the
+/// ethertype after the tags read, the frame offset of what follows it, the tags read). A third
+/// tag or an odd TPID is left as the ethertype: not IPv4/IPv6. None: the frame ends inside a
+/// tag (the rules do not say).
+pub fn l2(p: &[u8]) -> Option<(u16, usize, usize)> {
+    let mut at = ETH_LEN;
+    let mut ethertype = be16(p, 12);
+    let mut tags = 0;
+    while tags < MAX_VLAN_TAGS && matches!(ethertype, TPID_8021Q | TPID_8021AD) {
+        if p.len() < at + 4 {
+            return None;
+        }
+        ethertype = be16(p, at + 2);
+        at += 4;
+        tags += 1;
+    }
+    Some((ethertype, at, tags))
 }
 
 /// A parsed IP header (IPv4 or IPv6) starting at `at` in a frame.
