@@ -101,6 +101,13 @@ pub struct Agent {
     warned_slices: std::collections::BTreeSet<(Ipv4Addr, u16)>,
     /// Held while the agent runs: one agent per pin directory.
     _lock: [loader::AgentLock; 2],
+    uplink: String,
+    /// Attached with tcx links (pinned); false for clsact filters.
+    tcx: bool,
+    /// Times something removed from under the agent was restored.
+    repairs: u64,
+    /// Whether the last check found the programs attached (their links pinned).
+    attached: bool,
 }
 
 fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
@@ -200,6 +207,10 @@ impl Agent {
             observed: Observed::default(),
             warned_slices: Default::default(),
             _lock: lock,
+            uplink: server.uplink.clone(),
+            tcx: false,
+            repairs: 0,
+            attached: false,
         };
         let diff = agent.write_plan()?;
         agent.generation = 1;
@@ -212,6 +223,8 @@ impl Agent {
             diff.removed
         );
         let mode = loader::attach(&mut agent.ebpf, &server.uplink, &pin_dir)?;
+        agent.tcx = mode != AttachMode::Clsact;
+        agent.attached = true;
         Ok((agent, mode, listener))
     }
 
@@ -310,6 +323,63 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Restores what was removed from under the agent: the pin directory, a map's pin (the
+    /// agent still holds every map), a link's pin (the link went with it, so the programs are
+    /// attached anew). Without this, a removed pin directory silently detaches the programs
+    /// (policy traffic then leaves from the server's own address). Returns what was restored.
+    pub fn repair(&mut self) -> Vec<String> {
+        let mut fixed = Vec::new();
+        if !self.pin_dir.exists() {
+            if let Err(e) = std::fs::create_dir_all(&self.pin_dir) {
+                warn!("recreating {}: {e}", self.pin_dir.display());
+                self.attached = false;
+                return fixed;
+            }
+            fixed.push(format!("pin directory {}", self.pin_dir.display()));
+        }
+        for name in map_names::ALL {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            let pinned = match self.maps.data(name) {
+                Some(d) => d.pin(&path).map_err(|e| e.to_string()),
+                None => self
+                    .ebpf
+                    .map(name)
+                    .ok_or_else(|| "not in the object".to_string())
+                    .and_then(|m| m.pin(&path).map_err(|e| e.to_string())),
+            };
+            match pinned {
+                Ok(()) => fixed.push(format!("map {name}")),
+                Err(e) => warn!("re-pinning map {name}: {e}"),
+            }
+        }
+        let links_gone = self.tcx
+            && loader::PROGRAMS
+                .iter()
+                .any(|(name, _)| !loader::link_pin(&self.pin_dir, name).exists());
+        if links_gone {
+            match loader::attach(&mut self.ebpf, &self.uplink, &self.pin_dir) {
+                Ok(_) => fixed.push(format!("programs on {}", self.uplink)),
+                Err(e) => {
+                    error!("re-attaching the programs to {}: {e:#}", self.uplink);
+                    self.attached = false;
+                    return fixed;
+                }
+            }
+        }
+        self.attached = true;
+        if !fixed.is_empty() {
+            self.repairs += 1;
+            warn!(
+                "repaired: {} had been removed; restored (maps and flows kept)",
+                fixed.join(", ")
+            );
+        }
+        fixed
     }
 
     /// Collects expired flows and refreshes occupancy and port-slice usage (warning once when
@@ -551,6 +621,20 @@ impl Agent {
             used.get_or_create(&l).set(i64::from(s.used));
             size.get_or_create(&l).set(i64::from(s.size()));
         }
+        let repairs = PromCounter::<u64>::default();
+        repairs.inc_by(self.repairs);
+        r.register(
+            "repairs",
+            "Times pins or programs removed from under the agent were restored",
+            repairs,
+        );
+        let attached = Gauge::<i64>::default();
+        attached.set(i64::from(self.attached));
+        r.register(
+            "attached",
+            "1 when the programs were found attached at the last check (every second)",
+            attached,
+        );
         let generation = Gauge::<i64>::default();
         generation.set(self.generation as i64);
         r.register(

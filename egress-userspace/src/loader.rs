@@ -433,6 +433,23 @@ impl Maps {
             })
     }
 
+    /// The map `name` if it is one of these (for re-pinning).
+    pub fn data(&self, name: &str) -> Option<&MapData> {
+        use aya::maps::IterableMap as _;
+        Some(match name {
+            map_names::ACTIONS => self.plan.actions.map(),
+            map_names::POLICY_V4 => self.plan.policies_v4.map(),
+            map_names::POLICY_V6 => self.plan.policies_v6.map(),
+            map_names::PEERS => self.plan.peers.map(),
+            map_names::OWNERS => self.plan.owners.map(),
+            map_names::PEER_POLICY => self.plan.peer_policies.map(),
+            map_names::FLOWS => self.flows.map(),
+            map_names::LOCAL => self.local.map(),
+            map_names::PEER_LOAD => self.peer_load.map(),
+            _ => return None,
+        })
+    }
+
     /// Writes the true per-peer connection counts (recounted from the flow table); peers with
     /// none are removed.
     pub fn set_peer_load(

@@ -671,3 +671,47 @@ fn idle_scrapers_never_delay_the_agent() {
     assert!(body.contains("egress_plan_generation 2"), "{body}");
     drop(idle);
 }
+
+/// Removing the pin directory (which drops the pinned links, so the programs detach) is noticed
+/// within a second or two and repaired: maps re-pinned, programs attached anew, the same plan
+/// and flows; traffic leaves from the pool address again.
+#[test]
+fn a_removed_pin_directory_is_restored() {
+    let lab = common::lab_with_agents(&["fra-a-1"]);
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let pins = lab.pin_dir("fra-a-1");
+    let from = lab.log_len("agent-fra-a-1");
+    let removed = egress::loader::detach(&pins).unwrap();
+    assert!(!removed.is_empty() && !pins.exists());
+    let line = lab
+        .wait_for_log(
+            "agent-fra-a-1",
+            from,
+            &["repaired:"],
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(
+        line.contains("programs on eth0") && line.contains("map FLOWS"),
+        "{line}"
+    );
+    for name in [
+        "FLOWS",
+        "STATS",
+        "JUMP",
+        "link_tc_egress",
+        "link_tc_ingress",
+    ] {
+        assert!(pins.join(name).exists(), "{name} pinned again");
+    }
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let metrics = lab
+        .run(
+            &lab.server_ns("fra-a-1"),
+            "curl",
+            &["-sS", "--max-time", "10", "http://127.0.0.1:9464/metrics"],
+        )
+        .unwrap();
+    assert!(metrics.contains("egress_repairs_total 1"), "{metrics}");
+    assert!(metrics.contains("egress_attached 1"), "{metrics}");
+}

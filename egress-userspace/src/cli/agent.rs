@@ -126,7 +126,10 @@ async fn serve(
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => agent.reload("SIGHUP"),
-            _ = watch.tick() => if agent.config_changed() { agent.reload("config file changed") },
+            _ = watch.tick() => {
+                agent.repair();
+                if agent.config_changed() { agent.reload("config file changed") }
+            }
             _ = gc.tick() => agent.housekeeping(),
             Some(reply) = render_rx.recv() => {
                 let _ = reply.send(agent.render_metrics().map_err(|e| format!("{e:#}")));
