@@ -3,6 +3,7 @@
 //! Field names here are the user-facing format; keep them stable. Unknown keys are errors.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,
 };
@@ -118,6 +119,51 @@ pub enum ConfigError {
     Parse { path: String, message: String },
 }
 
+/// The path (`locations[0].latitude`) of the key whose value starts at byte `offset` of
+/// `text`, from the table headers above it; None when it is not a `key = value` line.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = text[line_start..].split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    // Array-of-tables counts, by dotted name; a new `[[a]]` restarts the counts under it.
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut table = String::new();
+    for line in before[..line_start].lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            let name = name.trim().to_string();
+            *counts.entry(name.clone()).or_default() += 1;
+            counts.retain(|k, _| !k.starts_with(&format!("{name}.")));
+            table = name;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = name.trim().to_string();
+        }
+    }
+    let mut path = String::new();
+    let mut prefix = String::new();
+    for part in table.split('.').filter(|p| !p.is_empty()) {
+        prefix = if prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{prefix}.{part}")
+        };
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(part);
+        if let Some(n) = counts.get(&prefix) {
+            path.push_str(&format!("[{}]", n - 1));
+        }
+    }
+    Some(if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    })
+}
+
 /// Largest config file read (a topology of 100,000 pools is about 20 MiB).
 pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
 
@@ -159,8 +205,16 @@ impl Config {
     /// Errors name the field path (`servers[0].fabric`) when the value, not the syntax, is bad.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner().to_string();
+            let mut field = e.path().to_string();
+            let inner = e.into_inner();
+            // A value the TOML reader itself refuses (a number out of range) comes without the
+            // field's path: find it from where the error is.
+            if field == "."
+                && let Some(at) = inner.span().and_then(|s| field_at(text, s.start))
+            {
+                field = at;
+            }
+            let inner = inner.to_string();
             let inner = inner.trim_end();
             ConfigError::Parse {
                 path: origin.to_string(),
@@ -261,5 +315,29 @@ uplink = "eth0"
         let mut c2 = c.clone();
         c2.server = None;
         assert_eq!(c2.select_server(None).unwrap_err(), SelectError::NoServer);
+    }
+}
+
+#[cfg(test)]
+mod field_tests {
+    use super::*;
+
+    #[test]
+    fn values_the_toml_reader_refuses_are_named_by_their_field() {
+        let cases = [
+            (
+                "latitude = 50.11",
+                "latitude = 1e400",
+                "locations[0].latitude",
+            ),
+            ("id = 12\n", "id = 123456789012345678901\n", "servers[1].id"),
+            ("id = 7\n", "id = 99999999999999999999\n", "pools[0].id"),
+        ];
+        for (from, to, field) in cases {
+            assert!(DEFAULT_CONFIG.contains(from), "{from}");
+            let text = DEFAULT_CONFIG.replacen(from, to, 1);
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains(&format!("t: {field}: ")), "{field}: {err}");
+        }
     }
 }

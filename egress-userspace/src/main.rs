@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match cli.run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", egress::cli::error_text(&e));
             ExitCode::from(1)
         }
     }

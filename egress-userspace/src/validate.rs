@@ -110,13 +110,57 @@ pub struct Topology {
     pub rules: Vec<Rule>,
 }
 
+/// An uplink must be a name Linux accepts for an interface that can carry traffic out: 1-15
+/// bytes, no '/', ':' or whitespace, not "." or "..", and not the loopback.
+fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && !matches!(name, "." | "..")
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b < 0x20);
+    if !ok {
+        return Err(format!(
+            "{name:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+        ));
+    }
+    if name == "lo" {
+        return Err("\"lo\" is the loopback, not an uplink".into());
+    }
+    Ok(())
+}
+
+/// A pool address must be one an origin can see as a source: unicast, routable.
+fn check_pool_address(a: Ipv4Addr) -> Result<(), String> {
+    let why = if a.is_unspecified() {
+        "unspecified"
+    } else if a.is_broadcast() {
+        "the broadcast address"
+    } else if a.is_multicast() {
+        "multicast"
+    } else if a.is_loopback() {
+        "loopback"
+    } else if a.is_link_local() {
+        "link-local"
+    } else if a.octets()[0] == 0 || a.octets()[0] >= 240 {
+        "reserved"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{a} is {why}, not a source address an origin can see"
+    ))
+}
+
 /// Parses "first-last" (or a single port).
 pub fn parse_ports(s: &str) -> Result<PortRange, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
+    // Digits only: no spaces, no signs (u32's parser would take "+1024").
     let parse = |p: &str| {
-        p.trim()
-            .parse::<u32>()
-            .map_err(|_| format!("{s:?} is not a port range like \"1024-32767\""))
+        p.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| p.parse::<u32>().ok())
+            .flatten()
+            .ok_or_else(|| format!("{s:?} is not a port range like \"1024-32767\""))
     };
     let (first, last) = (parse(a)?, parse(b)?);
     if first > last {
@@ -182,6 +226,9 @@ fn unique<T: std::hash::Hash + Eq + Clone + fmt::Debug>(
 /// Validates a config; returns every problem found.
 pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     let mut errs = Errors::default();
+    if c.servers.is_empty() {
+        errs.add("servers", "no servers: a topology needs at least one");
+    }
 
     let mut locations = HashMap::new();
     for (i, l) in c.locations.iter().enumerate() {
@@ -249,11 +296,11 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         if !(1..=65535).contains(&s.id) {
             errs.add(format!("{p}.id"), format!("{} is outside 1..=65535", s.id));
         }
-        if s.uplink.is_empty() || s.uplink.len() > 15 {
-            errs.add(
-                format!("{p}.uplink"),
-                format!("{:?} is not an interface name (1-15 characters)", s.uplink),
-            );
+        if let Err(m) = check_ifname(&s.uplink) {
+            errs.add(format!("{p}.uplink"), m);
+        }
+        if s.name.trim().is_empty() {
+            errs.add(format!("{p}.name"), "is empty");
         }
         match dc_location.get(s.datacenter.as_str()) {
             Some(loc) => {
@@ -324,6 +371,9 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
                 format!("{ap}.address"),
                 "pool address",
             );
+            if let Err(m) = check_pool_address(a.address) {
+                errs.add(format!("{ap}.address"), m);
+            }
             let mut ranges: Vec<(PortRange, usize)> = Vec::new();
             let mut locs = BTreeSet::new();
             for (k, sh) in a.shares.iter().enumerate() {
@@ -615,6 +665,93 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
             says: &'static str,
         }
         let cases = [
+            Case {
+                name: "unspecified pool address",
+                edit: ("address = \"192.0.2.10\"", "address = \"0.0.0.0\""),
+                path: "pools[0].ipv4[0].address",
+                says: "0.0.0.0 is unspecified",
+            },
+            Case {
+                name: "broadcast pool address",
+                edit: ("address = \"192.0.2.10\"", "address = \"255.255.255.255\""),
+                path: "pools[0].ipv4[0].address",
+                says: "the broadcast address",
+            },
+            Case {
+                name: "multicast pool address",
+                edit: ("address = \"192.0.2.10\"", "address = \"224.0.0.1\""),
+                path: "pools[0].ipv4[0].address",
+                says: "224.0.0.1 is multicast",
+            },
+            Case {
+                name: "loopback pool address",
+                edit: ("address = \"192.0.2.10\"", "address = \"127.0.0.1\""),
+                path: "pools[0].ipv4[0].address",
+                says: "127.0.0.1 is loopback",
+            },
+            Case {
+                name: "uplink with a slash",
+                edit: (
+                    "uplink = \"eth0\"\n[[servers]]",
+                    "uplink = \"a/b\"\n[[servers]]",
+                ),
+                path: "servers[0].uplink",
+                says: "\"a/b\" is not an interface name",
+            },
+            Case {
+                name: "uplink ..",
+                edit: (
+                    "uplink = \"eth0\"\n[[servers]]",
+                    "uplink = \"..\"\n[[servers]]",
+                ),
+                path: "servers[0].uplink",
+                says: "\"..\" is not an interface name",
+            },
+            Case {
+                name: "uplink with a trailing space",
+                edit: (
+                    "uplink = \"eth0\"\n[[servers]]",
+                    "uplink = \"eth0 \"\n[[servers]]",
+                ),
+                path: "servers[0].uplink",
+                says: "\"eth0 \" is not an interface name",
+            },
+            Case {
+                name: "uplink with a newline",
+                edit: (
+                    "uplink = \"eth0\"\n[[servers]]",
+                    "uplink = \"eth0\\n\"\n[[servers]]",
+                ),
+                path: "servers[0].uplink",
+                says: "is not an interface name",
+            },
+            Case {
+                name: "uplink lo",
+                edit: (
+                    "uplink = \"eth0\"\n[[servers]]",
+                    "uplink = \"lo\"\n[[servers]]",
+                ),
+                path: "servers[0].uplink",
+                says: "\"lo\" is the loopback",
+            },
+            Case {
+                name: "ports with spaces",
+                edit: ("ports = \"1024-32767\"", "ports = \" 1024 - 2000 \""),
+                path: "pools[0].ipv4[0].shares[0].ports",
+                says: "is not a port range",
+            },
+            Case {
+                name: "ports with signs",
+                edit: ("ports = \"1024-32767\"", "ports = \"+1024-+2000\""),
+                path: "pools[0].ipv4[0].shares[0].ports",
+                says: "\"+1024-+2000\" is not a port range",
+            },
+            Case {
+                name: "empty server name",
+                edit: ("name = \"fra-a-1\"", "name = \"\""),
+                path: "servers[0].name",
+                says: "is empty",
+            },
             Case {
                 name: "unknown location",
                 edit: ("location = \"ams\"", "location = \"lhr\""),

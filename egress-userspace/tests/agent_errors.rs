@@ -69,8 +69,11 @@ fn missing_interface() {
 #[test]
 fn pin_dir_not_on_bpffs() {
     common::require_root();
+    // A namespace of its own with an uplink `up0`: the check needs an interface that exists,
+    // and the host's own must never be named.
+    let _net = egress::testrun::TestNet::enter();
     let d = tempdir("nobpffs");
-    let p = write_config(&d, "lo");
+    let p = write_config(&d, "up0");
     let out = agent(&[
         "--config",
         p.to_str().unwrap(),
@@ -85,7 +88,7 @@ fn pin_dir_not_on_bpffs() {
 fn not_root() {
     common::require_root();
     let d = tempdir("notroot");
-    let p = write_config(&d, "lo");
+    let p = write_config(&d, "up0");
     std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let out = Command::new("setpriv")
@@ -107,7 +110,7 @@ fn not_root() {
 #[test]
 fn invalid_config_names_the_field() {
     let d = tempdir("invalid");
-    let p = write_config(&d, "lo");
+    let p = write_config(&d, "up0");
     let text = std::fs::read_to_string(&p)
         .unwrap()
         .replace("id = 1", "id = 0");
@@ -120,7 +123,7 @@ fn invalid_config_names_the_field() {
 #[test]
 fn unknown_server() {
     let d = tempdir("unknownserver");
-    let p = write_config(&d, "lo");
+    let p = write_config(&d, "up0");
     let out = agent(&["--config", p.to_str().unwrap(), "--server", "nope"]);
     std::fs::remove_dir_all(&d).unwrap();
     assert_fails_with(&out, "server \"nope\" is not in the config");
@@ -169,5 +172,49 @@ fn a_config_path_that_is_not_a_regular_file_is_refused_without_blocking() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not UTF-8 text (byte 10)"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A reader that goes away (`| head -1`) never makes a command panic: validate keeps its exit
+/// code, a one-shot report ends quietly on SIGPIPE.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let d = tempdir("pipe");
+    let bad = d.join("bad.toml");
+    let servers: String = (1..=40)
+        .map(|i| format!("[[servers]]\nname = \"s{i}\"\nid = {i}\ndatacenter = \"x\"\nfabric = \"10.50.0.{i}\"\nuplink = \"eth0\"\n"))
+        .collect();
+    std::fs::write(&bad, servers).unwrap();
+    let err_log = d.join("stderr");
+    for (args, closed_is_stdout) in [
+        (vec!["validate", "--config", bad.to_str().unwrap()], false),
+        (vec!["plan", "--server", "fra-a-1"], true),
+    ] {
+        let mut cmd = Command::new(common::EGRESS);
+        cmd.args(&args);
+        if closed_is_stdout {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::fs::File::create(&err_log).unwrap());
+        } else {
+            cmd.stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null());
+        }
+        let mut child = cmd.spawn().unwrap();
+        // The reader is gone before anything is written.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        let status = child.wait().unwrap();
+        if closed_is_stdout {
+            assert!(
+                status.success() || status.signal() == Some(libc::SIGPIPE),
+                "{args:?}: {status:?}"
+            );
+            let err = std::fs::read_to_string(&err_log).unwrap();
+            assert!(!err.contains("panicked"), "{args:?}: {err}");
+        } else {
+            assert_eq!(status.code(), Some(2), "{args:?}: still invalid");
+        }
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -26,7 +26,11 @@ pub struct Args {
     pin_dir: Option<PathBuf>,
     /// Flow table size (entries; full, new connections are refused). Takes effect when the map is
     /// created, not when adopted.
-    #[arg(long, default_value_t = egress_common::flow::FLOWS_CAPACITY)]
+    #[arg(
+        long,
+        default_value_t = egress_common::flow::FLOWS_CAPACITY,
+        value_parser = clap::value_parser!(u32).range(1024..=MAX_FLOW_CAPACITY)
+    )]
     flow_capacity: u32,
     /// Most connections one peer may have translated here at once; beyond it the peer's new
     /// connections are refused (drop_peer_budget). 0: no limit.
@@ -65,6 +69,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
+    let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
     let metrics = {
         let _guard = rt.enter();
         listener.map(TcpListener::from_std).transpose()?
@@ -74,10 +80,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "ready: server {} attached ({mode:?}), maps pinned in {}, metrics {}",
         agent.server,
         agent.pin_dir.display(),
-        if args.no_metrics {
-            "off".to_string()
-        } else {
-            format!("http://{}/metrics", args.metrics_addr)
+        match metrics_at {
+            None => "off".to_string(),
+            Some(a) => format!("http://{a}/metrics"),
         }
     );
     // spawn_local: the metrics tasks share the loop's thread (the agent is not Send).
@@ -95,6 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     agent.shutdown(args.detach_on_exit)?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Largest flow table (entries; about 100 bytes each, preallocated: 1.6 GiB).
+const MAX_FLOW_CAPACITY: i64 = 16 << 20;
 
 /// Requests from the metrics server to the agent's loop: a channel to send the rendered text on.
 type Render = tokio::sync::oneshot::Sender<Result<String, String>>;

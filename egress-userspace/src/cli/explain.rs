@@ -83,7 +83,7 @@ struct Live {
 
 fn live(args: Args) -> anyhow::Result<ExitCode> {
     use aya::maps::{
-        HashMap, Map, MapData,
+        HashMap, Map,
         lpm_trie::{Key, LpmTrie},
     };
     use egress_common::{
@@ -93,7 +93,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
     };
     let config = args.config.load()?;
     let dir = super::pin_dir_of(&args.config, args.server.clone(), args.pin_dir.clone())?;
-    let open = |name: &str| MapData::from_pin(dir.join(name));
+    let open = |name: &str| super::open_pinned(&dir, name);
     let lookup = |mark: u32| -> anyhow::Result<Option<u32>> {
         Ok(match args.dst {
             IpAddr::V4(a) => {

@@ -6,7 +6,7 @@ use std::{
     process::ExitCode,
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, Map};
 use egress_common::{
     flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FlowKey, FlowValue},
     map_names,
@@ -67,7 +67,7 @@ fn endpoint(ip: IpAddr, port_be: u16) -> String {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.load()?;
     let dir = args.pins.dir(&args.config)?;
-    let data = MapData::from_pin(dir.join(map_names::FLOWS))?;
+    let data = super::open_pinned(&dir, map_names::FLOWS)?;
     let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::HashMap(data))?;
     let pools: BTreeMap<u32, String> = config
         .pools

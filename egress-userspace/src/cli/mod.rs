@@ -25,6 +25,31 @@ pub struct Cli {
     command: Command,
 }
 
+/// An error and its causes on one line, each cause once: many messages already include their
+/// source's text, which the chain would otherwise repeat.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+/// A map pinned in `dir`, or an error naming it and saying what usually explains its absence.
+pub fn open_pinned(dir: &std::path::Path, name: &str) -> anyhow::Result<aya::maps::MapData> {
+    let path = dir.join(name);
+    aya::maps::MapData::from_pin(&path).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "cannot open pinned map {} (is an agent running or has one run with this pin directory?)",
+            path.display()
+        ))
+    })
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     Agent(agent::Args),
@@ -42,6 +67,21 @@ enum Command {
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
+        if matches!(
+            self.command,
+            Command::Stats(_)
+                | Command::Plan(_)
+                | Command::Explain(_)
+                | Command::Flows(_)
+                | Command::Detach(_)
+        ) {
+            // A one-shot report whose reader went away (`| head -1`) ends quietly, as other
+            // command-line tools do, instead of panicking on the closed pipe. The agent and the
+            // lab's servers keep SIGPIPE ignored: a closed stream is an error they handle;
+            // validate ignores it and keeps its exit code.
+            // SAFETY: restoring the default disposition of one signal, before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        }
         match self.command {
             Command::Agent(a) => agent::run(a),
             Command::Stats(a) => stats::run(a),

@@ -22,24 +22,35 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e @ ConfigError::Read { .. }) => return Err(e.into()),
         Err(e @ ConfigError::Parse { .. }) => {
-            eprintln!("invalid config: {e}");
+            say(&mut std::io::stderr(), &format!("invalid config: {e}\n"));
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
     match validate::validate(&config) {
         Ok(t) => {
-            println!(
-                "{}: valid ({} servers, {} pools, {} policy rules)",
-                args.config.display(),
-                t.config.servers.len(),
-                t.pools.len(),
-                t.rules.len()
+            say(
+                &mut std::io::stdout(),
+                &format!(
+                    "{}: valid ({} servers, {} pools, {} policy rules)\n",
+                    args.config.display(),
+                    t.config.servers.len(),
+                    t.pools.len(),
+                    t.rules.len()
+                ),
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprint!("{}: {e}", args.config.display());
+            say(
+                &mut std::io::stderr(),
+                &format!("{}: {e}", args.config.display()),
+            );
             Ok(ExitCode::from(EXIT_INVALID))
         }
     }
+}
+
+/// Writes the verdict; a reader that went away (`| head -1`) does not change the exit code.
+fn say(out: &mut dyn std::io::Write, text: &str) {
+    let _ = out.write_all(text.as_bytes());
 }
