@@ -124,10 +124,39 @@ pub enum ConfigError {
 fn field_at(text: &str, offset: usize) -> Option<String> {
     let before = text.get(..offset)?;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let key = text[line_start..].split_once('=')?.0.trim();
-    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+    let line = &text[line_start..];
+    let line = line.split('\n').next().unwrap_or(line);
+    // The key of the value the error is in: the last `key =` before it on its line (inside an
+    // inline table, after the `{` or `,`).
+    let upto = &line[..(offset - line_start).min(line.len())];
+    let head = match upto.rfind('=') {
+        Some(i) => &upto[..i],
+        None => line.split_once('=')?.0,
+    };
+    let key = head.rsplit(['{', ',']).next().unwrap_or(head).trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') || key.contains(' ') {
         return None;
     }
+    // An inline table on its own line inside a multi-line array (`shares = [` … `{ … },`):
+    // the array's key and the element's index.
+    let mut inline = None;
+    if line.trim_start().starts_with('{') {
+        let mut index = 0;
+        for l in before[..line_start].lines().rev().map(str::trim) {
+            if l.starts_with('[') {
+                break;
+            }
+            if l.starts_with('{') {
+                index += 1;
+            } else if let Some((k, v)) = l.split_once('=')
+                && v.trim() == "["
+            {
+                inline = Some(format!("{}[{index}].", k.trim()));
+                break;
+            }
+        }
+    }
+    let key = format!("{}{key}", inline.unwrap_or_default());
     // Array-of-tables counts, by dotted name; a new `[[a]]` restarts the counts under it.
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut table = String::new();
@@ -158,7 +187,7 @@ fn field_at(text: &str, offset: usize) -> Option<String> {
         }
     }
     Some(if path.is_empty() {
-        key.to_string()
+        key
     } else {
         format!("{path}.{key}")
     })

@@ -1013,3 +1013,109 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
         assert!(bad_prefix.contains("pools[0].ipv6_prefix"), "{bad_prefix}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Values an operator (or a bad script) might put anywhere.
+    const HOSTILE: &[&str] = &[
+        "\"\"",
+        "0",
+        "-1",
+        "1e400",
+        "nan",
+        "-inf",
+        "99999999999999999999",
+        "\"a/b\"",
+        "\"..\"",
+        "\"lo\"",
+        "\"eth0 \"",
+        "[[1]]",
+        "{}",
+        "true",
+        "\"0.0.0.0\"",
+        "\"255.255.255.255\"",
+        "\"224.0.0.1\"",
+        "\"10.50.0.300\"",
+        "\"::\"",
+        "\"1024-\"",
+        "\"65535-1024\"",
+        "\" 1024 - 2000 \"",
+        "\"+1024-+2000\"",
+        "\"2001:db8::/129\"",
+        "\"203.0.113.1/24\"",
+        "[]",
+        "[\"\"]",
+        "\"x\"",
+        "4294967296",
+        "1073741824",
+    ];
+
+    /// Seeded, bounded: every mutation of the default config either validates or is refused
+    /// with a message naming a field; none panics.
+    #[test]
+    fn mutated_configs_are_refused_naming_a_field_never_a_panic() {
+        let base = crate::config::DEFAULT_CONFIG;
+        let lines: Vec<&str> = base.lines().collect();
+        let value_lines: Vec<usize> = (0..lines.len())
+            .filter(|&i| {
+                let l = lines[i].trim_start();
+                !l.starts_with('#') && !l.starts_with('[') && l.contains(" = ")
+            })
+            .collect();
+        let mut state: u64 = 0x5eed_f00d;
+        let mut next = |n: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as usize) % n
+        };
+        let (mut refused, mut valid) = (0, 0);
+        for _ in 0..3000 {
+            let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            // One to three values replaced.
+            for _ in 0..=next(3) {
+                let i = value_lines[next(value_lines.len())];
+                let (key, _) = lines[i].split_once(" = ").unwrap();
+                edited[i] = format!("{key} = {}", HOSTILE[next(HOSTILE.len())]);
+            }
+            let text = edited.join("\n");
+            let outcome = std::panic::catch_unwind(|| {
+                Config::parse(&text, "fuzz").map(|c| validate(&c).map(drop))
+            });
+            let Ok(outcome) = outcome else {
+                panic!("panicked on:\n{text}");
+            };
+            match outcome {
+                Ok(Ok(())) => valid += 1,
+                Ok(Err(invalid)) => {
+                    refused += 1;
+                    for e in &invalid.0 {
+                        assert!(
+                            !e.path.is_empty() && e.path != "." && !e.message.is_empty(),
+                            "a problem without a field: {e}\n{text}"
+                        );
+                    }
+                }
+                Err(e) => {
+                    refused += 1;
+                    let msg = e.to_string();
+                    // "cannot parse config fuzz: <field>: ..."
+                    let field = msg
+                        .strip_prefix("cannot parse config fuzz: ")
+                        .and_then(|m| m.split_once(": "))
+                        .map(|(f, _)| f);
+                    assert!(
+                        field.is_some_and(|f| !f.contains(' ') && !f.is_empty()),
+                        "a parse error without a field: {msg}\n{text}"
+                    );
+                }
+            }
+        }
+        assert!(
+            refused > 2000 && valid > 0,
+            "{refused} refused, {valid} valid"
+        );
+    }
+}
