@@ -108,7 +108,14 @@ pub struct Agent {
     repairs: u64,
     /// Whether the last check found the programs attached (their links pinned).
     attached: bool,
+    /// After a plan that failed to be written: when to try it again, and the delay used (it
+    /// doubles per failure, up to [`RETRY_MAX`]; a new config text starts over).
+    retry: Option<(std::time::Instant, std::time::Duration)>,
 }
+
+/// First and longest wait before a plan that failed to be written is tried again.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
     match path {
@@ -211,6 +218,7 @@ impl Agent {
             tcx: false,
             repairs: 0,
             attached: false,
+            retry: None,
         };
         let diff = agent.write_plan()?;
         agent.generation = 1;
@@ -250,6 +258,12 @@ impl Agent {
     }
 
     /// Whether the config file's content differs from the running plan's.
+    /// Whether a plan that failed to be written is due to be tried again.
+    pub fn retry_due(&self) -> bool {
+        self.retry
+            .is_some_and(|(at, _)| std::time::Instant::now() >= at)
+    }
+
     pub fn config_changed(&self) -> bool {
         match &self.config_path {
             None => false,
@@ -296,11 +310,13 @@ impl Agent {
         }
         let previous = std::mem::replace(&mut self.topology, topology);
         self.plan = plan::plan(&self.topology, &self.server);
+        let fresh_text = text != self.config_text;
         match self.write_plan() {
             Ok(d) => {
                 self.generation += 1;
                 self.reloads_ok += 1;
                 self.config_text = text;
+                self.retry = None;
                 info!(
                     "reload ({why}): plan generation {}: {} entries; maps: {} added, {} updated, {} removed",
                     self.generation,
@@ -312,8 +328,15 @@ impl Agent {
             }
             Err(e) => {
                 self.reloads_failed += 1;
+                // Not again every second: once per change, then with a growing delay.
+                let delay = match self.retry {
+                    Some((_, d)) if !fresh_text => (d * 2).min(RETRY_MAX),
+                    _ => RETRY_FIRST,
+                };
+                self.retry = Some((std::time::Instant::now() + delay, delay));
+                self.config_text = text;
                 error!(
-                    "reload ({why}) failed while writing maps: {e:#}; restoring generation {}",
+                    "reload ({why}) failed while writing maps: {e:#}; restoring generation {}; trying again in {delay:?}",
                     self.generation
                 );
                 self.topology = previous;

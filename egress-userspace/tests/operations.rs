@@ -715,3 +715,70 @@ fn a_removed_pin_directory_is_restored() {
     assert!(metrics.contains("egress_repairs_total 1"), "{metrics}");
     assert!(metrics.contains("egress_attached 1"), "{metrics}");
 }
+
+/// A plan the kernel refuses half-way (here: ACTIONS filled to the brim behind the agent's back)
+/// is rolled back to the running plan and retried with a growing delay — not every second —
+/// and applied once the write can succeed.
+#[test]
+fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
+    use egress_common::action::{Action, ActionKey};
+    let mut lab = common::lab_with_agents(&["fra-a-1"]);
+    let pins = lab.pin_dir("fra-a-1");
+    let data = aya::maps::MapData::from_pin(pins.join("ACTIONS")).unwrap();
+    let mut actions: aya::maps::HashMap<_, ActionKey, Action> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    // Junk keys (pool ids no config can have) until the map is full.
+    let mut junk = Vec::new();
+    for pool in 0x7fff_0000u32.. {
+        let k = ActionKey::new(pool, 4);
+        if actions.insert(k, Action::default(), 0).is_err() {
+            break;
+        }
+        junk.push(k);
+    }
+    // A new pool: its action needs a new entry.
+    let mut more = Config::embedded();
+    let mut extra = more.pools[0].clone();
+    extra.name = "extra".into();
+    extra.id = 99;
+    extra.ipv6_prefix = None;
+    extra.ipv4 = vec![egress::config::PoolAddress {
+        address: "192.0.2.99".parse().unwrap(),
+        shares: vec![egress::config::Share {
+            server: "fra-a-1".into(),
+            ports: "1024-2000".into(),
+        }],
+    }];
+    more.pools.push(extra);
+    let from = lab.log_len("agent-fra-a-1");
+    let lines = lab.reload(&more).unwrap();
+    assert!(
+        lines[0].contains("failed while writing maps") && lines[0].contains("trying again in 5s"),
+        "{lines:?}"
+    );
+    // The running plan is in force, and it is not retried every second.
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert_eq!(
+        log[from..].matches("failed while writing maps").count(),
+        1,
+        "one failure, no flapping: {}",
+        &log[from..]
+    );
+    // Room again (the rollback already swept entries no plan has, the junk among them): the
+    // retry applies it.
+    for k in &junk {
+        let _ = actions.remove(k);
+    }
+    let line = lab
+        .wait_for_log(
+            "agent-fra-a-1",
+            from,
+            &["retrying the plan that failed to be written): plan generation 2"],
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(line.contains("plan generation 2"), "{line}");
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}

@@ -136,7 +136,11 @@ async fn serve(
             _ = hup.recv() => agent.reload("SIGHUP"),
             _ = watch.tick() => {
                 agent.repair();
-                if agent.config_changed() { agent.reload("config file changed") }
+                if agent.config_changed() {
+                    agent.reload("config file changed")
+                } else if agent.retry_due() {
+                    agent.reload("retrying the plan that failed to be written")
+                }
             }
             _ = gc.tick() => agent.housekeeping(),
             Some(reply) = render_rx.recv() => {
