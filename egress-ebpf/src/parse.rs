@@ -128,6 +128,11 @@ pub fn ip(ctx: &TcContext) -> Result<Ip, IpError> {
         if is_vlan(proto) {
             off += VLAN_LEN;
             proto = u16::from_be(read::<u16>(ctx, off - 2).map_err(|_| IpError::NotIp)?);
+            // A third tag: not a frame this parser reads, and not "not IP" either (egress
+            // must not pass what may be a policy packet untranslated).
+            if is_vlan(proto) {
+                return Err(IpError::Malformed);
+            }
         }
     }
     match proto {

@@ -56,21 +56,33 @@ enum Tags {
     Untagged,
     /// One or two tags (TPID 0x8100 or 0x88a8), IPv4/IPv6 after them.
     ReadThrough,
-    /// Tags the rules do not read through (a third tag, an odd TPID): not IP.
+    /// A third tag (0x8100 or 0x88a8 after two of them): malformed.
+    ThirdTag,
+    /// An odd TPID, untagged or after one or two tags (or a frame ending inside a tag): not IP.
     NotIp,
 }
 
 fn tags_of(p: &[u8]) -> Tags {
+    use model::wire::L2;
     if p.len() < 14 {
         return Tags::Untagged;
     }
-    let odd = cases::ODD_TPIDS.contains(&u16::from_be_bytes([p[12], p[13]]));
     match model::wire::l2(p) {
-        Some((0x0800 | 0x86dd, _, n)) if n > 0 => Tags::ReadThrough,
-        Some((_, _, n)) if n > 0 => Tags::NotIp,
-        None => Tags::NotIp,
-        _ if odd => Tags::NotIp,
-        _ => Tags::Untagged,
+        L2::Read {
+            ethertype: 0x0800 | 0x86dd,
+            tags: 0,
+            ..
+        } => Tags::Untagged,
+        L2::Read {
+            ethertype: 0x0800 | 0x86dd,
+            ..
+        } => Tags::ReadThrough,
+        L2::Read {
+            ethertype, tags, ..
+        } if tags > 0 || cases::ODD_TPIDS.contains(&ethertype) => Tags::NotIp,
+        L2::Read { .. } => Tags::Untagged,
+        L2::ThirdTag => Tags::ThirdTag,
+        L2::Short => Tags::NotIp,
     }
 }
 
@@ -131,8 +143,12 @@ fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'sta
             "drop_vlan_tunnel: tagged GRE (tunnel rule 1)",
         ),
         (
+            tags == Tags::ThirdTag && counter.ends_with("_malformed"),
+            "VLAN: a third tag, malformed",
+        ),
+        (
             tags == Tags::NotIp && counter.ends_with("_not_ip"),
-            "VLAN tags not read through (third tag, odd TPID): not IP",
+            "VLAN: an odd TPID (untagged or after a tag), not IP",
         ),
     ] {
         if yes {
@@ -672,7 +688,7 @@ fn describe_model(m: &Outcome, before: &Flows) -> String {
 /// Whether the model's output (agreeing with the programs') keeps the input's Ethernet header
 /// and VLAN tags with a rewritten IP header after them.
 fn rewritten(input: &[u8], m: &Outcome) -> bool {
-    let Some((_, l3, _)) = model::wire::l2(input) else {
+    let model::wire::L2::Read { l3, .. } = model::wire::l2(input) else {
         return false;
     };
     let hdr = |p: &[u8]| p.get(l3..l3 + 20).map(<[u8]>::to_vec);
@@ -858,7 +874,8 @@ fn differential() {
             match tags_of(&packet) {
                 Tags::Untagged => {}
                 Tags::ReadThrough => scenario += " [VLAN tags]",
-                Tags::NotIp => scenario += " [VLAN tags not read through]",
+                Tags::ThirdTag => scenario += " [a third VLAN tag]",
+                Tags::NotIp => scenario += " [odd TPID]",
             }
 
             let mut problems: Vec<(String, String)> = Vec::new();
@@ -964,7 +981,8 @@ fn differential() {
                     let vlan = match tags {
                         Tags::Untagged => "",
                         Tags::ReadThrough => " [VLAN tags]",
-                        Tags::NotIp => " [VLAN tags not read through]",
+                        Tags::ThirdTag => " [a third VLAN tag]",
+                        Tags::NotIp => " [odd TPID]",
                     };
                     *tally
                         .agreed
@@ -1098,6 +1116,7 @@ fn families_all() -> Vec<&'static str> {
         "VLAN-tagged frame rewritten, tags kept",
         "drop_vlan_tunnel: tagged frame not encapsulated",
         "drop_vlan_tunnel: tagged GRE (tunnel rule 1)",
-        "VLAN tags not read through (third tag, odd TPID): not IP",
+        "VLAN: a third tag, malformed",
+        "VLAN: an odd TPID (untagged or after a tag), not IP",
     ]
 }

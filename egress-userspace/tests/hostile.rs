@@ -456,6 +456,15 @@ fn vlan_tagged_frames_are_translated_never_passed() {
     }
     assert_eq!(dp.counter(Stat::VlanTunnel), 2);
     assert_eq!(dp.counter(Stat::SnatNew), 2);
+    // A third tag: malformed, never passed untranslated.
+    let syn = tcp("10.50.0.11", 9600, "203.0.113.1", 80, TCP_SYN);
+    let three = packet::tagged(&syn, &[(0x88a8, 10), (0x8100, 100), (0x8100, 200)]);
+    let before = dp.counter(Stat::EgressMalformed);
+    assert_eq!(
+        dp.run(Hook::Egress, 0, &three).unwrap().verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(dp.counter(Stat::EgressMalformed), before + 1, "three tags");
     // A tunnel packet still tagged (a second tag the kernel did not take off).
     let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
     let gre = gre_frame(B, A, tunnel::key(tunnel::CONNECTION, 7), &inner);

@@ -1258,8 +1258,8 @@ pub const ODD_TPIDS: [u16; 3] = [0x9100, 0x9200, 0x88e7];
 
 /// VLAN tags to insert after the Ethernet addresses (tags in the frame data, the ethertype
 /// after them): mostly one 802.1Q tag or an 802.1ad service tag over one; the other orders
-/// of the two TPIDs the rules name; a few the rules do not read through — a third tag, an odd
-/// TPID — which leave a frame that is not IPv4/IPv6.
+/// of the two TPIDs the rules name; a few the rules do not read through: a third tag, which
+/// makes the frame malformed, and an odd TPID, which leaves a frame that is not IPv4/IPv6.
 fn vlan_tags(g: &mut G) -> Vec<u8> {
     let (tpids, name): (&[u16], &str) = match g.r.below(40) {
         0..=16 => (&[0x8100], "vlan: 802.1Q tag"),

@@ -15,7 +15,8 @@
 //!
 //! Ethernet is read through up to two VLAN tags in the frame data (`wire::l2`): the IP header
 //! follows the last tag, rewrites keep the tags, and a tagged frame is never encapsulated nor
-//! taken as a tunnel packet (`drop_vlan_tunnel`).
+//! taken as a tunnel packet (`drop_vlan_tunnel`). A third tag makes the frame malformed (rule 1:
+//! `egress_malformed`, dropped; `ingress_malformed`, passed); an odd TPID is not IP.
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -797,18 +798,28 @@ impl Cx<'_> {
     // ---------------------------------------------------------------- TC egress
 
     /// Ethernet through up to two VLAN tags: the ethertype after them (the IP header's offset
-    /// and the tags read are kept).
-    fn read_l2(&mut self) -> Result<u16, Stop> {
-        let Some((ethertype, l3, tags)) = l2(&self.p) else {
-            return silent("frame ends inside a VLAN tag");
-        };
-        self.l3 = l3;
-        self.vlan_tags = tags;
-        Ok(ethertype)
+    /// and the tags read are kept); `None` for a third tag, which makes the frame malformed
+    /// (rule 1 of either hook).
+    fn read_l2(&mut self) -> Result<Option<u16>, Stop> {
+        match l2(&self.p) {
+            L2::Read {
+                ethertype,
+                l3,
+                tags,
+            } => {
+                self.l3 = l3;
+                self.vlan_tags = tags;
+                Ok(Some(ethertype))
+            }
+            L2::ThirdTag => Ok(None),
+            L2::Short => silent("frame ends inside a VLAN tag"),
+        }
     }
 
     fn egress(&mut self, mark: u32) -> R {
-        let ethertype = self.read_l2()?;
+        let Some(ethertype) = self.read_l2()? else {
+            return drop("egress_malformed", "egress 1: a third VLAN tag");
+        };
         let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("egress_not_ip", "egress 1: not IP"),
             IpParse::Bad => return drop("egress_malformed", "egress 1: bad IP header"),
@@ -1088,7 +1099,9 @@ impl Cx<'_> {
     // ---------------------------------------------------------------- TC ingress
 
     fn ingress(&mut self) -> R {
-        let ethertype = self.read_l2()?;
+        let Some(ethertype) = self.read_l2()? else {
+            return pass("ingress_malformed", "ingress 1: a third VLAN tag");
+        };
         let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("ingress_not_ip", "ingress 1: not IP"),
             IpParse::Bad => return pass("ingress_malformed", "ingress 1: bad IP header"),

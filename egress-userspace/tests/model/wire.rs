@@ -64,24 +64,46 @@ pub fn csum_update(csum: u16, old: &[u8], new: &[u8]) -> u16 {
     !fold(acc)
 }
 
-/// Ethernet as both programs read it: through up to two VLAN tags in the frame data (TPID
-/// 0x8100 or 0x88a8, in any order), the IP header following the last tag. Returns (the
-/// ethertype after the tags read, the frame offset of what follows it, the tags read). A third
-/// tag or an odd TPID is left as the ethertype: not IPv4/IPv6. None: the frame ends inside a
-/// tag (the rules do not say).
-pub fn l2(p: &[u8]) -> Option<(u16, usize, usize)> {
+/// Ethernet as both programs read it (*Datapath rules*, the paragraph on VLAN tags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2 {
+    /// Read through up to two VLAN tags in the frame data (TPID 0x8100 or 0x88a8, in either
+    /// order): the ethertype after the tags read, the frame offset of what follows it (the IP
+    /// header follows the last tag), the tags read. An odd TPID (untagged, or after one or two
+    /// tags) is left as the ethertype: not IPv4/IPv6.
+    Read {
+        ethertype: u16,
+        l3: usize,
+        tags: usize,
+    },
+    /// A third tag (0x8100 or 0x88a8 again after two tags): the frame is malformed (rule 1).
+    ThirdTag,
+    /// The frame ends inside a tag (the rules do not say).
+    Short,
+}
+
+/// Reads the Ethernet header of a frame and its VLAN tags (see [`L2`]).
+pub fn l2(p: &[u8]) -> L2 {
+    let is_tpid = |t| matches!(t, TPID_8021Q | TPID_8021AD);
     let mut at = ETH_LEN;
     let mut ethertype = be16(p, 12);
     let mut tags = 0;
-    while tags < MAX_VLAN_TAGS && matches!(ethertype, TPID_8021Q | TPID_8021AD) {
+    while is_tpid(ethertype) {
+        if tags == MAX_VLAN_TAGS {
+            return L2::ThirdTag;
+        }
         if p.len() < at + 4 {
-            return None;
+            return L2::Short;
         }
         ethertype = be16(p, at + 2);
         at += 4;
         tags += 1;
     }
-    Some((ethertype, at, tags))
+    L2::Read {
+        ethertype,
+        l3: at,
+        tags,
+    }
 }
 
 /// A parsed IP header (IPv4 or IPv6) starting at `at` in a frame.
