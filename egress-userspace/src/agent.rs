@@ -9,9 +9,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{Ebpf, maps::PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+};
 use egress_common::{
-    flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE},
+    flow::{FlowKey, FlowValue},
     map_names,
     stats::{Counter, Stat},
 };
@@ -78,6 +81,8 @@ struct Observed {
     early_dropped: u64,
     /// Whether the last collection found the table under pressure (logged on change).
     pressure: bool,
+    /// How long the last housekeeping pass took.
+    pass_seconds: f64,
     /// Connections translated here per peer (fabric address), at the last housekeeping.
     peer_load: BTreeMap<Ipv4Addr, u64>,
 }
@@ -111,6 +116,23 @@ pub struct Agent {
     /// After a plan that failed to be written: when to try it again, and the delay used (it
     /// doubles per failure, up to [`RETRY_MAX`]; a new config text starts over).
     retry: Option<(std::time::Instant, std::time::Duration)>,
+}
+
+/// The collector: one pass over the flow table at a time, on a thread of its own.
+pub struct Housekeeper {
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    peer_load: HashMap<MapData, [u8; 4], u64>,
+    capacity: u32,
+}
+
+impl Housekeeper {
+    /// Collects, counts, and writes the recounted peer loads.
+    pub fn run(&mut self) -> Result<flows::Pass, String> {
+        let p = flows::pass(&mut self.flows, flows::monotonic_ns(), self.capacity)
+            .map_err(|e| e.to_string())?;
+        loader::write_peer_load(&mut self.peer_load, &p.peer_load).map_err(|e| e.to_string())?;
+        Ok(p)
+    }
 }
 
 /// First and longest wait before a plan that failed to be written is tried again.
@@ -405,59 +427,68 @@ impl Agent {
         fixed
     }
 
-    /// Collects expired flows and refreshes occupancy and port-slice usage (warning once when
-    /// a slice passes 80 %).
+    /// One housekeeping pass on the agent's own thread (at start; the loop runs them on the
+    /// collector thread, see [`Agent::housekeeper`]).
     pub fn housekeeping(&mut self) {
-        match flows::collect(
+        let pass = flows::pass(
             &mut self.maps.flows,
             flows::monotonic_ns(),
             self.flow_capacity,
-        ) {
-            Ok(done) => {
-                self.observed.collected += done.expired as u64;
-                self.observed.early_dropped += done.early_dropped as u64;
-                if done.expired > 0 {
-                    info!("collected {} expired connections", done.expired);
-                }
-                let pressure = flows::under_pressure(done.entries, self.flow_capacity);
-                if pressure && !self.observed.pressure {
-                    warn!(
-                        "flow table under pressure: {} of {} entries; unreplied connections are dropped early ({} now), new ones refused when full (drop_flow_table_full)",
-                        done.entries, self.flow_capacity, done.early_dropped
-                    );
-                } else if !pressure && self.observed.pressure {
-                    info!(
-                        "flow table pressure over: {} of {} entries",
-                        done.entries, self.flow_capacity
-                    );
-                }
-                self.observed.pressure = pressure;
-            }
-            Err(e) => warn!("collecting expired flows: {e}"),
-        }
-        self.observe();
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            loader::write_peer_load(&mut self.maps.peer_load, &p.peer_load)
+                .map_err(|e| e.to_string())?;
+            Ok(p)
+        });
+        self.apply_pass(pass);
     }
 
-    fn observe(&mut self) {
-        let mut entries: BTreeMap<&'static str, i64> =
-            [("outbound", 0), ("reverse", 0), ("forwarded", 0)].into();
-        // Ports in use per pool address (reverse entries are keyed by the translated port).
-        let mut in_use: BTreeMap<[u8; 4], std::collections::BTreeSet<u16>> = BTreeMap::new();
-        for (k, v) in self.maps.flows.iter().filter_map(Result::ok) {
-            let kind = match v.kind {
-                FLOW_OUTBOUND => "outbound",
-                FLOW_REVERSE => "reverse",
-                FLOW_FORWARDED => "forwarded",
-                _ => continue,
-            };
-            *entries.entry(kind).or_default() += 1;
-            if v.kind == FLOW_REVERSE && k.family == 4 {
-                in_use
-                    .entry([k.dst[0], k.dst[1], k.dst[2], k.dst[3]])
-                    .or_default()
-                    .insert(u16::from_be(k.dst_port_be));
+    /// A collector with handles of its own on the flow table and `PEER_LOAD`, to run passes
+    /// off the agent's loop (a pass over a million entries takes a while; the loop must not).
+    pub fn housekeeper(&self) -> anyhow::Result<Housekeeper> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let dup = |m: &MapData| -> anyhow::Result<MapData> {
+            Ok(MapData::from_fd(m.fd().as_fd().try_clone_to_owned()?)?)
+        };
+        Ok(Housekeeper {
+            flows: HashMap::try_from(aya::maps::Map::HashMap(dup(self.maps.flows.map())?))?,
+            peer_load: HashMap::try_from(aya::maps::Map::HashMap(dup(self.maps.peer_load.map())?))?,
+            capacity: self.flow_capacity,
+        })
+    }
+
+    /// Takes in what a pass found: counts, logs pressure changes, refreshes port-slice usage
+    /// (warning once when a slice passes 80 %).
+    pub fn apply_pass(&mut self, pass: Result<flows::Pass, String>) {
+        let p = match pass {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("collecting expired flows: {e}");
+                return;
             }
+        };
+        let done = p.collected;
+        self.observed.collected += done.expired as u64;
+        self.observed.early_dropped += done.early_dropped as u64;
+        self.observed.pass_seconds = p.took.as_secs_f64();
+        if done.expired > 0 {
+            info!("collected {} expired connections", done.expired);
         }
+        let pressure = flows::under_pressure(done.entries, self.flow_capacity);
+        if pressure && !self.observed.pressure {
+            warn!(
+                "flow table under pressure: {} of {} entries; unreplied connections are dropped early ({} now), new ones refused when full (drop_flow_table_full)",
+                done.entries, self.flow_capacity, done.early_dropped
+            );
+        } else if !pressure && self.observed.pressure {
+            info!(
+                "flow table pressure over: {} of {} entries",
+                done.entries, self.flow_capacity
+            );
+        }
+        self.observed.pressure = pressure;
         let mut slices = Vec::new();
         for e in self
             .plan
@@ -469,7 +500,7 @@ impl Agent {
                 let std::net::IpAddr::V4(address) = s.address else {
                     continue;
                 };
-                let used = in_use.get(&address.octets()).map_or(0, |ports| {
+                let used = p.in_use.get(&address.octets()).map_or(0, |ports| {
                     ports.range(s.ports[0]..=s.ports[1]).count() as u32
                 });
                 slices.push(SliceUsage {
@@ -497,19 +528,9 @@ impl Agent {
                 self.warned_slices.remove(&key);
             }
         }
-        self.observed.entries = entries;
+        self.observed.entries = p.by_kind;
         self.observed.slices = slices;
-        let peer_load = flows::peer_load(
-            self.maps
-                .flows
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(_, v)| v),
-        );
-        if let Err(e) = self.maps.set_peer_load(&peer_load) {
-            warn!("recounting the peer budget: {e}");
-        }
-        self.observed.peer_load = peer_load;
+        self.observed.peer_load = p.peer_load;
         let want = plan::map_contents(&self.topology, &self.plan);
         self.observed.map_entries = [
             (map_names::POLICY_V4, want.policies_v4.len() as i64),
@@ -613,6 +634,13 @@ impl Agent {
             "flow_capacity",
             "Flow table size (entries; full, new connections are refused)",
             capacity,
+        );
+        let pass = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        pass.set(self.observed.pass_seconds);
+        r.register(
+            "housekeeping_pass_seconds",
+            "How long the last pass over the flow table took (on the collector thread)",
+            pass,
         );
         let early = PromCounter::<u64>::default();
         early.inc_by(self.observed.early_dropped);

@@ -7,12 +7,16 @@
 //! first, as conntrack's early drop: the table never evicts by itself, so an established
 //! connection is never pushed out by new ones.
 
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use egress_common::flow::{
-    FLOW_F_FIN, FLOW_F_REPLIED, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND, FlowKey, FlowValue,
-    timeouts,
+    FLOW_F_FIN, FLOW_F_REPLIED, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey,
+    FlowValue, timeouts,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -115,6 +119,199 @@ pub struct Collected {
     pub entries: usize,
 }
 
+/// The flow table as read at one moment, sorted by key: a connection's other entry is found by
+/// binary search, and the whole costs the entries themselves (88 bytes each), nothing more.
+pub struct Snapshot {
+    entries: Vec<(FlowKey, FlowValue)>,
+    /// Read with BPF_MAP_LOOKUP_BATCH (else key by key).
+    pub batched: bool,
+}
+
+/// Entries read per batch.
+const BATCH: usize = 4096;
+/// BPF_MAP_LOOKUP_BATCH.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `union bpf_attr` as BPF_MAP_*_BATCH reads it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn order(k: &FlowKey) -> ([u8; 16], [u8; 16], u16, u16, u8, u8) {
+    (
+        k.src,
+        k.dst,
+        k.src_port_be,
+        k.dst_port_be,
+        k.proto,
+        k.family,
+    )
+}
+
+impl Snapshot {
+    /// Reads every entry of `map`: in batches of [`BATCH`] (one syscall each), or key by key
+    /// where the kernel cannot batch.
+    pub fn read(flows: &HashMap<MapData, FlowKey, FlowValue>) -> Result<Snapshot, MapError> {
+        let (mut entries, batched) = match dump_batched(flows.map()) {
+            Ok(e) => (e, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (flows.iter().collect::<Result<_, _>>()?, false)
+            }
+            Err(io_error) => {
+                return Err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                }));
+            }
+        };
+        entries.sort_unstable_by_key(|(k, _)| order(k));
+        Ok(Snapshot { entries, batched })
+    }
+
+    /// The entry of `k`, as read.
+    pub fn get(&self, k: &FlowKey) -> Option<&FlowValue> {
+        self.entries
+            .binary_search_by_key(&order(k), |(e, _)| order(e))
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(FlowKey, FlowValue)> {
+        self.entries.iter()
+    }
+
+    /// The other direction of entry `k`/`v`, if present and pointing back (a forwarded
+    /// connection has a single entry here; after a reopened tuple an old reverse entry and the
+    /// new outbound entry share a key but are different connections).
+    fn other(&self, k: &FlowKey, v: &FlowValue) -> Option<(FlowKey, &FlowValue)> {
+        if v.kind == FLOW_FORWARDED {
+            return None;
+        }
+        let other_key = k.other_direction(v);
+        self.get(&other_key)
+            .filter(|o| o.kind != v.kind && other_key.other_direction(o) == *k)
+            .map(|o| (other_key, o))
+    }
+}
+
+/// Every entry of the hash map `map`, BPF_MAP_LOOKUP_BATCH at a time.
+fn dump_batched(map: &MapData) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowValue::default(); BATCH];
+    let mut out = Vec::new();
+    // The batch cursor of a hash map is a bucket index (u32); 8 bytes leave room.
+    let (mut cursor_in, mut cursor_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor_in as *const u64 as u64
+            },
+            out_batch: &mut cursor_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of BATCH keys and values, and at the cursors;
+        // all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(BATCH);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err {
+            None => {}
+            // The end of the table.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        cursor_in = cursor_out;
+        first = false;
+    }
+}
+
+/// What one pass over the flow table found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Pass {
+    pub collected: Collected,
+    /// Entries left, by kind.
+    pub by_kind: BTreeMap<&'static str, i64>,
+    /// Ports in use per pool address (reverse entries are keyed by the translated port).
+    pub in_use: BTreeMap<[u8; 4], BTreeSet<u16>>,
+    /// Connections translated here per peer.
+    pub peer_load: BTreeMap<Ipv4Addr, u64>,
+    /// Wall time of the pass.
+    pub took: std::time::Duration,
+}
+
+/// One pass: reads the table once, collects what expired (and, under pressure, what never saw
+/// a reply), and counts what is left.
+pub fn pass(
+    flows: &mut HashMap<MapData, FlowKey, FlowValue>,
+    now: u64,
+    capacity: u32,
+) -> Result<Pass, MapError> {
+    let t0 = std::time::Instant::now();
+    let snapshot = Snapshot::read(flows)?;
+    let (collected, gone) = collect_in(flows, &snapshot, now, capacity);
+    let mut p = Pass {
+        collected,
+        by_kind: [("outbound", 0), ("reverse", 0), ("forwarded", 0)].into(),
+        ..Default::default()
+    };
+    for (i, (k, v)) in snapshot.iter().enumerate() {
+        if gone[i] {
+            continue;
+        }
+        let kind = match v.kind {
+            FLOW_OUTBOUND => "outbound",
+            FLOW_REVERSE => "reverse",
+            FLOW_FORWARDED => "forwarded",
+            _ => continue,
+        };
+        *p.by_kind.entry(kind).or_default() += 1;
+        if v.kind == FLOW_REVERSE && k.family == 4 {
+            p.in_use
+                .entry([k.dst[0], k.dst[1], k.dst[2], k.dst[3]])
+                .or_default()
+                .insert(u16::from_be(k.dst_port_be));
+        }
+        if v.kind == FLOW_OUTBOUND && v.tunnel != [0; 4] {
+            *p.peer_load.entry(Ipv4Addr::from(v.tunnel)).or_default() += 1;
+        }
+    }
+    p.took = t0.elapsed();
+    Ok(p)
+}
+
 /// Deletes every expired connection (both directions) and, when the table of `capacity` entries
 /// is under pressure, every early-droppable one.
 pub fn collect(
@@ -122,44 +319,54 @@ pub fn collect(
     now: u64,
     capacity: u32,
 ) -> Result<Collected, MapError> {
-    let snapshot: StdHashMap<FlowKey, FlowValue> = flows.iter().collect::<Result<_, _>>()?;
+    let snapshot = Snapshot::read(flows)?;
+    Ok(collect_in(flows, &snapshot, now, capacity).0)
+}
+
+/// [`collect`] from a snapshot; also says which of its entries went.
+fn collect_in(
+    flows: &mut HashMap<MapData, FlowKey, FlowValue>,
+    snapshot: &Snapshot,
+    now: u64,
+    capacity: u32,
+) -> (Collected, Vec<bool>) {
     let pressure = under_pressure(snapshot.len(), capacity);
     let mut done = Collected {
         entries: snapshot.len(),
         ..Default::default()
     };
-    let mut gone = std::collections::HashSet::new();
-    for (k, v) in &snapshot {
-        if gone.contains(k) {
+    let mut gone = vec![false; snapshot.len()];
+    for (i, (k, v)) in snapshot.iter().enumerate() {
+        if gone[i] {
             continue;
         }
-        let other_key = k.other_direction(v);
-        // A forwarded connection has a single entry here (the peer holds the translation). The
-        // other entry must point back: after a reopened tuple, an old reverse entry and the new
-        // outbound entry share a key but are different connections.
-        let other = snapshot.get(&other_key).filter(|o| {
-            v.kind != FLOW_FORWARDED && o.kind != v.kind && other_key.other_direction(o) == *k
-        });
-        let why = if expired(k, v, other, now) {
+        let other = snapshot.other(k, v);
+        let other_v = other.map(|(_, o)| o);
+        let why = if expired(k, v, other_v, now) {
             &mut done.expired
-        } else if pressure && early_droppable(v, other, now) {
+        } else if pressure && early_droppable(v, other_v, now) {
             &mut done.early_dropped
         } else {
             continue;
         };
         // The snapshot is old by now: a packet since then means the connection lives on.
-        if moved(flows, k, v) || other.is_some_and(|o| moved(flows, &other_key, o)) {
+        if moved(flows, k, v) || other.is_some_and(|(ok, o)| moved(flows, &ok, o)) {
             continue;
         }
         let _ = flows.remove(k);
-        gone.insert(*k);
-        if other.is_some() {
-            let _ = flows.remove(&other_key);
-            gone.insert(other_key);
+        gone[i] = true;
+        if let Some((ok, _)) = other {
+            let _ = flows.remove(&ok);
+            if let Ok(j) = snapshot
+                .entries
+                .binary_search_by_key(&order(&ok), |(e, _)| order(e))
+            {
+                gone[j] = true;
+            }
         }
         *why += 1;
     }
-    Ok(done)
+    (done, gone)
 }
 
 /// Connections translated here per peer: the outbound entries naming it as their tunnel.

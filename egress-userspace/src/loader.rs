@@ -102,6 +102,31 @@ pub enum LoadError {
     },
 }
 
+/// Writes the true per-peer connection counts (recounted from the flow table) into
+/// `PEER_LOAD`; peers with none are removed.
+pub fn write_peer_load(
+    map: &mut HashMap<MapData, [u8; 4], u64>,
+    load: &std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
+) -> Result<(), LoadError> {
+    let bad = |source| LoadError::Map {
+        name: map_names::PEER_LOAD,
+        source,
+    };
+    let stale: Vec<[u8; 4]> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !load.contains_key(&std::net::Ipv4Addr::from(*k)))
+        .collect();
+    for k in stale {
+        // Gone meanwhile is fine.
+        let _ = map.remove(&k);
+    }
+    for (peer, n) in load {
+        map.insert(peer.octets(), n, 0).map_err(bad)?;
+    }
+    Ok(())
+}
+
 /// What the kernel must have for a map the programs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -448,32 +473,6 @@ impl Maps {
             map_names::PEER_LOAD => self.peer_load.map(),
             _ => return None,
         })
-    }
-
-    /// Writes the true per-peer connection counts (recounted from the flow table); peers with
-    /// none are removed.
-    pub fn set_peer_load(
-        &mut self,
-        load: &std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
-    ) -> Result<(), LoadError> {
-        let bad = |source| LoadError::Map {
-            name: map_names::PEER_LOAD,
-            source,
-        };
-        let stale: Vec<[u8; 4]> = self
-            .peer_load
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !load.contains_key(&std::net::Ipv4Addr::from(*k)))
-            .collect();
-        for k in stale {
-            // Gone meanwhile is fine.
-            let _ = self.peer_load.remove(&k);
-        }
-        for (peer, n) in load {
-            self.peer_load.insert(peer.octets(), n, 0).map_err(bad)?;
-        }
-        Ok(())
     }
 }
 

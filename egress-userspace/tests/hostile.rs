@@ -91,6 +91,9 @@ fn a_full_flow_table_refuses_new_connections_and_keeps_established_ones() {
         })
         .expect("a table of 64 entries refuses a 33rd connection");
     assert_eq!(dp.counter(Stat::FlowTableFull), 1, "the refusal is counted");
+    let snapshot = flows::Snapshot::read(&dp.maps.flows).unwrap();
+    assert!(snapshot.batched, "read with BPF_MAP_LOOKUP_BATCH");
+    assert_eq!(snapshot.len(), entries(&dp), "every entry, once");
     assert!(
         opened >= 30,
         "{opened} connections fit in {CAPACITY} entries"
@@ -406,7 +409,7 @@ fn a_peer_gets_no_more_than_its_budget() {
     assert_eq!(done.expired, 4);
     let load = flows::peer_load(dp.maps.flows.iter().map(|e| e.unwrap().1));
     assert!(load.is_empty(), "nothing left to count: {load:?}");
-    dp.maps.set_peer_load(&load).unwrap();
+    egress::loader::write_peer_load(&mut dp.maps.peer_load, &load).unwrap();
     let out = dp.run(Hook::Ingress, 0, &from(B, 6003)).unwrap();
     assert_eq!(
         out.verdict, TC_ACT_REDIRECT,

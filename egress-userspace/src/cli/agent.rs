@@ -121,8 +121,21 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut gc = tokio::time::interval(every);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    // The collector runs on a thread of its own and reports each pass; the loop only takes the
+    // results in.
+    let (pass_tx, mut passes) = tokio::sync::mpsc::unbounded_channel();
+    let mut keeper = agent.housekeeper().map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                if pass_tx.send(keeper.run()).is_err() {
+                    return;
+                }
+            }
+        })?;
     // Metrics are served on tasks of their own; the loop only renders the text on request, so
     // a slow or idle scraper never delays a reload or a collection.
     let (render_tx, mut render_rx) = tokio::sync::mpsc::channel::<Render>(METRICS_CONNECTIONS);
@@ -142,7 +155,7 @@ async fn serve(
                     agent.reload("retrying the plan that failed to be written")
                 }
             }
-            _ = gc.tick() => agent.housekeeping(),
+            Some(pass) = passes.recv() => agent.apply_pass(pass),
             Some(reply) = render_rx.recv() => {
                 let _ = reply.send(agent.render_metrics().map_err(|e| format!("{e:#}")));
             }
