@@ -500,9 +500,10 @@ impl Agent {
                 let std::net::IpAddr::V4(address) = s.address else {
                     continue;
                 };
-                let used = p.in_use.get(&address.octets()).map_or(0, |ports| {
-                    ports.range(s.ports[0]..=s.ports[1]).count() as u32
-                });
+                let used = p
+                    .in_use
+                    .get(&address.octets())
+                    .map_or(0, |ports| ports.count_in(s.ports[0], s.ports[1]));
                 slices.push(SliceUsage {
                     address,
                     first: s.ports[0],

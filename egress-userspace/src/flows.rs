@@ -8,7 +8,7 @@
 //! connection is never pushed out by new ones.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
 };
@@ -119,10 +119,11 @@ pub struct Collected {
     pub entries: usize,
 }
 
-/// The flow table as read at one moment, sorted by key: a connection's other entry is found by
-/// binary search, and the whole costs the entries themselves (88 bytes each), nothing more.
+/// The flow table as read at one moment; sorted by key when a connection's other entry must be
+/// found (binary search): the whole costs the entries themselves (88 bytes each), nothing more.
 pub struct Snapshot {
     entries: Vec<(FlowKey, FlowValue)>,
+    sorted: bool,
     /// Read with BPF_MAP_LOOKUP_BATCH (else key by key).
     pub batched: bool,
 }
@@ -146,15 +147,34 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn order(k: &FlowKey) -> ([u8; 16], [u8; 16], u16, u16, u8, u8) {
-    (
-        k.src,
-        k.dst,
-        k.src_port_be,
-        k.dst_port_be,
-        k.proto,
-        k.family,
-    )
+/// A key's bytes: the snapshot's order (one memcmp per comparison).
+fn order(k: &FlowKey) -> &[u8; 40] {
+    // SAFETY: FlowKey is repr(C), 40 bytes of integers and explicit padding (size asserted in
+    // egress-common); the bytes are only compared.
+    unsafe { &*(k as *const FlowKey as *const [u8; 40]) }
+}
+
+/// Ports of one address, one bit each.
+#[derive(Debug, Clone)]
+pub struct PortSet(Box<[u64; 1024]>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet(Box::new([0; 1024]))
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+
+    /// Ports set in `first..=last`.
+    pub fn count_in(&self, first: u16, last: u16) -> u32 {
+        (first..=last)
+            .filter(|p| self.0[usize::from(p >> 6)] & (1 << (p & 63)) != 0)
+            .count() as u32
+    }
 }
 
 impl Snapshot {
@@ -173,14 +193,27 @@ impl Snapshot {
                 }));
             }
         };
-        entries.sort_unstable_by_key(|(k, _)| order(k));
-        Ok(Snapshot { entries, batched })
+        Ok(Snapshot {
+            entries,
+            sorted: false,
+            batched,
+        })
     }
 
-    /// The entry of `k`, as read.
+    /// Sorts by key (once), so that [`Snapshot::get`] can search.
+    pub fn sort(&mut self) {
+        if !self.sorted {
+            self.entries
+                .sort_unstable_by(|(a, _), (b, _)| order(a).cmp(order(b)));
+            self.sorted = true;
+        }
+    }
+
+    /// The entry of `k`, as read (the snapshot must be sorted).
     pub fn get(&self, k: &FlowKey) -> Option<&FlowValue> {
+        debug_assert!(self.sorted, "Snapshot::get before sort");
         self.entries
-            .binary_search_by_key(&order(k), |(e, _)| order(e))
+            .binary_search_by(|(e, _)| order(e).cmp(order(k)))
             .ok()
             .map(|i| &self.entries[i].1)
     }
@@ -209,6 +242,14 @@ impl Snapshot {
             .filter(|o| o.kind != v.kind && other_key.other_direction(o) == *k)
             .map(|o| (other_key, o))
     }
+}
+
+/// Every entry of the flow table, as the kernel hands them out in batches (unsorted): the
+/// baseline a pass is measured against.
+pub fn dump(
+    flows: &HashMap<MapData, FlowKey, FlowValue>,
+) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
+    dump_batched(flows.map())
 }
 
 /// Every entry of the hash map `map`, BPF_MAP_LOOKUP_BATCH at a time.
@@ -265,7 +306,7 @@ pub struct Pass {
     /// Entries left, by kind.
     pub by_kind: BTreeMap<&'static str, i64>,
     /// Ports in use per pool address (reverse entries are keyed by the translated port).
-    pub in_use: BTreeMap<[u8; 4], BTreeSet<u16>>,
+    pub in_use: BTreeMap<[u8; 4], PortSet>,
     /// Connections translated here per peer.
     pub peer_load: BTreeMap<Ipv4Addr, u64>,
     /// Wall time of the pass.
@@ -280,24 +321,24 @@ pub fn pass(
     capacity: u32,
 ) -> Result<Pass, MapError> {
     let t0 = std::time::Instant::now();
-    let snapshot = Snapshot::read(flows)?;
-    let (collected, gone) = collect_in(flows, &snapshot, now, capacity);
+    let mut snapshot = Snapshot::read(flows)?;
+    let (collected, gone) = collect_in(flows, &mut snapshot, now, capacity);
     let mut p = Pass {
         collected,
-        by_kind: [("outbound", 0), ("reverse", 0), ("forwarded", 0)].into(),
         ..Default::default()
     };
+    // Outbound, reverse, forwarded.
+    let mut kinds = [0i64; 3];
     for (i, (k, v)) in snapshot.iter().enumerate() {
         if gone[i] {
             continue;
         }
-        let kind = match v.kind {
-            FLOW_OUTBOUND => "outbound",
-            FLOW_REVERSE => "reverse",
-            FLOW_FORWARDED => "forwarded",
+        match v.kind {
+            FLOW_OUTBOUND => kinds[0] += 1,
+            FLOW_REVERSE => kinds[1] += 1,
+            FLOW_FORWARDED => kinds[2] += 1,
             _ => continue,
-        };
-        *p.by_kind.entry(kind).or_default() += 1;
+        }
         if v.kind == FLOW_REVERSE && k.family == 4 {
             p.in_use
                 .entry([k.dst[0], k.dst[1], k.dst[2], k.dst[3]])
@@ -308,6 +349,12 @@ pub fn pass(
             *p.peer_load.entry(Ipv4Addr::from(v.tunnel)).or_default() += 1;
         }
     }
+    p.by_kind = [
+        ("outbound", kinds[0]),
+        ("reverse", kinds[1]),
+        ("forwarded", kinds[2]),
+    ]
+    .into();
     p.took = t0.elapsed();
     Ok(p)
 }
@@ -319,18 +366,32 @@ pub fn collect(
     now: u64,
     capacity: u32,
 ) -> Result<Collected, MapError> {
-    let snapshot = Snapshot::read(flows)?;
-    Ok(collect_in(flows, &snapshot, now, capacity).0)
+    let mut snapshot = Snapshot::read(flows)?;
+    Ok(collect_in(flows, &mut snapshot, now, capacity).0)
 }
 
 /// [`collect`] from a snapshot; also says which of its entries went.
 fn collect_in(
     flows: &mut HashMap<MapData, FlowKey, FlowValue>,
-    snapshot: &Snapshot,
+    snapshot: &mut Snapshot,
     now: u64,
     capacity: u32,
 ) -> (Collected, Vec<bool>) {
     let pressure = under_pressure(snapshot.len(), capacity);
+    // An entry seen more recently than the shortest timeout stays whatever its other entry
+    // says, unless early drop is on: only the others need that entry looked up.
+    let settled =
+        |v: &FlowValue| !pressure && now.saturating_sub(v.last_seen_ns) <= timeouts::TCP_RST * NS;
+    if snapshot.iter().all(|(_, v)| settled(v)) {
+        return (
+            Collected {
+                entries: snapshot.len(),
+                ..Default::default()
+            },
+            vec![false; snapshot.len()],
+        );
+    }
+    snapshot.sort();
     let mut done = Collected {
         entries: snapshot.len(),
         ..Default::default()
@@ -338,6 +399,9 @@ fn collect_in(
     let mut gone = vec![false; snapshot.len()];
     for (i, (k, v)) in snapshot.iter().enumerate() {
         if gone[i] {
+            continue;
+        }
+        if settled(v) {
             continue;
         }
         let other = snapshot.other(k, v);
@@ -359,7 +423,7 @@ fn collect_in(
             let _ = flows.remove(&ok);
             if let Ok(j) = snapshot
                 .entries
-                .binary_search_by_key(&order(&ok), |(e, _)| order(e))
+                .binary_search_by(|(e, _)| order(e).cmp(order(&ok)))
             {
                 gone[j] = true;
             }

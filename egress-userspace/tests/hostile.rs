@@ -91,7 +91,8 @@ fn a_full_flow_table_refuses_new_connections_and_keeps_established_ones() {
         })
         .expect("a table of 64 entries refuses a 33rd connection");
     assert_eq!(dp.counter(Stat::FlowTableFull), 1, "the refusal is counted");
-    let snapshot = flows::Snapshot::read(&dp.maps.flows).unwrap();
+    let mut snapshot = flows::Snapshot::read(&dp.maps.flows).unwrap();
+    snapshot.sort();
     assert!(snapshot.batched, "read with BPF_MAP_LOOKUP_BATCH");
     assert_eq!(snapshot.len(), entries(&dp), "every entry, once");
     assert!(
