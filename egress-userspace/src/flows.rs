@@ -181,7 +181,7 @@ impl Snapshot {
     /// Reads every entry of `map`: in batches of [`BATCH`] (one syscall each), or key by key
     /// where the kernel cannot batch.
     pub fn read(flows: &HashMap<MapData, FlowKey, FlowValue>) -> Result<Snapshot, MapError> {
-        let (mut entries, batched) = match dump_batched(flows.map()) {
+        let (entries, batched) = match dump_batched(flows.map()) {
             Ok(e) => (e, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 (flows.iter().collect::<Result<_, _>>()?, false)
