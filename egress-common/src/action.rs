@@ -91,8 +91,8 @@ pub struct Action {
 }
 const _: () = assert!(core::mem::size_of::<Action>() == 148);
 
-/// Entries of `ACTIONS`: pools × families.
-pub const ACTIONS_CAPACITY: u32 = 65536;
+/// Entries of `ACTIONS` (one per pool and family; not preallocated).
+pub const ACTIONS_CAPACITY: u32 = 262_144;
 
 #[cfg(feature = "user")]
 mod pod {

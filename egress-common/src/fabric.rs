@@ -95,7 +95,8 @@ pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 8;
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;
-pub const OWNERS_CAPACITY: u32 = 65536;
+/// Entries of `OWNERS` (one per pool IPv4 address; not preallocated).
+pub const OWNERS_CAPACITY: u32 = 131_072;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -13,7 +13,13 @@ static LOCAL: Array<Local, 1> = Array::new();
 #[btf_map]
 static PEERS: HashMap<[u8; 4], Peer, { PEERS_CAPACITY as usize }> = HashMap::new();
 #[btf_map]
-static OWNERS: HashMap<[u8; 4], Owners, { OWNERS_CAPACITY as usize }> = HashMap::new();
+// Not preallocated: sized for a large fleet's pool addresses, it costs only what the plan holds.
+static OWNERS: HashMap<
+    [u8; 4],
+    Owners,
+    { OWNERS_CAPACITY as usize },
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// This server's settings; None until the agent has written them.
 #[inline(always)]

@@ -21,7 +21,13 @@ static POLICY_V6: LpmTrie<PolicyKeyV6, PolicyValue, { POLICY_CAPACITY as usize }
 static PEER_POLICY: LpmTrie<PeerPolicyKey, PolicyValue, { POLICY_CAPACITY as usize }> =
     LpmTrie::new();
 #[btf_map]
-static ACTIONS: HashMap<ActionKey, Action, { ACTIONS_CAPACITY as usize }> = HashMap::new();
+// Not preallocated: sized for a large fleet's pools, it costs only what the plan holds.
+static ACTIONS: HashMap<
+    ActionKey,
+    Action,
+    { ACTIONS_CAPACITY as usize },
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// The pool whose policy covers the packet's destination: the packet's mark first, then mark 0.
 #[inline(always)]

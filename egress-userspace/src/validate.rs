@@ -578,12 +578,14 @@ mod tests {
     #[test]
     fn a_topology_larger_than_the_maps_is_refused_naming_the_map() {
         let mut c = Config::parse(BASE, "base").unwrap();
-        let extra = egress_common::action::ACTIONS_CAPACITY as usize + 10;
+        // One IPv4 address and an IPv6 prefix each: two actions per pool.
+        let extra = egress_common::fabric::OWNERS_CAPACITY as usize + 10;
         for i in 0..extra as u32 {
+            let v6 = (0x2001_0db8u128 << 96) | (u128::from(i) << 64);
             c.pools.push(crate::config::Pool {
                 name: format!("p{i}"),
                 id: u64::from(100_000 + i),
-                ipv6_prefix: None,
+                ipv6_prefix: Some(Ipv6Net::new(std::net::Ipv6Addr::from(v6), 64).unwrap()),
                 ipv4: vec![crate::config::PoolAddress {
                     address: Ipv4Addr::from(0x6440_0000 + i),
                     shares: vec![],
@@ -592,11 +594,11 @@ mod tests {
         }
         let err = validate(&c).unwrap_err().to_string();
         assert!(
-            err.contains("do not fit map ACTIONS (65536 entries)"),
+            err.contains("do not fit map ACTIONS (262144 entries)"),
             "{err}"
         );
         assert!(
-            err.contains("do not fit map OWNERS (65536 entries)"),
+            err.contains("do not fit map OWNERS (131072 entries)"),
             "{err}"
         );
     }
