@@ -65,7 +65,9 @@ pub fn encapsulate(
     key: u32,
     mtu: u32,
 ) -> Result<(), Stat> {
-    if ip.l3_off != ETH_LEN {
+    // A tag in the frame data, or one the kernel keeps beside it (a VLAN device's packet).
+    // SAFETY: reading the skb's vlan_present field.
+    if ip.l3_off != ETH_LEN || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Err(Stat::VlanTunnel);
     }
     trim(ctx, ip.end)?;

@@ -123,13 +123,20 @@ pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
 }
 
 /// Records that a reply of the flow (from the remote side, which anyone can spoof) was seen now
-/// and returns a copy of the entry as updated. A reply's FIN is not taken as closing: only the
-/// socket's own FIN is (a spoofed FIN would otherwise cut the connection's timeout).
+/// and returns a copy of the entry as updated. A reply's FIN or RST is never taken as closing:
+/// only the socket's own are (a blind spoofed RST, out of the window, is dropped by the socket
+/// without an answer, and would otherwise cut an idle connection's timeout to 10 s).
 #[inline(always)]
 pub fn touch_reply(v: *mut FlowValue, ports: &Ports) -> FlowValue {
     // SAFETY: v came from get() in this run.
     unsafe {
-        (*v).flags = seen(v, ports) | FLOW_F_REPLIED;
+        (*v).last_seen_ns = bpf_ktime_get_ns();
+        let mut flags = (*v).flags | FLOW_F_REPLIED;
+        // Any other reply shows the connection alive after a RST of the socket's.
+        if !ports.rst() {
+            flags &= !FLOW_F_RST;
+        }
+        (*v).flags = flags;
         *v
     }
 }

@@ -563,7 +563,9 @@ fn icmp_quoting(
 #[inline(always)]
 fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     let peer = v4(&outer.src);
-    if outer.l3_off != parse::ETH_LEN {
+    // Tagged: in the frame data, or the tag the kernel took off on receive (vlan_present).
+    // SAFETY: reading the skb's vlan_present field.
+    if outer.l3_off != parse::ETH_LEN || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Err(Verdict::Drop(Stat::VlanTunnel));
     }
     if !fabric::is_peer(&peer) {

@@ -42,8 +42,9 @@ pub struct Options {
     pub server: Option<String>,
     pub pin_dir: Option<PathBuf>,
     pub flow_capacity: u32,
-    /// Most connections one peer may have translated here at once (0: no limit).
-    pub peer_budget: u32,
+    /// Most connections one peer may have translated here at once (0: no limit); None: an
+    /// eighth of the flow table's entries (a quarter of its connections).
+    pub peer_budget: Option<u32>,
     /// Where to serve metrics; bound before anything is written (None: no metrics).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Recreate pinned maps whose layout differs from the programs' (carrying flow entries
@@ -128,9 +129,11 @@ pub struct Housekeeper {
 impl Housekeeper {
     /// Collects, counts, and writes the recounted peer loads.
     pub fn run(&mut self) -> Result<flows::Pass, String> {
+        let before = loader::read_peer_load(&self.peer_load);
         let p = flows::pass(&mut self.flows, flows::monotonic_ns(), self.capacity)
             .map_err(|e| e.to_string())?;
-        loader::write_peer_load(&mut self.peer_load, &p.peer_load).map_err(|e| e.to_string())?;
+        loader::write_peer_load(&mut self.peer_load, &p.peer_load, &before)
+            .map_err(|e| e.to_string())?;
         Ok(p)
     }
 }
@@ -182,7 +185,7 @@ impl Agent {
         // loaded or written).
         let mismatches = loader::check_pins(&pin_dir, opts.flow_capacity)?;
         let saved = match mismatches.first() {
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
             Some(m) if !opts.migrate => return Err(m.error().into()),
             Some(_) => {
                 for m in &mismatches {
@@ -194,6 +197,7 @@ impl Agent {
                 loader::migrate(&mismatches)?
             }
         };
+        let (saved, set_aside) = saved;
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
         let mut maps = loader::take_maps(&mut ebpf)?;
@@ -207,12 +211,13 @@ impl Agent {
                 saved.len()
             );
         }
+        let maps_capacity = maps.flow_capacity;
+        let peer_budget = opts.peer_budget.unwrap_or(maps_capacity / 8);
         maps.set_local(&loader::local_settings(
             server.fabric,
             &server.uplink,
-            opts.peer_budget,
+            peer_budget,
         )?)?;
-        let maps_capacity = maps.flow_capacity;
         if maps_capacity != opts.flow_capacity {
             warn!(
                 "the pinned flow table holds {maps_capacity} entries, not --flow-capacity {}: kept (egress detach, then start, to resize)",
@@ -232,7 +237,7 @@ impl Agent {
             reloads_ok: 0,
             reloads_failed: 0,
             flow_capacity: maps_capacity,
-            peer_budget: opts.peer_budget,
+            peer_budget,
             observed: Observed::default(),
             warned_slices: Default::default(),
             _lock: lock,
@@ -253,6 +258,10 @@ impl Agent {
             diff.removed
         );
         let mode = loader::attach(&mut agent.ebpf, &server.uplink, &pin_dir)?;
+        // Migrated: the old maps were kept aside until now, in case anything above failed.
+        for p in set_aside {
+            let _ = std::fs::remove_file(&p);
+        }
         agent.tcx = mode != AttachMode::Clsact;
         agent.attached = true;
         Ok((agent, mode, listener))
@@ -430,6 +439,7 @@ impl Agent {
     /// One housekeeping pass on the agent's own thread (at start; the loop runs them on the
     /// collector thread, see [`Agent::housekeeper`]).
     pub fn housekeeping(&mut self) {
+        let before = loader::read_peer_load(&self.maps.peer_load);
         let pass = flows::pass(
             &mut self.maps.flows,
             flows::monotonic_ns(),
@@ -437,7 +447,7 @@ impl Agent {
         )
         .map_err(|e| e.to_string())
         .and_then(|p| {
-            loader::write_peer_load(&mut self.maps.peer_load, &p.peer_load)
+            loader::write_peer_load(&mut self.maps.peer_load, &p.peer_load, &before)
                 .map_err(|e| e.to_string())?;
             Ok(p)
         });
@@ -761,16 +771,18 @@ impl Agent {
     /// Exits: with `detach`, removes the pinned links (the programs detach) and maps.
     pub fn shutdown(self, detach: bool) -> anyhow::Result<()> {
         let pin_dir = self.pin_dir.clone();
-        drop(self);
         if detach {
+            // Still holding the locks: no other agent can adopt the pins as they go.
             let removed = loader::detach(&pin_dir)
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
+            drop(self);
             info!(
                 "detached: removed {} pins in {}",
                 removed.len(),
                 pin_dir.display()
             );
         } else {
+            drop(self);
             info!(
                 "exiting; programs stay attached and maps pinned in {} (egress detach removes them)",
                 pin_dir.display()

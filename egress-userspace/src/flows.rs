@@ -345,7 +345,7 @@ pub fn pass(
                 .or_default()
                 .insert(u16::from_be(k.dst_port_be));
         }
-        if v.kind == FLOW_OUTBOUND && v.tunnel != [0; 4] {
+        if v.kind == FLOW_REVERSE && v.tunnel != [0; 4] {
             *p.peer_load.entry(Ipv4Addr::from(v.tunnel)).or_default() += 1;
         }
     }
@@ -433,13 +433,14 @@ fn collect_in(
     (done, gone)
 }
 
-/// Connections translated here per peer: the outbound entries naming it as their tunnel.
+/// Connections translated here per peer: the reverse entries naming it as their tunnel (each
+/// claim makes exactly one, and a reopened tuple's old one still holds its port).
 pub fn peer_load(
     entries: impl IntoIterator<Item = FlowValue>,
 ) -> std::collections::BTreeMap<std::net::Ipv4Addr, u64> {
     let mut load = std::collections::BTreeMap::new();
     for v in entries {
-        if v.kind == FLOW_OUTBOUND && v.tunnel != [0; 4] {
+        if v.kind == FLOW_REVERSE && v.tunnel != [0; 4] {
             *load.entry(std::net::Ipv4Addr::from(v.tunnel)).or_default() += 1;
         }
     }
@@ -553,10 +554,10 @@ mod tests {
                 false,
             ),
             case(
-                "a reply's RST as the latest packet counts",
+                "the socket's RST as the latest packet counts",
                 6,
-                out(0, 0),
-                Some(rev(1, R | FLOW_F_RST)),
+                out(1, FLOW_F_RST),
+                Some(rev(0, R)),
                 12,
                 true,
             ),

@@ -80,6 +80,8 @@ pub enum LoadError {
     },
     #[error("the BPF object's map definitions cannot be read: {0}")]
     Object(String),
+    #[error("migration: {0}")]
+    Migrate(String),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -102,27 +104,47 @@ pub enum LoadError {
     },
 }
 
-/// Writes the true per-peer connection counts (recounted from the flow table) into
-/// `PEER_LOAD`; peers with none are removed.
+/// `PEER_LOAD` as it stands (before a recount: what the programs count meanwhile is kept).
+pub fn read_peer_load(
+    map: &HashMap<MapData, [u8; 4], u64>,
+) -> std::collections::BTreeMap<[u8; 4], u64> {
+    map.iter().filter_map(Result::ok).collect()
+}
+
+/// Writes the per-peer connection counts recounted from the flow table into `PEER_LOAD`, plus
+/// what the programs counted since `before` was read (the recount's snapshot cannot see those
+/// claims); peers with none are removed.
 pub fn write_peer_load(
     map: &mut HashMap<MapData, [u8; 4], u64>,
     load: &std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
+    before: &std::collections::BTreeMap<[u8; 4], u64>,
 ) -> Result<(), LoadError> {
     let bad = |source| LoadError::Map {
         name: map_names::PEER_LOAD,
         source,
     };
-    let stale: Vec<[u8; 4]> = map
-        .keys()
+    // Peers without connections in the snapshot: what the programs counted since stays.
+    let stale: Vec<([u8; 4], u64)> = map
+        .iter()
         .filter_map(Result::ok)
-        .filter(|k| !load.contains_key(&std::net::Ipv4Addr::from(*k)))
+        .filter(|(k, _)| !load.contains_key(&std::net::Ipv4Addr::from(*k)))
         .collect();
-    for k in stale {
-        // Gone meanwhile is fine.
-        let _ = map.remove(&k);
+    for (k, now) in stale {
+        let since = now.saturating_sub(before.get(&k).copied().unwrap_or(0));
+        if since == 0 {
+            // Gone meanwhile is fine.
+            let _ = map.remove(&k);
+        } else {
+            map.insert(k, since, 0).map_err(bad)?;
+        }
     }
     for (peer, n) in load {
-        map.insert(peer.octets(), n, 0).map_err(bad)?;
+        let key = peer.octets();
+        let since = map
+            .get(&key, 0)
+            .unwrap_or(0)
+            .saturating_sub(before.get(&key).copied().unwrap_or(0));
+        map.insert(key, n + since, 0).map_err(bad)?;
     }
     Ok(())
 }
@@ -255,11 +277,15 @@ pub fn check_pins(pin_dir: &Path, flow_capacity: u32) -> Result<Vec<Mismatch>, L
 /// Flow entries read out of a pinned flow table that is about to be recreated.
 pub type SavedFlows = Vec<(FlowKey, FlowValue)>;
 
-/// Unpins every mismatched map so that loading creates it anew; returns the flow entries of an
-/// old flow table whose key and value sizes match, to be written into the new one. The old maps
-/// live on while the attached programs use them, until the new programs replace those.
-pub fn migrate(mismatches: &[Mismatch]) -> Result<SavedFlows, LoadError> {
+/// Sets every mismatched map aside (pinned again as `<name>_pre_migrate`, removed by the caller
+/// once the new programs are attached; left in place if anything fails) so that loading creates
+/// it anew. Returns the flow entries of an old flow table whose key and value sizes match, to be
+/// written into the new one, and the pins set aside. Carried entries count as replied and not
+/// reset: older versions did not record replies, and an idle connection must not be collected
+/// as unreplied after the upgrade.
+pub fn migrate(mismatches: &[Mismatch]) -> Result<(SavedFlows, Vec<PathBuf>), LoadError> {
     let mut saved = Vec::new();
+    let mut aside = Vec::new();
     for m in mismatches {
         let same_entries = m.pinned.key_size == m.expected.key_size
             && m.pinned.value_size == m.expected.value_size;
@@ -273,14 +299,44 @@ pub fn migrate(mismatches: &[Mismatch]) -> Result<SavedFlows, LoadError> {
             };
             let flows: HashMap<MapData, FlowKey, FlowValue> =
                 HashMap::try_from(map).map_err(bad)?;
-            saved.extend(flows.iter().filter_map(Result::ok));
+            saved.extend(flows.iter().filter_map(Result::ok).map(|(k, mut v)| {
+                v.flags = (v.flags | egress_common::flow::FLOW_F_REPLIED)
+                    & !egress_common::flow::FLOW_F_RST;
+                (k, v)
+            }));
         }
-        std::fs::remove_file(&m.path).map_err(|source| LoadError::PinDir {
-            dir: m.path.display().to_string(),
-            source,
-        })?;
+        // bpffs cannot rename: pin the same map under the new name, then drop the old pin.
+        // bpffs names may not hold a dot.
+        let to = m.path.with_file_name(format!("{}_pre_migrate", m.name));
+        let bad = |e: String| {
+            LoadError::Migrate(format!(
+                "setting {} aside as {}: {e}",
+                m.path.display(),
+                to.display()
+            ))
+        };
+        let _ = std::fs::remove_file(&to);
+        MapData::from_pin(&m.path)
+            .map_err(|e| bad(e.to_string()))?
+            .pin(&to)
+            .map_err(|e| bad(e.to_string()))?;
+        std::fs::remove_file(&m.path).map_err(|e| bad(e.to_string()))?;
+        aside.push(to);
     }
-    Ok(saved)
+    Ok((saved, aside))
+}
+
+/// Refuses while an agent holds `pin_dir` (its maps and links would be restored at once, and
+/// the agent would go on with pins another command removed).
+pub fn ensure_no_agent(pin_dir: &Path) -> Result<(), LoadError> {
+    lock(
+        &pin_dir
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('/', "_"),
+        &pin_dir.display().to_string(),
+    )
+    .map(drop)
 }
 
 /// Where agents keep their locks (one per pin directory).

@@ -301,6 +301,18 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         }
         if s.name.trim().is_empty() {
             errs.add(format!("{p}.name"), "is empty");
+        } else if matches!(s.name.as_str(), "." | "..")
+            || s.name.contains('/')
+            || s.name.chars().any(char::is_control)
+        {
+            // It names the server's pin directory.
+            errs.add(
+                format!("{p}.name"),
+                format!(
+                    "{:?} cannot name a directory (no '/', '.', '..' or control characters)",
+                    s.name
+                ),
+            );
         }
         match dc_location.get(s.datacenter.as_str()) {
             Some(loc) => {
@@ -522,7 +534,9 @@ fn capacities(errs: &mut Errors, c: &Config, rules: &[Rule]) {
         .iter()
         .filter(|r| r.destination.addr().is_ipv4())
         .count();
-    let v4_pools = c.pools.iter().filter(|p| !p.ipv4.is_empty()).count();
+    // Every pool gets an IPv4 action (unreachable when nobody holds it); IPv6 ones with a
+    // prefix.
+    let v4_pools = c.pools.len();
     let v6_pools = c.pools.iter().filter(|p| p.ipv6_prefix.is_some()).count();
     let checks = [
         (

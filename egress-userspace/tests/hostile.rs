@@ -159,8 +159,9 @@ fn the_collector_spares_a_connection_active_since_its_snapshot() {
 }
 
 /// A RST or FIN from the internet with a made-up sequence number must not cost a live
-/// connection its translation: the socket answers a spoofed RST with a challenge ACK (RFC 5961),
-/// after which the RST no longer counts; a reply's FIN never shortens the timeout.
+/// connection its translation: a reply's RST or FIN never shortens the timeout, whether the
+/// socket answers it (a challenge ACK) or drops it silently (out of the window); only the
+/// socket's own do.
 #[test]
 fn spoofed_rst_and_fin_do_not_cut_a_live_connection() {
     let (_net, mut dp) = datapath_with(1024);
@@ -186,10 +187,16 @@ fn spoofed_rst_and_fin_do_not_cut_a_live_connection() {
     assert_eq!(collect(&mut dp, 600), 0, "alive ten minutes later");
     assert_eq!(entries(&dp), 2);
 
-    // A real reset (nothing answers it) still ends the connection soon.
+    // A blind spoofed RST (out of the window: the socket drops it without a word) as the
+    // latest packet: the idle connection keeps its full timeout.
     let out = dp.run(Hook::Ingress, 0, &rst).unwrap();
     assert_eq!(out.verdict, TC_ACT_OK);
-    assert_eq!(collect(&mut dp, 11), 1, "a RST left unanswered ends it");
+    assert_eq!(collect(&mut dp, 900), 0, "alive fifteen minutes later");
+
+    // The socket's own RST ends it soon.
+    let own = tcp("10.50.0.11", 9200, "203.0.113.1", 80, TCP_RST);
+    assert_eq!(dp.run(Hook::Egress, 0, &own).unwrap().verdict, TC_ACT_OK);
+    assert_eq!(collect(&mut dp, 11), 1, "the socket's RST ends it");
     assert_eq!(entries(&dp), 0);
     assert_eq!(dp.counter(Stat::SnatNew), 1);
 }
@@ -405,12 +412,13 @@ fn a_peer_gets_no_more_than_its_budget() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "c's connection translated");
 
     // The connections expire (no reply); the recount frees b's budget.
+    let before = egress::loader::read_peer_load(&dp.maps.peer_load);
     let now = flows::monotonic_ns();
     let done = flows::collect(&mut dp.maps.flows, now + 31 * NS, 1024).unwrap();
     assert_eq!(done.expired, 4);
     let load = flows::peer_load(dp.maps.flows.iter().map(|e| e.unwrap().1));
     assert!(load.is_empty(), "nothing left to count: {load:?}");
-    egress::loader::write_peer_load(&mut dp.maps.peer_load, &load).unwrap();
+    egress::loader::write_peer_load(&mut dp.maps.peer_load, &load, &before).unwrap();
     let out = dp.run(Hook::Ingress, 0, &from(B, 6003)).unwrap();
     assert_eq!(
         out.verdict, TC_ACT_REDIRECT,

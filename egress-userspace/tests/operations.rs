@@ -498,6 +498,16 @@ fn a_second_agent_on_the_same_pins_exits_at_once() {
         err.contains("is running on interface eth0"),
         "names the interface: {err}"
     );
+    // Nor can `egress detach` pull the pins from under it.
+    let out = std::process::Command::new(common::EGRESS)
+        .args(["detach", "--pin-dir"])
+        .arg(lab.pin_dir("fra-a-1"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "detach refused: {err}");
+    assert!(err.contains("another agent (pid"), "{err}");
+    assert!(lab.pin_dir("fra-a-1").join("FLOWS").exists());
     // Nothing was written: the first agent's plan still translates.
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
     let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
@@ -627,7 +637,21 @@ fn pinned_maps_of_another_layout_are_refused_or_migrated() {
     let data = aya::maps::MapData::from_pin(&flows).unwrap();
     let table: aya::maps::HashMap<_, FlowKey, FlowValue> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("now a hash map");
-    assert_eq!(table.get(&key, 0).unwrap(), value, "the entry carried over");
+    // Carried as replied: older versions did not record replies, and the connection must not
+    // be collected as unreplied after the upgrade.
+    let carried = FlowValue {
+        flags: egress_common::flow::FLOW_F_REPLIED,
+        ..value
+    };
+    assert_eq!(
+        table.get(&key, 0).unwrap(),
+        carried,
+        "the entry carried over"
+    );
+    assert!(
+        !pins.join("FLOWS_pre_migrate").exists(),
+        "the old table set aside is gone once the agent is up"
+    );
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
 }
 

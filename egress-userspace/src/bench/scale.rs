@@ -95,7 +95,9 @@ fn housekeeping(entries: u32) -> anyhow::Result<Housekeeping> {
     let now = crate::flows::monotonic_ns();
     for i in 0..entries / 2 {
         let local = [10, 50, (i >> 16) as u8, (i >> 8) as u8];
-        let remote = [203, 0, 113, i as u8];
+        // Remote and translated port together unique for every i (the reverse keys must not
+        // collide).
+        let remote = [203, 0, (i >> 8) as u8, i as u8];
         let v4 = |a: [u8; 4]| {
             let mut b = [0u8; 16];
             b[..4].copy_from_slice(&a);
@@ -125,9 +127,8 @@ fn housekeeping(entries: u32) -> anyhow::Result<Housekeeping> {
         flows.insert(out, ov, 0)?;
         flows.insert(rk, rv, 0)?;
     }
-    // Every insert above succeeded (`?`); nothing read the table yet, so the first pass's
-    // memory is its own.
-    let filled = entries / 2 * 2;
+    // Counted key by key (no snapshot), so the first pass's memory is its own.
+    let filled = flows.keys().count() as u32;
     // Alternating rounds, medians: one round of each is at the mercy of the scheduler.
     let (mut dumps, mut passes, mut peak_mib) = (Vec::new(), Vec::new(), 0f64);
     for round in 0..5 {

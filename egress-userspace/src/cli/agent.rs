@@ -33,9 +33,10 @@ pub struct Args {
     )]
     flow_capacity: u32,
     /// Most connections one peer may have translated here at once; beyond it the peer's new
-    /// connections are refused (drop_peer_budget). 0: no limit.
-    #[arg(long, default_value_t = egress_common::fabric::PEER_BUDGET)]
-    peer_budget: u32,
+    /// connections are refused (drop_peer_budget). 0: no limit. Default: an eighth of the flow
+    /// table's entries (a quarter of its connections).
+    #[arg(long)]
+    peer_budget: Option<u32>,
     /// Recreate pinned maps whose layout differs from this version's (an upgrade), carrying the
     /// flow entries over where their layout allows, instead of refusing to start.
     #[arg(long)]

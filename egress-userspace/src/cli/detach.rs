@@ -16,6 +16,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dir = args.pins.dir(&args.config)?;
+    loader::ensure_no_agent(&dir)?;
     let removed = loader::detach(&dir)?;
     if removed.is_empty() {
         println!("nothing pinned in {}", dir.display());
