@@ -132,7 +132,11 @@ async fn serve(
         .spawn(move || {
             loop {
                 std::thread::sleep(every);
-                if pass_tx.send(keeper.run()).is_err() {
+                // A pass that panics is reported and the next one runs: the table never evicts,
+                // so a collector that stopped would end in refused connections.
+                let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keeper.run()))
+                    .unwrap_or_else(|_| Err("the collector's pass panicked".into()));
+                if pass_tx.send(pass).is_err() {
                     return;
                 }
             }
@@ -173,6 +177,8 @@ async fn accept_scrapes(listener: TcpListener, render: tokio::sync::mpsc::Sender
             return;
         };
         let Ok((conn, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait a little instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let render = render.clone();
