@@ -89,9 +89,9 @@ pub struct Owners {
 const _: () = assert!(core::mem::size_of::<Owners>() == 136);
 
 pub const PEERS_CAPACITY: u32 = 65536;
-/// Default [`Local::peer_budget`]: a quarter of the default flow table (two entries each), so
-/// that no one peer can fill the table.
-pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 8;
+/// Default [`Local::peer_budget`]: half the default flow table (two entries each), so that no
+/// one peer can fill it while a busy peer still forwards hundreds of thousands.
+pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 4;
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;

@@ -42,8 +42,8 @@ pub struct Options {
     pub server: Option<String>,
     pub pin_dir: Option<PathBuf>,
     pub flow_capacity: u32,
-    /// Most connections one peer may have translated here at once (0: no limit); None: an
-    /// eighth of the flow table's entries (a quarter of its connections).
+    /// Most connections one peer may have translated here at once (0: no limit); None: a
+    /// quarter of the flow table's entries (half its connections).
     pub peer_budget: Option<u32>,
     /// Where to serve metrics; bound before anything is written (None: no metrics).
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -212,7 +212,7 @@ impl Agent {
             );
         }
         let maps_capacity = maps.flow_capacity;
-        let peer_budget = opts.peer_budget.unwrap_or(maps_capacity / 8);
+        let peer_budget = opts.peer_budget.unwrap_or(maps_capacity / 4);
         maps.set_local(&loader::local_settings(
             server.fabric,
             &server.uplink,

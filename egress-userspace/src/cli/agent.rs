@@ -33,8 +33,8 @@ pub struct Args {
     )]
     flow_capacity: u32,
     /// Most connections one peer may have translated here at once; beyond it the peer's new
-    /// connections are refused (drop_peer_budget). 0: no limit. Default: an eighth of the flow
-    /// table's entries (a quarter of its connections).
+    /// connections are refused (drop_peer_budget). 0: no limit. Default: a quarter of the flow
+    /// table's entries (half its connections).
     #[arg(long)]
     peer_budget: Option<u32>,
     /// Recreate pinned maps whose layout differs from this version's (an upgrade), carrying the
