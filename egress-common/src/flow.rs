@@ -71,7 +71,7 @@ pub struct FlowValue {
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 
 /// Default entries of `FLOWS` (a hash map that never evicts; the agent can set another size at
-/// load): 524,288 connections, about 100 MiB preallocated. Full, it refuses new connections
+/// load): 524,288 connections, about 150 MiB preallocated. Full, it refuses new connections
 /// (`drop_flow_table_full`); an edge server sees bursts of short unreplied flows that an LRU
 /// used to absorb by evicting, so the table is sized for them.
 pub const FLOWS_CAPACITY: u32 = 1 << 20;
