@@ -142,11 +142,11 @@ pub fn touch_reply(v: *mut FlowValue, ports: &Ports) -> FlowValue {
 }
 
 /// Refreshes the entry's clock and returns its flags with the RST bit saying whether this
-/// packet is a RST: the bit reports the latest packet, so a spoofed RST that the socket answers
-/// (a challenge ACK, RFC 5961) or that traffic follows does not end the connection.
+/// packet (from the socket's side) is a RST: the bit reports the latest packet, so a RST that
+/// traffic follows does not end the connection.
 ///
 /// # Safety
-/// `v` must point to a live map value of this run.
+/// SAFETY (for callers): `v` must point to a live map value of this run.
 #[inline(always)]
 unsafe fn seen(v: *mut FlowValue, ports: &Ports) -> u8 {
     // SAFETY: per the contract.

@@ -119,6 +119,20 @@ pub struct Agent {
     retry: Option<(std::time::Instant, std::time::Duration)>,
 }
 
+/// Registers a counter of one value.
+fn counter(r: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = PromCounter::<u64>::default();
+    c.inc_by(value);
+    r.register(name, help, c);
+}
+
+/// Registers a gauge of one value.
+fn gauge(r: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    r.register(name, help, g);
+}
+
 /// The collector: one pass over the flow table at a time, on a thread of its own.
 pub struct Housekeeper {
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -639,12 +653,11 @@ impl Agent {
                 .get_or_create(&MapLabel { map: m.to_string() })
                 .set(*n);
         }
-        let capacity = Gauge::<i64>::default();
-        capacity.set(i64::from(self.flow_capacity));
-        r.register(
+        gauge(
+            &mut r,
             "flow_capacity",
             "Flow table size (entries; full, new connections are refused)",
-            capacity,
+            i64::from(self.flow_capacity),
         );
         let pass = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         pass.set(self.observed.pass_seconds);
@@ -653,19 +666,17 @@ impl Agent {
             "How long the last pass over the flow table took (on the collector thread)",
             pass,
         );
-        let early = PromCounter::<u64>::default();
-        early.inc_by(self.observed.early_dropped);
-        r.register(
+        counter(
+            &mut r,
             "flows_early_dropped",
             "Unreplied connections removed early because the flow table was under pressure",
-            early,
+            self.observed.early_dropped,
         );
-        let collected = PromCounter::<u64>::default();
-        collected.inc_by(self.observed.collected);
-        r.register(
+        counter(
+            &mut r,
             "flows_collected",
             "Expired connections removed by the agent",
-            collected,
+            self.observed.collected,
         );
         let used = Family::<SliceLabel, Gauge>::default();
         let size = Family::<SliceLabel, Gauge>::default();
@@ -683,26 +694,23 @@ impl Agent {
             used.get_or_create(&l).set(i64::from(s.used));
             size.get_or_create(&l).set(i64::from(s.size()));
         }
-        let repairs = PromCounter::<u64>::default();
-        repairs.inc_by(self.repairs);
-        r.register(
+        counter(
+            &mut r,
             "repairs",
             "Times pins or programs removed from under the agent were restored",
-            repairs,
+            self.repairs,
         );
-        let attached = Gauge::<i64>::default();
-        attached.set(i64::from(self.attached));
-        r.register(
+        gauge(
+            &mut r,
             "attached",
             "1 when the programs were found attached at the last check (every second)",
-            attached,
+            i64::from(self.attached),
         );
-        let generation = Gauge::<i64>::default();
-        generation.set(self.generation as i64);
-        r.register(
+        gauge(
+            &mut r,
             "plan_generation",
             "Plans applied since the agent started (1 = the initial one)",
-            generation,
+            self.generation as i64,
         );
         let reloads = Family::<ResultLabel, PromCounter>::default();
         r.register("reloads", "Config reloads by result", reloads.clone());
@@ -756,12 +764,11 @@ impl Agent {
             })
             .set(n as i64);
         }
-        let budget = Gauge::<i64>::default();
-        budget.set(i64::from(self.peer_budget));
-        r.register(
+        gauge(
+            &mut r,
             "peer_budget",
             "Most connections one peer may have translated here (0: no limit)",
-            budget,
+            i64::from(self.peer_budget),
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;

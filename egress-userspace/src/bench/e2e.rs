@@ -192,24 +192,12 @@ fn run_load(
 ) -> anyhow::Result<f64> {
     let ns = lab.server_ns(from);
     if load.tcp_streams > 0 {
-        let out = lab.run(
+        return iperf3_mbit(
+            lab,
             &ns,
-            "iperf3",
-            &[
-                "-c",
-                &lab::ORIGIN_V4.to_string(),
-                "-t",
-                &format!("{}", seconds.ceil() as u64),
-                "-P",
-                &load.tcp_streams.to_string(),
-                "-J",
-            ],
-        )?;
-        let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .context("iperf3 received rate")?;
-        return Ok(bps / 1e6);
+            seconds.ceil() as u64,
+            &["-P", &load.tcp_streams.to_string()],
+        );
     }
     let before = rx_packets(lab)?;
     let bin = egress_bin.to_str().context("utf-8 path")?;
@@ -237,6 +225,21 @@ fn run_load(
     // Let the last packets cross the veths before reading the counter.
     std::thread::sleep(Duration::from_millis(100));
     Ok((rx_packets(lab)? - before) as f64 / seconds)
+}
+
+/// An iperf3 run from `ns` to the origin for `seconds` (more options in `extra`): the rate the
+/// receiver saw, in Mbit/s.
+pub fn iperf3_mbit(lab: &Lab, ns: &str, seconds: u64, extra: &[&str]) -> anyhow::Result<f64> {
+    let origin = lab::ORIGIN_V4.to_string();
+    let secs = seconds.to_string();
+    let mut args = vec!["-c", &origin, "-t", &secs, "-J"];
+    args.extend_from_slice(extra);
+    let out = lab.run(ns, "iperf3", &args)?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 received rate")?;
+    Ok(bps / 1e6)
 }
 
 pub struct Plan {

@@ -45,23 +45,7 @@ fn refused(lab: &Lab) -> anyhow::Result<u64> {
 }
 
 fn download(lab: &Lab, seconds: u64) -> anyhow::Result<f64> {
-    let out = lab.run(
-        &lab.server_ns("fra-a-2"),
-        "iperf3",
-        &[
-            "-c",
-            &lab::ORIGIN_V4.to_string(),
-            "-R",
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 received rate")?;
-    Ok(bps / 1e6)
+    super::e2e::iperf3_mbit(lab, &lab.server_ns("fra-a-2"), seconds, &["-R"])
 }
 
 pub fn measure(egress_bin: &std::path::Path, rounds: usize, seconds: u64) -> anyhow::Result<Flood> {
