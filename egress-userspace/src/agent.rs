@@ -114,6 +114,8 @@ pub struct Agent {
     repairs: u64,
     /// Whether the last check found the programs attached (their links pinned).
     attached: bool,
+    /// A descriptor of each pinned link (tcx), so that a removed pin does not detach anything.
+    links: Vec<(&'static str, Option<aya::programs::links::PinnedLink>)>,
     /// After a plan that failed to be written: when to try it again, and the delay used (it
     /// doubles per failure, up to [`RETRY_MAX`]; a new config text starts over).
     retry: Option<(std::time::Instant, std::time::Duration)>,
@@ -259,6 +261,7 @@ impl Agent {
             tcx: false,
             repairs: 0,
             attached: false,
+            links: Vec::new(),
             retry: None,
         };
         let diff = agent.write_plan()?;
@@ -278,6 +281,7 @@ impl Agent {
         }
         agent.tcx = mode != AttachMode::Clsact;
         agent.attached = true;
+        agent.hold_links();
         Ok((agent, mode, listener))
     }
 
@@ -393,6 +397,24 @@ impl Agent {
         }
     }
 
+    /// Opens a descriptor on each pinned link and keeps it: the links then live as long as the
+    /// agent, whatever happens to their pins.
+    fn hold_links(&mut self) {
+        if !self.tcx {
+            return;
+        }
+        self.links = loader::PROGRAMS
+            .iter()
+            .map(|(name, _)| {
+                let path = loader::link_pin(&self.pin_dir, name);
+                (
+                    *name,
+                    aya::programs::links::PinnedLink::from_pin(&path).ok(),
+                )
+            })
+            .collect();
+    }
+
     /// Restores what was removed from under the agent: the pin directory, a map's pin (the
     /// agent still holds every map), a link's pin (the link went with it, so the programs are
     /// attached anew). Without this, a removed pin directory silently detaches the programs
@@ -425,13 +447,32 @@ impl Agent {
                 Err(e) => warn!("re-pinning map {name}: {e}"),
             }
         }
+        // A link whose pin went is still held here (the agent keeps a descriptor of each): it
+        // stays attached and is pinned again, with no moment detached.
+        for (name, held) in self.links.iter_mut() {
+            let path = loader::link_pin(&self.pin_dir, name);
+            if path.exists() {
+                continue;
+            }
+            let Some(link) = held.take() else { continue };
+            match aya::programs::links::FdLink::from(link).pin(&path) {
+                Ok(p) => {
+                    *held = Some(p);
+                    fixed.push(format!("link {}", path.display()));
+                }
+                Err(e) => warn!("re-pinning {}: {e}", path.display()),
+            }
+        }
         let links_gone = self.tcx
             && loader::PROGRAMS
                 .iter()
                 .any(|(name, _)| !loader::link_pin(&self.pin_dir, name).exists());
         if links_gone {
             match loader::attach(&mut self.ebpf, &self.uplink, &self.pin_dir) {
-                Ok(_) => fixed.push(format!("programs on {}", self.uplink)),
+                Ok(_) => {
+                    self.hold_links();
+                    fixed.push(format!("programs on {}", self.uplink))
+                }
                 Err(e) => {
                     error!("re-attaching the programs to {}: {e:#}", self.uplink);
                     self.attached = false;

@@ -696,9 +696,9 @@ fn idle_scrapers_never_delay_the_agent() {
     drop(idle);
 }
 
-/// Removing the pin directory (which drops the pinned links, so the programs detach) is noticed
-/// within a second or two and repaired: maps re-pinned, programs attached anew, the same plan
-/// and flows; traffic leaves from the pool address again.
+/// Removing the pin directory under a running agent detaches nothing (the agent holds its links)
+/// and is repaired within a second or two: maps and links pinned again, the same plan and flows;
+/// traffic leaves from the pool address throughout.
 #[test]
 fn a_removed_pin_directory_is_restored() {
     let lab = common::lab_with_agents(&["fra-a-1"]);
@@ -707,6 +707,8 @@ fn a_removed_pin_directory_is_restored() {
     let from = lab.log_len("agent-fra-a-1");
     let removed = egress::loader::detach(&pins).unwrap();
     assert!(!removed.is_empty() && !pins.exists());
+    // The agent holds its links: nothing detached, even before the repair.
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
     let line = lab
         .wait_for_log(
             "agent-fra-a-1",
@@ -716,7 +718,7 @@ fn a_removed_pin_directory_is_restored() {
         )
         .unwrap();
     assert!(
-        line.contains("programs on eth0") && line.contains("map FLOWS"),
+        line.contains("link_tc_egress") && line.contains("map FLOWS"),
         "{line}"
     );
     for name in [
