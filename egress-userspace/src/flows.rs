@@ -345,10 +345,14 @@ pub fn pass(
                 .or_default()
                 .insert(u16::from_be(k.dst_port_be));
         }
-        if v.kind == FLOW_REVERSE && v.tunnel != [0; 4] {
-            *p.peer_load.entry(Ipv4Addr::from(v.tunnel)).or_default() += 1;
-        }
     }
+    p.peer_load = peer_load(
+        snapshot
+            .iter()
+            .zip(&gone)
+            .filter(|(_, gone)| !**gone)
+            .map(|((_, v), _)| *v),
+    );
     p.by_kind = [
         ("outbound", kinds[0]),
         ("reverse", kinds[1]),
