@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod explain;
+pub mod fleet;
 pub mod flows;
 pub mod lab;
 pub mod loader;

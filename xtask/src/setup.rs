@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the tests and the demo run: bpftool (map dumps), ping, curl, iperf3, nft, ip,
-/// nsenter/setpriv, sysctl, and the font of the benchmark chart.
+/// nsenter/setpriv, sysctl, the font of the benchmark chart, and fleet mode's etcd.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
@@ -28,6 +28,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "fonts-dejavu-core",
+    // Fleet mode: the lab's etcd members, etcdctl (tests write to etcd as other clients would),
+    // and protoc, which the etcd client's build needs.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// What later steps need from setup.

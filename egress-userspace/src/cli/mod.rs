@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod detach;
 mod explain;
+mod fleet;
 mod flows;
 mod lab;
 mod plan;
@@ -61,6 +62,9 @@ enum Command {
     Flows(flows::Args),
     Detach(detach::Args),
     Bench(bench::Args),
+    /// The topology shared through etcd: publish, show, status, init.
+    #[command(subcommand)]
+    Fleet(fleet::Command),
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -74,6 +78,7 @@ impl Cli {
                 | Command::Explain(_)
                 | Command::Flows(_)
                 | Command::Detach(_)
+                | Command::Fleet(_)
         ) {
             // A one-shot report whose reader went away (`| head -1`) ends quietly, as other
             // command-line tools do, instead of panicking on the closed pipe. The agent and the
@@ -93,6 +98,7 @@ impl Cli {
             Command::Detach(a) => detach::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Lab(c) => lab::run(c),
+            Command::Fleet(c) => fleet::run(c),
         }
     }
 }
