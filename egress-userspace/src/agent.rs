@@ -50,6 +50,8 @@ pub struct Options {
     /// Recreate pinned maps whose layout differs from the programs' (carrying flow entries
     /// over where their layout allows) instead of refusing to start.
     pub migrate: bool,
+    /// Compute and report the plan, load nothing (no root needed).
+    pub no_dataplane: bool,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -88,9 +90,24 @@ struct Observed {
     peer_load: BTreeMap<Ipv4Addr, u64>,
 }
 
-pub struct Agent {
+/// What the agent holds of the kernel: programs, maps, links, and the locks that make it the
+/// only agent of its server. Absent with `--no-dataplane`.
+pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
+    /// Held while the agent runs: one agent per pin directory.
+    _lock: [loader::AgentLock; 2],
+    uplink: String,
+    /// Attached with tcx links (pinned); false for clsact filters.
+    tcx: bool,
+    /// Whether the last check found the programs attached (their links pinned).
+    attached: bool,
+    /// A descriptor of each pinned link (tcx), so that a removed pin does not detach anything.
+    links: Vec<(&'static str, Option<aya::programs::links::PinnedLink>)>,
+}
+
+pub struct Agent {
+    dp: Option<Dataplane>,
     config_path: Option<PathBuf>,
     /// The text of the config the running plan came from (reload on change).
     config_text: String,
@@ -105,17 +122,15 @@ pub struct Agent {
     peer_budget: u32,
     observed: Observed,
     warned_slices: std::collections::BTreeSet<(Ipv4Addr, u16)>,
-    /// Held while the agent runs: one agent per pin directory.
-    _lock: [loader::AgentLock; 2],
-    uplink: String,
-    /// Attached with tcx links (pinned); false for clsact filters.
-    tcx: bool,
     /// Times something removed from under the agent was restored.
     repairs: u64,
-    /// Whether the last check found the programs attached (their links pinned).
-    attached: bool,
-    /// A descriptor of each pinned link (tcx), so that a removed pin does not detach anything.
-    links: Vec<(&'static str, Option<aya::programs::links::PinnedLink>)>,
+    /// Hash of the plan in force ([`plan::plan_hash`]).
+    plan_hash: String,
+    /// Fleet mode: the published revision in force and the link to etcd.
+    pub fleet: Option<FleetState>,
+    started_at: u64,
+    /// Fleet mode: the published text (and revision) being applied, kept for a retry.
+    pending: Option<crate::fleet::Published>,
     /// After a plan that failed to be written: when to try it again, and the delay used (it
     /// doubles per failure, up to [`RETRY_MAX`]; a new config text starts over).
     retry: Option<(std::time::Instant, std::time::Duration)>,
@@ -158,6 +173,16 @@ impl Housekeeper {
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// An error as one line: the same problems `egress validate` lists, separated by ';'.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let msg: Vec<String> = format!("{e:#}")
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    msg.join("; ")
+}
+
 fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
     match path {
         None => Ok((
@@ -172,21 +197,77 @@ fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
     }
 }
 
+impl Dataplane {
+    /// Opens a descriptor on each pinned link and keeps it: the links then live as long as the
+    /// agent, whatever happens to their pins.
+    fn hold_links(&mut self, pin_dir: &Path) {
+        if !self.tcx {
+            return;
+        }
+        self.links = loader::PROGRAMS
+            .iter()
+            .map(|(name, _)| {
+                let path = loader::link_pin(pin_dir, name);
+                (
+                    *name,
+                    aya::programs::links::PinnedLink::from_pin(&path).ok(),
+                )
+            })
+            .collect();
+    }
+}
+
+/// The topology an agent starts with when it does not read it itself (fleet mode).
+pub struct Initial {
+    pub text: String,
+    pub topology: Topology,
+    pub published: crate::fleet::Published,
+}
+
+/// Fleet mode: what the agent knows of the published topology and of its link to etcd.
+#[derive(Debug, Clone, Default)]
+pub struct FleetState {
+    pub applied_revision: i64,
+    pub applied_serial: u64,
+    /// The newest revision seen (applied or rejected): each is handled once.
+    pub seen_revision: i64,
+    pub rejected_revisions: u64,
+    /// Why the newest revision was rejected, while it is the newest.
+    pub rejected: Option<String>,
+    pub connected: bool,
+    /// Since when (Unix seconds) the plan may be stale: etcd unreachable.
+    pub stale_since: Option<u64>,
+    /// When the plan in force was last confirmed current (Unix seconds): applied, or found
+    /// unchanged on reconnecting.
+    pub updated_at: u64,
+}
+
 impl Agent {
     /// Validates the config, loads (adopting pinned maps), writes the plan, then attaches
     /// (adopting pinned links). The plan is in the maps before any new program sees a packet.
+    /// With `initial` (fleet mode) that topology is used instead of reading a config file.
     pub fn start(
         opts: &Options,
-    ) -> anyhow::Result<(Agent, AttachMode, Option<std::net::TcpListener>)> {
-        let (config_text, config) = read_config(opts.config_path.as_deref())?;
-        let topology = validate::validate(&config)?;
+        initial: Option<Initial>,
+    ) -> anyhow::Result<(Agent, Option<AttachMode>, Option<std::net::TcpListener>)> {
+        let (config_text, topology, published) = match initial {
+            Some(i) => (i.text, i.topology, Some(i.published)),
+            None => {
+                let (text, config) = read_config(opts.config_path.as_deref())?;
+                (text, validate::validate(&config)?, None)
+            }
+        };
         let server = topology
             .config
             .select_server(opts.server.as_deref())?
             .clone();
         let pin_dir = loader::pin_dir(opts.pin_dir.as_deref(), &server.name);
-        loader::preflight(&server.uplink, &server.name, &pin_dir)?;
-        let lock = loader::lock_all(&pin_dir, &server.uplink)?;
+        let lock = if opts.no_dataplane {
+            None
+        } else {
+            loader::preflight(&server.uplink, &server.name, &pin_dir)?;
+            Some(loader::lock_all(&pin_dir, &server.uplink)?)
+        };
         // Everything that can fail comes before the first write: the metrics port too.
         let listener = opts
             .metrics_addr
@@ -197,6 +278,46 @@ impl Agent {
                 Ok(l)
             })
             .transpose()?;
+        let plan = plan::plan(&topology, &server.name);
+        let mut agent = Agent {
+            dp: None,
+            config_path: opts.config_path.clone(),
+            config_text,
+            server: server.name.clone(),
+            pin_dir: pin_dir.clone(),
+            plan_hash: plan::plan_hash(&plan),
+            plan,
+            topology,
+            generation: 0,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            flow_capacity: 0,
+            peer_budget: 0,
+            observed: Observed::default(),
+            warned_slices: Default::default(),
+            repairs: 0,
+            fleet: published.map(|p| FleetState {
+                applied_revision: p.revision,
+                applied_serial: p.meta.as_ref().map_or(0, |m| m.serial),
+                seen_revision: p.revision,
+                connected: true,
+                updated_at: crate::fleet::unix_now(),
+                ..Default::default()
+            }),
+            started_at: crate::fleet::unix_now(),
+            pending: None,
+            retry: None,
+        };
+        let Some(lock) = lock else {
+            agent.generation = 1;
+            info!(
+                "plan generation 1 for {} computed (no dataplane): {} entries, hash {}",
+                agent.server,
+                agent.plan.entries.len(),
+                agent.plan_hash
+            );
+            return Ok((agent, None, listener));
+        };
         // Adopted maps must have the layout the programs expect (checked before anything is
         // loaded or written).
         let mismatches = loader::check_pins(&pin_dir, opts.flow_capacity)?;
@@ -216,20 +337,29 @@ impl Agent {
         let (saved, set_aside) = saved;
 
         let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
-        let mut maps = loader::take_maps(&mut ebpf)?;
+        let maps = loader::take_maps(&mut ebpf)?;
+        let mut dp = Dataplane {
+            ebpf,
+            maps,
+            _lock: lock,
+            uplink: server.uplink.clone(),
+            tcx: false,
+            attached: false,
+            links: Vec::new(),
+        };
         if !mismatches.is_empty() {
             let carried = saved
                 .iter()
-                .filter(|(k, v)| maps.flows.insert(k, v, 0).is_ok())
+                .filter(|(k, v)| dp.maps.flows.insert(k, v, 0).is_ok())
                 .count();
             info!(
                 "migration: {carried} of {} flow entries carried over",
                 saved.len()
             );
         }
-        let maps_capacity = maps.flow_capacity;
+        let maps_capacity = dp.maps.flow_capacity;
         let peer_budget = opts.peer_budget.unwrap_or(maps_capacity / 4);
-        maps.set_local(&loader::local_settings(
+        dp.maps.set_local(&loader::local_settings(
             server.fabric,
             &server.uplink,
             peer_budget,
@@ -240,30 +370,9 @@ impl Agent {
                 opts.flow_capacity
             );
         }
-        let mut agent = Agent {
-            ebpf,
-            maps,
-            config_path: opts.config_path.clone(),
-            config_text,
-            server: server.name.clone(),
-            pin_dir: pin_dir.clone(),
-            plan: plan::plan(&topology, &server.name),
-            topology,
-            generation: 0,
-            reloads_ok: 0,
-            reloads_failed: 0,
-            flow_capacity: maps_capacity,
-            peer_budget,
-            observed: Observed::default(),
-            warned_slices: Default::default(),
-            _lock: lock,
-            uplink: server.uplink.clone(),
-            tcx: false,
-            repairs: 0,
-            attached: false,
-            links: Vec::new(),
-            retry: None,
-        };
+        agent.flow_capacity = maps_capacity;
+        agent.peer_budget = peer_budget;
+        agent.dp = Some(dp);
         let diff = agent.write_plan()?;
         agent.generation = 1;
         info!(
@@ -274,15 +383,16 @@ impl Agent {
             diff.updated,
             diff.removed
         );
-        let mode = loader::attach(&mut agent.ebpf, &server.uplink, &pin_dir)?;
+        let dp = agent.dp.as_mut().expect("set above");
+        let mode = loader::attach(&mut dp.ebpf, &server.uplink, &pin_dir)?;
         // Migrated: the old maps were kept aside until now, in case anything above failed.
         for p in set_aside {
             let _ = std::fs::remove_file(&p);
         }
-        agent.tcx = mode != AttachMode::Clsact;
-        agent.attached = true;
-        agent.hold_links();
-        Ok((agent, mode, listener))
+        dp.tcx = mode != AttachMode::Clsact;
+        dp.attached = true;
+        dp.hold_links(&pin_dir);
+        Ok((agent, Some(mode), listener))
     }
 
     fn write_plan(&mut self) -> anyhow::Result<Diff> {
@@ -299,8 +409,12 @@ impl Agent {
                 egress_common::action::MAX_HOPS
             );
         }
+        self.plan_hash = plan::plan_hash(&self.plan);
+        let Some(dp) = self.dp.as_mut() else {
+            return Ok(Diff::default());
+        };
         let want = plan::map_contents(&self.topology, &self.plan);
-        self.maps
+        dp.maps
             .plan
             .apply(&want)
             .context("writing the plan to the maps")
@@ -334,16 +448,10 @@ impl Agent {
                 if let Some(p) = &self.config_path {
                     self.config_text = crate::config::read_text(p).unwrap_or_default();
                 }
-                // One line: the same problems `egress validate` lists, separated by ';'.
-                let msg: Vec<String> = format!("{e:#}")
-                    .lines()
-                    .map(|l| l.trim().to_string())
-                    .filter(|l| !l.is_empty())
-                    .collect();
                 error!(
                     "reload ({why}) rejected, plan generation {} stays in force: {}",
                     self.generation,
-                    msg.join("; ")
+                    one_line(&e)
                 );
                 return;
             }
@@ -357,6 +465,12 @@ impl Agent {
             );
             return;
         }
+        let _ = self.switch(text, topology, why);
+    }
+
+    /// Applies a validated topology as a difference; on a failed write, restores the previous
+    /// plan and schedules a retry (once per change, then with a growing delay).
+    fn switch(&mut self, text: String, topology: Topology, why: &str) -> Result<(), String> {
         let previous = std::mem::replace(&mut self.topology, topology);
         self.plan = plan::plan(&self.topology, &self.server);
         let fresh_text = text != self.config_text;
@@ -374,10 +488,10 @@ impl Agent {
                     d.updated,
                     d.removed
                 );
+                Ok(())
             }
             Err(e) => {
                 self.reloads_failed += 1;
-                // Not again every second: once per change, then with a growing delay.
                 let delay = match self.retry {
                     Some((_, d)) if !fresh_text => (d * 2).min(RETRY_MAX),
                     _ => RETRY_FIRST,
@@ -393,26 +507,158 @@ impl Agent {
                 if let Err(e) = self.write_plan() {
                     error!("restoring the previous plan failed too: {e:#}");
                 }
+                Err(format!("{e:#}"))
             }
         }
     }
 
-    /// Opens a descriptor on each pinned link and keeps it: the links then live as long as the
-    /// agent, whatever happens to their pins.
-    fn hold_links(&mut self) {
-        if !self.tcx {
+    /// A plan that failed to be written, due to be tried again: the file is read again; in
+    /// fleet mode, the text that failed.
+    pub fn retry_now(&mut self) {
+        if self.fleet.is_none() {
+            return self.reload("retrying the plan that failed to be written");
+        }
+        let Some(p) = self.pending.clone() else {
+            return;
+        };
+        let Ok(topology) = Config::parse(&p.text, "the published topology")
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(validate::validate(&c)?))
+        else {
+            return;
+        };
+        if self
+            .switch(p.text.clone(), topology, "retrying the published revision")
+            .is_ok()
+        {
+            self.applied(&p);
+        }
+    }
+
+    /// Fleet mode: what the etcd task reports.
+    pub fn fleet_event(&mut self, event: crate::fleet::watch::Event) {
+        use crate::fleet::watch::Event;
+        let Some(f) = self.fleet.as_mut() else {
+            return;
+        };
+        match event {
+            Event::Lost(why) => {
+                if f.connected {
+                    let since = crate::fleet::unix_now();
+                    f.stale_since.get_or_insert(since);
+                    warn!(
+                        "etcd connection lost ({why}): plan at revision {} kept and forwarding; it may be stale since {}; reconnecting",
+                        f.applied_revision,
+                        crate::fleet::rfc3339(since)
+                    );
+                }
+                f.connected = false;
+            }
+            Event::Nothing => {
+                f.connected = true;
+                if f.stale_since.take().is_some() || f.seen_revision != 0 {
+                    warn!(
+                        "etcd reachable again, but nothing is published under the prefix: plan at revision {} kept",
+                        f.applied_revision
+                    );
+                }
+                f.seen_revision = 0;
+            }
+            Event::Published(p) => {
+                f.connected = true;
+                if let Some(since) = f.stale_since.take() {
+                    info!(
+                        "etcd reachable again after {} s; published revision {}",
+                        crate::fleet::unix_now().saturating_sub(since),
+                        p.revision
+                    );
+                }
+                self.apply_published(p);
+            }
+        }
+    }
+
+    /// Validates and applies a published revision (each revision is handled once: a rejected
+    /// one is logged and counted once, the last good plan staying in force).
+    fn apply_published(&mut self, p: crate::fleet::Published) {
+        let Some(f) = self.fleet.as_mut() else {
+            return;
+        };
+        if p.revision == f.seen_revision {
+            if p.revision == f.applied_revision {
+                f.updated_at = crate::fleet::unix_now();
+            }
             return;
         }
-        self.links = loader::PROGRAMS
+        f.seen_revision = p.revision;
+        let why = format!("published revision {}", p.revision);
+        let checked = Config::parse(&p.text, "the published topology")
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(validate::validate(&c)?))
+            .and_then(|t| {
+                t.config
+                    .select_server(Some(&self.server))
+                    .map_err(|_| anyhow::anyhow!("server {:?} is not in it", self.server))?;
+                Ok(t)
+            });
+        let topology = match checked {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = one_line(&e);
+                error!(
+                    "{why} rejected, plan generation {} (revision {}) stays in force: {msg}",
+                    self.generation,
+                    self.fleet.as_ref().map_or(0, |f| f.applied_revision)
+                );
+                if let Some(f) = self.fleet.as_mut() {
+                    f.rejected_revisions += 1;
+                    f.rejected = Some(format!("revision {}: {msg}", p.revision));
+                }
+                return;
+            }
+        };
+        self.pending = Some(p.clone());
+        if self.switch(p.text.clone(), topology, &why).is_ok() {
+            self.applied(&p);
+        }
+    }
+
+    fn applied(&mut self, p: &crate::fleet::Published) {
+        self.pending = None;
+        if let Some(f) = self.fleet.as_mut() {
+            f.applied_revision = p.revision;
+            f.applied_serial = p.meta.as_ref().map_or(0, |m| m.serial);
+            f.rejected = None;
+            f.updated_at = crate::fleet::unix_now();
+        }
+    }
+
+    /// What this agent reports in its status key.
+    pub fn status(&self) -> crate::fleet::Status {
+        let f = self.fleet.clone().unwrap_or_default();
+        let drops = self
+            .counters()
+            .unwrap_or_default()
             .iter()
-            .map(|(name, _)| {
-                let path = loader::link_pin(&self.pin_dir, name);
-                (
-                    *name,
-                    aya::programs::links::PinnedLink::from_pin(&path).ok(),
-                )
-            })
-            .collect();
+            .filter(|(s, _)| s.name().starts_with("drop_"))
+            .map(|(_, c)| c.packets)
+            .sum();
+        crate::fleet::Status {
+            server: self.server.clone(),
+            host: crate::fleet::hostname(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            updated_at: f.updated_at,
+            applied_revision: f.applied_revision,
+            applied_serial: f.applied_serial,
+            plan_hash: self.plan_hash.clone(),
+            generation: self.generation,
+            rejected_revisions: f.rejected_revisions,
+            failed_writes: self.reloads_failed,
+            drops,
+            dataplane: self.dp.is_some(),
+            rejected: f.rejected,
+        }
     }
 
     /// Restores what was removed from under the agent: the pin directory, a map's pin (the
@@ -421,10 +667,13 @@ impl Agent {
     /// (policy traffic then leaves from the server's own address). Returns what was restored.
     pub fn repair(&mut self) -> Vec<String> {
         let mut fixed = Vec::new();
+        let Some(dp) = self.dp.as_mut() else {
+            return fixed;
+        };
         if !self.pin_dir.exists() {
             if let Err(e) = std::fs::create_dir_all(&self.pin_dir) {
                 warn!("recreating {}: {e}", self.pin_dir.display());
-                self.attached = false;
+                dp.attached = false;
                 return fixed;
             }
             fixed.push(format!("pin directory {}", self.pin_dir.display()));
@@ -434,9 +683,9 @@ impl Agent {
             if path.exists() {
                 continue;
             }
-            let pinned = match self.maps.data(name) {
+            let pinned = match dp.maps.data(name) {
                 Some(d) => d.pin(&path).map_err(|e| e.to_string()),
-                None => self
+                None => dp
                     .ebpf
                     .map(name)
                     .ok_or_else(|| "not in the object".to_string())
@@ -449,7 +698,7 @@ impl Agent {
         }
         // A link whose pin went is still held here (the agent keeps a descriptor of each): it
         // stays attached and is pinned again, with no moment detached.
-        for (name, held) in self.links.iter_mut() {
+        for (name, held) in dp.links.iter_mut() {
             let path = loader::link_pin(&self.pin_dir, name);
             if path.exists() {
                 continue;
@@ -463,24 +712,24 @@ impl Agent {
                 Err(e) => warn!("re-pinning {}: {e}", path.display()),
             }
         }
-        let links_gone = self.tcx
+        let links_gone = dp.tcx
             && loader::PROGRAMS
                 .iter()
                 .any(|(name, _)| !loader::link_pin(&self.pin_dir, name).exists());
         if links_gone {
-            match loader::attach(&mut self.ebpf, &self.uplink, &self.pin_dir) {
+            match loader::attach(&mut dp.ebpf, &dp.uplink, &self.pin_dir) {
                 Ok(_) => {
-                    self.hold_links();
-                    fixed.push(format!("programs on {}", self.uplink))
+                    dp.hold_links(&self.pin_dir);
+                    fixed.push(format!("programs on {}", dp.uplink))
                 }
                 Err(e) => {
-                    error!("re-attaching the programs to {}: {e:#}", self.uplink);
-                    self.attached = false;
+                    error!("re-attaching the programs to {}: {e:#}", dp.uplink);
+                    dp.attached = false;
                     return fixed;
                 }
             }
         }
-        self.attached = true;
+        dp.attached = true;
         if !fixed.is_empty() {
             self.repairs += 1;
             warn!(
@@ -494,15 +743,18 @@ impl Agent {
     /// One housekeeping pass on the agent's own thread (at start; the loop runs them on the
     /// collector thread, see [`Agent::housekeeper`]).
     pub fn housekeeping(&mut self) {
-        let before = loader::read_peer_load(&self.maps.peer_load);
+        let Some(dp) = self.dp.as_mut() else {
+            return;
+        };
+        let before = loader::read_peer_load(&dp.maps.peer_load);
         let pass = flows::pass(
-            &mut self.maps.flows,
+            &mut dp.maps.flows,
             flows::monotonic_ns(),
             self.flow_capacity,
         )
         .map_err(|e| e.to_string())
         .and_then(|p| {
-            loader::write_peer_load(&mut self.maps.peer_load, &p.peer_load, &before)
+            loader::write_peer_load(&mut dp.maps.peer_load, &p.peer_load, &before)
                 .map_err(|e| e.to_string())?;
             Ok(p)
         });
@@ -511,17 +763,20 @@ impl Agent {
 
     /// A collector with handles of its own on the flow table and `PEER_LOAD`, to run passes
     /// off the agent's loop (a pass over a million entries takes a while; the loop must not).
-    pub fn housekeeper(&self) -> anyhow::Result<Housekeeper> {
+    pub fn housekeeper(&self) -> anyhow::Result<Option<Housekeeper>> {
+        let Some(dp) = self.dp.as_ref() else {
+            return Ok(None);
+        };
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
         let dup = |m: &MapData| -> anyhow::Result<MapData> {
             Ok(MapData::from_fd(m.fd().as_fd().try_clone_to_owned()?)?)
         };
-        Ok(Housekeeper {
-            flows: HashMap::try_from(aya::maps::Map::HashMap(dup(self.maps.flows.map())?))?,
-            peer_load: HashMap::try_from(aya::maps::Map::HashMap(dup(self.maps.peer_load.map())?))?,
+        Ok(Some(Housekeeper {
+            flows: HashMap::try_from(aya::maps::Map::HashMap(dup(dp.maps.flows.map())?))?,
+            peer_load: HashMap::try_from(aya::maps::Map::HashMap(dup(dp.maps.peer_load.map())?))?,
             capacity: self.flow_capacity,
-        })
+        }))
     }
 
     /// Takes in what a pass found: counts, logs pressure changes, refreshes port-slice usage
@@ -611,7 +866,10 @@ impl Agent {
 
     /// Reads every datapath counter (packets, bytes), summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Vec<(Stat, Counter)>> {
-        let map = self.ebpf.map(map_names::STATS).context("STATS map")?;
+        let Some(dp) = self.dp.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let map = dp.ebpf.map(map_names::STATS).context("STATS map")?;
         let arr: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
         Stat::ALL
             .iter()
@@ -745,7 +1003,7 @@ impl Agent {
             &mut r,
             "attached",
             "1 when the programs were found attached at the last check (every second)",
-            i64::from(self.attached),
+            i64::from(self.dp.as_ref().is_some_and(|d| d.attached)),
         );
         gauge(
             &mut r,
@@ -811,6 +1069,41 @@ impl Agent {
             "Most connections one peer may have translated here (0: no limit)",
             i64::from(self.peer_budget),
         );
+        if let Some(f) = &self.fleet {
+            gauge(
+                &mut r,
+                "etcd_connected",
+                "1 while the agent reads and watches the topology in etcd",
+                i64::from(f.connected),
+            );
+            gauge(
+                &mut r,
+                "applied_revision",
+                "The published topology revision in force",
+                f.applied_revision,
+            );
+            let age = crate::fleet::unix_now().saturating_sub(f.updated_at);
+            gauge(
+                &mut r,
+                "plan_age_seconds",
+                "Seconds since the plan in force was last known current (applied, or confirmed on reconnecting)",
+                age as i64,
+            );
+            gauge(
+                &mut r,
+                "plan_stale_seconds",
+                "Seconds etcd has been unreachable (the plan may be stale); 0 when connected",
+                f.stale_since
+                    .map_or(0, |s| crate::fleet::unix_now().saturating_sub(s))
+                    as i64,
+            );
+            counter(
+                &mut r,
+                "rejected_revisions",
+                "Published revisions rejected as invalid (the last good plan stayed)",
+                f.rejected_revisions,
+            );
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;
         Ok(out)
@@ -819,6 +1112,10 @@ impl Agent {
     /// Exits: with `detach`, removes the pinned links (the programs detach) and maps.
     pub fn shutdown(self, detach: bool) -> anyhow::Result<()> {
         let pin_dir = self.pin_dir.clone();
+        if self.dp.is_none() {
+            info!("exiting (no dataplane)");
+            return Ok(());
+        }
         if detach {
             // Still holding the locks: no other agent can adopt the pins as they go.
             let removed = loader::detach(&pin_dir)

@@ -10,7 +10,11 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::agent::{Agent, Options};
+use crate::{
+    agent::{Agent, Initial, Options},
+    config::Config,
+    fleet, validate,
+};
 
 /// Load the programs onto this server's uplink, write its plan, and keep it current.
 #[derive(Debug, clap::Args)]
@@ -54,9 +58,28 @@ pub struct Args {
     /// so traffic keeps flowing and a restarted agent adopts them.
     #[arg(long)]
     detach_on_exit: bool,
+    /// Compute, report and serve metrics for the plan without loading programs (no root
+    /// needed): a fleet simulated on one machine.
+    #[arg(long)]
+    no_dataplane: bool,
+    /// Fleet mode: read and watch the topology in etcd instead of a file.
+    #[command(flatten)]
+    etcd: crate::fleet::EtcdArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Fleet credentials are checked before anything else: a bad file is named at once.
+    let fleet = if args.etcd.given() {
+        if args.config.is_some() {
+            anyhow::bail!("--config and --etcd: the topology comes from one of them, not both");
+        }
+        let Some(server) = args.server.clone() else {
+            anyhow::bail!("--etcd: name this agent's server with --server NAME");
+        };
+        Some((args.etcd.endpoint()?, server))
+    } else {
+        None
+    };
     let opts = Options {
         config_path: args.config.clone(),
         server: args.server.clone(),
@@ -65,41 +88,152 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         peer_budget: args.peer_budget,
         metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
         migrate: args.migrate,
+        no_dataplane: args.no_dataplane,
     };
-    let (mut agent, mode, listener) = Agent::start(&opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
-    let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
-    let metrics = {
-        let _guard = rt.enter();
-        listener.map(TcpListener::from_std).transpose()?
-    };
-    agent.housekeeping();
-    info!(
-        "ready: server {} attached ({mode:?}), maps pinned in {}, metrics {}",
-        agent.server,
-        agent.pin_dir.display(),
-        match metrics_at {
-            None => "off".to_string(),
-            Some(a) => format!("http://{a}/metrics"),
-        }
-    );
-    // spawn_local: the metrics tasks share the loop's thread (the agent is not Send).
+    // spawn_local: the metrics and etcd tasks share the loop's thread (the agent is not Send).
     let local = tokio::task::LocalSet::new();
-    local
-        .block_on(
-            &rt,
-            serve(
-                &mut agent,
-                metrics,
-                Duration::from_secs(args.gc_interval.max(1)),
-            ),
+    local.block_on(&rt, async move {
+        let mut signals = Signals::new()?;
+        let mut link = None;
+        let initial = match fleet {
+            None => None,
+            Some((ep, server)) => {
+                let (status_tx, status_rx) = tokio::sync::watch::channel(fleet::Status {
+                    server: server.clone(),
+                    dataplane: !args.no_dataplane,
+                    started_at: fleet::unix_now(),
+                    pid: std::process::id(),
+                    host: fleet::hostname(),
+                    ..Default::default()
+                });
+                let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+                info!(
+                    "fleet mode: reading the topology from etcd {} under {} as {}",
+                    ep.urls.join(","),
+                    ep.keys.prefix(),
+                    ep.user().unwrap_or("(plain text, no identity)")
+                );
+                tokio::task::spawn_local(fleet::watch::run(ep, server.clone(), tx, status_rx));
+                let Some(initial) = first_topology(&mut events, &server, &mut signals).await else {
+                    return Ok(ExitCode::SUCCESS);
+                };
+                link = Some((events, status_tx));
+                Some(initial)
+            }
+        };
+        let (mut agent, mode, listener) = Agent::start(&opts, initial)?;
+        // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
+        let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics = listener.map(TcpListener::from_std).transpose()?;
+        agent.housekeeping();
+        info!(
+            "ready: server {} {}, {}, metrics {}",
+            agent.server,
+            match mode {
+                Some(m) => format!("attached ({m:?})"),
+                None => "planned (no dataplane)".to_string(),
+            },
+            match &agent.fleet {
+                Some(f) => format!("published revision {}", f.applied_revision),
+                None => format!("maps pinned in {}", agent.pin_dir.display()),
+            },
+            match metrics_at {
+                None => "off".to_string(),
+                Some(a) => format!("http://{a}/metrics"),
+            }
+        );
+        serve(
+            &mut agent,
+            metrics,
+            Duration::from_secs(args.gc_interval.max(1)),
+            &mut signals,
+            link,
         )
+        .await
         .context("agent loop")?;
-    agent.shutdown(args.detach_on_exit)?;
-    Ok(ExitCode::SUCCESS)
+        agent.shutdown(args.detach_on_exit)?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGTERM, SIGINT and SIGHUP, registered once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Fleet mode, before anything is loaded: waits for a published topology that is valid and
+/// has this server. Until then nothing is attached or written (fail closed: what a previous
+/// agent left pinned keeps running as it was). None: asked to stop while waiting.
+async fn first_topology(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<fleet::watch::Event>,
+    server: &str,
+    signals: &mut Signals,
+) -> Option<Initial> {
+    use fleet::watch::Event;
+    // Each thing said once: a rejected revision, and the connection's state while it stays.
+    let mut said = std::collections::BTreeSet::new();
+    let mut say = |line: String| {
+        if said.insert(line.clone()) {
+            warn!("{line}");
+        }
+    };
+    loop {
+        let event = tokio::select! {
+            _ = signals.term.recv() => return None,
+            _ = signals.int.recv() => return None,
+            e = events.recv() => e?,
+        };
+        match event {
+            Event::Lost(why) => say(format!(
+                "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
+            )),
+            Event::Nothing => say(
+                "nothing published under the prefix yet: no plan, nothing attached; waiting"
+                    .to_string(),
+            ),
+            Event::Published(p) => {
+                let checked = Config::parse(&p.text, "the published topology")
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Ok(validate::validate(&c)?))
+                    .and_then(|t| {
+                        t.config
+                            .select_server(Some(server))
+                            .map_err(|_| anyhow::anyhow!("server {server:?} is not in it"))?;
+                        Ok(t)
+                    });
+                match checked {
+                    Ok(topology) => {
+                        return Some(Initial {
+                            text: p.text.clone(),
+                            topology,
+                            published: p,
+                        });
+                    }
+                    Err(e) => say(format!(
+                        "published revision {} rejected: {}; no plan, nothing attached; waiting for a valid one",
+                        p.revision,
+                        crate::agent::one_line(&e)
+                    )),
+                }
+            }
+        }
+    }
 }
 
 /// Largest flow table (entries; about 100 bytes each, preallocated: 1.6 GiB).
@@ -113,56 +247,101 @@ const METRICS_CONNECTIONS: usize = 8;
 /// What a scraper gets to send its request, and to take the answer.
 const METRICS_IO: Duration = Duration::from_secs(2);
 
+/// Fleet mode's channels: events from the etcd task, status to it.
+type FleetLink = (
+    tokio::sync::mpsc::UnboundedReceiver<fleet::watch::Event>,
+    tokio::sync::watch::Sender<fleet::Status>,
+);
+
+/// A status changes in substance (anything but the drop count and the time): sent at once;
+/// otherwise at most every [`STATUS_REFRESH`].
+const STATUS_REFRESH: Duration = Duration::from_secs(10);
+
+fn substance(s: &fleet::Status) -> fleet::Status {
+    fleet::Status {
+        drops: 0,
+        updated_at: 0,
+        ..s.clone()
+    }
+}
+
 async fn serve(
     agent: &mut Agent,
     metrics: Option<TcpListener>,
     every: Duration,
+    signals: &mut Signals,
+    fleet: Option<FleetLink>,
 ) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     // The collector runs on a thread of its own and reports each pass; the loop only takes the
     // results in.
     let (pass_tx, mut passes) = tokio::sync::mpsc::unbounded_channel();
-    let mut keeper = agent.housekeeper().map_err(std::io::Error::other)?;
-    std::thread::Builder::new()
-        .name("collector".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                // A pass that panics is reported and the next one runs: the table never evicts,
-                // so a collector that stopped would end in refused connections.
-                let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keeper.run()))
-                    .unwrap_or_else(|_| Err("the collector's pass panicked".into()));
-                if pass_tx.send(pass).is_err() {
-                    return;
+    if let Some(mut keeper) = agent.housekeeper().map_err(std::io::Error::other)? {
+        std::thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(every);
+                    // A pass that panics is reported and the next one runs: the table never
+                    // evicts, so a collector that stopped would end in refused connections.
+                    let pass =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keeper.run()))
+                            .unwrap_or_else(|_| Err("the collector's pass panicked".into()));
+                    if pass_tx.send(pass).is_err() {
+                        return;
+                    }
                 }
-            }
-        })?;
+            })?;
+    }
     // Metrics are served on tasks of their own; the loop only renders the text on request, so
     // a slow or idle scraper never delays a reload or a collection.
     let (render_tx, mut render_rx) = tokio::sync::mpsc::channel::<Render>(METRICS_CONNECTIONS);
     if let Some(listener) = metrics {
         tokio::task::spawn_local(accept_scrapes(listener, render_tx));
     }
+    let (mut events, status_tx) = match fleet {
+        Some((e, s)) => (Some(e), Some(s)),
+        None => (None, None),
+    };
+    let mut sent_at = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => agent.reload("SIGHUP"),
+            _ = signals.term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = signals.int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = signals.hup.recv() => {
+                if agent.fleet.is_some() {
+                    info!("SIGHUP: fleet mode reads the topology from etcd; nothing to reload");
+                } else {
+                    agent.reload("SIGHUP")
+                }
+            }
             _ = watch.tick() => {
                 agent.repair();
                 if agent.config_changed() {
                     agent.reload("config file changed")
                 } else if agent.retry_due() {
-                    agent.reload("retrying the plan that failed to be written")
+                    agent.retry_now()
                 }
             }
+            Some(event) = async { events.as_mut()?.recv().await } => agent.fleet_event(event),
             Some(pass) = passes.recv() => agent.apply_pass(pass),
             Some(reply) = render_rx.recv() => {
                 let _ = reply.send(agent.render_metrics().map_err(|e| format!("{e:#}")));
+            }
+        }
+        if let Some(tx) = &status_tx {
+            let now = agent.status();
+            let due = sent_at.elapsed() >= STATUS_REFRESH;
+            let changed = tx.send_if_modified(|s| {
+                if substance(s) != substance(&now) || (due && *s != now) {
+                    *s = now;
+                    true
+                } else {
+                    false
+                }
+            });
+            if changed {
+                sent_at = std::time::Instant::now();
             }
         }
     }
