@@ -3,64 +3,14 @@
 
 mod common;
 
-use common::{Transfer, WantSrc};
+use common::{FRA_A_2_IN_B, SERVERS, VIA_FRA_A_1, WantSrc, config_b, load};
 use egress::{
     config::Config,
     lab::{self, Lab},
 };
 
-const SERVERS: [&str; 5] = ["fra-a-1", "fra-a-2", "fra-b-1", "ams-a-1", "sin-a-1"];
-const VIA_FRA_A_1: WantSrc = WantSrc {
-    addr: "192.0.2.10",
-    ports: (1024, 32767),
-};
-/// In config B, fra-a-2 holds 40000-49999 of 192.0.2.10 (carved out of ams-a-1's range).
-const FRA_A_2_IN_B: WantSrc = WantSrc {
-    addr: "192.0.2.10",
-    ports: (40000, 49999),
-};
-
-/// The default config with a port range moved: ams-a-1 gives 40000-49999 to fra-a-2, so
-/// fra-a-2 translates locally and fra-b-1 and sin-a-1 get a second next hop.
-fn config_b() -> Config {
-    let text = egress::config::DEFAULT_CONFIG.replace(
-        r#"{ server = "ams-a-1", ports = "32768-65535" },"#,
-        r#"{ server = "ams-a-1", ports = "32768-39999" },
-  { server = "fra-a-2", ports = "40000-49999" },
-  { server = "ams-a-1", ports = "50000-65535" },"#,
-    );
-    let c = Config::parse(&text, "config B").unwrap();
-    egress::validate::validate(&c).expect("config B is valid");
-    c
-}
-
 fn full_lab() -> Lab {
     common::lab_with_agents(&SERVERS)
-}
-
-/// Starts the long-lived load: a 200 MB download on tier 1 (fra-a-1) and 50 slower ones over
-/// tiers 1 (fra-a-1), 2 (fra-a-2) and 4 (sin-a-1).
-fn load(lab: &Lab) -> Vec<Transfer> {
-    let mut t = vec![Transfer::start(
-        lab,
-        "fra-a-1",
-        lab::ORIGIN_V4,
-        200 << 20,
-        "16M",
-        0,
-    )];
-    for i in 0..50 {
-        let from = ["fra-a-1", "fra-a-2", "sin-a-1"][i % 3];
-        t.push(Transfer::start(
-            lab,
-            from,
-            lab::ORIGIN_V4,
-            3 << 20,
-            "256K",
-            i + 1,
-        ));
-    }
-    t
 }
 
 #[test]

@@ -14,6 +14,11 @@ pub enum Command {
         /// Also start the agent on every server.
         #[arg(long)]
         agents: bool,
+        /// Also start the control network: a 3-member etcd cluster with TLS, client
+        /// certificates and roles (`egress fleet init`); the config is published and the agents
+        /// (with --agents) read it from etcd.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Remove every lab namespace, process, pin and work directory, including crashed runs'.
     Down,
@@ -55,9 +60,21 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Up { config, agents } => {
+        Command::Up {
+            config,
+            agents,
+            fleet,
+        } => {
             let spec = LabSpec::new(config.load()?, std::env::current_exe()?);
             let mut lab = Lab::up(spec)?;
+            let fleet = if fleet {
+                let f = lab.start_fleet(true)?;
+                let text = std::fs::read_to_string(lab.config_path())?;
+                lab.publish(&text)?;
+                Some(f)
+            } else {
+                None
+            };
             if agents {
                 let names: Vec<String> = lab
                     .config()
@@ -66,7 +83,11 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     .map(|s| s.name.clone())
                     .collect();
                 for name in names {
-                    lab.start_agent(&name)?;
+                    if fleet.is_some() {
+                        lab.start_fleet_agent(&name, &[])?;
+                    } else {
+                        lab.start_agent(&name)?;
+                    }
                 }
             }
             println!("lab {} is up:", lab.prefix);
@@ -74,6 +95,13 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("  {ns}");
             }
             println!("config: {}", lab.config_path().display());
+            if let Some(f) = &fleet {
+                println!(
+                    "fleet:  ip netns exec {} egress fleet status {}",
+                    f.ns,
+                    f.args(crate::fleet::pki::READER_USER).join(" ")
+                );
+            }
             println!(
                 "try:    nsenter --net=/run/netns/{} curl -s http://{}/",
                 lab.server_ns(&lab.config().servers[0].name),

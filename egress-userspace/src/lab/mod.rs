@@ -7,6 +7,7 @@
 //! prefix; dropping the [`Lab`] (also while panicking) kills what it started and removes
 //! everything, and [`down_leftovers`] removes what crashed runs left behind.
 
+pub mod fleet;
 pub mod netns;
 pub mod origin;
 
@@ -119,6 +120,8 @@ pub struct Lab {
     config: Config,
     egress_bin: PathBuf,
     keep: bool,
+    /// The control network and its etcd cluster, once started.
+    fleet: Option<fleet::FleetLab>,
 }
 
 /// A fresh per-run prefix: pid, a per-process counter (labs built at the same instant by
@@ -151,6 +154,7 @@ impl Lab {
             config: spec.config.clone(),
             egress_bin: spec.egress_bin.clone(),
             keep: false,
+            fleet: None,
         };
         std::fs::create_dir_all(&lab.work_dir)?;
         std::fs::write(lab.config_path(), toml::to_string(&spec.config)?)?;

@@ -268,3 +268,54 @@ pub fn counter(lab: &Lab, server: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name}"))
         .packets
 }
+
+/// The five servers of the default lab.
+pub const SERVERS: [&str; 5] = ["fra-a-1", "fra-a-2", "fra-b-1", "ams-a-1", "sin-a-1"];
+pub const VIA_FRA_A_1: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (1024, 32767),
+};
+/// In config B, fra-a-2 holds 40000-49999 of 192.0.2.10 (carved out of ams-a-1's range).
+pub const FRA_A_2_IN_B: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (40000, 49999),
+};
+
+/// The default config with a port range moved: ams-a-1 gives 40000-49999 to fra-a-2, so
+/// fra-a-2 translates locally and fra-b-1 and sin-a-1 get a second next hop.
+pub fn config_b() -> Config {
+    let text = egress::config::DEFAULT_CONFIG.replace(
+        r#"{ server = "ams-a-1", ports = "32768-65535" },"#,
+        r#"{ server = "ams-a-1", ports = "32768-39999" },
+  { server = "fra-a-2", ports = "40000-49999" },
+  { server = "ams-a-1", ports = "50000-65535" },"#,
+    );
+    let c = egress::config::Config::parse(&text, "config B").unwrap();
+    egress::validate::validate(&c).expect("config B is valid");
+    c
+}
+
+/// Starts the long-lived load: a 200 MB download on tier 1 (fra-a-1) and 50 slower ones over
+/// tiers 1 (fra-a-1), 2 (fra-a-2) and 4 (sin-a-1).
+pub fn load(lab: &egress::lab::Lab) -> Vec<Transfer> {
+    let mut t = vec![Transfer::start(
+        lab,
+        "fra-a-1",
+        egress::lab::ORIGIN_V4,
+        200 << 20,
+        "16M",
+        0,
+    )];
+    for i in 0..50 {
+        let from = ["fra-a-1", "fra-a-2", "sin-a-1"][i % 3];
+        t.push(Transfer::start(
+            lab,
+            from,
+            egress::lab::ORIGIN_V4,
+            3 << 20,
+            "256K",
+            i + 1,
+        ));
+    }
+    t
+}

@@ -1,0 +1,522 @@
+//! End to end, fleet mode: a real 3-member etcd cluster (TLS, client certificates, roles) in
+//! the lab's control network; agents read and watch the topology there. Publishes under load,
+//! bad input of every kind, etcd faults, and who may do what.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{FRA_A_2_IN_B, SERVERS, VIA_FRA_A_1, config_b, load};
+use egress::{
+    config::{Config, DEFAULT_CONFIG},
+    fleet::pki,
+    lab::{self, Lab},
+};
+
+/// A lab with its fleet up, the default topology published, and fleet agents on `servers`.
+fn fleet_lab(servers: &[&str]) -> Lab {
+    let mut lab = common::lab(Config::embedded());
+    lab.start_fleet(true).expect("etcd cluster starts");
+    lab.publish(DEFAULT_CONFIG).expect("first publish");
+    for s in servers {
+        lab.start_fleet_agent(s, &[])
+            .unwrap_or_else(|e| panic!("fleet agent {s}: {e:#}"));
+    }
+    lab
+}
+
+/// `egress fleet status --format json`, as the read-only identity.
+fn status(lab: &Lab) -> serde_json::Value {
+    let out = lab
+        .fleet_cmd(pki::READER_USER, &["status", "--format", "json"])
+        .expect("fleet status");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Waits until every server of the topology runs `revision` with the expected plan; returns
+/// how long that took.
+fn converge(lab: &Lab, revision: i64) -> Duration {
+    let t = Instant::now();
+    loop {
+        let v = status(lab);
+        if v["revision"] == revision && v["agree"] == true {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the fleet did not converge on revision {revision}: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(lab: &Lab, server: &str, name: &str) -> f64 {
+    let text = lab
+        .run(
+            &lab.server_ns(server),
+            "curl",
+            &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
+        )
+        .expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// `fleet show` says the published revision.
+fn published_revision(lab: &Lab) -> i64 {
+    let out = lab
+        .fleet_cmd(pki::READER_USER, &["show"])
+        .expect("fleet show");
+    out.lines()
+        .find_map(|l| l.strip_prefix("revision")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+/// `egress fleet status` from the control namespace with these credential options; the
+/// error's text (it must fail).
+fn status_refused(lab: &Lab, creds: &[&str]) -> String {
+    let fleet = lab.fleet().unwrap();
+    let urls = fleet.urls.join(",");
+    let mut args = vec!["fleet", "status", "--etcd", &urls];
+    args.extend_from_slice(creds);
+    lab.run(&fleet.ns, common::EGRESS, &args)
+        .unwrap_err()
+        .to_string()
+}
+
+fn text_b() -> String {
+    toml::to_string(&config_b()).unwrap()
+}
+
+#[test]
+fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
+    let mut lab = fleet_lab(&SERVERS);
+    let first = published_revision(&lab);
+    converge(&lab, first);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    common::check_curl(&lab, "sin-a-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+
+    // A port-range move published back and forth under the operations load: every agent
+    // converges each time, new connections follow, no transfer breaks.
+    let transfers = load(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut took = Vec::new();
+    for i in 0..6 {
+        let (text, want) = if i % 2 == 0 {
+            (text_b(), FRA_A_2_IN_B)
+        } else {
+            (DEFAULT_CONFIG.to_string(), VIA_FRA_A_1)
+        };
+        let rev = lab.publish(&text).expect("publish");
+        took.push(converge(&lab, rev));
+        common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), want);
+    }
+    for t in transfers {
+        t.finish();
+    }
+    eprintln!("convergence (5 agents, polled every 50 ms): {took:?}");
+
+    // An invalid config is refused before anything is written (exit 2, validate's words).
+    let bad = DEFAULT_CONFIG.replace("ports = \"1024-32767\"", "ports = \"1024-99999\"");
+    assert_ne!(bad, DEFAULT_CONFIG);
+    let file = lab.work_path("bad.toml");
+    std::fs::write(&file, &bad).unwrap();
+    let before = published_revision(&lab);
+    let err = lab
+        .fleet_cmd(
+            pki::PUBLISHER_USER,
+            &["publish", "--config", file.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exit status: 2")
+            && err.contains("99999")
+            && err.contains("nothing published"),
+        "{err}"
+    );
+    assert_eq!(published_revision(&lab), before, "nothing written");
+
+    // Garbage written straight into the topology key by another client: every agent rejects
+    // it once, keeps its plan, and says so in its status.
+    let marks: Vec<usize> = SERVERS
+        .iter()
+        .map(|s| lab.log_len(&format!("agent-{s}")))
+        .collect();
+    let out = lab
+        .etcdctl(
+            Some(pki::PUBLISHER_USER),
+            &["put", "/egress/v1/topology/config", "servers = [ not toml"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (s, from) in SERVERS.iter().zip(marks) {
+        let line = lab
+            .wait_for_log(
+                &format!("agent-{s}"),
+                from,
+                &["rejected"],
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        assert!(
+            line.contains("stays in force") && line.contains("servers"),
+            "{s}: {line}"
+        );
+    }
+    let v = status(&lab);
+    assert_eq!(v["agree"], false, "{v:#}");
+    for row in v["servers"].as_array().unwrap() {
+        assert!(row["note"].as_str().unwrap().contains("rejected"), "{row}");
+    }
+    assert_eq!(
+        metric(&lab, "fra-a-1", "egress_rejected_revisions_total"),
+        1.0
+    );
+    // The last good plan (the default) still holds.
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    for s in SERVERS {
+        let log = std::fs::read_to_string(lab.log_path(&format!("agent-{s}"))).unwrap();
+        assert_eq!(
+            log.matches("rejected").count(),
+            1,
+            "{s}: logged once\n{log}"
+        );
+    }
+    // A good publish after it: converges, the rejection clears.
+    let rev = lab.publish(&text_b()).unwrap();
+    converge(&lab, rev);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
+
+    // Two operators: the one who read an older revision loses, and is told.
+    let file = lab.work_path("race.toml");
+    std::fs::write(&file, DEFAULT_CONFIG).unwrap();
+    let stale = (rev - 1).to_string();
+    let err = lab
+        .fleet_cmd(
+            pki::PUBLISHER_USER,
+            &[
+                "publish",
+                "--config",
+                file.to_str().unwrap(),
+                "--expect-revision",
+                &stale,
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("someone else published"), "{err}");
+    assert_eq!(published_revision(&lab), rev);
+
+    // A wrong prefix: outside what the identity's role covers, and it says so.
+    let err = lab
+        .fleet_cmd(pki::READER_USER, &["show", "--prefix", "/nothing/"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("permission denied by etcd on key /nothing/topology/config")
+            && err.contains("a wrong --prefix?"),
+        "{err}"
+    );
+    // Root may read anywhere: there, nothing is published, and it says so.
+    let err = lab
+        .fleet_cmd(pki::ROOT_USER, &["show", "--prefix", "/nothing/"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nothing is published under /nothing/"),
+        "{err}"
+    );
+
+    // An endpoint that refuses, and one that does not answer: an error naming it, in bounded
+    // time.
+    let reader = lab.fleet().unwrap().args(pki::READER_USER);
+    for url in ["https://10.61.0.1:2999", "https://10.61.0.99:2379"] {
+        let t = Instant::now();
+        let err = lab
+            .run(
+                &lab.fleet().unwrap().ns,
+                common::EGRESS,
+                &["fleet", "status", "--etcd", url, &reader[2], &reader[3]],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("etcd at {url} unreachable")), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{url}: {:?}",
+            t.elapsed()
+        );
+    }
+
+    // An agent whose server the topology does not have waits with nothing attached, and
+    // `fleet status` does not count it as part of the fleet. (With fra-a-1's identity it may
+    // not write a status key for another server either: etcd refuses, naming the key.)
+    let ns = lab.server_ns("fra-a-1");
+    let fleet_args = lab.fleet().unwrap().args(&pki::agent_user("fra-a-1"));
+    let mut args: Vec<&str> = vec![
+        "agent",
+        "--no-dataplane",
+        "--no-metrics",
+        "--server",
+        "nosuch",
+    ];
+    args.extend(fleet_args.iter().map(String::as_str));
+    lab.spawn("agent-nosuch", &ns, common::EGRESS, &args)
+        .unwrap();
+    lab.wait_for_log(
+        "agent-nosuch",
+        0,
+        &["server \"nosuch\" is not in it"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    lab.wait_for_log(
+        "agent-nosuch",
+        0,
+        &["permission denied by etcd on key /egress/v1/status/nosuch"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    lab.stop("agent-nosuch").unwrap();
+}
+
+#[test]
+fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
+    let mut lab = fleet_lab(&["fra-a-1", "fra-a-2"]);
+    let fleet = lab.fleet().unwrap().clone();
+    let rev = published_revision(&lab);
+    let t = Instant::now();
+    while status(&lab)["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["alive"] == true && r["applied_revision"] == rev)
+        .count()
+        < 2
+    {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // One member down: nothing changes; publishing and converging still work.
+    lab.stop_member(0).unwrap();
+    let rev = lab.publish(&text_b()).unwrap();
+    let applied = |lab: &Lab, server: &str| metric(lab, server, "egress_applied_revision") as i64;
+    let t = Instant::now();
+    while applied(&lab, "fra-a-1") != rev || applied(&lab, "fra-a-2") != rev {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "converged with a member down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
+
+    // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
+    let mark = lab.log_len("agent-fra-a-2");
+    lab.stop_member(1).unwrap();
+    lab.stop_member(2).unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-2",
+        mark,
+        &["etcd connection lost"],
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    assert_eq!(metric(&lab, "fra-a-2", "egress_etcd_connected"), 0.0);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(metric(&lab, "fra-a-2", "egress_plan_stale_seconds") >= 1.0);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
+    let err = lab
+        .fleet_cmd(pki::READER_USER, &["status"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unreachable"), "{err}");
+
+    // An agent restarted while etcd is down: no plan to apply, so it attaches nothing and
+    // writes nothing; what its predecessor left pinned keeps translating (fail closed).
+    lab.kill_agent("fra-a-1").unwrap();
+    let ns = lab.server_ns("fra-a-1");
+    let pin = lab.pin_dir("fra-a-1");
+    let mut args: Vec<String> = vec!["agent".into(), "--server".into(), "fra-a-1".into()];
+    args.extend(fleet.args(&pki::agent_user("fra-a-1")));
+    args.extend(["--pin-dir".into(), pin.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn("agent-fra-a-1", &ns, common::EGRESS, &args)
+        .unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        0,
+        &["no plan yet, nothing attached"],
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
+
+    // The cluster back: the waiting agent starts, the running one reconnects; both catch up.
+    let mark = lab.log_len("agent-fra-a-2");
+    for i in 0..3 {
+        lab.start_member(&fleet, i).unwrap();
+    }
+    for i in 0..3 {
+        lab.wait_member(i).unwrap();
+    }
+    lab.wait_for_log("agent-fra-a-1", 0, &["ready"], Duration::from_secs(20))
+        .unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-2",
+        mark,
+        &["etcd reachable again"],
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let rev = lab.publish(DEFAULT_CONFIG).unwrap();
+    let t = Instant::now();
+    while applied(&lab, "fra-a-1") != rev || applied(&lab, "fra-a-2") != rev {
+        assert!(t.elapsed() < Duration::from_secs(10), "caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&lab, "fra-a-2", "egress_etcd_connected"), 1.0);
+    assert_eq!(metric(&lab, "fra-a-2", "egress_plan_stale_seconds"), 0.0);
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+}
+
+#[test]
+fn only_the_publisher_publishes_and_each_agent_writes_only_its_own_status() {
+    let mut lab = fleet_lab(&["fra-a-1", "fra-a-2"]);
+    let fleet = lab.fleet().unwrap().clone();
+    let rev = published_revision(&lab);
+    let file = lab.work_path("b.toml");
+    std::fs::write(&file, text_b()).unwrap();
+    let publish_as =
+        |lab: &Lab, who: &str| lab.fleet_cmd(who, &["publish", "--config", file.to_str().unwrap()]);
+
+    // An agent's or the reader's certificate cannot publish: denied, naming the key.
+    for who in [pki::agent_user("fra-a-1"), pki::READER_USER.to_string()] {
+        let err = publish_as(&lab, &who).unwrap_err().to_string();
+        assert!(
+            err.contains("permission denied by etcd on key /egress/v1/topology/config"),
+            "{who}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(published_revision(&lab), rev, "topology unchanged");
+
+    // An agent cannot write another server's status, nor the reader anything.
+    for (who, key) in [
+        (pki::agent_user("fra-a-1"), "/egress/v1/status/fra-a-2"),
+        (pki::READER_USER.to_string(), "/egress/v1/status/fra-a-1"),
+        (pki::READER_USER.to_string(), "/egress/v1/topology/config"),
+    ] {
+        let out = lab.etcdctl(Some(&who), &["put", key, "{}"]).unwrap();
+        assert!(!out.status.success(), "{who} wrote {key}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+            "{who} {key}: {out:?}"
+        );
+    }
+    // The reader's view works.
+    assert_eq!(status(&lab)["servers"].as_array().unwrap().len(), 5);
+
+    // No certificate, or one of another CA: etcd refuses at the handshake (curl stands for
+    // any client that does not check its own credentials first).
+    let ca = fleet.ca_dir.join("ca.crt");
+    let other = lab.work_path("other-ca");
+    let other_ca = pki::ca(&other, false).unwrap();
+    other_ca
+        .issue_into(&other.join("reader"), pki::READER_USER, 0, 30)
+        .unwrap();
+    let url = format!("{}/version", fleet.urls[0]);
+    let ca_arg = format!("--cacert={}", ca.display());
+    let cert_arg = format!("--cert={}", other.join("reader/client.crt").display());
+    let key_arg = format!("--key={}", other.join("reader/client.key").display());
+    for (what, args) in [
+        (
+            "no certificate",
+            vec!["-sS", "--max-time", "5", &ca_arg, &url],
+        ),
+        (
+            "another CA's certificate",
+            vec!["-sS", "--max-time", "5", &ca_arg, &cert_arg, &key_arg, &url],
+        ),
+    ] {
+        let err = lab.run(&fleet.ns, "curl", &args);
+        assert!(err.is_err(), "{what}: etcd answered {err:?}");
+    }
+    // egress itself names the file before connecting.
+    let other_cert = other.join("reader/client.crt");
+    let other_key = other.join("reader/client.key");
+    let err = status_refused(
+        &lab,
+        &[
+            "--etcd-ca",
+            ca.to_str().unwrap(),
+            "--etcd-cert",
+            other_cert.to_str().unwrap(),
+            "--etcd-key",
+            other_key.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("is not signed by the CA in"), "{err}");
+
+    // An expired certificate: a clear message naming it.
+    let ours = pki::ca(&fleet.ca_dir, false).unwrap();
+    let expired = lab.work_path("expired");
+    ours.issue_into(&expired, pki::READER_USER, -30, 1).unwrap();
+    let err = status_refused(&lab, &["--etcd-tls", expired.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "etcd client certificate {}/client.crt expired at",
+            expired.display()
+        )),
+        "{err}"
+    );
+    // A missing file, named.
+    let err = status_refused(&lab, &["--etcd-tls", "/nonexistent"]);
+    assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+
+    // Certificate rotation: reissue fra-a-1's certificate and restart its agent under a
+    // running transfer; nothing breaks, and the new certificate is the one in use.
+    let before = std::fs::read(
+        pki::identity_dir(&fleet.ca_dir, &pki::agent_user("fra-a-1")).join("client.crt"),
+    )
+    .unwrap();
+    let transfer = common::Transfer::start(&lab, "fra-a-1", lab::ORIGIN_V4, 64 << 20, "8M", 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = lab
+        .run(
+            &fleet.ns,
+            common::EGRESS,
+            &[
+                "fleet",
+                "init",
+                "--etcd",
+                &fleet.urls.join(","),
+                "--ca-dir",
+                fleet.ca_dir.to_str().unwrap(),
+                "--servers",
+                lab.config_path().to_str().unwrap(),
+                "--reissue",
+                &pki::agent_user("fra-a-1"),
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("created egress-agent-fra-a-1"), "{out}");
+    let after = std::fs::read(
+        pki::identity_dir(&fleet.ca_dir, &pki::agent_user("fra-a-1")).join("client.crt"),
+    )
+    .unwrap();
+    assert_ne!(before, after);
+    lab.stop("agent-fra-a-1").unwrap();
+    lab.start_fleet_agent("fra-a-1", &[]).unwrap();
+    let rev = lab.publish(&text_b()).unwrap();
+    let t = Instant::now();
+    while metric(&lab, "fra-a-1", "egress_applied_revision") as i64 != rev {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    transfer.finish();
+}
