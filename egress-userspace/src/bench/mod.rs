@@ -4,6 +4,7 @@
 //! scale. Writes `report.json`, `report.md` and `ratios.png`.
 
 pub mod e2e;
+pub mod fleet;
 pub mod flood;
 pub mod perpacket;
 pub mod report;
@@ -45,6 +46,7 @@ pub struct Report {
     pub per_packet: Vec<perpacket::PathCost>,
     pub end_to_end: Vec<e2e::Row>,
     pub flood: flood::Flood,
+    pub fleet: fleet::Fleet,
     pub scale: scale::Scale,
     pub targets: Vec<Target>,
 }
@@ -107,6 +109,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     } else {
         flood::measure(&opts.egress_bin, 3, 3)?
     };
+    eprintln!("[bench] fleet convergence through etcd");
+    let fleet = if opts.quick {
+        fleet::measure(&opts.egress_bin, 10, 2)?
+    } else {
+        fleet::measure(&opts.egress_bin, 200, 10)?
+    };
     let mut r = Report {
         date: today(),
         machine: machine(),
@@ -114,6 +122,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         per_packet,
         end_to_end,
         flood,
+        fleet,
         scale,
         targets: vec![],
     };

@@ -67,6 +67,19 @@ pub fn targets(r: &Report) -> Vec<Target> {
             met: h.ratio <= 1.5,
         });
     }
+    let f = &r.fleet.tls;
+    t.push(Target {
+        name: format!("fleet convergence, {} agents, TLS: p50", f.agents),
+        goal: "< 300 ms".into(),
+        measured: format!("{:.0} ms", f.p50_ms),
+        met: f.p50_ms < 300.0,
+    });
+    t.push(Target {
+        name: format!("fleet convergence, {} agents, TLS: max", f.agents),
+        goal: "< 1 s".into(),
+        measured: format!("{:.0} ms", f.max_ms),
+        met: f.max_ms < 1000.0,
+    });
     let pl = &r.scale.planner;
     let total = pl.validate_ms + pl.plan_ms + pl.map_contents_ms;
     t.push(Target {
@@ -101,6 +114,7 @@ pub fn markdown(r: &Report) -> String {
     s.push_str(&end_to_end_table(r));
     s.push_str(&per_packet_table(r));
     s.push_str(&super::flood::markdown(&r.flood));
+    s.push_str(&super::fleet::markdown(&r.fleet));
     let (pl, px, fl) = (&r.scale.planner, &r.scale.prefixes, &r.scale.flows);
     let _ = writeln!(s, "## Scale\n");
     let _ = writeln!(
@@ -240,6 +254,7 @@ pub fn performance_section(r: &Report) -> String {
     s.push_str(&end_to_end_table(r).replacen("## ", "#### ", 1));
     s.push_str(&per_packet_table(r).replacen("## ", "#### ", 1));
     s.push_str(&super::flood::markdown(&r.flood).replacen("## ", "#### ", 1));
+    s.push_str(&super::fleet::markdown(&r.fleet).replacen("## ", "#### ", 1));
     let missed: Vec<&Target> = r.targets.iter().filter(|t| !t.met).collect();
     let _ = writeln!(
         s,

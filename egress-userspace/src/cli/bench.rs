@@ -11,9 +11,18 @@ pub struct Args {
     /// Where report.json, report.md, performance.md and ratios.png go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Only the fleet convergence section, printed (no report written): for working on it.
+    #[arg(long, hide = true)]
+    fleet_only: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.fleet_only {
+        let (sims, rounds) = if args.quick { (10, 2) } else { (200, 10) };
+        let f = crate::bench::fleet::measure(&std::env::current_exe()?, sims, rounds)?;
+        println!("{}", crate::bench::fleet::markdown(&f));
+        return Ok(ExitCode::SUCCESS);
+    }
     crate::bench::run(&crate::bench::Options {
         quick: args.quick,
         out_dir: args.out,

@@ -125,12 +125,17 @@ async fn session(
                 if resp.canceled() {
                     bail!("etcd cancelled the watch: {}", resp.cancel_reason());
                 }
-                if !resp.events().is_empty() {
-                    // Both keys, from one revision (an event carries one key at a time).
-                    let (published, _) = read_published(&mut client, ep).await?;
-                    if events.send(published.map_or(Event::Nothing, Event::Published)).is_err() {
-                        return Ok(());
+                let event = match from_events(ep, resp.events()) {
+                    Seen::Nothing => None,
+                    Seen::Event(e) => Some(e),
+                    // Only one of the two keys: read both, from one revision.
+                    Seen::Partial => {
+                        let (published, _) = read_published(&mut client, ep).await?;
+                        Some(published.map_or(Event::Nothing, Event::Published))
                     }
+                };
+                if let Some(e) = event && events.send(e).is_err() {
+                    return Ok(());
                 }
             }
             changed = status.changed() => {
@@ -143,5 +148,53 @@ async fn session(
                 put(&mut client, current).await?;
             }
         }
+    }
+}
+
+/// What one watch response says.
+enum Seen {
+    /// No change of the published keys.
+    Nothing,
+    /// A whole publication (both keys in one transaction), or the config deleted.
+    Event(Event),
+    /// One key alone changed (written by something else than `fleet publish`).
+    Partial,
+}
+
+/// A publish writes both keys in one transaction: its watch response carries both, and the
+/// agent needs no read of its own (a thousand agents re-reading would double etcd's work).
+fn from_events(ep: &Endpoint, events: &[etcd_client::Event]) -> Seen {
+    let (config, meta) = (ep.keys.config(), ep.keys.meta());
+    let mut text = None;
+    let mut meta_value = None;
+    let mut deleted = false;
+    for e in events {
+        let Some(kv) = e.kv() else { continue };
+        let key = kv.key_str().unwrap_or_default();
+        let put = e.event_type() == etcd_client::EventType::Put;
+        if key == config {
+            if put {
+                text = Some((
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ));
+            } else {
+                deleted = true;
+            }
+        } else if key == meta && put {
+            meta_value = Some((kv.value().to_vec(), kv.mod_revision()));
+        }
+    }
+    match (text, meta_value) {
+        (Some((text, revision)), Some((m, meta_revision))) if meta_revision == revision => {
+            Seen::Event(Event::Published(Published {
+                text,
+                meta: serde_json::from_slice(&m).ok(),
+                revision,
+            }))
+        }
+        (None, None) if deleted => Seen::Event(Event::Nothing),
+        (None, None) => Seen::Nothing,
+        _ => Seen::Partial,
     }
 }

@@ -30,6 +30,8 @@ pub struct FleetLab {
     pub ca_dir: PathBuf,
     pub urls: Vec<String>,
     pub prefix: String,
+    /// The topology whose servers get identities (`fleet init --servers`).
+    pub servers_file: PathBuf,
 }
 
 impl FleetLab {
@@ -54,6 +56,17 @@ impl Lab {
     /// Starts the control network and its etcd cluster (TLS, client certificates and roles
     /// unless `tls` is false), and plugs every server into it.
     pub fn start_fleet(&mut self, tls: bool) -> anyhow::Result<FleetLab> {
+        let servers = self.config_path();
+        self.start_fleet_with(tls, servers)
+    }
+
+    /// [`Lab::start_fleet`] with identities for the servers of another topology (one with
+    /// more servers than the lab has namespaces: `--no-dataplane` agents).
+    pub fn start_fleet_with(
+        &mut self,
+        tls: bool,
+        servers_file: PathBuf,
+    ) -> anyhow::Result<FleetLab> {
         let installed = std::process::Command::new("etcd")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -92,6 +105,7 @@ impl Lab {
             ca_dir: self.work_dir.join("fleet-ca"),
             urls,
             prefix: crate::fleet::DEFAULT_PREFIX.to_string(),
+            servers_file,
         };
         if tls {
             self.fleet_init(&fleet, true)?;
@@ -124,7 +138,7 @@ impl Lab {
             "--ca-dir".into(),
             fleet.ca_dir.display().to_string(),
             "--servers".into(),
-            self.config_path().display().to_string(),
+            fleet.servers_file.display().to_string(),
         ];
         if certs_only {
             args.push("--certs-only".into());

@@ -631,6 +631,14 @@ impl Lab {
     }
 
     /// Pids of the processes the lab started and still owns.
+    /// The pid of a process the lab started.
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.label == label)
+            .map(|p| p.child.id())
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.child.id()).collect()
     }
