@@ -11,16 +11,22 @@ pub struct ActionKey {
     pub pool: u32,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// Plan generation ([`crate::generation`]).
+    pub gen_: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ActionKey>() == 8);
 
 impl ActionKey {
     pub const fn new(pool: u32, family: u8) -> Self {
+        Self::in_gen(pool, family, 0)
+    }
+    pub const fn in_gen(pool: u32, family: u8, generation: u8) -> Self {
         Self {
             pool,
             family,
-            _pad: [0; 3],
+            gen_: generation,
+            _pad: [0; 2],
         }
     }
 }

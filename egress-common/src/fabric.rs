@@ -52,7 +52,29 @@ pub struct Local {
 }
 const _: () = assert!(core::mem::size_of::<Local>() == 16);
 
-/// Value of `PEERS` (key: a peer's fabric address, network order).
+/// Key of `PEERS` (a peer's fabric address) and `OWNERS` (a pool IPv4 address), in a plan
+/// generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    /// Network order.
+    pub addr: [u8; 4],
+    pub gen_: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 8);
+
+impl AddrKey {
+    pub const fn new(addr: [u8; 4], generation: u8) -> Self {
+        Self {
+            addr,
+            gen_: generation,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `PEERS` (key: [`AddrKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
@@ -76,7 +98,7 @@ const _: () = assert!(core::mem::size_of::<OwnerRange>() == 8);
 /// Most shares one pool address may be split into (validated).
 pub const MAX_SHARES_PER_ADDRESS: usize = 16;
 
-/// Value of `OWNERS` (key: a pool IPv4 address, network order).
+/// Value of `OWNERS` (key: [`AddrKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owners {
@@ -103,5 +125,6 @@ mod pod {
     // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).
     unsafe impl aya::Pod for super::Local {}
     unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Owners {}
 }

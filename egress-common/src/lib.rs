@@ -8,6 +8,18 @@ pub mod action;
 pub mod fabric;
 pub mod flow;
 pub mod policy;
+
+/// Plan generations: every key of the plan maps (`POLICY_V4`, `POLICY_V6`, `PEER_POLICY`,
+/// `ACTIONS`, `PEERS`, `OWNERS`) carries a generation, 0 or 1, and `GENERATION[0]` says which
+/// one is in force. The agent writes a new plan into the other generation, switches with that
+/// one update, then removes the old one: a program reads the generation once and sees one
+/// whole plan, never a mix. Each plan map therefore holds up to two plans at once.
+pub mod generation {
+    /// The generation after `g`.
+    pub const fn next(g: u8) -> u8 {
+        (g & 1) ^ 1
+    }
+}
 pub mod stats;
 
 /// Names of the pinned maps. The agent pins each one at `<pin dir>/<name>`; bpftool shows them
@@ -29,9 +41,11 @@ pub mod map_names {
     pub const FRAGS: &str = "FRAGS";
     /// Connections translated here per peer (the peer budget), recounted by the agent.
     pub const PEER_LOAD: &str = "PEER_LOAD";
+    /// The plan generation in force (one entry; see [`crate::generation`]).
+    pub const GENERATION: &str = "GENERATION";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         STATS,
         POLICY_V4,
         POLICY_V6,
@@ -44,6 +58,7 @@ pub mod map_names {
         JUMP,
         FRAGS,
         PEER_LOAD,
+        GENERATION,
     ];
 }
 

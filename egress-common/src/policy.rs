@@ -1,46 +1,50 @@
 //! Policy tries: `(mark, destination prefix)` → pool. One LPM trie per family.
 //!
-//! The trie key is the mark (matched in full: 32 bits) followed by the address, so the prefix
-//! length stored in the trie is `32 + prefix length`. A packet whose mark has no entry falls
-//! back to mark 0.
+//! The trie key is the plan generation and the mark (each matched in full: 32 bits) followed by
+//! the address, so the prefix length stored in the trie is `64 + prefix length`. A packet whose
+//! mark has no entry falls back to mark 0.
 
 /// Key data of `POLICY_V4` (the LPM trie adds the prefix length in front).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKeyV4 {
+    /// Plan generation ([`crate::generation`]), big-endian.
+    pub gen_be: u32,
     /// Tenant id from SO_MARK, big-endian so the trie matches it byte by byte.
     pub mark_be: u32,
     /// Destination address, network order.
     pub addr: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<PolicyKeyV4>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyKeyV4>() == 12);
 
 /// Key data of `POLICY_V6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKeyV6 {
+    pub gen_be: u32,
     pub mark_be: u32,
     pub addr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<PolicyKeyV6>() == 20);
+const _: () = assert!(core::mem::size_of::<PolicyKeyV6>() == 24);
 
 /// Key data of `PEER_POLICY`: which destinations a pool's policies cover, whatever their mark.
 /// A peer's forwarded packet (GRE key = pool) is translated only towards these.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerPolicyKey {
+    pub gen_be: u32,
     /// Pool id, big-endian so the trie matches it byte by byte.
     pub pool_be: u32,
     /// Destination address, network order.
     pub addr: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<PeerPolicyKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PeerPolicyKey>() == 12);
 
-/// Bits of the pool id in front of the address in a `PEER_POLICY` key.
-pub const POOL_BITS: u32 = 32;
+/// Bits in front of the address in a `PEER_POLICY` key: generation and pool id.
+pub const POOL_BITS: u32 = 64;
 
-/// Bits of the mark in front of the address in a trie key.
-pub const MARK_BITS: u32 = 32;
+/// Bits in front of the address in a policy trie key: generation and mark.
+pub const MARK_BITS: u32 = 64;
 
 /// Value of both policy tries.
 #[repr(C)]

@@ -5,17 +5,17 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use egress_common::fabric::{
-    Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEERS_CAPACITY, Peer,
+    AddrKey, Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEERS_CAPACITY, Peer,
 };
 
 #[btf_map]
 static LOCAL: Array<Local, 1> = Array::new();
 #[btf_map]
-static PEERS: HashMap<[u8; 4], Peer, { PEERS_CAPACITY as usize }> = HashMap::new();
+static PEERS: HashMap<AddrKey, Peer, { PEERS_CAPACITY as usize }> = HashMap::new();
 #[btf_map]
 // Not preallocated: sized for a large fleet's pool addresses, it costs only what the plan holds.
 static OWNERS: HashMap<
-    [u8; 4],
+    AddrKey,
     Owners,
     { OWNERS_CAPACITY as usize },
     { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
@@ -29,31 +29,31 @@ pub fn local() -> Option<&'static Local> {
 
 /// Whether GRE from `addr` is accepted.
 #[inline(always)]
-pub fn is_peer(addr: &[u8; 4]) -> bool {
+pub fn is_peer(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { PEERS.get(addr) }.is_some()
+    unsafe { PEERS.get(&AddrKey::new(*addr, g)) }.is_some()
 }
 
 /// Whether pool address `addr` is split between several servers (its replies may arrive at
 /// another server and be soft-unicast here in a tunnel).
 #[inline(always)]
-pub fn is_shared(addr: &[u8; 4]) -> bool {
+pub fn is_shared(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { OWNERS.get(addr) }.is_some_and(|o| o.count > 1)
+    unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }.is_some_and(|o| o.count > 1)
 }
 
 /// Whether `addr` is a pool IPv4 address (one with shares in the plan).
 #[inline(always)]
-pub fn is_pool_address(addr: &[u8; 4]) -> bool {
+pub fn is_pool_address(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { OWNERS.get(addr) }.is_some()
+    unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }.is_some()
 }
 
 /// The pool and the owner's fabric address for `port` (host order) of pool address `addr`.
 #[inline(always)]
-pub fn owner_of(addr: &[u8; 4], port: u16) -> Option<(u32, [u8; 4])> {
+pub fn owner_of(addr: &[u8; 4], port: u16, g: u8) -> Option<(u32, [u8; 4])> {
     // SAFETY: read-only use of the value within this run.
-    let owners = unsafe { OWNERS.get(addr) }?;
+    let owners = unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }?;
     let mut i = 0;
     while i < MAX_SHARES_PER_ADDRESS {
         if i as u32 >= owners.count {

@@ -188,7 +188,7 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
             flow::retire(&key, &before);
         }
     }
-    if policy::pool_for(ip, mark(ctx)).is_none() {
+    if policy::pool_for(ip, mark(ctx), policy::generation()).is_none() {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     }
     // A peer's connection translated here and sent out by the ingress program: its source is
@@ -211,12 +211,14 @@ pub fn tc_new_out(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn new_out(ctx: &TcContext) -> Step<Verdict> {
     let ip = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::EgressMalformed))?;
-    let Some(pool) = policy::pool_for(&ip, mark(ctx)) else {
+    // One plan generation for every lookup of this decision.
+    let g = policy::generation();
+    let Some(pool) = policy::pool_for(&ip, mark(ctx), g) else {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     };
     // Only now is an unparsable transport header a reason to drop: it cannot be translated.
     let ports = ports(ctx, &ip, Dir::Egress)?;
-    let verdict = new_connection(ctx, &ip, &ports, pool);
+    let verdict = new_connection(ctx, &ip, &ports, pool, g);
     if ip.frag == parse::FRAG_FIRST && !dropped(&verdict) {
         remember_first_out(&ip, &ports);
     }
@@ -226,13 +228,13 @@ fn new_out(ctx: &TcContext) -> Step<Verdict> {
 /// A new local connection to a destination of `pool`: translated here or forwarded, as the
 /// plan says.
 #[inline(always)]
-fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32) -> Step<Verdict> {
+fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32, g: u8) -> Step<Verdict> {
     let key = flow::key(ip, ports);
-    let action = policy::action_for(pool, ip.family).ok_or(Verdict::Drop(Stat::NoAction))?;
+    let action = policy::action_for(pool, ip.family, g).ok_or(Verdict::Drop(Stat::NoAction))?;
     match ActionKind::from_u8(action.kind) {
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
-            clamp_if_shared(ctx, ip, ports, &bound);
+            clamp_if_shared(ctx, ip, ports, &bound, g);
             if let Err(v) = translate_src(ctx, ip, ports, &bound) {
                 // A dropped packet holds no state.
                 flow::release(&key, &bound);
@@ -270,7 +272,7 @@ fn is_own_tunnel(ip: &Ip) -> bool {
     ip.family == FAMILY_V4
         && ip.proto == IPPROTO_GRE
         && fabric::local().is_some_and(|l| l.fabric == v4(&ip.src))
-        && fabric::is_peer(&v4(&ip.dst))
+        && fabric::is_peer(&v4(&ip.dst), policy::generation())
 }
 
 /// A packet of a connection with an entry: translated with its binding, or forwarded to its peer.
@@ -278,7 +280,7 @@ fn is_own_tunnel(ip: &Ip) -> bool {
 fn established(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<Verdict> {
     match v.kind {
         FLOW_OUTBOUND => {
-            clamp_if_shared(ctx, ip, ports, v);
+            clamp_if_shared(ctx, ip, ports, v, policy::generation());
             translate_src(ctx, ip, ports, v)?;
             Ok(Verdict::Pass(Stat::SnatEstablished))
         }
@@ -329,11 +331,11 @@ fn forward(
 /// tunnel (soft-unicast from the server the address is routed to): its SYN's MSS must leave
 /// room for the encapsulation too.
 #[inline(always)]
-fn clamp_if_shared(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue) {
+fn clamp_if_shared(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue, g: u8) {
     if ip.family == FAMILY_V4
         && ip.proto == parse::IPPROTO_TCP
         && ports.syn()
-        && fabric::is_shared(&v4(&bound.addr))
+        && fabric::is_shared(&v4(&bound.addr), g)
         && let Some(local) = fabric::local()
     {
         clamp(ctx, ip, ports, local);
@@ -461,7 +463,7 @@ fn deliver(
 fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
     let (Some(local), Some((pool, owner))) = (
         fabric::local(),
-        fabric::owner_of(addr, u16::from_be(port_be)),
+        fabric::owner_of(addr, u16::from_be(port_be), policy::generation()),
     ) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
@@ -568,7 +570,9 @@ fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
     if outer.l3_off != parse::ETH_LEN || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Err(Verdict::Drop(Stat::VlanTunnel));
     }
-    if !fabric::is_peer(&peer) {
+    // One plan generation for every lookup about this packet (the peer, then its policy).
+    let g = policy::generation();
+    if !fabric::is_peer(&peer, g) {
         return Err(Verdict::Drop(Stat::GreUnknownPeer));
     }
     if v4(&outer.dst) != local()?.fabric {
@@ -579,6 +583,7 @@ fn tunnel_source(ctx: &TcContext, outer: &Ip) -> Step<Gre> {
         peer,
         pool: tunnel::pool(key),
         kind: tunnel::kind(key),
+        g,
     })
 }
 
@@ -641,6 +646,8 @@ struct Gre {
     pool: u32,
     /// A `tunnel::*` kind.
     kind: u32,
+    /// For a received tunnel packet: the plan generation its lookups use (read once).
+    g: u8,
 }
 
 impl Gre {
@@ -649,6 +656,7 @@ impl Gre {
         peer: [0; 4],
         pool: 0,
         kind: 0,
+        g: 0,
     };
 
     /// Where a reply of the connection with entry `v` goes on to.
@@ -658,6 +666,7 @@ impl Gre {
             peer: v.tunnel,
             pool: v.pool,
             kind: tunnel::REPLY,
+            g: 0,
         }
     }
 }
@@ -685,11 +694,13 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
             // Never towards a pool address: that is a reply or soft-unicast packet nothing here
             // explains (a policy may well cover pool addresses, e.g. 0.0.0.0/0), and translating
             // it would send it back to the announcer, to be soft-unicast here again.
-            if fabric::is_pool_address(&v4(&ip.dst)) || !policy::peer_allowed(pool, &ip.dst) {
+            if fabric::is_pool_address(&v4(&ip.dst), from.g)
+                || !policy::peer_allowed(pool, &ip.dst, from.g)
+            {
                 return Ok(Verdict::Drop(Stat::PeerPolicy));
             }
-            let action =
-                policy::action_for(pool, FAMILY_V4).ok_or(Verdict::Drop(Stat::PeerNotHeld))?;
+            let action = policy::action_for(pool, FAMILY_V4, from.g)
+                .ok_or(Verdict::Drop(Stat::PeerNotHeld))?;
             if ActionKind::from_u8(action.kind) != Some(ActionKind::Snat) {
                 return Ok(Verdict::Drop(Stat::PeerNotHeld));
             }
@@ -729,7 +740,7 @@ fn peer_send(
     ifindex: u32,
 ) -> Step<Verdict> {
     nat::hop(ctx, ip).map_err(drop_with)?;
-    clamp_if_shared(ctx, ip, ports, bound);
+    clamp_if_shared(ctx, ip, ports, bound, policy::generation());
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;
@@ -772,10 +783,12 @@ fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
     let ip = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::EgressMalformed))?;
     let Some(f) = frag::lookup(&ip) else {
         // Never let a fragment to a policy destination leave untranslated.
-        return Ok(match policy::pool_for(&ip, mark(ctx)) {
-            Some(_) => Verdict::Drop(Stat::Fragment),
-            None => Verdict::Pass(Stat::EgressNoPolicy),
-        });
+        return Ok(
+            match policy::pool_for(&ip, mark(ctx), policy::generation()) {
+                Some(_) => Verdict::Drop(Stat::Fragment),
+                None => Verdict::Pass(Stat::EgressNoPolicy),
+            },
+        );
     };
     match f.kind {
         // Only a local datagram's entry (a peer's has its tunnel set).
@@ -840,6 +853,7 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
                 peer: f.tunnel,
                 pool: f.pool,
                 kind: tunnel::REPLY,
+                g: 0,
             };
             deliver(
                 ctx,

@@ -1,7 +1,7 @@
 //! Policy lookup: `(mark, destination)` → pool, then `(pool, family)` → planned action.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
 use egress_common::{
@@ -29,20 +29,31 @@ static ACTIONS: HashMap<
     { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+#[btf_map]
+static GENERATION: Array<u32, 1> = Array::new();
+
+/// The plan generation in force. A program reads it once and passes it to every plan lookup
+/// it makes, so that one decision never mixes two plans (see `egress_common::generation`).
+#[inline(always)]
+pub fn generation() -> u8 {
+    GENERATION.get(0).map_or(0, |g| (*g & 1) as u8)
+}
+
 /// The pool whose policy covers the packet's destination: the packet's mark first, then mark 0.
 #[inline(always)]
-pub fn pool_for(ip: &Ip, mark: u32) -> Option<u32> {
-    lookup(ip, mark).or_else(|| if mark != 0 { lookup(ip, 0) } else { None })
+pub fn pool_for(ip: &Ip, mark: u32, g: u8) -> Option<u32> {
+    lookup(ip, mark, g).or_else(|| if mark != 0 { lookup(ip, 0, g) } else { None })
 }
 
 #[inline(always)]
-fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
+fn lookup(ip: &Ip, mark: u32, g: u8) -> Option<u32> {
     let hit = if ip.family == FAMILY_V4 {
         let mut addr = [0u8; 4];
         addr.copy_from_slice(&ip.dst[..4]);
         let key = Key::new(
             MARK_BITS + 32,
             PolicyKeyV4 {
+                gen_be: u32::from(g).to_be(),
                 mark_be: mark.to_be(),
                 addr,
             },
@@ -52,6 +63,7 @@ fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
         let key = Key::new(
             MARK_BITS + 128,
             PolicyKeyV6 {
+                gen_be: u32::from(g).to_be(),
                 mark_be: mark.to_be(),
                 addr: ip.dst,
             },
@@ -63,18 +75,19 @@ fn lookup(ip: &Ip, mark: u32) -> Option<u32> {
 
 /// The planned action for new connections of `pool` in `family`.
 #[inline(always)]
-pub fn action_for(pool: u32, family: u8) -> Option<&'static Action> {
+pub fn action_for(pool: u32, family: u8, g: u8) -> Option<&'static Action> {
     // SAFETY: the value lives in the map for the program's run; we only read it.
-    unsafe { ACTIONS.get(ActionKey::new(pool, family)) }
+    unsafe { ACTIONS.get(ActionKey::in_gen(pool, family, g)) }
 }
 
 /// Whether some policy of `pool`, with any mark, covers IPv4 destination `dst`: a peer may only
 /// have its connections translated here towards those.
 #[inline(always)]
-pub fn peer_allowed(pool: u32, dst: &[u8; 16]) -> bool {
+pub fn peer_allowed(pool: u32, dst: &[u8; 16], g: u8) -> bool {
     let key = Key::new(
         POOL_BITS + 32,
         PeerPolicyKey {
+            gen_be: u32::from(g).to_be(),
             pool_be: pool.to_be(),
             addr: [dst[0], dst[1], dst[2], dst[3]],
         },

@@ -1,7 +1,9 @@
-//! Writing map contents as a difference against what the maps hold: add what is missing, update
-//! what changed, remove what is gone. Never a flush, so established flows and unchanged entries
-//! are not disturbed. The order (new actions before the policies that use them; policies removed
-//! before their actions) means the datapath never sees a policy without its action.
+//! Writing a plan to the maps as one switch: the new plan goes into the generation not in force
+//! (as a difference against what that generation holds, normally nothing), then one update of
+//! `GENERATION` puts it in force, then the old generation is removed. A program reads the
+//! generation once per decision, so no packet ever sees a mix of two plans; flows are never
+//! touched. (Within a generation, the order still puts actions in before the policies that use
+//! them, for a generation a crashed agent left half-written.)
 
 use std::collections::BTreeMap;
 
@@ -115,47 +117,249 @@ pub fn prune<K: Ord, V>(
     Ok(d)
 }
 
+/// A plan map key that carries a generation (see `egress_common::generation`).
+pub trait Generational: Clone {
+    fn generation(&self) -> u8;
+    fn in_generation(self, g: u8) -> Self;
+}
+
+impl Generational for egress_common::action::ActionKey {
+    fn generation(&self) -> u8 {
+        self.gen_
+    }
+    fn in_generation(mut self, g: u8) -> Self {
+        self.gen_ = g;
+        self
+    }
+}
+
+impl Generational for egress_common::fabric::AddrKey {
+    fn generation(&self) -> u8 {
+        self.gen_
+    }
+    fn in_generation(mut self, g: u8) -> Self {
+        self.gen_ = g;
+        self
+    }
+}
+
+macro_rules! generational_lpm {
+    ($t:ty) => {
+        impl Generational for (u32, $t) {
+            fn generation(&self) -> u8 {
+                u32::from_be(self.1.gen_be) as u8
+            }
+            fn in_generation(mut self, g: u8) -> Self {
+                self.1.gen_be = u32::from(g).to_be();
+                self
+            }
+        }
+    };
+}
+generational_lpm!(egress_common::policy::PolicyKeyV4);
+generational_lpm!(egress_common::policy::PolicyKeyV6);
+generational_lpm!(egress_common::policy::PeerPolicyKey);
+
+/// One generation of a plan table, seen with generation-0 keys (as plans are computed).
+pub struct InGeneration<'a, T> {
+    pub table: &'a mut T,
+    pub generation: u8,
+}
+
+impl<K: Generational + Ord, V, T: Table<K, V>> Table<K, V> for InGeneration<'_, T> {
+    fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
+        Ok(self
+            .table
+            .entries()?
+            .into_iter()
+            .filter(|(k, _)| k.generation() == self.generation)
+            .map(|(k, v)| (k.in_generation(0), v))
+            .collect())
+    }
+    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
+        self.table.put(&k.clone().in_generation(self.generation), v)
+    }
+    fn delete(&mut self, k: &K) -> Result<(), MapError> {
+        self.table.delete(&k.clone().in_generation(self.generation))
+    }
+}
+
+/// The one-entry `GENERATION` map: which generation is in force.
+pub trait GenerationCell {
+    fn get(&self) -> Result<u8, MapError>;
+    fn set(&mut self, g: u8) -> Result<(), MapError>;
+}
+
+impl GenerationCell for u8 {
+    fn get(&self) -> Result<u8, MapError> {
+        Ok(*self)
+    }
+    fn set(&mut self, g: u8) -> Result<(), MapError> {
+        *self = g;
+        Ok(())
+    }
+}
+
+impl GenerationCell for aya::maps::Array<MapData, u32> {
+    fn get(&self) -> Result<u8, MapError> {
+        Ok((aya::maps::Array::get(self, &0, 0)? & 1) as u8)
+    }
+    fn set(&mut self, g: u8) -> Result<(), MapError> {
+        aya::maps::Array::set(self, 0, u32::from(g), 0)
+    }
+}
+
 /// The agent's plan tables.
-pub struct PlanTables<A, P4, P6, PE, OW, PP> {
+pub struct PlanTables<A, P4, P6, PE, OW, PP, G> {
     pub actions: A,
     pub policies_v4: P4,
     pub policies_v6: P6,
     pub peers: PE,
     pub owners: OW,
     pub peer_policies: PP,
+    pub generation: G,
 }
 
-impl<A, P4, P6, PE, OW, PP> PlanTables<A, P4, P6, PE, OW, PP>
+/// Runs `body` for every plan table seen in generation `g`, with `w` the same table of
+/// `want`, in the order peers, owners, what peers may use, actions, policies; sums the diffs.
+macro_rules! each_in {
+    ($self:ident, $g:expr, $want:expr, |$t:ident, $w:ident| $body:expr) => {{
+        let mut d = Diff::default();
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.peers,
+                generation: $g,
+            };
+            let $w = &($want).peers;
+            d += $body;
+        }
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.owners,
+                generation: $g,
+            };
+            let $w = &($want).owners;
+            d += $body;
+        }
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.peer_policies,
+                generation: $g,
+            };
+            let $w = &($want).peer_policies;
+            d += $body;
+        }
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.actions,
+                generation: $g,
+            };
+            let $w = &($want).actions;
+            d += $body;
+        }
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.policies_v4,
+                generation: $g,
+            };
+            let $w = &($want).policies_v4;
+            d += $body;
+        }
+        {
+            let $t = &mut InGeneration {
+                table: &mut $self.policies_v6,
+                generation: $g,
+            };
+            let $w = &($want).policies_v6;
+            d += $body;
+        }
+        d
+    }};
+}
+
+impl<A, P4, P6, PE, OW, PP, G> PlanTables<A, P4, P6, PE, OW, PP, G>
 where
     A: Table<egress_common::action::ActionKey, egress_common::action::Action>,
     P4: Table<crate::plan::LpmKeyV4, egress_common::policy::PolicyValue>,
     P6: Table<crate::plan::LpmKeyV6, egress_common::policy::PolicyValue>,
-    PE: Table<[u8; 4], egress_common::fabric::Peer>,
-    OW: Table<[u8; 4], egress_common::fabric::Owners>,
+    PE: Table<egress_common::fabric::AddrKey, egress_common::fabric::Peer>,
+    OW: Table<egress_common::fabric::AddrKey, egress_common::fabric::Owners>,
     PP: Table<crate::plan::LpmKeyPeer, egress_common::policy::PolicyValue>,
+    G: GenerationCell,
 {
-    /// Makes the tables hold exactly `want`. Peers, owners and what peers may use go in first
-    /// and out last, actions before the policies that use them and out after them.
+    /// Puts `want` in force in one switch: written into the generation not in force, switched
+    /// to with one update, the old generation then removed. Returns the difference between the
+    /// old plan and the new (what a packet sees change), not the writes made.
     pub fn apply(&mut self, want: &MapContents) -> Result<Diff, MapError> {
-        let mut d = upsert(&mut self.peers, &want.peers)?;
-        d += upsert(&mut self.owners, &want.owners)?;
-        d += upsert(&mut self.peer_policies, &want.peer_policies)?;
-        d += upsert(&mut self.actions, &want.actions)?;
-        d += upsert(&mut self.policies_v4, &want.policies_v4)?;
-        d += upsert(&mut self.policies_v6, &want.policies_v6)?;
-        d += prune(&mut self.policies_v4, &want.policies_v4)?;
-        d += prune(&mut self.policies_v6, &want.policies_v6)?;
-        d += prune(&mut self.actions, &want.actions)?;
-        d += prune(&mut self.peer_policies, &want.peer_policies)?;
-        d += prune(&mut self.owners, &want.owners)?;
-        d += prune(&mut self.peers, &want.peers)?;
-        Ok(d)
+        let current = self.generation.get()?;
+        let next = egress_common::generation::next(current);
+        // What changes for a packet: the new plan against the one in force.
+        let change = each_in!(self, current, want, |t, w| diff_of(&t.entries()?, w));
+        // The next generation holds exactly `want` (a crashed agent may have left entries).
+        each_in!(self, next, want, |t, w| upsert(t, w)?);
+        each_in!(self, next, want, |t, w| prune(t, w)?);
+        self.generation.set(next)?;
+        let empty = MapContents::default();
+        each_in!(self, current, empty, |t, w| prune(t, w)?);
+        Ok(change)
     }
+
+    /// The plan in force, read back (generation-0 keys): what `apply` last put in force.
+    pub fn in_force(&mut self) -> Result<MapContents, MapError> {
+        let g = self.generation.get()?;
+        Ok(MapContents {
+            peers: InGeneration {
+                table: &mut self.peers,
+                generation: g,
+            }
+            .entries()?,
+            owners: InGeneration {
+                table: &mut self.owners,
+                generation: g,
+            }
+            .entries()?,
+            peer_policies: InGeneration {
+                table: &mut self.peer_policies,
+                generation: g,
+            }
+            .entries()?,
+            actions: InGeneration {
+                table: &mut self.actions,
+                generation: g,
+            }
+            .entries()?,
+            policies_v4: InGeneration {
+                table: &mut self.policies_v4,
+                generation: g,
+            }
+            .entries()?,
+            policies_v6: InGeneration {
+                table: &mut self.policies_v6,
+                generation: g,
+            }
+            .entries()?,
+        })
+    }
+}
+
+/// What `want` adds, updates and removes against `have`.
+fn diff_of<K: Ord, V: PartialEq>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Diff {
+    let mut d = Diff::default();
+    for (k, v) in want {
+        match have.get(k) {
+            Some(h) if h == v => {}
+            Some(_) => d.updated += 1,
+            None => d.added += 1,
+        }
+    }
+    d.removed = have.keys().filter(|k| !want.contains_key(k)).count();
+    d
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_common::generation;
 
     #[test]
     fn diff_adds_updates_removes_and_leaves_the_rest() {
@@ -251,5 +455,127 @@ mod tests {
                 "del action 1"
             ]
         );
+    }
+
+    /// A plan table (any key type) logging each write's generation, with the generation in
+    /// force at that moment, into a shared log.
+    struct Spy<'a, K, V> {
+        inner: BTreeMap<K, V>,
+        log: &'a std::cell::RefCell<Vec<(u8, u8)>>,
+        cell: &'a std::cell::Cell<u8>,
+    }
+
+    impl<K: Generational + Ord, V: Clone> Table<K, V> for Spy<'_, K, V> {
+        fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
+            Ok(self
+                .inner
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+        fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
+            self.log
+                .borrow_mut()
+                .push((k.generation(), self.cell.get()));
+            self.inner.insert(k.clone(), v.clone());
+            Ok(())
+        }
+        fn delete(&mut self, k: &K) -> Result<(), MapError> {
+            self.log
+                .borrow_mut()
+                .push((k.generation(), self.cell.get()));
+            self.inner.remove(k);
+            Ok(())
+        }
+    }
+
+    struct SpyCell<'a>(&'a std::cell::Cell<u8>);
+    impl GenerationCell for SpyCell<'_> {
+        fn get(&self) -> Result<u8, MapError> {
+            Ok(self.0.get())
+        }
+        fn set(&mut self, g: u8) -> Result<(), MapError> {
+            self.0.set(g);
+            Ok(())
+        }
+    }
+
+    fn contents(config: &crate::config::Config, server: &str) -> MapContents {
+        let t = crate::validate::validate(config).unwrap();
+        crate::plan::map_contents(&t, &crate::plan::plan(&t, server))
+    }
+
+    #[test]
+    fn a_plan_switch_never_writes_the_generation_in_force_and_flips_once() {
+        // Plan A, then B (a port range moved, a server added), then A again, on every table.
+        let a = crate::config::Config::embedded();
+        let text = crate::config::DEFAULT_CONFIG.replace(
+            r#"{ server = "ams-a-1", ports = "32768-65535" },"#,
+            r#"{ server = "ams-a-1", ports = "32768-39999" },
+  { server = "fra-a-2", ports = "40000-49999" },
+  { server = "ams-a-1", ports = "50000-65535" },"#,
+        ) + "\n[[servers]]\nname = \"new-1\"\nid = 99\ndatacenter = \"fra-a\"\nfabric = \"10.50.0.99\"\nuplink = \"eth0\"\n";
+        let b = crate::config::Config::parse(&text, "b").unwrap();
+        let log = std::cell::RefCell::new(Vec::new());
+        let cell = std::cell::Cell::new(0u8);
+        macro_rules! spy {
+            () => {
+                Spy {
+                    inner: BTreeMap::new(),
+                    log: &log,
+                    cell: &cell,
+                }
+            };
+        }
+        let mut t = PlanTables {
+            actions: spy!(),
+            policies_v4: spy!(),
+            policies_v6: spy!(),
+            peers: spy!(),
+            owners: spy!(),
+            peer_policies: spy!(),
+            generation: SpyCell(&cell),
+        };
+        let mut in_force = MapContents::default();
+        for (i, want) in [
+            contents(&a, "fra-a-2"),
+            contents(&b, "fra-a-2"),
+            contents(&a, "fra-a-2"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            log.borrow_mut().clear();
+            let before = cell.get();
+            let d = t.apply(want).unwrap();
+            assert_eq!(cell.get(), generation::next(before), "switch {i}: one flip");
+            // Before the flip every write went to the other generation; after it, only the old
+            // one was emptied. The generation in force was never written.
+            for (written, in_force_then) in log.borrow().iter() {
+                assert_ne!(
+                    written, in_force_then,
+                    "switch {i}: wrote the generation in force"
+                );
+            }
+            assert_eq!(
+                t.in_force().unwrap(),
+                *want,
+                "switch {i}: the new plan, whole"
+            );
+            // Nothing left of the old generation.
+            assert_eq!(
+                t.actions.inner.keys().filter(|k| k.gen_ == before).count()
+                    + t.peers.inner.keys().filter(|k| k.gen_ == before).count()
+                    + t.owners.inner.keys().filter(|k| k.gen_ == before).count(),
+                0
+            );
+            let expect = super::diff_of(&in_force.actions, &want.actions);
+            if i > 0 {
+                assert!(d.added + d.updated + d.removed > 0, "switch {i}: {d:?}");
+                assert!(d.updated >= expect.updated);
+            }
+            in_force = want.clone();
+        }
+        assert_ne!(contents(&a, "fra-a-2"), contents(&b, "fra-a-2"));
     }
 }

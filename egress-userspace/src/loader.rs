@@ -17,7 +17,7 @@ use aya::{
 };
 use egress_common::{
     action::{Action, ActionKey},
-    fabric::{ENCAP_LEN, Local, Owners, Peer},
+    fabric::{AddrKey, ENCAP_LEN, Local, Owners, Peer},
     flow::{FlowKey, FlowValue},
     map_names,
     policy::{PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
@@ -487,9 +487,10 @@ pub type KernelPlanTables = PlanTables<
     HashMap<MapData, ActionKey, Action>,
     LpmTrie<MapData, PolicyKeyV4, PolicyValue>,
     LpmTrie<MapData, PolicyKeyV6, PolicyValue>,
-    HashMap<MapData, [u8; 4], Peer>,
-    HashMap<MapData, [u8; 4], Owners>,
+    HashMap<MapData, AddrKey, Peer>,
+    HashMap<MapData, AddrKey, Owners>,
     LpmTrie<MapData, PeerPolicyKey, PolicyValue>,
+    Array<MapData, u32>,
 >;
 
 /// The maps the agent writes and reads, taken out of the loaded object.
@@ -524,6 +525,7 @@ impl Maps {
             map_names::PEERS => self.plan.peers.map(),
             map_names::OWNERS => self.plan.owners.map(),
             map_names::PEER_POLICY => self.plan.peer_policies.map(),
+            map_names::GENERATION => self.plan.generation.map(),
             map_names::FLOWS => self.flows.map(),
             map_names::LOCAL => self.local.map(),
             map_names::PEER_LOAD => self.peer_load.map(),
@@ -564,6 +566,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
                 .map_err(bad(map_names::OWNERS))?,
             peer_policies: LpmTrie::try_from(take(ebpf, map_names::PEER_POLICY)?)
                 .map_err(bad(map_names::PEER_POLICY))?,
+            generation: Array::try_from(take(ebpf, map_names::GENERATION)?)
+                .map_err(bad(map_names::GENERATION))?,
         },
         flows: HashMap::try_from(flows).map_err(bad(map_names::FLOWS))?,
         flow_capacity,

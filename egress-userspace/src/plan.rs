@@ -14,7 +14,7 @@ use std::{
 
 use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, MAX_HOPS, MAX_SNAT, SnatTarget},
-    fabric::{OwnerRange, Owners, Peer},
+    fabric::{AddrKey, OwnerRange, Owners, Peer},
     policy::{MARK_BITS, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
 };
 use ipnet::IpNet;
@@ -269,9 +269,9 @@ pub struct MapContents {
     pub peer_policies: BTreeMap<LpmKeyPeer, PolicyValue>,
     pub actions: BTreeMap<ActionKey, Action>,
     /// Fabric address → peer: every other server (GRE is accepted from these only).
-    pub peers: BTreeMap<[u8; 4], Peer>,
+    pub peers: BTreeMap<AddrKey, Peer>,
     /// Pool IPv4 address → its shares' owners (soft-unicast).
-    pub owners: BTreeMap<[u8; 4], Owners>,
+    pub owners: BTreeMap<AddrKey, Owners>,
 }
 
 fn addr16(a: IpAddr) -> [u8; 16] {
@@ -324,7 +324,8 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
             .insert(ActionKey::new(e.pool_id, family), action_of(e));
     }
     for s in t.config.servers.iter().filter(|s| s.name != plan.server) {
-        m.peers.insert(s.fabric.octets(), Peer { id: s.id });
+        m.peers
+            .insert(AddrKey::new(s.fabric.octets(), 0), Peer { id: s.id });
     }
     let fabric_of: BTreeMap<&str, Ipv4Addr> = t
         .config
@@ -334,10 +335,13 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
         .collect();
     for pool in t.pools.values() {
         for share in &pool.shares {
-            let o = m.owners.entry(share.address.octets()).or_insert(Owners {
-                pool: pool.id,
-                ..Default::default()
-            });
+            let o = m
+                .owners
+                .entry(AddrKey::new(share.address.octets(), 0))
+                .or_insert(Owners {
+                    pool: pool.id,
+                    ..Default::default()
+                });
             // Validation bounds the shares per address; a longer list cannot reach here.
             if let Some(slot) = o.ranges.get_mut(o.count as usize) {
                 *slot = OwnerRange {
@@ -357,12 +361,14 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
         match r.destination {
             IpNet::V4(n) => {
                 let key = PolicyKeyV4 {
+                    gen_be: 0,
                     mark_be,
                     addr: n.network().octets(),
                 };
                 m.policies_v4
                     .insert((MARK_BITS + u32::from(n.prefix_len()), key), value);
                 let peer_key = PeerPolicyKey {
+                    gen_be: 0,
                     pool_be: value.pool.to_be(),
                     addr: n.network().octets(),
                 };
@@ -371,6 +377,7 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
             }
             IpNet::V6(n) => {
                 let key = PolicyKeyV6 {
+                    gen_be: 0,
                     mark_be,
                     addr: n.network().octets(),
                 };
@@ -723,10 +730,10 @@ shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports =
         );
         assert_eq!(m.peers.len(), 5, "every other server is a peer");
         assert!(
-            !m.peers.contains_key(&[10, 50, 0, 11]),
+            !m.peers.contains_key(&AddrKey::new([10, 50, 0, 11], 0)),
             "not this server itself"
         );
-        let o = m.owners[&[192, 0, 2, 11]];
+        let o = m.owners[&AddrKey::new([192, 0, 2, 11], 0)];
         assert_eq!((o.pool, o.count), (7, 2));
         let ams = o.ranges[..2]
             .iter()
@@ -736,6 +743,7 @@ shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports =
         let k = (
             MARK_BITS + 24,
             PolicyKeyV4 {
+                gen_be: 0,
                 mark_be: 5u32.to_be(),
                 addr: [203, 0, 113, 0],
             },

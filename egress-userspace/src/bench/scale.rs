@@ -326,6 +326,7 @@ fn prefixes(count: usize, runs: usize) -> anyhow::Result<Prefixes> {
             let key = (
                 MARK_BITS + 32,
                 PolicyKeyV4 {
+                    gen_be: 0,
                     mark_be: 0,
                     addr: (0x6440_0000 + i).to_be_bytes(),
                 },

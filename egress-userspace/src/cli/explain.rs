@@ -94,6 +94,10 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
     let config = args.config.load()?;
     let dir = super::pin_dir_of(&args.config, args.server.clone(), args.pin_dir.clone())?;
     let open = |name: &str| super::open_pinned(&dir, name);
+    // The plan generation in force: every key below is looked up in it, as the programs do.
+    let generation: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(Map::Array(open(map_names::GENERATION)?))?;
+    let g = generation.get(&0, 0)? & 1;
     let lookup = |mark: u32| -> anyhow::Result<Option<u32>> {
         Ok(match args.dst {
             IpAddr::V4(a) => {
@@ -102,6 +106,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
                 let k = Key::new(
                     MARK_BITS + 32,
                     PolicyKeyV4 {
+                        gen_be: g.to_be(),
                         mark_be: mark.to_be(),
                         addr: a.octets(),
                     },
@@ -114,6 +119,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
                 let k = Key::new(
                     MARK_BITS + 128,
                     PolicyKeyV6 {
+                        gen_be: g.to_be(),
                         mark_be: mark.to_be(),
                         addr: a.octets(),
                     },
@@ -137,7 +143,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
         Some(p) => {
             let m: HashMap<_, ActionKey, Action> =
                 HashMap::try_from(Map::HashMap(open(map_names::ACTIONS)?))?;
-            m.get(&ActionKey::new(p, family), 0).ok()
+            m.get(&ActionKey::in_gen(p, family, g as u8), 0).ok()
         }
         None => None,
     };

@@ -12,6 +12,7 @@ use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
     fabric::Owners,
     flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+    policy::MARK_BITS,
 };
 use ipnet::IpNet;
 
@@ -387,19 +388,19 @@ impl Topo {
         let contents = plan::map_contents(&topology, &p);
         let mut policies = Vec::new();
         for ((plen, k), v) in &contents.policies_v4 {
-            let net = IpNet::new(IpAddr::from(k.addr), (plen - 32) as u8).unwrap();
+            let net = IpNet::new(IpAddr::from(k.addr), (plen - MARK_BITS) as u8).unwrap();
             policies.push((u32::from_be(k.mark_be), net, v.pool));
         }
         for ((plen, k), v) in &contents.policies_v6 {
-            let net = IpNet::new(IpAddr::from(k.addr), (plen - 32) as u8).unwrap();
+            let net = IpNet::new(IpAddr::from(k.addr), (plen - MARK_BITS) as u8).unwrap();
             policies.push((u32::from_be(k.mark_be), net, v.pool));
         }
         Ok(Topo {
             name: name.to_string(),
             toml: toml.to_string(),
             actions: contents.actions.iter().map(|(k, v)| (*k, *v)).collect(),
-            owners: contents.owners.iter().map(|(k, v)| (*k, *v)).collect(),
-            peers: contents.peers.keys().copied().collect(),
+            owners: contents.owners.iter().map(|(k, v)| (k.addr, *v)).collect(),
+            peers: contents.peers.keys().map(|k| k.addr).collect(),
             policies,
             topology,
             contents,

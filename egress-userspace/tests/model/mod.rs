@@ -25,6 +25,11 @@ pub mod wire;
 use std::collections::{BTreeMap, HashMap};
 
 use egress::plan::MapContents;
+
+/// The key of an address in the plan's `PEERS`/`OWNERS` (a plan is computed in generation 0).
+fn gen0(addr: [u8; 4]) -> egress_common::fabric::AddrKey {
+    egress_common::fabric::AddrKey::new(addr, 0)
+}
 use egress_common::{
     action::{ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, SnatTarget},
     fabric::Local,
@@ -374,9 +379,11 @@ fn drop(counter: &'static str, rule: &'static str) -> R {
 impl Cx<'_> {
     // ---------------------------------------------------------------- map look-ups
 
-    /// POLICY_V4/V6 for exactly this mark: longest prefix over mark ‖ destination.
+    /// POLICY_V4/V6 for exactly this mark: longest prefix over generation ‖ mark ‖
+    /// destination (a computed plan is generation 0).
     fn lookup(&self, mark: u32, ip: &Ip) -> Option<u32> {
-        let mut want = mark.to_be_bytes().to_vec();
+        let mut want = 0u32.to_be_bytes().to_vec();
+        want.extend_from_slice(&mark.to_be_bytes());
         if ip.v6 {
             want.extend_from_slice(&ip.dst);
             self.w
@@ -384,7 +391,8 @@ impl Cx<'_> {
                 .policies_v6
                 .iter()
                 .filter(|((plen, k), _)| {
-                    let mut have = k.mark_be.to_ne_bytes().to_vec();
+                    let mut have = k.gen_be.to_ne_bytes().to_vec();
+                    have.extend_from_slice(&k.mark_be.to_ne_bytes());
                     have.extend_from_slice(&k.addr);
                     in_prefix(&want, &have, *plen)
                 })
@@ -397,7 +405,8 @@ impl Cx<'_> {
                 .policies_v4
                 .iter()
                 .filter(|((plen, k), _)| {
-                    let mut have = k.mark_be.to_ne_bytes().to_vec();
+                    let mut have = k.gen_be.to_ne_bytes().to_vec();
+                    have.extend_from_slice(&k.mark_be.to_ne_bytes());
                     have.extend_from_slice(&k.addr);
                     in_prefix(&want, &have, *plen)
                 })
@@ -415,21 +424,26 @@ impl Cx<'_> {
     /// PEER_POLICY: a policy of `pool` (any mark) covers the IPv4 destination.
     fn peer_policy(&self, pool: u32, dst: [u8; 4]) -> bool {
         self.w.maps.policies_v4.iter().any(|((plen, k), v)| {
-            v.pool == pool && *plen >= 32 && in_prefix(&dst, &k.addr, plen - 32)
+            let bits = egress_common::policy::MARK_BITS;
+            v.pool == pool && *plen >= bits && in_prefix(&dst, &k.addr, plen - bits)
         })
     }
 
     /// Whether an IPv4 pool address is *shared*: `OWNERS` splits it between more than one
     /// share.
     fn shared(&self, addr: [u8; 4]) -> bool {
-        self.w.maps.owners.get(&addr).is_some_and(|o| o.count > 1)
+        self.w
+            .maps
+            .owners
+            .get(&gen0(addr))
+            .is_some_and(|o| o.count > 1)
     }
 
     /// The owner of `port` of a shared IPv4 address when it is another server: (owner, pool).
     /// Here "shared" is the map paragraph's sense (`OWNERS` holds "shared IPv4 pool
     /// address[es]", one share or more), not the MSS paragraph's (more than one share).
     fn other_owner(&self, addr: [u8; 4], port: u16) -> Option<([u8; 4], u32)> {
-        let o = self.w.maps.owners.get(&addr)?;
+        let o = self.w.maps.owners.get(&gen0(addr))?;
         o.ranges[..(o.count as usize).min(o.ranges.len())]
             .iter()
             .find(|r| (r.port_min..=r.port_max).contains(&port))
@@ -438,7 +452,7 @@ impl Cx<'_> {
     }
 
     fn is_peer(&self, a: [u8; 4]) -> bool {
-        self.w.maps.peers.contains_key(&a)
+        self.w.maps.peers.contains_key(&gen0(a))
     }
 
     // ---------------------------------------------------------------- choices
@@ -1470,7 +1484,7 @@ impl Cx<'_> {
             };
         }
         // Without an outbound entry (a reverse or forwarded entry under the tuple is not one).
-        if self.w.maps.owners.contains_key(&ip.dst4()) {
+        if self.w.maps.owners.contains_key(&gen0(ip.dst4())) {
             return drop("drop_peer_policy", "tunnel 5: to a pool address");
         }
         if !self.peer_policy(pool, ip.dst4()) {
