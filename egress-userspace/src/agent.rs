@@ -240,6 +240,8 @@ pub struct FleetState {
     /// When the plan in force was last confirmed current (Unix seconds): applied, or found
     /// unchanged on reconnecting.
     pub updated_at: u64,
+    /// Why etcd refuses this agent's status key (logged once per reason).
+    pub status_refused: Option<String>,
 }
 
 impl Agent {
@@ -285,7 +287,7 @@ impl Agent {
             config_text,
             server: server.name.clone(),
             pin_dir: pin_dir.clone(),
-            plan_hash: plan::plan_hash(&plan),
+            plan_hash: plan::plan_hash(&topology, &server.name),
             plan,
             topology,
             generation: 0,
@@ -409,7 +411,7 @@ impl Agent {
                 egress_common::action::MAX_HOPS
             );
         }
-        self.plan_hash = plan::plan_hash(&self.plan);
+        self.plan_hash = plan::plan_hash(&self.topology, &self.server);
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
         };
@@ -554,11 +556,20 @@ impl Agent {
                 }
                 f.connected = false;
             }
+            Event::StatusRefused(why) => {
+                if f.status_refused.as_deref() != Some(why.as_str()) {
+                    error!(
+                        "etcd refuses this agent's status key ({why}): the topology is still read and applied, but fleet status will not see this server; check the identity (--etcd-tls) matches --server"
+                    );
+                    f.status_refused = Some(why);
+                }
+            }
             Event::Nothing => {
                 f.connected = true;
-                if f.stale_since.take().is_some() || f.seen_revision != 0 {
+                f.stale_since = None;
+                if f.seen_revision != 0 {
                     warn!(
-                        "etcd reachable again, but nothing is published under the prefix: plan at revision {} kept",
+                        "nothing is published under the prefix any more (the topology was deleted): plan at revision {} kept",
                         f.applied_revision
                     );
                 }
@@ -591,6 +602,11 @@ impl Agent {
             return;
         }
         f.seen_revision = p.revision;
+        // A newer revision supersedes one that failed to be written and waits for a retry:
+        // valid, it is applied now; invalid, the plan in force stays and nothing older comes
+        // back behind the operator's back.
+        self.pending = None;
+        self.retry = None;
         let why = format!("published revision {}", p.revision);
         let checked = Config::parse(&p.text, "the published topology")
             .map_err(anyhow::Error::from)

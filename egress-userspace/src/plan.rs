@@ -95,14 +95,20 @@ pub struct Plan {
     pub entries: Vec<Entry>,
 }
 
-/// Great-circle distance in km between two (latitude, longitude) points, haversine formula.
-/// A short hash of a server's plan (what fleet status compares): the first 16 hex digits of the
-/// sha256 of its JSON form. Equal plans, equal hashes, whichever agent computed them.
-pub fn plan_hash(p: &Plan) -> String {
-    let json = serde_json::to_vec(p).expect("a plan always serialises");
-    crate::fleet::sha256_hex(&json)[..16].to_string()
+/// A short hash of what a server's plan puts in its maps (what fleet status compares): the
+/// first 16 hex digits of the sha256 of its plan and map contents. Equal plans, equal hashes,
+/// whichever agent (of one version) computed them.
+pub fn plan_hash(t: &Topology, server: &str) -> String {
+    let p = plan(t, server);
+    let text = format!(
+        "{}\n{:?}",
+        serde_json::to_string(&p).expect("a plan always serialises"),
+        map_contents(t, &p)
+    );
+    crate::fleet::sha256_hex(text.as_bytes())[..16].to_string()
 }
 
+/// Great-circle distance in km between two (latitude, longitude) points, haversine formula.
 pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
     const R: f64 = 6371.0;
     let (la1, lo1, la2, lo2) = (

@@ -251,20 +251,22 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
     }
 
     // An agent whose server the topology does not have waits with nothing attached, and
-    // `fleet status` does not count it as part of the fleet. (With fra-a-1's identity it may
-    // not write a status key for another server either: etcd refuses, naming the key.)
+    // `fleet status` does not count it as part of the fleet (root's identity: no agent
+    // identity exists for a server `fleet init` never saw).
     let ns = lab.server_ns("fra-a-1");
-    let fleet_args = lab.fleet().unwrap().args(&pki::agent_user("fra-a-1"));
-    let mut args: Vec<&str> = vec![
-        "agent",
-        "--no-dataplane",
-        "--no-metrics",
-        "--server",
-        "nosuch",
-    ];
-    args.extend(fleet_args.iter().map(String::as_str));
-    lab.spawn("agent-nosuch", &ns, common::EGRESS, &args)
-        .unwrap();
+    let no_dataplane_agent = |lab: &mut Lab, label: &str, server: &str, identity: &str| {
+        let fleet_args = lab.fleet().unwrap().args(identity);
+        let mut args: Vec<&str> = vec![
+            "agent",
+            "--no-dataplane",
+            "--no-metrics",
+            "--server",
+            server,
+        ];
+        args.extend(fleet_args.iter().map(String::as_str));
+        lab.spawn(label, &ns, common::EGRESS, &args).unwrap();
+    };
+    no_dataplane_agent(&mut lab, "agent-nosuch", "nosuch", pki::ROOT_USER);
     lab.wait_for_log(
         "agent-nosuch",
         0,
@@ -272,14 +274,41 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
         Duration::from_secs(10),
     )
     .unwrap();
+    lab.stop("agent-nosuch").unwrap();
+
+    // Another server's agent identity: refused at start, naming both.
+    let fleet_args = lab.fleet().unwrap().args(&pki::agent_user("fra-a-1"));
+    let mut args: Vec<&str> = vec![
+        "agent",
+        "--no-dataplane",
+        "--no-metrics",
+        "--server",
+        "fra-a-2",
+    ];
+    args.extend(fleet_args.iter().map(String::as_str));
+    let err = lab.run(&ns, common::EGRESS, &args).unwrap_err().to_string();
+    assert!(
+        err.contains("the etcd identity is egress-agent-fra-a-1, not egress-agent-fra-a-2"),
+        "{err}"
+    );
+
+    // An identity that may read but not write the status key (the reader's): the topology is
+    // applied, the refusal said once, and no reconnect loop.
+    no_dataplane_agent(&mut lab, "agent-reader", "sin-a-1", pki::READER_USER);
+    lab.wait_for_log("agent-reader", 0, &["ready"], Duration::from_secs(10))
+        .unwrap();
     lab.wait_for_log(
-        "agent-nosuch",
+        "agent-reader",
         0,
-        &["permission denied by etcd on key /egress/v1/status/nosuch"],
+        &["etcd refuses this agent's status key"],
         Duration::from_secs(10),
     )
     .unwrap();
-    lab.stop("agent-nosuch").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(lab.log_path("agent-reader")).unwrap();
+    assert_eq!(log.matches("etcd refuses").count(), 1, "{log}");
+    assert!(!log.contains("connection lost"), "{log}");
+    lab.stop("agent-reader").unwrap();
 }
 
 #[test]
@@ -418,8 +447,13 @@ fn only_the_publisher_publishes_and_each_agent_writes_only_its_own_status() {
             "{who} {key}: {out:?}"
         );
     }
-    // The reader's view works.
+    // The reader's view works; with three of five servers without an agent, `--check` fails.
     assert_eq!(status(&lab)["servers"].as_array().unwrap().len(), 5);
+    let err = lab
+        .fleet_cmd(pki::READER_USER, &["status", "--check"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exit status: 3"), "{err}");
 
     // No certificate, or one of another CA: etcd refuses at the handshake (curl stands for
     // any client that does not check its own credentials first).

@@ -215,7 +215,12 @@ async fn wait_all(
         let statuses = fleet::read_statuses(&mut client, ep).await?;
         let done = statuses
             .iter()
-            .filter(|s| s.applied_revision >= revision && names.contains(&s.server))
+            .filter(|s| {
+                s.status
+                    .as_ref()
+                    .is_ok_and(|st| st.applied_revision >= revision)
+                    && names.contains(&s.server)
+            })
             .count();
         if done == names.len() {
             return Ok(());

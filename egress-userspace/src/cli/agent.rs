@@ -76,7 +76,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let Some(server) = args.server.clone() else {
             anyhow::bail!("--etcd: name this agent's server with --server NAME");
         };
-        Some((args.etcd.endpoint()?, server))
+        let ep = args.etcd.endpoint()?;
+        // An agent identity may write only its own server's status: another one is a mix-up.
+        if let Some(user) = ep.user()
+            && user.starts_with("egress-agent-")
+            && user != fleet::pki::agent_user(&server)
+        {
+            anyhow::bail!(
+                "the etcd identity is {user}, not {}: --etcd-tls names another server's credentials than --server {server}",
+                fleet::pki::agent_user(&server)
+            );
+        }
+        Some((ep, server))
     } else {
         None
     };
@@ -98,6 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     local.block_on(&rt, async move {
         let mut signals = Signals::new()?;
         let mut link = None;
+        let mut etcd_thread = None;
         let initial = match fleet {
             None => None,
             Some((ep, server)) => {
@@ -116,8 +128,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     ep.keys.prefix(),
                     ep.user().unwrap_or("(plain text, no identity)")
                 );
-                tokio::task::spawn_local(fleet::watch::run(ep, server.clone(), tx, status_rx));
+                // A thread and runtime of its own: loading programs, writing a large plan or a
+                // slow repair on the agent's loop must never delay the lease's keep-alives.
+                let name = server.clone();
+                etcd_thread = Some(std::thread::Builder::new().name("etcd".into()).spawn(
+                    move || {
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => rt.block_on(fleet::watch::run(ep, name, tx, status_rx)),
+                            Err(e) => log::error!("etcd thread: no runtime: {e}"),
+                        }
+                    },
+                )?);
                 let Some(initial) = first_topology(&mut events, &server, &mut signals).await else {
+                    drop((events, status_tx));
+                    join_etcd(etcd_thread);
                     return Ok(ExitCode::SUCCESS);
                 };
                 link = Some((events, status_tx));
@@ -154,9 +181,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .await
         .context("agent loop")?;
+        // The status sender went with the loop: the etcd thread revokes the lease (the status
+        // key goes at once, not after its TTL) and ends.
+        join_etcd(etcd_thread);
         agent.shutdown(args.detach_on_exit)?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Waits (a little) for the etcd thread to revoke its lease and end.
+fn join_etcd(thread: Option<std::thread::JoinHandle<()>>) {
+    let Some(t) = thread else { return };
+    let until = std::time::Instant::now() + fleet::REQUEST_TIMEOUT;
+    while !t.is_finished() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if t.is_finished() {
+        let _ = t.join();
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, registered once.
@@ -202,6 +244,9 @@ async fn first_topology(
         match event {
             Event::Lost(why) => say(format!(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
+            )),
+            Event::StatusRefused(why) => say(format!(
+                "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),
             Event::Nothing => say(
                 "nothing published under the prefix yet: no plan, nothing attached; waiting"

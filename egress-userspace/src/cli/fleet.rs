@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, ConfigError},
-    fleet::{self, EtcdArgs, Status, pki},
+    fleet::{self, EtcdArgs, pki},
     plan,
 };
 
@@ -159,7 +159,13 @@ pub struct StatusArgs {
     etcd: EtcdArgs,
     #[arg(long, value_enum, default_value = "table")]
     format: super::Format,
+    /// Exit 3 when the fleet does not agree (for scripts and alerts).
+    #[arg(long)]
+    check: bool,
 }
+
+/// `fleet status --check`'s exit code when the fleet does not agree.
+pub const EXIT_DISAGREE: u8 = 3;
 
 /// A server as `fleet status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -188,21 +194,27 @@ pub struct FleetView {
     pub agree: bool,
 }
 
-/// Builds the view from what is published and the status keys (pure: tested below).
-pub fn view(published: Option<&fleet::Published>, statuses: &[Status]) -> FleetView {
-    let (revision, serial) = published.map_or((0, 0), |p| {
-        (p.revision, p.meta.as_ref().map_or(0, |m| m.serial))
+/// Builds the view from what is published and the status keys (pure: tested below). A
+/// server is named by its status key (what etcd's roles let only that server's agent write),
+/// never by what the value says.
+pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry]) -> FleetView {
+    let (revision, serial) = published.map_or((0, None), |p| {
+        (p.revision, p.meta.as_ref().map(|m| m.serial))
     });
-    let topology = published
-        .and_then(|p| Config::parse(&p.text, "published").ok())
-        .and_then(|c| crate::validate::validate(&c).ok());
+    let parsed = published.map(|p| {
+        Config::parse(&p.text, "published")
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(crate::validate::validate(&c)?))
+    });
+    let topology = parsed.as_ref().and_then(|r| r.as_ref().ok());
+    let invalid = matches!(parsed, Some(Err(_)));
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(t) = &topology {
+    if let Some(t) = topology {
         for s in &t.config.servers {
-            expected.insert(s.name.clone(), plan::plan_hash(&plan::plan(t, &s.name)));
+            expected.insert(s.name.clone(), plan::plan_hash(t, &s.name));
         }
     }
-    let by_name: BTreeMap<&str, &Status> =
+    let by_name: BTreeMap<&str, &fleet::StatusEntry> =
         statuses.iter().map(|s| (s.server.as_str(), s)).collect();
     let mut names: Vec<String> = expected.keys().cloned().collect();
     names.extend(
@@ -214,16 +226,17 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[Status]) -> FleetV
     let servers: Vec<Row> = names
         .into_iter()
         .map(|name| {
-            let s = by_name.get(name.as_str());
+            let entry = by_name.get(name.as_str());
+            let s = entry.and_then(|e| e.status.as_ref().ok());
             let want = expected.get(&name);
-            let agrees = match (s, want) {
-                (Some(s), Some(w)) => s.applied_revision == revision && &s.plan_hash == w,
-                _ => false,
-            };
             let mut note = Vec::new();
-            match s {
+            match entry.map(|e| &e.status) {
                 None => note.push("no agent (lease gone)".to_string()),
-                Some(s) => {
+                Some(Err(e)) => note.push(format!("status unreadable: {e}")),
+                Some(Ok(s)) => {
+                    if s.server != name {
+                        note.push(format!("status claims server {:?}", s.server));
+                    }
                     if let Some(r) = &s.rejected {
                         note.push(format!("rejected: {r}"));
                     }
@@ -235,13 +248,21 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[Status]) -> FleetV
                     }
                 }
             }
-            if want.is_none() {
+            if invalid {
+                note.push("the published topology is invalid".into());
+            } else if want.is_none() {
                 note.push("not in the published topology".into());
             }
+            let agrees = match (s, want) {
+                (Some(s), Some(w)) => {
+                    s.server == name && s.applied_revision == revision && &s.plan_hash == w
+                }
+                _ => false,
+            };
             Row {
-                alive: s.is_some(),
+                alive: entry.is_some(),
                 applied_revision: s.map_or(0, |s| s.applied_revision),
-                lag: s.map(|s| serial.saturating_sub(s.applied_serial)),
+                lag: s.and_then(|s| Some(serial?.saturating_sub(s.applied_serial))),
                 plan_hash: s.map(|s| s.plan_hash.clone()),
                 agrees,
                 drops: s.map_or(0, |s| s.drops),
@@ -253,7 +274,7 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[Status]) -> FleetV
         .collect();
     FleetView {
         revision,
-        serial,
+        serial: serial.unwrap_or(0),
         agree: topology.is_some() && servers.iter().all(|r| r.agrees),
         servers,
     }
@@ -298,6 +319,9 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+    }
+    if a.check && !v.agree {
+        return Ok(ExitCode::from(EXIT_DISAGREE));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -363,6 +387,13 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             a.ca_dir.display()
         );
     }
+    let identities = pki::users(&servers);
+    if let Some(unknown) = a.reissue.iter().find(|u| !identities.contains(u)) {
+        bail!(
+            "--reissue {unknown}: no such identity (one of: {})",
+            identities.join(", ")
+        );
+    }
     let ca = pki::ca(&a.ca_dir, a.new_ca)?;
     let mut made = Vec::new();
     if ca.created {
@@ -380,12 +411,6 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             ca.issue_client(&a.ca_dir, &user, 0, a.days)?;
             made.push(format!("{user} in {}", dir.display()));
         }
-    }
-    if let Some(unknown) = a.reissue.iter().find(|u| !pki::users(&servers).contains(u)) {
-        bail!(
-            "--reissue {unknown}: no such identity (one of: {})",
-            pki::users(&servers).join(", ")
-        );
     }
     if !a.certs_only {
         let ep = EtcdArgs {
@@ -420,6 +445,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::Status;
 
     fn published(text: &str, revision: i64, serial: u64) -> fleet::Published {
         fleet::Published {
@@ -436,16 +462,23 @@ mod tests {
         }
     }
 
-    fn status_of(server: &str, text: &str, revision: i64, serial: u64) -> Status {
+    fn status_of(server: &str, text: &str, revision: i64, serial: u64) -> fleet::StatusEntry {
         let t = crate::validate::validate(&Config::parse(text, "t").unwrap()).unwrap();
-        Status {
+        fleet::StatusEntry {
             server: server.into(),
-            applied_revision: revision,
-            applied_serial: serial,
-            plan_hash: plan::plan_hash(&plan::plan(&t, server)),
-            dataplane: true,
-            ..Default::default()
+            status: Ok(Status {
+                server: server.into(),
+                applied_revision: revision,
+                applied_serial: serial,
+                plan_hash: plan::plan_hash(&t, server),
+                dataplane: true,
+                ..Default::default()
+            }),
         }
+    }
+
+    fn st(e: &mut fleet::StatusEntry) -> &mut Status {
+        e.status.as_mut().unwrap()
     }
 
     #[test]
@@ -454,18 +487,19 @@ mod tests {
         let c = Config::embedded();
         let names: Vec<String> = c.servers.iter().map(|s| s.name.clone()).collect();
         let p = published(text, 40, 3);
-        let all: Vec<Status> = names.iter().map(|n| status_of(n, text, 40, 3)).collect();
+        let all: Vec<fleet::StatusEntry> =
+            names.iter().map(|n| status_of(n, text, 40, 3)).collect();
         let v = view(Some(&p), &all);
         assert!(v.agree, "{v:?}");
         assert!(v.servers.iter().all(|r| r.lag == Some(0) && r.agrees));
 
         // One behind by a publish, one gone, one with another server's plan.
         let mut some = all.clone();
-        some[0].applied_revision = 30;
-        some[0].applied_serial = 2;
+        st(&mut some[0]).applied_revision = 30;
+        st(&mut some[0]).applied_serial = 2;
         some.remove(1);
-        let other = some[2].plan_hash.clone();
-        some[1].plan_hash = other;
+        let other = st(&mut some[2]).plan_hash.clone();
+        st(&mut some[1]).plan_hash = other;
         let v = view(Some(&p), &some);
         assert!(!v.agree);
         let row = |n: &str| v.servers.iter().find(|r| r.server == n).unwrap();
@@ -482,13 +516,53 @@ mod tests {
 
         // A status from a server the topology does not have.
         let mut extra = all.clone();
-        extra.push(Status {
+        extra.push(fleet::StatusEntry {
             server: "ghost".into(),
-            ..Default::default()
+            status: Ok(Status::default()),
         });
         let v = view(Some(&p), &extra);
         assert!(!v.agree);
         assert!(!v.servers.last().unwrap().in_topology);
+
+        // An agent writing, under its own key, a value that claims another server (a dead
+        // one, with the right revision and hash): the row is named by the key, and the dead
+        // server stays dead.
+        let mut liar = all.clone();
+        let dead = liar.remove(1);
+        let claimed = dead.status.clone().unwrap();
+        liar[0].status = Ok(claimed);
+        let v = view(Some(&p), &liar);
+        assert!(!v.agree);
+        let row = |n: &str| v.servers.iter().find(|r| r.server == n).unwrap().clone();
+        assert!(!row(&names[1]).alive, "{:?}", row(&names[1]));
+        assert!(!row(&names[0]).agrees);
+        assert!(
+            row(&names[0]).note.contains("status claims server"),
+            "{:?}",
+            row(&names[0])
+        );
+
+        // An unreadable status is shown, not dropped.
+        let mut garbled = all.clone();
+        garbled[2].status = Err("expected value at line 1 column 1".into());
+        let v = view(Some(&p), &garbled);
+        assert!(row_of(&v, &names[2]).alive);
+        assert!(row_of(&v, &names[2]).note.contains("status unreadable"));
+        assert!(!v.agree);
+
+        // An invalid published topology says so on every row.
+        let bad = published("servers = [", 41, 4);
+        let v = view(Some(&bad), &all);
+        assert!(!v.agree);
+        assert!(
+            v.servers
+                .iter()
+                .all(|r| r.note.contains("published topology is invalid"))
+        );
+    }
+
+    fn row_of(v: &FleetView, n: &str) -> Row {
+        v.servers.iter().find(|r| r.server == n).unwrap().clone()
     }
 
     #[test]

@@ -153,7 +153,10 @@ impl Endpoint {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            // A member cut off from the cluster's leader refuses at once instead of serving a
+            // watch that never fires.
+            .with_require_leader(true);
         let url = match &self.credentials {
             None => url.clone(),
             Some(c) => {
@@ -463,8 +466,16 @@ pub struct Status {
     pub rejected: Option<String>,
 }
 
+/// One status key: the server its key names, and its value (or why it could not be read).
+#[derive(Debug, Clone)]
+pub struct StatusEntry {
+    /// From the key (`status/<server>`): what etcd's permissions vouch for, not the value.
+    pub server: String,
+    pub status: Result<Status, String>,
+}
+
 /// Every status key (servers whose lease lapsed have none).
-pub async fn read_statuses(client: &mut Client, ep: &Endpoint) -> anyhow::Result<Vec<Status>> {
+pub async fn read_statuses(client: &mut Client, ep: &Endpoint) -> anyhow::Result<Vec<StatusEntry>> {
     let prefix = ep.keys.statuses();
     let resp = client
         .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -473,7 +484,15 @@ pub async fn read_statuses(client: &mut Client, ep: &Endpoint) -> anyhow::Result
     Ok(resp
         .kvs()
         .iter()
-        .filter_map(|kv| serde_json::from_slice::<Status>(kv.value()).ok())
+        .map(|kv| StatusEntry {
+            server: kv
+                .key_str()
+                .unwrap_or_default()
+                .strip_prefix(prefix.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            status: serde_json::from_slice::<Status>(kv.value()).map_err(|e| e.to_string()),
+        })
         .collect())
 }
 

@@ -76,6 +76,15 @@ fn valid_for(p: &mut CertificateParams, from_days: i64, days: u32) {
 }
 
 /// The CA of `dir`: read back, or made when absent (or `renew`).
+/// The CA directory holds every identity's key: only its owner may enter it. Ship each server
+/// only its own `agents/<server>/`.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))
+}
+
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
@@ -98,12 +107,12 @@ pub fn ca(dir: &Path, renew: bool) -> anyhow::Result<Ca> {
             created: false,
         });
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir(dir)?;
     let kp = KeyPair::generate()?;
     let params = ca_params(3650);
     let c = params.self_signed(&kp)?;
     write_private(&key, &kp.serialize_pem())?;
-    std::fs::write(&cert, c.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    write_public(&cert, &c.pem())?;
     Ok(Ca {
         issuer: Issuer::new(params, kp),
         ca_pem: c.pem(),
@@ -111,18 +120,30 @@ pub fn ca(dir: &Path, renew: bool) -> anyhow::Result<Ca> {
     })
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes a file whole: a temporary file beside it (created with `mode`), then renamed over it,
+/// so that a reader never sees half a certificate or key.
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let _ = std::fs::remove_file(path);
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(text.as_bytes())?;
-    Ok(())
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_file(path, text, 0o600)
+}
+
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_file(path, text, 0o644)
 }
 
 impl Ca {
@@ -156,9 +177,9 @@ impl Ca {
         let kp = KeyPair::generate()?;
         let c = p.signed_by(&kp, &self.issuer)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_public(&dir.join(CA_FILE), &self.ca_pem)?;
         write_private(&dir.join(KEY_FILE), &kp.serialize_pem())?;
-        std::fs::write(dir.join(CERT_FILE), c.pem())?;
-        std::fs::write(dir.join(CA_FILE), &self.ca_pem)?;
+        write_public(&dir.join(CERT_FILE), &c.pem())?;
         Ok(())
     }
 
@@ -183,9 +204,9 @@ impl Ca {
         let kp = KeyPair::generate()?;
         let c = p.signed_by(&kp, &self.issuer)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_public(&dir.join(CA_FILE), &self.ca_pem)?;
         write_private(&dir.join(MEMBER_KEY), &kp.serialize_pem())?;
-        std::fs::write(dir.join(MEMBER_CERT), c.pem())?;
-        std::fs::write(dir.join(CA_FILE), &self.ca_pem)?;
+        write_public(&dir.join(MEMBER_CERT), &c.pem())?;
         Ok(())
     }
 }

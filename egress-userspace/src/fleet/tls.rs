@@ -104,6 +104,20 @@ impl Credentials {
         };
         PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| content("key", key, format!("no PEM private key: {e}")))?;
+        // The key must be the certificate's (a rotation half-done leaves them apart).
+        if let Ok(pair) = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key_pem)) {
+            use rcgen::PublicKeyData as _;
+            let spki = x509_parser::parse_x509_certificate(leaf.as_ref())
+                .map(|(_, c)| c.tbs_certificate.subject_pki.raw.to_vec())
+                .unwrap_or_default();
+            if spki != pair.subject_public_key_info() {
+                return Err(content(
+                    "key",
+                    key,
+                    format!("is not the key of the certificate {}", cert.display()),
+                ));
+            }
+        }
         let anchors = cas
             .iter()
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))

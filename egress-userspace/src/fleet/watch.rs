@@ -24,7 +24,13 @@ pub enum Event {
     Nothing,
     /// The connection to etcd failed: why. The agent keeps its plan; the task reconnects.
     Lost(String),
+    /// etcd refuses this agent's status key (its identity may not write it): why. The topology
+    /// is still read and watched; no status is written in this session.
+    StatusRefused(String),
 }
+
+/// A session that lasted this long was healthy: the next failure starts the backoff over.
+const HEALTHY: Duration = Duration::from_secs(10);
 
 /// Runs until `events` is closed.
 pub async fn run(
@@ -35,10 +41,17 @@ pub async fn run(
 ) {
     let mut backoff = BACKOFF_FIRST;
     loop {
-        let why = match session(&ep, &server, &events, &mut status, &mut backoff).await {
+        let started = Instant::now();
+        let why = match session(&ep, &server, &events, &mut status).await {
             Ok(()) => return, // the agent is gone
             Err(e) => crate::cli::error_text(&e),
         };
+        // Only a session that ran well for a while resets the backoff: one that fails right
+        // after connecting (a refusal, a member that answers reads and nothing else) must not
+        // turn into a tight reconnect loop.
+        if started.elapsed() >= HEALTHY {
+            backoff = BACKOFF_FIRST;
+        }
         ep.rotate();
         if events.send(Event::Lost(why)).is_err() {
             return;
@@ -48,18 +61,21 @@ pub async fn run(
     }
 }
 
+fn denied(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+}
+
 /// One connection: read, then watch and keep the lease until something fails.
 async fn session(
     ep: &Endpoint,
     server: &str,
     events: &mpsc::UnboundedSender<Event>,
     status: &mut watch::Receiver<Status>,
-    backoff: &mut Duration,
 ) -> anyhow::Result<()> {
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
     let (published, at) = read_published(&mut client, ep).await?;
-    *backoff = BACKOFF_FIRST;
     let sent = events.send(published.map_or(Event::Nothing, Event::Published));
     if sent.is_err() {
         return Ok(());
@@ -85,20 +101,32 @@ async fn session(
         .await
         .map_err(|e| describe(e, &urls, None))?;
     let key = ep.keys.status(server);
-    let put = |client: &mut etcd_client::Client, s: Status| {
-        let key = key.clone();
-        let mut client = client.clone();
-        let urls = urls.clone();
-        async move {
-            client
-                .put(
-                    key.as_str(),
-                    serde_json::to_vec(&s)?,
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await
-                .map_err(|e| describe(e, &urls, Some(&key)))?;
-            anyhow::Ok(())
+    // Writes the status; a refusal is reported once and ends status writes for the session.
+    let mut refused = false;
+    let mut put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
+        if refused {
+            return Ok(());
+        }
+        let value = serde_json::to_vec(&s)?;
+        match client
+            .put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if denied(&e) => {
+                refused = true;
+                let _ = events.send(Event::StatusRefused(crate::cli::error_text(&describe(
+                    e,
+                    &urls,
+                    Some(&key),
+                ))));
+                Ok(())
+            }
+            Err(e) => Err(describe(e, &urls, Some(&key))),
         }
     };
     let current = status.borrow_and_update().clone();
