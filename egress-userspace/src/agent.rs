@@ -169,6 +169,23 @@ impl Housekeeper {
     }
 }
 
+impl Housekeeper {
+    /// A collector on the flow table a previous agent left pinned in `pin_dir` (None: none
+    /// there). While a fleet agent waits for its first topology, the programs left attached
+    /// keep translating; this keeps their flow table from filling with expired entries.
+    pub fn from_pins(pin_dir: &Path) -> Option<Housekeeper> {
+        use aya::maps::Map;
+        let open = |name: &str| MapData::from_pin(pin_dir.join(name)).ok();
+        let flows = open(map_names::FLOWS)?;
+        let capacity = flows.info().ok()?.max_entries();
+        Some(Housekeeper {
+            flows: HashMap::try_from(Map::HashMap(flows)).ok()?,
+            peer_load: HashMap::try_from(Map::HashMap(open(map_names::PEER_LOAD)?)).ok()?,
+            capacity,
+        })
+    }
+}
+
 /// First and longest wait before a plan that failed to be written is tried again.
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);

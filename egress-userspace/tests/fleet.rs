@@ -382,6 +382,13 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         Duration::from_secs(15),
     )
     .unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        0,
+        &["their flows collected meanwhile"],
+        Duration::from_secs(1),
+    )
+    .unwrap();
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
 

@@ -142,7 +142,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         }
                     },
                 )?);
-                let Some(initial) = first_topology(&mut events, &server, &mut signals).await else {
+                let pin_dir = crate::loader::pin_dir(opts.pin_dir.as_deref(), &server);
+                let every = Duration::from_secs(args.gc_interval.max(1));
+                let waiting = first_topology(&mut events, &server, &mut signals, &pin_dir, every);
+                let Some(initial) = waiting.await else {
                     drop((events, status_tx));
                     join_etcd(etcd_thread);
                     return Ok(ExitCode::SUCCESS);
@@ -226,8 +229,20 @@ async fn first_topology(
     events: &mut tokio::sync::mpsc::UnboundedReceiver<fleet::watch::Event>,
     server: &str,
     signals: &mut Signals,
+    pin_dir: &std::path::Path,
+    every: Duration,
 ) -> Option<Initial> {
     use fleet::watch::Event;
+    // Programs a previous agent left attached keep translating meanwhile: their flow table is
+    // collected as usual (on the collector's schedule), so it does not fill while we wait.
+    let mut keeper = crate::agent::Housekeeper::from_pins(pin_dir);
+    if keeper.is_some() {
+        warn!(
+            "waiting for the topology; the programs a previous agent left in {} keep running on their plan, their flows collected meanwhile",
+            pin_dir.display()
+        );
+    }
+    let mut collect = tokio::time::interval(every);
     // Each thing said once: a rejected revision, and the connection's state while it stays.
     let mut said = std::collections::BTreeSet::new();
     let mut say = |line: String| {
@@ -239,6 +254,12 @@ async fn first_topology(
         let event = tokio::select! {
             _ = signals.term.recv() => return None,
             _ = signals.int.recv() => return None,
+            _ = collect.tick(), if keeper.is_some() => {
+                if let Some(Err(e)) = keeper.as_mut().map(|k| k.run()) {
+                    warn!("collecting the pinned flow table: {e}");
+                }
+                continue;
+            }
             e = events.recv() => e?,
         };
         match event {
