@@ -31,7 +31,7 @@ pub fn local() -> Option<&'static Local> {
 #[inline(always)]
 pub fn is_peer(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { PEERS.get(&AddrKey::new(*addr, g)) }.is_some()
+    unsafe { PEERS.get(AddrKey::new(*addr, g)) }.is_some()
 }
 
 /// Whether pool address `addr` is split between several servers (its replies may arrive at
@@ -39,21 +39,21 @@ pub fn is_peer(addr: &[u8; 4], g: u8) -> bool {
 #[inline(always)]
 pub fn is_shared(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }.is_some_and(|o| o.count > 1)
+    unsafe { OWNERS.get(AddrKey::new(*addr, g)) }.is_some_and(|o| o.count > 1)
 }
 
 /// Whether `addr` is a pool IPv4 address (one with shares in the plan).
 #[inline(always)]
 pub fn is_pool_address(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
-    unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }.is_some()
+    unsafe { OWNERS.get(AddrKey::new(*addr, g)) }.is_some()
 }
 
 /// The pool and the owner's fabric address for `port` (host order) of pool address `addr`.
 #[inline(always)]
 pub fn owner_of(addr: &[u8; 4], port: u16, g: u8) -> Option<(u32, [u8; 4])> {
     // SAFETY: read-only use of the value within this run.
-    let owners = unsafe { OWNERS.get(&AddrKey::new(*addr, g)) }?;
+    let owners = unsafe { OWNERS.get(AddrKey::new(*addr, g)) }?;
     let mut i = 0;
     while i < MAX_SHARES_PER_ADDRESS {
         if i as u32 >= owners.count {
