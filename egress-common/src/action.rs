@@ -11,11 +11,13 @@ pub struct ActionKey {
     pub pool: u32,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    /// Plan generation ([`crate::generation`]).
-    pub gen_: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
+    /// Plan generation ([`crate::generation`]). A field of its own, not a byte of the old
+    /// padding: the key's size changes, so a map pinned by an earlier version is never adopted
+    /// as if it were this layout (its entries would read as generation 0).
+    pub gen_: u32,
 }
-const _: () = assert!(core::mem::size_of::<ActionKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ActionKey>() == 12);
 
 impl ActionKey {
     pub const fn new(pool: u32, family: u8) -> Self {
@@ -25,8 +27,8 @@ impl ActionKey {
         Self {
             pool,
             family,
-            gen_: generation,
-            _pad: [0; 2],
+            _pad: [0; 3],
+            gen_: generation as u32,
         }
     }
 }

@@ -714,7 +714,7 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
             }
         }
     };
-    let sent = peer_send(ctx, ip, ports, &bound, local.ifindex);
+    let sent = peer_send(ctx, ip, ports, &bound, local.ifindex, from.g);
     if dropped(&sent) {
         if fresh {
             // A dropped packet holds no state.
@@ -738,9 +738,10 @@ fn peer_send(
     ports: &Ports,
     bound: &FlowValue,
     ifindex: u32,
+    g: u8,
 ) -> Step<Verdict> {
     nat::hop(ctx, ip).map_err(drop_with)?;
-    clamp_if_shared(ctx, ip, ports, bound, policy::generation());
+    clamp_if_shared(ctx, ip, ports, bound, g);
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;

@@ -518,14 +518,12 @@ impl Agent {
                 self.retry = Some((std::time::Instant::now() + delay, delay));
                 self.config_text = text;
                 error!(
-                    "reload ({why}) failed while writing maps: {e:#}; restoring generation {}; trying again in {delay:?}",
+                    "reload ({why}) failed while writing maps: {e:#}; generation {} stays in force (the switch did not happen); trying again in {delay:?}",
                     self.generation
                 );
                 self.topology = previous;
                 self.plan = plan::plan(&self.topology, &self.server);
-                if let Err(e) = self.write_plan() {
-                    error!("restoring the previous plan failed too: {e:#}");
-                }
+                self.plan_hash = plan::plan_hash(&self.topology, &self.server);
                 Err(format!("{e:#}"))
             }
         }

@@ -125,10 +125,10 @@ pub trait Generational: Clone {
 
 impl Generational for egress_common::action::ActionKey {
     fn generation(&self) -> u8 {
-        self.gen_
+        self.gen_ as u8
     }
     fn in_generation(mut self, g: u8) -> Self {
-        self.gen_ = g;
+        self.gen_ = u32::from(g);
         self
     }
 }
@@ -188,6 +188,9 @@ impl<K: Generational + Ord, V, T: Table<K, V>> Table<K, V> for InGeneration<'_, 
 pub trait GenerationCell {
     fn get(&self) -> Result<u8, MapError>;
     fn set(&mut self, g: u8) -> Result<(), MapError>;
+    /// Returns once every program run that may have read the generation before the last
+    /// `set` has ended.
+    fn quiesce(&self) {}
 }
 
 impl GenerationCell for u8 {
@@ -206,6 +209,17 @@ impl GenerationCell for aya::maps::Array<MapData, u32> {
     }
     fn set(&mut self, g: u8) -> Result<(), MapError> {
         aya::maps::Array::set(self, 0, u32::from(g), 0)
+    }
+    fn quiesce(&self) {
+        // BPF programs run inside RCU read-side sections: membarrier(GLOBAL) returns after an
+        // RCU grace period (synchronize_rcu), i.e. after every run that began before it.
+        const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+        // SAFETY: a syscall with integer arguments only.
+        let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if rc != 0 {
+            // Refused (nohz_full kernels): a program run lasts microseconds; wait far longer.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -295,12 +309,31 @@ where
         let next = egress_common::generation::next(current);
         // What changes for a packet: the new plan against the one in force.
         let change = each_in!(self, current, want, |t, w| diff_of(&t.entries()?, w));
-        // The next generation holds exactly `want` (a crashed agent may have left entries).
-        each_in!(self, next, want, |t, w| upsert(t, w)?);
-        each_in!(self, next, want, |t, w| prune(t, w)?);
-        self.generation.set(next)?;
+        // The next generation is not read by any packet: first what a crashed agent may have
+        // left there goes (so the maps never hold more than the plan in force and `want`),
+        // then `want` is written.
+        let written = (|| {
+            each_in!(self, next, want, |t, w| prune(t, w)?);
+            each_in!(self, next, want, |t, w| upsert(t, w)?);
+            self.generation.set(next)
+        })();
+        if let Err(e) = written {
+            // Not switched: the plan in force is untouched; what was written goes again.
+            let empty = MapContents::default();
+            let _ = (|| -> Result<Diff, MapError> {
+                Ok(each_in!(self, next, empty, |t, w| prune(t, w)?))
+            })();
+            return Err(e);
+        }
+        // A program that read the old generation just before the switch may still be running:
+        // its lookups must find their entries. Removing them waits until every such run ends.
+        self.generation.quiesce();
         let empty = MapContents::default();
-        each_in!(self, current, empty, |t, w| prune(t, w)?);
+        // Switched: a failure here leaves old entries no packet reads, and the next apply
+        // removes them first.
+        let _ = (|| -> Result<Diff, MapError> {
+            Ok(each_in!(self, current, empty, |t, w| prune(t, w)?))
+        })();
         Ok(change)
     }
 
@@ -562,12 +595,46 @@ mod tests {
                 *want,
                 "switch {i}: the new plan, whole"
             );
-            // Nothing left of the old generation.
+            // Nothing left of the old generation, in any table.
+            let left = |gens: Vec<u8>| gens.iter().filter(|g| **g == before).count();
             assert_eq!(
-                t.actions.inner.keys().filter(|k| k.gen_ == before).count()
-                    + t.peers.inner.keys().filter(|k| k.gen_ == before).count()
-                    + t.owners.inner.keys().filter(|k| k.gen_ == before).count(),
-                0
+                left(
+                    t.actions
+                        .inner
+                        .keys()
+                        .map(Generational::generation)
+                        .collect()
+                ) + left(t.peers.inner.keys().map(Generational::generation).collect())
+                    + left(
+                        t.owners
+                            .inner
+                            .keys()
+                            .map(Generational::generation)
+                            .collect()
+                    )
+                    + left(
+                        t.policies_v4
+                            .inner
+                            .keys()
+                            .map(Generational::generation)
+                            .collect()
+                    )
+                    + left(
+                        t.policies_v6
+                            .inner
+                            .keys()
+                            .map(Generational::generation)
+                            .collect()
+                    )
+                    + left(
+                        t.peer_policies
+                            .inner
+                            .keys()
+                            .map(Generational::generation)
+                            .collect()
+                    ),
+                0,
+                "switch {i}: the old generation removed"
             );
             let expect = super::diff_of(&in_force.actions, &want.actions);
             if i > 0 {
@@ -577,5 +644,17 @@ mod tests {
             in_force = want.clone();
         }
         assert_ne!(contents(&a, "fra-a-2"), contents(&b, "fra-a-2"));
+
+        // A crashed agent's leftovers in the generation not in force: the next switch clears
+        // them first; the maps end with exactly the new plan.
+        let stale = contents(&b, "fra-a-1");
+        let next = generation::next(cell.get());
+        for (k, v) in &stale.actions {
+            t.actions.inner.insert(k.in_generation(next), *v);
+        }
+        let want = contents(&b, "fra-a-2");
+        t.apply(&want).unwrap();
+        assert_eq!(t.in_force().unwrap(), want);
+        assert_eq!(t.actions.inner.len(), want.actions.len(), "no leftovers");
     }
 }

@@ -692,9 +692,10 @@ fn a_removed_pin_directory_is_restored() {
     assert!(metrics.contains("egress_attached 1"), "{metrics}");
 }
 
-/// A plan the kernel refuses half-way (here: ACTIONS filled to the brim behind the agent's back)
-/// is rolled back to the running plan and retried with a growing delay — not every second —
-/// and applied once the write can succeed.
+/// A plan the kernel refuses half-way (here: ACTIONS filled to the brim behind the agent's back,
+/// in the generation in force, where a switch cannot make room) is never switched to: the
+/// running plan stays in force, and the plan is retried with a growing delay — not every second
+/// — and applied once the write can succeed.
 #[test]
 fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
     use egress_common::action::{Action, ActionKey};
@@ -703,10 +704,15 @@ fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
     let data = aya::maps::MapData::from_pin(pins.join("ACTIONS")).unwrap();
     let mut actions: aya::maps::HashMap<_, ActionKey, Action> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    let generation: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(pins.join("GENERATION")).unwrap(),
+    ))
+    .unwrap();
+    let in_force = generation.get(&0, 0).unwrap() as u8;
     // Junk keys (pool ids no config can have) until the map is full.
     let mut junk = Vec::new();
     for pool in 0x7fff_0000u32.. {
-        let k = ActionKey::new(pool, 4);
+        let k = ActionKey::in_gen(pool, 4, in_force);
         if actions.insert(k, Action::default(), 0).is_err() {
             break;
         }
@@ -742,8 +748,7 @@ fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
         "one failure, no flapping: {}",
         &log[from..]
     );
-    // Room again (the rollback already swept entries no plan has, the junk among them): the
-    // retry applies it.
+    // Room again: the retry applies it.
     for k in &junk {
         let _ = actions.remove(k);
     }

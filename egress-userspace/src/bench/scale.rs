@@ -320,13 +320,15 @@ fn prefixes(count: usize, runs: usize) -> anyhow::Result<Prefixes> {
             Ok((median(m), median(n)))
         };
         let (no_match_small_ns, new_flow_small_ns) = measure(&mut dp)?;
+        // Into the generation in force, where the programs look.
+        let in_force = dp.maps.plan.generation.get(&0, 0)? & 1;
         let t0 = Instant::now();
         for i in 0..count as u32 {
             // /32s in 100.64.0.0/10, mark 0, pool 7.
             let key = (
                 MARK_BITS + 32,
                 PolicyKeyV4 {
-                    gen_be: 0,
+                    gen_be: in_force.to_be(),
                     mark_be: 0,
                     addr: (0x6440_0000 + i).to_be_bytes(),
                 },

@@ -195,7 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Waits (a little) for the etcd thread to revoke its lease and end.
 fn join_etcd(thread: Option<std::thread::JoinHandle<()>>) {
     let Some(t) = thread else { return };
-    let until = std::time::Instant::now() + fleet::REQUEST_TIMEOUT;
+    let until = std::time::Instant::now() + Duration::from_secs(1);
     while !t.is_finished() && std::time::Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }

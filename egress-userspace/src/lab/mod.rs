@@ -651,6 +651,26 @@ impl Lab {
 }
 
 /// SIGTERM, up to 3 s grace, then SIGKILL; always reaps.
+/// SIGTERM to every process, then SIGKILL to those still running after 3 s; all reaped.
+fn terminate_all(mut procs: Vec<Proc>) {
+    for p in &procs {
+        debug!("stopping {} (pid {})", p.label, p.child.id());
+        netns::kill(p.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        procs.retain_mut(|p| !matches!(p.child.try_wait(), Ok(Some(_))));
+        if procs.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for mut p in procs {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+}
+
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
     netns::kill(child.id() as i32, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -685,10 +705,14 @@ impl Drop for Lab {
         if self.keep {
             return;
         }
-        for mut p in self.procs.drain(..) {
-            debug!("stopping {} (pid {})", p.label, p.child.id());
-            terminate(&mut p.child);
-        }
+        // Everything but the etcd members first, all at once (agents revoke their leases while
+        // etcd still answers), then the members.
+        let (members, others): (Vec<Proc>, Vec<Proc>) = self
+            .procs
+            .drain(..)
+            .partition(|p| p.label.starts_with("etcd-"));
+        terminate_all(others);
+        terminate_all(members);
         remove(&self.namespaces, &self.pin_root, &self.work_dir);
     }
 }
