@@ -16,6 +16,11 @@ pub mod tunnel {
     pub const SOFT_UNICAST: u32 = 2;
     /// A reply (or ICMP error) translated back, from the translating peer to the socket's server.
     pub const REPLY: u32 = 3;
+    /// A liveness probe between agents (the pool bits say which way): the peer's programs
+    /// reflect a request as a reply, through the path forwarded connections take.
+    pub const PROBE: u32 = 0;
+    pub const PROBE_REQUEST: u32 = 1;
+    pub const PROBE_REPLY: u32 = 2;
     const KIND_SHIFT: u32 = 30;
     /// Largest pool id (validated): the key's low 30 bits.
     pub const MAX_POOL_ID: u32 = (1 << KIND_SHIFT) - 1;
@@ -80,8 +85,17 @@ impl AddrKey {
 pub struct Peer {
     /// The peer's server id.
     pub id: u32,
+    /// Why it is down for new connections from here (`PEER_*` bits; 0: up).
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<Peer>() == 4);
+const _: () = assert!(core::mem::size_of::<Peer>() == 8);
+
+/// [`Peer::flags`]: missed its fabric probes.
+pub const PEER_DOWN_PROBES: u32 = 1;
+/// [`Peer::flags`]: its agent's lease in etcd is gone.
+pub const PEER_DOWN_LEASE: u32 = 2;
+/// [`Peer::flags`]: back, but not yet stable for the hold-down time.
+pub const PEER_HOLD_DOWN: u32 = 4;
 
 /// One share of a pool address: a port range and the server holding it.
 #[repr(C)]

@@ -148,6 +148,13 @@ stats! {
     /// A packet to encapsulate, or a tunnel packet, with VLAN tags in the frame data (the
     /// tunnel is built for an untagged uplink); dropped.
     VlanTunnel = 45 => "drop_vlan_tunnel",
+    /// Tunnel: a liveness probe from a peer, reflected back to it.
+    ProbeEchoed = 46 => "probe_echoed",
+    /// Tunnel: the reply to one of this agent's liveness probes, passed to it.
+    ProbeReply = 47 => "probe_reply",
+    /// Ingress: a packet for a pool port whose owner does not answer its fabric probes:
+    /// dropped, never sent into a dead tunnel.
+    OwnerDown = 48 => "drop_owner_down",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

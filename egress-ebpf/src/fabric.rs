@@ -5,7 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use egress_common::fabric::{
-    AddrKey, Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEERS_CAPACITY, Peer,
+    AddrKey, Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEER_DOWN_PROBES,
+    PEERS_CAPACITY, Peer,
 };
 
 #[btf_map]
@@ -32,6 +33,14 @@ pub fn local() -> Option<&'static Local> {
 pub fn is_peer(addr: &[u8; 4], g: u8) -> bool {
     // SAFETY: read-only use of the value within this run.
     unsafe { PEERS.get(AddrKey::new(*addr, g)) }.is_some()
+}
+
+/// Whether the tunnel to peer `addr` is dead: its fabric probes go unanswered (the agent's
+/// liveness view). A peer down only by its lease, or holding down, still gets what is its own.
+#[inline(always)]
+pub fn tunnel_dead(addr: &[u8; 4], g: u8) -> bool {
+    // SAFETY: read-only use of the value within this run.
+    unsafe { PEERS.get(AddrKey::new(*addr, g)) }.is_some_and(|p| p.flags & PEER_DOWN_PROBES != 0)
 }
 
 /// Whether pool address `addr` is split between several servers (its replies may arrive at

@@ -461,14 +461,19 @@ fn deliver(
 /// that server unchanged.
 #[inline(always)]
 fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
+    let g = policy::generation();
     let (Some(local), Some((pool, owner))) = (
         fabric::local(),
-        fabric::owner_of(addr, u16::from_be(port_be), policy::generation()),
+        fabric::owner_of(addr, u16::from_be(port_be), g),
     ) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
+    }
+    // Never into a dead tunnel: the owner's connections died with it.
+    if fabric::tunnel_dead(&owner, g) {
+        return Ok(Verdict::Drop(Stat::OwnerDown));
     }
     nat::hop(ctx, ip).map_err(drop_with)?;
     let key = tunnel::key(tunnel::SOFT_UNICAST, pool);
@@ -600,6 +605,9 @@ pub fn tc_tunnel(ctx: TcContext) -> i32 {
 fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     let outer = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
     let from = tunnel_source(ctx, &outer)?;
+    if from.kind == tunnel::PROBE {
+        return probe(ctx, &outer, &from);
+    }
     let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
     if icmp::is_error(ctx, &ip) {
         return Ok(jump(ctx, JUMP_ICMP_ERROR));
@@ -617,6 +625,25 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
             None => Ok(Verdict::Drop(Stat::TunnelKind)),
         },
         tunnel::REPLY => forwarded_reply(ctx, &ip, &ports, &from),
+        _ => Ok(Verdict::Drop(Stat::TunnelKind)),
+    }
+}
+
+/// A liveness probe from a known peer (checked by `tunnel_source`): a request goes straight
+/// back to it as a reply, by the path forwarded connections take; a reply to this agent's own
+/// probe goes up to the agent's socket.
+#[inline(always)]
+fn probe(ctx: &TcContext, outer: &Ip, from: &Gre) -> Step<Verdict> {
+    match from.pool {
+        tunnel::PROBE_REQUEST => {
+            let local = local()?;
+            let key = tunnel::key(tunnel::PROBE, tunnel::PROBE_REPLY);
+            encap::retarget(ctx, outer.end, local.fabric, from.peer, key).map_err(drop_with)?;
+            let code =
+                redirect::to(ctx, from.peer, local.ifindex, From::Ingress).map_err(drop_with)?;
+            Ok(Verdict::Sent(Stat::ProbeEchoed, code))
+        }
+        tunnel::PROBE_REPLY => Ok(Verdict::Pass(Stat::ProbeReply)),
         _ => Ok(Verdict::Drop(Stat::TunnelKind)),
     }
 }

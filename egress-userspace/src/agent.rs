@@ -128,6 +128,14 @@ pub struct Agent {
     plan_hash: String,
     /// Fleet mode: the published revision in force and the link to etcd.
     pub fleet: Option<FleetState>,
+    /// Liveness of the next hops (None: no dataplane, nothing probed).
+    liveness: Option<crate::liveness::Shared>,
+    /// The peers the plan in force treats as down, and why.
+    down: BTreeMap<String, u32>,
+    /// Connections removed because the peer they went through died.
+    peer_resets: u64,
+    /// Fleet mode: the peers whose leases the etcd thread watches.
+    pub interest: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<String>>>,
     started_at: u64,
     /// Fleet mode: the published text (and revision) being applied, kept for a retry.
     pending: Option<crate::fleet::Published>,
@@ -304,7 +312,7 @@ impl Agent {
             config_text,
             server: server.name.clone(),
             pin_dir: pin_dir.clone(),
-            plan_hash: plan::plan_hash(&topology, &server.name),
+            plan_hash: plan::plan_hash(&topology, &server.name, &BTreeMap::new()),
             plan,
             topology,
             generation: 0,
@@ -324,6 +332,10 @@ impl Agent {
                 ..Default::default()
             }),
             started_at: crate::fleet::unix_now(),
+            liveness: None,
+            down: BTreeMap::new(),
+            peer_resets: 0,
+            interest: None,
             pending: None,
             retry: None,
         };
@@ -428,7 +440,8 @@ impl Agent {
                 egress_common::action::MAX_HOPS
             );
         }
-        self.plan_hash = plan::plan_hash(&self.topology, &self.server);
+        self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
+        self.watch_peers();
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
         };
@@ -491,7 +504,7 @@ impl Agent {
     /// plan and schedules a retry (once per change, then with a growing delay).
     fn switch(&mut self, text: String, topology: Topology, why: &str) -> Result<(), String> {
         let previous = std::mem::replace(&mut self.topology, topology);
-        self.plan = plan::plan(&self.topology, &self.server);
+        self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
         let fresh_text = text != self.config_text;
         match self.write_plan() {
             Ok(d) => {
@@ -522,8 +535,9 @@ impl Agent {
                     self.generation
                 );
                 self.topology = previous;
-                self.plan = plan::plan(&self.topology, &self.server);
-                self.plan_hash = plan::plan_hash(&self.topology, &self.server);
+                self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
+                self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
+                self.watch_peers();
                 Err(format!("{e:#}"))
             }
         }
@@ -570,7 +584,10 @@ impl Agent {
                     );
                 }
                 f.connected = false;
+                // Our own etcd is away: peers' leases say nothing now; probes decide alone.
+                self.leases(None);
             }
+            Event::Leases(present) => self.leases(Some(&present)),
             Event::StatusRefused(why) => {
                 if f.status_refused.as_deref() != Some(why.as_str()) {
                     error!(
@@ -664,6 +681,171 @@ impl Agent {
         }
     }
 
+    /// Starts probing this server's next hops (a thread of its own); returns the channel that
+    /// says when some peer went down or up. None without a dataplane.
+    pub fn start_liveness(
+        &mut self,
+        hold_down: std::time::Duration,
+    ) -> anyhow::Result<Option<tokio::sync::mpsc::UnboundedReceiver<()>>> {
+        if self.dp.is_none() {
+            return Ok(None);
+        }
+        let fabric = self
+            .topology
+            .config
+            .select_server(Some(&self.server))?
+            .fabric;
+        let prober = crate::liveness::Prober::open(fabric)
+            .with_context(|| format!("opening the probe socket on {fabric}"))?;
+        let shared: crate::liveness::Shared = std::sync::Arc::new(std::sync::Mutex::new(
+            crate::liveness::Liveness::new(hold_down),
+        ));
+        self.liveness = Some(shared.clone());
+        self.watch_peers();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        crate::liveness::spawn(prober, shared, tx)?;
+        Ok(Some(rx))
+    }
+
+    /// The peers whose liveness matters here: every next hop the plan would use with everyone
+    /// up, those it uses now (the next tier), and the owners of the shares of the addresses
+    /// this server holds (where soft-unicast goes).
+    fn peers_to_watch(&self) -> BTreeMap<Ipv4Addr, String> {
+        let mut peers = BTreeMap::new();
+        let all_up = plan::plan(&self.topology, &self.server);
+        for e in all_up.entries.iter().chain(&self.plan.entries) {
+            for h in &e.next_hops {
+                peers.insert(h.fabric, h.server.clone());
+            }
+        }
+        let fabric_of: BTreeMap<&str, Ipv4Addr> = self
+            .topology
+            .config
+            .servers
+            .iter()
+            .map(|s| (s.name.as_str(), s.fabric))
+            .collect();
+        for pool in self.topology.pools.values() {
+            let mine: std::collections::BTreeSet<Ipv4Addr> = pool
+                .shares
+                .iter()
+                .filter(|s| s.server == self.server)
+                .map(|s| s.address)
+                .collect();
+            for s in pool
+                .shares
+                .iter()
+                .filter(|s| mine.contains(&s.address) && s.server != self.server)
+            {
+                if let Some(f) = fabric_of.get(s.server.as_str()) {
+                    peers.insert(*f, s.server.clone());
+                }
+            }
+        }
+        peers
+    }
+
+    /// Tells the prober and the etcd thread which peers to watch (after every plan change).
+    fn watch_peers(&mut self) {
+        let peers = self.peers_to_watch();
+        if let Some(l) = &self.liveness {
+            l.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_peers(&peers);
+        }
+        if let Some(i) = &self.interest {
+            let names: std::collections::BTreeSet<String> = peers.into_values().collect();
+            i.send_if_modified(|n| {
+                let changed = *n != names;
+                *n = names;
+                changed
+            });
+        }
+    }
+
+    /// The peers' leases as etcd says now (None: unknown, our etcd is away).
+    pub fn leases(&mut self, present: Option<&std::collections::BTreeSet<String>>) {
+        let Some(l) = &self.liveness else { return };
+        let changed = {
+            let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+            l.leases(present);
+            !l.evaluate(std::time::Instant::now()).is_empty()
+        };
+        if changed {
+            self.liveness_changed();
+        }
+    }
+
+    /// Some peer went down or came back: plans anew around the peers down (a switch like a
+    /// reload's), and removes the connections of peers that just died.
+    pub fn liveness_changed(&mut self) {
+        let Some(l) = &self.liveness else { return };
+        let down = l.lock().unwrap_or_else(|e| e.into_inner()).down();
+        if down == self.down {
+            return;
+        }
+        let lost = crate::liveness::why::PROBES | crate::liveness::why::LEASE;
+        let died: Vec<String> = down
+            .iter()
+            .filter(|(n, f)| **f & lost != 0 && self.down.get(*n).is_none_or(|o| o & lost == 0))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let said: Vec<String> = down
+            .iter()
+            .map(|(n, f)| format!("{n} ({})", crate::liveness::why::words(*f)))
+            .collect();
+        let back: Vec<&String> = self
+            .down
+            .keys()
+            .filter(|n| !down.contains_key(*n))
+            .collect();
+        let why = format!(
+            "liveness: down {}{}",
+            if said.is_empty() {
+                "none".into()
+            } else {
+                said.join(", ")
+            },
+            if back.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; back: {}",
+                    back.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+        let previous = std::mem::replace(&mut self.down, down);
+        let text = self.config_text.clone();
+        let topology = self.topology.clone();
+        if self.switch(text, topology, &why).is_err() {
+            // Not switched: the plan in force still reflects `previous`.
+            self.down = previous;
+            return;
+        }
+        // Their translation state died with them: their connections must not hang.
+        let Some(dp) = self.dp.as_mut() else { return };
+        for name in died {
+            let Ok(s) = self.topology.config.select_server(Some(&name)) else {
+                continue;
+            };
+            match flows::remove_peer(&mut dp.maps.flows, s.fabric.octets()) {
+                Ok(n) => {
+                    self.peer_resets += n as u64;
+                    if n > 0 {
+                        warn!(
+                            "{name} died: removed {n} connections through it (their sockets see a reset at their next packet)"
+                        );
+                    }
+                }
+                Err(e) => warn!("removing the connections through {name}: {e}"),
+            }
+        }
+    }
+
     /// What this agent reports in its status key.
     pub fn status(&self) -> crate::fleet::Status {
         let f = self.fleet.clone().unwrap_or_default();
@@ -689,6 +871,7 @@ impl Agent {
             drops,
             dataplane: self.dp.is_some(),
             rejected: f.rejected,
+            peers_down: self.down.clone(),
         }
     }
 
@@ -1056,8 +1239,8 @@ impl Agent {
             .inc_by(self.reloads_failed);
         let peers = Family::<PeerLabel, Gauge>::default();
         r.register(
-            "peer",
-            "Fabric peers GRE is accepted from (1 = known; no health checks yet)",
+            "peer_up",
+            "Fabric peers (GRE is accepted from these): 1 = up for new connections from here, 0 = down (probes missed, lease gone, or holding down)",
             peers.clone(),
         );
         for s in self
@@ -1072,8 +1255,39 @@ impl Agent {
                     server: s.name.clone(),
                     fabric: s.fabric.to_string(),
                 })
-                .set(1);
+                .set(i64::from(!self.down.contains_key(&s.name)));
         }
+        if let Some(l) = &self.liveness {
+            let l = l.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let transitions = Family::<PeerLabel, PromCounter>::default();
+            let rtt = Family::<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+            r.register(
+                "peer_transitions",
+                "Times a watched peer went down or came back up",
+                transitions.clone(),
+            );
+            r.register(
+                "peer_probe_rtt_seconds",
+                "Round-trip time of the last answered fabric probe to a watched peer",
+                rtt.clone(),
+            );
+            for (fabric, p) in &l.peers {
+                let label = PeerLabel {
+                    server: p.name.clone(),
+                    fabric: fabric.to_string(),
+                };
+                transitions.get_or_create(&label).inc_by(p.transitions);
+                if let Some(t) = p.rtt {
+                    rtt.get_or_create(&label).set(t.as_secs_f64());
+                }
+            }
+        }
+        counter(
+            &mut r,
+            "peer_connections_reset",
+            "Connections removed because the peer they went through died (their sockets see a reset)",
+            self.peer_resets,
+        );
         let load = Family::<PeerLabel, Gauge>::default();
         r.register(
             "peer_connections",

@@ -11,6 +11,7 @@ pub mod explain;
 pub mod fleet;
 pub mod flows;
 pub mod lab;
+pub mod liveness;
 pub mod loader;
 pub mod plan;
 pub mod stats;

@@ -93,13 +93,17 @@ pub struct Entry {
 pub struct Plan {
     pub server: String,
     pub entries: Vec<Entry>,
+    /// Servers down for new connections from this one, and why (`PEER_*` bits): skipped as
+    /// next hops, marked in `PEERS`. Empty unless liveness says otherwise.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub down: BTreeMap<String, u32>,
 }
 
 /// A short hash of what a server's plan puts in its maps (what fleet status compares): the
 /// first 16 hex digits of the sha256 of its plan and map contents. Equal plans, equal hashes,
 /// whichever agent (of one version) computed them.
-pub fn plan_hash(t: &Topology, server: &str) -> String {
-    let p = plan(t, server);
+pub fn plan_hash(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> String {
+    let p = plan_with(t, server, down);
     let text = format!(
         "{}\n{:?}",
         serde_json::to_string(&p).expect("a plan always serialises"),
@@ -122,8 +126,15 @@ pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
     2.0 * R * h.sqrt().asin()
 }
 
-/// Plans `server`'s entries. `server` must be a server of the topology.
+/// Plans `server`'s entries with every server up. `server` must be a server of the topology.
 pub fn plan(t: &Topology, server: &str) -> Plan {
+    plan_with(t, server, &BTreeMap::new())
+}
+
+/// Plans `server`'s entries, skipping the servers in `down` as next hops: a dead holder is
+/// passed over; when every holder of a tier is down, the next tier takes over (same data
+/// center → same location → nearest location with a live holder → unreachable).
+pub fn plan_with(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> Plan {
     let c = &t.config;
     // Hash maps: these are consulted per share of every pool (millions of times at fleet scale).
     let loc_of_dc: HashMap<&str, &str> = c
@@ -162,8 +173,11 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
 
     let mut entries = Vec::new();
     for pool in t.pools.values() {
-        let holders: BTreeMap<&str, Vec<Snat>> =
-            pool.shares.iter().fold(BTreeMap::new(), |mut m, s| {
+        let holders: BTreeMap<&str, Vec<Snat>> = pool
+            .shares
+            .iter()
+            .filter(|s| s.server == server || !down.contains_key(&s.server))
+            .fold(BTreeMap::new(), |mut m, s| {
                 m.entry(s.server.as_str())
                     .or_insert_with(Vec::new)
                     .push(Snat {
@@ -257,6 +271,7 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
     Plan {
         server: server.to_string(),
         entries,
+        down: down.clone(),
     }
 }
 
@@ -330,8 +345,9 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
             .insert(ActionKey::new(e.pool_id, family), action_of(e));
     }
     for s in t.config.servers.iter().filter(|s| s.name != plan.server) {
+        let flags = plan.down.get(&s.name).copied().unwrap_or(0);
         m.peers
-            .insert(AddrKey::new(s.fabric.octets(), 0), Peer { id: s.id });
+            .insert(AddrKey::new(s.fabric.octets(), 0), Peer { id: s.id, flags });
     }
     let fabric_of: BTreeMap<&str, Ipv4Addr> = t
         .config

@@ -215,7 +215,7 @@ fn metrics_move_with_traffic() {
         "flow occupancy exported"
     );
     assert!(
-        after.contains("egress_peer{server=\"ams-a-1\",fabric=\"10.50.2.31\"} 1"),
+        after.contains("egress_peer_up{server=\"ams-a-1\",fabric=\"10.50.2.31\"} 1"),
         "peers exported"
     );
 }

@@ -62,6 +62,10 @@ pub struct Args {
     /// needed): a fleet simulated on one machine.
     #[arg(long)]
     no_dataplane: bool,
+    /// Seconds a peer that came back must keep answering its probes (and hold its lease)
+    /// before it takes new connections from this server again.
+    #[arg(long, default_value_t = crate::liveness::HOLD_DOWN.as_secs_f64())]
+    hold_down: f64,
     /// Fleet mode: read and watch the topology in etcd instead of a file.
     #[command(flatten)]
     etcd: crate::fleet::EtcdArgs,
@@ -110,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut signals = Signals::new()?;
         let mut link = None;
         let mut etcd_thread = None;
+        let mut interest = None;
         let initial = match fleet {
             None => None,
             Some((ep, server)) => {
@@ -122,6 +127,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 });
                 let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+                let (interest_tx, interest_rx) = tokio::sync::watch::channel(Default::default());
+                interest = Some(interest_tx);
                 info!(
                     "fleet mode: reading the topology from etcd {} under {} as {}",
                     ep.urls.join(","),
@@ -137,7 +144,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             .enable_all()
                             .build()
                         {
-                            Ok(rt) => rt.block_on(fleet::watch::run(ep, name, tx, status_rx)),
+                            Ok(rt) => {
+                                rt.block_on(fleet::watch::run(ep, name, tx, status_rx, interest_rx))
+                            }
                             Err(e) => log::error!("etcd thread: no runtime: {e}"),
                         }
                     },
@@ -155,6 +164,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         };
         let (mut agent, mode, listener) = Agent::start(&opts, initial)?;
+        agent.interest = interest;
+        let hold_down =
+            Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;
+        let liveness = agent.start_liveness(hold_down)?;
         // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
         let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = listener.map(TcpListener::from_std).transpose()?;
@@ -181,6 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Duration::from_secs(args.gc_interval.max(1)),
             &mut signals,
             link,
+            liveness,
         )
         .await
         .context("agent loop")?;
@@ -266,6 +280,8 @@ async fn first_topology(
             Event::Lost(why) => say(format!(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
             )),
+            // Nothing is planned yet: leases matter once it is.
+            Event::Leases(_) => {}
             Event::StatusRefused(why) => say(format!(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),
@@ -337,6 +353,7 @@ async fn serve(
     every: Duration,
     signals: &mut Signals,
     fleet: Option<FleetLink>,
+    mut liveness: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
 ) -> std::io::Result<()> {
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     // The collector runs on a thread of its own and reports each pass; the loop only takes the
@@ -390,6 +407,7 @@ async fn serve(
                 }
             }
             Some(event) = async { events.as_mut()?.recv().await } => agent.fleet_event(event),
+            Some(()) = async { liveness.as_mut()?.recv().await } => agent.liveness_changed(),
             Some(pass) = passes.recv() => agent.apply_pass(pass),
             Some(reply) = render_rx.recv() => {
                 let _ = reply.send(agent.render_metrics().map_err(|e| format!("{e:#}")));

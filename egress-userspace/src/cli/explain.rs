@@ -79,6 +79,8 @@ struct Live {
     action: &'static str,
     snat: Vec<String>,
     next_hops: Vec<String>,
+    /// Holders of the pool this server sees down, skipped as next hops, and why.
+    skipped: Vec<String>,
 }
 
 fn live(args: Args) -> anyhow::Result<ExitCode> {
@@ -147,6 +149,38 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    // The peers this server's agent sees down (PEERS flags in the generation in force).
+    let peers: HashMap<_, egress_common::fabric::AddrKey, egress_common::fabric::Peer> =
+        HashMap::try_from(Map::HashMap(open(map_names::PEERS)?))?;
+    let holders: Vec<&crate::config::Server> = pool
+        .and_then(|p| config.pools.iter().find(|q| q.id == u64::from(p)))
+        .map(|q| {
+            config
+                .servers
+                .iter()
+                .filter(|s| {
+                    q.ipv4
+                        .iter()
+                        .any(|a| a.shares.iter().any(|sh| sh.server == s.name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let skipped: Vec<String> = holders
+        .iter()
+        .filter_map(|s| {
+            let key = egress_common::fabric::AddrKey::new(s.fabric.octets(), g as u8);
+            let flags = peers.get(&key, 0).ok()?.flags;
+            (flags != 0).then(|| {
+                format!(
+                    "{} ({}): {}",
+                    s.name,
+                    s.fabric,
+                    crate::liveness::why::words(flags)
+                )
+            })
+        })
+        .collect();
     let server_of = |f: [u8; 4]| {
         config
             .servers
@@ -195,6 +229,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
                 .map(|h| server_of(*h))
                 .collect()
         }),
+        skipped,
     };
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&out)?),
@@ -226,6 +261,9 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
                         out.snat.join(", "),
                         out.next_hops.join(", ")
                     );
+                    for s in &out.skipped {
+                        println!("skipped (down): {s}");
+                    }
                 }
             }
         }

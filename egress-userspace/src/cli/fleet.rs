@@ -181,6 +181,8 @@ pub struct Row {
     pub agrees: bool,
     pub drops: u64,
     pub in_topology: bool,
+    /// Peers this server's agent sees down.
+    pub sees_down: Vec<String>,
     pub note: String,
 }
 
@@ -208,14 +210,20 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry
     });
     let topology = parsed.as_ref().and_then(|r| r.as_ref().ok());
     let invalid = matches!(parsed, Some(Err(_)));
+    let by_name: BTreeMap<&str, &fleet::StatusEntry> =
+        statuses.iter().map(|s| (s.server.as_str(), s)).collect();
+    // What each server should run: the published topology, around the peers it reports down.
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
     if let Some(t) = topology {
         for s in &t.config.servers {
-            expected.insert(s.name.clone(), plan::plan_hash(t, &s.name));
+            let down = by_name
+                .get(s.name.as_str())
+                .and_then(|e| e.status.as_ref().ok())
+                .map(|st| st.peers_down.clone())
+                .unwrap_or_default();
+            expected.insert(s.name.clone(), plan::plan_hash(t, &s.name, &down));
         }
     }
-    let by_name: BTreeMap<&str, &fleet::StatusEntry> =
-        statuses.iter().map(|s| (s.server.as_str(), s)).collect();
     let mut names: Vec<String> = expected.keys().cloned().collect();
     names.extend(
         by_name
@@ -239,6 +247,10 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry
                     }
                     if let Some(r) = &s.rejected {
                         note.push(format!("rejected: {r}"));
+                    }
+                    if !s.peers_down.is_empty() {
+                        let d: Vec<&str> = s.peers_down.keys().map(String::as_str).collect();
+                        note.push(format!("sees down: {}", d.join(", ")));
                     }
                     if !s.dataplane {
                         note.push("no dataplane".into());
@@ -267,6 +279,9 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry
                 agrees,
                 drops: s.map_or(0, |s| s.drops),
                 in_topology: want.is_some(),
+                sees_down: s
+                    .map(|s| s.peers_down.keys().cloned().collect())
+                    .unwrap_or_default(),
                 note: note.join("; "),
                 server: name,
             }
@@ -470,7 +485,7 @@ mod tests {
                 server: server.into(),
                 applied_revision: revision,
                 applied_serial: serial,
-                plan_hash: plan::plan_hash(&t, server),
+                plan_hash: plan::plan_hash(&t, server, &BTreeMap::new()),
                 dataplane: true,
                 ..Default::default()
             }),

@@ -464,6 +464,9 @@ pub struct Status {
     pub dataplane: bool,
     /// The last rejected revision and why, while it is the newest published.
     pub rejected: Option<String>,
+    /// Peers this agent sees down (name → why bits), skipped as next hops.
+    #[serde(default)]
+    pub peers_down: std::collections::BTreeMap<String, u32>,
 }
 
 /// One status key: the server its key names, and its value (or why it could not be read).

@@ -5,7 +5,8 @@
 //! |-------------------------|-------------------------------------------------------------|
 //! | `egress-publisher`      | write the topology keys; read everything under the prefix   |
 //! | `egress-reader`         | read everything under the prefix (`fleet show`, `status`)   |
-//! | `egress-agent-<server>` | read the topology keys; write its own status key, no other  |
+//! | `egress-agent-<server>` | read the topology and status keys (its peers' leases); write  |
+//! |                         | its own status key, no other                                |
 
 use etcd_client::{Client, Permission, UserAddOptions};
 
@@ -36,6 +37,8 @@ pub fn roles(keys: &Keys, servers: &[String]) -> Vec<Role> {
         name: pki::agent_user(s),
         permissions: vec![
             Permission::read(keys.topology()).with_prefix(),
+            // Its next hops' leases (liveness).
+            Permission::read(keys.statuses()).with_prefix(),
             Permission::read_write(keys.status(s)),
         ],
     }));

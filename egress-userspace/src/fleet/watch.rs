@@ -2,7 +2,10 @@
 //! keeps the agent's status key alive under a lease. It reconnects with backoff; the agent's
 //! loop only receives [`Event`]s and sends [`super::Status`] updates.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::bail;
 use etcd_client::{PutOptions, WatchOptions};
@@ -11,8 +14,10 @@ use tokio::sync::{mpsc, watch};
 use super::{Endpoint, Published, Status, describe, read_published};
 
 /// Lease of the status key: the key vanishes this long after the agent (or its link to etcd)
-/// dies.
-pub const STATUS_TTL: i64 = 6;
+/// dies, and its peers take it as down.
+pub const STATUS_TTL: i64 = 2;
+/// How often the lease is kept alive: three times a TTL.
+const KEEP_ALIVE: Duration = Duration::from_millis(600);
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -27,6 +32,9 @@ pub enum Event {
     /// etcd refuses this agent's status key (its identity may not write it): why. The topology
     /// is still read and watched; no status is written in this session.
     StatusRefused(String),
+    /// Of the peers asked about (the agent's next hops), those whose agent's status key (its
+    /// lease) exists now.
+    Leases(BTreeSet<String>),
 }
 
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
@@ -38,11 +46,12 @@ pub async fn run(
     server: String,
     events: mpsc::UnboundedSender<Event>,
     mut status: watch::Receiver<Status>,
+    mut interest: watch::Receiver<BTreeSet<String>>,
 ) {
     let mut backoff = BACKOFF_FIRST;
     loop {
         let started = Instant::now();
-        let why = match session(&ep, &server, &events, &mut status).await {
+        let why = match session(&ep, &server, &events, &mut status, &mut interest).await {
             Ok(()) => return, // the agent is gone
             Err(e) => crate::cli::error_text(&e),
         };
@@ -72,6 +81,7 @@ async fn session(
     server: &str,
     events: &mpsc::UnboundedSender<Event>,
     status: &mut watch::Receiver<Status>,
+    interest: &mut watch::Receiver<BTreeSet<String>>,
 ) -> anyhow::Result<()> {
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
@@ -131,12 +141,19 @@ async fn session(
     };
     let current = status.borrow_and_update().clone();
     put(&mut client, current).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(STATUS_TTL as u64) / 3);
+    // The leases of the peers the agent asks about, watched key by key (not the whole
+    // status prefix: an agent hears about its next hops, not about the fleet).
+    let mut names = interest.borrow_and_update().clone();
+    let (mut leases, mut present) = lease_view(&mut client, ep, &names).await?;
+    if events.send(Event::Leases(present.clone())).is_err() {
+        return Ok(());
+    }
+    let mut tick = tokio::time::interval(KEEP_ALIVE);
     let mut answered = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if answered.elapsed() > Duration::from_secs(STATUS_TTL as u64) {
+                if answered.elapsed() > Duration::from_secs(STATUS_TTL as u64) + KEEP_ALIVE {
                     bail!("no answer from etcd for {:?}", answered.elapsed());
                 }
                 keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
@@ -163,6 +180,50 @@ async fn session(
                     }
                 };
                 if let Some(e) = event && events.send(e).is_err() {
+                    return Ok(());
+                }
+            }
+            changed = interest.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                names = interest.borrow_and_update().clone();
+                (leases, present) = lease_view(&mut client, ep, &names).await?;
+                if events.send(Event::Leases(present.clone())).is_err() {
+                    return Ok(());
+                }
+            }
+            msg = async {
+                match leases.as_mut() {
+                    Some(w) => w.message().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(resp) = msg.map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))? else {
+                    bail!("etcd closed the lease watch");
+                };
+                if resp.canceled() {
+                    bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
+                }
+                let before = present.clone();
+                for e in resp.events() {
+                    let Some(name) = e
+                        .kv()
+                        .and_then(|kv| kv.key_str().ok())
+                        .and_then(|k| k.strip_prefix(&ep.keys.statuses()))
+                    else {
+                        continue;
+                    };
+                    if !names.contains(name) {
+                        continue;
+                    }
+                    if e.event_type() == etcd_client::EventType::Put {
+                        present.insert(name.to_string());
+                    } else {
+                        present.remove(name);
+                    }
+                }
+                if present != before && events.send(Event::Leases(present.clone())).is_err() {
                     return Ok(());
                 }
             }
@@ -225,4 +286,51 @@ fn from_events(ep: &Endpoint, events: &[etcd_client::Event]) -> Seen {
         (None, None) => Seen::Nothing,
         _ => Seen::Partial,
     }
+}
+
+/// Which of `names` have a status key now (one transaction), and a watch on each key from
+/// that revision on (None: nobody to watch).
+async fn lease_view(
+    client: &mut etcd_client::Client,
+    ep: &Endpoint,
+    names: &BTreeSet<String>,
+) -> anyhow::Result<(Option<etcd_client::WatchStream>, BTreeSet<String>)> {
+    let urls = ep.urls.join(",");
+    if names.is_empty() {
+        return Ok((None, BTreeSet::new()));
+    }
+    let ops: Vec<etcd_client::TxnOp> = names
+        .iter()
+        .map(|n| {
+            etcd_client::TxnOp::get(
+                ep.keys.status(n),
+                Some(etcd_client::GetOptions::new().with_keys_only()),
+            )
+        })
+        .collect();
+    let resp = client
+        .txn(etcd_client::Txn::new().and_then(ops))
+        .await
+        .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+    let at = resp.header().map_or(0, |h| h.revision());
+    let present = names
+        .iter()
+        .zip(resp.op_responses())
+        .filter(|(_, r)| matches!(r, etcd_client::TxnOpResponse::Get(g) if !g.kvs().is_empty()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let from = || Some(WatchOptions::new().with_start_revision(at + 1));
+    let mut keys = names.iter().map(|n| ep.keys.status(n));
+    let first = keys.next().expect("names is not empty");
+    let mut stream = client
+        .watch(first, from())
+        .await
+        .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+    for k in keys {
+        stream
+            .watch(k, from())
+            .await
+            .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+    }
+    Ok((Some(stream), present))
 }

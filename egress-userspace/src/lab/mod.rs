@@ -509,6 +509,28 @@ impl Lab {
         .map(drop)
     }
 
+    /// Takes `server`'s fabric cable out (its bridge port down: the server loses carrier) or
+    /// puts it back. Its addresses and routes stay.
+    pub fn set_fabric_port(&self, server: &str, up: bool) -> anyhow::Result<()> {
+        let id = self
+            .config
+            .servers
+            .iter()
+            .find(|s| s.name == server)
+            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
+            .id;
+        netns::ip_in(
+            &self.fabric_ns(),
+            &[
+                "link",
+                "set",
+                &format!("p-{id}"),
+                if up { "up" } else { "down" },
+            ],
+        )
+        .map(drop)
+    }
+
     /// Stops the agent of `server` and removes its pinned links and maps, so its programs
     /// detach: the server is back to plain routing.
     pub fn remove_agent(&mut self, server: &str) -> anyhow::Result<()> {

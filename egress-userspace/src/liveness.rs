@@ -1,0 +1,552 @@
+//! Liveness of this server's next hops, from two signals:
+//!
+//! - **fabric probes**: every [`PROBE_INTERVAL`] a GRE packet of tunnel kind *probe* goes to
+//!   each peer the plan forwards to, through the same path a forwarded connection takes (this
+//!   server's programs let it out, the peer's programs reflect it); a peer that misses
+//!   [`MISSES`] probes in a row is down;
+//! - **the peer's agent lease** in etcd (fleet mode): its status key gone is down. While this
+//!   agent has no etcd (file mode, or etcd unreachable) the lease says nothing and the probes
+//!   decide alone.
+//!
+//! Either signal lost means down for new connections from here. A peer that was down is up
+//! again only after answering every probe, with its lease present, for the hold-down time.
+//!
+//! [`Liveness`] is the pure state machine (table-tested); [`Prober`] does the I/O.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Probes missed in a row that make a peer down (600 ms at [`PROBE_INTERVAL`]).
+pub const MISSES: u32 = 3;
+/// Default time a recovered peer must stay answering before it takes new connections again.
+pub const HOLD_DOWN: Duration = Duration::from_secs(5);
+
+/// Why a peer is down (bits of `egress_common::fabric::Peer::flags`).
+pub mod why {
+    pub use egress_common::fabric::{
+        PEER_DOWN_LEASE as LEASE, PEER_DOWN_PROBES as PROBES, PEER_HOLD_DOWN as HOLD_DOWN,
+    };
+
+    /// The reasons in words, for logs and `explain`.
+    pub fn words(flags: u32) -> String {
+        let mut w = Vec::new();
+        if flags & PROBES != 0 {
+            w.push("fabric probes unanswered");
+        }
+        if flags & LEASE != 0 {
+            w.push("agent lease gone");
+        }
+        if flags & HOLD_DOWN != 0 {
+            w.push("holding down after recovering");
+        }
+        w.join(", ")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerState {
+    pub name: String,
+    /// Probes sent since the last reply (0: the last one answered).
+    pub unanswered: u32,
+    /// The lease: Some(present), None: unknown (no etcd).
+    pub lease: Option<bool>,
+    /// Since when it has answered every probe with its lease present, after being down.
+    pub stable_since: Option<Instant>,
+    /// Down for new connections (a signal lost, or holding down).
+    pub down: bool,
+    pub rtt: Option<Duration>,
+    pub transitions: u64,
+    /// Whether it has answered while up: one that never did (not started yet when this agent
+    /// began watching) is up at its first answer, with no hold-down; the hold-down is for
+    /// peers that worked, failed, and came back.
+    pub proven: bool,
+}
+
+impl PeerState {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            unanswered: 0,
+            lease: None,
+            stable_since: None,
+            down: false,
+            rtt: None,
+            transitions: 0,
+            proven: false,
+        }
+    }
+
+    /// The `why` bits now.
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.unanswered >= MISSES {
+            f |= why::PROBES;
+        }
+        if self.lease == Some(false) {
+            f |= why::LEASE;
+        }
+        if self.down && f == 0 {
+            f |= why::HOLD_DOWN;
+        }
+        f
+    }
+}
+
+/// Every next hop's state, by fabric address.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    pub peers: BTreeMap<Ipv4Addr, PeerState>,
+    pub hold_down: Duration,
+}
+
+impl Liveness {
+    pub fn new(hold_down: Duration) -> Self {
+        Self {
+            peers: BTreeMap::new(),
+            hold_down,
+        }
+    }
+
+    /// The peers to watch (the plan's next hops). New ones start up (until they miss); gone
+    /// ones are forgotten.
+    pub fn set_peers(&mut self, peers: &BTreeMap<Ipv4Addr, String>) {
+        self.peers.retain(|a, _| peers.contains_key(a));
+        for (a, name) in peers {
+            self.peers
+                .entry(*a)
+                .or_insert_with(|| PeerState::new(name.clone()));
+        }
+    }
+
+    /// A probe round: one more unanswered probe for each peer.
+    pub fn sent(&mut self) {
+        for p in self.peers.values_mut() {
+            p.unanswered = p.unanswered.saturating_add(1);
+        }
+    }
+
+    /// A reply from `peer`.
+    pub fn reply(&mut self, peer: Ipv4Addr, rtt: Duration) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.unanswered = 0;
+            p.rtt = Some(rtt);
+            if !p.down {
+                p.proven = true;
+            }
+        }
+    }
+
+    /// The lease of every peer named (by server name); None: unknown (no etcd now).
+    pub fn leases(&mut self, present: Option<&BTreeSet<String>>) {
+        for p in self.peers.values_mut() {
+            p.lease = present.map(|s| s.contains(&p.name));
+        }
+    }
+
+    /// Applies the rules at `now`; returns the peers whose state changed.
+    pub fn evaluate(&mut self, now: Instant) -> Vec<Ipv4Addr> {
+        let mut changed = Vec::new();
+        for (a, p) in self.peers.iter_mut() {
+            // "Missed" counts probes whose answer is overdue: the one just sent is not.
+            let lost = p.unanswered > MISSES || p.lease == Some(false);
+            let down = if lost {
+                p.stable_since = None;
+                true
+            } else if p.down && p.proven {
+                // Answering again: up after the hold-down.
+                let since = *p.stable_since.get_or_insert(now);
+                now.duration_since(since) < self.hold_down
+            } else if p.down {
+                // Answering for the first time (it was not up yet): up now.
+                p.proven = true;
+                false
+            } else {
+                false
+            };
+            if down != p.down {
+                p.down = down;
+                p.transitions += 1;
+                if !down {
+                    p.stable_since = None;
+                }
+                changed.push(*a);
+            }
+        }
+        changed
+    }
+
+    /// The peers down now, with why.
+    pub fn down(&self) -> BTreeMap<String, u32> {
+        self.peers
+            .values()
+            .filter(|p| p.down)
+            .map(|p| (p.name.clone(), p.flags()))
+            .collect()
+    }
+}
+
+/// The probe's payload after the inner IPv4 header: magic, sequence, send time.
+const MAGIC: u32 = 0x4547_5052; // "EGPR"
+const PAYLOAD: usize = 16;
+const GRE_LEN: usize = 8;
+const INNER: usize = 20;
+/// The inner header's protocol: 253, reserved for experimentation (RFC 3692).
+const INNER_PROTO: u8 = 253;
+
+/// Sends probes and reads their replies on a raw GRE socket bound to this server's fabric
+/// address (in the agent's network namespace).
+pub struct Prober {
+    fd: std::os::fd::OwnedFd,
+    fabric: Ipv4Addr,
+    seq: u32,
+    epoch: Instant,
+}
+
+impl Prober {
+    pub fn open(fabric: Ipv4Addr) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket call.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_GRE,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned to us.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let addr = sockaddr(fabric);
+        // SAFETY: a valid sockaddr_in of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            fd,
+            fabric,
+            seq: 0,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// One probe to `peer`: GRE (key: probe request) around an IPv4 packet carrying the send
+    /// time. The kernel adds the outer IPv4 header.
+    pub fn send(&mut self, peer: Ipv4Addr) -> std::io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut b = [0u8; GRE_LEN + INNER + PAYLOAD];
+        b[0..2].copy_from_slice(&egress_common::fabric::GRE_FLAG_KEY.to_be_bytes());
+        b[2..4].copy_from_slice(&0x0800u16.to_be_bytes());
+        let key = egress_common::fabric::tunnel::key(
+            egress_common::fabric::tunnel::PROBE,
+            egress_common::fabric::tunnel::PROBE_REQUEST,
+        );
+        b[4..8].copy_from_slice(&key.to_be_bytes());
+        let ip = &mut b[GRE_LEN..GRE_LEN + INNER];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((INNER + PAYLOAD) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = INNER_PROTO;
+        ip[12..16].copy_from_slice(&self.fabric.octets());
+        ip[16..20].copy_from_slice(&peer.octets());
+        let sum = checksum(ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let p = &mut b[GRE_LEN + INNER..];
+        p[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        p[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        let sent = self.epoch.elapsed().as_nanos() as u64;
+        p[8..16].copy_from_slice(&sent.to_be_bytes());
+        let to = sockaddr(peer);
+        // SAFETY: a valid buffer and sockaddr_in of the sizes passed.
+        let rc = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                b.as_ptr().cast(),
+                b.len(),
+                0,
+                &to as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for replies; returns each (peer, round-trip time).
+    pub fn receive(&self, timeout: Duration) -> Vec<(Ipv4Addr, Duration)> {
+        let mut got = Vec::new();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: raw,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+            if n <= 0 {
+                return got;
+            }
+            let mut buf = [0u8; 512];
+            loop {
+                // SAFETY: a valid buffer of the size passed.
+                let len = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if len <= 0 {
+                    break;
+                }
+                if let Some(r) = self.parse(&buf[..len as usize]) {
+                    got.push(r);
+                }
+            }
+            if left.is_zero() {
+                return got;
+            }
+        }
+    }
+
+    /// A probe reply (the outer IPv4 header included, as raw sockets deliver it).
+    fn parse(&self, b: &[u8]) -> Option<(Ipv4Addr, Duration)> {
+        let ihl = usize::from(*b.first()? & 0x0f) * 4;
+        let from = Ipv4Addr::new(*b.get(12)?, *b.get(13)?, *b.get(14)?, *b.get(15)?);
+        let gre = b.get(ihl..ihl + GRE_LEN)?;
+        let key = u32::from_be_bytes(gre[4..8].try_into().ok()?);
+        let reply = egress_common::fabric::tunnel::key(
+            egress_common::fabric::tunnel::PROBE,
+            egress_common::fabric::tunnel::PROBE_REPLY,
+        );
+        if key != reply {
+            return None;
+        }
+        let p = b.get(ihl + GRE_LEN + INNER..ihl + GRE_LEN + INNER + PAYLOAD)?;
+        if u32::from_be_bytes(p[0..4].try_into().ok()?) != MAGIC {
+            return None;
+        }
+        let sent = u64::from_be_bytes(p[8..16].try_into().ok()?);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        Some((from, Duration::from_nanos(now.saturating_sub(sent))))
+    }
+}
+
+fn sockaddr(a: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Shared between the probing thread, the agent's loop (leases, the plan's peers) and metrics.
+pub type Shared = std::sync::Arc<std::sync::Mutex<Liveness>>;
+
+/// Probes every [`PROBE_INTERVAL`] on a thread of its own; sends `()` on `changed` when some
+/// peer went down or up. Ends when `changed` is closed.
+pub fn spawn(
+    mut prober: Prober,
+    state: Shared,
+    changed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("prober".into())
+        .spawn(move || {
+            while !changed.is_closed() {
+                let round = Instant::now();
+                let peers: Vec<Ipv4Addr> = {
+                    let mut l = state.lock().unwrap_or_else(|e| e.into_inner());
+                    l.sent();
+                    l.peers.keys().copied().collect()
+                };
+                for p in &peers {
+                    // A send that fails (no route: the link is down) is a probe missed.
+                    let _ = prober.send(*p);
+                }
+                let replies = prober.receive(PROBE_INTERVAL.saturating_sub(round.elapsed()));
+                let mut l = state.lock().unwrap_or_else(|e| e.into_inner());
+                for (from, rtt) in replies {
+                    l.reply(from, rtt);
+                }
+                if !l.evaluate(Instant::now()).is_empty() && changed.send(()).is_err() {
+                    return;
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one() -> (Liveness, Ipv4Addr) {
+        let a = Ipv4Addr::new(10, 50, 0, 11);
+        let mut l = Liveness::new(Duration::from_secs(5));
+        l.set_peers(&[(a, "fra-a-1".to_string())].into());
+        (l, a)
+    }
+
+    /// Each row: what happens in one probe round (reply or not, lease), and whether the peer
+    /// is down after it. Rounds are PROBE_INTERVAL apart.
+    #[test]
+    fn probes_leases_and_hold_down() {
+        struct Round {
+            replies: bool,
+            lease: Option<bool>,
+            down: bool,
+        }
+        let r = |replies, lease, down| Round {
+            replies,
+            lease,
+            down,
+        };
+        let cases: &[(&str, Vec<Round>)] = &[
+            (
+                "answering peer stays up",
+                (0..10).map(|_| r(true, None, false)).collect(),
+            ),
+            (
+                "three missed probes: down at the fourth round",
+                vec![
+                    r(true, None, false),
+                    r(false, None, false),
+                    r(false, None, false),
+                    r(false, None, false),
+                    r(false, None, true),
+                ],
+            ),
+            (
+                "two missed then an answer: never down",
+                vec![
+                    r(false, None, false),
+                    r(false, None, false),
+                    r(true, None, false),
+                    r(false, None, false),
+                    r(false, None, false),
+                    r(true, None, false),
+                ],
+            ),
+            (
+                "lease gone with probes answered: down at once",
+                vec![r(true, Some(true), false), r(true, Some(false), true)],
+            ),
+            (
+                "lease unknown (our etcd away): probes decide",
+                vec![r(true, None, false), r(true, None, false)],
+            ),
+        ];
+        for (name, rounds) in cases {
+            let (mut l, a) = one();
+            let mut now = Instant::now();
+            for (i, round) in rounds.iter().enumerate() {
+                l.sent();
+                if round.replies {
+                    l.reply(a, Duration::from_micros(100));
+                }
+                l.leases(
+                    round
+                        .lease
+                        .map(|present| {
+                            if present {
+                                ["fra-a-1".to_string()].into()
+                            } else {
+                                BTreeSet::new()
+                            }
+                        })
+                        .as_ref(),
+                );
+                l.evaluate(now);
+                assert_eq!(l.peers[&a].down, round.down, "{name}: round {i}");
+                now += PROBE_INTERVAL;
+            }
+        }
+    }
+
+    #[test]
+    fn a_recovered_peer_waits_out_the_hold_down_and_a_miss_restarts_it() {
+        let (mut l, a) = one();
+        let t0 = Instant::now();
+        // It worked once.
+        l.sent();
+        l.reply(a, Duration::from_micros(80));
+        l.evaluate(t0);
+        for _ in 0..5 {
+            l.sent();
+        }
+        assert_eq!(l.evaluate(t0), vec![a]);
+        assert_eq!(l.peers[&a].flags(), why::PROBES);
+        // Answering again: still down (holding down) until 5 s of answers.
+        l.sent();
+        l.reply(a, Duration::from_micros(80));
+        l.evaluate(t0 + Duration::from_secs(1));
+        assert!(l.peers[&a].down);
+        assert_eq!(l.peers[&a].flags(), why::HOLD_DOWN);
+        l.evaluate(t0 + Duration::from_secs(3));
+        assert!(l.peers[&a].down);
+        // A loss in the middle starts the hold-down over.
+        for _ in 0..4 {
+            l.sent();
+        }
+        l.evaluate(t0 + Duration::from_secs(4));
+        l.sent();
+        l.reply(a, Duration::from_micros(80));
+        l.evaluate(t0 + Duration::from_secs(5));
+        assert!(l.peers[&a].down, "hold-down restarted at 5 s");
+        l.evaluate(t0 + Duration::from_millis(9_900));
+        assert!(l.peers[&a].down);
+        assert_eq!(l.evaluate(t0 + Duration::from_secs(10)), vec![a]);
+        assert!(!l.peers[&a].down);
+        assert_eq!(l.peers[&a].transitions, 2);
+        assert!(l.down().is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_never_answered_is_up_at_its_first_answer() {
+        // Not started yet when this agent began: down after its misses, up at once after.
+        let (mut l, a) = one();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            l.sent();
+        }
+        assert_eq!(l.evaluate(t0), vec![a]);
+        l.sent();
+        l.reply(a, Duration::from_micros(80));
+        assert_eq!(l.evaluate(t0 + Duration::from_millis(200)), vec![a]);
+        assert!(!l.peers[&a].down, "no hold-down for a first answer");
+    }
+
+    #[test]
+    fn peers_follow_the_plan() {
+        let (mut l, a) = one();
+        let b = Ipv4Addr::new(10, 50, 2, 31);
+        l.set_peers(&[(b, "ams-a-1".to_string())].into());
+        assert!(!l.peers.contains_key(&a));
+        assert!(!l.peers[&b].down, "a new peer starts up");
+    }
+}

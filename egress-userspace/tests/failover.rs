@@ -1,0 +1,272 @@
+//! End to end, liveness and failover: the lab in fleet mode (etcd leases) with fabric probes;
+//! holders die (agent SIGKILLed and cable out), lose only their fabric, or only their lease,
+//! while clients on other servers open a new connection every 50 ms. Each new connection takes
+//! the first tier that is possible, within 3 s of the fault.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{SERVERS, VIA_FRA_A_1, WantSrc};
+use egress::{
+    config::{Config, DEFAULT_CONFIG},
+    lab::{self, Lab},
+};
+
+/// acme's other share: ams-a-1's range of 192.0.2.10.
+const VIA_AMS_A_1: WantSrc = WantSrc {
+    addr: "192.0.2.10",
+    ports: (32768, 65535),
+};
+/// What the tests give as hold-down (the default is 5 s).
+const HOLD_DOWN: &str = "2";
+
+fn fleet_lab() -> Lab {
+    let mut lab = common::lab(Config::embedded());
+    lab.start_fleet(true).expect("etcd cluster starts");
+    lab.publish(DEFAULT_CONFIG).expect("first publish");
+    for s in SERVERS {
+        lab.start_fleet_agent(s, &["--hold-down", HOLD_DOWN])
+            .unwrap_or_else(|e| panic!("fleet agent {s}: {e:#}"));
+    }
+    lab
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// A client on `server` opening a new connection to `dst` every 50 ms (`count` of them, each
+/// bounded to 1 s), writing "<ms> <answer or FAIL>" per attempt.
+struct Client {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Client {
+    fn start(lab: &Lab, server: &str, dst: std::net::Ipv4Addr, count: u32) -> Client {
+        let out = lab.work_path(&format!("client-{server}-{}.txt", now_ms()));
+        let script = format!(
+            "for i in $(seq 1 {count}); do t=$(date +%s%3N); r=$(curl -s -m 1 http://{dst}/ || echo FAIL); echo \"$t ${{r:-FAIL}}\"; sleep 0.05; done"
+        );
+        let child = lab::netns::command_in(&lab.server_ns(server), "bash")
+            .args(["-c", &script])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Client { child, out }
+    }
+
+    /// Waits for the client; returns (ms, answer) per attempt (None: failed).
+    fn finish(mut self) -> Vec<(u128, Option<(String, u16)>)> {
+        self.child.wait().unwrap();
+        std::fs::read_to_string(&self.out)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (t, r) = l.split_once(' ')?;
+                let seen = (!r.contains("FAIL")).then(|| common::seen(r));
+                Some((t.parse().ok()?, seen))
+            })
+            .collect()
+    }
+}
+
+/// The first attempt after `fault` answered from `want`, and how long after the fault it
+/// started; every later attempt must be answered from `want` too.
+fn failed_over(
+    what: &str,
+    attempts: &[(u128, Option<(String, u16)>)],
+    fault: u128,
+    want: WantSrc,
+) -> Duration {
+    let ok = |s: &Option<(String, u16)>| {
+        s.as_ref().is_some_and(|(src, port)| {
+            src == want.addr && (want.ports.0..=want.ports.1).contains(port)
+        })
+    };
+    let first = attempts
+        .iter()
+        .position(|(t, s)| *t >= fault && ok(s))
+        .unwrap_or_else(|| {
+            panic!("{what}: no connection through the next candidate: {attempts:?}")
+        });
+    let after: Vec<_> = attempts[first..].iter().filter(|(_, s)| !ok(s)).collect();
+    assert!(
+        after.is_empty(),
+        "{what}: failures after the first success: {after:?}"
+    );
+    Duration::from_millis((attempts[first].0 - fault) as u64)
+}
+
+fn metric(lab: &Lab, server: &str, name: &str) -> String {
+    lab.run(
+        &lab.server_ns(server),
+        "curl",
+        &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
+    )
+    .unwrap()
+    .lines()
+    .find(|l| l.starts_with(name))
+    .unwrap_or_else(|| panic!("no metric {name}"))
+    .to_string()
+}
+
+/// Waits until `server` sends new connections to `dst` from `want` again.
+fn back_to(lab: &Lab, server: &str, want: WantSrc, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let ok = lab
+            .curl(server, &format!("http://{}/", lab::ORIGIN_V4_CHECK))
+            .ok()
+            .map(|b| common::seen(&b))
+            .is_some_and(|(src, port)| {
+                src == want.addr && (want.ports.0..=want.ports.1).contains(&port)
+            });
+        if ok {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{server} not back to {want:?} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hold_down() {
+    let mut lab = fleet_lab();
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    common::check_curl(&lab, "fra-b-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+
+    // 1. fra-a-1 dies (agent SIGKILLed, cable out). fra-a-2 (same data center) and fra-b-1
+    //    (same location) go to the nearest location, ams-a-1; a transfer through ams-a-1
+    //    (beta, from sin-a-1) carries on.
+    let transfer = common::Transfer::start(&lab, "sin-a-1", lab::ORIGIN_V4_HIGH, 24 << 20, "4M", 0);
+    let a = Client::start(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK, 100);
+    let b = Client::start(&lab, "fra-b-1", lab::ORIGIN_V4_CHECK, 100);
+    std::thread::sleep(Duration::from_millis(800));
+    let fault = now_ms();
+    lab.kill_agent("fra-a-1").unwrap();
+    lab.set_fabric_port("fra-a-1", false).unwrap();
+    let same_dc = failed_over(
+        "same data center → nearest location",
+        &a.finish(),
+        fault,
+        VIA_AMS_A_1,
+    );
+    let same_loc = failed_over(
+        "same location → nearest location",
+        &b.finish(),
+        fault,
+        VIA_AMS_A_1,
+    );
+    eprintln!("failover: same-dc {same_dc:?}, same-location {same_loc:?}");
+    assert!(same_dc < Duration::from_secs(3), "{same_dc:?}");
+    assert!(same_loc < Duration::from_secs(3), "{same_loc:?}");
+    transfer.finish();
+    assert!(metric(&lab, "fra-a-2", "egress_peer_up{server=\"fra-a-1\"").ends_with(" 0"));
+    // Seen from the maps and from the fleet: which next hop is skipped, and why.
+    let pins = lab.pin_dir("fra-a-2");
+    let explained = lab
+        .run(
+            &lab.server_ns("fra-a-2"),
+            common::EGRESS,
+            &[
+                "explain",
+                "--config",
+                lab.config_path().to_str().unwrap(),
+                "--server",
+                "fra-a-2",
+                "--dst",
+                &lab::ORIGIN_V4_CHECK.to_string(),
+                "--live",
+                "--pin-dir",
+                pins.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(
+        explained.contains("skipped (down): fra-a-1 (10.50.0.11): fabric probes unanswered"),
+        "{explained}"
+    );
+    let status = lab
+        .fleet_cmd(egress::fleet::pki::READER_USER, &["status"])
+        .unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("fra-a-2") && l.contains("sees down: fra-a-1")),
+        "{status}"
+    );
+
+    // Back: cable in, agent restarted; new connections return to fra-a-1 after the hold-down
+    // (not before).
+    lab.set_fabric_port("fra-a-1", true).unwrap();
+    lab.start_fleet_agent("fra-a-1", &["--hold-down", HOLD_DOWN])
+        .unwrap();
+    let back = back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(10));
+    eprintln!("back through fra-a-1 after {back:?}");
+    assert!(
+        back >= Duration::from_millis(1500),
+        "held down first: {back:?}"
+    );
+
+    // 2. Fabric only: fra-a-1's cable out, its agent alive (lease kept).
+    let a = Client::start(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK, 80);
+    std::thread::sleep(Duration::from_millis(500));
+    let fault = now_ms();
+    lab.set_fabric_port("fra-a-1", false).unwrap();
+    let fabric_only = failed_over("fabric-only fault", &a.finish(), fault, VIA_AMS_A_1);
+    eprintln!("failover (fabric only): {fabric_only:?}");
+    assert!(fabric_only < Duration::from_secs(3));
+    lab.set_fabric_port("fra-a-1", true).unwrap();
+    back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(10));
+
+    // 3. Control only: fra-a-1's management link down (its lease lapses; fabric fine).
+    let a = Client::start(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let fault = now_ms();
+    lab.set_mgmt_link("fra-a-1", false).unwrap();
+    let control_only = failed_over("control-only fault", &a.finish(), fault, VIA_AMS_A_1);
+    eprintln!("failover (control only): {control_only:?}");
+    assert!(
+        control_only < Duration::from_secs(4),
+        "lease TTL 2 s + detection: {control_only:?}"
+    );
+    lab.set_mgmt_link("fra-a-1", true).unwrap();
+    back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
+
+    // 4. The last tier: ams-a-1 (beta's only holder) dies; sin-a-1's new beta connections are
+    //    unreachable, dropped and counted, not sent into a dead tunnel.
+    let before = common::counter(&lab, "sin-a-1", "drop_pool_unreachable");
+    lab.kill_agent("ams-a-1").unwrap();
+    lab.set_fabric_port("ams-a-1", false).unwrap();
+    let t = Instant::now();
+    loop {
+        let _ = lab.run(
+            &lab.server_ns("sin-a-1"),
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "0.5",
+                &format!("http://{}/", lab::ORIGIN_V4_HIGH),
+            ],
+        );
+        if common::counter(&lab, "sin-a-1", "drop_pool_unreachable") > before {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "beta unreachable, counted, within 3 s"
+        );
+    }
+    // acme still works from sin-a-1 (nearest location with a live holder: fra).
+    common::check_curl(&lab, "sin-a-1", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+}
