@@ -833,11 +833,19 @@ impl Agent {
                 continue;
             };
             match flows::remove_peer(&mut dp.maps.flows, s.fabric.octets()) {
-                Ok(n) => {
-                    self.peer_resets += n as u64;
-                    if n > 0 {
+                Ok(gone) => {
+                    // Local sockets of forwarded TCP connections are aborted at once (a
+                    // downloading client would otherwise wait on a peer that is gone).
+                    let aborted = gone
+                        .iter()
+                        .filter(|(_, v)| v.kind == egress_common::flow::FLOW_FORWARDED)
+                        .filter(|(k, _)| crate::liveness::abort_socket(k).unwrap_or(false))
+                        .count();
+                    self.peer_resets += gone.len() as u64;
+                    if !gone.is_empty() {
                         warn!(
-                            "{name} died: removed {n} connections through it (their sockets see a reset at their next packet)"
+                            "{name} died: removed {} connections through it; {aborted} local sockets aborted (ECONNABORTED), the others' next packet starts anew",
+                            gone.len()
                         );
                     }
                 }

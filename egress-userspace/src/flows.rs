@@ -459,27 +459,25 @@ pub fn moved(flows: &HashMap<MapData, FlowKey, FlowValue>, k: &FlowKey, was: &Fl
 }
 
 /// Removes every entry of connections through `peer` (forwarded to it, or its own connections
-/// translated here): their translation state died with it. Returns how many connections
-/// (socket-side entries) went. The socket's next packet is then a new connection: it goes by
-/// the current plan to another peer, which has never seen it, and the origin answers a
-/// mid-stream TCP segment with a reset, which reaches the socket.
+/// translated here): their translation state died with it. Returns the connections (their
+/// socket-side entries) that went.
 pub fn remove_peer(
     flows: &mut HashMap<MapData, FlowKey, FlowValue>,
     peer: [u8; 4],
-) -> Result<usize, MapError> {
+) -> Result<Vec<(FlowKey, FlowValue)>, MapError> {
     let doomed: Vec<(FlowKey, FlowValue)> = flows
         .iter()
         .filter_map(Result::ok)
         .filter(|(_, v)| v.tunnel == peer)
         .collect();
-    let mut connections = 0;
-    for (k, v) in &doomed {
+    let mut removed = Vec::new();
+    for (k, v) in doomed {
         // Gone already (its other direction's removal, or the collector) is fine.
-        if flows.remove(k).is_ok() && v.kind != FLOW_REVERSE {
-            connections += 1;
+        if flows.remove(&k).is_ok() && v.kind != FLOW_REVERSE {
+            removed.push((k, v));
         }
     }
-    Ok(connections)
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub struct PeerState {
     pub unanswered: u32,
     /// The lease: Some(present), None: unknown (no etcd).
     pub lease: Option<bool>,
+    /// Whether its lease was ever present: a peer whose agent never started is caught by its
+    /// probes; a lease *gone* is what says an agent died.
+    pub lease_seen: bool,
     /// Since when it has answered every probe with its lease present, after being down.
     pub stable_since: Option<Instant>,
     /// Down for new connections (a signal lost, or holding down).
@@ -72,6 +75,7 @@ impl PeerState {
             name,
             unanswered: 0,
             lease: None,
+            lease_seen: false,
             stable_since: None,
             down: false,
             rtt: None,
@@ -80,13 +84,18 @@ impl PeerState {
         }
     }
 
+    /// Its agent's lease was there and is gone.
+    pub fn lease_lost(&self) -> bool {
+        self.lease_seen && self.lease == Some(false)
+    }
+
     /// The `why` bits now.
     pub fn flags(&self) -> u32 {
         let mut f = 0;
         if self.unanswered >= MISSES {
             f |= why::PROBES;
         }
-        if self.lease == Some(false) {
+        if self.lease_lost() {
             f |= why::LEASE;
         }
         if self.down && f == 0 {
@@ -144,6 +153,7 @@ impl Liveness {
     pub fn leases(&mut self, present: Option<&BTreeSet<String>>) {
         for p in self.peers.values_mut() {
             p.lease = present.map(|s| s.contains(&p.name));
+            p.lease_seen |= p.lease == Some(true);
         }
     }
 
@@ -152,7 +162,7 @@ impl Liveness {
         let mut changed = Vec::new();
         for (a, p) in self.peers.iter_mut() {
             // "Missed" counts probes whose answer is overdue: the one just sent is not.
-            let lost = p.unanswered > MISSES || p.lease == Some(false);
+            let lost = p.unanswered > MISSES || p.lease_lost();
             let down = if lost {
                 p.stable_since = None;
                 true
@@ -399,6 +409,66 @@ pub fn spawn(
                 }
             }
         })
+}
+
+/// Aborts the local TCP socket of `key` (a forwarded connection whose peer died): the
+/// application gets ECONNABORTED at once instead of waiting on a connection that can never
+/// answer (a downloading client sends nothing that could draw a reset). Uses the kernel's
+/// SOCK_DESTROY (netlink sock_diag, as `ss -K` does). Returns whether a socket was destroyed.
+pub fn abort_socket(key: &egress_common::flow::FlowKey) -> std::io::Result<bool> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const SOCK_DESTROY: u16 = 21;
+    let _ = SOCK_DIAG_BY_FAMILY;
+    if key.proto != libc::IPPROTO_TCP as u8 || key.family != 4 {
+        return Ok(false);
+    }
+    // SAFETY: plain socket call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned to us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16) + inet_diag_req_v2 (56).
+    let mut m = [0u8; 72];
+    m[0..4].copy_from_slice(&72u32.to_ne_bytes());
+    m[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    m[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    let r = &mut m[16..];
+    r[0] = libc::AF_INET as u8; // sdiag_family
+    r[1] = libc::IPPROTO_TCP as u8; // sdiag_protocol
+    r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    // inet_diag_sockid: sport, dport (network order), src[4], dst[4], if, cookie.
+    r[8..10].copy_from_slice(&key.src_port_be.to_ne_bytes());
+    r[10..12].copy_from_slice(&key.dst_port_be.to_ne_bytes());
+    r[12..16].copy_from_slice(&key.src[..4]);
+    r[28..32].copy_from_slice(&key.dst[..4]);
+    r[48..56].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    // SAFETY: a valid buffer of the size passed.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut ack = [0u8; 256];
+    // SAFETY: a valid buffer of the size passed.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+    if n < 20 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // NLMSG_ERROR with error 0: destroyed; -ENOENT: no such socket (not local, or gone).
+    let error = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+    match -error {
+        0 => Ok(true),
+        libc::ENOENT => Ok(false),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
 }
 
 #[cfg(test)]

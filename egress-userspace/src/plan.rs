@@ -626,6 +626,102 @@ shares = [{ server = "sin-a-1", ports = "1024-65535" }]
         }
     }
 
+    /// With servers down: the planner skips them, tier by tier, down to unreachable.
+    #[test]
+    fn down_holders_are_skipped_tier_by_tier() {
+        let t = topo("");
+        // (case, server, pool, servers down, tier, next hops)
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a [&'a str],
+            Tier,
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
+            (
+                "same data center holder down: nearest location",
+                "fra-a-2",
+                "acme",
+                &["fra-a-1"],
+                Tier::NearestLocation,
+                &["ams-a-1"],
+            ),
+            (
+                "same location holder down: nearest location",
+                "fra-b-1",
+                "acme",
+                &["fra-a-1"],
+                Tier::NearestLocation,
+                &["ams-a-1"],
+            ),
+            (
+                "one of two nearest holders down: the other",
+                "fra-a-1",
+                "gamma",
+                &["ams-a-2"],
+                Tier::NearestLocation,
+                &["ams-a-1"],
+            ),
+            (
+                "every holder of the nearest location down: the next location",
+                "fra-a-1",
+                "gamma",
+                &["ams-a-1", "ams-a-2"],
+                Tier::NearestLocation,
+                &["sin-a-1"],
+            ),
+            (
+                "every holder down: unreachable",
+                "fra-a-1",
+                "beta",
+                &["fra-b-1"],
+                Tier::Unreachable,
+                &[],
+            ),
+            (
+                "a server never skips itself",
+                "fra-a-1",
+                "acme",
+                &["fra-a-1", "ams-a-1"],
+                Tier::SameServer,
+                &[],
+            ),
+            (
+                "someone else down changes nothing",
+                "fra-a-2",
+                "acme",
+                &["sin-a-1"],
+                Tier::SameDatacenter,
+                &["fra-a-1"],
+            ),
+        ];
+        for (name, server, pool, down, tier, want) in cases {
+            let down: BTreeMap<String, u32> = down.iter().map(|d| (d.to_string(), 1)).collect();
+            let p = plan_with(&t, server, &down);
+            let e = entry(&p, pool, Family::Ipv4);
+            assert_eq!(e.tier, *tier, "{name}");
+            assert_eq!(hops(e), *want, "{name}");
+            // Down peers are marked in PEERS, the rest not.
+            let m = map_contents(&t, &p);
+            for (k, peer) in &m.peers {
+                let s = t
+                    .config
+                    .servers
+                    .iter()
+                    .find(|s| s.fabric.octets() == k.addr)
+                    .unwrap();
+                assert_eq!(
+                    peer.flags != 0,
+                    down.contains_key(&s.name),
+                    "{name}: {}",
+                    s.name
+                );
+            }
+        }
+    }
+
     #[test]
     fn several_shares_sorted_by_address_then_port() {
         let p = plan(&topo(""), "fra-a-1");

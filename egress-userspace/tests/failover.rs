@@ -5,12 +5,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{SERVERS, VIA_FRA_A_1, WantSrc};
 use egress::{
     config::{Config, DEFAULT_CONFIG},
-    lab::{self, Lab},
+    lab::{
+        self, Lab,
+        attempts::{self, Attempt, Attempts, now_ms},
+    },
 };
 
 /// acme's other share: ams-a-1's range of 192.0.2.10.
@@ -32,75 +35,21 @@ fn fleet_lab() -> Lab {
     lab
 }
 
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-}
-
-/// A client on `server` opening a new connection to `dst` every 50 ms (`count` of them, each
-/// bounded to 1 s), writing "<ms> <answer or FAIL>" per attempt.
-struct Client {
-    child: std::process::Child,
-    out: std::path::PathBuf,
-}
+/// Attempts every 50 ms, each bounded to 1 s.
+struct Client(Attempts);
 
 impl Client {
     fn start(lab: &Lab, server: &str, dst: std::net::Ipv4Addr, count: u32) -> Client {
-        let out = lab.work_path(&format!("client-{server}-{}.txt", now_ms()));
-        let script = format!(
-            "for i in $(seq 1 {count}); do t=$(date +%s%3N); r=$(curl -s -m 1 http://{dst}/ || echo FAIL); echo \"$t ${{r:-FAIL}}\"; sleep 0.05; done"
-        );
-        let child = lab::netns::command_in(&lab.server_ns(server), "bash")
-            .args(["-c", &script])
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Client { child, out }
+        Client(Attempts::start(lab, server, dst, count, Duration::from_secs(1)).unwrap())
     }
-
-    /// Waits for the client; returns (ms, answer) per attempt (None: failed).
-    fn finish(mut self) -> Vec<(u128, Option<(String, u16)>)> {
-        self.child.wait().unwrap();
-        std::fs::read_to_string(&self.out)
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let (t, r) = l.split_once(' ')?;
-                let seen = (!r.contains("FAIL")).then(|| common::seen(r));
-                Some((t.parse().ok()?, seen))
-            })
-            .collect()
+    fn finish(self) -> Vec<Attempt> {
+        self.0.finish().unwrap()
     }
 }
 
-/// The first attempt after `fault` answered from `want`, and how long after the fault it
-/// started; every later attempt must be answered from `want` too.
-fn failed_over(
-    what: &str,
-    attempts: &[(u128, Option<(String, u16)>)],
-    fault: u128,
-    want: WantSrc,
-) -> Duration {
-    let ok = |s: &Option<(String, u16)>| {
-        s.as_ref().is_some_and(|(src, port)| {
-            src == want.addr && (want.ports.0..=want.ports.1).contains(port)
-        })
-    };
-    let first = attempts
-        .iter()
-        .position(|(t, s)| *t >= fault && ok(s))
-        .unwrap_or_else(|| {
-            panic!("{what}: no connection through the next candidate: {attempts:?}")
-        });
-    let after: Vec<_> = attempts[first..].iter().filter(|(_, s)| !ok(s)).collect();
-    assert!(
-        after.is_empty(),
-        "{what}: failures after the first success: {after:?}"
-    );
-    Duration::from_millis((attempts[first].0 - fault) as u64)
+fn failed_over(what: &str, attempts: &[Attempt], fault: u128, want: WantSrc) -> Duration {
+    attempts::failed_over(attempts, fault, want.addr, want.ports)
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 fn metric(lab: &Lab, server: &str, name: &str) -> String {
@@ -150,10 +99,46 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     let transfer = common::Transfer::start(&lab, "sin-a-1", lab::ORIGIN_V4_HIGH, 24 << 20, "4M", 0);
     let a = Client::start(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK, 100);
     let b = Client::start(&lab, "fra-b-1", lab::ORIGIN_V4_CHECK, 100);
+    // A download through fra-a-1 when it dies: it cannot be saved, but must not hang.
+    let mut doomed = lab::netns::command_in(&lab.server_ns("fra-a-2"), "curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            "--limit-rate",
+            "1M",
+            "-o",
+            "/dev/null",
+        ])
+        .arg(format!("http://{}/bytes/{}", lab::ORIGIN_V4, 100u64 << 20))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let fault = now_ms();
+    let t_fault = Instant::now();
     lab.kill_agent("fra-a-1").unwrap();
     lab.set_fabric_port("fra-a-1", false).unwrap();
+    let ended = loop {
+        if let Some(status) = doomed.try_wait().unwrap() {
+            break (t_fault.elapsed(), status);
+        }
+        assert!(
+            t_fault.elapsed() < Duration::from_secs(10),
+            "the download through the dead peer hangs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut why = String::new();
+    std::io::Read::read_to_string(&mut doomed.stderr.take().unwrap(), &mut why).unwrap();
+    eprintln!(
+        "download through the dead peer ended after {:?}: {}",
+        ended.0,
+        why.trim()
+    );
+    assert!(!ended.1.success());
+    assert!(why.contains("abort"), "{why}");
+    assert!(ended.0 < Duration::from_secs(3), "{:?}", ended.0);
     let same_dc = failed_over(
         "same data center → nearest location",
         &a.finish(),

@@ -4,6 +4,7 @@
 //! scale. Writes `report.json`, `report.md` and `ratios.png`.
 
 pub mod e2e;
+pub mod failover;
 pub mod fleet;
 pub mod flood;
 pub mod perpacket;
@@ -47,6 +48,7 @@ pub struct Report {
     pub end_to_end: Vec<e2e::Row>,
     pub flood: flood::Flood,
     pub fleet: fleet::Fleet,
+    pub failover: failover::Failover,
     pub scale: scale::Scale,
     pub targets: Vec<Target>,
 }
@@ -115,6 +117,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     } else {
         fleet::measure(&opts.egress_bin, 200, 10)?
     };
+    eprintln!("[bench] failover");
+    let failover = failover::measure(&opts.egress_bin, if opts.quick { 1 } else { 5 })?;
     let mut r = Report {
         date: today(),
         machine: machine(),
@@ -123,6 +127,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         end_to_end,
         flood,
         fleet,
+        failover,
         scale,
         targets: vec![],
     };

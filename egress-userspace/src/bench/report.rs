@@ -80,6 +80,20 @@ pub fn targets(r: &Report) -> Vec<Target> {
         measured: format!("{:.0} ms", f.max_ms),
         met: f.max_ms < 1000.0,
     });
+    for k in &r.failover.kinds {
+        t.push(Target {
+            name: format!("failover, {}: p50", k.name),
+            goal: "< 1 s".into(),
+            measured: format!("{:.0} ms", k.p50_ms),
+            met: k.p50_ms < 1000.0,
+        });
+        t.push(Target {
+            name: format!("failover, {}: max", k.name),
+            goal: "< 3 s".into(),
+            measured: format!("{:.0} ms", k.max_ms),
+            met: k.max_ms < 3000.0,
+        });
+    }
     let pl = &r.scale.planner;
     let total = pl.validate_ms + pl.plan_ms + pl.map_contents_ms;
     t.push(Target {
@@ -115,6 +129,7 @@ pub fn markdown(r: &Report) -> String {
     s.push_str(&per_packet_table(r));
     s.push_str(&super::flood::markdown(&r.flood));
     s.push_str(&super::fleet::markdown(&r.fleet));
+    s.push_str(&super::failover::markdown(&r.failover));
     let (pl, px, fl) = (&r.scale.planner, &r.scale.prefixes, &r.scale.flows);
     let _ = writeln!(s, "## Scale\n");
     let _ = writeln!(
@@ -255,6 +270,7 @@ pub fn performance_section(r: &Report) -> String {
     s.push_str(&per_packet_table(r).replacen("## ", "#### ", 1));
     s.push_str(&super::flood::markdown(&r.flood).replacen("## ", "#### ", 1));
     s.push_str(&super::fleet::markdown(&r.fleet).replacen("## ", "#### ", 1));
+    s.push_str(&super::failover::markdown(&r.failover).replacen("## ", "#### ", 1));
     let missed: Vec<&Target> = r.targets.iter().filter(|t| !t.met).collect();
     let _ = writeln!(
         s,

@@ -14,9 +14,20 @@ pub struct Args {
     /// Only the fleet convergence section, printed (no report written): for working on it.
     #[arg(long, hide = true)]
     fleet_only: bool,
+    /// Only the failover section, printed (no report written): for working on it.
+    #[arg(long, hide = true)]
+    failover_only: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.failover_only {
+        let f = crate::bench::failover::measure(
+            &std::env::current_exe()?,
+            if args.quick { 1 } else { 5 },
+        )?;
+        println!("{}", crate::bench::failover::markdown(&f));
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.fleet_only {
         let (sims, rounds) = if args.quick { (10, 2) } else { (200, 10) };
         let f = crate::bench::fleet::measure(&std::env::current_exe()?, sims, rounds)?;

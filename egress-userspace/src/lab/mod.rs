@@ -7,6 +7,7 @@
 //! prefix; dropping the [`Lab`] (also while panicking) kills what it started and removes
 //! everything, and [`down_leftovers`] removes what crashed runs left behind.
 
+pub mod attempts;
 pub mod fleet;
 pub mod netns;
 pub mod origin;
