@@ -199,9 +199,11 @@ impl Liveness {
     }
 }
 
-/// The probe's payload after the inner IPv4 header: magic, sequence, send time.
+/// The probe's payload after the inner IPv4 header: magic, sequence, send time, and this
+/// prober's random token (a reply must carry it: one forged by someone who never saw a probe
+/// cannot keep a dead peer alive).
 const MAGIC: u32 = 0x4547_5052; // "EGPR"
-const PAYLOAD: usize = 16;
+const PAYLOAD: usize = 24;
 const GRE_LEN: usize = 8;
 const INNER: usize = 20;
 /// The inner header's protocol: 253, reserved for experimentation (RFC 3692).
@@ -214,6 +216,7 @@ pub struct Prober {
     fabric: Ipv4Addr,
     seq: u32,
     epoch: Instant,
+    token: [u8; 8],
 }
 
 impl Prober {
@@ -244,11 +247,14 @@ impl Prober {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        let mut token = [0u8; 8];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut token)?;
         Ok(Self {
             fd,
             fabric,
             seq: 0,
             epoch: Instant::now(),
+            token,
         })
     }
 
@@ -278,6 +284,7 @@ impl Prober {
         p[4..8].copy_from_slice(&self.seq.to_be_bytes());
         let sent = self.epoch.elapsed().as_nanos() as u64;
         p[8..16].copy_from_slice(&sent.to_be_bytes());
+        p[16..24].copy_from_slice(&self.token);
         let to = sockaddr(peer);
         // SAFETY: a valid buffer and sockaddr_in of the sizes passed.
         let rc = unsafe {
@@ -344,7 +351,7 @@ impl Prober {
             return None;
         }
         let p = b.get(ihl + GRE_LEN + INNER..ihl + GRE_LEN + INNER + PAYLOAD)?;
-        if u32::from_be_bytes(p[0..4].try_into().ok()?) != MAGIC {
+        if u32::from_be_bytes(p[0..4].try_into().ok()?) != MAGIC || p[16..24] != self.token {
             return None;
         }
         let sent = u64::from_be_bytes(p[8..16].try_into().ok()?);
