@@ -24,6 +24,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 pub const MISSES: u32 = 3;
 /// Default time a recovered peer must stay answering before it takes new connections again.
 pub const HOLD_DOWN: Duration = Duration::from_secs(5);
+/// A peer that never answered yet gets this long, from when it is first watched, before its
+/// missed probes count: agents of a fleet (or a lab) start one after the other.
+pub const GRACE: Duration = Duration::from_secs(3);
 
 /// Why a peer is down (bits of `egress_common::fabric::Peer::flags`).
 pub mod why {
@@ -67,6 +70,8 @@ pub struct PeerState {
     /// began watching) is up at its first answer, with no hold-down; the hold-down is for
     /// peers that worked, failed, and came back.
     pub proven: bool,
+    /// When this agent began watching it.
+    pub watched_since: Instant,
 }
 
 impl PeerState {
@@ -81,6 +86,7 @@ impl PeerState {
             rtt: None,
             transitions: 0,
             proven: false,
+            watched_since: Instant::now(),
         }
     }
 
@@ -92,7 +98,7 @@ impl PeerState {
     /// The `why` bits now.
     pub fn flags(&self) -> u32 {
         let mut f = 0;
-        if self.unanswered >= MISSES {
+        if self.unanswered > MISSES {
             f |= why::PROBES;
         }
         if self.lease_lost() {
@@ -161,8 +167,11 @@ impl Liveness {
     pub fn evaluate(&mut self, now: Instant) -> Vec<Ipv4Addr> {
         let mut changed = Vec::new();
         for (a, p) in self.peers.iter_mut() {
-            // "Missed" counts probes whose answer is overdue: the one just sent is not.
-            let lost = p.unanswered > MISSES || p.lease_lost();
+            // "Missed" counts probes whose answer is overdue: the one just sent is not. A peer
+            // that never answered gets a grace period first.
+            let missed = p.unanswered > MISSES
+                && (p.proven || now.saturating_duration_since(p.watched_since) >= GRACE);
+            let lost = missed || p.lease_lost();
             let down = if lost {
                 p.stable_since = None;
                 true
@@ -611,10 +620,11 @@ mod tests {
         for _ in 0..5 {
             l.sent();
         }
-        assert_eq!(l.evaluate(t0), vec![a]);
+        assert!(l.evaluate(t0).is_empty(), "within its grace");
+        assert_eq!(l.evaluate(t0 + GRACE), vec![a]);
         l.sent();
         l.reply(a, Duration::from_micros(80));
-        assert_eq!(l.evaluate(t0 + Duration::from_millis(200)), vec![a]);
+        assert_eq!(l.evaluate(t0 + GRACE + PROBE_INTERVAL), vec![a]);
         assert!(!l.peers[&a].down, "no hold-down for a first answer");
     }
 
