@@ -220,6 +220,58 @@ fn metrics_move_with_traffic() {
     );
 }
 
+/// The default topology plus `extra` pools of one address each (a server holds them).
+fn with_pools(extra: u32) -> String {
+    let mut text = egress::config::DEFAULT_CONFIG.to_string();
+    for i in 0..extra {
+        let a = std::net::Ipv4Addr::from(0x6440_0000 + i);
+        text.push_str(&format!(
+            "\n[[pools]]\nname = \"p{i}\"\nid = {}\n[[pools.ipv4]]\naddress = \"{a}\"\nshares = [{{ server = \"sin-a-1\", ports = \"1024-65535\" }}]\n",
+            100_000 + i
+        ));
+    }
+    text
+}
+
+/// A topology too large for the maps (half of OWNERS per plan: the next plan is written beside
+/// the one in force) is refused naming the map, at start and on reload, before anything is
+/// written; the plan in force stays.
+#[test]
+fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
+    let over = egress_common::fabric::OWNERS_CAPACITY / 2 + 1;
+    let mut lab = common::lab_with_agents(&["fra-a-1"]);
+    let said = lab.reload_text(&with_pools(over)).unwrap();
+    assert!(
+        said[0].contains("rejected") && said[0].contains("do not fit map OWNERS"),
+        "{}",
+        said[0]
+    );
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    // At start: exit 2-like refusal with the map named, nothing loaded for that server.
+    let file = lab.work_dir().join("over.toml");
+    std::fs::write(&file, with_pools(over)).unwrap();
+    let pins = lab.work_dir().join("pins-over");
+    let err = lab
+        .run(
+            &lab.server_ns("fra-a-2"),
+            common::EGRESS,
+            &[
+                "agent",
+                "--no-metrics",
+                "--config",
+                file.to_str().unwrap(),
+                "--server",
+                "fra-a-2",
+                "--pin-dir",
+                pins.to_str().unwrap(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not fit map OWNERS"), "{err}");
+    assert!(!pins.exists(), "nothing pinned");
+}
+
 #[test]
 fn an_invalid_config_on_reload_keeps_the_old_plan() {
     let mut lab = common::lab_with_agents(&["fra-a-1"]);
