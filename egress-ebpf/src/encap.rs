@@ -163,7 +163,12 @@ pub fn gre_key(ctx: &TcContext, outer: &Ip) -> Result<u32, Stat> {
     let h: [u8; 8] = ctx.load(outer.l4_off).map_err(|_| Stat::GreMalformed)?;
     let flags = u16::from_be_bytes([h[0], h[1]]);
     let proto = u16::from_be_bytes([h[2], h[3]]);
-    if flags != GRE_FLAG_KEY || proto != ETH_P_IP || outer.l4_off != ETH_LEN + 20 {
+    // The key must be in the packet, not in the frame's padding after it.
+    if flags != GRE_FLAG_KEY
+        || proto != ETH_P_IP
+        || outer.l4_off != ETH_LEN + 20
+        || outer.l4_off + 8 > outer.end
+    {
         return Err(Stat::GreMalformed);
     }
     Ok(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))

@@ -605,10 +605,14 @@ pub fn tc_tunnel(ctx: TcContext) -> i32 {
 fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
     let outer = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
     let from = tunnel_source(ctx, &outer)?;
+    let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
+    // The inner packet lies within the outer one (not in the frame's padding after it).
+    if ip.end > outer.end {
+        return Ok(Verdict::Drop(Stat::GreMalformed));
+    }
     if from.kind == tunnel::PROBE {
         return probe(ctx, &outer, &from);
     }
-    let ip = parse::ipv4(ctx, INNER_OFF).map_err(|_| Verdict::Drop(Stat::GreMalformed))?;
     if icmp::is_error(ctx, &ip) {
         return Ok(jump(ctx, JUMP_ICMP_ERROR));
     }

@@ -106,6 +106,12 @@ fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'sta
         (counter == "peer_snat", "tunnel peer SNAT"),
         (counter == "forwarded_reply", "tunnel forwarded reply"),
         (counter == "soft_unicast", "soft-unicast"),
+        (
+            counter == "drop_owner_down",
+            "soft-unicast to an owner down",
+        ),
+        (counter == "probe_echoed", "tunnel probe request echoed"),
+        (counter == "probe_reply", "tunnel probe reply passed"),
         (rule.starts_with("icmp"), "ICMP errors"),
         (rule.starts_with("fragments"), "fragments"),
         (
@@ -764,6 +770,14 @@ fn differential() {
         topos.push(cases::topology(&mut trng, &format!("generated-{n}")));
     }
     topos.push(Topo::new("catch-all", cases::CATCH_ALL_TOPOLOGY).expect("catch-all topology"));
+    let down = cases::CATCH_ALL_DOWN
+        .iter()
+        .map(|(s, f)| (s.to_string(), *f))
+        .collect();
+    topos.push(
+        Topo::with_down("catch-all", cases::CATCH_ALL_TOPOLOGY, &down)
+            .expect("catch-all topology, peers down"),
+    );
     let mut dp = TestDatapath::fixture(&net, testrun::FIXTURE_TOPOLOGY).expect("programs load");
     let local = egress_common::fabric::Local {
         fabric: cases::FABRIC,
@@ -1104,6 +1118,9 @@ fn families_all() -> Vec<&'static str> {
         "tunnel peer SNAT",
         "tunnel forwarded reply",
         "soft-unicast",
+        "soft-unicast to an owner down",
+        "tunnel probe request echoed",
+        "tunnel probe reply passed",
         "ICMP errors",
         "fragments",
         "drops",

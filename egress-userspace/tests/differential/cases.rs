@@ -1,7 +1,10 @@
 //! Seeded generation of topologies, flow-table states and packets for the differential test.
 //! Packets are built here with checksums computed from scratch.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use egress::{
     config::Config,
@@ -10,7 +13,7 @@ use egress::{
 };
 use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
-    fabric::Owners,
+    fabric::{AddrKey, Owners},
     flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     policy::MARK_BITS,
 };
@@ -310,16 +313,20 @@ pub fn ip_tp(src: IpAddr, dst: IpAddr, h: &V4, tp: &Tp) -> Vec<u8> {
 }
 
 /// *Tunnel keys*: `kind << 30 | pool id`.
+pub const KIND_PROBE: u32 = 0;
 pub const KIND_CONNECTION: u32 = 1;
 pub const KIND_SOFT_UNICAST: u32 = 2;
 pub const KIND_REPLY: u32 = 3;
+/// Kind *probe*: the pool bits of a request and of a reply.
+pub const PROBE_REQUEST: u32 = 1;
+pub const PROBE_REPLY: u32 = 2;
 
 fn kind_name(kind: u32) -> &'static str {
     match kind {
         KIND_CONNECTION => "connection",
         KIND_SOFT_UNICAST => "soft-unicast",
         KIND_REPLY => "reply",
-        _ => "0",
+        _ => "probe",
     }
 }
 
@@ -382,10 +389,23 @@ pub const FABRIC: [u8; 4] = [10, 50, 0, 11];
 
 impl Topo {
     pub fn new(name: &str, toml: &str) -> Result<Topo, String> {
+        Topo::with_down(name, toml, &BTreeMap::new())
+    }
+
+    /// Planned with the servers of `down` seen down by `a` (`PEERS` flags: 1 fabric probes
+    /// unanswered, 2 agent lease gone, 4 holding down): skipped as next hops, marked in `PEERS`.
+    /// The name says who is down.
+    pub fn with_down(name: &str, toml: &str, down: &BTreeMap<String, u32>) -> Result<Topo, String> {
         let config = Config::parse(toml, name).map_err(|e| e.to_string())?;
         let topology = validate::validate(&config).map_err(|e| e.to_string())?;
-        let p = plan::plan(&topology, "a");
+        let p = plan::plan_with(&topology, "a", down);
         let contents = plan::map_contents(&topology, &p);
+        let name = if down.is_empty() {
+            name.to_string()
+        } else {
+            let d: Vec<String> = down.iter().map(|(s, f)| format!("{s} flags {f}")).collect();
+            format!("{name} (down: {})", d.join(", "))
+        };
         let mut policies = Vec::new();
         for ((plen, k), v) in &contents.policies_v4 {
             let net = IpNet::new(IpAddr::from(k.addr), (plen - MARK_BITS) as u8).unwrap();
@@ -396,7 +416,7 @@ impl Topo {
             policies.push((u32::from_be(k.mark_be), net, v.pool));
         }
         Ok(Topo {
-            name: name.to_string(),
+            name,
             toml: toml.to_string(),
             actions: contents.actions.iter().map(|(k, v)| (*k, *v)).collect(),
             owners: contents.owners.iter().map(|(k, v)| (k.addr, *v)).collect(),
@@ -521,6 +541,11 @@ pool = "nearby"
 destinations = ["198.51.100.0/24"]
 "#;
 
+/// Who server `a` sees down in the catch-all topology's second plan: `b` (its probes go
+/// unanswered) and `d` (and holding down) are down for soft-unicast; `c`'s lease is gone but its
+/// probes are answered (flag 2 only): soft-unicast still goes to it.
+pub const CATCH_ALL_DOWN: [(&str, u32); 3] = [("b", 1), ("c", 2), ("d", 1 | 4)];
+
 pub const SERVERS: [(&str, u32, &str); 5] = [
     ("a", 11, "d1"),
     ("b", 12, "d1"),
@@ -545,16 +570,32 @@ const DESTINATIONS: [&str; 13] = [
     "2001:db8:beef::1",
 ];
 
-/// A random valid topology (retries until it validates).
+/// A random valid topology (retries until it validates), sometimes planned with servers
+/// seen down.
 pub fn topology(rng: &mut Rng, name: &str) -> Topo {
     for _ in 0..200 {
         let toml = topology_toml(rng);
-        match Topo::new(name, &toml) {
+        let down = down_servers(rng);
+        match Topo::with_down(name, &toml, &down) {
             Ok(t) => return t,
             Err(_) => continue,
         }
     }
     panic!("no valid topology generated in 200 tries");
+}
+
+/// Servers other than `a` seen down (often none), each with its `PEERS` flags: mostly with
+/// flag 1 (probes unanswered: soft-unicast to it is dropped), sometimes only the others.
+fn down_servers(rng: &mut Rng) -> BTreeMap<String, u32> {
+    let mut down = BTreeMap::new();
+    if rng.chance(50) {
+        for (name, ..) in &SERVERS[1..] {
+            if rng.chance(40) {
+                down.insert(name.to_string(), *rng.pick(&[1u32, 1, 1, 3, 5, 7, 2, 4, 6]));
+            }
+        }
+    }
+    down
 }
 
 fn topology_toml(rng: &mut Rng) -> String {
@@ -1025,8 +1066,10 @@ impl G<'_> {
                 k
             }
             _ => {
-                self.tag("kind 0");
-                0
+                // Kind *probe*: with this pool's bits (refused) or a probe's.
+                let bits = *self.r.pick(&[pool, pool, PROBE_REQUEST, PROBE_REPLY]);
+                self.tag(format!("kind probe, pool bits {bits:#x}"));
+                return KIND_PROBE << 30 | bits;
             }
         };
         kind << 30 | pool
@@ -1182,6 +1225,18 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         class: Vec::new(),
     };
     let roll = g.r.below(100);
+    if matches!(roll, 94 | 95) {
+        let mut steps = gre_probe(&mut g);
+        if g.r.chance(30) {
+            g.noise();
+        }
+        tag_sequence(&mut g, &mut steps);
+        return Case {
+            class: g.class.join(" / "),
+            steps,
+            flows: g.flows,
+        };
+    }
     if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
         let mut steps = second_peer(&mut g);
         tag_sequence(&mut g, &mut steps);
@@ -1213,14 +1268,16 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         43..=46 => malformed(&mut g),
         47..=49 => egress_big(&mut g),
         50..=52 => egress_exhaustion(&mut g),
-        53..=62 => ingress_reply(&mut g),
+        53..=61 => ingress_reply(&mut g),
+        62 => ingress_soft_unicast(&mut g),
         63..=71 => ingress_icmp_error(&mut g),
         72..=75 => gre_peer(&mut g),
         76 | 77 => gre_stray(&mut g),
         78..=82 => gre_reply(&mut g),
         83..=86 => gre_forwarded_reply(&mut g),
         87..=89 => gre_icmp_error(&mut g),
-        90..=95 => gre_malformed(&mut g),
+        90..=93 => gre_malformed(&mut g),
+        94 | 95 => unreachable!("probes"),
         _ => ingress_misc(&mut g),
     };
     if g.r.chance(4) && packet.len() < 60 {
@@ -2139,6 +2196,60 @@ fn ingress_reply(g: &mut G) -> Gen {
     (true, g.r.next() as u32, ip_frame(&ip_tp(from, to, &h, &tp)))
 }
 
+/// A packet from the internet to a port of a pool address another server owns, which nothing
+/// here explains: soft-unicast to the owner, or dropped when the owner's `PEERS` flags say its
+/// probes go unanswered.
+fn ingress_soft_unicast(g: &mut G) -> Gen {
+    g.tag("ingress to another's port");
+    let Some((to, port, _)) = g.others_port() else {
+        return ingress_reply(g);
+    };
+    let owner =
+        g.t.owners
+            .iter()
+            .find(|(a, _)| *a == to)
+            .and_then(|(_, o)| {
+                o.ranges[..o.count as usize]
+                    .iter()
+                    .find(|r| (r.port_min..=r.port_max).contains(&port))
+                    .map(|r| r.fabric)
+            });
+    let flags = owner
+        .and_then(|f| g.t.contents.peers.get(&AddrKey::new(f, 0)))
+        .map_or(0, |p| p.flags);
+    g.tag(if flags & 1 != 0 {
+        "owner's probes unanswered"
+    } else if flags != 0 {
+        "owner down, probes answered"
+    } else {
+        "owner up"
+    });
+    let from = if g.r.chance(70) {
+        g.dst(false).0
+    } else {
+        g.remote(false)
+    };
+    let rport = g.port();
+    let tp = match g.r.below(10) {
+        0..=4 => {
+            let f =
+                *g.r.pick(&[TCP_SYN | TCP_ACK, TCP_ACK, TCP_PSH | TCP_ACK, TCP_RST]);
+            g.tcp(rport, port, Some(f))
+        }
+        5..=7 => g.udp(rport, port),
+        _ => {
+            g.tag("echo reply");
+            let b = g.payload();
+            Tp::echo(false, false, port, 4, b)
+        }
+    };
+    (
+        true,
+        g.r.next() as u32,
+        ip_frame(&ip_tp(from, v4(to), &g.hop_hdr(), &tp)),
+    )
+}
+
 /// A packet in a tunnel to a pool address (a reply or soft-unicast packet nothing here
 /// explains: no reverse entry): a peer's packet to a pool address never becomes a connection.
 fn gre_stray(g: &mut G) -> Gen {
@@ -2717,6 +2828,140 @@ fn gre_malformed(g: &mut G) -> Gen {
     }
     let p = gre_packet(src, FABRIC.into(), &h, flags, proto, key, &inner);
     (true, g.r.next() as u32, ip_frame(&p))
+}
+
+/// A liveness probe (GRE key kind *probe*) from a peer: a request (pool bits 1), echoed to its
+/// sender under a fresh outer header; a reply (pool bits 2), passed to this host unchanged;
+/// other pool bits, refused. What a probe carries is not looked at (any transport, an inner
+/// fragment or ICMP error, an inner TTL of 0 or 1: not a hop), but it must be IPv4. Sometimes
+/// the programs' echo runs on egress next (own GRE: passed).
+fn gre_probe(g: &mut G) -> Vec<Step> {
+    g.tag("GRE probe");
+    let bits = match g.r.below(10) {
+        0..=4 => {
+            g.tag("request");
+            PROBE_REQUEST
+        }
+        5..=7 => {
+            g.tag("reply");
+            PROBE_REPLY
+        }
+        _ => {
+            let pool = *g.r.pick(&g.t.pool_ids());
+            let bits = *g.r.pick(&[0u32, 3, 4, 0x0102_0304, (1 << 30) - 1, pool]);
+            g.tag(format!("pool bits {bits:#x}"));
+            bits
+        }
+    };
+    let (src, mut h) = gre_outer(g);
+    let dst = if g.r.chance(5) {
+        g.tag("not to this server");
+        Ipv4Addr::new(10, 50, 0, 40)
+    } else {
+        FABRIC.into()
+    };
+    let (mut flags, mut proto) = (0x2000u16, 0x0800u16);
+    // What it carries: mostly the prober's datagram between the two fabric addresses.
+    let (isrc, idst): (IpAddr, IpAddr) = if g.r.chance(80) {
+        (src.into(), FABRIC.into())
+    } else {
+        (g.remote(false), g.local(false))
+    };
+    let (sp, dp) = (g.port(), g.port());
+    let tp = match g.r.below(10) {
+        0..=5 => {
+            g.tag("udp token");
+            let n = *g.r.pick(&[8usize, 16, 24]);
+            Tp::Udp {
+                sport: sp,
+                dport: dp,
+                payload: g.r.bytes(n),
+                zero_csum: false,
+            }
+        }
+        6 => g.udp(sp, dp),
+        7 => g.tcp(sp, dp, None),
+        8 => {
+            g.tag("echo request");
+            let b = g.payload();
+            Tp::echo(false, true, sp, 9, b)
+        }
+        _ => g.other_tp(false),
+    };
+    if g.r.chance(15) {
+        // A reverse entry under the inner tuple: no flow entry is read or written.
+        let tunnel = g.tunnel();
+        let (a, b) = tp.reply_ports();
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let (orig, oport) = (g.local(false), g.r.u16());
+        g.tag("an entry under the inner tuple");
+        g.flows.push((
+            fkey(isrc, idst, a, b, tp.proto(false)),
+            fval(FLOW_REVERSE, orig, oport, pool, tunnel, 0),
+        ));
+    }
+    let ih = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let mut inner = if g.r.chance(8) {
+        g.tag("inner later fragment");
+        let seg = segment(isrc, idst, &tp);
+        let hh = V4 {
+            frag: 0x2000 | 5,
+            ..ih
+        };
+        ip_packet(isrc, idst, tp.proto(false), &hh, &seg)
+    } else {
+        ip_tp(isrc, idst, &ih, &tp)
+    };
+    match g.r.below(25) {
+        0 => {
+            g.tag("inner IHL 4");
+            inner[0] = 0x44;
+        }
+        1 => {
+            g.tag("inner version 6");
+            inner[0] = 0x65;
+        }
+        2 => {
+            g.tag("inner cut inside its header");
+            inner.truncate(g.r.range(0, 19) as usize);
+        }
+        3 => {
+            g.tag("outer options");
+            h.options = vec![1, 1, 1, 0];
+        }
+        4 => {
+            flags = *g.r.pick(&[0x0000u16, 0x3000, 0xa000, 0x2001]);
+            g.tag(format!("flags {flags:#06x}"));
+        }
+        5 => {
+            proto = *g.r.pick(&[0x86ddu16, 0x6558]);
+            g.tag(format!("protocol {proto:#06x}"));
+        }
+        _ => {}
+    }
+    let key = KIND_PROBE << 30 | bits;
+    let mut frame = ip_frame(&gre_packet(src, dst, &h, flags, proto, key, &inner));
+    if g.r.chance(10) {
+        // Trimmed to the outer IPv4 length when echoed.
+        g.tag("bytes past the outer IPv4 length");
+        let n = g.r.range(1, 24) as usize;
+        frame.extend(g.r.bytes(n));
+    }
+    let mut steps = vec![step_frame("probe in GRE", &frame)];
+    if bits == PROBE_REQUEST && g.r.chance(40) {
+        // Sent out through the uplink: GRE from this server's fabric address to a peer.
+        steps.push(Step {
+            class: "probe echo, on egress".into(),
+            ingress: false,
+            mark: *g.r.pick(&[0u32, 0x8000_0000, 42, 7]),
+            packet: vec![],
+            prev_output: true,
+        });
+    }
+    steps
 }
 
 fn ingress_misc(g: &mut G) -> Gen {

@@ -17,6 +17,11 @@
 //! follows the last tag, rewrites keep the tags, and a tagged frame is never encapsulated nor
 //! taken as a tunnel packet (`drop_vlan_tunnel`). A third tag makes the frame malformed (rule 1:
 //! `egress_malformed`, dropped; `ingress_malformed`, passed); an odd TPID is not IP.
+//!
+//! `PEERS` values are read for their flags only where the rules do: soft-unicast (ingress rule
+//! 6) to an owner whose fabric probes go unanswered is dropped. A tunnel packet of kind *probe*
+//! (Tunnel rule 6) is decided by its pool bits alone, once the outer headers and the inner IPv4
+//! header have passed rule 1.
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -40,10 +45,17 @@ use wire::*;
 pub type Flows = HashMap<FlowKey, FlowValue>;
 
 /// *Tunnel keys*: the GRE key is `kind << 30 | pool id`.
+pub const KIND_PROBE: u32 = 0;
 pub const KIND_CONNECTION: u32 = 1;
 pub const KIND_SOFT_UNICAST: u32 = 2;
 pub const KIND_REPLY: u32 = 3;
 pub const POOL_MASK: u32 = (1 << 30) - 1;
+/// Kind *probe*: the pool bits of a request and of a reply.
+pub const PROBE_REQUEST: u32 = 1;
+pub const PROBE_REPLY: u32 = 2;
+
+/// *Liveness in the maps*: the `PEERS` flag "fabric probes unanswered".
+pub const PEER_PROBES_UNANSWERED: u32 = 1;
 
 /// The GRE key of a `kind` packet of `pool`.
 pub fn tunnel_key(kind: u32, pool: u32) -> u32 {
@@ -455,6 +467,16 @@ impl Cx<'_> {
         self.w.maps.peers.contains_key(&gen0(a))
     }
 
+    /// The owner's `PEERS` entry says its fabric probes go unanswered (flag 1; the other bits
+    /// play no part in the rules).
+    fn owner_down(&self, owner: [u8; 4]) -> bool {
+        self.w
+            .maps
+            .peers
+            .get(&gen0(owner))
+            .is_some_and(|p| p.flags & PEER_PROBES_UNANSWERED != 0)
+    }
+
     // ---------------------------------------------------------------- choices
 
     /// The claim of a port (egress rule 7): the reverse entry's insert-if-absent over up to 32
@@ -786,8 +808,8 @@ impl Cx<'_> {
         self.p.drain(ETH_LEN..ETH_LEN + 28);
     }
 
-    /// Tunnel rule 2 with a tunnel: a fresh outer header, exactly as *Encapsulation* builds
-    /// one, written over the one the packet came with.
+    /// Tunnel rule 2 with a tunnel (and rule 6, a probe request): a fresh outer header, exactly
+    /// as *Encapsulation* builds one, written over the one the packet came with.
     fn reencap_in_place(
         &mut self,
         tunnel: [u8; 4],
@@ -1180,6 +1202,10 @@ impl Cx<'_> {
         if !ip.v6
             && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))
         {
+            // Never into a dead tunnel: checked before the hop.
+            if self.owner_down(owner) {
+                return drop("drop_owner_down", "ingress 6: soft-unicast, owner down");
+            }
             let first = frag_key(&ip);
             if let Err(c) = self.hop_ttl(&ip)? {
                 return drop(c, "ingress 6: soft-unicast, a hop");
@@ -1326,6 +1352,10 @@ impl Cx<'_> {
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
+        // 6. Kind *probe*: before the inner packet is looked at (its header is valid IPv4).
+        if kind == KIND_PROBE {
+            return self.tunnel_probe(peer, pool);
+        }
         if ip.padded {
             return silent("inner IPv4 shorter than the GRE payload");
         }
@@ -1371,6 +1401,26 @@ impl Cx<'_> {
             KIND_REPLY => self.tunnel_forwarded_reply(&ip, &l4, peer),
             KIND_CONNECTION => self.tunnel_connection(&ip, &l4, peer, pool),
             _ => drop("drop_tunnel_kind", "tunnel 2: no such kind"),
+        }
+    }
+
+    /// Tunnel rule 6, kind *probe* from `peer` (`bits`: the key's pool bits). A request is
+    /// echoed to its sender under a fresh outer header (kind *probe*, pool bits 2; the rest
+    /// unchanged, the inner TTL too: not a hop), trimmed to the outer IPv4 length; a reply is
+    /// passed unchanged. No flow entry is read or written, no `FRAGS` entry either.
+    fn tunnel_probe(&mut self, peer: [u8; 4], bits: u32) -> R {
+        self.untouched = self.flows.keys().copied().collect();
+        match bits {
+            PROBE_REQUEST => {
+                // Ethernet padding after the outer IPv4 packet was cut when it was parsed.
+                self.tail_unspecified = false;
+                match self.reencap_in_place(peer, tunnel_key(KIND_PROBE, PROBE_REPLY))? {
+                    Ok(()) => Ok((Verdict::Send, "probe_echoed", "tunnel 6: probe request")),
+                    Err(c) => drop(c, "tunnel 6: probe request, no route to the sender"),
+                }
+            }
+            PROBE_REPLY => pass("probe_reply", "tunnel 6: probe reply"),
+            _ => drop("drop_tunnel_kind", "tunnel 6: probe, other pool bits"),
         }
     }
 
@@ -1734,6 +1784,10 @@ impl Cx<'_> {
             && ip.dst == qip.src
             && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)
         {
+            // As ingress rule 6: never into a dead tunnel, checked first.
+            if self.owner_down(owner) {
+                return drop("drop_owner_down", "icmp 3: soft-unicast, owner down");
+            }
             if let Err(c) = self.hop_ttl(ip)? {
                 return drop(c, "icmp 3: soft-unicast, a hop");
             }
