@@ -134,6 +134,8 @@ pub struct Agent {
     down: BTreeMap<String, u32>,
     /// Connections removed because the peer they went through died.
     peer_resets: u64,
+    /// After a liveness switch that failed to be written: not before this again.
+    liveness_retry_at: Option<std::time::Instant>,
     /// Fleet mode: the peers whose leases the etcd thread watches.
     pub interest: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<String>>>,
     started_at: u64,
@@ -335,6 +337,7 @@ impl Agent {
             liveness: None,
             down: BTreeMap::new(),
             peer_resets: 0,
+            liveness_retry_at: None,
             interest: None,
             pending: None,
             retry: None,
@@ -504,22 +507,12 @@ impl Agent {
     /// plan and schedules a retry (once per change, then with a growing delay).
     fn switch(&mut self, text: String, topology: Topology, why: &str) -> Result<(), String> {
         let previous = std::mem::replace(&mut self.topology, topology);
-        self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
         let fresh_text = text != self.config_text;
-        match self.write_plan() {
-            Ok(d) => {
-                self.generation += 1;
+        match self.replan(why) {
+            Ok(()) => {
                 self.reloads_ok += 1;
                 self.config_text = text;
                 self.retry = None;
-                info!(
-                    "reload ({why}): plan generation {}: {} entries; maps: {} added, {} updated, {} removed",
-                    self.generation,
-                    self.plan.entries.len(),
-                    d.added,
-                    d.updated,
-                    d.removed
-                );
                 Ok(())
             }
             Err(e) => {
@@ -531,16 +524,33 @@ impl Agent {
                 self.retry = Some((std::time::Instant::now() + delay, delay));
                 self.config_text = text;
                 error!(
-                    "reload ({why}) failed while writing maps: {e:#}; generation {} stays in force (the switch did not happen); trying again in {delay:?}",
+                    "reload ({why}) failed while writing maps: {e}; generation {} stays in force (the switch did not happen); trying again in {delay:?}",
                     self.generation
                 );
                 self.topology = previous;
                 self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
                 self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
                 self.watch_peers();
-                Err(format!("{e:#}"))
+                Err(e)
             }
         }
+    }
+
+    /// Plans the topology in force around `self.down` and switches to it; on failure the plan
+    /// in force is untouched (the caller restores what it changed).
+    fn replan(&mut self, why: &str) -> Result<(), String> {
+        self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
+        let d = self.write_plan().map_err(|e| format!("{e:#}"))?;
+        self.generation += 1;
+        info!(
+            "reload ({why}): plan generation {}: {} entries; maps: {} added, {} updated, {} removed",
+            self.generation,
+            self.plan.entries.len(),
+            d.added,
+            d.updated,
+            d.removed
+        );
+        Ok(())
     }
 
     /// A plan that failed to be written, due to be tried again: the file is read again; in
@@ -781,7 +791,11 @@ impl Agent {
     pub fn liveness_changed(&mut self) {
         let Some(l) = &self.liveness else { return };
         let down = l.lock().unwrap_or_else(|e| e.into_inner()).down();
-        if down == self.down {
+        if down == self.down
+            || self
+                .liveness_retry_at
+                .is_some_and(|at| std::time::Instant::now() < at)
+        {
             return;
         }
         let lost = crate::liveness::why::PROBES | crate::liveness::why::LEASE;
@@ -818,14 +832,21 @@ impl Agent {
                 )
             }
         );
+        // The topology in force, re-planned: the config text and a pending reload's retry are
+        // not this change's (a liveness switch never stands for a config).
         let previous = std::mem::replace(&mut self.down, down);
-        let text = self.config_text.clone();
-        let topology = self.topology.clone();
-        if self.switch(text, topology, &why).is_err() {
-            // Not switched: the plan in force still reflects `previous`.
+        if let Err(e) = self.replan(&why) {
+            // Not switched: the plan in force still reflects `previous`; the next check (every
+            // second) tries again.
+            error!("{why}: writing the plan failed: {e}; trying again in {RETRY_FIRST:?}");
+            self.liveness_retry_at = Some(std::time::Instant::now() + RETRY_FIRST);
             self.down = previous;
+            self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
+            self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
+            self.watch_peers();
             return;
         }
+        self.liveness_retry_at = None;
         // Their translation state died with them: their connections must not hang.
         let Some(dp) = self.dp.as_mut() else { return };
         for name in died {

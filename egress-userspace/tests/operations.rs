@@ -808,10 +808,11 @@ fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
         .wait_for_log(
             "agent-fra-a-1",
             from,
-            &["retrying the plan that failed to be written): plan generation 2"],
+            // (A liveness switch may come in between: ams-a-1 runs no agent here.)
+            &["retrying the plan that failed to be written): plan generation"],
             std::time::Duration::from_secs(10),
         )
         .unwrap();
-    assert!(line.contains("plan generation 2"), "{line}");
+    assert!(line.contains("4 entries"), "the new pool's plan: {line}");
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
 }

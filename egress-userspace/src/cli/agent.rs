@@ -400,6 +400,8 @@ async fn serve(
             }
             _ = watch.tick() => {
                 agent.repair();
+                // A liveness change whose switch failed is tried again.
+                agent.liveness_changed();
                 if agent.config_changed() {
                     agent.reload("config file changed")
                 } else if agent.retry_due() {
