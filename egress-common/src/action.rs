@@ -100,7 +100,7 @@ pub struct Action {
 const _: () = assert!(core::mem::size_of::<Action>() == 148);
 
 /// Entries of `ACTIONS` (one per pool and family; not preallocated).
-pub const ACTIONS_CAPACITY: u32 = 262_144;
+pub const ACTIONS_CAPACITY: u32 = 524_288;
 
 #[cfg(feature = "user")]
 mod pod {

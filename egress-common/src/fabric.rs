@@ -132,7 +132,7 @@ pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 4;
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;
 /// Entries of `OWNERS` (one per pool IPv4 address; not preallocated).
-pub const OWNERS_CAPACITY: u32 = 131_072;
+pub const OWNERS_CAPACITY: u32 = 262_144;
 
 #[cfg(feature = "user")]
 mod pod {

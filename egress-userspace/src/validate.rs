@@ -613,11 +613,17 @@ mod tests {
         }
         let err = validate(&c).unwrap_err().to_string();
         assert!(
-            err.contains("do not fit map ACTIONS (262144 entries, half of them per plan"),
+            err.contains(&format!(
+                "do not fit map ACTIONS ({} entries, half of them per plan",
+                egress_common::action::ACTIONS_CAPACITY
+            )),
             "{err}"
         );
         assert!(
-            err.contains("do not fit map OWNERS (131072 entries, half of them per plan"),
+            err.contains(&format!(
+                "do not fit map OWNERS ({} entries, half of them per plan",
+                egress_common::fabric::OWNERS_CAPACITY
+            )),
             "{err}"
         );
     }

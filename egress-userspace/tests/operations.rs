@@ -220,36 +220,37 @@ fn metrics_move_with_traffic() {
     );
 }
 
-/// The default topology plus `extra` pools of one address each (a server holds them).
-fn with_pools(extra: u32) -> String {
+/// The default topology plus `extra` servers (holding nothing).
+fn with_servers(extra: u32) -> String {
     let mut text = egress::config::DEFAULT_CONFIG.to_string();
     for i in 0..extra {
-        let a = std::net::Ipv4Addr::from(0x6440_0000 + i);
         text.push_str(&format!(
-            "\n[[pools]]\nname = \"p{i}\"\nid = {}\n[[pools.ipv4]]\naddress = \"{a}\"\nshares = [{{ server = \"sin-a-1\", ports = \"1024-65535\" }}]\n",
-            100_000 + i
+            "\n[[servers]]\nname = \"x{i}\"\nid = {}\ndatacenter = \"sin-a\"\nfabric = \"{}\"\nuplink = \"eth0\"\n",
+            100_000 + i,
+            std::net::Ipv4Addr::from(0x0a40_0000 + i)
         ));
     }
     text
 }
 
-/// A topology too large for the maps (half of OWNERS per plan: the next plan is written beside
+/// A topology too large for the maps (half of PEERS per plan: the next plan is written beside
 /// the one in force) is refused naming the map, at start and on reload, before anything is
 /// written; the plan in force stays.
 #[test]
 fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
-    let over = egress_common::fabric::OWNERS_CAPACITY / 2 + 1;
+    // Peers are every other server: one more than half the map.
+    let over = egress_common::fabric::PEERS_CAPACITY / 2 + 2 - 5;
     let mut lab = common::lab_with_agents(&["fra-a-1"]);
-    let said = lab.reload_text(&with_pools(over)).unwrap();
+    let said = lab.reload_text(&with_servers(over)).unwrap();
     assert!(
-        said[0].contains("rejected") && said[0].contains("do not fit map OWNERS"),
+        said[0].contains("rejected") && said[0].contains("do not fit map PEERS"),
         "{}",
         said[0]
     );
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
     // At start: exit 2-like refusal with the map named, nothing loaded for that server.
     let file = lab.work_dir().join("over.toml");
-    std::fs::write(&file, with_pools(over)).unwrap();
+    std::fs::write(&file, with_servers(over)).unwrap();
     let pins = lab.work_dir().join("pins-over");
     let err = lab
         .run(
@@ -268,7 +269,7 @@ fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
         )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("do not fit map OWNERS"), "{err}");
+    assert!(err.contains("do not fit map PEERS"), "{err}");
     assert!(!pins.exists(), "nothing pinned");
 }
 
