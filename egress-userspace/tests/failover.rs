@@ -48,8 +48,13 @@ impl Client {
 }
 
 fn failed_over(what: &str, attempts: &[Attempt], fault: u128, want: WantSrc) -> Duration {
-    attempts::failed_over(attempts, fault, want.addr, want.ports)
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
+    let (took, after) = attempts::failed_over(attempts, fault, want.addr, want.ports)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        after.is_empty(),
+        "{what}: failures after the first success: {after:?}"
+    );
+    took
 }
 
 fn metric(lab: &Lab, server: &str, name: &str) -> String {

@@ -93,6 +93,15 @@ pub fn targets(r: &Report) -> Vec<Target> {
             measured: format!("{:.0} ms", k.max_ms),
             met: k.max_ms < 3000.0,
         });
+        t.push(Target {
+            name: format!(
+                "failover, {}: attempts failed after the first success",
+                k.name
+            ),
+            goal: "0".into(),
+            measured: k.late_failures.to_string(),
+            met: k.late_failures == 0,
+        });
     }
     let pl = &r.scale.planner;
     let total = pl.validate_ms + pl.plan_ms + pl.map_contents_ms;

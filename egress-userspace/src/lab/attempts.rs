@@ -65,14 +65,14 @@ impl Attempts {
     }
 }
 
-/// How long after `fault` (ms) the first attempt answered from `addr` within `ports` started;
-/// an error when none did, or when a later attempt was not answered from there.
+/// How long after `fault` (ms) the first attempt answered from `addr` within `ports` started,
+/// and how many later attempts were not answered from there; an error when none was.
 pub fn failed_over(
     attempts: &[Attempt],
     fault: u128,
     addr: &str,
     ports: (u16, u16),
-) -> Result<Duration, String> {
+) -> Result<(Duration, Vec<Attempt>), String> {
     let ok = |s: &Option<(String, u16)>| {
         s.as_ref()
             .is_some_and(|(src, port)| src == addr && (ports.0..=ports.1).contains(port))
@@ -81,11 +81,13 @@ pub fn failed_over(
         .iter()
         .position(|(t, s)| *t >= fault && ok(s))
         .ok_or_else(|| format!("no connection through the next candidate: {attempts:?}"))?;
-    let after: Vec<_> = attempts[first..].iter().filter(|(_, s)| !ok(s)).collect();
-    if !after.is_empty() {
-        return Err(format!("failures after the first success: {after:?}"));
-    }
-    Ok(Duration::from_millis(
-        (attempts[first].0.saturating_sub(fault)) as u64,
+    let after: Vec<Attempt> = attempts[first..]
+        .iter()
+        .filter(|(_, s)| !ok(s))
+        .cloned()
+        .collect();
+    Ok((
+        Duration::from_millis((attempts[first].0.saturating_sub(fault)) as u64),
+        after,
     ))
 }
