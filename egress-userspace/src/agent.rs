@@ -314,7 +314,7 @@ impl Agent {
             config_text,
             server: server.name.clone(),
             pin_dir: pin_dir.clone(),
-            plan_hash: plan::plan_hash(&topology, &server.name, &BTreeMap::new()),
+            plan_hash: plan::plan_hash(&topology, &plan),
             plan,
             topology,
             generation: 0,
@@ -443,7 +443,7 @@ impl Agent {
                 egress_common::action::MAX_HOPS
             );
         }
-        self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
+        self.plan_hash = plan::plan_hash(&self.topology, &self.plan);
         self.watch_peers();
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
@@ -528,12 +528,18 @@ impl Agent {
                     self.generation
                 );
                 self.topology = previous;
-                self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
-                self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
-                self.watch_peers();
+                self.plan_in_force();
                 Err(e)
             }
         }
+    }
+
+    /// After a switch that did not happen: the plan (and its hash and watched peers) of the
+    /// topology and peers down that are still in force.
+    fn plan_in_force(&mut self) {
+        self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
+        self.plan_hash = plan::plan_hash(&self.topology, &self.plan);
+        self.watch_peers();
     }
 
     /// Plans the topology in force around `self.down` and switches to it; on failure the plan
@@ -841,9 +847,7 @@ impl Agent {
             error!("{why}: writing the plan failed: {e}; trying again in {RETRY_FIRST:?}");
             self.liveness_retry_at = Some(std::time::Instant::now() + RETRY_FIRST);
             self.down = previous;
-            self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
-            self.plan_hash = plan::plan_hash(&self.topology, &self.server, &self.down);
-            self.watch_peers();
+            self.plan_in_force();
             return;
         }
         self.liveness_retry_at = None;

@@ -102,12 +102,11 @@ pub struct Plan {
 /// A short hash of what a server's plan puts in its maps (what fleet status compares): the
 /// first 16 hex digits of the sha256 of its plan and map contents. Equal plans, equal hashes,
 /// whichever agent (of one version) computed them.
-pub fn plan_hash(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> String {
-    let p = plan_with(t, server, down);
+pub fn plan_hash(t: &Topology, p: &Plan) -> String {
     let text = format!(
         "{}\n{:?}",
-        serde_json::to_string(&p).expect("a plan always serialises"),
-        map_contents(t, &p)
+        serde_json::to_string(p).expect("a plan always serialises"),
+        map_contents(t, p)
     );
     crate::fleet::sha256_hex(text.as_bytes())[..16].to_string()
 }

@@ -70,26 +70,17 @@ fn metric(lab: &Lab, server: &str, name: &str) -> String {
     .to_string()
 }
 
-/// Waits until `server` sends new connections to `dst` from `want` again.
+/// Waits until `server` sends new connections to acme's destination from `want` again.
 fn back_to(lab: &Lab, server: &str, want: WantSrc, within: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        let ok = lab
-            .curl(server, &format!("http://{}/", lab::ORIGIN_V4_CHECK))
-            .ok()
-            .map(|b| common::seen(&b))
-            .is_some_and(|(src, port)| {
-                src == want.addr && (want.ports.0..=want.ports.1).contains(&port)
-            });
-        if ok {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < within,
-            "{server} not back to {want:?} within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    attempts::wait_for_source(
+        lab,
+        server,
+        lab::ORIGIN_V4_CHECK,
+        want.addr,
+        want.ports,
+        within,
+    )
+    .unwrap()
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn a_large_udp_datagram_arrives_whole_from_the_pool_address() {
     for s in ["fra-a-1", "fra-a-2"] {
         lab.start_agent(s).expect("agent starts");
     }
-    let want_sha = egress::lab::origin::hex(&{
+    let want_sha = egress::fleet::hex(&{
         use sha2::Digest as _;
         let data: Vec<u8> = (0..SIZE as u64)
             .map(egress::lab::origin::payload_byte)

@@ -4,19 +4,15 @@
 //! data center) and, when it is down, to ams-a-1 (nearest location). A client on fra-a-2
 //! opens a new connection every 50 ms, each bounded to 300 ms.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::bail;
 use serde::Serialize;
 
 use crate::{
     config::{Config, DEFAULT_CONFIG},
     lab::{
         self, Lab, LabSpec,
-        attempts::{Attempts, failed_over, now_ms},
+        attempts::{Attempts, failed_over, now_ms, wait_for_source},
     },
 };
 
@@ -144,22 +140,15 @@ pub fn measure(bin: &Path, trials: usize) -> anyhow::Result<Failover> {
 
 /// Waits until fra-a-2's new connections go through fra-a-1 again (after its hold-down).
 fn back(lab: &Lab) -> anyhow::Result<()> {
-    let t = Instant::now();
-    loop {
-        let seen = lab
-            .curl("fra-a-2", &format!("http://{}/", lab::ORIGIN_V4_CHECK))
-            .ok()
-            .and_then(|b| serde_json::from_str::<lab::Seen>(b.trim()).ok());
-        if seen.is_some_and(|s| {
-            s.src == VIA_FRA_A_1.0 && (VIA_FRA_A_1.1.0..=VIA_FRA_A_1.1.1).contains(&s.port)
-        }) {
-            return Ok(());
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            bail!("fra-a-2 did not go back through fra-a-1 within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_source(
+        lab,
+        "fra-a-2",
+        lab::ORIGIN_V4_CHECK,
+        VIA_FRA_A_1.0,
+        VIA_FRA_A_1.1,
+        Duration::from_secs(20),
+    )
+    .map(drop)
 }
 
 pub fn markdown(f: &Failover) -> String {

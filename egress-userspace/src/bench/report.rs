@@ -68,40 +68,39 @@ pub fn targets(r: &Report) -> Vec<Target> {
         });
     }
     let f = &r.fleet.tls;
-    t.push(Target {
-        name: format!("fleet convergence, {} agents, TLS: p50", f.agents),
-        goal: "< 300 ms".into(),
-        measured: format!("{:.0} ms", f.p50_ms),
-        met: f.p50_ms < 300.0,
-    });
-    t.push(Target {
-        name: format!("fleet convergence, {} agents, TLS: max", f.agents),
-        goal: "< 1 s".into(),
-        measured: format!("{:.0} ms", f.max_ms),
-        met: f.max_ms < 1000.0,
-    });
+    let ms = |v: f64| format!("{v:.0} ms");
+    t.push(target(
+        format!("fleet convergence, {} agents, TLS: p50", f.agents),
+        "< 300 ms",
+        ms(f.p50_ms),
+        f.p50_ms < 300.0,
+    ));
+    t.push(target(
+        format!("fleet convergence, {} agents, TLS: max", f.agents),
+        "< 1 s",
+        ms(f.max_ms),
+        f.max_ms < 1000.0,
+    ));
     for k in &r.failover.kinds {
-        t.push(Target {
-            name: format!("failover, {}: p50", k.name),
-            goal: "< 1 s".into(),
-            measured: format!("{:.0} ms", k.p50_ms),
-            met: k.p50_ms < 1000.0,
-        });
-        t.push(Target {
-            name: format!("failover, {}: max", k.name),
-            goal: "< 3 s".into(),
-            measured: format!("{:.0} ms", k.max_ms),
-            met: k.max_ms < 3000.0,
-        });
-        t.push(Target {
-            name: format!(
-                "failover, {}: attempts failed after the first success",
-                k.name
-            ),
-            goal: "0".into(),
-            measured: k.late_failures.to_string(),
-            met: k.late_failures == 0,
-        });
+        let name = |what: &str| format!("failover, {}: {what}", k.name);
+        t.push(target(
+            name("p50"),
+            "< 1 s",
+            ms(k.p50_ms),
+            k.p50_ms < 1000.0,
+        ));
+        t.push(target(
+            name("max"),
+            "< 3 s",
+            ms(k.max_ms),
+            k.max_ms < 3000.0,
+        ));
+        t.push(target(
+            name("attempts failed after the first success"),
+            "0",
+            k.late_failures.to_string(),
+            k.late_failures == 0,
+        ));
     }
     let pl = &r.scale.planner;
     let total = pl.validate_ms + pl.plan_ms + pl.map_contents_ms;
@@ -115,6 +114,15 @@ pub fn targets(r: &Report) -> Vec<Target> {
         met: total < 1000.0,
     });
     t
+}
+
+fn target(name: String, goal: &str, measured: String, met: bool) -> Target {
+    Target {
+        name,
+        goal: goal.into(),
+        measured,
+        met,
+    }
 }
 
 /// The full report as markdown.

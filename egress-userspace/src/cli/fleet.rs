@@ -221,7 +221,10 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry
                 .and_then(|e| e.status.as_ref().ok())
                 .map(|st| st.peers_down.clone())
                 .unwrap_or_default();
-            expected.insert(s.name.clone(), plan::plan_hash(t, &s.name, &down));
+            expected.insert(
+                s.name.clone(),
+                plan::plan_hash(t, &plan::plan_with(t, &s.name, &down)),
+            );
         }
     }
     let mut names: Vec<String> = expected.keys().cloned().collect();
@@ -485,7 +488,7 @@ mod tests {
                 server: server.into(),
                 applied_revision: revision,
                 applied_serial: serial,
-                plan_hash: plan::plan_hash(&t, server, &BTreeMap::new()),
+                plan_hash: plan::plan_hash(&t, &plan::plan(&t, server)),
                 dataplane: true,
                 ..Default::default()
             }),

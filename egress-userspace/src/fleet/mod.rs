@@ -317,9 +317,13 @@ pub struct Published {
     pub revision: i64,
 }
 
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
-    let d = sha2::Sha256::digest(data);
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(data))
 }
 
 /// A Unix time as RFC 3339 (UTC, seconds).

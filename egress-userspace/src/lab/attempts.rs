@@ -91,3 +91,31 @@ pub fn failed_over(
         after,
     ))
 }
+
+/// Waits (up to `within`) until a new connection from `server` to `dst` is answered from
+/// `addr` within `ports`; returns how long it took.
+pub fn wait_for_source(
+    lab: &Lab,
+    server: &str,
+    dst: std::net::Ipv4Addr,
+    addr: &str,
+    ports: (u16, u16),
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    loop {
+        let seen = lab
+            .curl(server, &format!("http://{dst}/"))
+            .ok()
+            .and_then(|b| serde_json::from_str::<super::Seen>(b.trim()).ok());
+        if seen.is_some_and(|s| s.src == addr && (ports.0..=ports.1).contains(&s.port)) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > within {
+            anyhow::bail!(
+                "{server}: no connection to {dst} from {addr} {ports:?} within {within:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

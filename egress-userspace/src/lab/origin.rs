@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use crate::fleet::hex;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
@@ -39,10 +40,6 @@ pub fn payload_sha256(n: u64) -> String {
         i += len as u64;
     }
     hex(&h.finalize())
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs the origin until killed: HTTP on `http_port`, UDP echo on `udp_port`, both dual-stack.

@@ -119,7 +119,7 @@ pub fn check_download(lab: &Lab, server: &str, host: std::net::IpAddr, size: u64
     std::fs::remove_file(&file).unwrap();
     assert_eq!(data.len() as u64, size, "{server}: size");
     use sha2::Digest as _;
-    let got = egress::lab::origin::hex(&sha2::Sha256::digest(&data));
+    let got = egress::fleet::hex(&sha2::Sha256::digest(&data));
     assert_eq!(
         got,
         egress::lab::origin::payload_sha256(size),
@@ -239,7 +239,7 @@ impl Transfer {
             self.server
         );
         use sha2::Digest as _;
-        let got = egress::lab::origin::hex(&sha2::Sha256::digest(&data));
+        let got = egress::fleet::hex(&sha2::Sha256::digest(&data));
         assert_eq!(
             got,
             egress::lab::origin::payload_sha256(self.size),
