@@ -104,8 +104,7 @@ pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowV
 }
 
 /// Records that a packet of the flow leaving from its socket's side was seen now (a FIN marks
-/// it closing; a new SYN through a forwarded entry reopens it) and returns a copy of the entry as
-/// updated.
+/// it closing) and returns a copy of the entry as updated.
 #[inline(always)]
 pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
     // SAFETY: v came from get() in this run.
@@ -113,9 +112,6 @@ pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
         let mut flags = seen(v, ports);
         if ports.fin() {
             flags |= FLOW_F_FIN;
-        }
-        if ports.opens() && (*v).kind == FLOW_FORWARDED {
-            flags &= !FLOW_F_CLOSING;
         }
         (*v).flags = flags;
         *v
@@ -160,11 +156,14 @@ unsafe fn seen(v: *mut FlowValue, ports: &Ports) -> u8 {
     }
 }
 
-/// Whether a packet opening a connection meets a closed one's outbound entry: the tuple is
-/// being reused, and the new connection must get a port of its own.
+/// Whether a packet opening a connection meets a closed one's outbound or forwarded entry: the
+/// tuple is being reused by a new connection, which gets a port of its own and a path chosen
+/// by the plan in force (not the old connection's peer).
 #[inline(always)]
 pub fn reopens(v: &FlowValue, ports: &Ports) -> bool {
-    v.kind == FLOW_OUTBOUND && v.flags & FLOW_F_CLOSING != 0 && ports.opens()
+    (v.kind == FLOW_OUTBOUND || v.kind == FLOW_FORWARDED)
+        && v.flags & FLOW_F_CLOSING != 0
+        && ports.opens()
 }
 
 /// Removes the entry of `key` (a forwarded connection whose first packet was dropped).
@@ -181,12 +180,15 @@ pub fn release(out: &FlowKey, v: &FlowValue) {
     let _ = FLOWS.remove(out);
 }
 
-/// Retires the outbound entry `v` of `key` when its tuple is reopened. The old reverse entry
-/// stays, holding the old port away from new connections, and takes over the closing flags so
-/// that it expires on the closed connection's schedule.
+/// Retires the entry `v` of `key` when its tuple is reopened. An outbound entry's reverse
+/// entry stays, holding the old port away from new connections, and takes over the closing
+/// flags so that it expires on the closed connection's schedule. A forwarded entry has none
+/// here (its peer holds the port and retires its own entry when the new SYN reaches it).
 #[inline(always)]
 pub fn retire(key: &FlowKey, v: &FlowValue) {
-    if let Some(r) = get(&key.other_direction(v), FLOW_REVERSE) {
+    if v.kind == FLOW_OUTBOUND
+        && let Some(r) = get(&key.other_direction(v), FLOW_REVERSE)
+    {
         // SAFETY: pointer into the map value for this run.
         unsafe { (*r).flags |= v.flags & FLOW_F_CLOSING };
     }

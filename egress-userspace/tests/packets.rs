@@ -1666,3 +1666,78 @@ fn a_dropped_first_packet_holds_no_state() {
     check(&mut dp, &f);
     assert_eq!(dp.maps.flows.iter().count(), 0, "no claim left");
 }
+
+/// A forwarded connection's tuple reused after the socket's FIN is a new connection: it takes
+/// the path the plan in force gives (here: no policy any more, so untouched), not the old
+/// connection's peer; a SYN on an open forwarded entry (a retransmission) keeps its peer.
+#[test]
+fn a_reopened_forwarded_tuple_follows_the_plan_in_force() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    let to_gamma = |sport: u16, flags: u8| tcp("10.50.0.11", sport, "203.0.113.200", 80, flags);
+    for sport in [5100, 5101] {
+        let out = dp.run(Hook::Egress, 0, &to_gamma(sport, TCP_SYN)).unwrap();
+        check_encapsulated(
+            "forward",
+            &net,
+            &out.packet,
+            egress::testrun::PEER_MAC,
+            B,
+            conn_key(9),
+        );
+    }
+    let fin = dp
+        .run(Hook::Egress, 0, &to_gamma(5100, packet::TCP_FIN | TCP_ACK))
+        .unwrap();
+    check_encapsulated(
+        "FIN",
+        &net,
+        &fin.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    // The plan changes: no policy sends gamma's traffic anywhere now.
+    let mut c = Config::parse(TOPOLOGY, "test").unwrap();
+    c.policies.clear();
+    let t = validate::validate(&c).unwrap();
+    dp.maps
+        .plan
+        .apply(&egress::plan::map_contents(
+            &t,
+            &egress::plan::plan(&t, "a"),
+        ))
+        .unwrap();
+    let forwarded_before = dp.counter(Stat::ForwardEstablished);
+    let retransmitted = dp.run(Hook::Egress, 0, &to_gamma(5101, TCP_SYN)).unwrap();
+    check_encapsulated(
+        "a SYN on an open forwarded entry",
+        &net,
+        &retransmitted.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    assert_eq!(
+        dp.counter(Stat::ForwardEstablished),
+        forwarded_before + 1,
+        "the open connection keeps its peer"
+    );
+    let reopened = to_gamma(5100, TCP_SYN);
+    let out = dp.run(Hook::Egress, 0, &reopened).unwrap();
+    assert_eq!(
+        out.packet, reopened,
+        "the reopened tuple is a new connection under the new plan (no policy: untouched)"
+    );
+    assert_eq!(dp.counter(Stat::EgressNoPolicy), 1);
+    let ports: Vec<u16> = dp
+        .maps
+        .flows
+        .keys()
+        .map(|k| u16::from_be(k.unwrap().src_port_be))
+        .collect();
+    assert_eq!(
+        ports,
+        [5101],
+        "the closed connection's forwarded entry is gone, the open one stays"
+    );
+}

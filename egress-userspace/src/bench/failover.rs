@@ -70,6 +70,9 @@ pub fn measure(bin: &Path, trials: usize) -> anyhow::Result<Failover> {
     back(&lab)?;
     let mut kinds = Vec::new();
     for fault in Fault::ALL {
+        if std::env::var("DBG_CONTROL").is_ok() && fault != Fault::ControlOnly {
+            continue;
+        }
         let mut ms = Vec::new();
         let mut late_failures = 0;
         for trial in 0..trials {
@@ -109,6 +112,23 @@ pub fn measure(bin: &Path, trials: usize) -> anyhow::Result<Failover> {
                 fault.name(),
                 late.len()
             );
+            if !late.is_empty() {
+                for l in ["agent-fra-a-2", "agent-fra-a-1"] {
+                    let _ = std::fs::copy(lab.log_path(l), format!("/tmp/dbg-{trial}-{l}.log"));
+                }
+                eprintln!("[bench] fault at {at}");
+                // Worth seeing why: the attempts themselves and what fra-a-2 decided.
+                let log =
+                    std::fs::read_to_string(lab.log_path("agent-fra-a-2")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                eprintln!(
+                    "[bench]   late (ms since fault, source): {:?}; fra-a-2 said (last lines first): {}",
+                    late.iter()
+                        .map(|(t, s)| (t.saturating_sub(at), s))
+                        .collect::<Vec<_>>(),
+                    tail.join(" | ")
+                );
+            }
             late_failures += late.len();
             ms.push(took.as_secs_f64() * 1e3);
             match fault {
