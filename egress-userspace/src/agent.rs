@@ -607,7 +607,7 @@ impl Agent {
             Event::StatusRefused(why) => {
                 if f.status_refused.as_deref() != Some(why.as_str()) {
                     error!(
-                        "etcd refuses this agent's status key ({why}): the topology is still read and applied, but fleet status will not see this server; check the identity (--etcd-tls) matches --server"
+                        "etcd refuses a key of this agent's ({why}): the topology is still read and applied, but fleet status or its peers (the alive key: they go by probes alone) will not see this server; check the identity (--etcd-tls) matches --server and that `fleet init` ran with this version"
                     );
                     f.status_refused = Some(why);
                 }

@@ -252,7 +252,8 @@ fn run_real(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> Option<Real> {
 type Masked = (u8, [u8; 16], u16, u32, [u8; 4]);
 
 /// What the rules say of an entry: kind, address and port (not for forwarded entries), pool,
-/// tunnel. Timestamps and the closing flag are not compared.
+/// tunnel. Timestamps and the closing flag are not compared here (the model names the entries
+/// whose FIN/RST flag it knows: `keep_flags`, `closing_after`).
 fn masked(v: &FlowValue) -> Masked {
     if v.kind == FLOW_FORWARDED {
         (v.kind, [0; 16], 0, v.pool, v.tunnel)
@@ -364,6 +365,8 @@ fn choices(before: &Flows, after: &Flows) -> Choices {
         if v.kind == FLOW_REVERSE && old.is_none() && c.snat.is_none() {
             c.snat = Some((k.dst, u16::from_be(k.dst_port_be)));
         }
+        // Compared whole: a reopened tuple's new forwarded entry may name the old one's peer
+        // (then only its flags and timestamps tell it is new).
         if v.kind == FLOW_FORWARDED && old.map(masked) != Some(masked(v)) && c.hop.is_none() {
             c.hop = Some(v.tunnel);
         }
@@ -498,6 +501,18 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
                 "flows",
                 format!(
                     "{}: the old reverse entry's FIN/RST flag {was:?} became {now:?}",
+                    show_key(k)
+                ),
+            ));
+        }
+    }
+    for k in &m.closing_after {
+        let now = real.flows.get(k).map(|v| v.flags & FLOW_F_CLOSING);
+        if now.is_none_or(|f| f == 0) {
+            bad.push((
+                "flows",
+                format!(
+                    "{}: the socket's FIN or RST went through this entry, but its FIN/RST flag is {now:?}",
                     show_key(k)
                 ),
             ));

@@ -300,13 +300,17 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
     lab.wait_for_log(
         "agent-reader",
         0,
-        &["etcd refuses this agent's status key"],
+        &["etcd refuses a key of this agent's"],
         Duration::from_secs(10),
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let log = std::fs::read_to_string(lab.log_path("agent-reader")).unwrap();
     assert_eq!(log.matches("etcd refuses").count(), 1, "{log}");
+    assert!(
+        log.contains("/egress/v1/status/sin-a-1"),
+        "names the key: {log}"
+    );
     assert!(!log.contains("connection lost"), "{log}");
     lab.stop("agent-reader").unwrap();
 }
@@ -441,9 +445,10 @@ fn only_the_publisher_publishes_and_each_agent_writes_only_its_own_status() {
     }
     assert_eq!(published_revision(&lab), rev, "topology unchanged");
 
-    // An agent cannot write another server's status, nor the reader anything.
+    // An agent cannot write another server's status or alive key, nor the reader anything.
     for (who, key) in [
         (pki::agent_user("fra-a-1"), "/egress/v1/status/fra-a-2"),
+        (pki::agent_user("fra-a-1"), "/egress/v1/alive/fra-a-2"),
         (pki::READER_USER.to_string(), "/egress/v1/status/fra-a-1"),
         (pki::READER_USER.to_string(), "/egress/v1/topology/config"),
     ] {

@@ -66,6 +66,11 @@ pub struct Args {
     /// before it takes new connections from this server again.
     #[arg(long, default_value_t = crate::liveness::HOLD_DOWN.as_secs_f64())]
     hold_down: f64,
+    /// Fleet mode: the time to live (whole seconds) asked for the lease that keeps this agent's
+    /// keys; its peers take it as down this long after it (or its link to etcd) dies. etcd
+    /// grants at least its own minimum: 1.5 election timeouts rounded up (2 s by default).
+    #[arg(long, default_value_t = fleet::watch::LEASE_TTL, value_parser = clap::value_parser!(i64).range(1..=60))]
+    lease_ttl: i64,
     /// Fleet mode: read and watch the topology in etcd instead of a file.
     #[command(flatten)]
     etcd: crate::fleet::EtcdArgs,
@@ -137,7 +142,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
                 // A thread and runtime of its own: loading programs, writing a large plan or a
                 // slow repair on the agent's loop must never delay the lease's keep-alives.
-                let name = server.clone();
+                let me = fleet::watch::Identity {
+                    server: server.clone(),
+                    lease_ttl: args.lease_ttl,
+                };
                 etcd_thread = Some(std::thread::Builder::new().name("etcd".into()).spawn(
                     move || {
                         match tokio::runtime::Builder::new_current_thread()
@@ -145,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             .build()
                         {
                             Ok(rt) => {
-                                rt.block_on(fleet::watch::run(ep, name, tx, status_rx, interest_rx))
+                                rt.block_on(fleet::watch::run(ep, me, tx, status_rx, interest_rx))
                             }
                             Err(e) => log::error!("etcd thread: no runtime: {e}"),
                         }

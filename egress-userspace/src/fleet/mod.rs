@@ -7,6 +7,7 @@
 //! - `topology/config`: the TOML text, exactly as published;
 //! - `topology/meta`: [`Meta`] (JSON): serial, when, by whom, sha256 of the text;
 //! - `status/<server>`: [`Status`] (JSON), bound to the agent's lease.
+//! - `alive/<server>`: written once per session on the same lease; what peers watch.
 
 pub mod pki;
 pub mod roles;
@@ -290,6 +291,12 @@ impl Keys {
     }
     pub fn status(&self, server: &str) -> String {
         format!("{}status/{server}", self.prefix)
+    }
+    pub fn alives(&self) -> String {
+        format!("{}alive/", self.prefix)
+    }
+    pub fn alive(&self, server: &str) -> String {
+        format!("{}alive/{server}", self.prefix)
     }
 }
 

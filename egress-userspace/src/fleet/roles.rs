@@ -5,8 +5,8 @@
 //! |-------------------------|-------------------------------------------------------------|
 //! | `egress-publisher`      | write the topology keys; read everything under the prefix   |
 //! | `egress-reader`         | read everything under the prefix (`fleet show`, `status`)   |
-//! | `egress-agent-<server>` | read the topology and status keys (its peers' leases); write  |
-//! |                         | its own status key, no other                                |
+//! | `egress-agent-<server>` | read the topology and alive keys (its peers' leases); write   |
+//! |                         | its own status and alive keys, no other                     |
 
 use etcd_client::{Client, Permission, UserAddOptions};
 
@@ -38,8 +38,9 @@ pub fn roles(keys: &Keys, servers: &[String]) -> Vec<Role> {
         permissions: vec![
             Permission::read(keys.topology()).with_prefix(),
             // Its next hops' leases (liveness).
-            Permission::read(keys.statuses()).with_prefix(),
+            Permission::read(keys.alives()).with_prefix(),
             Permission::read_write(keys.status(s)),
+            Permission::read_write(keys.alive(s)),
         ],
     }));
     r

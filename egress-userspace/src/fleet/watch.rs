@@ -13,11 +13,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Endpoint, Published, Status, describe, read_published};
 
-/// Lease of the status key: the key vanishes this long after the agent (or its link to etcd)
-/// dies, and its peers take it as down.
-pub const STATUS_TTL: i64 = 2;
-/// How often the lease is kept alive: three times a TTL.
-const KEEP_ALIVE: Duration = Duration::from_millis(600);
+/// The lease's time to live asked for by default, in seconds: the agent's keys vanish this long
+/// after the agent (or its link to etcd) dies, and its peers take it as down. etcd grants at
+/// least its own minimum (1.5 election timeouts, rounded up to a second: 2 s with etcd's
+/// defaults); the agent goes by what is granted.
+pub const LEASE_TTL: i64 = 1;
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -40,10 +40,17 @@ pub enum Event {
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
 const HEALTHY: Duration = Duration::from_secs(10);
 
+/// Who this agent is in etcd.
+pub struct Identity {
+    pub server: String,
+    /// The lease's time to live to ask for (seconds).
+    pub lease_ttl: i64,
+}
+
 /// Runs until `events` is closed.
 pub async fn run(
     ep: Endpoint,
-    server: String,
+    me: Identity,
     events: mpsc::UnboundedSender<Event>,
     mut status: watch::Receiver<Status>,
     mut interest: watch::Receiver<BTreeSet<String>>,
@@ -51,7 +58,7 @@ pub async fn run(
     let mut backoff = BACKOFF_FIRST;
     loop {
         let started = Instant::now();
-        let why = match session(&ep, &server, &events, &mut status, &mut interest).await {
+        let why = match session(&ep, &me, &events, &mut status, &mut interest).await {
             Ok(()) => return, // the agent is gone
             Err(e) => crate::cli::error_text(&e),
         };
@@ -78,7 +85,7 @@ fn denied(e: &etcd_client::Error) -> bool {
 /// One connection: read, then watch and keep the lease until something fails.
 async fn session(
     ep: &Endpoint,
-    server: &str,
+    me: &Identity,
     events: &mpsc::UnboundedSender<Event>,
     status: &mut watch::Receiver<Status>,
     interest: &mut watch::Receiver<BTreeSet<String>>,
@@ -101,20 +108,46 @@ async fn session(
         )
         .await
         .map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))?;
-    let lease = client
-        .lease_grant(STATUS_TTL, None)
+    let granted = client
+        .lease_grant(me.lease_ttl, None)
         .await
-        .map_err(|e| describe(e, &urls, None))?
-        .id();
+        .map_err(|e| describe(e, &urls, None))?;
+    let (lease, ttl) = (granted.id(), granted.ttl().max(1));
+    if ttl != me.lease_ttl {
+        log::debug!(
+            "etcd granted a lease of {ttl} s (asked for {} s)",
+            me.lease_ttl
+        );
+    }
+    // Three keep-alives per time to live: one lost on the way does not end the lease.
+    let keep_alive = Duration::from_millis(ttl as u64 * 1000 / 3);
     let (mut keeper, mut acks) = client
         .lease_keep_alive(lease)
         .await
         .map_err(|e| describe(e, &urls, None))?;
-    let key = ep.keys.status(server);
+    let key = ep.keys.status(&me.server);
+    // The peers' view of this agent: written once per session, on the lease. Peers watch this
+    // key and not the status key, which changes with every plan (a publish would otherwise
+    // fan out to every watcher of every agent).
+    let alive = ep.keys.alive(&me.server);
+    let since = serde_json::json!({ "pid": std::process::id(), "since": super::unix_now() });
+    let alive_refused = match client
+        .put(
+            alive.as_str(),
+            since.to_string(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+    {
+        Ok(_) => None,
+        // Peers then go by probes alone; the refusal is reported, the session goes on.
+        Err(e) if denied(&e) => Some(crate::cli::error_text(&describe(e, &urls, Some(&alive)))),
+        Err(e) => return Err(describe(e, &urls, Some(&alive))),
+    };
     // Writes the status; a refusal is reported once and ends status writes for the session.
-    let mut refused = false;
-    let mut put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
-        if refused {
+    let refused = std::cell::Cell::new(false);
+    let put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
+        if refused.get() {
             return Ok(());
         }
         let value = serde_json::to_vec(&s)?;
@@ -128,7 +161,7 @@ async fn session(
         {
             Ok(_) => Ok(()),
             Err(e) if denied(&e) => {
-                refused = true;
+                refused.set(true);
                 let _ = events.send(Event::StatusRefused(crate::cli::error_text(&describe(
                     e,
                     &urls,
@@ -141,6 +174,13 @@ async fn session(
     };
     let current = status.borrow_and_update().clone();
     put(&mut client, current).await?;
+    // One report: an identity refused its status key is refused its alive key as well.
+    if let Some(why) = alive_refused
+        && !refused.get()
+        && events.send(Event::StatusRefused(why)).is_err()
+    {
+        return Ok(());
+    }
     // The leases of the peers the agent asks about, watched key by key (not the whole
     // status prefix: an agent hears about its next hops, not about the fleet).
     let mut names = interest.borrow_and_update().clone();
@@ -148,12 +188,12 @@ async fn session(
     if events.send(Event::Leases(present.clone())).is_err() {
         return Ok(());
     }
-    let mut tick = tokio::time::interval(KEEP_ALIVE);
+    let mut tick = tokio::time::interval(keep_alive);
     let mut answered = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if answered.elapsed() > Duration::from_secs(STATUS_TTL as u64) + KEEP_ALIVE {
+                if answered.elapsed() > Duration::from_secs(ttl as u64) + keep_alive {
                     bail!("no answer from etcd for {:?}", answered.elapsed());
                 }
                 keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
@@ -199,7 +239,7 @@ async fn session(
                     None => std::future::pending().await,
                 }
             } => {
-                let Some(resp) = msg.map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))? else {
+                let Some(resp) = msg.map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))? else {
                     bail!("etcd closed the lease watch");
                 };
                 if resp.canceled() {
@@ -210,7 +250,7 @@ async fn session(
                     let Some(name) = e
                         .kv()
                         .and_then(|kv| kv.key_str().ok())
-                        .and_then(|k| k.strip_prefix(&ep.keys.statuses()))
+                        .and_then(|k| k.strip_prefix(&ep.keys.alives()))
                     else {
                         continue;
                     };
@@ -288,8 +328,8 @@ fn from_events(ep: &Endpoint, events: &[etcd_client::Event]) -> Seen {
     }
 }
 
-/// Which of `names` have a status key now (one transaction), and a watch on each key from
-/// that revision on (None: nobody to watch).
+/// Which of `names` have an alive key (a lease) now (one transaction), and a watch on each key
+/// from that revision on (None: nobody to watch).
 async fn lease_view(
     client: &mut etcd_client::Client,
     ep: &Endpoint,
@@ -303,7 +343,7 @@ async fn lease_view(
         .iter()
         .map(|n| {
             etcd_client::TxnOp::get(
-                ep.keys.status(n),
+                ep.keys.alive(n),
                 Some(etcd_client::GetOptions::new().with_keys_only()),
             )
         })
@@ -311,7 +351,7 @@ async fn lease_view(
     let resp = client
         .txn(etcd_client::Txn::new().and_then(ops))
         .await
-        .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+        .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
     let at = resp.header().map_or(0, |h| h.revision());
     let present = names
         .iter()
@@ -320,17 +360,17 @@ async fn lease_view(
         .map(|(n, _)| n.clone())
         .collect();
     let from = || Some(WatchOptions::new().with_start_revision(at + 1));
-    let mut keys = names.iter().map(|n| ep.keys.status(n));
+    let mut keys = names.iter().map(|n| ep.keys.alive(n));
     let first = keys.next().expect("names is not empty");
     let mut stream = client
         .watch(first, from())
         .await
-        .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+        .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
     for k in keys {
         stream
             .watch(k, from())
             .await
-            .map_err(|e| describe(e, &urls, Some(&ep.keys.statuses())))?;
+            .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
     }
     Ok((Some(stream), present))
 }

@@ -165,6 +165,11 @@ impl Lab {
             format!("--initial-cluster={}", cluster.join(",")),
             format!("--initial-cluster-token={}", self.prefix),
             "--initial-cluster-state=new".into(),
+            // A data center's tuning (heartbeat about the round trip, election timeout six of
+            // them): etcd's smallest lease is 1.5 election timeouts rounded up, so 1 s here
+            // (2 s with etcd's defaults), what the agents' 1 s leases need.
+            "--heartbeat-interval=100".into(),
+            "--election-timeout=600".into(),
             // Nothing but the lab's own addresses: no metrics or debug listeners elsewhere.
             format!("--listen-metrics-urls=http://{ip}:{}", 2381),
         ];

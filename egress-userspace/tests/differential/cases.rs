@@ -14,7 +14,10 @@ use egress::{
 use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
     fabric::{AddrKey, Owners},
-    flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
+    flow::{
+        FLOW_F_CLOSING, FLOW_F_FIN, FLOW_F_REPLIED, FLOW_F_RST, FLOW_FORWARDED, FLOW_OUTBOUND,
+        FLOW_REVERSE, FlowKey, FlowValue,
+    },
     policy::MARK_BITS,
 };
 use ipnet::IpNet;
@@ -1142,6 +1145,22 @@ impl G<'_> {
         }
     }
 
+    /// The flags of a forwarded entry: sometimes replied, sometimes closed by the socket (its
+    /// FIN, its RST, or both).
+    fn forwarded_flags(&mut self) -> u8 {
+        let replied = if self.r.chance(50) { FLOW_F_REPLIED } else { 0 };
+        if !self.r.chance(30) {
+            return replied;
+        }
+        let (bits, name) = *self.r.pick(&[
+            (FLOW_F_FIN, "closing (FIN)"),
+            (FLOW_F_RST, "closing (RST)"),
+            (FLOW_F_CLOSING, "closing (FIN, RST)"),
+        ]);
+        self.tag(name);
+        bits | replied
+    }
+
     /// A pool address of this server and a port: (addr, port, pool, family).
     fn own_binding(&mut self, v6: bool) -> Option<(IpAddr, u16, u32)> {
         let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
@@ -1246,6 +1265,18 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             flows: g.flows,
         };
     }
+    if roll == 31 {
+        let mut steps = forwarded_reopen(&mut g);
+        if g.r.chance(30) {
+            g.noise();
+        }
+        tag_sequence(&mut g, &mut steps);
+        return Case {
+            class: g.class.join(" / "),
+            steps,
+            flows: g.flows,
+        };
+    }
     if matches!(roll, 14 | 15 | 40..=42) {
         let mut steps = fragment_sequence(&mut g, idx);
         if g.r.chance(30) {
@@ -1261,7 +1292,8 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
     let (ingress, mark, mut packet) = match roll {
         0..=15 => egress_new(&mut g, false),
         16..=21 => egress_new(&mut g, true),
-        22..=31 => egress_established(&mut g),
+        22..=30 => egress_established(&mut g),
+        31 => unreachable!("reopened forwarded tuples"),
         32..=35 => egress_translated(&mut g),
         36..=39 => egress_own_gre(&mut g),
         40..=42 => unreachable!("sequences"),
@@ -1444,8 +1476,9 @@ fn egress_established(g: &mut G) -> Gen {
         g.tag("forwarded entry");
         let pool = *g.r.pick(&g.t.pool_ids());
         let tunnel = g.tunnel();
+        let flags = g.forwarded_flags();
         g.flows
-            .push((k, fval(FLOW_FORWARDED, src, csp, pool, tunnel, 0)));
+            .push((k, fval(FLOW_FORWARDED, src, csp, pool, tunnel, flags)));
     } else if let Some((addr, port, pool)) = g.own_binding(v6) {
         g.tag("outbound entry");
         let flags = g.closing();
@@ -1460,6 +1493,109 @@ fn egress_established(g: &mut G) -> Gen {
     }
     let h = g.v4hdr();
     (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+/// A forwarded connection the socket closed (its FIN or RST through the entry, or an entry
+/// that saw one), then a SYN on the same tuple: a new connection on the plan in force (egress
+/// rule 3), not the old one's peer — which may be down now, or not a next hop any more. Now
+/// and then a SYN-ACK instead (not a new connection), the SYN without the close (a
+/// retransmission), and the next packets of the tuple after the SYN.
+fn forwarded_reopen(g: &mut G) -> Vec<Step> {
+    g.tag("forwarded tuple reopened");
+    let fwd = g.t.pools_with(ActionKind::Forward, FAMILY_V4);
+    let mut old_hops: Vec<[u8; 4]> = Vec::new();
+    let (dst, mark, pool) = match (fwd.is_empty(), g.r.chance(60)) {
+        (false, true) => {
+            let (pool, a) = *g.r.pick(&fwd);
+            old_hops = a.hops[..usize::from(a.hop_count).min(a.hops.len())].to_vec();
+            match g.dst_of_pool(pool, false) {
+                Some((d, m)) => (d, g.mark_near(m), pool),
+                None => {
+                    let (d, m) = g.dst(false);
+                    (d, m, pool)
+                }
+            }
+        }
+        _ => {
+            let (d, m) = g.dst(false);
+            let pool = *g.r.pick(&g.t.pool_ids());
+            (d, m, pool)
+        }
+    };
+    // The old connection's peer: one the plan forwards to now (the new connection may take it
+    // again), another peer (one that went down, or a tier that changed) or an odd address.
+    let tunnel = if !old_hops.is_empty() && g.r.chance(40) {
+        g.tag("old peer a planned hop");
+        *g.r.pick(&old_hops)
+    } else {
+        g.tunnel()
+    };
+    let src = g.local(false);
+    let (sp, dp) = (g.port(), g.port());
+    let k = fkey(src, dst, sp, dp, 6);
+    let pkt = |g: &mut G, flags: u8| -> Vec<u8> {
+        let tp = g.tcp(sp, dp, Some(flags));
+        let h = g.v4hdr();
+        ip_frame(&ip_tp(src, dst, &h, &tp))
+    };
+    let egress = |class: &str, packet: Vec<u8>| Step {
+        class: class.to_string(),
+        ingress: false,
+        mark,
+        packet,
+        prev_output: false,
+    };
+    let mut steps = Vec::new();
+    let replied = if g.r.chance(60) { FLOW_F_REPLIED } else { 0 };
+    match g.r.below(10) {
+        0..=4 => {
+            g.tag("closed by the socket's packet");
+            g.flows
+                .push((k, fval(FLOW_FORWARDED, src, sp, pool, tunnel, replied)));
+            let f = *g.r.pick(&[TCP_FIN | TCP_ACK, TCP_RST, TCP_RST | TCP_ACK]);
+            let p = pkt(g, f);
+            steps.push(egress("socket closes the forwarded connection", p));
+            if f & TCP_FIN != 0 && g.r.chance(30) {
+                g.tag("last ACK after the FIN");
+                let p = pkt(g, TCP_ACK);
+                steps.push(egress("socket's last ACK", p));
+            }
+        }
+        5..=7 => {
+            let bits = *g.r.pick(&[FLOW_F_FIN, FLOW_F_RST, FLOW_F_CLOSING]);
+            g.tag(format!("entry closed (flags {bits:#x})"));
+            g.flows.push((
+                k,
+                fval(FLOW_FORWARDED, src, sp, pool, tunnel, bits | replied),
+            ));
+        }
+        _ => {
+            g.tag("entry open (a retransmitted SYN)");
+            g.flows
+                .push((k, fval(FLOW_FORWARDED, src, sp, pool, tunnel, replied)));
+        }
+    }
+    let syn = if g.r.chance(15) {
+        g.tag("SYN-ACK, not a new connection");
+        TCP_SYN | TCP_ACK
+    } else {
+        *g.r.pick(&[TCP_SYN, TCP_SYN, TCP_SYN | 0xc0])
+    };
+    let p = pkt(g, syn);
+    steps.push(egress("SYN on the tuple", p));
+    match g.r.below(4) {
+        0 => {
+            g.tag("SYN retransmitted");
+            let p = pkt(g, TCP_SYN);
+            steps.push(egress("SYN again", p));
+        }
+        1 | 2 => {
+            let p = pkt(g, TCP_ACK);
+            steps.push(egress("the new connection's next packet", p));
+        }
+        _ => {}
+    }
+    steps
 }
 
 fn egress_translated(g: &mut G) -> Gen {

@@ -18,6 +18,12 @@
 //! taken as a tunnel packet (`drop_vlan_tunnel`). A third tag makes the frame malformed (rule 1:
 //! `egress_malformed`, dropped; `ingress_malformed`, passed); an odd TPID is not IP.
 //!
+//! Timestamps and FIN/RST flags of flow entries are read, not computed: a SYN without ACK on an
+//! outbound or forwarded entry that saw a FIN or RST (its `FLOW_F_CLOSING` bits) starts a new
+//! connection (egress rule 3). What the model knows of the flags it names: a reopened tuple's
+//! old reverse entry keeps them (`keep_flags`); an entry the socket's FIN or RST went through
+//! has them (`closing_after`).
+//!
 //! `PEERS` values are read for their flags only where the rules do: soft-unicast (ingress rule
 //! 6) to an owner whose fabric probes go unanswered is dropped. A tunnel packet of kind *probe*
 //! (Tunnel rule 6) is decided by its pool bits alone, once the outer headers and the inner IPv4
@@ -217,6 +223,9 @@ pub struct Outcome {
     pub frags: Frags,
     /// Entries whose FIN/RST flag must be what it was (a reopened tuple's old reverse entry).
     pub keep_flags: Vec<FlowKey>,
+    /// Entries that must carry a FIN/RST flag afterwards: the socket's FIN or RST went through
+    /// its outbound or forwarded entry (egress rule 3: the entry "saw a FIN or RST").
+    pub closing_after: Vec<FlowKey>,
     /// Entries the rules leave untouched (no refresh, no flags): compared whole, timestamps
     /// included (another peer's packet on a peer's outbound entry).
     pub untouched: Vec<FlowKey>,
@@ -322,6 +331,7 @@ pub fn run(
         flows: flows.clone(),
         frags: frags.clone(),
         keep_flags: Vec::new(),
+        closing_after: Vec::new(),
         untouched: Vec::new(),
         tail_unspecified: false,
         hook,
@@ -348,6 +358,7 @@ pub fn run(
             flows: cx.flows,
             frags: cx.frags,
             keep_flags: cx.keep_flags,
+            closing_after: cx.closing_after,
             untouched: cx.untouched,
             tail_unspecified: cx.tail_unspecified,
             flows_unspecified: cx.flows_unspecified,
@@ -366,6 +377,7 @@ struct Cx<'a> {
     flows: Flows,
     frags: Frags,
     keep_flags: Vec<FlowKey>,
+    closing_after: Vec<FlowKey>,
     untouched: Vec<FlowKey>,
     tail_unspecified: bool,
     hook: Hook,
@@ -878,48 +890,63 @@ impl Cx<'_> {
         // A leaving echo reply is not translatable (*Encapsulation*): it has no connection
         // tuple, so rules 3 and 5 do not see it; under a policy rule 6 drops it.
         let tuple = conn_tuple(&ip, &l4);
-        // 3. Established.
-        let mut reopened = false;
+        // 3. Established. A TCP SYN without ACK on an outbound or forwarded entry that saw a
+        // FIN or RST (the socket's: its FIN/RST flags) starts a new connection: the old entry
+        // goes and the packet goes on to rule 4, whatever rules 4–7 then decide.
+        let mut reopened: Option<u8> = None;
         if let Some(k) = tuple
             && let Some(v) = self.flows.get(&k).copied()
         {
+            let f = Self::tcp_flags(&l4);
+            let tcp = matches!(l4, L4::Tcp { .. });
+            let syn_only = tcp && f & TCP_SYN != 0 && f & TCP_ACK == 0;
+            let reopens = syn_only && v.flags & FLOW_F_CLOSING != 0;
+            // The socket's FIN or RST on its entry: the entry has seen it (what makes a later
+            // SYN on the tuple a new connection).
+            let closes = tcp && f & (TCP_FIN | TCP_RST) != 0;
             match v.kind {
-                FLOW_OUTBOUND => {
-                    let f = Self::tcp_flags(&l4);
-                    let syn_only =
-                        matches!(l4, L4::Tcp { .. }) && f & TCP_SYN != 0 && f & TCP_ACK == 0;
-                    if syn_only && v.flags & FLOW_F_CLOSING != 0 {
-                        // Reopened: the old outbound entry goes, its reverse entry stays as it
-                        // is (old port, old FIN/RST flags).
-                        self.flows.remove(&k);
-                        let rk = key(
-                            k.family,
-                            k.proto,
-                            k.dst,
-                            v.addr,
-                            u16::from_be(k.dst_port_be),
-                            u16::from_be(v.port_be),
-                        );
-                        if self.flows.contains_key(&rk) {
-                            self.keep_flags.push(rk);
-                        }
-                        reopened = true;
-                    } else {
-                        let port = u16::from_be(v.port_be);
-                        self.snat(&ip, &l4, v.addr, port);
-                        self.clamp_translated(&ip, &l4, v.addr)?;
-                        self.record_frag(
-                            &ip,
-                            FragEntry::Source {
-                                addr: v.addr,
-                                peer: None,
-                            },
-                        );
-                        return pass("snat_established", "egress 3: outbound entry");
+                FLOW_OUTBOUND if reopens => {
+                    // Reopened: the old outbound entry goes, its reverse entry stays as it is
+                    // (old port, old FIN/RST flags).
+                    self.flows.remove(&k);
+                    let rk = key(
+                        k.family,
+                        k.proto,
+                        k.dst,
+                        v.addr,
+                        u16::from_be(k.dst_port_be),
+                        u16::from_be(v.port_be),
+                    );
+                    if self.flows.contains_key(&rk) {
+                        self.keep_flags.push(rk);
                     }
+                    reopened = Some(FLOW_OUTBOUND);
+                }
+                FLOW_OUTBOUND => {
+                    let port = u16::from_be(v.port_be);
+                    self.snat(&ip, &l4, v.addr, port);
+                    self.clamp_translated(&ip, &l4, v.addr)?;
+                    self.record_frag(
+                        &ip,
+                        FragEntry::Source {
+                            addr: v.addr,
+                            peer: None,
+                        },
+                    );
+                    if closes {
+                        self.closing_after.push(k);
+                    }
+                    return pass("snat_established", "egress 3: outbound entry");
+                }
+                FLOW_FORWARDED if reopens => {
+                    // Reopened: the old forwarded entry goes (there is no reverse entry here),
+                    // and the new connection takes the path the plan gives now, not the old
+                    // peer.
+                    self.flows.remove(&k);
+                    reopened = Some(FLOW_FORWARDED);
                 }
                 FLOW_FORWARDED => {
-                    if Self::tcp_flags(&l4) & TCP_SYN != 0 {
+                    if f & TCP_SYN != 0 {
                         self.clamp(&ip, &l4)?;
                     }
                     let first = frag_key(&ip);
@@ -934,6 +961,9 @@ impl Cx<'_> {
                                     pool: v.pool,
                                 },
                             );
+                            if closes {
+                                self.closing_after.push(k);
+                            }
                             Ok((
                                 self.sent(),
                                 "forward_established",
@@ -946,15 +976,36 @@ impl Cx<'_> {
                 _ => return drop("drop_no_action", "egress 3: reverse entry"),
             }
         }
+        // The rule of a reopened tuple's packet names what it reopened.
+        let rule =
+            |plain: &'static str, outbound: &'static str, forwarded: &'static str| match reopened {
+                None => plain,
+                Some(FLOW_OUTBOUND) => outbound,
+                Some(_) => forwarded,
+            };
         // 4. Policy.
         let Some(pool) = self.policy(mark, &ip) else {
-            return pass("egress_no_policy", "egress 4: no policy");
+            return pass(
+                "egress_no_policy",
+                rule(
+                    "egress 4: no policy",
+                    "egress 4: no policy (a reopened outbound tuple)",
+                    "egress 4: no policy (a reopened forwarded tuple)",
+                ),
+            );
         };
         // 5. Already translated.
         if let Some(k) = tuple
             && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE)
         {
-            return pass("ours_passed", "egress 5: already translated");
+            return pass(
+                "ours_passed",
+                rule(
+                    "egress 5: already translated",
+                    "egress 5: already translated (a reopened outbound tuple)",
+                    "egress 5: already translated (a reopened forwarded tuple)",
+                ),
+            );
         }
         // 6. Untranslatable.
         if ip.ext {
@@ -1019,10 +1070,14 @@ impl Cx<'_> {
                         peer: None,
                     },
                 );
-                if reopened {
-                    return pass("snat_new", "egress 7: snat (a reopened tuple)");
-                }
-                pass("snat_new", "egress 7: snat")
+                pass(
+                    "snat_new",
+                    rule(
+                        "egress 7: snat",
+                        "egress 7: snat (a reopened outbound tuple)",
+                        "egress 7: snat (a reopened forwarded tuple)",
+                    ),
+                )
             }
             Some(ActionKind::Forward) if ip.v6 => {
                 drop("drop_forward_ipv6", "egress 7: forward IPv6")
@@ -1040,7 +1095,15 @@ impl Cx<'_> {
                 match self.encap(&ip, peer, tunnel_key(KIND_CONNECTION, pool))? {
                     Ok(()) => {
                         self.record_frag_at(&ip, first, FragEntry::Encapsulate { to: peer, pool });
-                        Ok((self.sent(), "forward_new", "egress 7: forward"))
+                        Ok((
+                            self.sent(),
+                            "forward_new",
+                            rule(
+                                "egress 7: forward",
+                                "egress 7: forward (a reopened outbound tuple)",
+                                "egress 7: forward (a reopened forwarded tuple)",
+                            ),
+                        ))
                     }
                     Err(c) => {
                         // A dropped packet holds no state (egress rule 7).
@@ -1049,7 +1112,14 @@ impl Cx<'_> {
                     }
                 }
             }
-            Some(ActionKind::Drop) => drop("drop_pool_unreachable", "egress 7: unreachable"),
+            Some(ActionKind::Drop) => drop(
+                "drop_pool_unreachable",
+                rule(
+                    "egress 7: unreachable",
+                    "egress 7: unreachable (a reopened outbound tuple)",
+                    "egress 7: unreachable (a reopened forwarded tuple)",
+                ),
+            ),
             None => silent("unknown action kind"),
         }
     }
