@@ -30,6 +30,9 @@ pub mod map_names {
     pub const POLICY_V6: &str = "POLICY_V6";
     pub const ACTIONS: &str = "ACTIONS";
     pub const FLOWS: &str = "FLOWS";
+    /// The benchmark's reference new-connection program's table (not one of [`ALL`]: never
+    /// pinned, one entry unless the benchmark sizes it).
+    pub const REF_FLOWS: &str = "REF_FLOWS";
     pub const LOCAL: &str = "LOCAL";
     pub const PEERS: &str = "PEERS";
     pub const OWNERS: &str = "OWNERS";
@@ -70,6 +73,13 @@ pub mod prog_names {
     pub const TC_EMPTY: &str = "tc_empty";
     /// Tail-called by `tc_ingress` for IPv4 GRE.
     pub const TC_TUNNEL: &str = "tc_tunnel";
+    /// The benchmark's reference programs (never attached): the least work of each path.
+    pub const REF_PASS: &str = "ref_pass";
+    pub const REF_REWRITE: &str = "ref_rewrite";
+    pub const REF_CLAIM: &str = "ref_claim";
+    pub const REF_ENCAP: &str = "ref_encap";
+    pub const REF_RW_ENCAP: &str = "ref_rw_encap";
+    pub const REF_DECAP: &str = "ref_decap";
     /// Tail-called by `tc_ingress` and `tc_tunnel` for ICMP errors.
     pub const TC_ICMP_ERROR: &str = "tc_icmp_error";
     /// Tail-called by `tc_egress` for later fragments.

@@ -15,6 +15,7 @@ mod nat;
 mod parse;
 mod policy;
 mod redirect;
+mod reference;
 mod stats;
 
 use aya_ebpf::{

@@ -589,9 +589,11 @@ pub enum AttachMode {
 }
 
 /// Loads the object without pinning anything (packet tests, benchmarks).
-pub fn load_unpinned(flow_capacity: u32) -> Result<Ebpf, LoadError> {
+/// `reference_capacity`: entries of the benchmark's reference claim table (1 when unused).
+pub fn load_unpinned(flow_capacity: u32, reference_capacity: u32) -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, flow_capacity)
+        .map_max_entries(map_names::REF_FLOWS, reference_capacity.max(1))
         .load(EBPF_OBJECT)?)
 }
 

@@ -9,6 +9,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use egress_common::prog_names;
+
 use crate::testrun::{
     FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
     packet::{self, L4, TCP_ACK, TCP_SYN},
@@ -26,6 +28,40 @@ pub struct PathCost {
     /// Median minus the empty program's median at the same frame size.
     pub marginal_ns: f64,
     pub runs: usize,
+    /// The reference program of the least work this path must do (a row of its own too).
+    pub reference: Option<&'static str>,
+    /// Marginal cost over the reference's marginal cost, same frame size, same run.
+    pub ratio: Option<f64>,
+}
+
+/// The reference rows, by what they do (`egress-ebpf/src/reference.rs`).
+pub const REFERENCES: [(&str, &str); 6] = [
+    ("reference: parse, pass", prog_names::REF_PASS),
+    ("reference: rewrite", prog_names::REF_REWRITE),
+    ("reference: rewrite + 2 inserts", prog_names::REF_CLAIM),
+    ("reference: push GRE, redirect", prog_names::REF_ENCAP),
+    (
+        "reference: rewrite, push GRE, redirect",
+        prog_names::REF_RW_ENCAP,
+    ),
+    (
+        "reference: pop GRE, rewrite, redirect",
+        prog_names::REF_DECAP,
+    ),
+];
+
+/// Each path's reference (by row name) and the most its ratio may be.
+pub fn reference_of(path: &str) -> Option<(&'static str, f64)> {
+    let r = |i: usize| REFERENCES[i].0;
+    Some(match path {
+        "no policy match" => (r(0), 1.2),
+        "new flow SNAT" => (r(2), 2.0),
+        "established SNAT" | "reverse translation" => (r(1), 1.2),
+        "forward (encapsulate)" | "soft-unicast owner redirect" => (r(3), 1.2),
+        "reply re-encapsulation" => (r(4), 1.2),
+        "peer (decapsulate + SNAT)" => (r(5), 1.2),
+        _ => return None,
+    })
 }
 
 /// The hot paths the ≤ 100 ns target applies to (all of them).
@@ -76,6 +112,26 @@ fn stats(path: &'static str, frame: usize, mut ns: Vec<u64>, empty: f64) -> Path
         max_ns: ns[ns.len() - 1] as f64,
         marginal_ns: median - empty,
         runs: ns.len(),
+        reference: None,
+        ratio: None,
+    }
+}
+
+/// Fills each path's reference and ratio from the reference rows of the same frame size.
+fn relate(rows: &mut [PathCost]) {
+    let refs: Vec<(&'static str, usize, f64)> = rows
+        .iter()
+        .filter(|r| r.path.starts_with("reference: "))
+        .map(|r| (r.path, r.frame, r.marginal_ns))
+        .collect();
+    for row in rows.iter_mut() {
+        let Some((name, _)) = reference_of(row.path) else {
+            continue;
+        };
+        if let Some((_, _, base)) = refs.iter().find(|(n, f, _)| *n == name && *f == row.frame) {
+            row.reference = Some(name);
+            row.ratio = Some(row.marginal_ns / base.max(1.0));
+        }
     }
 }
 
@@ -89,7 +145,7 @@ pub fn measure(runs: usize) -> anyhow::Result<Vec<PathCost>> {
 
 fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
     let net = TestNet::enter();
-    let mut dp = TestDatapath::fixture(&net, FIXTURE_TOPOLOGY)?;
+    let mut dp = TestDatapath::fixture_with_references(&net, FIXTURE_TOPOLOGY)?;
     let mut out = Vec::new();
     let mut fresh_port: u32 = 0;
     for frame in [64usize, 1500] {
@@ -206,7 +262,7 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             "192.0.2.10",
             peer_bound.sport,
             TCP_ACK,
-            frame,
+            tunnelled,
         );
         out.push(stats(
             "reply re-encapsulation",
@@ -243,6 +299,28 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             time(&mut dp, Hook::Ingress, &mut |_| unsolicited.clone())?,
             empty,
         ));
+        // The references, on the same packets as their paths.
+        for (name, prog) in REFERENCES {
+            let hook = Hook::Reference(prog);
+            let ns = match prog {
+                prog_names::REF_CLAIM => time(&mut dp, hook, &mut |_| {
+                    fresh_port += 1;
+                    tcp(
+                        "10.50.0.11",
+                        5001,
+                        "203.0.113.3",
+                        (1 + fresh_port % 65000) as u16,
+                        TCP_SYN,
+                        frame,
+                    )
+                })?,
+                prog_names::REF_ENCAP => time(&mut dp, hook, &mut |_| fwd.clone())?,
+                prog_names::REF_RW_ENCAP => time(&mut dp, hook, &mut |_| back.clone())?,
+                prog_names::REF_DECAP => time(&mut dp, hook, &mut |_| gre.clone())?,
+                _ => time(&mut dp, hook, &mut |_| est.clone())?,
+            };
+            out.push(stats(name, frame, ns, empty));
+        }
         out.push(PathCost {
             path: "empty program",
             frame,
@@ -251,8 +329,11 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             max_ns: empty,
             marginal_ns: 0.0,
             runs,
+            reference: None,
+            ratio: None,
         });
     }
     drop(net);
+    relate(&mut out);
     Ok(out)
 }

@@ -17,9 +17,17 @@ pub struct Args {
     /// Only the failover section, printed (no report written): for working on it.
     #[arg(long, hide = true)]
     failover_only: bool,
+    /// Only the per-packet section, printed (no report written): for working on it.
+    #[arg(long, hide = true)]
+    per_packet_only: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.per_packet_only {
+        let rows = crate::bench::perpacket::measure(if args.quick { 200 } else { 20_000 })?;
+        println!("{}", crate::bench::report::per_packet_markdown(&rows));
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.failover_only {
         let f = crate::bench::failover::measure(
             &std::env::current_exe()?,

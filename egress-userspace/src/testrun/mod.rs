@@ -92,6 +92,8 @@ pub enum Hook {
     Ingress,
     /// The empty baseline program.
     Empty,
+    /// A reference program of the benchmark (`egress_common::prog_names::REF_*`).
+    Reference(&'static str),
 }
 
 /// The result of one run.
@@ -122,7 +124,17 @@ impl TestDatapath {
         local: &Local,
         flow_capacity: u32,
     ) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load_unpinned(flow_capacity)?;
+        Self::build(topology, server, local, flow_capacity, 1)
+    }
+
+    fn build(
+        topology: &Topology,
+        server: &str,
+        local: &Local,
+        flow_capacity: u32,
+        reference_capacity: u32,
+    ) -> anyhow::Result<Self> {
+        let mut ebpf = loader::load_unpinned(flow_capacity, reference_capacity)?;
         for (name, _) in loader::PROGRAMS {
             loader::program(&mut ebpf, name)?;
         }
@@ -147,6 +159,21 @@ impl TestDatapath {
         topology: &str,
         flow_capacity: u32,
     ) -> anyhow::Result<Self> {
+        Self::fixture_sized(net, topology, flow_capacity, 1)
+    }
+
+    /// [`TestDatapath::fixture`] for the benchmark: the reference claim program's table as
+    /// large as the flow table (the same work per insert).
+    pub fn fixture_with_references(net: &TestNet, topology: &str) -> anyhow::Result<Self> {
+        Self::fixture_sized(net, topology, FLOWS_CAPACITY, FLOWS_CAPACITY)
+    }
+
+    fn fixture_sized(
+        net: &TestNet,
+        topology: &str,
+        flow_capacity: u32,
+        reference_capacity: u32,
+    ) -> anyhow::Result<Self> {
         let t = crate::validate::validate(&crate::config::Config::parse(topology, "fixture")?)?;
         let local = Local {
             fabric: [10, 50, 0, 11],
@@ -155,7 +182,7 @@ impl TestDatapath {
             _pad: [0; 2],
             peer_budget: egress_common::fabric::PEER_BUDGET,
         };
-        Self::with_flow_capacity(&t, "a", &local, flow_capacity)
+        Self::build(&t, "a", &local, flow_capacity, reference_capacity)
     }
 
     /// Runs `packet` through the program of `hook` once, with skb mark `mark`.
@@ -164,6 +191,7 @@ impl TestDatapath {
             Hook::Egress => prog_names::TC_EGRESS,
             Hook::Ingress => prog_names::TC_INGRESS,
             Hook::Empty => prog_names::TC_EMPTY,
+            Hook::Reference(name) => name,
         };
         let prog = loader::program(&mut self.ebpf, name)?;
         // A prefix of struct __sk_buff: len, pkt_type, mark.
