@@ -367,7 +367,7 @@ fn choices(before: &Flows, after: &Flows) -> Choices {
         }
         // Compared whole: a reopened tuple's new forwarded entry may name the old one's peer
         // (then only its flags and timestamps tell it is new).
-        if v.kind == FLOW_FORWARDED && old.map(masked) != Some(masked(v)) && c.hop.is_none() {
+        if v.kind == FLOW_FORWARDED && old != Some(v) && c.hop.is_none() {
             c.hop = Some(v.tunnel);
         }
     }
