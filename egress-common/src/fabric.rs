@@ -134,6 +134,28 @@ pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;
 /// Entries of `OWNERS` (one per pool IPv4 address; not preallocated).
 pub const OWNERS_CAPACITY: u32 = 262_144;
 
+/// One slot of `ROUTES`, the programs' per-CPU cache of FIB results (direct-mapped by the
+/// next hop's address): where a packet to `dst` leaves and with which MACs, as the kernel said
+/// at `at_ns` (coarse monotonic clock). Used for [`ROUTE_TTL_NS`], then looked up again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteSlot {
+    /// IPv4, network order (0: empty slot).
+    pub dst: [u8; 4],
+    /// The uplink the lookup was made for.
+    pub ifindex_in: u32,
+    /// The device the route leaves through.
+    pub ifindex_out: u32,
+    /// Destination then source MAC, as written into the frame.
+    pub macs: [u8; 12],
+    pub at_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RouteSlot>() == 32);
+/// Slots of `ROUTES` per CPU (a power of two).
+pub const ROUTE_SLOTS: u32 = 1024;
+/// How long a cached route is used: a changed route or neighbour takes effect within it.
+pub const ROUTE_TTL_NS: u64 = 1_000_000_000;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), integer fields and arrays only, explicit padding (sizes asserted above).

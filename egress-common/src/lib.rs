@@ -30,6 +30,8 @@ pub mod map_names {
     pub const POLICY_V6: &str = "POLICY_V6";
     pub const ACTIONS: &str = "ACTIONS";
     pub const FLOWS: &str = "FLOWS";
+    /// Per-CPU cache of FIB results (never pinned: rebuilt by the programs).
+    pub const ROUTES: &str = "ROUTES";
     /// The benchmark's reference new-connection program's table (not one of [`ALL`]: never
     /// pinned, one entry unless the benchmark sizes it).
     pub const REF_FLOWS: &str = "REF_FLOWS";
