@@ -27,26 +27,38 @@ pub enum Setup {
     BareForward,
     /// fra-a-2 forwards (GRE) to fra-a-1, which translates.
     Forward,
+    /// fra-a-2 routes to the origin via fra-a-1 (plain IP forwarding there, replies back the
+    /// same way), no programs: the two hops forwarding takes, without the dataplane.
+    TwoHop,
+    /// The two hops with nftables `snat` on fra-a-1 to its share of 192.0.2.10: stock Linux
+    /// doing what forwarding does.
+    TwoHopNftables,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 5] = [
+    pub const ALL: [Setup; 7] = [
         Setup::Bare,
         Setup::Local,
         Setup::Nftables,
         Setup::BareForward,
+        Setup::TwoHop,
+        Setup::TwoHopNftables,
         Setup::Forward,
     ];
     fn from(self) -> &'static str {
         match self {
-            Setup::BareForward | Setup::Forward => "fra-a-2",
+            Setup::BareForward | Setup::Forward | Setup::TwoHop | Setup::TwoHopNftables => {
+                "fra-a-2"
+            }
             _ => "fra-a-1",
         }
     }
-    /// The bare-routing setup its ratio is taken against.
+    /// The plain-routing setup its ratio is taken against: one hop for local SNAT (and the
+    /// single-hop row from fra-a-2, for information), two hops for forwarding.
     pub fn baseline(self) -> Setup {
         match self {
-            Setup::BareForward | Setup::Forward => Setup::BareForward,
+            Setup::BareForward | Setup::TwoHop => Setup::BareForward,
+            Setup::Forward | Setup::TwoHopNftables => Setup::TwoHop,
             _ => Setup::Bare,
         }
     }
@@ -57,6 +69,8 @@ impl Setup {
             Setup::Nftables => "nftables snat",
             Setup::BareForward => "bare routing (fra-a-2)",
             Setup::Forward => "dataplane forwarding",
+            Setup::TwoHop => "two-hop routing",
+            Setup::TwoHopNftables => "two-hop nftables snat",
         }
     }
 }
@@ -125,6 +139,15 @@ pub struct Row {
     pub ratio_to_bare: f64,
 }
 
+const NFT_TWO_HOP_RULES: &str = "table ip egressbench {
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.50.0.12 ip daddr 203.0.113.0/24 ip protocol tcp snat to 192.0.2.10:1024-32767
+    ip saddr 10.50.0.12 ip daddr 203.0.113.0/24 ip protocol udp snat to 192.0.2.10:1024-32767
+  }
+}
+";
+
 const NFT_RULES: &str = "table ip egressbench {
   chain post {
     type nat hook postrouting priority srcnat; policy accept;
@@ -135,30 +158,46 @@ const NFT_RULES: &str = "table ip egressbench {
 }
 ";
 
+fn nft(lab: &Lab, rules: &str) -> anyhow::Result<()> {
+    let f = lab.work_dir().join("bench.nft");
+    std::fs::write(&f, rules)?;
+    lab.run(
+        &lab.server_ns("fra-a-1"),
+        "nft",
+        &["-f", f.to_str().context("utf-8")?],
+    )
+    .map(drop)
+}
+
 fn setup(lab: &mut Lab, s: Setup) -> anyhow::Result<()> {
     match s {
         Setup::Bare | Setup::BareForward => Ok(()),
+        Setup::TwoHop => lab.route_via("fra-a-2", "fra-a-1", true),
+        Setup::TwoHopNftables => {
+            lab.route_via("fra-a-2", "fra-a-1", true)?;
+            nft(lab, NFT_TWO_HOP_RULES)
+        }
         Setup::Local => lab.start_agent("fra-a-1"),
         Setup::Forward => {
             lab.start_agent("fra-a-1")?;
             lab.start_agent("fra-a-2")
         }
-        Setup::Nftables => {
-            let f = lab.work_dir().join("bench.nft");
-            std::fs::write(&f, NFT_RULES)?;
-            lab.run(
-                &lab.server_ns("fra-a-1"),
-                "nft",
-                &["-f", f.to_str().context("utf-8")?],
-            )
-            .map(drop)
-        }
+        Setup::Nftables => nft(lab, NFT_RULES),
     }
 }
 
 fn teardown(lab: &mut Lab, s: Setup) -> anyhow::Result<()> {
     match s {
         Setup::Bare | Setup::BareForward => Ok(()),
+        Setup::TwoHop => lab.route_via("fra-a-2", "fra-a-1", false),
+        Setup::TwoHopNftables => {
+            lab.run(
+                &lab.server_ns("fra-a-1"),
+                "nft",
+                &["delete", "table", "ip", "egressbench"],
+            )?;
+            lab.route_via("fra-a-2", "fra-a-1", false)
+        }
         Setup::Local => lab.remove_agent("fra-a-1"),
         Setup::Forward => {
             lab.remove_agent("fra-a-2")?;
@@ -250,7 +289,72 @@ pub struct Plan {
     pub loads: Vec<Load>,
 }
 
-pub fn measure(egress_bin: &Path, p: &Plan) -> anyhow::Result<Vec<Row>> {
+/// One program's cost while a load ran through the lab (`kernel.bpf_stats_enabled`): what
+/// BPF_PROG_TEST_RUN measures in isolation, seen in place.
+#[derive(Debug, Clone, Serialize)]
+pub struct InSitu {
+    pub setup: Setup,
+    pub load: &'static str,
+    pub program: String,
+    pub runs: u64,
+    pub ns_per_run: f64,
+}
+
+/// Run time and count of every loaded program named like the dataplane's (`tc_…`), summed by
+/// name over the lab's agents.
+fn bpf_totals() -> BTreeMap<String, (u64, u64)> {
+    let mut t: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        let Some(name) = p.name_as_str().filter(|n| n.starts_with("tc_")) else {
+            continue;
+        };
+        let e = t.entry(name.to_string()).or_default();
+        e.0 += p.run_time().as_nanos() as u64;
+        e.1 += p.run_count();
+    }
+    t
+}
+
+/// One more round of the dataplane's setups with the kernel's BPF run-time statistics on (a
+/// round of its own: the statistics cost every run two clock reads, which must not weigh on
+/// the ratios).
+fn in_situ(lab: &mut Lab, egress_bin: &Path, p: &Plan) -> anyhow::Result<Vec<InSitu>> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics")?;
+    let mut out = Vec::new();
+    for s in [Setup::Local, Setup::Forward] {
+        if !p.setups.contains(&s) {
+            continue;
+        }
+        setup(lab, s)?;
+        for &load in &p.loads {
+            let secs = if load.tcp_streams > 0 {
+                p.tcp_seconds
+            } else {
+                p.udp_seconds
+            };
+            let before = bpf_totals();
+            run_load(lab, egress_bin, s.from(), load, secs)?;
+            for (program, (ns, runs)) in bpf_totals() {
+                let (ns0, runs0) = before.get(&program).copied().unwrap_or_default();
+                let runs = runs.saturating_sub(runs0);
+                if runs > 0 {
+                    out.push(InSitu {
+                        setup: s,
+                        load: load.name,
+                        program,
+                        runs,
+                        ns_per_run: ns.saturating_sub(ns0) as f64 / runs as f64,
+                    });
+                }
+            }
+        }
+        teardown(lab, s)?;
+    }
+    Ok(out)
+}
+
+pub fn measure(egress_bin: &Path, p: &Plan) -> anyhow::Result<(Vec<Row>, Vec<InSitu>)> {
     let mut lab = Lab::up(LabSpec::new(Config::embedded(), egress_bin))?;
     lab.spawn("iperf3", &lab.origin_ns(), "iperf3", &["-s", "-p", "5201"])?;
     std::thread::sleep(Duration::from_millis(300));
@@ -278,6 +382,8 @@ pub fn measure(egress_bin: &Path, p: &Plan) -> anyhow::Result<Vec<Row>> {
             teardown(&mut lab, s).with_context(|| format!("tearing down {}", s.name()))?;
         }
     }
+    eprintln!("[bench] in situ: one more round of the dataplane with bpf_stats on");
+    let in_situ = in_situ(&mut lab, egress_bin, p)?;
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -306,5 +412,5 @@ pub fn measure(egress_bin: &Path, p: &Plan) -> anyhow::Result<Vec<Row>> {
             }
         })
         .collect();
-    Ok(rows)
+    Ok((rows, in_situ))
 }

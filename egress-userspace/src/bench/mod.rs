@@ -46,6 +46,8 @@ pub struct Report {
     pub quick: bool,
     pub per_packet: Vec<perpacket::PathCost>,
     pub end_to_end: Vec<e2e::Row>,
+    /// The programs' run time per run during the end-to-end loads.
+    pub in_situ: Vec<e2e::InSitu>,
     pub flood: flood::Flood,
     pub fleet: fleet::Fleet,
     pub failover: failover::Failover,
@@ -104,7 +106,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             loads: e2e::LOADS.to_vec(),
         }
     };
-    let end_to_end = e2e::measure(&opts.egress_bin, &plan)?;
+    let (end_to_end, in_situ) = e2e::measure(&opts.egress_bin, &plan)?;
     eprintln!("[bench] a forwarded download under a flood of unsolicited packets");
     let flood = if opts.quick {
         flood::measure(&opts.egress_bin, 1, 1)?
@@ -125,6 +127,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         quick: opts.quick,
         per_packet,
         end_to_end,
+        in_situ,
         flood,
         fleet,
         failover,

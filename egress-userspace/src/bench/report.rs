@@ -25,24 +25,42 @@ pub fn targets(r: &Report) -> Vec<Target> {
         let goal = match (x.setup, x.load.contains("udp"), x.load.contains("64k")) {
             (Setup::Local, true, false) => 0.93,
             (Setup::Local, true, true) => 0.90,
-            (Setup::Forward, true, _) => 0.85,
-            (Setup::Local | Setup::Forward, false, _) => 0.95,
+            (Setup::Local, false, _) => 0.95,
+            (Setup::Forward, _, _) => 0.85,
             _ => continue,
         };
+        let against = if x.setup == Setup::Forward {
+            "two-hop routing"
+        } else {
+            "bare"
+        };
         ratio(
-            format!("{} / bare, {}", x.setup_name, x.load),
+            format!("{} / {against}, {}", x.setup_name, x.load),
             goal,
             x.ratio_to_bare,
         );
     }
-    for x in r.end_to_end.iter().filter(|x| x.setup == Setup::Local) {
-        if let Some(nft) = row(r, Setup::Nftables, x.load) {
-            t.push(Target {
-                name: format!("ahead of nftables, {}", x.load),
-                goal: "local > nftables".into(),
-                measured: format!("{:.0} vs {:.0} {}", x.median, nft.median, x.unit),
-                met: x.median > nft.median,
-            });
+    for (ours, theirs, what) in [
+        (
+            Setup::Local,
+            Setup::Nftables,
+            "local SNAT ahead of nftables",
+        ),
+        (
+            Setup::Forward,
+            Setup::TwoHopNftables,
+            "forwarding ahead of two-hop nftables",
+        ),
+    ] {
+        for x in r.end_to_end.iter().filter(|x| x.setup == ours) {
+            if let Some(nft) = row(r, theirs, x.load) {
+                t.push(Target {
+                    name: format!("{what}, {}", x.load),
+                    goal: "dataplane > nftables".into(),
+                    measured: format!("{:.0} vs {:.0} {}", x.median, nft.median, x.unit),
+                    met: x.median > nft.median,
+                });
+            }
         }
     }
     for p in &r.per_packet {
@@ -153,6 +171,7 @@ pub fn markdown(r: &Report) -> String {
     );
     s.push_str(&end_to_end_table(r));
     s.push_str(&per_packet_table(r));
+    s.push_str(&in_situ_table(r));
     s.push_str(&super::flood::markdown(&r.flood));
     s.push_str(&super::fleet::markdown(&r.fleet));
     s.push_str(&super::failover::markdown(&r.failover));
@@ -225,7 +244,7 @@ pub fn markdown(r: &Report) -> String {
 
 fn end_to_end_table(r: &Report) -> String {
     let mut s = String::from(
-        "## End to end (median of rounds; min–max; ratio to bare routing from the same server)\n\n",
+        "## End to end (median of rounds; min–max; ratio to plain routing over the same hops: one hop from fra-a-1 for local SNAT and nftables; two hops, fra-a-2 via fra-a-1, for forwarding and the two-hop nftables row; the single-hop row from fra-a-2 for information)\n\n",
     );
     let setups: Vec<Setup> = Setup::ALL
         .into_iter()
@@ -254,6 +273,40 @@ fn end_to_end_table(r: &Report) -> String {
                         " {:.0} {} ({:.0}–{:.0}) **×{:.2}** |",
                         v.median, v.unit, v.min, v.max, v.ratio_to_bare
                     );
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s
+}
+
+fn in_situ_table(r: &Report) -> String {
+    let mut s = String::from(
+        "## In situ (ns per run of each program, and its runs, while the end-to-end loads ran — a tail-called program's time counts to its caller — in one extra round with `kernel.bpf_stats_enabled`; summed over the lab's agents)\n\n",
+    );
+    let mut programs: Vec<&str> = r.in_situ.iter().map(|x| x.program.as_str()).collect();
+    programs.sort_unstable();
+    programs.dedup();
+    let _ = write!(s, "| setup | load |");
+    for p in &programs {
+        let _ = write!(s, " {p} |");
+    }
+    let _ = writeln!(s, "\n|---|---|{}", "---|".repeat(programs.len()));
+    let mut keys: Vec<(Setup, &str)> = r.in_situ.iter().map(|x| (x.setup, x.load)).collect();
+    keys.dedup();
+    for (setup, load) in keys {
+        let _ = write!(s, "| {} | {load} |", setup.name());
+        for p in &programs {
+            match r
+                .in_situ
+                .iter()
+                .find(|x| x.setup == setup && x.load == load && x.program == *p)
+            {
+                Some(x) => {
+                    let _ = write!(s, " {:.0} ({} runs) |", x.ns_per_run, x.runs);
                 }
                 None => s.push_str(" – |"),
             }
@@ -313,6 +366,7 @@ pub fn performance_section(r: &Report) -> String {
     );
     s.push_str(&end_to_end_table(r).replacen("## ", "#### ", 1));
     s.push_str(&per_packet_table(r).replacen("## ", "#### ", 1));
+    s.push_str(&in_situ_table(r).replacen("## ", "#### ", 1));
     s.push_str(&super::flood::markdown(&r.flood).replacen("## ", "#### ", 1));
     s.push_str(&super::fleet::markdown(&r.fleet).replacen("## ", "#### ", 1));
     s.push_str(&super::failover::markdown(&r.failover).replacen("## ", "#### ", 1));
@@ -339,11 +393,17 @@ pub fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     let font: &'static [u8] = Box::leak(std::fs::read(FONT)?.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("bad font {FONT}"))?;
-    let setups = [Setup::Local, Setup::Nftables, Setup::Forward];
+    let setups = [
+        Setup::Local,
+        Setup::Nftables,
+        Setup::Forward,
+        Setup::TwoHopNftables,
+    ];
     let colors = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
     ];
     let mut loads: Vec<&str> = Vec::new();
     for x in &r.end_to_end {

@@ -510,6 +510,56 @@ impl Lab {
         .map(drop)
     }
 
+    /// Two hops by plain routing (`on`), or back to the lab's one: `server` routes the origin's
+    /// 203.0.113.0/24 via `peer`, which forwards (IP forwarding on, no ICMP redirects), and the
+    /// origin routes `server`'s fabric address back via `peer`. The benchmark's honest baseline
+    /// for forwarding: the same two hops without the dataplane.
+    pub fn route_via(&self, server: &str, peer: &str, on: bool) -> anyhow::Result<()> {
+        let fabric = |name: &str| {
+            self.config
+                .servers
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.fabric.to_string())
+                .ok_or_else(|| anyhow!("no server {name} in the lab"))
+        };
+        let (mine, theirs) = (fabric(server)?, fabric(peer)?);
+        let via = if on {
+            theirs.clone()
+        } else {
+            ORIGIN_FABRIC_V4.to_string()
+        };
+        netns::ip_in(
+            &self.server_ns(server),
+            &["route", "replace", INTERNET_ROUTES[0], "via", &via],
+        )?;
+        let uplink = &self
+            .config
+            .servers
+            .iter()
+            .find(|s| s.name == peer)
+            .map(|s| s.uplink.clone())
+            .unwrap_or_default();
+        let forward = if on { "1" } else { "0" };
+        for setting in [
+            format!("net.ipv4.ip_forward={forward}"),
+            "net.ipv4.conf.all.send_redirects=0".to_string(),
+            format!("net.ipv4.conf.{uplink}.send_redirects=0"),
+        ] {
+            self.run(&self.server_ns(peer), "sysctl", &["-qw", &setting])?;
+        }
+        let host = format!("{mine}/32");
+        if on {
+            netns::ip_in(
+                &self.origin_ns(),
+                &["route", "replace", &host, "via", &theirs],
+            )?;
+        } else {
+            netns::ip_in(&self.origin_ns(), &["route", "del", &host])?;
+        }
+        Ok(())
+    }
+
     /// Takes `server`'s fabric cable out (its bridge port down: the server loses carrier) or
     /// puts it back. Its addresses and routes stay.
     pub fn set_fabric_port(&self, server: &str, up: bool) -> anyhow::Result<()> {
