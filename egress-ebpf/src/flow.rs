@@ -60,18 +60,107 @@ pub fn key_swapped(ip: &Ip, ports: &Ports) -> FlowKey {
     }
 }
 
+/// An entry of the flow table found by a lookup in this program run: the only way code outside
+/// this module reaches one.
+///
+/// Invariant (what makes the accessors sound): the pointer comes from a successful lookup in
+/// `FLOWS` during this run, and the kernel keeps the element allocated until the run ends (the
+/// program runs inside an RCU read section). Other CPUs may write the same element meanwhile
+/// (a hash map gives no exclusion); every field is a plain integer, so a racing read sees some
+/// value of each field, never an invalid one.
+#[derive(Clone, Copy)]
+pub struct Entry(*mut FlowValue);
+
+impl Entry {
+    /// A copy of the entry as it is now.
+    #[inline(always)]
+    pub fn value(self) -> FlowValue {
+        // SAFETY: the type's invariant.
+        unsafe { *self.0 }
+    }
+
+    /// The peer the entry's connection belongs to (0.0.0.0: a local one).
+    #[inline(always)]
+    pub fn tunnel(self) -> [u8; 4] {
+        // SAFETY: the type's invariant.
+        unsafe { (*self.0).tunnel }
+    }
+
+    /// Records that a packet of the flow leaving from its socket's side was seen now (a FIN
+    /// marks it closing) and returns a copy of the entry as updated.
+    #[inline(always)]
+    pub fn touch(self, ports: &Ports) -> FlowValue {
+        self.refresh();
+        let mut flags = self.value().flags;
+        flags = if ports.rst() {
+            flags | FLOW_F_RST
+        } else {
+            flags & !FLOW_F_RST
+        };
+        if ports.fin() {
+            flags |= FLOW_F_FIN;
+        }
+        self.set_flags(flags);
+        self.value()
+    }
+
+    /// Records that a reply of the flow (from the remote side, which anyone can spoof) was seen
+    /// now and returns a copy of the entry as updated. A reply's FIN or RST is never taken as
+    /// closing: only the socket's own are (a blind spoofed RST, out of the window, is dropped
+    /// by the socket without an answer, and would otherwise cut an idle connection's timeout
+    /// to 10 s).
+    #[inline(always)]
+    pub fn touch_reply(self, ports: &Ports) -> FlowValue {
+        self.refresh();
+        let mut flags = self.value().flags | FLOW_F_REPLIED;
+        // Any other reply shows the connection alive after a RST of the socket's.
+        if !ports.rst() {
+            flags &= !FLOW_F_RST;
+        }
+        self.set_flags(flags);
+        self.value()
+    }
+
+    /// Sets the entry's clock to now, unless it is within [`CLOCK_GRANULE_NS`] of it already.
+    #[inline(always)]
+    fn refresh(self) {
+        // SAFETY: a helper call without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: the type's invariant.
+        unsafe {
+            if now.wrapping_sub((*self.0).last_seen_ns) >= CLOCK_GRANULE_NS {
+                (*self.0).last_seen_ns = now;
+            }
+        }
+    }
+
+    /// Writes the entry's flags only when they change (the same cache line as the clock).
+    #[inline(always)]
+    fn set_flags(self, flags: u8) {
+        // SAFETY: the type's invariant.
+        unsafe {
+            if (*self.0).flags != flags {
+                (*self.0).flags = flags;
+            }
+        }
+    }
+}
+
+/// How stale an entry's clock may be before a packet writes it again: far below every timeout
+/// (the shortest, early drop, is 1 s), and it spares the cache line that CPUs sending the same
+/// flow share one write per packet.
+const CLOCK_GRANULE_NS: u64 = 100_000_000;
+
 /// The entry for `key` if it is of `kind`.
 #[inline(always)]
-pub fn get(key: &FlowKey, kind: u8) -> Option<*mut FlowValue> {
-    let v = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: v points into the map value for this run.
-    (unsafe { (*v).kind } == kind).then_some(v)
+pub fn get(key: &FlowKey, kind: u8) -> Option<Entry> {
+    get_any(key).filter(|e| e.value().kind == kind)
 }
 
 /// The entry for `key`, whatever its kind.
 #[inline(always)]
-pub fn get_any(key: &FlowKey) -> Option<*mut FlowValue> {
-    FLOWS.get_ptr_mut(key)
+pub fn get_any(key: &FlowKey) -> Option<Entry> {
+    FLOWS.get_ptr_mut(key).map(Entry)
 }
 
 /// Picks one of `count` next hops for the flow (by its hash).
@@ -97,96 +186,8 @@ pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowV
         Err(_) => {}
     }
     match get(out, FLOW_FORWARDED) {
-        // SAFETY: pointer into the map value for this run.
-        Some(existing) => Ok(unsafe { *existing }),
+        Some(existing) => Ok(existing.value()),
         None => Err(Stat::FlowInsertFailed),
-    }
-}
-
-/// Records that a packet of the flow leaving from its socket's side was seen now (a FIN marks
-/// it closing) and returns a copy of the entry as updated.
-#[inline(always)]
-pub fn touch(v: *mut FlowValue, ports: &Ports) -> FlowValue {
-    // SAFETY: v came from get() in this run.
-    unsafe {
-        let mut flags = seen(v, ports);
-        if ports.fin() {
-            flags |= FLOW_F_FIN;
-        }
-        set_flags(v, flags);
-        *v
-    }
-}
-
-/// How stale an entry's clock may be before a packet writes it again: far below every timeout
-/// (the shortest, early drop, is 1 s), and it spares the cache line that CPUs sending the same
-/// flow share one write per packet.
-const CLOCK_GRANULE_NS: u64 = 100_000_000;
-
-/// Sets the entry's clock to now, unless it is within [`CLOCK_GRANULE_NS`] of it already.
-///
-/// # Safety
-/// SAFETY (for callers): `v` must point to a live map value of this run.
-#[inline(always)]
-unsafe fn refresh(v: *mut FlowValue) {
-    // SAFETY: per the contract; a helper call without arguments.
-    unsafe {
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*v).last_seen_ns) >= CLOCK_GRANULE_NS {
-            (*v).last_seen_ns = now;
-        }
-    }
-}
-
-/// Writes the entry's flags only when they change (the same cache line as [`refresh`]).
-///
-/// # Safety
-/// SAFETY (for callers): `v` must point to a live map value of this run.
-#[inline(always)]
-unsafe fn set_flags(v: *mut FlowValue, flags: u8) {
-    // SAFETY: per the contract.
-    unsafe {
-        if (*v).flags != flags {
-            (*v).flags = flags;
-        }
-    }
-}
-
-/// Records that a reply of the flow (from the remote side, which anyone can spoof) was seen now
-/// and returns a copy of the entry as updated. A reply's FIN or RST is never taken as closing:
-/// only the socket's own are (a blind spoofed RST, out of the window, is dropped by the socket
-/// without an answer, and would otherwise cut an idle connection's timeout to 10 s).
-#[inline(always)]
-pub fn touch_reply(v: *mut FlowValue, ports: &Ports) -> FlowValue {
-    // SAFETY: v came from get() in this run.
-    unsafe {
-        refresh(v);
-        let mut flags = (*v).flags | FLOW_F_REPLIED;
-        // Any other reply shows the connection alive after a RST of the socket's.
-        if !ports.rst() {
-            flags &= !FLOW_F_RST;
-        }
-        set_flags(v, flags);
-        *v
-    }
-}
-
-/// Refreshes the entry's clock and returns its flags with the RST bit saying whether this
-/// packet (from the socket's side) is a RST: the bit reports the latest packet, so a RST that
-/// traffic follows does not end the connection.
-///
-/// # Safety
-/// SAFETY (for callers): `v` must point to a live map value of this run.
-#[inline(always)]
-unsafe fn seen(v: *mut FlowValue, ports: &Ports) -> u8 {
-    // SAFETY: per the contract.
-    unsafe {
-        refresh(v);
-        if ports.rst() {
-            (*v).flags | FLOW_F_RST
-        } else {
-            (*v).flags & !FLOW_F_RST
-        }
     }
 }
 
@@ -223,8 +224,7 @@ pub fn retire(key: &FlowKey, v: &FlowValue) {
     if v.kind == FLOW_OUTBOUND
         && let Some(r) = get(&key.other_direction(v), FLOW_REVERSE)
     {
-        // SAFETY: pointer into the map value for this run.
-        unsafe { (*r).flags |= v.flags & FLOW_F_CLOSING };
+        r.set_flags(r.value().flags | (v.flags & FLOW_F_CLOSING));
     }
     let _ = FLOWS.remove(key);
 }
@@ -232,12 +232,15 @@ pub fn retire(key: &FlowKey, v: &FlowValue) {
 /// Mixes the flow's key into 32 bits (spreads ports and SNAT targets).
 #[inline(always)]
 fn hash(k: &FlowKey) -> u32 {
-    // SAFETY: FlowKey is 40 bytes of plain integers.
-    let words: &[u32; 10] = unsafe { &*(k as *const FlowKey as *const [u32; 10]) };
+    const WORDS: usize = core::mem::size_of::<FlowKey>() / 4;
+    let words = k as *const FlowKey as *const u32;
     let mut h: u32 = 0x9e37_79b9;
     let mut i = 0;
-    while i < 10 {
-        h = (h ^ words[i]).wrapping_mul(0x85eb_ca6b);
+    while i < WORDS {
+        // SAFETY: word i < 10 lies within the 40-byte key; the key is only 2-byte aligned, and
+        // read_unaligned asks for no alignment (no reference to a misaligned u32 is made).
+        let word = unsafe { core::ptr::read_unaligned(words.add(i)) };
+        h = (h ^ word).wrapping_mul(0x85eb_ca6b);
         h ^= h >> 13;
         i += 1;
     }
@@ -316,8 +319,7 @@ fn record_outbound(out: &FlowKey, value: &FlowValue) -> Result<FlowValue, Stat> 
         return Err(Stat::FlowTableFull);
     }
     match get(out, FLOW_OUTBOUND) {
-        // SAFETY: pointer into the map value for this run.
-        Some(existing) => Ok(unsafe { *existing }),
+        Some(existing) => Ok(existing.value()),
         // Not a race but a failed insert (e.g. out of memory).
         None => Err(Stat::FlowInsertFailed),
     }

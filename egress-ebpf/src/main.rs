@@ -160,9 +160,8 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
 /// fragments.
 #[inline(always)]
 fn remember_first_out(ip: &Ip, ports: &Ports) {
-    if let Some(v) = flow::get_any(&flow::key(ip, ports)) {
-        // SAFETY: map value pointer valid for this run.
-        let v = unsafe { *v };
+    if let Some(e) = flow::get_any(&flow::key(ip, ports)) {
+        let v = e.value();
         match v.kind {
             FLOW_OUTBOUND => frag::remember(ip, FRAG_SRC, &v.addr, [0; 4], v.pool),
             FLOW_FORWARDED => frag::remember(ip, FRAG_ENCAP, &[0; 16], v.tunnel, v.pool),
@@ -178,11 +177,10 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
     // its policy: the flow table is consulted before the policy.
     if let Ok(p) = parsed {
         let key = flow::key(ip, p);
-        if let Some(v) = flow::get_any(&key) {
+        if let Some(e) = flow::get_any(&key) {
             // Whether it reopens is judged on the flags before this packet.
-            // SAFETY: map value pointer valid for this run.
-            let before = unsafe { *v };
-            let v = flow::touch(v, p);
+            let before = e.value();
+            let v = e.touch(p);
             if !flow::reopens(&before, p) {
                 return established(ctx, ip, p, &v);
             }
@@ -403,8 +401,7 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
 /// The reverse entry a reply matches, refreshed.
 #[inline(always)]
 fn reverse_entry(ip: &Ip, ports: &Ports) -> Option<FlowValue> {
-    let v = flow::get(&flow::key(ip, ports), FLOW_REVERSE)?;
-    Some(flow::touch_reply(v, ports))
+    Some(flow::get(&flow::key(ip, ports), FLOW_REVERSE)?.touch_reply(ports))
 }
 
 /// A reply of a connection translated here (entry `v`): translated back and delivered; what a
@@ -533,10 +530,9 @@ fn icmp_quoting(
     // In a tunnel, only soft-unicast brings an error about a connection translated here.
     if (arrived == Arrived::Plain || from.kind == tunnel::SOFT_UNICAST)
         && ip.dst == q.ip.src
-        && let Some(v) = flow::get(&reply_key, FLOW_REVERSE)
+        && let Some(e) = flow::get(&reply_key, FLOW_REVERSE)
     {
-        // SAFETY: map value pointer valid for this run.
-        let v = unsafe { *v };
+        let v = e.value();
         icmp::translate(ctx, ip, q, &v.addr, v.port_be).map_err(drop_with)?;
         let to = Gre::of(&v);
         return deliver(
@@ -551,9 +547,8 @@ fn icmp_quoting(
     if arrived == Arrived::Tunnel {
         // An error about a connection this server forwarded, returned by the peer it went to.
         if from.kind == tunnel::REPLY
-            && let Some(v) = flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED)
-            // SAFETY: map value pointer valid for this run.
-            && unsafe { (*v).tunnel } == from.peer
+            && let Some(e) = flow::get(&flow::key(&q.ip, &q.ports), FLOW_FORWARDED)
+            && e.tunnel() == from.peer
         {
             encap::decapsulate(ctx).map_err(drop_with)?;
             return Ok(Verdict::Pass(Stat::ForwardedReply));
@@ -657,14 +652,13 @@ fn probe(ctx: &TcContext, outer: &Ip, from: &Gre) -> Step<Verdict> {
 /// socket. Another peer has no say in that connection.
 #[inline(always)]
 fn forwarded_reply(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<Verdict> {
-    let Some(v) = flow::get(&flow::key_swapped(ip, ports), FLOW_FORWARDED) else {
+    let Some(e) = flow::get(&flow::key_swapped(ip, ports), FLOW_FORWARDED) else {
         return Ok(Verdict::Drop(Stat::TunnelKind));
     };
-    // SAFETY: map value pointer valid for this run.
-    if unsafe { (*v).tunnel } != from.peer {
+    if e.tunnel() != from.peer {
         return Ok(Verdict::Drop(Stat::PeerPolicy));
     }
-    flow::touch_reply(v, ports);
+    e.touch_reply(ports);
     clamp(ctx, ip, ports, local()?);
     encap::decapsulate(ctx).map_err(drop_with)?;
     frag::remember(ip, FRAG_DELIVER, &[0; 16], from.peer, 0);
@@ -785,16 +779,14 @@ fn peer_send(
 /// claims anew). Another peer's entry is neither refreshed nor touched: a drop.
 #[inline(always)]
 fn existing_outbound(key: &FlowKey, ports: &Ports, peer: [u8; 4]) -> Step<Option<FlowValue>> {
-    let Some(p) = flow::get(key, FLOW_OUTBOUND) else {
+    let Some(e) = flow::get(key, FLOW_OUTBOUND) else {
         return Ok(None);
     };
-    // SAFETY: map value pointer valid for this run.
-    if unsafe { (*p).tunnel } != peer {
+    if e.tunnel() != peer {
         return Err(Verdict::Drop(Stat::PeerPolicy));
     }
-    // SAFETY: map value pointer valid for this run.
-    let before = unsafe { *p };
-    let v = flow::touch(p, ports);
+    let before = e.value();
+    let v = e.touch(ports);
     if flow::reopens(&before, ports) {
         flow::retire(key, &before);
         return Ok(None);
