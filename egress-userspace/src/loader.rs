@@ -46,6 +46,12 @@ pub enum LoadError {
         "interface {iface:?} does not exist in this network namespace (it is the uplink of server {server:?} in the config)"
     )]
     NoInterface { iface: String, server: String },
+    /// The uplink's MTU decides the tunnel MSS: never guessed.
+    #[error("reading the MTU of {iface:?} (it sizes the tunnel's MSS clamp): {source}")]
+    Mtu {
+        iface: String,
+        source: std::io::Error,
+    },
     #[error(
         "{dir} is not on a bpf filesystem (is bpffs mounted? `mount -t bpf bpf /sys/fs/bpf`, which `cargo xtask setup` does)"
     )]
@@ -78,8 +84,16 @@ pub enum LoadError {
         pinned: Layout,
         expected: Layout,
     },
-    #[error("the BPF object's map definitions cannot be read: {0}")]
-    Object(String),
+    #[error("the BPF object's map definitions cannot be read")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("the BPF object: {0}")]
+    ObjectShape(String),
+    #[error("pinned map {path}")]
+    PinnedMap {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("migration: {0}")]
     Migrate(String),
     #[error("map {name}: {source}")]
@@ -94,8 +108,12 @@ pub enum LoadError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("pinned link {path}: {message}")]
-    Link { path: String, message: String },
+    #[error("pinned link {path}")]
+    Link {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     #[error("attaching {name} to {iface}: {source}")]
     Attach {
         name: &'static str,
@@ -183,7 +201,7 @@ impl std::fmt::Display for Layout {
 pub fn expected_layouts(
     flow_capacity: u32,
 ) -> Result<std::collections::BTreeMap<String, Layout>, LoadError> {
-    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoadError::Object(e.to_string()))?;
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(LoadError::Object)?;
     Ok(obj
         .maps
         .iter()
@@ -213,7 +231,10 @@ fn pinned_layout(path: &Path) -> Result<Option<Layout>, LoadError> {
     if !path.exists() {
         return Ok(None);
     }
-    let bad = |e: aya::maps::MapError| LoadError::Object(format!("{}: {e}", path.display()));
+    let bad = |source| LoadError::PinnedMap {
+        path: path.display().to_string(),
+        source,
+    };
     let info = MapData::from_pin(path).map_err(bad)?.info().map_err(bad)?;
     Ok(Some(Layout {
         map_type: info.map_type().map_err(bad)? as u32,
@@ -290,8 +311,10 @@ pub fn migrate(mismatches: &[Mismatch]) -> Result<(SavedFlows, Vec<PathBuf>), Lo
         let same_entries = m.pinned.key_size == m.expected.key_size
             && m.pinned.value_size == m.expected.value_size;
         if m.name == map_names::FLOWS && same_entries {
-            let bad =
-                |e: aya::maps::MapError| LoadError::Object(format!("{}: {e}", m.path.display()));
+            let bad = |source| LoadError::PinnedMap {
+                path: m.path.display().to_string(),
+                source,
+            };
             let data = MapData::from_pin(&m.path).map_err(bad)?;
             let map = match m.pinned.map_type {
                 9 => aya::maps::Map::LruHashMap(data),
@@ -546,7 +569,7 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
         aya::maps::Map::HashMap(d) => d.info().map_err(bad(map_names::FLOWS))?.max_entries(),
         // check_pins refuses another layout before anything is loaded.
         _ => {
-            return Err(LoadError::Object(format!(
+            return Err(LoadError::ObjectShape(format!(
                 "{} is not a hash map",
                 map_names::FLOWS
             )));
@@ -685,7 +708,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
                     LoadError::Link {
                         path: path.display().to_string(),
-                        message: e.to_string(),
+                        source: e.into(),
                     }
                 })?;
                 adopted = true;
@@ -698,12 +721,12 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd = FdLink::try_from(link).map_err(|e| LoadError::Link {
             path: path.display().to_string(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         if !path.exists() {
             fd.pin(&path).map_err(|e| LoadError::Link {
                 path: path.display().to_string(),
-                message: e.to_string(),
+                source: e.into(),
             })?;
         }
         // Dropping our fd leaves the pinned link (and the program) in place.
@@ -715,19 +738,36 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
     })
 }
 
+/// The names an agent pins in its directory: its links, its maps, and a migration's
+/// set-aside maps. Nothing else there is ours.
+pub fn pinned_names() -> Vec<String> {
+    let mut names: Vec<String> = PROGRAMS.iter().map(|(p, _)| format!("link_{p}")).collect();
+    for m in map_names::ALL {
+        names.push(m.to_string());
+        names.push(format!("{m}_pre_migrate"));
+    }
+    names
+}
+
 /// Removes what an agent leaves behind in `pin_dir`: the pinned links (so the programs detach)
-/// and the pinned maps. Returns the paths removed.
+/// and the pinned maps — only those names ([`pinned_names`]): pointed at the bpffs root or at
+/// another program's directory it removes nothing of theirs. The directory goes too once
+/// empty. Returns the paths removed.
 pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     if !pin_dir.exists() {
         return Ok(removed);
     }
-    for entry in std::fs::read_dir(pin_dir)? {
-        let path = entry?.path();
-        std::fs::remove_file(&path)?;
-        removed.push(path);
+    for name in pinned_names() {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
-    std::fs::remove_dir(pin_dir)?;
+    // Left in place when it holds anything else.
+    let _ = std::fs::remove_dir(pin_dir);
     Ok(removed)
 }
 
@@ -742,7 +782,10 @@ pub fn local_settings(
         iface: uplink.to_string(),
         server: String::new(),
     })?;
-    let mtu = mtu(uplink).unwrap_or(1500);
+    let mtu = mtu(uplink).map_err(|source| LoadError::Mtu {
+        iface: uplink.to_string(),
+        source,
+    })?;
     Ok(Local {
         fabric: fabric.octets(),
         ifindex,
@@ -754,12 +797,12 @@ pub fn local_settings(
 
 /// The MTU of `iface` in this network namespace (SIOCGIFMTU; /sys would show the namespace the
 /// mounts belong to, not necessarily ours).
-fn mtu(iface: &str) -> Option<u32> {
+fn mtu(iface: &str) -> std::io::Result<u32> {
     // SAFETY: plain socket/ioctl/close calls on a zeroed ifreq holding a NUL-terminated name.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
-            return None;
+            return Err(std::io::Error::last_os_error());
         }
         let mut req: libc::ifreq = std::mem::zeroed();
         for (d, s) in req
@@ -770,7 +813,11 @@ fn mtu(iface: &str) -> Option<u32> {
             *d = s as libc::c_char;
         }
         let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        let err = std::io::Error::last_os_error();
         libc::close(fd);
-        (rc == 0).then_some(req.ifr_ifru.ifru_mtu as u32)
+        if rc != 0 {
+            return Err(err);
+        }
+        Ok(req.ifr_ifru.ifru_mtu as u32)
     }
 }

@@ -385,6 +385,10 @@ fn flows_and_live_explain_read_the_maps_and_detach_removes_everything() {
     let status = lab.stop("agent-fra-a-2").unwrap();
     assert!(status.success());
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
+    // Something else's pins in the same directory (an operator pointing --pin-dir at a shared
+    // place): detach removes only the agent's own names.
+    let foreign = lab.pin_dir("fra-a-2").join("someone_else");
+    std::fs::create_dir(&foreign).unwrap();
     let out = std::process::Command::new(common::EGRESS)
         .args(["detach", "--pin-dir", &pin("fra-a-2")])
         .output()
@@ -394,7 +398,14 @@ fn flows_and_live_explain_read_the_maps_and_detach_removes_everything() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!lab.pin_dir("fra-a-2").exists(), "pins removed");
+    assert!(foreign.exists(), "another program's pins stay");
+    let left: Vec<_> = std::fs::read_dir(lab.pin_dir("fra-a-2"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["someone_else"], "every pin of the agent removed");
+    std::fs::remove_dir(&foreign).unwrap();
+    std::fs::remove_dir(lab.pin_dir("fra-a-2")).unwrap();
     let own = WantSrc {
         addr: "10.50.0.12",
         ports: (1, 65535),
