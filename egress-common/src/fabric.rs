@@ -4,7 +4,7 @@
 /// Outer IPv4 (20) + GRE with key (8).
 pub const ENCAP_LEN: u32 = 28;
 pub const GRE_FLAG_KEY: u16 = 0x2000;
-pub const IPPROTO_GRE: u8 = 47;
+pub use crate::wire::IPPROTO_GRE;
 
 /// The GRE key of every tunnel packet: what it carries in the top two bits, the pool id in the
 /// other 30. The receiver checks the kind against what it finds: a soft-unicast packet may only

@@ -21,6 +21,7 @@ pub mod generation {
     }
 }
 pub mod stats;
+pub mod wire;
 
 /// Names of the pinned maps. The agent pins each one at `<pin dir>/<name>`; bpftool shows them
 /// under the same names.

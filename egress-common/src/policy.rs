@@ -46,6 +46,46 @@ pub const POOL_BITS: u32 = 64;
 /// Bits in front of the address in a policy trie key: generation and mark.
 pub const MARK_BITS: u32 = 64;
 
+impl PolicyKeyV4 {
+    /// The key of `addr` under `mark` in plan generation `generation`.
+    pub const fn new(generation: u8, mark: u32, addr: [u8; 4]) -> Self {
+        PolicyKeyV4 {
+            gen_be: (generation as u32).to_be(),
+            mark_be: mark.to_be(),
+            addr,
+        }
+    }
+}
+
+impl PolicyKeyV6 {
+    /// The key of `addr` under `mark` in plan generation `generation`.
+    pub const fn new(generation: u8, mark: u32, addr: [u8; 16]) -> Self {
+        PolicyKeyV6 {
+            gen_be: (generation as u32).to_be(),
+            mark_be: mark.to_be(),
+            addr,
+        }
+    }
+}
+
+/// The trie prefix length of a policy covering the first `addr_bits` of the address (a lookup
+/// of one address: all of its bits).
+pub const fn prefix_len(addr_bits: u32) -> u32 {
+    MARK_BITS + addr_bits
+}
+
+/// The policy lookup rule, one for the programs, `explain` and `explain --live`: the rules of
+/// the packet's mark first, then (for a marked packet) those of mark 0, which apply to every
+/// mark. `lookup(mark)` finds the pool of the longest prefix among one mark's rules.
+#[inline(always)]
+pub fn pool_for_mark(mark: u32, mut lookup: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
+    match lookup(mark) {
+        Some(pool) => Some(pool),
+        None if mark != 0 => lookup(0),
+        None => None,
+    }
+}
+
 /// Value of both policy tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use egress_common::{
 
 use crate::parse::{ETH_LEN, Ip};
 
-const ETH_P_IP: u16 = 0x0800;
+use egress_common::wire::ETH_P_IP;
 
 /// Outer IPv4 header and GRE header with key, as written on the wire.
 #[repr(C)]

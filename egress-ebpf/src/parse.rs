@@ -7,7 +7,7 @@
 use aya_ebpf::programs::TcContext;
 use egress_common::action::{FAMILY_V4, FAMILY_V6};
 
-pub const ETH_LEN: usize = 14;
+pub use egress_common::wire::ETH_LEN;
 
 /// Writes `v` at `off`: directly into the linear data, else through the store helper. Direct
 /// writes must come before any helper that may move packet data in the same step.
@@ -32,13 +32,8 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     }
     ctx.load(off).map_err(|_| ())
 }
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_FRAGMENT: u8 = 44;
+use egress_common::wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT};
+pub use egress_common::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;

@@ -7,7 +7,8 @@ use aya_ebpf::{
 use egress_common::{
     action::{ACTIONS_CAPACITY, Action, ActionKey, FAMILY_V4},
     policy::{
-        MARK_BITS, POLICY_CAPACITY, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+        POLICY_CAPACITY, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue,
+        pool_for_mark, prefix_len,
     },
 };
 
@@ -39,10 +40,11 @@ pub fn generation() -> u8 {
     GENERATION.get(0).map_or(0, |g| (*g & 1) as u8)
 }
 
-/// The pool whose policy covers the packet's destination: the packet's mark first, then mark 0.
+/// The pool whose policy covers the packet's destination ([`pool_for_mark`]: the packet's mark
+/// first, then mark 0).
 #[inline(always)]
 pub fn pool_for(ip: &Ip, mark: u32, g: u8) -> Option<u32> {
-    lookup(ip, mark, g).or_else(|| if mark != 0 { lookup(ip, 0, g) } else { None })
+    pool_for_mark(mark, |m| lookup(ip, m, g))
 }
 
 #[inline(always)]
@@ -50,25 +52,12 @@ fn lookup(ip: &Ip, mark: u32, g: u8) -> Option<u32> {
     let hit = if ip.family == FAMILY_V4 {
         let mut addr = [0u8; 4];
         addr.copy_from_slice(&ip.dst[..4]);
-        let key = Key::new(
-            MARK_BITS + 32,
-            PolicyKeyV4 {
-                gen_be: u32::from(g).to_be(),
-                mark_be: mark.to_be(),
-                addr,
-            },
-        );
-        POLICY_V4.get(&key)
+        POLICY_V4.get(&Key::new(prefix_len(32), PolicyKeyV4::new(g, mark, addr)))
     } else {
-        let key = Key::new(
-            MARK_BITS + 128,
-            PolicyKeyV6 {
-                gen_be: u32::from(g).to_be(),
-                mark_be: mark.to_be(),
-                addr: ip.dst,
-            },
-        );
-        POLICY_V6.get(&key)
+        POLICY_V6.get(&Key::new(
+            prefix_len(128),
+            PolicyKeyV6::new(g, mark, ip.dst),
+        ))
     };
     hit.map(|v| v.pool)
 }

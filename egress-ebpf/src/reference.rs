@@ -30,7 +30,7 @@ use crate::parse::{read, write};
 
 const ETH: usize = 14;
 const L4: usize = ETH + 20;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IP_BE: u16 = egress_common::wire::ETH_P_IP.to_be();
 const NEW_ADDR: [u8; 4] = [192, 0, 2, 10];
 const NEW_PORT_BE: u16 = 40000u16.to_be();
 const PEER: [u8; 4] = [10, 50, 0, 12];

@@ -1120,14 +1120,7 @@ impl Agent {
         let arr: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
         Stat::ALL
             .iter()
-            .map(|&s| {
-                let per_cpu = arr.get(&(s as u32), 0)?;
-                let c = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                });
-                Ok((s, c))
-            })
+            .map(|&s| Ok((s, crate::stats::total(&arr, s)?)))
             .collect()
     }
 

@@ -43,14 +43,14 @@ fn lookup(rules: &[Rule], dst: IpAddr, mark: u32) -> Option<&Rule> {
 }
 
 pub fn explain(t: &Topology, server: &str, dst: IpAddr, mark: u32) -> Explanation {
-    let direct = lookup(&t.rules, dst, mark);
-    let rule = direct.or_else(|| {
-        if mark != 0 {
-            lookup(&t.rules, dst, 0)
-        } else {
-            None
-        }
+    // The programs' rule (egress_common::policy::pool_for_mark), over the config's rules.
+    let mut found = None;
+    egress_common::policy::pool_for_mark(mark, |m| {
+        found = lookup(&t.rules, dst, m);
+        found.map(|_| m)
     });
+    let direct = found.filter(|r| r.mark == mark);
+    let rule = found;
     let Some(rule) = rule else {
         return Explanation {
             server: server.to_string(),

@@ -17,7 +17,7 @@ use aya::{
 };
 use egress_common::{
     action::{Action, ActionKey},
-    fabric::{AddrKey, ENCAP_LEN, Local, Owners, Peer},
+    fabric::{AddrKey, Local, Owners, Peer},
     flow::{FlowKey, FlowValue},
     map_names,
     policy::{PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
@@ -789,7 +789,7 @@ pub fn local_settings(
     Ok(Local {
         fabric: fabric.octets(),
         ifindex,
-        mss_v4: (mtu.saturating_sub(40 + ENCAP_LEN)).min(u32::from(u16::MAX)) as u16,
+        mss_v4: egress_common::wire::tunnel_mss(mtu),
         _pad: [0; 2],
         peer_budget,
     })

@@ -15,7 +15,7 @@ use std::{
 use egress_common::{
     action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6, MAX_HOPS, MAX_SNAT, SnatTarget},
     fabric::{AddrKey, OwnerRange, Owners, Peer},
-    policy::{MARK_BITS, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+    policy::{POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue, prefix_len},
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -378,16 +378,11 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
         let value = PolicyValue {
             pool: t.pools[&r.pool].id,
         };
-        let mark_be = r.mark.to_be();
         match r.destination {
             IpNet::V4(n) => {
-                let key = PolicyKeyV4 {
-                    gen_be: 0,
-                    mark_be,
-                    addr: n.network().octets(),
-                };
+                let key = PolicyKeyV4::new(0, r.mark, n.network().octets());
                 m.policies_v4
-                    .insert((MARK_BITS + u32::from(n.prefix_len()), key), value);
+                    .insert((prefix_len(u32::from(n.prefix_len())), key), value);
                 let peer_key = PeerPolicyKey {
                     gen_be: 0,
                     pool_be: value.pool.to_be(),
@@ -397,13 +392,9 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
                     .insert((POOL_BITS + u32::from(n.prefix_len()), peer_key), value);
             }
             IpNet::V6(n) => {
-                let key = PolicyKeyV6 {
-                    gen_be: 0,
-                    mark_be,
-                    addr: n.network().octets(),
-                };
+                let key = PolicyKeyV6::new(0, r.mark, n.network().octets());
                 m.policies_v6
-                    .insert((MARK_BITS + u32::from(n.prefix_len()), key), value);
+                    .insert((prefix_len(u32::from(n.prefix_len())), key), value);
             }
         }
     }
@@ -858,7 +849,7 @@ shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports =
             .expect("ams-a-1's range");
         assert_eq!((ams.port_max, ams.fabric), (39999, [10, 50, 2, 31]));
         let k = (
-            MARK_BITS + 24,
+            egress_common::policy::MARK_BITS + 24,
             PolicyKeyV4 {
                 gen_be: 0,
                 mark_be: 5u32.to_be(),

@@ -32,6 +32,20 @@ pub enum StatsError {
     },
 }
 
+/// Counter `stat` summed over CPUs: the one place per-CPU slots are added up.
+pub fn total<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, Counter>,
+    stat: Stat,
+) -> Result<Counter, aya::maps::MapError> {
+    Ok(map
+        .get(&(stat as u32), 0)?
+        .iter()
+        .fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+}
+
 /// Reads every counter from the `STATS` map pinned in `pin_dir`.
 pub fn read(pin_dir: &Path) -> Result<Vec<StatValue>, StatsError> {
     let path = pin_dir.join(map_names::STATS);
@@ -48,19 +62,14 @@ pub fn read(pin_dir: &Path) -> Result<Vec<StatValue>, StatsError> {
     Stat::ALL
         .iter()
         .map(|&stat| {
-            let per_cpu = map
-                .get(&(stat as u32), 0)
-                .map_err(|source| StatsError::Read {
-                    path: shown.clone(),
-                    source,
-                })?;
-            let (packets, bytes) = per_cpu
-                .iter()
-                .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+            let c = total(&map, stat).map_err(|source| StatsError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             Ok(StatValue {
                 name: stat.name(),
-                packets,
-                bytes,
+                packets: c.packets,
+                bytes: c.bytes,
             })
         })
         .collect()

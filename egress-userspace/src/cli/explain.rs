@@ -91,7 +91,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
     use egress_common::{
         action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
         map_names,
-        policy::{MARK_BITS, PolicyKeyV4, PolicyKeyV6, PolicyValue},
+        policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue, prefix_len},
     };
     let config = args.config.load()?;
     let dir = super::pin_dir_of(&args.config, args.server.clone(), args.pin_dir.clone())?;
@@ -105,37 +105,33 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
             IpAddr::V4(a) => {
                 let t: LpmTrie<_, PolicyKeyV4, PolicyValue> =
                     LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V4)?))?;
-                let k = Key::new(
-                    MARK_BITS + 32,
-                    PolicyKeyV4 {
-                        gen_be: g.to_be(),
-                        mark_be: mark.to_be(),
-                        addr: a.octets(),
-                    },
-                );
+                let k = Key::new(prefix_len(32), PolicyKeyV4::new(g as u8, mark, a.octets()));
                 t.get(&k, 0).ok().map(|v| v.pool)
             }
             IpAddr::V6(a) => {
                 let t: LpmTrie<_, PolicyKeyV6, PolicyValue> =
                     LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))?;
-                let k = Key::new(
-                    MARK_BITS + 128,
-                    PolicyKeyV6 {
-                        gen_be: g.to_be(),
-                        mark_be: mark.to_be(),
-                        addr: a.octets(),
-                    },
-                );
+                let k = Key::new(prefix_len(128), PolicyKeyV6::new(g as u8, mark, a.octets()));
                 t.get(&k, 0).ok().map(|v| v.pool)
             }
         })
     };
-    let direct = lookup(args.mark)?;
-    let pool = match direct {
-        Some(p) => Some(p),
-        None if args.mark != 0 => lookup(0)?,
-        None => None,
-    };
+    // The programs' rule, over the maps in force (a failed read is an error, not a miss).
+    let mut failed = None;
+    let mut direct = None;
+    let pool = egress_common::policy::pool_for_mark(args.mark, |m| {
+        let found = lookup(m).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            None
+        });
+        if m == args.mark {
+            direct = found;
+        }
+        found
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let family = if args.dst.is_ipv4() {
         FAMILY_V4
     } else {

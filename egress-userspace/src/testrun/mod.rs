@@ -219,9 +219,7 @@ impl TestDatapath {
         let map = self.ebpf.map(map_names::STATS).expect("STATS map");
         let arr: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map).expect("STATS is a per-CPU array");
-        arr.get(&(stat as u32), 0)
-            .map(|v| v.iter().map(|c| c.packets).sum())
-            .unwrap_or(0)
+        crate::stats::total(&arr, stat).map_or(0, |c| c.packets)
     }
 }
 
