@@ -445,14 +445,29 @@ impl Agent {
         }
         self.plan_hash = plan::plan_hash(&self.topology, &self.plan);
         self.watch_peers();
+        if self.dp.is_none() {
+            return Ok(Diff::default());
+        }
+        let want = plan::map_contents(&self.topology, &self.plan);
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
         };
-        let want = plan::map_contents(&self.topology, &self.plan);
-        dp.maps
+        let diff = dp
+            .maps
             .plan
             .apply(&want)
-            .context("writing the plan to the maps")
+            .context("writing the plan to the maps")?;
+        // What the plan maps hold now, for the metrics (counted once per plan, not per pass).
+        self.observed.map_entries = [
+            (map_names::POLICY_V4, want.policies_v4.len() as i64),
+            (map_names::POLICY_V6, want.policies_v6.len() as i64),
+            (map_names::ACTIONS, want.actions.len() as i64),
+            (map_names::PEERS, want.peers.len() as i64),
+            (map_names::OWNERS, want.owners.len() as i64),
+            (map_names::PEER_POLICY, want.peer_policies.len() as i64),
+        ]
+        .into();
+        Ok(diff)
     }
 
     /// Whether the config file's content differs from the running plan's.
@@ -1099,16 +1114,6 @@ impl Agent {
         self.observed.entries = p.by_kind;
         self.observed.slices = slices;
         self.observed.peer_load = p.peer_load;
-        let want = plan::map_contents(&self.topology, &self.plan);
-        self.observed.map_entries = [
-            (map_names::POLICY_V4, want.policies_v4.len() as i64),
-            (map_names::POLICY_V6, want.policies_v6.len() as i64),
-            (map_names::ACTIONS, want.actions.len() as i64),
-            (map_names::PEERS, want.peers.len() as i64),
-            (map_names::OWNERS, want.owners.len() as i64),
-            (map_names::PEER_POLICY, want.peer_policies.len() as i64),
-        ]
-        .into();
     }
 
     /// Reads every datapath counter (packets, bytes), summed over CPUs.
