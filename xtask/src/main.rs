@@ -105,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Test { args } => {
             let env = setup::run(&root)?;
             let mut cmd = cargo(&root, &env);
-            cmd.arg("test").args(&args);
+            cmd.args(["test", "--features", DEV]).args(&args);
             let code = status(cmd)?;
             if code != ExitCode::SUCCESS || !args.is_empty() {
                 return Ok(code);
@@ -149,6 +149,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "--package",
                 "egress-userspace",
                 "--bins",
+                "--features",
+                DEV,
             ]);
             if !cmd
                 .status()
@@ -174,6 +176,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// The developer tooling's feature (lab, demo, benchmarks, packet harness): every build
+/// xtask makes has it; the server build (`cargo build --release -p egress-userspace`) never.
+const DEV: &str = "egress-userspace/dev";
 
 /// Replaces the README's generated "Performance" section with the report of a full run.
 fn update_readme(root: &Path, section: &Path) -> anyhow::Result<()> {
@@ -211,7 +217,14 @@ fn cargo(root: &Path, env: &setup::Env) -> Command {
 fn build(root: &Path, env: &setup::Env) -> anyhow::Result<PathBuf> {
     println!("[build] egress-ebpf (bpf target) and egress-userspace");
     let mut cmd = cargo(root, env);
-    cmd.args(["build", "--package", "egress-userspace", "--bins"]);
+    cmd.args([
+        "build",
+        "--package",
+        "egress-userspace",
+        "--bins",
+        "--features",
+        DEV,
+    ]);
     if !cmd.status().context("running cargo build")?.success() {
         bail!("build failed");
     }
@@ -219,11 +232,23 @@ fn build(root: &Path, env: &setup::Env) -> anyhow::Result<PathBuf> {
 }
 
 fn lint(root: &Path, env: &setup::Env) -> anyhow::Result<()> {
-    let steps: [(&str, Vec<&str>); 3] = [
+    let steps: [(&str, Vec<&str>); 4] = [
         ("fmt", vec!["fmt", "--all", "--", "--check"]),
         (
-            "clippy (host crates)",
-            vec!["clippy", "--all-targets", "--", "-D", "warnings"],
+            "clippy (host crates, with the developer tooling)",
+            vec![
+                "clippy",
+                "--all-targets",
+                "--features",
+                DEV,
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        (
+            "clippy (the server build: operator commands only)",
+            vec!["clippy", "--package", "egress-userspace", "--", "-D", "warnings"],
         ),
         (
             "clippy (BPF crate)",

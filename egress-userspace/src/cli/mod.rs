@@ -1,12 +1,15 @@
 //! Command-line interface: one module per subcommand.
 
 mod agent;
+#[cfg(feature = "dev")]
 mod bench;
+#[cfg(feature = "dev")]
 mod demo;
 mod detach;
 mod explain;
 mod fleet;
 mod flows;
+#[cfg(feature = "dev")]
 mod lab;
 mod plan;
 mod stats;
@@ -55,16 +58,19 @@ pub fn open_pinned(dir: &std::path::Path, name: &str) -> anyhow::Result<aya::map
 enum Command {
     Agent(agent::Args),
     Stats(stats::Args),
+    #[cfg(feature = "dev")]
     Demo(demo::Args),
     Validate(validate::Args),
     Plan(plan::Args),
     Explain(explain::Args),
     Flows(flows::Args),
     Detach(detach::Args),
+    #[cfg(feature = "dev")]
     Bench(bench::Args),
     /// The topology shared through etcd: publish, show, status, init.
     #[command(subcommand)]
     Fleet(fleet::Command),
+    #[cfg(feature = "dev")]
     #[command(subcommand)]
     Lab(lab::Command),
 }
@@ -90,13 +96,16 @@ impl Cli {
         match self.command {
             Command::Agent(a) => agent::run(a),
             Command::Stats(a) => stats::run(a),
+            #[cfg(feature = "dev")]
             Command::Demo(a) => demo::run(a),
             Command::Validate(a) => validate::run(a),
             Command::Plan(a) => plan::run(a),
             Command::Explain(a) => explain::run(a),
             Command::Flows(a) => flows::run(a),
             Command::Detach(a) => detach::run(a),
+            #[cfg(feature = "dev")]
             Command::Bench(a) => bench::run(a),
+            #[cfg(feature = "dev")]
             Command::Lab(c) => lab::run(c),
             Command::Fleet(c) => fleet::run(c),
         }
