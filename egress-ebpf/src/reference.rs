@@ -146,12 +146,12 @@ fn redirect(ctx: &TcContext) -> Option<i32> {
 
 #[inline(always)]
 fn verdict(r: Option<i32>) -> i32 {
-    r.unwrap_or(TC_ACT_SHOT as i32)
+    r.unwrap_or(TC_ACT_SHOT)
 }
 
 #[classifier]
 pub fn ref_pass(ctx: TcContext) -> i32 {
-    verdict(parse_min(&ctx).map(|_| TC_ACT_OK as i32))
+    verdict(parse_min(&ctx).map(|_| TC_ACT_OK))
 }
 
 #[classifier]
@@ -159,7 +159,7 @@ pub fn ref_rewrite(ctx: TcContext) -> i32 {
     verdict(
         parse_min(&ctx)
             .and_then(|m| rewrite(&ctx, &m, false))
-            .map(|_| TC_ACT_OK as i32),
+            .map(|_| TC_ACT_OK),
     )
 }
 
@@ -201,7 +201,7 @@ fn claim(ctx: &TcContext) -> Option<i32> {
         .insert(out, outbound, u64::from(BPF_NOEXIST))
         .ok()?;
     rewrite(ctx, &m, false)?;
-    Some(TC_ACT_OK as i32)
+    Some(TC_ACT_OK)
 }
 
 #[classifier]
