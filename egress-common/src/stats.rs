@@ -66,20 +66,24 @@ stats! {
     NoAction = 8 => "drop_no_action",
     /// Egress: the plan says no server can carry the pool; dropped.
     PoolUnreachable = 9 => "drop_pool_unreachable",
-    /// Egress: policy matched, but the protocol cannot be translated (not TCP, UDP or ICMP echo); dropped.
+    /// A packet to translate (local, or a peer's from the tunnel) whose protocol cannot be
+    /// translated (not TCP, UDP or ICMP echo); dropped.
     UnsupportedL4 = 10 => "drop_unsupported_l4",
-    /// Egress: policy matched, but the transport header is truncated; dropped.
+    /// A packet to translate (local, or a peer's from the tunnel) whose transport header is cut
+    /// short; dropped.
     TruncatedL4 = 11 => "drop_truncated_l4",
     /// A later fragment to a policy destination (or in a tunnel) whose first fragment was not
     /// seen (lost, or overtaken); dropped.
     Fragment = 12 => "drop_fragment",
-    /// Egress: every probed port of every SNAT target was taken; dropped.
+    /// A new connection (local, or a peer's translated here): every probed port of every SNAT
+    /// target was taken; dropped.
     PortExhausted = 13 => "drop_port_exhausted",
-    /// Egress: recording the connection in the flow table failed; dropped.
+    /// Recording a connection (local, forwarded, or a peer's) in the flow table failed; dropped.
     FlowInsertFailed = 14 => "drop_flow_insert_failed",
     /// Either direction: rewriting the packet (store or checksum helper) failed; dropped.
     RewriteFailed = 15 => "drop_rewrite_failed",
-    /// Egress: a probed port was already taken by another connection (one per collision).
+    /// A new connection's probed port (local, or a peer's) was already taken by another
+    /// connection (one per collision).
     PortCollision = 16 => "port_collision",
     /// Ingress: a reply translated back to the connection's original address and port.
     ReverseNat = 17 => "reverse_nat",
@@ -155,6 +159,17 @@ stats! {
     /// Ingress: a packet for a pool port whose owner does not answer its fabric probes:
     /// dropped, never sent into a dead tunnel.
     OwnerDown = 48 => "drop_owner_down",
+    /// A packet to encapsulate or redirect before the agent wrote this server's fabric settings
+    /// (`LOCAL`: its programs are loaded but not configured yet); dropped.
+    NotConfigured = 49 => "drop_not_configured",
+    /// Egress: a packet of this host shaped like a reply of a connection translated here (its
+    /// tuple is a reverse entry's key); dropped.
+    ReplyShaped = 50 => "drop_reply_shaped",
+    /// Egress: a forward action with no next hop (a plan not written by the agent); dropped.
+    NoHops = 51 => "drop_no_hops",
+    /// Egress: an action of a kind these programs do not know (a plan from another version of
+    /// the agent); dropped.
+    BadAction = 52 => "drop_bad_action",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

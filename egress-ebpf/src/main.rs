@@ -108,13 +108,13 @@ fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Step<Ports> {
 /// would have to encapsulate or redirect.
 #[inline(always)]
 fn local() -> Step<&'static Local> {
-    fabric::local().ok_or(Verdict::Drop(Stat::NoAction))
+    fabric::local().ok_or(Verdict::Drop(Stat::NotConfigured))
 }
 
 /// The uplink MTU, from the tunnel MSS the agent derived from it.
 #[inline(always)]
 fn mtu(local: &Local) -> u32 {
-    u32::from(local.mss_v4) + 40 + egress_common::fabric::ENCAP_LEN
+    egress_common::wire::mtu_of_tunnel_mss(local.mss_v4)
 }
 
 #[inline(always)]
@@ -247,7 +247,7 @@ fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32, g: u8) -> 
             }
             let count = u32::from(action.hop_count).min(MAX_HOPS as u32);
             if count == 0 {
-                return Ok(Verdict::Drop(Stat::NoAction));
+                return Ok(Verdict::Drop(Stat::NoHops));
             }
             let peer = action.hops[flow::pick(&key, count) & (MAX_HOPS - 1)];
             let rec = flow::record_forwarded(&key, peer, pool).map_err(drop_with)?;
@@ -259,7 +259,7 @@ fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32, g: u8) -> 
             sent
         }
         Some(ActionKind::Drop) => Ok(Verdict::Drop(Stat::PoolUnreachable)),
-        None => Ok(Verdict::Drop(Stat::NoAction)),
+        None => Ok(Verdict::Drop(Stat::BadAction)),
     }
 }
 
@@ -284,7 +284,7 @@ fn established(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<V
             Ok(Verdict::Pass(Stat::SnatEstablished))
         }
         FLOW_FORWARDED => forward(ctx, ip, ports, v.tunnel, v.pool, Stat::ForwardEstablished),
-        _ => Ok(Verdict::Drop(Stat::NoAction)),
+        _ => Ok(Verdict::Drop(Stat::ReplyShaped)),
     }
 }
 
@@ -460,11 +460,17 @@ fn deliver(
 #[inline(always)]
 fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<Verdict> {
     let g = policy::generation();
-    let (Some(local), Some((pool, owner))) = (
-        fabric::local(),
-        fabric::owner_of(addr, u16::from_be(port_be), g),
-    ) else {
+    let Some((pool, owner)) = fabric::owner_of(addr, u16::from_be(port_be), g) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
+    };
+    let Some(local) = fabric::local() else {
+        // Not configured yet: a range a known peer owns is another server's, to be
+        // encapsulated, which cannot be done yet; this server's own range passes.
+        return Ok(if fabric::is_peer(&owner, g) {
+            Verdict::Drop(Stat::NotConfigured)
+        } else {
+            Verdict::Pass(Stat::IngressNoFlow)
+        });
     };
     if owner == local.fabric {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));

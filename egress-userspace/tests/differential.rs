@@ -6,7 +6,10 @@
 //! more packets run one after another through the same datapath (a fragmented datagram: first
 //! and later fragments, in order or not); the model's `FRAGS` follows the sequence, the
 //! programs' is not read. Counters are compared by name: one the programs lack (e.g.
-//! `fragment_followed` before fragments are implemented) is a disagreement.
+//! `fragment_followed` before fragments are implemented) is a disagreement. A few cases run
+//! with an odd plan (`ACTIONS` the planner never writes: a forward without next hops, an
+//! unknown kind, a pool without actions) or with `LOCAL` not written; both are put back after
+//! the case.
 //!
 //! Coverage floor (default mode: all cases, at least the default number): the model may be
 //! silent on at most `MAX_SILENT_PERCENT` of the steps, and every rule family (`families`)
@@ -34,6 +37,7 @@ use std::{
 use cases::{Case, Rng, Step, Topo};
 use egress::testrun::{self, GATEWAY_MAC, PEER_MAC, TestDatapath, TestNet};
 use egress_common::{
+    action::{Action, ActionKey},
     flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
@@ -131,6 +135,22 @@ fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'sta
             "egress fragment, a peer's source entry",
         ),
         (counter == "drop_tunnel_kind", "tunnel key of another kind"),
+        (
+            counter == "drop_reply_shaped",
+            "egress packet shaped like a reply (reverse entry)",
+        ),
+        (
+            counter == "drop_no_hops",
+            "odd plan: a forward action without next hops",
+        ),
+        (
+            counter == "drop_bad_action",
+            "odd plan: an action of an unknown kind",
+        ),
+        (
+            counter == "drop_not_configured",
+            "LOCAL not written: a packet to encapsulate dropped",
+        ),
         (counter == "drop_ttl_exceeded", "hop with TTL 0 or 1"),
         (
             tags == Tags::ReadThrough,
@@ -194,6 +214,23 @@ fn counters(dp: &TestDatapath) -> Vec<u64> {
 /// The flow table a case starts from (later entries of the same key win, as in the map).
 fn dp_flows_or(c: &Case) -> Flows {
     c.flows.iter().copied().collect()
+}
+
+/// Writes `ACTIONS` entries (generation-0 keys; `None`: removed) into the generation in force.
+fn put_actions(dp: &mut TestDatapath, entries: &[(ActionKey, Option<Action>)]) {
+    use egress::apply::{GenerationCell, InGeneration, Table as _};
+    let generation = GenerationCell::get(&dp.maps.plan.generation).expect("GENERATION read");
+    let mut t = InGeneration {
+        table: &mut dp.maps.plan.actions,
+        generation,
+    };
+    for (k, a) in entries {
+        match a {
+            Some(a) => t.put(k, a),
+            None => t.delete(k),
+        }
+        .expect("ACTIONS written");
+    }
 }
 
 fn flows_of(dp: &TestDatapath) -> Flows {
@@ -822,9 +859,31 @@ fn differential() {
         let c = cases::case(topo, &mut rng, i);
         ran += 1;
         set_flows(&mut dp, &c.flows);
+        // An odd plan (actions the planner never writes) and an unwritten `LOCAL` last for the
+        // case only.
+        let odd_contents;
+        let maps = if c.actions.is_empty() {
+            &topo.contents
+        } else {
+            let mut m = topo.contents.clone();
+            for (k, a) in &c.actions {
+                match a {
+                    Some(a) => m.actions.insert(*k, *a),
+                    None => m.actions.remove(k),
+                };
+            }
+            put_actions(&mut dp, &c.actions);
+            odd_contents = m;
+            &odd_contents
+        };
+        if c.unconfigured {
+            dp.maps
+                .set_local(&egress_common::fabric::Local::default())
+                .expect("LOCAL zeroed");
+        }
         let world = World {
-            maps: &topo.contents,
-            local,
+            maps,
+            local: (!c.unconfigured).then_some(local),
             env: &env,
         };
         let mut before: Flows = dp_flows_or(&c);
@@ -899,6 +958,12 @@ fn differential() {
             }
             if !sequence && !padded && !st.ingress && st.mark & 0x8000_0000 != 0 {
                 scenario += " [mark bit 31]";
+            }
+            if !c.actions.is_empty() {
+                scenario += " [odd plan]";
+            }
+            if c.unconfigured {
+                scenario += " [LOCAL not written]";
             }
             match tags_of(&packet) {
                 Tags::Untagged => {}
@@ -1058,6 +1123,18 @@ fn differential() {
             });
             e.count += 1;
         }
+        // The plan and `LOCAL` as the next case expects them.
+        if !c.actions.is_empty() {
+            let back: Vec<_> = c
+                .actions
+                .iter()
+                .map(|(k, _)| (*k, topo.contents.actions.get(k).copied()))
+                .collect();
+            put_actions(&mut dp, &back);
+        }
+        if c.unconfigured {
+            dp.maps.set_local(&local).expect("LOCAL written back");
+        }
     }
     assert!(!replay_failed, "model and programs disagree (steps above)");
     let secs = started.elapsed().as_secs_f64();
@@ -1143,6 +1220,10 @@ fn families_all() -> Vec<&'static str> {
         "tunnel another peer's tuple",
         "egress fragment, a peer's source entry",
         "tunnel key of another kind",
+        "egress packet shaped like a reply (reverse entry)",
+        "odd plan: a forward action without next hops",
+        "odd plan: an action of an unknown kind",
+        "LOCAL not written: a packet to encapsulate dropped",
         "hop with TTL 0 or 1",
         "VLAN-tagged frame, IP read through the tags",
         "VLAN-tagged frame rewritten, tags kept",

@@ -716,6 +716,84 @@ pub struct Case {
     pub class: String,
     pub steps: Vec<Step>,
     pub flows: Vec<(FlowKey, FlowValue)>,
+    /// `ACTIONS` entries (generation-0 keys) this case runs with instead of the plan's, as the
+    /// planner never writes them (`None`: the entry removed); put back after the case.
+    pub actions: Vec<(ActionKey, Option<Action>)>,
+    /// `LOCAL` is not written (all zero, as just after loading) while this case runs.
+    pub unconfigured: bool,
+}
+
+/// The share of cases (percent) run with `LOCAL` not written, of any class.
+const UNCONFIGURED_PERCENT: u64 = 3;
+/// The share (percent) of egress new-connection and tunnel peer-connection cases run with an
+/// odd plan (an action without next hops, of an unknown kind, or missing).
+const ODD_PLAN_PERCENT: u64 = 12;
+/// Action kinds no agent writes (1 snat, 2 unreachable, 3 forward are known).
+const UNKNOWN_KINDS: [u8; 5] = [0, 4, 5, 0x7f, 0xff];
+
+/// An odd plan for the case: every IPv4 action a *forward* without next hops (what was in
+/// `hops` kept, `hop_count` 0), every action of an unknown kind (the rest kept), or the
+/// actions of one pool removed. Not from the agent's planner (egress rule 7).
+fn odd_plan(g: &mut G) -> Vec<(ActionKey, Option<Action>)> {
+    match g.r.below(5) {
+        0 | 1 => {
+            g.tag("odd plan: forward without next hops");
+            g.t.actions
+                .iter()
+                .filter(|(k, _)| k.family == FAMILY_V4)
+                .map(|(k, a)| {
+                    let a = Action {
+                        kind: ActionKind::Forward as u8,
+                        hop_count: 0,
+                        ..*a
+                    };
+                    (*k, Some(a))
+                })
+                .collect()
+        }
+        2 | 3 => {
+            let kind = *g.r.pick(&UNKNOWN_KINDS);
+            g.tag(format!("odd plan: actions of kind {kind}"));
+            g.t.actions
+                .iter()
+                .map(|(k, a)| (*k, Some(Action { kind, ..*a })))
+                .collect()
+        }
+        _ => {
+            let pools = g.t.pool_ids();
+            if pools.is_empty() {
+                return Vec::new();
+            }
+            let pool = *g.r.pick(&pools);
+            g.tag(format!("odd plan: pool {pool} without actions"));
+            g.t.actions
+                .iter()
+                .filter(|(k, _)| k.pool == pool)
+                .map(|(k, _)| (*k, None))
+                .collect()
+        }
+    }
+}
+
+/// A case from what `g` generated: the odd plan and `LOCAL` are drawn last, so that the rest of
+/// a case is what it would be without them.
+fn finish(mut g: G, steps: Vec<Step>, odd_plan_allowed: bool) -> Case {
+    let actions = if odd_plan_allowed && g.r.chance(ODD_PLAN_PERCENT) {
+        odd_plan(&mut g)
+    } else {
+        Vec::new()
+    };
+    let unconfigured = g.r.chance(UNCONFIGURED_PERCENT);
+    if unconfigured {
+        g.tag("LOCAL not written");
+    }
+    Case {
+        class: g.class.join(" / "),
+        steps,
+        flows: g.flows,
+        actions,
+        unconfigured,
+    }
 }
 
 fn a16(a: IpAddr) -> [u8; 16] {
@@ -1250,20 +1328,12 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return Case {
-            class: g.class.join(" / "),
-            steps,
-            flows: g.flows,
-        };
+        return finish(g, steps, false);
     }
     if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
         let mut steps = second_peer(&mut g);
         tag_sequence(&mut g, &mut steps);
-        return Case {
-            class: g.class.join(" / "),
-            steps,
-            flows: g.flows,
-        };
+        return finish(g, steps, false);
     }
     if roll == 31 {
         let mut steps = forwarded_reopen(&mut g);
@@ -1271,11 +1341,7 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return Case {
-            class: g.class.join(" / "),
-            steps,
-            flows: g.flows,
-        };
+        return finish(g, steps, false);
     }
     if matches!(roll, 14 | 15 | 40..=42) {
         let mut steps = fragment_sequence(&mut g, idx);
@@ -1283,11 +1349,7 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return Case {
-            class: g.class.join(" / "),
-            steps,
-            flows: g.flows,
-        };
+        return finish(g, steps, false);
     }
     let (ingress, mark, mut packet) = match roll {
         0..=15 => egress_new(&mut g, false),
@@ -1323,18 +1385,18 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         let tags = vlan_tags(&mut g);
         packet.splice(12..12, tags);
     }
-    let class = g.class.join(" / ");
-    Case {
-        class: class.clone(),
-        steps: vec![Step {
-            class,
-            ingress,
-            mark,
-            packet,
-            prev_output: false,
-        }],
-        flows: g.flows,
-    }
+    let step = Step {
+        class: String::new(),
+        ingress,
+        mark,
+        packet,
+        prev_output: false,
+    };
+    // New connections meet the action (egress rule 7, Tunnel rule 5).
+    let mut c = finish(g, vec![step], matches!(roll, 0..=21 | 72..=75));
+    // The one step's class is the case's, complete once `finish` drew the plan and `LOCAL`.
+    c.steps[0].class = c.class.clone();
+    c
 }
 
 type Gen = (bool, u32, Vec<u8>);

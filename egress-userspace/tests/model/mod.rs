@@ -24,6 +24,14 @@
 //! old reverse entry keeps them (`keep_flags`); an entry the socket's FIN or RST went through
 //! has them (`closing_after`).
 //!
+//! `ACTIONS` may hold what the agent's planner never writes (egress rule 7): a *forward* action
+//! without next hops (`drop_no_hops`), an action of an unknown kind (`drop_bad_action`). `LOCAL`
+//! may be not written yet ([`World::local`] `None`): a packet that must be encapsulated or
+//! redirected is dropped (`drop_not_configured`); where that competes with another drop of the
+//! same packet (VLAN tags, too big, no route, a TTL of 0 or 1, an owner down, an MSS to clamp)
+//! or where a rule needs this server's fabric address (egress rule 2, Tunnel rule 1, whose
+//! port range is this server's) the model is silent.
+//!
 //! `PEERS` values are read for their flags only where the rules do: soft-unicast (ingress rule
 //! 6) to an owner whose fabric probes go unanswered is dropped. A tunnel packet of kind *probe*
 //! (Tunnel rule 6) is decided by its pool bits alone, once the outer headers and the inner IPv4
@@ -182,7 +190,9 @@ impl Env {
 /// What the maps hold apart from the flow table.
 pub struct World<'a> {
     pub maps: &'a MapContents,
-    pub local: Local,
+    /// `LOCAL`; `None` while it is not written yet (all zero, as just after loading): a packet
+    /// that must be encapsulated or redirected is then dropped (`drop_not_configured`).
+    pub local: Option<Local>,
     pub env: &'a Env,
 }
 
@@ -466,13 +476,33 @@ impl Cx<'_> {
     /// The owner of `port` of a shared IPv4 address when it is another server: (owner, pool).
     /// Here "shared" is the map paragraph's sense (`OWNERS` holds "shared IPv4 pool
     /// address[es]", one share or more), not the MSS paragraph's (more than one share).
-    fn other_owner(&self, addr: [u8; 4], port: u16) -> Option<([u8; 4], u32)> {
-        let o = self.w.maps.owners.get(&gen0(addr))?;
-        o.ranges[..(o.count as usize).min(o.ranges.len())]
+    ///
+    /// While `LOCAL` is not written this server's fabric address is unknown: a range of a
+    /// server in `PEERS` is another server's; any other range (this server's own, as a rule)
+    /// the rules do not decide.
+    fn other_owner(&self, addr: [u8; 4], port: u16) -> Result<Option<([u8; 4], u32)>, Stop> {
+        let Some(o) = self.w.maps.owners.get(&gen0(addr)) else {
+            return Ok(None);
+        };
+        let Some(r) = o.ranges[..(o.count as usize).min(o.ranges.len())]
             .iter()
             .find(|r| (r.port_min..=r.port_max).contains(&port))
-            .filter(|r| r.fabric != self.w.local.fabric)
-            .map(|r| (r.fabric, o.pool))
+        else {
+            return Ok(None);
+        };
+        match self.w.local {
+            Some(l) => Ok((r.fabric != l.fabric).then_some((r.fabric, o.pool))),
+            None if self.is_peer(r.fabric) => Ok(Some((r.fabric, o.pool))),
+            None => silent(
+                "LOCAL not written: is a port range of a server not in PEERS this server's own",
+            ),
+        }
+    }
+
+    /// `LOCAL`, for a rule that reads it: while it is not written (this server's fabric
+    /// address unknown) the rules do not say what such a rule decides.
+    fn local(&self, why: &'static str) -> Result<Local, Stop> {
+        self.w.local.ok_or(Stop::Silent(why))
     }
 
     fn is_peer(&self, a: [u8; 4]) -> bool {
@@ -592,12 +622,14 @@ impl Cx<'_> {
         }
     }
 
-    fn hop(&mut self, hops: &[[u8; 4]]) -> Result<[u8; 4], Stop> {
+    /// The next hop of a new forwarded connection; `None` for an action without next hops
+    /// (egress rule 7: `drop_no_hops`).
+    fn hop(&mut self, hops: &[[u8; 4]]) -> Result<Option<[u8; 4]>, Stop> {
         if hops.is_empty() {
-            return silent("forward action without next hops");
+            return Ok(None);
         }
         match self.ch.hop {
-            Some(h) if hops.contains(&h) => Ok(h),
+            Some(h) if hops.contains(&h) => Ok(Some(h)),
             Some(h) => Err(Stop::BadChoice(format!(
                 "forwarded to {}, not one of the planned hops {:?}",
                 show_addr(&addr16(&h), 4),
@@ -607,7 +639,7 @@ impl Cx<'_> {
             ))),
             None => {
                 self.missing_choice = Some("a next hop (the programs recorded none)");
-                Ok(hops[0])
+                Ok(Some(hops[0]))
             }
         }
     }
@@ -683,19 +715,25 @@ impl Cx<'_> {
         if self.p[at + 20] != 2 {
             return Ok(false);
         }
-        if doff > ip.end - at && be16(&self.p, at + 22) > self.w.local.mss_v4 {
+        let mss = self
+            .local("an MSS to clamp while LOCAL (the tunnel MSS) is not written")?
+            .mss_v4;
+        if doff > ip.end - at && be16(&self.p, at + 22) > mss {
             return silent("TCP data offset beyond the packet, an MSS in its place: clamp or not");
         }
         if self.p[at + 21] != 4 {
             return silent("MSS option whose length is not 4");
         }
-        Ok(be16(&self.p, at + 22) > self.w.local.mss_v4)
+        Ok(be16(&self.p, at + 22) > mss)
     }
 
     fn clamp(&mut self, ip: &Ip, l4: &L4) -> Result<(), Stop> {
         if self.mss_too_big(ip, l4)? {
             let at = ip.l4() + 22;
-            self.set_l4_word(ip, at, self.w.local.mss_v4);
+            let mss = self
+                .local("an MSS to clamp while LOCAL is not written")?
+                .mss_v4;
+            self.set_l4_word(ip, at, mss);
             self.mss_clamped = true;
         }
         Ok(())
@@ -745,6 +783,9 @@ impl Cx<'_> {
         let at = ip.at + 8;
         let ttl = self.p[at];
         if ttl <= 1 {
+            // Every hop is then encapsulated or redirected: the rules do not order
+            // `drop_ttl_exceeded` and `drop_not_configured`.
+            self.local("TTL 0 or 1 on a hop while LOCAL is not written: which drop")?;
             return Ok(Err("drop_ttl_exceeded"));
         }
         let (old, new) = ([ttl, self.p[at + 1]], [ttl - 1, self.p[at + 1]]);
@@ -781,17 +822,33 @@ impl Cx<'_> {
     ) -> Result<Result<(), &'static str>, Stop> {
         // *Encapsulation*: a frame with VLAN tags in its data is never encapsulated, checked
         // first (the tunnel is built for an untagged uplink).
-        if self.vlan_tags > 0 {
+        let tagged = self.vlan_tags > 0;
+        if tagged && self.w.local.is_some() {
             return Ok(Err("drop_vlan_tunnel"));
         }
         if ip.v6 {
             return silent("IPv6 packet to be encapsulated (GRE carries IPv4)");
         }
         debug_assert!(!ip.padded, "trimmed first");
+        let inner_len = self.p.len() - self.l3;
+        let too_big = inner_len + 28 > self.w.env.mtu;
+        let Some(local) = self.w.local else {
+            // A packet that must be encapsulated while `LOCAL` is not written (egress rule 7,
+            // "in every program"). Where that drop stands among the encapsulation's own (tags,
+            // too big, no route) the rules do not say.
+            if tagged
+                || too_big
+                || !matches!(self.w.env.fib(peer), Fib::Resolved(_) | Fib::Unresolved)
+            {
+                return silent(
+                    "LOCAL not written and the encapsulation fails too (tags, too big, no route): which drop",
+                );
+            }
+            return Ok(Err("drop_not_configured"));
+        };
         debug_assert_eq!(self.l3, ETH_LEN, "untagged");
-        let inner_len = self.p.len() - ETH_LEN;
         // *Encapsulation*: too big is checked before the route.
-        if inner_len + 28 > self.w.env.mtu {
+        if too_big {
             return Ok(Err("drop_encap_too_big"));
         }
         // Ethernet padding after the IP packet is cut before encapsulating (trimmed already).
@@ -799,7 +856,7 @@ impl Cx<'_> {
         let mut outer = vec![0x45, 0];
         outer.extend_from_slice(&((inner_len + 28) as u16).to_be_bytes());
         outer.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_GRE, 0, 0]);
-        outer.extend_from_slice(&self.w.local.fabric);
+        outer.extend_from_slice(&local.fabric);
         outer.extend_from_slice(&peer);
         let c = checksum(&outer);
         put16(&mut outer, 10, c);
@@ -828,12 +885,14 @@ impl Cx<'_> {
         pool: u32,
     ) -> Result<Result<(), &'static str>, Stop> {
         debug_assert_eq!(self.l3, ETH_LEN, "untagged");
+        // Only tunnel packets come here, on which the model is silent without `LOCAL`.
+        let local = self.local("a tunnel packet while LOCAL is not written")?;
         let o = ETH_LEN;
         let total = (self.p.len() - ETH_LEN) as u16;
         let mut outer = vec![0x45, 0];
         outer.extend_from_slice(&total.to_be_bytes());
         outer.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_GRE, 0, 0]);
-        outer.extend_from_slice(&self.w.local.fabric);
+        outer.extend_from_slice(&local.fabric);
         outer.extend_from_slice(&tunnel);
         let c = checksum(&outer);
         put16(&mut outer, 10, c);
@@ -876,12 +935,11 @@ impl Cx<'_> {
         };
         self.trim(&mut ip);
         // 2. Own packets.
-        if !ip.v6
-            && ip.proto == PROTO_GRE
-            && ip.src4() == self.w.local.fabric
-            && self.is_peer(ip.dst4())
-        {
-            return pass("ours_passed", "egress 2: own GRE");
+        if !ip.v6 && ip.proto == PROTO_GRE && self.is_peer(ip.dst4()) {
+            let local = self.local("egress GRE to a peer while LOCAL (this server's fabric address) is not written: own or not")?;
+            if ip.src4() == local.fabric {
+                return pass("ours_passed", "egress 2: own GRE");
+            }
         }
         if ip.later() {
             return self.egress_later_fragment(&ip, mark);
@@ -973,7 +1031,7 @@ impl Cx<'_> {
                         Err(c) => drop(c, "egress 3: forwarded entry, encapsulation failed"),
                     };
                 }
-                _ => return drop("drop_no_action", "egress 3: reverse entry"),
+                _ => return drop("drop_reply_shaped", "egress 3: reverse entry"),
             }
         }
         // The rule of a reopened tuple's packet names what it reopened.
@@ -1084,7 +1142,16 @@ impl Cx<'_> {
             }
             Some(ActionKind::Forward) => {
                 let hops = &action.hops[..usize::from(action.hop_count).min(action.hops.len())];
-                let peer = self.hop(hops)?;
+                let Some(peer) = self.hop(hops)? else {
+                    return drop(
+                        "drop_no_hops",
+                        rule(
+                            "egress 7: forward without next hops",
+                            "egress 7: forward without next hops (a reopened outbound tuple)",
+                            "egress 7: forward without next hops (a reopened forwarded tuple)",
+                        ),
+                    );
+                };
                 let before = self.flows.clone();
                 self.flows
                     .insert(k, FlowValue::new(FLOW_FORWARDED, [0; 16], 0, pool, peer, 0));
@@ -1120,7 +1187,14 @@ impl Cx<'_> {
                     "egress 7: unreachable (a reopened forwarded tuple)",
                 ),
             ),
-            None => silent("unknown action kind"),
+            None => drop(
+                "drop_bad_action",
+                rule(
+                    "egress 7: an action of an unknown kind",
+                    "egress 7: an action of an unknown kind (a reopened outbound tuple)",
+                    "egress 7: an action of an unknown kind (a reopened forwarded tuple)",
+                ),
+            ),
         }
     }
 
@@ -1270,10 +1344,11 @@ impl Cx<'_> {
         }
         // 6. Soft-unicast.
         if !ip.v6
-            && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))
+            && let Some((owner, pool)) = self.other_owner(ip.dst4(), u16::from_be(k.dst_port_be))?
         {
             // Never into a dead tunnel: checked before the hop.
             if self.owner_down(owner) {
+                self.local("soft-unicast to an owner down while LOCAL is not written: which drop")?;
                 return drop("drop_owner_down", "ingress 6: soft-unicast, owner down");
             }
             let first = frag_key(&ip);
@@ -1394,7 +1469,12 @@ impl Cx<'_> {
         if !self.is_peer(peer) {
             return drop("drop_gre_unknown_peer", "tunnel 1: unknown peer");
         }
-        if outer.dst4() != self.w.local.fabric {
+        // Without `LOCAL` this server's fabric address is unknown: whether the packet is
+        // addressed to it (`drop_gre_not_local`) the rules do not say.
+        let local = self.local(
+            "a tunnel packet from a peer while LOCAL (this server's fabric address) is not written",
+        )?;
+        if outer.dst4() != local.fabric {
             return drop("drop_gre_not_local", "tunnel 1: not to this server");
         }
         let malformed = |why| drop("drop_gre_malformed", why);
@@ -1623,7 +1703,11 @@ impl Cx<'_> {
             return silent("a peer's new connection on the key of a reverse or forwarded entry");
         }
         // PEER_LOAD is not modelled: only "no budget" (0) is.
-        if self.w.local.peer_budget != 0 {
+        if self
+            .local("a peer's connection while LOCAL is not written")?
+            .peer_budget
+            != 0
+        {
             return silent("a peer budget: the peer's load is not modelled");
         }
         let targets = &action.snat[..usize::from(action.snat_count).min(action.snat.len())];
@@ -1852,10 +1936,11 @@ impl Cx<'_> {
         if !in_tunnel
             && !ip.v6
             && ip.dst == qip.src
-            && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)
+            && let Some((owner, pool)) = self.other_owner(qip.src4(), sport)?
         {
             // As ingress rule 6: never into a dead tunnel, checked first.
             if self.owner_down(owner) {
+                self.local("soft-unicast to an owner down while LOCAL is not written: which drop")?;
                 return drop("drop_owner_down", "icmp 3: soft-unicast, owner down");
             }
             if let Err(c) = self.hop_ttl(ip)? {
