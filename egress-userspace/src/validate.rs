@@ -223,18 +223,37 @@ fn unique<T: std::hash::Hash + Eq + Clone + fmt::Debug>(
     }
 }
 
-/// Validates a config; returns every problem found.
+/// Validates a config; returns every problem found. One function per section; each records
+/// what later sections look up (names, each server's location).
 pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     let mut errs = Errors::default();
     if c.servers.is_empty() {
         errs.add("servers", "no servers: a topology needs at least one");
     }
+    let locations = locations(&mut errs, c);
+    let dc_location = datacenters(&mut errs, c, &locations);
+    let servers = servers(&mut errs, c, &dc_location);
+    let pools = pools(&mut errs, c, &servers);
+    let rules = policies(&mut errs, c, &pools);
+    capacities(&mut errs, c, &rules);
+    if errs.0.is_empty() {
+        Ok(Topology {
+            config: c.clone(),
+            pools,
+            rules,
+        })
+    } else {
+        Err(InvalidConfig(errs.0))
+    }
+}
 
+/// `locations`: unique names, coordinates on the globe. Returns the names.
+fn locations(errs: &mut Errors, c: &Config) -> HashMap<String, String> {
     let mut locations = HashMap::new();
     for (i, l) in c.locations.iter().enumerate() {
         let p = format!("locations[{i}]");
         unique(
-            &mut errs,
+            errs,
             &mut locations,
             &l.name,
             format!("{p}.name"),
@@ -253,13 +272,21 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
             );
         }
     }
+    locations
+}
 
+/// `datacenters`: unique names, known locations. Returns each datacenter's location.
+fn datacenters<'c>(
+    errs: &mut Errors,
+    c: &'c Config,
+    locations: &HashMap<String, String>,
+) -> HashMap<&'c str, &'c str> {
     let mut dc_location = HashMap::new();
     let mut dcs = HashMap::new();
     for (i, d) in c.datacenters.iter().enumerate() {
         let p = format!("datacenters[{i}]");
         unique(
-            &mut errs,
+            errs,
             &mut dcs,
             &d.name,
             format!("{p}.name"),
@@ -273,21 +300,38 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         }
         dc_location.insert(d.name.as_str(), d.location.as_str());
     }
+    dc_location
+}
 
-    let mut server_location = HashMap::new();
+/// What the server section tells the pool section.
+struct Servers<'c> {
+    /// Every server name seen.
+    names: HashMap<String, String>,
+    /// Each server's location (servers of a known datacenter).
+    location: HashMap<&'c str, &'c str>,
+}
+
+/// `servers` (and `server`): unique names, ids and fabric addresses; names that can name a
+/// pin directory; Linux interface names; known datacenters.
+fn servers<'c>(
+    errs: &mut Errors,
+    c: &'c Config,
+    dc_location: &HashMap<&'c str, &'c str>,
+) -> Servers<'c> {
+    let mut location = HashMap::new();
     let (mut names, mut ids, mut fabrics) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, s) in c.servers.iter().enumerate() {
         let p = format!("servers[{i}]");
         unique(
-            &mut errs,
+            errs,
             &mut names,
             &s.name,
             format!("{p}.name"),
             "server name",
         );
-        unique(&mut errs, &mut ids, &s.id, format!("{p}.id"), "server id");
+        unique(errs, &mut ids, &s.id, format!("{p}.id"), "server id");
         unique(
-            &mut errs,
+            errs,
             &mut fabrics,
             &s.fabric,
             format!("{p}.fabric"),
@@ -316,7 +360,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         }
         match dc_location.get(s.datacenter.as_str()) {
             Some(loc) => {
-                server_location.insert(s.name.as_str(), *loc);
+                location.insert(s.name.as_str(), *loc);
             }
             None => errs.add(
                 format!("{p}.datacenter"),
@@ -329,26 +373,25 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     {
         errs.add("server", format!("unknown server {s:?}"));
     }
+    Servers { names, location }
+}
 
+/// `pools`: unique names, ids and addresses; ids that fit the GRE key; IPv6 prefixes; each
+/// address's shares ([`pool_address`]); at most `MAX_SNAT` shares of a pool per server.
+fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, Pool> {
     let mut pools = BTreeMap::new();
     let (mut pool_names, mut pool_ids, mut addresses) =
         (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, pool) in c.pools.iter().enumerate() {
         let p = format!("pools[{i}]");
         unique(
-            &mut errs,
+            errs,
             &mut pool_names,
             &pool.name,
             format!("{p}.name"),
             "pool name",
         );
-        unique(
-            &mut errs,
-            &mut pool_ids,
-            &pool.id,
-            format!("{p}.id"),
-            "pool id",
-        );
+        unique(errs, &mut pool_ids, &pool.id, format!("{p}.id"), "pool id");
         // The GRE key carries the id in 30 bits (the other two say what the tunnel carries).
         let max = egress_common::fabric::tunnel::MAX_POOL_ID;
         if !(1..=u64::from(max)).contains(&pool.id) {
@@ -377,69 +420,13 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
         for (j, a) in pool.ipv4.iter().enumerate() {
             let ap = format!("{p}.ipv4[{j}]");
             unique(
-                &mut errs,
+                errs,
                 &mut addresses,
                 &a.address,
                 format!("{ap}.address"),
                 "pool address",
             );
-            if let Err(m) = check_pool_address(a.address) {
-                errs.add(format!("{ap}.address"), m);
-            }
-            let mut ranges: Vec<(PortRange, usize)> = Vec::new();
-            let mut locs = BTreeSet::new();
-            for (k, sh) in a.shares.iter().enumerate() {
-                let sp = format!("{ap}.shares[{k}]");
-                match server_location.get(sh.server.as_str()) {
-                    Some(loc) => {
-                        locs.insert(*loc);
-                    }
-                    None if !names.contains_key(&sh.server) => errs.add(
-                        format!("{sp}.server"),
-                        format!("unknown server {:?}", sh.server),
-                    ),
-                    None => {} // its datacenter is already reported
-                }
-                match parse_ports(&sh.ports) {
-                    Err(m) => errs.add(format!("{sp}.ports"), m),
-                    Ok(r) => {
-                        if let Some((o, ok)) = ranges.iter().find(|(o, _)| o.overlaps(&r)) {
-                            errs.add(
-                                format!("{sp}.ports"),
-                                format!("{r} overlaps {o} of {ap}.shares[{ok}]"),
-                            );
-                        }
-                        ranges.push((r, k));
-                        shares.push(Share {
-                            address: a.address,
-                            server: sh.server.clone(),
-                            ports: r,
-                        });
-                    }
-                }
-            }
-            if a.shares.len() > egress_common::fabric::MAX_SHARES_PER_ADDRESS {
-                errs.add(
-                    format!("{ap}.shares"),
-                    format!(
-                        "{} has {} shares; at most {}",
-                        a.address,
-                        a.shares.len(),
-                        egress_common::fabric::MAX_SHARES_PER_ADDRESS
-                    ),
-                );
-            }
-            if locs.len() > MAX_LOCATIONS_PER_ADDRESS {
-                errs.add(
-                    format!("{ap}.shares"),
-                    format!(
-                        "{} is shared over {} locations ({}); at most {MAX_LOCATIONS_PER_ADDRESS}",
-                        a.address,
-                        locs.len(),
-                        locs.into_iter().collect::<Vec<_>>().join(", ")
-                    ),
-                );
-            }
+            shares.extend(pool_address(errs, a, &ap, servers));
         }
         shares.sort();
         // One action carries at most MAX_SNAT targets per server.
@@ -470,7 +457,82 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
             },
         );
     }
+    pools
+}
 
+/// One pool address (at `ap`): routable, its shares held by known servers with port ranges
+/// that parse and do not overlap, at most `MAX_SHARES_PER_ADDRESS` shares over at most
+/// `MAX_LOCATIONS_PER_ADDRESS` locations. Returns its valid shares.
+fn pool_address(
+    errs: &mut Errors,
+    a: &crate::config::PoolAddress,
+    ap: &str,
+    servers: &Servers,
+) -> Vec<Share> {
+    if let Err(m) = check_pool_address(a.address) {
+        errs.add(format!("{ap}.address"), m);
+    }
+    let mut shares = Vec::new();
+    let mut ranges: Vec<(PortRange, usize)> = Vec::new();
+    let mut locs = BTreeSet::new();
+    for (k, sh) in a.shares.iter().enumerate() {
+        let sp = format!("{ap}.shares[{k}]");
+        match servers.location.get(sh.server.as_str()) {
+            Some(loc) => {
+                locs.insert(*loc);
+            }
+            None if !servers.names.contains_key(&sh.server) => errs.add(
+                format!("{sp}.server"),
+                format!("unknown server {:?}", sh.server),
+            ),
+            None => {} // its datacenter is already reported
+        }
+        match parse_ports(&sh.ports) {
+            Err(m) => errs.add(format!("{sp}.ports"), m),
+            Ok(r) => {
+                if let Some((o, ok)) = ranges.iter().find(|(o, _)| o.overlaps(&r)) {
+                    errs.add(
+                        format!("{sp}.ports"),
+                        format!("{r} overlaps {o} of {ap}.shares[{ok}]"),
+                    );
+                }
+                ranges.push((r, k));
+                shares.push(Share {
+                    address: a.address,
+                    server: sh.server.clone(),
+                    ports: r,
+                });
+            }
+        }
+    }
+    if a.shares.len() > egress_common::fabric::MAX_SHARES_PER_ADDRESS {
+        errs.add(
+            format!("{ap}.shares"),
+            format!(
+                "{} has {} shares; at most {}",
+                a.address,
+                a.shares.len(),
+                egress_common::fabric::MAX_SHARES_PER_ADDRESS
+            ),
+        );
+    }
+    if locs.len() > MAX_LOCATIONS_PER_ADDRESS {
+        errs.add(
+            format!("{ap}.shares"),
+            format!(
+                "{} is shared over {} locations ({}); at most {MAX_LOCATIONS_PER_ADDRESS}",
+                a.address,
+                locs.len(),
+                locs.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    shares
+}
+
+/// `policies`: known pools, destinations that parse, unique (mark, destination), IPv6 only
+/// for pools with an IPv6 prefix. Returns one rule per destination.
+fn policies(errs: &mut Errors, c: &Config, pools: &BTreeMap<String, Pool>) -> Vec<Rule> {
     let mut rules = Vec::new();
     let mut seen_rules = HashMap::new();
     for (i, pol) in c.policies.iter().enumerate() {
@@ -488,7 +550,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
                 Err(m) => errs.add(dp, m),
                 Ok(net) => {
                     unique(
-                        &mut errs,
+                        errs,
                         &mut seen_rules,
                         &(pol.mark, net),
                         dp.clone(),
@@ -512,17 +574,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
             }
         }
     }
-
-    capacities(&mut errs, c, &rules);
-    if errs.0.is_empty() {
-        Ok(Topology {
-            config: c.clone(),
-            pools,
-            rules,
-        })
-    } else {
-        Err(InvalidConfig(errs.0))
-    }
+    rules
 }
 
 /// The plan must fit the maps: a topology that does not is refused here, naming the map and

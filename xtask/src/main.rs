@@ -248,7 +248,14 @@ fn lint(root: &Path, env: &setup::Env) -> anyhow::Result<()> {
         ),
         (
             "clippy (the server build: operator commands only)",
-            vec!["clippy", "--package", "egress-userspace", "--", "-D", "warnings"],
+            vec![
+                "clippy",
+                "--package",
+                "egress-userspace",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ),
         (
             "clippy (BPF crate)",
