@@ -38,7 +38,7 @@ const _: () = assert!(core::mem::size_of::<Outer>() == ENCAP_LEN as usize);
 
 /// RFC 1071 checksum of a 20-byte IPv4 header given as 10 words.
 #[inline(always)]
-fn ipv4_checksum(words: &[u16; 10]) -> u16 {
+pub fn ipv4_checksum(words: &[u16; 10]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < 10 {

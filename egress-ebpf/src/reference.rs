@@ -123,15 +123,7 @@ fn push_outer(ctx: &TcContext) -> Option<()> {
         u16::from_ne_bytes([PEER[0], PEER[1]]),
         u16::from_ne_bytes([PEER[2], PEER[3]]),
     ];
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 10 {
-        sum += u32::from(h[i]);
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    h[5] = !(sum as u16);
+    h[5] = crate::encap::ipv4_checksum(&h);
     write(ctx, ETH, &h).ok()?;
     let gre: [u16; 4] = [0x2000u16.to_be(), 0x0800u16.to_be(), 0, 7u16.to_be()];
     write(ctx, ETH + 20, &gre).ok()
