@@ -287,7 +287,7 @@ impl Agent {
             }
         };
         let server = topology
-            .config
+            .config()
             .select_server(opts.server.as_deref())?
             .clone();
         let pin_dir = loader::pin_dir(opts.pin_dir.as_deref(), &server.name);
@@ -506,7 +506,7 @@ impl Agent {
                 return;
             }
         };
-        if topology.config.select_server(Some(&self.server)).is_err() {
+        if topology.config().select_server(Some(&self.server)).is_err() {
             self.reloads_failed += 1;
             self.config_text = text;
             error!(
@@ -675,7 +675,7 @@ impl Agent {
             .map_err(anyhow::Error::from)
             .and_then(|c| Ok(validate::validate(&c)?))
             .and_then(|t| {
-                t.config
+                t.config()
                     .select_server(Some(&self.server))
                     .map_err(|_| anyhow::anyhow!("server {:?} is not in it", self.server))?;
                 Ok(t)
@@ -723,7 +723,7 @@ impl Agent {
         }
         let fabric = self
             .topology
-            .config
+            .config()
             .select_server(Some(&self.server))?
             .fabric;
         let prober = crate::liveness::Prober::open(fabric)
@@ -751,12 +751,12 @@ impl Agent {
         }
         let fabric_of: BTreeMap<&str, Ipv4Addr> = self
             .topology
-            .config
+            .config()
             .servers
             .iter()
             .map(|s| (s.name.as_str(), s.fabric))
             .collect();
-        for pool in self.topology.pools.values() {
+        for pool in self.topology.pools().values() {
             let mine: std::collections::BTreeSet<Ipv4Addr> = pool
                 .shares
                 .iter()
@@ -869,7 +869,7 @@ impl Agent {
         // Their translation state died with them: their connections must not hang.
         let Some(dp) = self.dp.as_mut() else { return };
         for name in died {
-            let Ok(s) = self.topology.config.select_server(Some(&name)) else {
+            let Ok(s) = self.topology.config().select_server(Some(&name)) else {
                 continue;
             };
             match flows::remove_peer(&mut dp.maps.flows, s.fabric.octets()) {
@@ -1276,7 +1276,7 @@ impl Agent {
         );
         for s in self
             .topology
-            .config
+            .config()
             .servers
             .iter()
             .filter(|s| s.name != self.server)
@@ -1327,7 +1327,7 @@ impl Agent {
         );
         for s in self
             .topology
-            .config
+            .config()
             .servers
             .iter()
             .filter(|s| s.name != self.server)

@@ -46,7 +46,7 @@ pub fn explain(t: &Topology, server: &str, dst: IpAddr, mark: u32) -> Explanatio
     // The programs' rule (egress_common::policy::pool_for_mark), over the config's rules.
     let mut found = None;
     egress_common::policy::pool_for_mark(mark, |m| {
-        found = lookup(&t.rules, dst, m);
+        found = lookup(t.rules(), dst, m);
         found.map(|_| m)
     });
     let direct = found.filter(|r| r.mark == mark);
@@ -98,19 +98,9 @@ pub fn explain(t: &Topology, server: &str, dst: IpAddr, mark: u32) -> Explanatio
 }
 
 fn reason(t: &Topology, server: &str, e: &Entry) -> String {
-    let c = &t.config;
-    let me = c
-        .servers
-        .iter()
-        .find(|s| s.name == server)
-        .expect("server in topology");
-    let dc = &me.datacenter;
-    let loc = c
-        .datacenters
-        .iter()
-        .find(|d| &d.name == dc)
-        .map(|d| d.location.as_str())
-        .unwrap_or("?");
+    let (dc, loc) = t
+        .server(server)
+        .map_or(("?", "?"), |p| (p.datacenter.as_str(), p.location.as_str()));
     let hops: Vec<&str> = e.next_hops.iter().map(|h| h.server.as_str()).collect();
     let snat: Vec<String> = e
         .snat
@@ -138,20 +128,13 @@ fn reason(t: &Topology, server: &str, e: &Entry) -> String {
             hops.join(", ")
         ),
         (_, Tier::NearestLocation) => {
-            let coords = |name: &str| {
-                c.locations
-                    .iter()
-                    .find(|l| l.name == name)
-                    .map(|l| (l.latitude, l.longitude))
-            };
             let hop_loc = e
                 .next_hops
                 .first()
-                .and_then(|h| c.servers.iter().find(|s| s.name == h.server))
-                .and_then(|s| c.datacenters.iter().find(|d| d.name == s.datacenter))
-                .map(|d| d.location.clone())
+                .and_then(|h| t.server(&h.server))
+                .map(|p| p.location.clone())
                 .unwrap_or_default();
-            let km = match (coords(loc), coords(&hop_loc)) {
+            let km = match (t.coords(loc), t.coords(&hop_loc)) {
                 (Some(a), Some(b)) => format!(" ({:.0} km)", plan::distance_km(a, b)),
                 _ => String::new(),
             };

@@ -8,7 +8,7 @@
 //! (`nearest-location`) → `unreachable` (drop). IPv6 is always `same-server`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -134,44 +134,24 @@ pub fn plan(t: &Topology, server: &str) -> Plan {
 /// passed over; when every holder of a tier is down, the next tier takes over (same data
 /// center → same location → nearest location with a live holder → unreachable).
 pub fn plan_with(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> Plan {
-    let c = &t.config;
-    // Hash maps: these are consulted per share of every pool (millions of times at fleet scale).
-    let loc_of_dc: HashMap<&str, &str> = c
-        .datacenters
-        .iter()
-        .map(|d| (d.name.as_str(), d.location.as_str()))
-        .collect();
-    let dc_of: HashMap<&str, &str> = c
-        .servers
-        .iter()
-        .map(|s| (s.name.as_str(), s.datacenter.as_str()))
-        .collect();
-    let loc_of_server: HashMap<&str, &str> = c
-        .servers
-        .iter()
-        .filter_map(|s| Some((s.name.as_str(), *loc_of_dc.get(s.datacenter.as_str())?)))
-        .collect();
-    let loc_of = |s: &str| loc_of_server.get(s).copied();
-    let fabric_of: HashMap<&str, (&str, Ipv4Addr)> = c
-        .servers
-        .iter()
-        .map(|s| (s.name.as_str(), (s.name.as_str(), s.fabric)))
-        .collect();
-    let coords: HashMap<&str, (f64, f64)> = c
-        .locations
-        .iter()
-        .map(|l| (l.name.as_str(), (l.latitude, l.longitude)))
-        .collect();
-    let me = c
-        .servers
-        .iter()
-        .find(|s| s.name == server)
-        .expect("server is in the topology");
-    let my_dc = me.datacenter.as_str();
-    let my_loc = loc_of(server);
+    // A server not in the topology holds nothing and reaches nobody: an empty plan.
+    let Some(me) = t.server(server) else {
+        return Plan {
+            server: server.to_string(),
+            entries: Vec::new(),
+            down: down.clone(),
+        };
+    };
+    // The topology's indexes: consulted per share of every pool (millions of times at fleet
+    // scale).
+    let dc_of = |s: &str| t.server(s).map(|p| p.datacenter.as_str());
+    let loc_of = |s: &str| t.server(s).map(|p| p.location.as_str());
+    let fabric_of = |s: &str| t.server(s).map(|p| (p.name.as_str(), p.fabric));
+    let my_dc = Some(me.datacenter.as_str());
+    let my_loc = Some(me.location.as_str());
 
     let mut entries = Vec::new();
-    for pool in t.pools.values() {
+    for pool in t.pools().values() {
         let holders: BTreeMap<&str, Vec<Snat>> = pool
             .shares
             .iter()
@@ -191,10 +171,10 @@ pub fn plan_with(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> Pl
             holders
                 .keys()
                 .filter(|name| **name != server && pred(name))
-                .filter_map(|name| fabric_of.get(name))
+                .filter_map(|name| fabric_of(name))
                 .map(|(name, fabric)| NextHop {
                     server: name.to_string(),
-                    fabric: *fabric,
+                    fabric,
                 })
                 .collect()
         };
@@ -217,27 +197,19 @@ pub fn plan_with(t: &Topology, server: &str, down: &BTreeMap<String, u32>) -> Pl
             snat.sort();
             entry(Tier::SameServer, snat, vec![])
         } else {
-            let same_dc = hops(&|s| dc_of.get(s) == Some(&my_dc));
+            let same_dc = hops(&|s| dc_of(s) == my_dc);
             let same_loc = hops(&|s| loc_of(s).is_some() && loc_of(s) == my_loc);
             if !same_dc.is_empty() {
                 entry(Tier::SameDatacenter, vec![], same_dc)
             } else if !same_loc.is_empty() {
                 entry(Tier::SameLocation, vec![], same_loc)
             } else {
-                let here = my_loc
-                    .and_then(|l| coords.get(l))
-                    .copied()
-                    .unwrap_or((0.0, 0.0));
+                let here = me.coords;
                 let nearest = holders
                     .keys()
                     .filter_map(|s| loc_of(s))
                     .filter(|l| Some(*l) != my_loc)
-                    .map(|l| {
-                        (
-                            distance_km(here, coords.get(l).copied().unwrap_or((0.0, 0.0))),
-                            l,
-                        )
-                    })
+                    .map(|l| (distance_km(here, t.coords(l).unwrap_or((0.0, 0.0))), l))
                     .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
                 match nearest {
                     Some((_, loc)) => entry(
@@ -343,18 +315,18 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
         m.actions
             .insert(ActionKey::new(e.pool_id, family), action_of(e));
     }
-    for s in t.config.servers.iter().filter(|s| s.name != plan.server) {
+    for s in t.config().servers.iter().filter(|s| s.name != plan.server) {
         let flags = plan.down.get(&s.name).copied().unwrap_or(0);
         m.peers
             .insert(AddrKey::new(s.fabric.octets(), 0), Peer { id: s.id, flags });
     }
     let fabric_of: BTreeMap<&str, Ipv4Addr> = t
-        .config
+        .config()
         .servers
         .iter()
         .map(|s| (s.name.as_str(), s.fabric))
         .collect();
-    for pool in t.pools.values() {
+    for pool in t.pools().values() {
         for share in &pool.shares {
             let o = m
                 .owners
@@ -374,9 +346,9 @@ pub fn map_contents(t: &Topology, plan: &Plan) -> MapContents {
             }
         }
     }
-    for r in &t.rules {
+    for r in t.rules() {
         let value = PolicyValue {
-            pool: t.pools[&r.pool].id,
+            pool: t.pools()[&r.pool].id,
         };
         match r.destination {
             IpNet::V4(n) => {
@@ -697,7 +669,7 @@ shares = [{ server = "sin-a-1", ports = "1024-65535" }]
             let m = map_contents(&t, &p);
             for (k, peer) in &m.peers {
                 let s = t
-                    .config
+                    .config()
                     .servers
                     .iter()
                     .find(|s| s.fabric.octets() == k.addr)
@@ -816,6 +788,15 @@ shares = [{ server = "zzz-1", ports = "1024-2000" }, { server = "aaa-1", ports =
         let d = distance_km(fra, ams);
         assert!((350.0..380.0).contains(&d), "fra-ams {d} km");
         assert!(distance_km(fra, (1.35, 103.82)) > 10_000.0);
+    }
+
+    #[test]
+    fn a_server_not_in_the_topology_gets_an_empty_plan_not_a_panic() {
+        let t = topo("");
+        let p = plan(&t, "nowhere-1");
+        assert!(p.entries.is_empty(), "{p:?}");
+        assert_eq!(p.server, "nowhere-1");
+        assert!(!plan(&t, "fra-a-1").entries.is_empty());
     }
 
     #[test]

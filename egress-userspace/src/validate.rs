@@ -101,13 +101,95 @@ pub struct Rule {
     pub policy: usize,
 }
 
-/// A validated config.
+/// A server placed in the topology: what planning and explaining look up, resolved once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placed {
+    pub name: String,
+    pub id: u32,
+    pub fabric: Ipv4Addr,
+    pub datacenter: String,
+    pub location: String,
+    /// The location's latitude and longitude.
+    pub coords: (f64, f64),
+}
+
+/// A validated config: only [`validate`] makes one, so every name in it resolves (pools of
+/// rules, servers of shares, datacenters and locations of servers) and the lookups below
+/// need no fallbacks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
-    pub config: Config,
+    config: Config,
     /// Pools by name.
-    pub pools: BTreeMap<String, Pool>,
-    pub rules: Vec<Rule>,
+    pools: BTreeMap<String, Pool>,
+    rules: Vec<Rule>,
+    /// Servers by name.
+    servers: HashMap<String, Placed>,
+    /// Each location's coordinates.
+    locations: HashMap<String, (f64, f64)>,
+}
+
+impl Topology {
+    /// The config as validated.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// Pools by name.
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+    /// One rule per (policy, destination).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+    /// Server `name`, placed (None: not in the topology).
+    pub fn server(&self, name: &str) -> Option<&Placed> {
+        self.servers.get(name)
+    }
+    /// The coordinates of location `name`.
+    pub fn coords(&self, location: &str) -> Option<(f64, f64)> {
+        self.locations.get(location).copied()
+    }
+
+    /// Builds the indexes of a config that passed every check.
+    fn resolved(config: &Config, pools: BTreeMap<String, Pool>, rules: Vec<Rule>) -> Topology {
+        let locations: HashMap<String, (f64, f64)> = config
+            .locations
+            .iter()
+            .map(|l| (l.name.clone(), (l.latitude, l.longitude)))
+            .collect();
+        let location_of: HashMap<&str, &str> = config
+            .datacenters
+            .iter()
+            .map(|d| (d.name.as_str(), d.location.as_str()))
+            .collect();
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| {
+                let location = location_of
+                    .get(s.datacenter.as_str())
+                    .copied()
+                    .unwrap_or_default()
+                    .to_string();
+                let placed = Placed {
+                    name: s.name.clone(),
+                    id: s.id,
+                    fabric: s.fabric,
+                    datacenter: s.datacenter.clone(),
+                    coords: locations.get(&location).copied().unwrap_or_default(),
+                    location,
+                };
+                (s.name.clone(), placed)
+            })
+            .collect();
+        Topology {
+            config: config.clone(),
+            pools,
+            rules,
+            servers,
+            locations,
+        }
+    }
 }
 
 /// An uplink must be a name Linux accepts for an interface that can carry traffic out: 1-15
@@ -237,11 +319,7 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
     let rules = policies(&mut errs, c, &pools);
     capacities(&mut errs, c, &rules);
     if errs.0.is_empty() {
-        Ok(Topology {
-            config: c.clone(),
-            pools,
-            rules,
-        })
+        Ok(Topology::resolved(c, pools, rules))
     } else {
         Err(InvalidConfig(errs.0))
     }
@@ -731,8 +809,8 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
     #[test]
     fn base_is_valid() {
         let t = check(BASE).unwrap();
-        assert_eq!(t.rules.len(), 2);
-        assert_eq!(t.pools["acme"].shares.len(), 2);
+        assert_eq!(t.rules().len(), 2);
+        assert_eq!(t.pools()["acme"].shares.len(), 2);
     }
 
     #[test]

@@ -302,7 +302,7 @@ async fn first_topology(
                     .map_err(anyhow::Error::from)
                     .and_then(|c| Ok(validate::validate(&c)?))
                     .and_then(|t| {
-                        t.config
+                        t.config()
                             .select_server(Some(server))
                             .map_err(|_| anyhow::anyhow!("server {server:?} is not in it"))?;
                         Ok(t)

@@ -34,7 +34,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return live(args);
     }
     let t = args.config.topology()?;
-    let server = t.config.select_server(args.server.as_deref())?.name.clone();
+    let server = t
+        .config()
+        .select_server(args.server.as_deref())?
+        .name
+        .clone();
     let e = explain::explain(&t, &server, args.dst, args.mark);
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),

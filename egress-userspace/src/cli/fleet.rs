@@ -139,9 +139,9 @@ fn show(a: ShowArgs) -> anyhow::Result<ExitCode> {
             {
                 Ok(t) => format!(
                     "valid ({} servers, {} pools, {} policy rules)",
-                    t.config.servers.len(),
-                    t.pools.len(),
-                    t.rules.len()
+                    t.config().servers.len(),
+                    t.pools().len(),
+                    t.rules().len()
                 ),
                 Err(e) => format!("INVALID: {}", super::error_text(&e).replace('\n', "; ")),
             };
@@ -215,7 +215,7 @@ pub fn view(published: Option<&fleet::Published>, statuses: &[fleet::StatusEntry
     // What each server should run: the published topology, around the peers it reports down.
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
     if let Some(t) = topology {
-        for s in &t.config.servers {
+        for s in &t.config().servers {
             let down = by_name
                 .get(s.name.as_str())
                 .and_then(|e| e.status.as_ref().ok())

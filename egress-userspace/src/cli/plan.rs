@@ -19,7 +19,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let t = args.config.topology()?;
-    let server = t.config.select_server(args.server.as_deref())?.name.clone();
+    let server = t
+        .config()
+        .select_server(args.server.as_deref())?
+        .name
+        .clone();
     let p = plan::plan(&t, &server);
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&p)?),

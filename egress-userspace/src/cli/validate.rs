@@ -33,9 +33,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &format!(
                     "{}: valid ({} servers, {} pools, {} policy rules)\n",
                     args.config.display(),
-                    t.config.servers.len(),
-                    t.pools.len(),
-                    t.rules.len()
+                    t.config().servers.len(),
+                    t.pools().len(),
+                    t.rules().len()
                 ),
             );
             Ok(ExitCode::SUCCESS)

@@ -447,7 +447,7 @@ impl Topo {
 
     /// Every pool address of the topology (IPv4 addresses; IPv6 prefixes).
     pub fn is_pool_address(&self, a: IpAddr) -> bool {
-        self.topology.pools.values().any(|p| match a {
+        self.topology.pools().values().any(|p| match a {
             IpAddr::V4(v4) => p.addresses.contains(&v4),
             IpAddr::V6(v6) => p.ipv6_prefix.is_some_and(|n| n.contains(&v6)),
         })
