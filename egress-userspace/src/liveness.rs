@@ -19,8 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
-/// Probes missed in a row that make a peer down (600 ms at [`PROBE_INTERVAL`]).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(150);
+/// Probes missed in a row that make a peer down (450 ms at [`PROBE_INTERVAL`]).
 pub const MISSES: u32 = 3;
 /// Default time a recovered peer must stay answering before it takes new connections again.
 pub const HOLD_DOWN: Duration = Duration::from_secs(5);
