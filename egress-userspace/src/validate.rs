@@ -287,21 +287,75 @@ impl Errors {
     }
 }
 
+/// Where an item sits in the config (`pools[3].ipv4[0].shares[1]`, then a field), rendered
+/// only when a message names it: a large config has hundreds of thousands of items and,
+/// usually, no error.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    levels: [(&'static str, usize); 3],
+    depth: usize,
+    field: Option<&'static str>,
+}
+
+impl At {
+    fn new(section: &'static str, i: usize) -> At {
+        At {
+            levels: [(section, i), ("", 0), ("", 0)],
+            depth: 1,
+            field: None,
+        }
+    }
+    /// Item `i` of list `name` inside this one.
+    fn sub(self, name: &'static str, i: usize) -> At {
+        let mut at = self;
+        if at.depth < at.levels.len() {
+            at.levels[at.depth] = (name, i);
+            at.depth += 1;
+        }
+        at
+    }
+    /// Field `name` of this item.
+    fn field(self, name: &'static str) -> At {
+        At {
+            field: Some(name),
+            ..self
+        }
+    }
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (k, (name, i)) in self.levels[..self.depth].iter().enumerate() {
+            if k > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{name}[{i}]")?;
+        }
+        match self.field {
+            Some(field) => write!(f, ".{field}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl From<At> for String {
+    fn from(at: At) -> String {
+        at.to_string()
+    }
+}
+
 /// Checks that `name` was not seen before among `kind`; records it.
 fn unique<T: std::hash::Hash + Eq + Clone + fmt::Debug>(
     errs: &mut Errors,
-    seen: &mut HashMap<T, String>,
+    seen: &mut HashMap<T, At>,
     value: &T,
-    path: String,
+    at: At,
     what: &str,
 ) {
     if let Some(first) = seen.get(value) {
-        errs.add(
-            path,
-            format!("duplicate {what} {value:?} (first at {first})"),
-        );
+        errs.add(at, format!("duplicate {what} {value:?} (first at {first})"));
     } else {
-        seen.insert(value.clone(), path);
+        seen.insert(value.clone(), at);
     }
 }
 
@@ -326,26 +380,26 @@ pub fn validate(c: &Config) -> Result<Topology, InvalidConfig> {
 }
 
 /// `locations`: unique names, coordinates on the globe. Returns the names.
-fn locations(errs: &mut Errors, c: &Config) -> HashMap<String, String> {
+fn locations(errs: &mut Errors, c: &Config) -> HashMap<String, At> {
     let mut locations = HashMap::new();
     for (i, l) in c.locations.iter().enumerate() {
-        let p = format!("locations[{i}]");
+        let p = At::new("locations", i);
         unique(
             errs,
             &mut locations,
             &l.name,
-            format!("{p}.name"),
+            p.field("name"),
             "location name",
         );
         if !(-90.0..=90.0).contains(&l.latitude) {
             errs.add(
-                format!("{p}.latitude"),
+                p.field("latitude"),
                 format!("{} is outside -90..90", l.latitude),
             );
         }
         if !(-180.0..=180.0).contains(&l.longitude) {
             errs.add(
-                format!("{p}.longitude"),
+                p.field("longitude"),
                 format!("{} is outside -180..180", l.longitude),
             );
         }
@@ -357,22 +411,16 @@ fn locations(errs: &mut Errors, c: &Config) -> HashMap<String, String> {
 fn datacenters<'c>(
     errs: &mut Errors,
     c: &'c Config,
-    locations: &HashMap<String, String>,
+    locations: &HashMap<String, At>,
 ) -> HashMap<&'c str, &'c str> {
     let mut dc_location = HashMap::new();
     let mut dcs = HashMap::new();
     for (i, d) in c.datacenters.iter().enumerate() {
-        let p = format!("datacenters[{i}]");
-        unique(
-            errs,
-            &mut dcs,
-            &d.name,
-            format!("{p}.name"),
-            "datacenter name",
-        );
+        let p = At::new("datacenters", i);
+        unique(errs, &mut dcs, &d.name, p.field("name"), "datacenter name");
         if !locations.contains_key(&d.location) {
             errs.add(
-                format!("{p}.location"),
+                p.field("location"),
                 format!("unknown location {:?}", d.location),
             );
         }
@@ -384,7 +432,7 @@ fn datacenters<'c>(
 /// What the server section tells the pool section.
 struct Servers<'c> {
     /// Every server name seen.
-    names: HashMap<String, String>,
+    names: HashMap<String, At>,
     /// Each server's location (servers of a known datacenter).
     location: HashMap<&'c str, &'c str>,
 }
@@ -399,37 +447,31 @@ fn servers<'c>(
     let mut location = HashMap::new();
     let (mut names, mut ids, mut fabrics) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, s) in c.servers.iter().enumerate() {
-        let p = format!("servers[{i}]");
-        unique(
-            errs,
-            &mut names,
-            &s.name,
-            format!("{p}.name"),
-            "server name",
-        );
-        unique(errs, &mut ids, &s.id, format!("{p}.id"), "server id");
+        let p = At::new("servers", i);
+        unique(errs, &mut names, &s.name, p.field("name"), "server name");
+        unique(errs, &mut ids, &s.id, p.field("id"), "server id");
         unique(
             errs,
             &mut fabrics,
             &s.fabric,
-            format!("{p}.fabric"),
+            p.field("fabric"),
             "fabric address",
         );
         if !(1..=65535).contains(&s.id) {
-            errs.add(format!("{p}.id"), format!("{} is outside 1..=65535", s.id));
+            errs.add(p.field("id"), format!("{} is outside 1..=65535", s.id));
         }
         if let Err(m) = check_ifname(&s.uplink) {
-            errs.add(format!("{p}.uplink"), m);
+            errs.add(p.field("uplink"), m);
         }
         if s.name.trim().is_empty() {
-            errs.add(format!("{p}.name"), "is empty");
+            errs.add(p.field("name"), "is empty");
         } else if matches!(s.name.as_str(), "." | "..")
             || s.name.contains('/')
             || s.name.chars().any(char::is_control)
         {
             // It names the server's pin directory.
             errs.add(
-                format!("{p}.name"),
+                p.field("name"),
                 format!(
                     "{:?} cannot name a directory (no '/', '.', '..' or control characters)",
                     s.name
@@ -441,7 +483,7 @@ fn servers<'c>(
                 location.insert(s.name.as_str(), *loc);
             }
             None => errs.add(
-                format!("{p}.datacenter"),
+                p.field("datacenter"),
                 format!("unknown datacenter {:?}", s.datacenter),
             ),
         }
@@ -461,32 +503,29 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
     let (mut pool_names, mut pool_ids, mut addresses) =
         (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, pool) in c.pools.iter().enumerate() {
-        let p = format!("pools[{i}]");
+        let p = At::new("pools", i);
         unique(
             errs,
             &mut pool_names,
             &pool.name,
-            format!("{p}.name"),
+            p.field("name"),
             "pool name",
         );
-        unique(errs, &mut pool_ids, &pool.id, format!("{p}.id"), "pool id");
+        unique(errs, &mut pool_ids, &pool.id, p.field("id"), "pool id");
         // The GRE key carries the id in 30 bits (the other two say what the tunnel carries).
         let max = egress_common::fabric::tunnel::MAX_POOL_ID;
         if !(1..=u64::from(max)).contains(&pool.id) {
-            errs.add(
-                format!("{p}.id"),
-                format!("{} is outside 1..={max}", pool.id),
-            );
+            errs.add(p.field("id"), format!("{} is outside 1..={max}", pool.id));
         }
         if let Some(prefix) = pool.ipv6_prefix {
             if prefix.prefix_len() > MAX_V6_PREFIX_LEN {
                 errs.add(
-                    format!("{p}.ipv6_prefix"),
+                    p.field("ipv6_prefix"),
                     format!("{prefix} is longer than /{MAX_V6_PREFIX_LEN}"),
                 );
             } else if prefix.trunc() != prefix {
                 errs.add(
-                    format!("{p}.ipv6_prefix"),
+                    p.field("ipv6_prefix"),
                     format!(
                         "{prefix} has host bits set (did you mean {}?)",
                         prefix.trunc()
@@ -496,15 +535,15 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
         }
         let mut shares = Vec::new();
         for (j, a) in pool.ipv4.iter().enumerate() {
-            let ap = format!("{p}.ipv4[{j}]");
+            let ap = p.sub("ipv4", j);
             unique(
                 errs,
                 &mut addresses,
                 &a.address,
-                format!("{ap}.address"),
+                ap.field("address"),
                 "pool address",
             );
-            shares.extend(pool_address(errs, a, &ap, servers));
+            shares.extend(pool_address(errs, a, ap, servers));
         }
         shares.sort();
         // One action carries at most MAX_SNAT targets per server.
@@ -515,7 +554,7 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
         for (server, n) in per_server {
             if n > egress_common::action::MAX_SNAT {
                 errs.add(
-                    format!("{p}.ipv4"),
+                    p.field("ipv4"),
                     format!(
                         "server {server:?} holds {n} shares of pool {:?}; at most {}",
                         pool.name,
@@ -544,34 +583,34 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
 fn pool_address(
     errs: &mut Errors,
     a: &crate::config::PoolAddress,
-    ap: &str,
+    ap: At,
     servers: &Servers,
 ) -> Vec<Share> {
     if let Err(m) = check_pool_address(a.address) {
-        errs.add(format!("{ap}.address"), m);
+        errs.add(ap.field("address"), m);
     }
     let mut shares = Vec::new();
     let mut ranges: Vec<(PortRange, usize)> = Vec::new();
     let mut locs = BTreeSet::new();
     for (k, sh) in a.shares.iter().enumerate() {
-        let sp = format!("{ap}.shares[{k}]");
+        let sp = ap.sub("shares", k);
         match servers.location.get(sh.server.as_str()) {
             Some(loc) => {
                 locs.insert(*loc);
             }
             None if !servers.names.contains_key(&sh.server) => errs.add(
-                format!("{sp}.server"),
+                sp.field("server"),
                 format!("unknown server {:?}", sh.server),
             ),
             None => {} // its datacenter is already reported
         }
         match parse_ports(&sh.ports) {
-            Err(m) => errs.add(format!("{sp}.ports"), m),
+            Err(m) => errs.add(sp.field("ports"), m),
             Ok(r) => {
                 if let Some((o, ok)) = ranges.iter().find(|(o, _)| o.overlaps(&r)) {
                     errs.add(
-                        format!("{sp}.ports"),
-                        format!("{r} overlaps {o} of {ap}.shares[{ok}]"),
+                        sp.field("ports"),
+                        format!("{r} overlaps {o} of {}", ap.sub("shares", *ok)),
                     );
                 }
                 ranges.push((r, k));
@@ -585,7 +624,7 @@ fn pool_address(
     }
     if a.shares.len() > egress_common::fabric::MAX_SHARES_PER_ADDRESS {
         errs.add(
-            format!("{ap}.shares"),
+            ap.field("shares"),
             format!(
                 "{} has {} shares; at most {}",
                 a.address,
@@ -596,7 +635,7 @@ fn pool_address(
     }
     if locs.len() > MAX_LOCATIONS_PER_ADDRESS {
         errs.add(
-            format!("{ap}.shares"),
+            ap.field("shares"),
             format!(
                 "{} is shared over {} locations ({}); at most {MAX_LOCATIONS_PER_ADDRESS}",
                 a.address,
@@ -614,16 +653,16 @@ fn policies(errs: &mut Errors, c: &Config, pools: &BTreeMap<String, Pool>) -> Ve
     let mut rules = Vec::new();
     let mut seen_rules = HashMap::new();
     for (i, pol) in c.policies.iter().enumerate() {
-        let p = format!("policies[{i}]");
+        let p = At::new("policies", i);
         let pool = pools.get(&pol.pool);
         if pool.is_none() {
-            errs.add(format!("{p}.pool"), format!("unknown pool {:?}", pol.pool));
+            errs.add(p.field("pool"), format!("unknown pool {:?}", pol.pool));
         }
         if pol.destinations.is_empty() {
-            errs.add(format!("{p}.destinations"), "is empty");
+            errs.add(p.field("destinations"), "is empty");
         }
         for (j, d) in pol.destinations.iter().enumerate() {
-            let dp = format!("{p}.destinations[{j}]");
+            let dp = p.sub("destinations", j);
             match parse_destination(d) {
                 Err(m) => errs.add(dp, m),
                 Ok(net) => {
@@ -631,7 +670,7 @@ fn policies(errs: &mut Errors, c: &Config, pools: &BTreeMap<String, Pool>) -> Ve
                         errs,
                         &mut seen_rules,
                         &(pol.mark, net),
-                        dp.clone(),
+                        dp,
                         "(mark, destination)",
                     );
                     if let (IpNet::V6(_), Some(pool)) = (net, pool)
