@@ -19,11 +19,8 @@ use egress_common::{
     stats::{Counter, Stat},
 };
 use log::{error, info, warn};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter as PromCounter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+
+mod metrics;
 
 use crate::{
     apply::Diff,
@@ -144,20 +141,8 @@ pub struct Agent {
     /// After a plan that failed to be written: when to try it again, and the delay used (it
     /// doubles per failure, up to [`RETRY_MAX`]; a new config text starts over).
     retry: Option<(std::time::Instant, std::time::Duration)>,
-}
-
-/// Registers a counter of one value.
-fn counter(r: &mut Registry, name: &str, help: &str, value: u64) {
-    let c = PromCounter::<u64>::default();
-    c.inc_by(value);
-    r.register(name, help, c);
-}
-
-/// Registers a gauge of one value.
-fn gauge(r: &mut Registry, name: &str, help: &str, value: i64) {
-    let g = Gauge::<i64>::default();
-    g.set(value);
-    r.register(name, help, g);
+    /// Registered at the first scrape.
+    metrics: std::sync::OnceLock<metrics::Metrics>,
 }
 
 /// The collector: one pass over the flow table at a time, on a thread of its own.
@@ -341,6 +326,7 @@ impl Agent {
             interest: None,
             pending: None,
             retry: None,
+            metrics: std::sync::OnceLock::new(),
         };
         let Some(lock) = lock else {
             agent.generation = 1;
@@ -1129,260 +1115,12 @@ impl Agent {
             .collect()
     }
 
-    /// Prometheus text exposition of everything the agent knows.
+    /// Prometheus text exposition of everything the agent knows (the metrics are registered
+    /// at the first call, once).
     pub fn render_metrics(&self) -> anyhow::Result<String> {
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct CounterLabel {
-            counter: String,
-        }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct KindLabel {
-            kind: String,
-        }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct SliceLabel {
-            address: String,
-            ports: String,
-        }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct ResultLabel {
-            result: String,
-        }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct PeerLabel {
-            server: String,
-            fabric: String,
-        }
-        let mut r = Registry::with_prefix("egress");
-        let packets = Family::<CounterLabel, PromCounter>::default();
-        let bytes = Family::<CounterLabel, PromCounter>::default();
-        r.register(
-            "datapath_packets",
-            "Packets per datapath decision or drop (see egress stats)",
-            packets.clone(),
-        );
-        r.register(
-            "datapath_bytes",
-            "Bytes per datapath decision or drop",
-            bytes.clone(),
-        );
-        for (s, c) in self.counters()? {
-            let l = CounterLabel {
-                counter: s.name().to_string(),
-            };
-            packets.get_or_create(&l).inc_by(c.packets);
-            bytes.get_or_create(&l).inc_by(c.bytes);
-        }
-        let entries = Family::<KindLabel, Gauge>::default();
-        r.register(
-            "flow_entries",
-            "Flow table entries by kind (at the last housekeeping)",
-            entries.clone(),
-        );
-        for (k, n) in &self.observed.entries {
-            entries
-                .get_or_create(&KindLabel {
-                    kind: k.to_string(),
-                })
-                .set(*n);
-        }
-        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-        struct MapLabel {
-            map: String,
-        }
-        let plan_maps = Family::<MapLabel, Gauge>::default();
-        r.register("map_entries", "Entries of the plan maps", plan_maps.clone());
-        for (m, n) in &self.observed.map_entries {
-            plan_maps
-                .get_or_create(&MapLabel { map: m.to_string() })
-                .set(*n);
-        }
-        gauge(
-            &mut r,
-            "flow_capacity",
-            "Flow table size (entries; full, new connections are refused)",
-            i64::from(self.flow_capacity),
-        );
-        let pass = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        pass.set(self.observed.pass_seconds);
-        r.register(
-            "housekeeping_pass_seconds",
-            "How long the last pass over the flow table took (on the collector thread)",
-            pass,
-        );
-        counter(
-            &mut r,
-            "flows_early_dropped",
-            "Unreplied connections removed early because the flow table was under pressure",
-            self.observed.early_dropped,
-        );
-        counter(
-            &mut r,
-            "flows_collected",
-            "Expired connections removed by the agent",
-            self.observed.collected,
-        );
-        let used = Family::<SliceLabel, Gauge>::default();
-        let size = Family::<SliceLabel, Gauge>::default();
-        r.register(
-            "port_slice_used",
-            "Distinct ports of a slice in use by live connections",
-            used.clone(),
-        );
-        r.register("port_slice_size", "Ports in a slice", size.clone());
-        for s in &self.observed.slices {
-            let l = SliceLabel {
-                address: s.address.to_string(),
-                ports: format!("{}-{}", s.first, s.last),
-            };
-            used.get_or_create(&l).set(i64::from(s.used));
-            size.get_or_create(&l).set(i64::from(s.size()));
-        }
-        counter(
-            &mut r,
-            "repairs",
-            "Times pins or programs removed from under the agent were restored",
-            self.repairs,
-        );
-        gauge(
-            &mut r,
-            "attached",
-            "1 when the programs were found attached at the last check (every second)",
-            i64::from(self.dp.as_ref().is_some_and(|d| d.attached)),
-        );
-        gauge(
-            &mut r,
-            "plan_generation",
-            "Plans applied since the agent started (1 = the initial one)",
-            self.generation as i64,
-        );
-        let reloads = Family::<ResultLabel, PromCounter>::default();
-        r.register("reloads", "Config reloads by result", reloads.clone());
-        reloads
-            .get_or_create(&ResultLabel {
-                result: "ok".into(),
-            })
-            .inc_by(self.reloads_ok);
-        reloads
-            .get_or_create(&ResultLabel {
-                result: "failed".into(),
-            })
-            .inc_by(self.reloads_failed);
-        let peers = Family::<PeerLabel, Gauge>::default();
-        r.register(
-            "peer_up",
-            "Fabric peers (GRE is accepted from these): 1 = up for new connections from here, 0 = down (probes missed, lease gone, or holding down)",
-            peers.clone(),
-        );
-        for s in self
-            .topology
-            .config()
-            .servers
-            .iter()
-            .filter(|s| s.name != self.server)
-        {
-            peers
-                .get_or_create(&PeerLabel {
-                    server: s.name.clone(),
-                    fabric: s.fabric.to_string(),
-                })
-                .set(i64::from(!self.down.contains_key(&s.name)));
-        }
-        if let Some(l) = &self.liveness {
-            let l = l.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let transitions = Family::<PeerLabel, PromCounter>::default();
-            let rtt = Family::<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-            r.register(
-                "peer_transitions",
-                "Times a watched peer went down or came back up",
-                transitions.clone(),
-            );
-            r.register(
-                "peer_probe_rtt_seconds",
-                "Round-trip time of the last answered fabric probe to a watched peer",
-                rtt.clone(),
-            );
-            for (fabric, p) in &l.peers {
-                let label = PeerLabel {
-                    server: p.name.clone(),
-                    fabric: fabric.to_string(),
-                };
-                transitions.get_or_create(&label).inc_by(p.transitions);
-                if let Some(t) = p.rtt {
-                    rtt.get_or_create(&label).set(t.as_secs_f64());
-                }
-            }
-        }
-        counter(
-            &mut r,
-            "peer_connections_reset",
-            "Connections removed because the peer they went through died (their sockets see a reset)",
-            self.peer_resets,
-        );
-        let load = Family::<PeerLabel, Gauge>::default();
-        r.register(
-            "peer_connections",
-            "Connections translated here for each peer (its budget: egress_peer_budget)",
-            load.clone(),
-        );
-        for s in self
-            .topology
-            .config()
-            .servers
-            .iter()
-            .filter(|s| s.name != self.server)
-        {
-            let n = self.observed.peer_load.get(&s.fabric).copied().unwrap_or(0);
-            load.get_or_create(&PeerLabel {
-                server: s.name.clone(),
-                fabric: s.fabric.to_string(),
-            })
-            .set(n as i64);
-        }
-        gauge(
-            &mut r,
-            "peer_budget",
-            "Most connections one peer may have translated here (0: no limit)",
-            i64::from(self.peer_budget),
-        );
-        if let Some(f) = &self.fleet {
-            gauge(
-                &mut r,
-                "etcd_connected",
-                "1 while the agent reads and watches the topology in etcd",
-                i64::from(f.connected),
-            );
-            gauge(
-                &mut r,
-                "applied_revision",
-                "The published topology revision in force",
-                f.applied_revision,
-            );
-            let age = crate::fleet::unix_now().saturating_sub(f.updated_at);
-            gauge(
-                &mut r,
-                "plan_age_seconds",
-                "Seconds since the plan in force was last known current (applied, or confirmed on reconnecting)",
-                age as i64,
-            );
-            gauge(
-                &mut r,
-                "plan_stale_seconds",
-                "Seconds etcd has been unreachable (the plan may be stale); 0 when connected",
-                f.stale_since
-                    .map_or(0, |s| crate::fleet::unix_now().saturating_sub(s))
-                    as i64,
-            );
-            counter(
-                &mut r,
-                "rejected_revisions",
-                "Published revisions rejected as invalid (the last good plan stayed)",
-                f.rejected_revisions,
-            );
-        }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &r)?;
-        Ok(out)
+        self.metrics
+            .get_or_init(|| metrics::Metrics::new(self.fleet.is_some()))
+            .render(self)
     }
 
     /// Exits: with `detach`, removes the pinned links (the programs detach) and maps.
