@@ -33,38 +33,13 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 use egress_common::wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 pub use egress_common::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Hdr {
-    ver_tc_flow: [u8; 4],
-    payload_len: u16,
-    next_hdr: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
 
 /// The network layer of a packet.
 #[derive(Clone, Copy)]
@@ -161,19 +136,19 @@ fn big_len(ctx: &TcContext, off: usize, len: usize) -> usize {
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
     let h: Ipv4Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
-    let ihl = usize::from(h.ver_ihl & 0x0f) * 4;
-    if h.ver_ihl >> 4 != 4 || ihl < 20 {
+    let ihl = usize::from(h.ihl());
+    if h.version() != 4 || ihl < 20 {
         return Err(IpError::Malformed);
     }
-    let tot = big_len(ctx, off, usize::from(u16::from_be(h.tot_len)));
+    let tot = big_len(ctx, off, usize::from(h.tot_len()));
     if tot < ihl {
         return Err(IpError::Malformed);
     }
-    let frag = u16::from_be(h.frag_off);
+    let frag = u16::from_be_bytes(h.frags);
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&h.src);
-    dst[..4].copy_from_slice(&h.dst);
+    src[..4].copy_from_slice(&h.src_addr);
+    dst[..4].copy_from_slice(&h.dst_addr);
     Ok(Ip {
         family: FAMILY_V4,
         proto: h.proto,
@@ -189,7 +164,7 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         } else {
             FRAG_NONE
         },
-        frag_id: u32::from(h.id),
+        frag_id: u32::from(u16::from_ne_bytes(h.id)),
     })
 }
 
@@ -197,7 +172,7 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
 #[inline(always)]
 pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
     let h: Ipv6Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
-    if h.ver_tc_flow[0] >> 4 != 6 {
+    if h.vcf[0] >> 4 != 6 {
         return Err(IpError::Malformed);
     }
     let mut ip = Ip {
@@ -205,9 +180,9 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.next_hdr,
         l3_off: off,
         l4_off: off + 40,
-        end: off + 40 + big_len(ctx, off + 40, usize::from(u16::from_be(h.payload_len))),
-        src: h.src,
-        dst: h.dst,
+        end: off + 40 + big_len(ctx, off + 40, usize::from(u16::from_be_bytes(h.payload_len))),
+        src: h.src_addr,
+        dst: h.dst_addr,
         frag: FRAG_NONE,
         frag_id: 0,
     };
