@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use egress_common::prog_names;
+use egress_common::{fabric::tunnel, prog_names};
 
 use crate::testrun::{
     FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
@@ -149,45 +149,125 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
     let mut out = Vec::new();
     let mut fresh_port: u32 = 0;
     for frame in [64usize, 1500] {
-        let time = |dp: &mut TestDatapath,
-                    hook: Hook,
-                    pkt: &mut dyn FnMut(usize) -> Vec<u8>|
-         -> anyhow::Result<Vec<u64>> {
-            // One unmeasured run primes the flow state the path relies on.
-            dp.run(hook, 0, &pkt(usize::MAX))?;
-            (0..runs)
-                .map(|i| Ok(dp.run(hook, 0, &pkt(i))?.duration.as_nanos() as u64))
-                .collect()
-        };
-        let empty = {
-            let p = tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, frame);
-            let mut v = time(&mut dp, Hook::Empty, &mut |_| p.clone())?;
-            v.sort_unstable();
-            v[v.len() / 2] as f64
-        };
-        let no_match = tcp("10.50.0.11", 5000, "198.51.100.1", 80, TCP_ACK, frame);
-        out.push(stats(
-            "no policy match",
+        let mut r = Runner {
+            dp: &mut dp,
+            runs,
             frame,
-            time(&mut dp, Hook::Egress, &mut |_| no_match.clone())?,
-            empty,
-        ));
+            empty: 0.0,
+            fresh_port: &mut fresh_port,
+            out: &mut out,
+        };
+        r.empty_program()?;
+        let local = r.local_paths()?;
+        let tunnel = r.tunnel_paths()?;
+        r.references(&local, &tunnel)?;
+    }
+    drop(net);
+    relate(&mut out);
+    Ok(out)
+}
 
-        // Each run a new connection: a new remote port, so port claims never run out.
-        let ns = time(&mut dp, Hook::Egress, &mut |_| {
-            fresh_port += 1;
+/// The packets the references replay (each its path's).
+struct Sample {
+    established: Vec<u8>,
+    forwarded: Vec<u8>,
+}
+struct TunnelSample {
+    peer: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+/// Times the paths at one frame size, each row against the empty program's median.
+struct Runner<'a> {
+    dp: &'a mut TestDatapath,
+    runs: usize,
+    frame: usize,
+    empty: f64,
+    fresh_port: &'a mut u32,
+    out: &'a mut Vec<PathCost>,
+}
+
+impl Runner<'_> {
+    /// `runs` single runs of `hook` on fresh copies of `pkt(i)` (after one unmeasured run that
+    /// primes the flow state the path relies on).
+    fn time(
+        &mut self,
+        hook: Hook,
+        pkt: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> anyhow::Result<Vec<u64>> {
+        self.dp.run(hook, 0, &pkt(usize::MAX))?;
+        (0..self.runs)
+            .map(|i| Ok(self.dp.run(hook, 0, &pkt(i))?.duration.as_nanos() as u64))
+            .collect()
+    }
+
+    /// A row: `path` through `hook`, the same packet every run.
+    fn row(&mut self, path: &'static str, hook: Hook, packet: &[u8]) -> anyhow::Result<()> {
+        let ns = self.time(hook, &mut |_| packet.to_vec())?;
+        self.out.push(stats(path, self.frame, ns, self.empty));
+        Ok(())
+    }
+
+    /// A TCP packet of this frame size (or `frame`: the largest that fits once encapsulated).
+    fn tcp(
+        &self,
+        src: &str,
+        sport: u16,
+        dst: &str,
+        dport: u16,
+        flags: u8,
+        frame: usize,
+    ) -> Vec<u8> {
+        tcp(src, sport, dst, dport, flags, frame)
+    }
+
+    /// Each run a new connection: a new remote port, so port claims never run out.
+    fn new_connection(&mut self, hook: Hook, sport: u16) -> anyhow::Result<Vec<u64>> {
+        let (frame, fresh) = (self.frame, &mut *self.fresh_port);
+        let mut next = |_| {
+            *fresh += 1;
             tcp(
                 "10.50.0.11",
-                5000,
+                sport,
                 "203.0.113.3",
-                (1 + fresh_port % 65000) as u16,
-                packet::TCP_SYN,
+                (1 + *fresh % 65000) as u16,
+                TCP_SYN,
                 frame,
             )
-        })?;
-        out.push(stats("new flow SNAT", frame, ns, empty));
+        };
+        self.dp.run(hook, 0, &next(0))?;
+        (0..self.runs)
+            .map(|_| Ok(self.dp.run(hook, 0, &next(0))?.duration.as_nanos() as u64))
+            .collect()
+    }
 
-        let est = tcp(
+    fn empty_program(&mut self) -> anyhow::Result<()> {
+        let p = self.tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, self.frame);
+        let mut v = self.time(Hook::Empty, &mut |_| p.clone())?;
+        v.sort_unstable();
+        self.empty = v[v.len() / 2] as f64;
+        self.out.push(PathCost {
+            path: "empty program",
+            frame: self.frame,
+            median_ns: self.empty,
+            min_ns: self.empty,
+            max_ns: self.empty,
+            marginal_ns: 0.0,
+            runs: self.runs,
+            reference: None,
+            ratio: None,
+        });
+        Ok(())
+    }
+
+    /// This server's own connections: no match, new, established, their replies, forwarded.
+    fn local_paths(&mut self) -> anyhow::Result<Sample> {
+        let frame = self.frame;
+        let no_match = self.tcp("10.50.0.11", 5000, "198.51.100.1", 80, TCP_ACK, frame);
+        self.row("no policy match", Hook::Egress, &no_match)?;
+        let ns = self.new_connection(Hook::Egress, 5000)?;
+        self.out.push(stats("new flow SNAT", frame, ns, self.empty));
+        let est = self.tcp(
             "10.50.0.11",
             7000 + frame as u16,
             "203.0.113.1",
@@ -195,14 +275,9 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             TCP_ACK,
             frame,
         );
-        let bound = packet::parse(&dp.run(Hook::Egress, 0, &est)?.packet);
-        out.push(stats(
-            "established SNAT",
-            frame,
-            time(&mut dp, Hook::Egress, &mut |_| est.clone())?,
-            empty,
-        ));
-        let reply = tcp(
+        let bound = packet::parse(&self.dp.run(Hook::Egress, 0, &est)?.packet);
+        self.row("established SNAT", Hook::Egress, &est)?;
+        let reply = self.tcp(
             "203.0.113.1",
             80,
             &bound.src.to_string(),
@@ -210,32 +285,28 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             TCP_ACK,
             frame,
         );
-        out.push(stats(
-            "reverse translation",
-            frame,
-            time(&mut dp, Hook::Ingress, &mut |_| reply.clone())?,
-            empty,
-        ));
-
-        // Paths that encapsulate take the largest packet that still fits the uplink afterwards.
-        let tunnelled = frame.min(1514 - 28);
-        let fwd = tcp(
+        self.row("reverse translation", Hook::Ingress, &reply)?;
+        let fwd = self.tcp(
             "10.50.0.11",
             7100 + frame as u16,
             "203.0.113.200",
             80,
             TCP_ACK,
-            tunnelled,
+            tunnelled(frame),
         );
-        out.push(stats(
-            "forward (encapsulate)",
-            frame,
-            time(&mut dp, Hook::Egress, &mut |_| fwd.clone())?,
-            empty,
-        ));
+        self.row("forward (encapsulate)", Hook::Egress, &fwd)?;
+        Ok(Sample {
+            established: est,
+            forwarded: fwd,
+        })
+    }
 
+    /// What arrives from the fabric or for another server: a peer's connection, its replies,
+    /// soft-unicast, and an unsolicited packet refused at the owner (a flood's cost).
+    fn tunnel_paths(&mut self) -> anyhow::Result<TunnelSample> {
+        let frame = self.frame;
         // A peer's connection arriving in GRE: the frame size includes the 28 outer bytes.
-        let inner = tcp(
+        let inner = self.tcp(
             "10.50.0.12",
             7200 + frame as u16,
             "203.0.113.1",
@@ -246,45 +317,34 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
         let gre = packet::gre_frame(
             [10, 50, 0, 12],
             [10, 50, 0, 11],
-            egress_common::fabric::tunnel::key(egress_common::fabric::tunnel::CONNECTION, 7),
+            tunnel::key(tunnel::CONNECTION, 7),
             &inner,
         );
-        let peer_bound = packet::parse(&dp.run(Hook::Ingress, 0, &gre)?.packet);
-        out.push(stats(
-            "peer (decapsulate + SNAT)",
-            frame,
-            time(&mut dp, Hook::Ingress, &mut |_| gre.clone())?,
-            empty,
-        ));
-        let back = tcp(
+        let peer_bound = packet::parse(&self.dp.run(Hook::Ingress, 0, &gre)?.packet);
+        self.row("peer (decapsulate + SNAT)", Hook::Ingress, &gre)?;
+        let back = self.tcp(
             "203.0.113.1",
             80,
             "192.0.2.10",
             peer_bound.sport,
             TCP_ACK,
-            tunnelled,
+            tunnelled(frame),
         );
-        out.push(stats(
-            "reply re-encapsulation",
-            frame,
-            time(&mut dp, Hook::Ingress, &mut |_| back.clone())?,
-            empty,
-        ));
-
-        let stray = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK, tunnelled);
-        out.push(stats(
-            "soft-unicast owner redirect",
-            frame,
-            time(&mut dp, Hook::Ingress, &mut |_| stray.clone())?,
-            empty,
-        ));
-        // Hostile input at the owner: an unsolicited packet the announcer sent on, which matches
-        // no connection here — the per-packet cost of refusing a flood.
+        self.row("reply re-encapsulation", Hook::Ingress, &back)?;
+        let stray = self.tcp(
+            "203.0.113.1",
+            80,
+            "192.0.2.10",
+            41500,
+            TCP_ACK,
+            tunnelled(frame),
+        );
+        self.row("soft-unicast owner redirect", Hook::Ingress, &stray)?;
         let unsolicited = packet::gre_frame(
             [10, 50, 0, 12],
             [10, 50, 0, 11],
-            egress_common::fabric::tunnel::key(egress_common::fabric::tunnel::SOFT_UNICAST, 7),
-            &tcp(
+            tunnel::key(tunnel::SOFT_UNICAST, 7),
+            &self.tcp(
                 "198.51.100.9",
                 4444,
                 "192.0.2.10",
@@ -293,47 +353,35 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
                 frame - 28,
             ),
         );
-        out.push(stats(
-            "unsolicited refused (owner)",
-            frame,
-            time(&mut dp, Hook::Ingress, &mut |_| unsolicited.clone())?,
-            empty,
-        ));
-        // The references, on the same packets as their paths.
+        self.row("unsolicited refused (owner)", Hook::Ingress, &unsolicited)?;
+        Ok(TunnelSample {
+            peer: gre,
+            reply: back,
+        })
+    }
+
+    /// The references, on the same packets as their paths.
+    fn references(&mut self, local: &Sample, tunnel: &TunnelSample) -> anyhow::Result<()> {
         for (name, prog) in REFERENCES {
             let hook = Hook::Reference(prog);
-            let ns = match prog {
-                prog_names::REF_CLAIM => time(&mut dp, hook, &mut |_| {
-                    fresh_port += 1;
-                    tcp(
-                        "10.50.0.11",
-                        5001,
-                        "203.0.113.3",
-                        (1 + fresh_port % 65000) as u16,
-                        TCP_SYN,
-                        frame,
-                    )
-                })?,
-                prog_names::REF_ENCAP => time(&mut dp, hook, &mut |_| fwd.clone())?,
-                prog_names::REF_RW_ENCAP => time(&mut dp, hook, &mut |_| back.clone())?,
-                prog_names::REF_DECAP => time(&mut dp, hook, &mut |_| gre.clone())?,
-                _ => time(&mut dp, hook, &mut |_| est.clone())?,
+            let packet = match prog {
+                prog_names::REF_CLAIM => {
+                    let ns = self.new_connection(hook, 5001)?;
+                    self.out.push(stats(name, self.frame, ns, self.empty));
+                    continue;
+                }
+                prog_names::REF_ENCAP => &local.forwarded,
+                prog_names::REF_RW_ENCAP => &tunnel.reply,
+                prog_names::REF_DECAP => &tunnel.peer,
+                _ => &local.established,
             };
-            out.push(stats(name, frame, ns, empty));
+            self.row(name, hook, packet)?;
         }
-        out.push(PathCost {
-            path: "empty program",
-            frame,
-            median_ns: empty,
-            min_ns: empty,
-            max_ns: empty,
-            marginal_ns: 0.0,
-            runs,
-            reference: None,
-            ratio: None,
-        });
+        Ok(())
     }
-    drop(net);
-    relate(&mut out);
-    Ok(out)
+}
+
+/// Paths that encapsulate take the largest packet that still fits the uplink afterwards.
+fn tunnelled(frame: usize) -> usize {
+    frame.min(1514 - 28)
 }
