@@ -33,8 +33,8 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 use egress_common::wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT};
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 pub use egress_common::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -180,7 +180,13 @@ pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
         proto: h.next_hdr,
         l3_off: off,
         l4_off: off + 40,
-        end: off + 40 + big_len(ctx, off + 40, usize::from(u16::from_be_bytes(h.payload_len))),
+        end: off
+            + 40
+            + big_len(
+                ctx,
+                off + 40,
+                usize::from(u16::from_be_bytes(h.payload_len)),
+            ),
         src: h.src_addr,
         dst: h.dst_addr,
         frag: FRAG_NONE,
