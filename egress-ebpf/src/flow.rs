@@ -64,10 +64,13 @@ pub fn key_swapped(ip: &Ip, ports: &Ports) -> FlowKey {
 /// this module reaches one.
 ///
 /// Invariant (what makes the accessors sound): the pointer comes from a successful lookup in
-/// `FLOWS` during this run, and the kernel keeps the element allocated until the run ends (the
-/// program runs inside an RCU read section). Other CPUs may write the same element meanwhile
-/// (a hash map gives no exclusion); every field is a plain integer, so a racing read sees some
-/// value of each field, never an invalid one.
+/// `FLOWS` during this run. `FLOWS` is preallocated: its elements are never freed, so the
+/// pointer stays valid memory of the map's value size for the whole run, and every field is a
+/// plain integer, so any racing read sees some value of each field, never an invalid one.
+/// What the map does not give: exclusion. Other CPUs may write the element meanwhile, and if
+/// the collector (or another CPU's reopen) deletes it and a new connection's insert recycles
+/// it within this run, a write here (the clock, a FIN flag) lands on that connection's entry —
+/// at worst it expires earlier than it should. The kernel's own lookups share this window.
 #[derive(Clone, Copy)]
 pub struct Entry(*mut FlowValue);
 

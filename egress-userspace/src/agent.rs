@@ -605,6 +605,7 @@ impl Agent {
                 self.leases(None);
             }
             Event::Leases(present) => self.leases(Some(&present)),
+            Event::LeasesUnknown => self.leases(None),
             Event::StatusRefused(why) => {
                 if f.status_refused.as_deref() != Some(why.as_str()) {
                     error!(

@@ -313,6 +313,48 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
     );
     assert!(!log.contains("connection lost"), "{log}");
     lab.stop("agent-reader").unwrap();
+
+    // An agent's role from before the alive keys (until `fleet init` runs again): it may
+    // neither write its alive key nor read its peers'. The topology is applied, each refusal
+    // said once, peers judged by probes alone, and no reconnect loop.
+    let role = pki::agent_user("sin-a-1");
+    let grant = |lab: &Lab, how: &str, args: &[&str]| {
+        let mut all = vec!["role", how, role.as_str()];
+        all.extend_from_slice(args);
+        let out = lab.etcdctl(Some(pki::ROOT_USER), &all).unwrap();
+        assert!(out.status.success(), "{all:?}: {out:?}");
+    };
+    grant(
+        &lab,
+        "revoke-permission",
+        &["/egress/v1/alive/", "--prefix"],
+    );
+    grant(&lab, "revoke-permission", &["/egress/v1/alive/sin-a-1"]);
+    no_dataplane_agent(&mut lab, "agent-old-role", "sin-a-1", &role);
+    lab.wait_for_log("agent-old-role", 0, &["ready"], Duration::from_secs(10))
+        .unwrap();
+    lab.wait_for_log(
+        "agent-old-role",
+        0,
+        &["/egress/v1/alive/"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(lab.log_path("agent-old-role")).unwrap();
+    assert!(log.matches("etcd refuses").count() <= 2, "{log}");
+    assert!(!log.contains("connection lost"), "{log}");
+    lab.stop("agent-old-role").unwrap();
+    grant(
+        &lab,
+        "grant-permission",
+        &["read", "/egress/v1/alive/", "--prefix"],
+    );
+    grant(
+        &lab,
+        "grant-permission",
+        &["readwrite", "/egress/v1/alive/sin-a-1"],
+    );
 }
 
 #[test]
@@ -331,6 +373,26 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // fra-a-1's alive key deleted by hand under its live lease: the agent puts it back at
+    // once (its peers would otherwise take it as gone until its next etcd session).
+    let alive = "/egress/v1/alive/fra-a-1";
+    let out = lab.etcdctl(Some(pki::ROOT_USER), &["del", alive]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let t = Instant::now();
+    loop {
+        let out = lab
+            .etcdctl(Some(pki::ROOT_USER), &["get", alive, "--keys-only"])
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(alive) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "alive key not put back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     // One member down: nothing changes; publishing and converging still work.

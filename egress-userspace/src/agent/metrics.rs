@@ -343,7 +343,10 @@ impl Metrics {
         }
         if let Some(l) = &a.liveness {
             let l = l.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            // The watched set changes with the plan (a peer that leaves it starts over at 0
+            // when it comes back): exactly the peers watched now, with their counts.
             self.peer_rtt.clear();
+            self.peer_transitions.clear();
             for (fabric, p) in &l.peers {
                 let label = PeerLabel {
                     server: p.name.clone(),

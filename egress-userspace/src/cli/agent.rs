@@ -289,7 +289,7 @@ async fn first_topology(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
             )),
             // Nothing is planned yet: leases matter once it is.
-            Event::Leases(_) => {}
+            Event::Leases(_) | Event::LeasesUnknown => {}
             Event::StatusRefused(why) => say(format!(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),

@@ -32,9 +32,12 @@ pub enum Event {
     /// etcd refuses this agent's status key (its identity may not write it): why. The topology
     /// is still read and watched; no status is written in this session.
     StatusRefused(String),
-    /// Of the peers asked about (the agent's next hops), those whose agent's status key (its
+    /// Of the peers asked about (the agent's next hops), those whose agent's alive key (its
     /// lease) exists now.
     Leases(BTreeSet<String>),
+    /// The peers' leases cannot be read (this identity may not: roles from before `alive/`):
+    /// the agent judges peers by probes alone.
+    LeasesUnknown,
 }
 
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
@@ -126,24 +129,10 @@ async fn session(
         .await
         .map_err(|e| describe(e, &urls, None))?;
     let key = ep.keys.status(&me.server);
-    // The peers' view of this agent: written once per session, on the lease. Peers watch this
-    // key and not the status key, which changes with every plan (a publish would otherwise
-    // fan out to every watcher of every agent).
-    let alive = ep.keys.alive(&me.server);
-    let since = serde_json::json!({ "pid": std::process::id(), "since": super::unix_now() });
-    let alive_refused = match client
-        .put(
-            alive.as_str(),
-            since.to_string(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-    {
-        Ok(_) => None,
-        // Peers then go by probes alone; the refusal is reported, the session goes on.
-        Err(e) if denied(&e) => Some(crate::cli::error_text(&describe(e, &urls, Some(&alive)))),
-        Err(e) => return Err(describe(e, &urls, Some(&alive))),
-    };
+    // The peers' view of this agent: written once per session, on the lease (and again if it
+    // is deleted under it). Peers watch this key and not the status key, which changes with
+    // every plan (a publish would otherwise fan out to every watcher of every agent).
+    let alive_refused = put_alive(&mut client, ep, me, lease).await?;
     // Writes the status; a refusal is reported once and ends status writes for the session.
     let refused = std::cell::Cell::new(false);
     let put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
@@ -184,8 +173,18 @@ async fn session(
     // The leases of the peers the agent asks about, watched key by key (not the whole
     // status prefix: an agent hears about its next hops, not about the fleet).
     let mut names = interest.borrow_and_update().clone();
-    let (mut leases, mut present) = lease_view(&mut client, ep, &names).await?;
-    if events.send(Event::Leases(present.clone())).is_err() {
+    let (mut leases, mut present) = (None, BTreeSet::new());
+    if !view_leases(
+        &mut client,
+        ep,
+        me,
+        &names,
+        events,
+        &mut leases,
+        &mut present,
+    )
+    .await?
+    {
         return Ok(());
     }
     let mut tick = tokio::time::interval(keep_alive);
@@ -228,8 +227,7 @@ async fn session(
                     return Ok(());
                 }
                 names = interest.borrow_and_update().clone();
-                (leases, present) = lease_view(&mut client, ep, &names).await?;
-                if events.send(Event::Leases(present.clone())).is_err() {
+                if !view_leases(&mut client, ep, me, &names, events, &mut leases, &mut present).await? {
                     return Ok(());
                 }
             }
@@ -243,6 +241,22 @@ async fn session(
                     bail!("etcd closed the lease watch");
                 };
                 if resp.canceled() {
+                    // A watch etcd's roles refuse is cancelled, not refused at creation.
+                    if resp.cancel_reason().contains("permission denied") {
+                        leases = None;
+                        present.clear();
+                        let why = format!(
+                            "permission denied by etcd on key {}: {} (this identity's role does not cover it: roles from before alive keys? run `fleet init` again)",
+                            ep.keys.alives(),
+                            resp.cancel_reason()
+                        );
+                        if events.send(Event::StatusRefused(why)).is_err()
+                            || events.send(Event::LeasesUnknown).is_err()
+                        {
+                            return Ok(());
+                        }
+                        continue;
+                    }
                     bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
                 }
                 let before = present.clone();
@@ -254,6 +268,12 @@ async fn session(
                     else {
                         continue;
                     };
+                    // Our own key deleted under a live lease (by hand, a cleanup): peers would
+                    // take us as gone; put it back on the lease.
+                    if name == me.server && e.event_type() == etcd_client::EventType::Delete {
+                        put_alive(&mut client, ep, me, lease).await?;
+                        continue;
+                    }
                     if !names.contains(name) {
                         continue;
                     }
@@ -328,17 +348,77 @@ fn from_events(ep: &Endpoint, events: &[etcd_client::Event]) -> Seen {
     }
 }
 
-/// Which of `names` have an alive key (a lease) now (one transaction), and a watch on each key
-/// from that revision on (None: nobody to watch).
+/// Writes this agent's alive key on `lease`; Some(why) when etcd refuses it (peers then judge
+/// this server by probes alone; the session goes on).
+async fn put_alive(
+    client: &mut etcd_client::Client,
+    ep: &Endpoint,
+    me: &Identity,
+    lease: i64,
+) -> anyhow::Result<Option<String>> {
+    let urls = ep.urls.join(",");
+    let alive = ep.keys.alive(&me.server);
+    let since = serde_json::json!({ "pid": std::process::id(), "since": super::unix_now() });
+    match client
+        .put(
+            alive.as_str(),
+            since.to_string(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+    {
+        Ok(_) => Ok(None),
+        Err(e) if denied(&e) => Ok(Some(crate::cli::error_text(&describe(
+            e,
+            &urls,
+            Some(&alive),
+        )))),
+        Err(e) => Err(describe(e, &urls, Some(&alive))),
+    }
+}
+
+/// Reads and watches the leases of `names` (and this agent's own alive key) and tells the
+/// agent; a refusal by etcd is reported and the peers' leases are unknown for the session.
+/// False: the agent is gone.
+async fn view_leases(
+    client: &mut etcd_client::Client,
+    ep: &Endpoint,
+    me: &Identity,
+    names: &BTreeSet<String>,
+    events: &mpsc::UnboundedSender<Event>,
+    leases: &mut Option<etcd_client::WatchStream>,
+    present: &mut BTreeSet<String>,
+) -> anyhow::Result<bool> {
+    let urls = ep.urls.join(",");
+    let event = match lease_view(client, ep, me, names).await {
+        Ok((stream, now)) => {
+            (*leases, *present) = (Some(stream), now);
+            Event::Leases(present.clone())
+        }
+        Err(e) if denied(&e) => {
+            let why = describe(e, &urls, Some(&ep.keys.alives()));
+            (*leases, *present) = (None, BTreeSet::new());
+            if events
+                .send(Event::StatusRefused(crate::cli::error_text(&why)))
+                .is_err()
+            {
+                return Ok(false);
+            }
+            Event::LeasesUnknown
+        }
+        Err(e) => return Err(describe(e, &urls, Some(&ep.keys.alives()))),
+    };
+    Ok(events.send(event).is_ok())
+}
+
+/// Which of `names` have an alive key (a lease) now (one transaction), and one watch on each
+/// of their keys from that revision on, and on this agent's own key.
 async fn lease_view(
     client: &mut etcd_client::Client,
     ep: &Endpoint,
+    me: &Identity,
     names: &BTreeSet<String>,
-) -> anyhow::Result<(Option<etcd_client::WatchStream>, BTreeSet<String>)> {
-    let urls = ep.urls.join(",");
-    if names.is_empty() {
-        return Ok((None, BTreeSet::new()));
-    }
+) -> Result<(etcd_client::WatchStream, BTreeSet<String>), etcd_client::Error> {
     let ops: Vec<etcd_client::TxnOp> = names
         .iter()
         .map(|n| {
@@ -348,10 +428,7 @@ async fn lease_view(
             )
         })
         .collect();
-    let resp = client
-        .txn(etcd_client::Txn::new().and_then(ops))
-        .await
-        .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
+    let resp = client.txn(etcd_client::Txn::new().and_then(ops)).await?;
     let at = resp.header().map_or(0, |h| h.revision());
     let present = names
         .iter()
@@ -360,17 +437,9 @@ async fn lease_view(
         .map(|(n, _)| n.clone())
         .collect();
     let from = || Some(WatchOptions::new().with_start_revision(at + 1));
-    let mut keys = names.iter().map(|n| ep.keys.alive(n));
-    let first = keys.next().expect("names is not empty");
-    let mut stream = client
-        .watch(first, from())
-        .await
-        .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
-    for k in keys {
-        stream
-            .watch(k, from())
-            .await
-            .map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))?;
+    let mut stream = client.watch(ep.keys.alive(&me.server), from()).await?;
+    for n in names {
+        stream.watch(ep.keys.alive(n), from()).await?;
     }
-    Ok((Some(stream), present))
+    Ok((stream, present))
 }
