@@ -89,16 +89,22 @@ impl Entry {
         unsafe { (*self.0).tunnel }
     }
 
+    /// The entry's flags (read alone: the per-packet path needs no copy of the whole entry).
+    #[inline(always)]
+    fn flags(self) -> u8 {
+        // SAFETY: the type's invariant.
+        unsafe { (*self.0).flags }
+    }
+
     /// Records that a packet of the flow leaving from its socket's side was seen now (a FIN
     /// marks it closing) and returns a copy of the entry as updated.
     #[inline(always)]
     pub fn touch(self, ports: &Ports) -> FlowValue {
         self.refresh();
-        let mut flags = self.value().flags;
-        flags = if ports.rst() {
-            flags | FLOW_F_RST
+        let mut flags = if ports.rst() {
+            self.flags() | FLOW_F_RST
         } else {
-            flags & !FLOW_F_RST
+            self.flags() & !FLOW_F_RST
         };
         if ports.fin() {
             flags |= FLOW_F_FIN;
@@ -115,7 +121,7 @@ impl Entry {
     #[inline(always)]
     pub fn touch_reply(self, ports: &Ports) -> FlowValue {
         self.refresh();
-        let mut flags = self.value().flags | FLOW_F_REPLIED;
+        let mut flags = self.flags() | FLOW_F_REPLIED;
         // Any other reply shows the connection alive after a RST of the socket's.
         if !ports.rst() {
             flags &= !FLOW_F_RST;
@@ -140,11 +146,9 @@ impl Entry {
     /// Writes the entry's flags only when they change (the same cache line as the clock).
     #[inline(always)]
     fn set_flags(self, flags: u8) {
-        // SAFETY: the type's invariant.
-        unsafe {
-            if (*self.0).flags != flags {
-                (*self.0).flags = flags;
-            }
+        if self.flags() != flags {
+            // SAFETY: the type's invariant.
+            unsafe { (*self.0).flags = flags };
         }
     }
 }
@@ -227,7 +231,7 @@ pub fn retire(key: &FlowKey, v: &FlowValue) {
     if v.kind == FLOW_OUTBOUND
         && let Some(r) = get(&key.other_direction(v), FLOW_REVERSE)
     {
-        r.set_flags(r.value().flags | (v.flags & FLOW_F_CLOSING));
+        r.set_flags(r.flags() | (v.flags & FLOW_F_CLOSING));
     }
     let _ = FLOWS.remove(key);
 }
