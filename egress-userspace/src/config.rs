@@ -233,16 +233,21 @@ impl Config {
     /// Parses TOML text; `origin` names the source in error messages.
     /// Errors name the field path (`servers[0].fabric`) when the value, not the syntax, is bad.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
-            let mut field = e.path().to_string();
-            let inner = e.into_inner();
-            // A value the TOML reader itself refuses (a number out of range) comes without the
-            // field's path: find it from where the error is.
-            if field == "."
-                && let Some(at) = inner.span().and_then(|s| field_at(text, s.start))
-            {
-                field = at;
-            }
+        let error = |field: String, inner: toml::de::Error| {
+            // A value the TOML reader itself refuses (bad syntax, a number out of range) comes
+            // without the field's path: find it from where the error is.
+            let at = inner.span().and_then(|s| {
+                // An unterminated value is reported where the next line starts: the value
+                // is then the last one of the line before.
+                field_at(text, s.start).or_else(|| {
+                    let end = text[..s.start].trim_end().len();
+                    field_at(text, end.checked_sub(1)?)
+                })
+            });
+            let field = match at {
+                Some(at) if field == "." => at,
+                _ => field,
+            };
             let inner = inner.to_string();
             let inner = inner.trim_end();
             ConfigError::Parse {
@@ -253,6 +258,11 @@ impl Config {
                     format!("{field}: {inner}")
                 },
             }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| error(".".into(), e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            error(field, e.into_inner())
         })
     }
 
