@@ -21,6 +21,9 @@ pub mod tunnel {
     pub const PROBE: u32 = 0;
     pub const PROBE_REQUEST: u32 = 1;
     pub const PROBE_REPLY: u32 = 2;
+    /// A reply from a server that has taken itself out of new connections ([`super::Local`]'s
+    /// `fenced`: its agent cannot renew its lease): the prober counts it down at once.
+    pub const PROBE_REPLY_FENCED: u32 = 3;
     const KIND_SHIFT: u32 = 30;
     /// Largest pool id (validated): the key's low 30 bits.
     pub const MAX_POOL_ID: u32 = (1 << KIND_SHIFT) - 1;
@@ -51,7 +54,11 @@ pub struct Local {
     pub ifindex: u32,
     /// Largest TCP MSS of a forwarded IPv4 connection: uplink MTU - 40 - ENCAP_LEN.
     pub mss_v4: u16,
-    pub _pad: [u8; 2],
+    /// Nonzero: this server takes no new connections from its peers (its agent cannot renew
+    /// its lease in etcd, so it is about to be taken as gone): probes are answered with
+    /// [`tunnel::PROBE_REPLY_FENCED`]. Written by the agent alone, not by the plan.
+    pub fenced: u8,
+    pub _pad: u8,
     /// Most connections one peer may have translated here at once (`PEER_LOAD`); 0: no limit.
     pub peer_budget: u32,
 }
@@ -96,6 +103,9 @@ pub const PEER_DOWN_PROBES: u32 = 1;
 pub const PEER_DOWN_LEASE: u32 = 2;
 /// [`Peer::flags`]: back, but not yet stable for the hold-down time.
 pub const PEER_HOLD_DOWN: u32 = 4;
+/// [`Peer::flags`]: it says (in its probe answers) that it takes no new connections: its agent
+/// cannot renew its lease.
+pub const PEER_DOWN_FENCED: u32 = 8;
 
 /// One share of a pool address: a port range and the server holding it.
 #[repr(C)]

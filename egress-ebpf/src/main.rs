@@ -643,13 +643,19 @@ fn probe(ctx: &TcContext, outer: &Ip, from: &Gre) -> Step<Verdict> {
     match from.pool {
         tunnel::PROBE_REQUEST => {
             let local = local()?;
-            let key = tunnel::key(tunnel::PROBE, tunnel::PROBE_REPLY);
+            // A fenced server still answers (its dataplane works) but says it takes nothing new.
+            let bits = if local.fenced != 0 {
+                tunnel::PROBE_REPLY_FENCED
+            } else {
+                tunnel::PROBE_REPLY
+            };
+            let key = tunnel::key(tunnel::PROBE, bits);
             encap::retarget(ctx, outer.end, local.fabric, from.peer, key).map_err(drop_with)?;
             let code =
                 redirect::to(ctx, from.peer, local.ifindex, From::Ingress).map_err(drop_with)?;
             Ok(Verdict::Sent(Stat::ProbeEchoed, code))
         }
-        tunnel::PROBE_REPLY => Ok(Verdict::Pass(Stat::ProbeReply)),
+        tunnel::PROBE_REPLY | tunnel::PROBE_REPLY_FENCED => Ok(Verdict::Pass(Stat::ProbeReply)),
         _ => Ok(Verdict::Drop(Stat::TunnelKind)),
     }
 }

@@ -254,6 +254,8 @@ pub struct FleetState {
     pub updated_at: u64,
     /// Why etcd refuses this agent's status key (logged once per reason).
     pub status_refused: Option<String>,
+    /// This server answers probes "fenced" (its lease could not be renewed in time).
+    pub fenced: bool,
 }
 
 impl Agent {
@@ -605,6 +607,7 @@ impl Agent {
                 self.leases(None);
             }
             Event::Leases(present) => self.leases(Some(&present)),
+            Event::Fenced(fenced) => self.fence(fenced),
             Event::LeasesUnknown => self.leases(None),
             Event::StatusRefused(why) => {
                 if f.status_refused.as_deref() != Some(why.as_str()) {
@@ -636,6 +639,28 @@ impl Agent {
                 }
                 self.apply_published(p);
             }
+        }
+    }
+
+    /// Takes this server out of new connections from its peers (its programs answer probes
+    /// "fenced") while its lease cannot be renewed, or back in.
+    fn fence(&mut self, fenced: bool) {
+        if let Some(f) = self.fleet.as_mut() {
+            f.fenced = fenced;
+        }
+        if fenced {
+            warn!(
+                "lease not renewed for {:.0} % of its time to live: fenced (probes are answered \"fenced\": peers take no new connections here; connections in place keep working)",
+                crate::fleet::watch::FENCE_AFTER * 100.0
+            );
+        } else {
+            info!("lease renewed: no longer fenced");
+        }
+        let Some(dp) = self.dp.as_mut() else {
+            return;
+        };
+        if let Err(e) = dp.maps.set_fenced(fenced) {
+            warn!("writing the fence flag: {e}");
         }
     }
 
@@ -704,6 +729,7 @@ impl Agent {
     pub fn start_liveness(
         &mut self,
         hold_down: std::time::Duration,
+        renewals: Option<crate::fleet::watch::Renewals>,
     ) -> anyhow::Result<Option<tokio::sync::mpsc::UnboundedReceiver<()>>> {
         if self.dp.is_none() {
             return Ok(None);
@@ -721,7 +747,7 @@ impl Agent {
         self.liveness = Some(shared.clone());
         self.watch_peers();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        crate::liveness::spawn(prober, shared, tx)?;
+        crate::liveness::spawn(prober, shared, tx, renewals)?;
         Ok(Some(rx))
     }
 
@@ -806,7 +832,9 @@ impl Agent {
         {
             return;
         }
-        let lost = crate::liveness::why::PROBES | crate::liveness::why::LEASE;
+        let lost = crate::liveness::why::PROBES
+            | crate::liveness::why::LEASE
+            | crate::liveness::why::FENCED;
         let died: Vec<String> = down
             .iter()
             .filter(|(n, f)| **f & lost != 0 && self.down.get(*n).is_none_or(|o| o & lost == 0))

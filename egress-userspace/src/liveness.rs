@@ -31,7 +31,8 @@ pub const GRACE: Duration = Duration::from_secs(3);
 /// Why a peer is down (bits of `egress_common::fabric::Peer::flags`).
 pub mod why {
     pub use egress_common::fabric::{
-        PEER_DOWN_LEASE as LEASE, PEER_DOWN_PROBES as PROBES, PEER_HOLD_DOWN as HOLD_DOWN,
+        PEER_DOWN_FENCED as FENCED, PEER_DOWN_LEASE as LEASE, PEER_DOWN_PROBES as PROBES,
+        PEER_HOLD_DOWN as HOLD_DOWN,
     };
 
     /// The reasons in words, for logs and `explain`.
@@ -42,6 +43,9 @@ pub mod why {
         }
         if flags & LEASE != 0 {
             w.push("agent lease gone");
+        }
+        if flags & FENCED != 0 {
+            w.push("fenced: its agent cannot renew its lease");
         }
         if flags & HOLD_DOWN != 0 {
             w.push("holding down after recovering");
@@ -60,6 +64,14 @@ pub struct PeerState {
     /// Whether its lease was ever present: a peer whose agent never started is caught by its
     /// probes; a lease *gone* is what says an agent died.
     pub lease_seen: bool,
+    /// Its last answer said it takes no new connections.
+    pub fenced: bool,
+    /// Since when its answers say it takes no new connections (its agent cannot renew its
+    /// lease); None: its last answer did not.
+    pub fenced_since: Option<Instant>,
+    /// Its fence counts: this agent renewed its own lease after the first fenced answer (etcd
+    /// is there, so the peer is the one cut off from it).
+    pub fence_confirmed: bool,
     /// Since when it has answered every probe with its lease present, after being down.
     pub stable_since: Option<Instant>,
     /// Down for new connections (a signal lost, or holding down).
@@ -81,6 +93,9 @@ impl PeerState {
             unanswered: 0,
             lease: None,
             lease_seen: false,
+            fenced: false,
+            fenced_since: None,
+            fence_confirmed: false,
             stable_since: None,
             down: false,
             rtt: None,
@@ -104,6 +119,9 @@ impl PeerState {
         if self.lease_lost() {
             f |= why::LEASE;
         }
+        if self.fence_confirmed {
+            f |= why::FENCED;
+        }
         if self.down && f == 0 {
             f |= why::HOLD_DOWN;
         }
@@ -116,6 +134,9 @@ impl PeerState {
 pub struct Liveness {
     pub peers: BTreeMap<Ipv4Addr, PeerState>,
     pub hold_down: Duration,
+    /// When this agent's own lease was last renewed (fleet mode): what confirms a peer's
+    /// fence. None: never (file mode, or etcd away since the start): fences never count.
+    pub renewed: Option<Instant>,
 }
 
 impl Liveness {
@@ -123,6 +144,7 @@ impl Liveness {
         Self {
             peers: BTreeMap::new(),
             hold_down,
+            renewed: None,
         }
     }
 
@@ -144,11 +166,16 @@ impl Liveness {
         }
     }
 
-    /// A reply from `peer`.
-    pub fn reply(&mut self, peer: Ipv4Addr, rtt: Duration) {
+    /// A reply from `peer`, fenced or not.
+    pub fn reply(&mut self, peer: Ipv4Addr, rtt: Duration, fenced: bool) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.unanswered = 0;
             p.rtt = Some(rtt);
+            if !fenced {
+                p.fenced_since = None;
+                p.fence_confirmed = false;
+            }
+            p.fenced = fenced;
             if !p.down {
                 p.proven = true;
             }
@@ -171,7 +198,11 @@ impl Liveness {
             // that never answered gets a grace period first.
             let missed = p.unanswered > MISSES
                 && (p.proven || now.saturating_duration_since(p.watched_since) >= GRACE);
-            let lost = missed || p.lease_lost();
+            if p.fenced {
+                let since = *p.fenced_since.get_or_insert(now);
+                p.fence_confirmed |= self.renewed.is_some_and(|r| r > since);
+            }
+            let lost = missed || p.lease_lost() || p.fence_confirmed;
             let down = if lost {
                 p.stable_since = None;
                 true
@@ -196,6 +227,11 @@ impl Liveness {
             }
         }
         changed
+    }
+
+    /// Whether some peer's fence waits for this agent's own renewal to count.
+    pub fn fence_unconfirmed(&self) -> bool {
+        self.peers.values().any(|p| p.fenced && !p.fence_confirmed)
     }
 
     /// The peers down now, with why.
@@ -312,8 +348,9 @@ impl Prober {
         Ok(())
     }
 
-    /// Waits up to `timeout` for replies; returns each (peer, round-trip time).
-    pub fn receive(&self, timeout: Duration) -> Vec<(Ipv4Addr, Duration)> {
+    /// Waits up to `timeout` for replies; returns each (peer, round-trip time, fenced) as soon
+    /// as some have come.
+    pub fn receive(&self, timeout: Duration) -> Vec<(Ipv4Addr, Duration, bool)> {
         let mut got = Vec::new();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
         let deadline = Instant::now() + timeout;
@@ -340,32 +377,31 @@ impl Prober {
                     got.push(r);
                 }
             }
-            if left.is_zero() {
+            if left.is_zero() || !got.is_empty() {
                 return got;
             }
         }
     }
 
     /// A probe reply (the outer IPv4 header included, as raw sockets deliver it).
-    fn parse(&self, b: &[u8]) -> Option<(Ipv4Addr, Duration)> {
+    fn parse(&self, b: &[u8]) -> Option<(Ipv4Addr, Duration, bool)> {
+        use egress_common::fabric::tunnel;
         let ihl = usize::from(*b.first()? & 0x0f) * 4;
         let from = Ipv4Addr::new(*b.get(12)?, *b.get(13)?, *b.get(14)?, *b.get(15)?);
         let gre = b.get(ihl..ihl + GRE_LEN)?;
         let key = u32::from_be_bytes(gre[4..8].try_into().ok()?);
-        let reply = egress_common::fabric::tunnel::key(
-            egress_common::fabric::tunnel::PROBE,
-            egress_common::fabric::tunnel::PROBE_REPLY,
-        );
-        if key != reply {
-            return None;
-        }
+        let fenced = match (tunnel::kind(key), tunnel::pool(key)) {
+            (tunnel::PROBE, tunnel::PROBE_REPLY) => false,
+            (tunnel::PROBE, tunnel::PROBE_REPLY_FENCED) => true,
+            _ => return None,
+        };
         let p = b.get(ihl + GRE_LEN + INNER..ihl + GRE_LEN + INNER + PAYLOAD)?;
         if u32::from_be_bytes(p[0..4].try_into().ok()?) != MAGIC || p[16..24] != self.token {
             return None;
         }
         let sent = u64::from_be_bytes(p[8..16].try_into().ok()?);
         let now = self.epoch.elapsed().as_nanos() as u64;
-        Some((from, Duration::from_nanos(now.saturating_sub(sent))))
+        Some((from, Duration::from_nanos(now.saturating_sub(sent)), fenced))
     }
 }
 
@@ -395,17 +431,21 @@ fn checksum(h: &[u8]) -> u16 {
 pub type Shared = std::sync::Arc<std::sync::Mutex<Liveness>>;
 
 /// Probes every [`PROBE_INTERVAL`] on a thread of its own; sends `()` on `changed` when some
-/// peer went down or up. Ends when `changed` is closed.
+/// peer went down or up. Ends when `changed` is closed. Answers are acted on as they arrive;
+/// a fenced one asks `renewals` (fleet mode) for a renewal of this agent's own lease and counts
+/// once it is there.
 pub fn spawn(
     mut prober: Prober,
     state: Shared,
     changed: tokio::sync::mpsc::UnboundedSender<()>,
+    renewals: Option<crate::fleet::watch::Renewals>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("prober".into())
         .spawn(move || {
             while !changed.is_closed() {
                 let round = Instant::now();
+                let end = round + PROBE_INTERVAL;
                 let peers: Vec<Ipv4Addr> = {
                     let mut l = state.lock().unwrap_or_else(|e| e.into_inner());
                     l.sent();
@@ -415,17 +455,37 @@ pub fn spawn(
                     // A send that fails (no route: the link is down) is a probe missed.
                     let _ = prober.send(*p);
                 }
-                let replies = prober.receive(PROBE_INTERVAL.saturating_sub(round.elapsed()));
-                let mut l = state.lock().unwrap_or_else(|e| e.into_inner());
-                for (from, rtt) in replies {
-                    l.reply(from, rtt);
-                }
-                if !l.evaluate(Instant::now()).is_empty() && changed.send(()).is_err() {
-                    return;
+                let mut nudged = false;
+                loop {
+                    let left = end.saturating_duration_since(Instant::now());
+                    // Waiting for our own renewal: look again soon.
+                    let wait = if nudged { left.min(CONFIRM_POLL) } else { left };
+                    let replies = prober.receive(wait);
+                    let mut l = state.lock().unwrap_or_else(|e| e.into_inner());
+                    l.renewed = renewals.as_ref().and_then(|r| r.last());
+                    for (from, rtt, fenced) in replies {
+                        l.reply(from, rtt, fenced);
+                    }
+                    if !l.evaluate(Instant::now()).is_empty() && changed.send(()).is_err() {
+                        return;
+                    }
+                    if !nudged
+                        && l.fence_unconfirmed()
+                        && let Some(r) = &renewals
+                    {
+                        r.nudge.notify_one();
+                        nudged = true;
+                    }
+                    if left.is_zero() {
+                        break;
+                    }
                 }
             }
         })
 }
+
+/// How often a probe round looks for this agent's own renewal after asking for one.
+const CONFIRM_POLL: Duration = Duration::from_millis(5);
 
 /// Aborts the local TCP socket of `key` (a forwarded connection whose peer died): the
 /// application gets ECONNABORTED at once instead of waiting on a connection that can never
@@ -505,11 +565,25 @@ mod tests {
         struct Round {
             replies: bool,
             lease: Option<bool>,
+            fenced: bool,
+            /// This agent renewed its own lease after the round's answers came.
+            renewed: bool,
             down: bool,
         }
         let r = |replies, lease, down| Round {
             replies,
             lease,
+            fenced: false,
+            renewed: true,
+            down,
+        };
+        // An answer saying "fenced" (the peer's lease still there), and whether this agent
+        // renewed its own lease after it.
+        let fenced = |renewed, down| Round {
+            replies: true,
+            lease: Some(true),
+            fenced: true,
+            renewed,
             down,
         };
         let cases: &[(&str, Vec<Round>)] = &[
@@ -543,6 +617,41 @@ mod tests {
                 vec![r(true, Some(true), false), r(true, Some(false), true)],
             ),
             (
+                "a fenced answer, confirmed by our own renewal: down at once; unfenced: holding down",
+                vec![
+                    r(true, Some(true), false),
+                    fenced(true, true),
+                    fenced(true, true),
+                    r(true, Some(true), true),
+                    r(true, Some(true), true),
+                ],
+            ),
+            (
+                "fenced answers while our own lease is not renewed (etcd away for us too): never down",
+                vec![
+                    r(true, Some(true), false),
+                    fenced(false, false),
+                    fenced(false, false),
+                    r(true, Some(true), false),
+                ],
+            ),
+            (
+                "a fence confirmed rounds later counts then",
+                vec![
+                    fenced(false, false),
+                    fenced(false, false),
+                    fenced(true, true),
+                ],
+            ),
+            (
+                "fenced, then its lease lapses: stays down",
+                vec![
+                    r(true, Some(true), false),
+                    fenced(true, true),
+                    r(true, Some(false), true),
+                ],
+            ),
+            (
                 "lease unknown (our etcd away): probes decide",
                 vec![r(true, None, false), r(true, None, false)],
             ),
@@ -553,7 +662,7 @@ mod tests {
             for (i, round) in rounds.iter().enumerate() {
                 l.sent();
                 if round.replies {
-                    l.reply(a, Duration::from_micros(100));
+                    l.reply(a, Duration::from_micros(100), round.fenced);
                 }
                 l.leases(
                     round
@@ -567,8 +676,19 @@ mod tests {
                         })
                         .as_ref(),
                 );
+                // The answers are acted on; then (maybe) this agent's own renewal comes.
                 l.evaluate(now);
+                if round.renewed {
+                    l.renewed = Some(now + Duration::from_micros(1));
+                }
+                l.evaluate(now + Duration::from_micros(2));
                 assert_eq!(l.peers[&a].down, round.down, "{name}: round {i}");
+                let confirmed = l.peers[&a].flags() & why::FENCED != 0;
+                assert_eq!(
+                    confirmed,
+                    round.fenced && round.down,
+                    "{name}: round {i}: why"
+                );
                 now += PROBE_INTERVAL;
             }
         }
@@ -580,7 +700,7 @@ mod tests {
         let t0 = Instant::now();
         // It worked once.
         l.sent();
-        l.reply(a, Duration::from_micros(80));
+        l.reply(a, Duration::from_micros(80), false);
         l.evaluate(t0);
         for _ in 0..5 {
             l.sent();
@@ -589,7 +709,7 @@ mod tests {
         assert_eq!(l.peers[&a].flags(), why::PROBES);
         // Answering again: still down (holding down) until 5 s of answers.
         l.sent();
-        l.reply(a, Duration::from_micros(80));
+        l.reply(a, Duration::from_micros(80), false);
         l.evaluate(t0 + Duration::from_secs(1));
         assert!(l.peers[&a].down);
         assert_eq!(l.peers[&a].flags(), why::HOLD_DOWN);
@@ -601,7 +721,7 @@ mod tests {
         }
         l.evaluate(t0 + Duration::from_secs(4));
         l.sent();
-        l.reply(a, Duration::from_micros(80));
+        l.reply(a, Duration::from_micros(80), false);
         l.evaluate(t0 + Duration::from_secs(5));
         assert!(l.peers[&a].down, "hold-down restarted at 5 s");
         l.evaluate(t0 + Duration::from_millis(9_900));
@@ -623,7 +743,7 @@ mod tests {
         assert!(l.evaluate(t0).is_empty(), "within its grace");
         assert_eq!(l.evaluate(t0 + GRACE), vec![a]);
         l.sent();
-        l.reply(a, Duration::from_micros(80));
+        l.reply(a, Duration::from_micros(80), false);
         assert_eq!(l.evaluate(t0 + GRACE + PROBE_INTERVAL), vec![a]);
         assert!(!l.peers[&a].down, "no hold-down for a first answer");
     }

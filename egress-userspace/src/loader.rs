@@ -538,6 +538,17 @@ impl Maps {
             })
     }
 
+    /// Sets or clears `LOCAL`'s fence flag (the rest as written by [`Self::set_local`]).
+    pub fn set_fenced(&mut self, fenced: bool) -> Result<(), LoadError> {
+        let map = |source| LoadError::Map {
+            name: map_names::LOCAL,
+            source,
+        };
+        let mut local = self.local.get(&0, 0).map_err(map)?;
+        local.fenced = u8::from(fenced);
+        self.local.set(0, local, 0).map_err(map)
+    }
+
     /// The map `name` if it is one of these (for re-pinning).
     pub fn data(&self, name: &str) -> Option<&MapData> {
         use aya::maps::IterableMap as _;
@@ -790,7 +801,8 @@ pub fn local_settings(
         fabric: fabric.octets(),
         ifindex,
         mss_v4: egress_common::wire::tunnel_mss(mtu),
-        _pad: [0; 2],
+        fenced: 0,
+        _pad: 0,
         peer_budget,
     })
 }

@@ -8,8 +8,8 @@
 //! programs' is not read. Counters are compared by name: one the programs lack (e.g.
 //! `fragment_followed` before fragments are implemented) is a disagreement. A few cases run
 //! with an odd plan (`ACTIONS` the planner never writes: a forward without next hops, an
-//! unknown kind, a pool without actions) or with `LOCAL` not written; both are put back after
-//! the case.
+//! unknown kind, a pool without actions), with `LOCAL` not written or with `LOCAL`'s *fenced*
+//! set (the programs' map and the model's `World` alike); all are put back after the case.
 //!
 //! Coverage floor (default mode: all cases, at least the default number): the model may be
 //! silent on at most `MAX_SILENT_PERCENT` of the steps, and every rule family (`families`)
@@ -91,8 +91,15 @@ fn tags_of(p: &[u8]) -> Tags {
 }
 
 /// The rule families an agreeing outcome belongs to (counter, the model's rule; the input
-/// frame's VLAN tags, and whether its IP header left rewritten with the tags it came with).
-fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'static str> {
+/// frame's VLAN tags, whether its IP header left rewritten with the tags it came with, and
+/// whether the case ran with `LOCAL`'s *fenced* set).
+fn families(
+    counter: &str,
+    rule: &str,
+    tags: Tags,
+    rewritten: bool,
+    fenced: bool,
+) -> Vec<&'static str> {
     let mut f = Vec::new();
     let reply = matches!(counter, "reverse_nat" | "reply_reencap");
     for (yes, name) in [
@@ -114,8 +121,27 @@ fn families(counter: &str, rule: &str, tags: Tags, rewritten: bool) -> Vec<&'sta
             counter == "drop_owner_down",
             "soft-unicast to an owner down",
         ),
-        (counter == "probe_echoed", "tunnel probe request echoed"),
-        (counter == "probe_reply", "tunnel probe reply passed"),
+        (
+            rule == "tunnel 6: probe request",
+            "tunnel probe request echoed",
+        ),
+        (
+            rule == "tunnel 6: probe request, fenced",
+            "tunnel probe request echoed while fenced (pool bits 3)",
+        ),
+        (rule == "tunnel 6: probe reply", "tunnel probe reply passed"),
+        (
+            rule == "tunnel 6: probe reply, fenced",
+            "tunnel probe reply, fenced (pool bits 3), passed",
+        ),
+        (
+            fenced && counter == "peer_snat",
+            "LOCAL fenced: a peer's connection translated as usual",
+        ),
+        (
+            fenced && !rule.starts_with("tunnel 6"),
+            "LOCAL fenced: any rule but probes, as usual",
+        ),
         (rule.starts_with("icmp"), "ICMP errors"),
         (rule.starts_with("fragments"), "fragments"),
         (
@@ -835,7 +861,8 @@ fn differential() {
         fabric: cases::FABRIC,
         ifindex: net.ifindex,
         mss_v4: 1432,
-        _pad: [0; 2],
+        fenced: 0,
+        _pad: 0,
         // No budget: the model sees one case at a time, not the load of earlier ones.
         peer_budget: 0,
     };
@@ -881,9 +908,16 @@ fn differential() {
                 .set_local(&egress_common::fabric::Local::default())
                 .expect("LOCAL zeroed");
         }
+        let case_local = egress_common::fabric::Local {
+            fenced: c.fenced,
+            ..local
+        };
+        if c.fenced != 0 {
+            dp.maps.set_local(&case_local).expect("LOCAL fenced");
+        }
         let world = World {
             maps,
-            local: (!c.unconfigured).then_some(local),
+            local: (!c.unconfigured).then_some(case_local),
             env: &env,
         };
         let mut before: Flows = dp_flows_or(&c);
@@ -964,6 +998,9 @@ fn differential() {
             }
             if c.unconfigured {
                 scenario += " [LOCAL not written]";
+            }
+            if c.fenced != 0 {
+                scenario += " [LOCAL fenced]";
             }
             match tags_of(&packet) {
                 Tags::Untagged => {}
@@ -1082,7 +1119,8 @@ fn differential() {
                         .agreed
                         .entry(format!("{} ({}){how}{vlan}", m.counter, m.rule))
                         .or_default() += 1;
-                    for f in families(m.counter, m.rule, tags, rewritten(&packet, m)) {
+                    let fenced = c.fenced != 0;
+                    for f in families(m.counter, m.rule, tags, rewritten(&packet, m), fenced) {
                         *tally.families.entry(f).or_default() += 1;
                     }
                 }
@@ -1132,7 +1170,7 @@ fn differential() {
                 .collect();
             put_actions(&mut dp, &back);
         }
-        if c.unconfigured {
+        if c.unconfigured || c.fenced != 0 {
             dp.maps.set_local(&local).expect("LOCAL written back");
         }
     }
@@ -1212,7 +1250,11 @@ fn families_all() -> Vec<&'static str> {
         "soft-unicast",
         "soft-unicast to an owner down",
         "tunnel probe request echoed",
+        "tunnel probe request echoed while fenced (pool bits 3)",
         "tunnel probe reply passed",
+        "tunnel probe reply, fenced (pool bits 3), passed",
+        "LOCAL fenced: a peer's connection translated as usual",
+        "LOCAL fenced: any rule but probes, as usual",
         "ICMP errors",
         "fragments",
         "drops",

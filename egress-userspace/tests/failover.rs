@@ -70,6 +70,28 @@ fn metric(lab: &Lab, server: &str, name: &str) -> String {
     .to_string()
 }
 
+/// `egress explain --live` of acme's destination on `server`: which next hops are skipped, why.
+fn explain_live(lab: &Lab, server: &str) -> String {
+    let pins = lab.pin_dir(server);
+    lab.run(
+        &lab.server_ns(server),
+        common::EGRESS,
+        &[
+            "explain",
+            "--config",
+            lab.config_path().to_str().unwrap(),
+            "--server",
+            server,
+            "--dst",
+            &lab::ORIGIN_V4_CHECK.to_string(),
+            "--live",
+            "--pin-dir",
+            pins.to_str().unwrap(),
+        ],
+    )
+    .unwrap()
+}
+
 /// Waits until `server` sends new connections to acme's destination from `want` again.
 fn back_to(lab: &Lab, server: &str, want: WantSrc, within: Duration) -> Duration {
     attempts::wait_for_source(
@@ -97,16 +119,14 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     let b = Client::start(&lab, "fra-b-1", lab::ORIGIN_V4_CHECK, 100);
     // A download through fra-a-1 when it dies: it cannot be saved, but must not hang.
     let mut doomed = lab::netns::command_in(&lab.server_ns("fra-a-2"), "curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "60",
-            "--limit-rate",
-            "1M",
-            "-o",
-            "/dev/null",
-        ])
-        .arg(format!("http://{}/bytes/{}", lab::ORIGIN_V4, 100u64 << 20))
+        .args(["-sS", "--max-time", "60", "-o", "/dev/null"])
+        // Paced by the origin: nothing received waits in curl's buffers when fra-a-1 dies
+        // (a client-side rate limit leaves megabytes there to read before the error).
+        .arg(format!(
+            "http://{}/trickle/{}",
+            lab::ORIGIN_V4,
+            100u64 << 20
+        ))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -153,25 +173,7 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     transfer.finish();
     assert!(metric(&lab, "fra-a-2", "egress_peer_up{server=\"fra-a-1\"").ends_with(" 0"));
     // Seen from the maps and from the fleet: which next hop is skipped, and why.
-    let pins = lab.pin_dir("fra-a-2");
-    let explained = lab
-        .run(
-            &lab.server_ns("fra-a-2"),
-            common::EGRESS,
-            &[
-                "explain",
-                "--config",
-                lab.config_path().to_str().unwrap(),
-                "--server",
-                "fra-a-2",
-                "--dst",
-                &lab::ORIGIN_V4_CHECK.to_string(),
-                "--live",
-                "--pin-dir",
-                pins.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let explained = explain_live(&lab, "fra-a-2");
     assert!(
         explained.contains("skipped (down): fra-a-1 (10.50.0.11): fabric probes unanswered"),
         "{explained}"
@@ -218,8 +220,23 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     eprintln!("failover (control only): {control_only:?}");
     assert!(
         control_only < Duration::from_secs(3),
-        "lease TTL 1 s + etcd's expiry check + detection: {control_only:?}"
+        "fence (3/4 of the 1 s lease) + confirmation + detection: {control_only:?}"
     );
+    // fra-a-1 fenced itself (it cannot renew its lease), and fra-a-2 took it down for that.
+    let explained = explain_live(&lab, "fra-a-2");
+    assert!(
+        explained.contains("skipped (down): fra-a-1 (10.50.0.11): ")
+            && explained.contains("fenced: its agent cannot renew its lease"),
+        "{explained}"
+    );
+    let t = Instant::now();
+    while !metric(&lab, "fra-a-1", "egress_fenced").ends_with(" 1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "egress_fenced 1 on fra-a-1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     lab.set_mgmt_link("fra-a-1", true).unwrap();
     back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
 

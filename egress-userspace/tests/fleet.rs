@@ -63,6 +63,21 @@ fn metric(lab: &Lab, server: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
+/// How many times `server` saw `peer` go down or come back.
+fn peer_transitions(lab: &Lab, server: &str, peer: &str) -> f64 {
+    let text = lab
+        .run(
+            &lab.server_ns(server),
+            "curl",
+            &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
+        )
+        .expect("metrics");
+    let label = format!("egress_peer_transitions_total{{server=\"{peer}\",");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&label)?.rsplit_once(' ')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("{server} does not watch {peer}:\n{text}"))
+}
+
 /// `fleet show` says the published revision.
 fn published_revision(lab: &Lab) -> i64 {
     let out = lab
@@ -395,7 +410,11 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // One member down: nothing changes; publishing and converging still work.
+    // One member down: nothing changes; publishing and converging still work. Agents on it
+    // reconnect to another member keeping their lease: no peer sees anyone go down.
+    let moves = |lab: &Lab| peer_transitions(lab, "fra-a-2", "fra-a-1");
+    let before = moves(&lab);
+    let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
     lab.stop_member(0).unwrap();
     let rev = lab.publish(&text_b()).unwrap();
     let applied = |lab: &Lab, server: &str| metric(lab, server, "egress_applied_revision") as i64;
@@ -408,6 +427,16 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         std::thread::sleep(Duration::from_millis(50));
     }
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(moves(&lab), before, "a member down moved no peer");
+    let mut reconnected = 0;
+    for (s, mark) in ["fra-a-1", "fra-a-2"].into_iter().zip(marks) {
+        let log = std::fs::read_to_string(lab.log_path(&format!("agent-{s}"))).unwrap();
+        let log = log.get(mark..).unwrap_or("");
+        assert!(!log.contains("fenced"), "{s} kept its lease: {log}");
+        reconnected += usize::from(log.contains("etcd connection lost"));
+    }
+    assert!(reconnected > 0, "the member stopped served an agent");
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");
@@ -423,6 +452,12 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     assert_eq!(metric(&lab, "fra-a-2", "egress_etcd_connected"), 0.0);
     std::thread::sleep(Duration::from_millis(1100));
     assert!(metric(&lab, "fra-a-2", "egress_plan_stale_seconds") >= 1.0);
+    // Every agent fenced itself (no renewal), and none could confirm another's fence: nobody
+    // is taken down for etcd's absence.
+    for s in ["fra-a-1", "fra-a-2"] {
+        assert_eq!(metric(&lab, s, "egress_fenced"), 1.0, "{s} fenced");
+    }
+    assert_eq!(moves(&lab), before, "etcd away moved no peer");
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
     let err = lab
         .fleet_cmd(pki::READER_USER, &["status"])

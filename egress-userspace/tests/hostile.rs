@@ -374,7 +374,8 @@ fn a_peer_gets_no_more_than_its_budget() {
             fabric: A,
             ifindex: net.ifindex,
             mss_v4: 1432,
-            _pad: [0; 2],
+            fenced: 0,
+            _pad: 0,
             peer_budget: 3,
         })
         .unwrap();

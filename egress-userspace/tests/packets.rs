@@ -1741,3 +1741,62 @@ fn a_reopened_forwarded_tuple_follows_the_plan_in_force() {
         "the closed connection's forwarded entry is gone, the open one stays"
     );
 }
+
+/// A probe request is reflected to its sender by the path tunnels take; while the agent has
+/// fenced this server (`LOCAL.fenced`: its lease cannot be renewed) the reflection says so in
+/// its pool bits. Replies of either kind go up to the agent's socket.
+#[test]
+fn probes_are_reflected_and_say_when_this_server_is_fenced() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 1, "10.50.0.11", 1, TCP_SYN);
+    let request = packet::gre_frame(
+        B,
+        A,
+        tunnel::key(tunnel::PROBE, tunnel::PROBE_REQUEST),
+        &inner,
+    );
+    for (fenced, bits) in [
+        (false, tunnel::PROBE_REPLY),
+        (true, tunnel::PROBE_REPLY_FENCED),
+        (false, tunnel::PROBE_REPLY),
+    ] {
+        dp.maps.set_fenced(fenced).unwrap();
+        let before = dp.counter(Stat::ProbeEchoed);
+        let out = dp.run(Hook::Ingress, 0, &request).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "fenced {fenced}: sent back");
+        let echoed = check_encapsulated(
+            &format!("probe echo, fenced {fenced}"),
+            &net,
+            &out.packet,
+            egress::testrun::PEER_MAC,
+            B,
+            tunnel::key(tunnel::PROBE, bits),
+        );
+        assert_eq!(
+            echoed[14..],
+            inner[14..],
+            "the probe's payload is untouched"
+        );
+        assert_eq!(dp.counter(Stat::ProbeEchoed), before + 1);
+    }
+    for bits in [tunnel::PROBE_REPLY, tunnel::PROBE_REPLY_FENCED] {
+        let f = Fixture {
+            name: "a probe reply, fenced or not",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame(B, A, tunnel::key(tunnel::PROBE, bits), &inner),
+            want: Want::Unchanged,
+            counter: Stat::ProbeReply,
+        };
+        check(&mut dp, &f);
+    }
+    let f = Fixture {
+        name: "a probe of unknown pool bits",
+        hook: Hook::Ingress,
+        mark: 0,
+        packet: packet::gre_frame(B, A, tunnel::key(tunnel::PROBE, 4), &inner),
+        want: Want::Dropped,
+        counter: Stat::TunnelKind,
+    };
+    check(&mut dp, &f);
+}

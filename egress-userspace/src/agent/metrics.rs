@@ -92,6 +92,7 @@ struct FleetMetrics {
     plan_age: Gauge,
     plan_stale: Gauge,
     rejected: Counter,
+    fenced: Gauge,
 }
 
 impl Metrics {
@@ -245,6 +246,12 @@ impl Metrics {
                     "Published revisions rejected as invalid (the last good plan stayed)",
                     Counter::default(),
                 ),
+                fenced: add(
+                    r,
+                    "fenced",
+                    "1 while this server's lease could not be renewed in time: its probes are answered fenced and peers send it no new connections",
+                    Gauge::default(),
+                ),
             });
         }
         m.registry = std::mem::take(r);
@@ -373,5 +380,6 @@ impl Metrics {
         m.plan_stale
             .set(f.stale_since.map_or(0, |s| now.saturating_sub(s)) as i64);
         mirror(&m.rejected, f.rejected_revisions);
+        m.fenced.set(i64::from(f.fenced));
     }
 }

@@ -120,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut link = None;
         let mut etcd_thread = None;
         let mut interest = None;
+        let mut renewals = None;
         let initial = match fleet {
             None => None,
             Some((ep, server)) => {
@@ -134,6 +135,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
                 let (interest_tx, interest_rx) = tokio::sync::watch::channel(Default::default());
                 interest = Some(interest_tx);
+                let (renewed_tx, ours) = fleet::watch::Renewals::new();
+                let nudge = ours.nudge.clone();
+                renewals = Some(ours);
                 info!(
                     "fleet mode: reading the topology from etcd {} under {} as {}",
                     ep.urls.join(","),
@@ -152,9 +156,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             .enable_all()
                             .build()
                         {
-                            Ok(rt) => {
-                                rt.block_on(fleet::watch::run(ep, me, tx, status_rx, interest_rx))
-                            }
+                            Ok(rt) => rt.block_on(fleet::watch::run(
+                                ep,
+                                me,
+                                tx,
+                                status_rx,
+                                interest_rx,
+                                renewed_tx,
+                                nudge,
+                            )),
                             Err(e) => log::error!("etcd thread: no runtime: {e}"),
                         }
                     },
@@ -175,7 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         agent.interest = interest;
         let hold_down =
             Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;
-        let liveness = agent.start_liveness(hold_down)?;
+        let liveness = agent.start_liveness(hold_down, renewals)?;
         // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
         let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = listener.map(TcpListener::from_std).transpose()?;
@@ -288,8 +298,9 @@ async fn first_topology(
             Event::Lost(why) => say(format!(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
             )),
-            // Nothing is planned yet: leases matter once it is.
-            Event::Leases(_) | Event::LeasesUnknown => {}
+            // Nothing is planned yet: leases matter once it is; nothing is attached to fence
+            // (and the topology comes before the lease in a session).
+            Event::Leases(_) | Event::LeasesUnknown | Event::Fenced(_) => {}
             Event::StatusRefused(why) => say(format!(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),

@@ -38,6 +38,45 @@ pub enum Event {
     /// The peers' leases cannot be read (this identity may not: roles from before `alive/`):
     /// the agent judges peers by probes alone.
     LeasesUnknown,
+    /// True: this agent's lease has not been renewed for [`FENCE_AFTER`] of its time to live
+    /// (etcd is about to drop it and its peers to take this server as gone): it should take
+    /// itself out of new connections now. False: renewed again (or a new lease holds the
+    /// alive key).
+    Fenced(bool),
+}
+
+/// The renew deadline, as a fraction of the lease's time to live (like a Kubernetes leader's
+/// renew deadline inside its lease duration): past it with no renewal, the agent fences itself
+/// rather than letting its peers find out at the lease's expiry (and etcd's expiry check).
+pub const FENCE_AFTER: f64 = 0.75;
+
+/// When the lease holding the alive key was last renewed (the send time of the request etcd
+/// answered), and its time to live. None: no lease yet (nothing to fence: peers have not seen
+/// this agent).
+pub type Renewed = Option<(Instant, Duration)>;
+
+/// This agent's renewals, for its prober: a peer's fenced answer counts only once this agent
+/// has itself renewed its lease after receiving it (proof that etcd is there, and that the
+/// peer is the one cut off: when etcd itself is away every agent fences and none of them is
+/// taken down for it). `nudge` asks for a renewal at once instead of at the next keep-alive.
+#[derive(Clone, Debug)]
+pub struct Renewals {
+    pub renewed: watch::Receiver<Renewed>,
+    pub nudge: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Renewals {
+    /// The session's end and the prober's end.
+    pub fn new() -> (watch::Sender<Renewed>, Self) {
+        let (tx, renewed) = watch::channel(None);
+        let nudge = std::sync::Arc::new(tokio::sync::Notify::new());
+        (tx, Self { renewed, nudge })
+    }
+
+    /// When this agent's lease was last renewed.
+    pub fn last(&self) -> Option<Instant> {
+        self.renewed.borrow().map(|(at, _)| at)
+    }
 }
 
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
@@ -57,27 +96,153 @@ pub async fn run(
     events: mpsc::UnboundedSender<Event>,
     mut status: watch::Receiver<Status>,
     mut interest: watch::Receiver<BTreeSet<String>>,
+    renewed: watch::Sender<Renewed>,
+    nudge: std::sync::Arc<tokio::sync::Notify>,
 ) {
+    let fenced = renewed.subscribe();
+    let link = Link {
+        events: &events,
+        renewed: &renewed,
+        nudge: &nudge,
+    };
+    tokio::select! {
+        () = sessions(&ep, &me, &link, &mut status, &mut interest) => {}
+        () = fence(fenced, &events) => {}
+    }
+}
+
+/// What a session reports to and hears from the agent besides status and interest.
+struct Link<'a> {
+    events: &'a mpsc::UnboundedSender<Event>,
+    renewed: &'a watch::Sender<Renewed>,
+    nudge: &'a tokio::sync::Notify,
+}
+
+/// Says [`Event::Fenced`] when the renew deadline passes with no renewal (across sessions: a
+/// reconnect that puts the alive key on a new lease in time never fences), and when renewed.
+/// Ends when `events` is closed.
+async fn fence(mut renewed: watch::Receiver<Renewed>, events: &mpsc::UnboundedSender<Event>) {
+    let mut fenced = false;
+    loop {
+        let deadline = renewed
+            .borrow_and_update()
+            .map(|(at, ttl)| at + ttl.mul_f64(FENCE_AFTER));
+        let late = deadline.is_some_and(|d| Instant::now() >= d);
+        if late != fenced {
+            fenced = late;
+            if events.send(Event::Fenced(fenced)).is_err() {
+                return;
+            }
+        }
+        match deadline {
+            Some(d) if !late => tokio::select! {
+                _ = tokio::time::sleep_until(d.into()) => {}
+                changed = renewed.changed() => if changed.is_err() { return },
+            },
+            _ => {
+                if renewed.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sessions(
+    ep: &Endpoint,
+    me: &Identity,
+    link: &Link<'_>,
+    status: &mut watch::Receiver<Status>,
+    interest: &mut watch::Receiver<BTreeSet<String>>,
+) {
+    let events = link.events;
     let mut backoff = BACKOFF_FIRST;
+    // The lease of the last session: the next one keeps it if it is still alive, so a
+    // reconnect (a member restarted) within its time to live is not seen by the peers.
+    let mut kept = None;
     loop {
         let started = Instant::now();
-        let why = match session(&ep, &me, &events, &mut status, &mut interest).await {
+        let why = match session(ep, me, link, status, interest, &mut kept).await {
             Ok(()) => return, // the agent is gone
             Err(e) => crate::cli::error_text(&e),
         };
         // Only a session that ran well for a while resets the backoff: one that fails right
         // after connecting (a refusal, a member that answers reads and nothing else) must not
         // turn into a tight reconnect loop.
+        // After a healthy one, the first retry (on the next member) is at once: the lease
+        // is kept only if renewed within its time to live.
         if started.elapsed() >= HEALTHY {
-            backoff = BACKOFF_FIRST;
+            backoff = Duration::ZERO;
         }
         ep.rotate();
         if events.send(Event::Lost(why)).is_err() {
             return;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
     }
+}
+
+/// A lease kept alive on this session's connection.
+struct Lease {
+    id: i64,
+    /// Its time to live, seconds.
+    ttl: i64,
+    keeper: etcd_client::LeaseKeeper,
+    acks: etcd_client::LeaseKeepAliveStream,
+    /// etcd granted or renewed it after this instant.
+    renewed_at: Instant,
+}
+
+/// The previous session's lease if etcd still has it (renewed now), else a new one. (The
+/// client's keep-alive stream takes the answer to its opening request itself: it fails when
+/// the lease is gone.)
+async fn keep_or_grant(
+    client: &mut etcd_client::Client,
+    urls: &str,
+    me: &Identity,
+    previous: Option<(i64, i64)>,
+) -> anyhow::Result<Lease> {
+    if let Some((id, ttl)) = previous {
+        let renewed_at = Instant::now();
+        match client.lease_keep_alive(id).await {
+            Ok((keeper, acks)) => {
+                log::debug!("lease {id:x} kept across the reconnect");
+                return Ok(Lease {
+                    id,
+                    ttl,
+                    keeper,
+                    acks,
+                    renewed_at,
+                });
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => {} // gone: a new one
+            Err(e) => return Err(describe(e, urls, None)),
+        }
+    }
+    let renewed_at = Instant::now();
+    let granted = client
+        .lease_grant(me.lease_ttl, None)
+        .await
+        .map_err(|e| describe(e, urls, None))?;
+    let (id, ttl) = (granted.id(), granted.ttl().max(1));
+    if ttl != me.lease_ttl {
+        log::debug!(
+            "etcd granted a lease of {ttl} s (asked for {} s)",
+            me.lease_ttl
+        );
+    }
+    let (keeper, acks) = client
+        .lease_keep_alive(id)
+        .await
+        .map_err(|e| describe(e, urls, None))?;
+    Ok(Lease {
+        id,
+        ttl,
+        keeper,
+        acks,
+        renewed_at,
+    })
 }
 
 fn denied(e: &etcd_client::Error) -> bool {
@@ -89,10 +254,12 @@ fn denied(e: &etcd_client::Error) -> bool {
 async fn session(
     ep: &Endpoint,
     me: &Identity,
-    events: &mpsc::UnboundedSender<Event>,
+    link: &Link<'_>,
     status: &mut watch::Receiver<Status>,
     interest: &mut watch::Receiver<BTreeSet<String>>,
+    kept: &mut Option<(i64, i64)>,
 ) -> anyhow::Result<()> {
+    let (events, renewed) = (link.events, link.renewed);
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
     let (published, at) = read_published(&mut client, ep).await?;
@@ -111,28 +278,23 @@ async fn session(
         )
         .await
         .map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))?;
-    let granted = client
-        .lease_grant(me.lease_ttl, None)
-        .await
-        .map_err(|e| describe(e, &urls, None))?;
-    let (lease, ttl) = (granted.id(), granted.ttl().max(1));
-    if ttl != me.lease_ttl {
-        log::debug!(
-            "etcd granted a lease of {ttl} s (asked for {} s)",
-            me.lease_ttl
-        );
-    }
+    let Lease {
+        id: lease,
+        ttl,
+        mut keeper,
+        mut acks,
+        renewed_at,
+    } = keep_or_grant(&mut client, &urls, me, kept.take()).await?;
+    *kept = Some((lease, ttl));
     // Three keep-alives per time to live: one lost on the way does not end the lease.
     let keep_alive = Duration::from_millis(ttl as u64 * 1000 / 3);
-    let (mut keeper, mut acks) = client
-        .lease_keep_alive(lease)
-        .await
-        .map_err(|e| describe(e, &urls, None))?;
     let key = ep.keys.status(&me.server);
     // The peers' view of this agent: written once per session, on the lease (and again if it
     // is deleted under it). Peers watch this key and not the status key, which changes with
     // every plan (a publish would otherwise fan out to every watcher of every agent).
     let alive_refused = put_alive(&mut client, ep, me, lease).await?;
+    let ttl_time = Duration::from_secs(ttl as u64);
+    renewed.send_replace(Some((renewed_at, ttl_time)));
     // Writes the status; a refusal is reported once and ends status writes for the session.
     let refused = std::cell::Cell::new(false);
     let put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
@@ -189,16 +351,32 @@ async fn session(
     }
     let mut tick = tokio::time::interval(keep_alive);
     let mut answered = Instant::now();
+    // When each keep-alive not answered yet was sent (bounded: the session ends after a time
+    // to live without answers).
+    let mut unanswered = std::collections::VecDeque::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if answered.elapsed() > Duration::from_secs(ttl as u64) + keep_alive {
                     bail!("no answer from etcd for {:?}", answered.elapsed());
                 }
+                unanswered.push_back(Instant::now());
+                keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
+            }
+            // The prober wants proof that etcd answers us now (a peer says it is fenced).
+            () = link.nudge.notified() => {
+                unanswered.push_back(Instant::now());
                 keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
             }
             ack = acks.message() => match ack.map_err(|e| describe(e, &urls, None))? {
-                Some(a) if a.ttl() > 0 => answered = Instant::now(),
+                Some(a) if a.ttl() > 0 => {
+                    answered = Instant::now();
+                    // Answers come in order, one per request: etcd renewed the lease after
+                    // the oldest request still unanswered was sent.
+                    if let Some(sent) = unanswered.pop_front() {
+                        renewed.send_replace(Some((sent, ttl_time)));
+                    }
+                }
                 Some(_) => bail!("the status key's lease expired"),
                 None => bail!("etcd closed the lease stream"),
             },
@@ -442,4 +620,60 @@ async fn lease_view(
         stream.watch(ep.keys.alive(n), from()).await?;
     }
     Ok((stream, present))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fence follows the renewals: nothing before a lease, fenced once the renew deadline
+    /// passes with no renewal, lifted by the next one. (Checks order, not speed: only
+    /// "not before" is asserted with a time.)
+    #[test]
+    fn the_fence_follows_the_renewals() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, renewals) = Renewals::new();
+            let (events_tx, mut events) = mpsc::unbounded_channel();
+            let rx = renewals.renewed.clone();
+            let task = tokio::spawn(async move { fence(rx, &events_tx).await });
+            let fenced =
+                async |events: &mut mpsc::UnboundedReceiver<Event>| match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    events.recv(),
+                )
+                .await
+                {
+                    Ok(Some(Event::Fenced(f))) => f,
+                    other => panic!("expected a fence event, got {other:?}"),
+                };
+            let quiet = async |events: &mut mpsc::UnboundedReceiver<Event>, ms| {
+                let got = tokio::time::timeout(Duration::from_millis(ms), events.recv()).await;
+                assert!(got.is_err(), "nothing yet, got {got:?}");
+            };
+            // No lease yet: nothing to fence.
+            quiet(&mut events, 300).await;
+            let ttl = Duration::from_millis(400);
+            let renewed_at = Instant::now();
+            tx.send_replace(Some((renewed_at, ttl)));
+            // Not before 3/4 of the time to live.
+            quiet(&mut events, 200).await;
+            assert!(fenced(&mut events).await);
+            assert!(renewed_at.elapsed() >= ttl.mul_f64(FENCE_AFTER));
+            assert_eq!(renewals.last(), Some(renewed_at));
+            // Renewed: lifted at once, and fenced again only after another silence.
+            tx.send_replace(Some((Instant::now(), ttl)));
+            assert!(!fenced(&mut events).await);
+            assert!(fenced(&mut events).await);
+            drop(events);
+            tx.send_replace(Some((Instant::now(), ttl)));
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the fence task ends with the agent")
+                .unwrap();
+        });
+    }
 }

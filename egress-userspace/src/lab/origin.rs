@@ -3,7 +3,9 @@
 //!
 //! HTTP: `GET /` → `{"src":"ADDR","port":N}`; `GET /delay/MS` → the same after MS ms (to hold
 //! many connections open at once); `GET /bytes/N` → N deterministic bytes (see
-//! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`; `POST /upload` with a body →
+//! [`payload_byte`]) with their SHA-256 in `x-payload-sha256`; `GET /trickle/N` → the same
+//! paced by the server at 1 MB/s (nothing piles up in the client's buffers, so a connection
+//! that dies is seen dead at once); `POST /upload` with a body →
 //! `{"src":..,"port":..,"bytes":N,"sha256":"…"}` of what arrived. UDP: any datagram → the
 //! same JSON as `GET /`, plus `bytes` and `sha256` of the datagram that arrived.
 //! Each request is appended to the log as `tcp|udp ADDR PORT PATH`.
@@ -123,9 +125,11 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stream);
     if path == "/upload" {
         stream_hash_reply(&mut reader, body_len, &src, &mut out)?;
-    } else if let Some(n) = path
+    } else if let Some((n, paced)) = path
         .strip_prefix("/bytes/")
-        .and_then(|n| n.parse::<u64>().ok())
+        .map(|n| (n, false))
+        .or_else(|| path.strip_prefix("/trickle/").map(|n| (n, true)))
+        .and_then(|(n, paced)| Some((n.parse::<u64>().ok()?, paced)))
     {
         write!(
             out,
@@ -141,6 +145,11 @@ fn handle_http(stream: TcpStream, log: &Mutex<std::fs::File>) -> std::io::Result
             }
             out.write_all(&buf[..len])?;
             i += len as u64;
+            if paced {
+                // 64 KiB every 64 ms: 1 MB/s.
+                out.flush()?;
+                std::thread::sleep(Duration::from_millis(64));
+            }
         }
     } else {
         if let Some(ms) = path

@@ -179,7 +179,8 @@ impl TestDatapath {
             fabric: [10, 50, 0, 11],
             ifindex: net.ifindex,
             mss_v4: 1432,
-            _pad: [0; 2],
+            fenced: 0,
+            _pad: 0,
             peer_budget: egress_common::fabric::PEER_BUDGET,
         };
         Self::build(&t, "a", &local, flow_capacity, reference_capacity)

@@ -320,9 +320,11 @@ pub const KIND_PROBE: u32 = 0;
 pub const KIND_CONNECTION: u32 = 1;
 pub const KIND_SOFT_UNICAST: u32 = 2;
 pub const KIND_REPLY: u32 = 3;
-/// Kind *probe*: the pool bits of a request and of a reply.
+/// Kind *probe*: the pool bits of a request, of a reply, and of a reply from a server that
+/// says it is fenced.
 pub const PROBE_REQUEST: u32 = 1;
 pub const PROBE_REPLY: u32 = 2;
+pub const PROBE_REPLY_FENCED: u32 = 3;
 
 fn kind_name(kind: u32) -> &'static str {
     match kind {
@@ -396,8 +398,8 @@ impl Topo {
     }
 
     /// Planned with the servers of `down` seen down by `a` (`PEERS` flags: 1 fabric probes
-    /// unanswered, 2 agent lease gone, 4 holding down): skipped as next hops, marked in `PEERS`.
-    /// The name says who is down.
+    /// unanswered, 2 agent lease gone, 4 holding down, 8 fenced by its own account): skipped
+    /// as next hops, marked in `PEERS`. The name says who is down.
     pub fn with_down(name: &str, toml: &str, down: &BTreeMap<String, u32>) -> Result<Topo, String> {
         let config = Config::parse(toml, name).map_err(|e| e.to_string())?;
         let topology = validate::validate(&config).map_err(|e| e.to_string())?;
@@ -588,13 +590,17 @@ pub fn topology(rng: &mut Rng, name: &str) -> Topo {
 }
 
 /// Servers other than `a` seen down (often none), each with its `PEERS` flags: mostly with
-/// flag 1 (probes unanswered: soft-unicast to it is dropped), sometimes only the others.
+/// flag 1 (probes unanswered: soft-unicast to it is dropped), sometimes only the others (2 lease
+/// gone, 4 holding down, 8 fenced by its own account: soft-unicast still goes to it).
 fn down_servers(rng: &mut Rng) -> BTreeMap<String, u32> {
     let mut down = BTreeMap::new();
     if rng.chance(50) {
         for (name, ..) in &SERVERS[1..] {
             if rng.chance(40) {
-                down.insert(name.to_string(), *rng.pick(&[1u32, 1, 1, 3, 5, 7, 2, 4, 6]));
+                down.insert(
+                    name.to_string(),
+                    *rng.pick(&[1u32, 1, 1, 3, 5, 7, 9, 2, 4, 6, 8, 10]),
+                );
             }
         }
     }
@@ -721,10 +727,20 @@ pub struct Case {
     pub actions: Vec<(ActionKey, Option<Action>)>,
     /// `LOCAL` is not written (all zero, as just after loading) while this case runs.
     pub unconfigured: bool,
+    /// `LOCAL`'s *fenced* while this case runs (0: not fenced; never with `unconfigured`).
+    pub fenced: u8,
 }
 
 /// The share of cases (percent) run with `LOCAL` not written, of any class.
 const UNCONFIGURED_PERCENT: u64 = 3;
+/// The share of cases (percent) run with `LOCAL`'s *fenced* set, of any class (only Tunnel
+/// rule 6 reads it); more of the probes ([`PROBE_FENCED_PERCENT`]) and of a peer's
+/// connections ([`PEER_FENCED_PERCENT`], translated as usual: fencing is the peers' business).
+const FENCED_PERCENT: u64 = 6;
+const PROBE_FENCED_PERCENT: u64 = 55;
+const PEER_FENCED_PERCENT: u64 = 65;
+/// Nonzero values of `LOCAL`'s *fenced* (the agent writes 1; any nonzero byte is fenced).
+const FENCED_VALUES: [u8; 5] = [1, 1, 1, 0x80, 0xff];
 /// The share (percent) of egress new-connection and tunnel peer-connection cases run with an
 /// odd plan (an action without next hops, of an unknown kind, or missing).
 const ODD_PLAN_PERCENT: u64 = 12;
@@ -775,17 +791,22 @@ fn odd_plan(g: &mut G) -> Vec<(ActionKey, Option<Action>)> {
     }
 }
 
-/// A case from what `g` generated: the odd plan and `LOCAL` are drawn last, so that the rest of
-/// a case is what it would be without them.
-fn finish(mut g: G, steps: Vec<Step>, odd_plan_allowed: bool) -> Case {
+/// A case from what `g` generated: the odd plan and `LOCAL` (not written, or *fenced* in
+/// `fenced_percent` of the cases) are drawn last, so that the rest of a case is what it would
+/// be without them.
+fn finish(mut g: G, steps: Vec<Step>, odd_plan_allowed: bool, fenced_percent: u64) -> Case {
     let actions = if odd_plan_allowed && g.r.chance(ODD_PLAN_PERCENT) {
         odd_plan(&mut g)
     } else {
         Vec::new()
     };
     let unconfigured = g.r.chance(UNCONFIGURED_PERCENT);
+    let mut fenced = 0;
     if unconfigured {
         g.tag("LOCAL not written");
+    } else if g.r.chance(fenced_percent) {
+        fenced = *g.r.pick(&FENCED_VALUES);
+        g.tag(format!("LOCAL fenced {fenced:#x}"));
     }
     Case {
         class: g.class.join(" / "),
@@ -793,6 +814,7 @@ fn finish(mut g: G, steps: Vec<Step>, odd_plan_allowed: bool) -> Case {
         flows: g.flows,
         actions,
         unconfigured,
+        fenced,
     }
 }
 
@@ -1148,7 +1170,8 @@ impl G<'_> {
             }
             _ => {
                 // Kind *probe*: with this pool's bits (refused) or a probe's.
-                let bits = *self.r.pick(&[pool, pool, PROBE_REQUEST, PROBE_REPLY]);
+                let probe = [PROBE_REQUEST, PROBE_REPLY, PROBE_REPLY_FENCED];
+                let bits = *self.r.pick(&[pool, pool, probe[0], probe[1], probe[2]]);
                 self.tag(format!("kind probe, pool bits {bits:#x}"));
                 return KIND_PROBE << 30 | bits;
             }
@@ -1328,12 +1351,12 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return finish(g, steps, false);
+        return finish(g, steps, false, PROBE_FENCED_PERCENT);
     }
     if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
         let mut steps = second_peer(&mut g);
         tag_sequence(&mut g, &mut steps);
-        return finish(g, steps, false);
+        return finish(g, steps, false, FENCED_PERCENT);
     }
     if roll == 31 {
         let mut steps = forwarded_reopen(&mut g);
@@ -1341,7 +1364,7 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return finish(g, steps, false);
+        return finish(g, steps, false, FENCED_PERCENT);
     }
     if matches!(roll, 14 | 15 | 40..=42) {
         let mut steps = fragment_sequence(&mut g, idx);
@@ -1349,7 +1372,7 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
             g.noise();
         }
         tag_sequence(&mut g, &mut steps);
-        return finish(g, steps, false);
+        return finish(g, steps, false, FENCED_PERCENT);
     }
     let (ingress, mark, mut packet) = match roll {
         0..=15 => egress_new(&mut g, false),
@@ -1393,7 +1416,17 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         prev_output: false,
     };
     // New connections meet the action (egress rule 7, Tunnel rule 5).
-    let mut c = finish(g, vec![step], matches!(roll, 0..=21 | 72..=75));
+    let fenced_percent = if matches!(roll, 72..=75) {
+        PEER_FENCED_PERCENT
+    } else {
+        FENCED_PERCENT
+    };
+    let mut c = finish(
+        g,
+        vec![step],
+        matches!(roll, 0..=21 | 72..=75),
+        fenced_percent,
+    );
     // The one step's class is the case's, complete once `finish` drew the plan and `LOCAL`.
     c.steps[0].class = c.class.clone();
     c
@@ -3029,24 +3062,29 @@ fn gre_malformed(g: &mut G) -> Gen {
 }
 
 /// A liveness probe (GRE key kind *probe*) from a peer: a request (pool bits 1), echoed to its
-/// sender under a fresh outer header; a reply (pool bits 2), passed to this host unchanged;
-/// other pool bits, refused. What a probe carries is not looked at (any transport, an inner
+/// sender under a fresh outer header (pool bits 2, or 3 when this server's `LOCAL` says
+/// *fenced*: drawn in [`finish`]); a reply (pool bits 2, or 3 from a fenced peer), passed to
+/// this host unchanged; other pool bits, refused. What a probe carries is not looked at (any transport, an inner
 /// fragment or ICMP error, an inner TTL of 0 or 1: not a hop), but it must be IPv4. Sometimes
 /// the programs' echo runs on egress next (own GRE: passed).
 fn gre_probe(g: &mut G) -> Vec<Step> {
     g.tag("GRE probe");
-    let bits = match g.r.below(10) {
-        0..=4 => {
+    let bits = match g.r.below(20) {
+        0..=9 => {
             g.tag("request");
             PROBE_REQUEST
         }
-        5..=7 => {
+        10..=13 => {
             g.tag("reply");
             PROBE_REPLY
         }
+        14..=17 => {
+            g.tag("reply, fenced");
+            PROBE_REPLY_FENCED
+        }
         _ => {
             let pool = *g.r.pick(&g.t.pool_ids());
-            let bits = *g.r.pick(&[0u32, 3, 4, 0x0102_0304, (1 << 30) - 1, pool]);
+            let bits = *g.r.pick(&[0u32, 4, 7, 0x0102_0304, (1 << 30) - 1, pool]);
             g.tag(format!("pool bits {bits:#x}"));
             bits
         }

@@ -33,9 +33,11 @@
 //! port range is this server's) the model is silent.
 //!
 //! `PEERS` values are read for their flags only where the rules do: soft-unicast (ingress rule
-//! 6) to an owner whose fabric probes go unanswered is dropped. A tunnel packet of kind *probe*
+//! 6) to an owner whose fabric probes go unanswered is dropped (the other bits — lease gone,
+//! holding down, fenced by its own account — do not stop it). A tunnel packet of kind *probe*
 //! (Tunnel rule 6) is decided by its pool bits alone, once the outer headers and the inner IPv4
-//! header have passed rule 1.
+//! header have passed rule 1: a request is echoed with pool bits 2, or 3 while `LOCAL`'s
+//! *fenced* is nonzero; pool bits 2 and 3 (replies) pass. *Fenced* is read by no other rule.
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -64,9 +66,11 @@ pub const KIND_CONNECTION: u32 = 1;
 pub const KIND_SOFT_UNICAST: u32 = 2;
 pub const KIND_REPLY: u32 = 3;
 pub const POOL_MASK: u32 = (1 << 30) - 1;
-/// Kind *probe*: the pool bits of a request and of a reply.
+/// Kind *probe*: the pool bits of a request, of a reply, and of a reply from a server whose
+/// `LOCAL` says *fenced*.
 pub const PROBE_REQUEST: u32 = 1;
 pub const PROBE_REPLY: u32 = 2;
+pub const PROBE_REPLY_FENCED: u32 = 3;
 
 /// *Liveness in the maps*: the `PEERS` flag "fabric probes unanswered".
 pub const PEER_PROBES_UNANSWERED: u32 = 1;
@@ -191,7 +195,8 @@ impl Env {
 pub struct World<'a> {
     pub maps: &'a MapContents,
     /// `LOCAL`; `None` while it is not written yet (all zero, as just after loading): a packet
-    /// that must be encapsulated or redirected is then dropped (`drop_not_configured`).
+    /// that must be encapsulated or redirected is then dropped (`drop_not_configured`). Its
+    /// *fenced* byte is read by Tunnel rule 6 alone (the pool bits of a probe's echo).
     pub local: Option<Local>,
     pub env: &'a Env,
 }
@@ -1555,21 +1560,30 @@ impl Cx<'_> {
     }
 
     /// Tunnel rule 6, kind *probe* from `peer` (`bits`: the key's pool bits). A request is
-    /// echoed to its sender under a fresh outer header (kind *probe*, pool bits 2; the rest
-    /// unchanged, the inner TTL too: not a hop), trimmed to the outer IPv4 length; a reply is
-    /// passed unchanged. No flow entry is read or written, no `FRAGS` entry either.
+    /// echoed to its sender under a fresh outer header (kind *probe*, pool bits 2, or 3 when
+    /// `LOCAL`'s *fenced* is nonzero; the rest unchanged, the inner TTL too: not a hop),
+    /// trimmed to the outer IPv4 length; a reply (pool bits 2 or 3, whatever this server's own
+    /// *fenced*) is passed unchanged. No flow entry is read or written, no `FRAGS` entry either.
     fn tunnel_probe(&mut self, peer: [u8; 4], bits: u32) -> R {
         self.untouched = self.flows.keys().copied().collect();
         match bits {
             PROBE_REQUEST => {
+                // Tunnel rule 1 already needed `LOCAL` (this server's fabric address).
+                let fenced = self.local("a probe while LOCAL is not written")?.fenced != 0;
+                let (answer, rule) = if fenced {
+                    (PROBE_REPLY_FENCED, "tunnel 6: probe request, fenced")
+                } else {
+                    (PROBE_REPLY, "tunnel 6: probe request")
+                };
                 // Ethernet padding after the outer IPv4 packet was cut when it was parsed.
                 self.tail_unspecified = false;
-                match self.reencap_in_place(peer, tunnel_key(KIND_PROBE, PROBE_REPLY))? {
-                    Ok(()) => Ok((Verdict::Send, "probe_echoed", "tunnel 6: probe request")),
+                match self.reencap_in_place(peer, tunnel_key(KIND_PROBE, answer))? {
+                    Ok(()) => Ok((Verdict::Send, "probe_echoed", rule)),
                     Err(c) => drop(c, "tunnel 6: probe request, no route to the sender"),
                 }
             }
             PROBE_REPLY => pass("probe_reply", "tunnel 6: probe reply"),
+            PROBE_REPLY_FENCED => pass("probe_reply", "tunnel 6: probe reply, fenced"),
             _ => drop("drop_tunnel_kind", "tunnel 6: probe, other pool bits"),
         }
     }
