@@ -166,7 +166,7 @@ fn back(lab: &Lab) -> anyhow::Result<()> {
 
 pub fn markdown(f: &Failover) -> String {
     let mut s = format!(
-        "## Failover\n\nFault of fra-a-1 (the only holder of acme's same-data-center tier) to fra-a-2's first successful new connection through ams-a-1 (nearest location); fra-a-2 opens one every 50 ms, each bounded to 300 ms. Probes every 150 ms (down after 3 missed), leases of 1 s (the lab's etcd grants 1 s: heartbeat 100 ms, election timeout 600 ms); hold-down {} s between trials.\n\n| fault | trials | p50 ms | max ms | later attempts failed |\n|---|---|---|---|---|\n",
+        "## Failover\n\nFault of fra-a-1 (the only holder of acme's same-data-center tier) to fra-a-2's first successful new connection through ams-a-1 (nearest location); fra-a-2 opens one every 50 ms, each bounded to 300 ms. Probes every 150 ms (down after 3 missed), leases of 1 s (the lab's etcd grants 1 s: heartbeat 100 ms, election timeout 600 ms), an agent that cannot renew its lease fences itself after 750 ms (control only: the management link is cut); hold-down {} s between trials.\n\n| fault | trials | p50 ms | max ms | later attempts failed |\n|---|---|---|---|---|\n",
         f.hold_down_s
     );
     for k in &f.kinds {
