@@ -210,6 +210,61 @@ fn read_config(path: Option<&Path>) -> Result<(String, Config), ConfigError> {
 }
 
 impl Dataplane {
+    /// Loads the programs, adopting the maps pinned in `pin_dir` (those of another layout
+    /// refused, or with `--migrate` recreated with their flows carried over). Returns the
+    /// pins a migration set aside: removed once the new programs are attached.
+    fn load(
+        opts: &Options,
+        server: &crate::config::Server,
+        pin_dir: &std::path::Path,
+        lock: [loader::AgentLock; 2],
+    ) -> anyhow::Result<(Dataplane, Vec<std::path::PathBuf>)> {
+        // Adopted maps must have the layout the programs expect (checked before anything is
+        // loaded or written).
+        let mismatches = loader::check_pins(pin_dir, opts.flow_capacity)?;
+        let (saved, set_aside) = match mismatches.first() {
+            None => (Vec::new(), Vec::new()),
+            Some(m) if !opts.migrate => return Err(m.error().into()),
+            Some(_) => {
+                for m in &mismatches {
+                    warn!(
+                        "migrating {}: pinned {}, recreated as {}",
+                        m.name, m.pinned, m.expected
+                    );
+                }
+                loader::migrate(&mismatches)?
+            }
+        };
+        let mut ebpf = loader::load(pin_dir, opts.flow_capacity)?;
+        let maps = loader::take_maps(&mut ebpf)?;
+        let mut dp = Dataplane {
+            ebpf,
+            maps,
+            _lock: lock,
+            uplink: server.uplink.clone(),
+            tcx: false,
+            attached: false,
+            links: Vec::new(),
+        };
+        if !mismatches.is_empty() {
+            let carried = saved
+                .iter()
+                .filter(|(k, v)| dp.maps.flows.insert(k, v, 0).is_ok())
+                .count();
+            info!(
+                "migration: {carried} of {} flow entries carried over",
+                saved.len()
+            );
+        }
+        if dp.maps.flow_capacity != opts.flow_capacity {
+            warn!(
+                "the pinned flow table holds {} entries, not --flow-capacity {}: kept (egress detach, then start, to resize)",
+                dp.maps.flow_capacity, opts.flow_capacity
+            );
+        }
+        Ok((dp, set_aside))
+    }
+
     /// Opens a descriptor on each pinned link and keeps it: the links then live as long as the
     /// agent, whatever happens to their pins.
     fn hold_links(&mut self, pin_dir: &Path) {
@@ -258,6 +313,14 @@ pub struct FleetState {
     pub fenced: bool,
 }
 
+/// The metrics listener, bound before anything is written (a taken port fails the start).
+fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l =
+        std::net::TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 impl Agent {
     /// Validates the config, loads (adopting pinned maps), writes the plan, then attaches
     /// (adopting pinned links). The plan is in the maps before any new program sees a packet.
@@ -285,22 +348,73 @@ impl Agent {
             Some(loader::lock_all(&pin_dir, &server.uplink)?)
         };
         // Everything that can fail comes before the first write: the metrics port too.
-        let listener = opts
-            .metrics_addr
-            .map(|addr| -> anyhow::Result<_> {
-                let l = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("binding metrics on {addr}"))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })
-            .transpose()?;
-        let plan = plan::plan(&topology, &server.name);
-        let mut agent = Agent {
+        let listener = opts.metrics_addr.map(bind_metrics).transpose()?;
+        let mut agent = Agent::new(
+            opts,
+            config_text,
+            topology,
+            published,
+            &server.name,
+            &pin_dir,
+        );
+        let Some(lock) = lock else {
+            agent.generation = 1;
+            info!(
+                "plan generation 1 for {} computed (no dataplane): {} entries, hash {}",
+                agent.server,
+                agent.plan.entries.len(),
+                agent.plan_hash
+            );
+            return Ok((agent, None, listener));
+        };
+        let (dp, set_aside) = Dataplane::load(opts, &server, &pin_dir, lock)?;
+        agent.flow_capacity = dp.maps.flow_capacity;
+        agent.peer_budget = opts.peer_budget.unwrap_or(agent.flow_capacity / 4);
+        agent.dp = Some(dp);
+        let dp = agent.dp.as_mut().expect("set above");
+        dp.maps.set_local(&loader::local_settings(
+            server.fabric,
+            &server.uplink,
+            agent.peer_budget,
+        )?)?;
+        let diff = agent.write_plan()?;
+        agent.generation = 1;
+        info!(
+            "plan generation 1 for {}: {} entries; maps: {} added, {} updated, {} removed",
+            agent.server,
+            agent.plan.entries.len(),
+            diff.added,
+            diff.updated,
+            diff.removed
+        );
+        let dp = agent.dp.as_mut().expect("set above");
+        let mode = loader::attach(&mut dp.ebpf, &server.uplink, &pin_dir)?;
+        // Migrated: the old maps were kept aside until now, in case anything above failed.
+        for p in set_aside {
+            let _ = std::fs::remove_file(&p);
+        }
+        dp.tcx = mode != AttachMode::Clsact;
+        dp.attached = true;
+        dp.hold_links(&pin_dir);
+        Ok((agent, Some(mode), listener))
+    }
+
+    /// The agent of `server` with the plan of `topology` computed, nothing loaded yet.
+    fn new(
+        opts: &Options,
+        config_text: String,
+        topology: Topology,
+        published: Option<crate::fleet::Published>,
+        server: &str,
+        pin_dir: &std::path::Path,
+    ) -> Agent {
+        let plan = plan::plan(&topology, server);
+        Agent {
             dp: None,
             config_path: opts.config_path.clone(),
             config_text,
-            server: server.name.clone(),
-            pin_dir: pin_dir.clone(),
+            server: server.to_string(),
+            pin_dir: pin_dir.to_path_buf(),
             plan_hash: plan::plan_hash(&topology, &plan),
             plan,
             topology,
@@ -329,92 +443,7 @@ impl Agent {
             pending: None,
             retry: None,
             metrics: std::sync::OnceLock::new(),
-        };
-        let Some(lock) = lock else {
-            agent.generation = 1;
-            info!(
-                "plan generation 1 for {} computed (no dataplane): {} entries, hash {}",
-                agent.server,
-                agent.plan.entries.len(),
-                agent.plan_hash
-            );
-            return Ok((agent, None, listener));
-        };
-        // Adopted maps must have the layout the programs expect (checked before anything is
-        // loaded or written).
-        let mismatches = loader::check_pins(&pin_dir, opts.flow_capacity)?;
-        let saved = match mismatches.first() {
-            None => (Vec::new(), Vec::new()),
-            Some(m) if !opts.migrate => return Err(m.error().into()),
-            Some(_) => {
-                for m in &mismatches {
-                    warn!(
-                        "migrating {}: pinned {}, recreated as {}",
-                        m.name, m.pinned, m.expected
-                    );
-                }
-                loader::migrate(&mismatches)?
-            }
-        };
-        let (saved, set_aside) = saved;
-
-        let mut ebpf = loader::load(&pin_dir, opts.flow_capacity)?;
-        let maps = loader::take_maps(&mut ebpf)?;
-        let mut dp = Dataplane {
-            ebpf,
-            maps,
-            _lock: lock,
-            uplink: server.uplink.clone(),
-            tcx: false,
-            attached: false,
-            links: Vec::new(),
-        };
-        if !mismatches.is_empty() {
-            let carried = saved
-                .iter()
-                .filter(|(k, v)| dp.maps.flows.insert(k, v, 0).is_ok())
-                .count();
-            info!(
-                "migration: {carried} of {} flow entries carried over",
-                saved.len()
-            );
         }
-        let maps_capacity = dp.maps.flow_capacity;
-        let peer_budget = opts.peer_budget.unwrap_or(maps_capacity / 4);
-        dp.maps.set_local(&loader::local_settings(
-            server.fabric,
-            &server.uplink,
-            peer_budget,
-        )?)?;
-        if maps_capacity != opts.flow_capacity {
-            warn!(
-                "the pinned flow table holds {maps_capacity} entries, not --flow-capacity {}: kept (egress detach, then start, to resize)",
-                opts.flow_capacity
-            );
-        }
-        agent.flow_capacity = maps_capacity;
-        agent.peer_budget = peer_budget;
-        agent.dp = Some(dp);
-        let diff = agent.write_plan()?;
-        agent.generation = 1;
-        info!(
-            "plan generation 1 for {}: {} entries; maps: {} added, {} updated, {} removed",
-            agent.server,
-            agent.plan.entries.len(),
-            diff.added,
-            diff.updated,
-            diff.removed
-        );
-        let dp = agent.dp.as_mut().expect("set above");
-        let mode = loader::attach(&mut dp.ebpf, &server.uplink, &pin_dir)?;
-        // Migrated: the old maps were kept aside until now, in case anything above failed.
-        for p in set_aside {
-            let _ = std::fs::remove_file(&p);
-        }
-        dp.tcx = mode != AttachMode::Clsact;
-        dp.attached = true;
-        dp.hold_links(&pin_dir);
-        Ok((agent, Some(mode), listener))
     }
 
     fn write_plan(&mut self) -> anyhow::Result<Diff> {

@@ -78,28 +78,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Fleet credentials are checked before anything else: a bad file is named at once.
-    let fleet = if args.etcd.given() {
-        if args.config.is_some() {
-            anyhow::bail!("--config and --etcd: the topology comes from one of them, not both");
-        }
-        let Some(server) = args.server.clone() else {
-            anyhow::bail!("--etcd: name this agent's server with --server NAME");
-        };
-        let ep = args.etcd.endpoint()?;
-        // An agent identity may write only its own server's status: another one is a mix-up.
-        if let Some(user) = ep.user()
-            && user.starts_with("egress-agent-")
-            && user != fleet::pki::agent_user(&server)
-        {
-            anyhow::bail!(
-                "the etcd identity is {user}, not {}: --etcd-tls names another server's credentials than --server {server}",
-                fleet::pki::agent_user(&server)
-            );
-        }
-        Some((ep, server))
-    } else {
-        None
-    };
+    let fleet = fleet_endpoint(&args)?;
     let opts = Options {
         config_path: args.config.clone(),
         server: args.server.clone(),
@@ -110,6 +89,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         migrate: args.migrate,
         no_dataplane: args.no_dataplane,
     };
+    let hold_down =
+        Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;
+    let every = Duration::from_secs(args.gc_interval.max(1));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -117,111 +99,175 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut signals = Signals::new()?;
-        let mut link = None;
-        let mut etcd_thread = None;
-        let mut interest = None;
-        let mut renewals = None;
-        let initial = match fleet {
+        let mut etcd = fleet
+            .map(|(ep, server)| EtcdLink::start(ep, server, &args))
+            .transpose()?;
+        let initial = match etcd.as_mut() {
             None => None,
-            Some((ep, server)) => {
-                let (status_tx, status_rx) = tokio::sync::watch::channel(fleet::Status {
-                    server: server.clone(),
-                    dataplane: !args.no_dataplane,
-                    started_at: fleet::unix_now(),
-                    pid: std::process::id(),
-                    host: fleet::hostname(),
-                    ..Default::default()
-                });
-                let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-                let (interest_tx, interest_rx) = tokio::sync::watch::channel(Default::default());
-                interest = Some(interest_tx);
-                let (renewed_tx, ours) = fleet::watch::Renewals::new();
-                let nudge = ours.nudge.clone();
-                renewals = Some(ours);
-                info!(
-                    "fleet mode: reading the topology from etcd {} under {} as {}",
-                    ep.urls.join(","),
-                    ep.keys.prefix(),
-                    ep.user().unwrap_or("(plain text, no identity)")
+            Some(link) => {
+                let pin_dir = crate::loader::pin_dir(opts.pin_dir.as_deref(), &link.server);
+                let waiting = first_topology(
+                    &mut link.events,
+                    &link.server,
+                    &mut signals,
+                    &pin_dir,
+                    every,
                 );
-                // A thread and runtime of its own: loading programs, writing a large plan or a
-                // slow repair on the agent's loop must never delay the lease's keep-alives.
-                let me = fleet::watch::Identity {
-                    server: server.clone(),
-                    lease_ttl: args.lease_ttl,
-                };
-                etcd_thread = Some(std::thread::Builder::new().name("etcd".into()).spawn(
-                    move || {
-                        match tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                        {
-                            Ok(rt) => rt.block_on(fleet::watch::run(
-                                ep,
-                                me,
-                                tx,
-                                status_rx,
-                                interest_rx,
-                                renewed_tx,
-                                nudge,
-                            )),
-                            Err(e) => log::error!("etcd thread: no runtime: {e}"),
-                        }
-                    },
-                )?);
-                let pin_dir = crate::loader::pin_dir(opts.pin_dir.as_deref(), &server);
-                let every = Duration::from_secs(args.gc_interval.max(1));
-                let waiting = first_topology(&mut events, &server, &mut signals, &pin_dir, every);
                 let Some(initial) = waiting.await else {
-                    drop((events, status_tx));
-                    join_etcd(etcd_thread);
+                    if let Some(link) = etcd {
+                        link.stop();
+                    }
                     return Ok(ExitCode::SUCCESS);
                 };
-                link = Some((events, status_tx));
                 Some(initial)
             }
         };
         let (mut agent, mode, listener) = Agent::start(&opts, initial)?;
-        agent.interest = interest;
-        let hold_down =
-            Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;
+        let (link, thread) = match etcd {
+            Some(e) => {
+                agent.interest = Some(e.interest);
+                (Some((e.events, e.status)), Some((e.thread, e.renewals)))
+            }
+            None => (None, None),
+        };
+        let (thread, renewals) = thread.unzip();
         let liveness = agent.start_liveness(hold_down, renewals)?;
         // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
         let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = listener.map(TcpListener::from_std).transpose()?;
         agent.housekeeping();
-        info!(
-            "ready: server {} {}, {}, metrics {}",
-            agent.server,
-            match mode {
-                Some(m) => format!("attached ({m:?})"),
-                None => "planned (no dataplane)".to_string(),
-            },
-            match &agent.fleet {
-                Some(f) => format!("published revision {}", f.applied_revision),
-                None => format!("maps pinned in {}", agent.pin_dir.display()),
-            },
-            match metrics_at {
-                None => "off".to_string(),
-                Some(a) => format!("http://{a}/metrics"),
-            }
-        );
-        serve(
-            &mut agent,
-            metrics,
-            Duration::from_secs(args.gc_interval.max(1)),
-            &mut signals,
-            link,
-            liveness,
-        )
-        .await
-        .context("agent loop")?;
+        info!("{}", ready(&agent, mode, metrics_at));
+        serve(&mut agent, metrics, every, &mut signals, link, liveness)
+            .await
+            .context("agent loop")?;
         // The status sender went with the loop: the etcd thread revokes the lease (the status
         // key goes at once, not after its TTL) and ends.
-        join_etcd(etcd_thread);
+        join_etcd(thread);
         agent.shutdown(args.detach_on_exit)?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Fleet mode's etcd endpoint and this agent's server, checked: None in file mode.
+fn fleet_endpoint(args: &Args) -> anyhow::Result<Option<(fleet::Endpoint, String)>> {
+    if !args.etcd.given() {
+        return Ok(None);
+    }
+    if args.config.is_some() {
+        anyhow::bail!("--config and --etcd: the topology comes from one of them, not both");
+    }
+    let Some(server) = args.server.clone() else {
+        anyhow::bail!("--etcd: name this agent's server with --server NAME");
+    };
+    let ep = args.etcd.endpoint()?;
+    // An agent identity may write only its own server's status: another one is a mix-up.
+    if let Some(user) = ep.user()
+        && user.starts_with("egress-agent-")
+        && user != fleet::pki::agent_user(&server)
+    {
+        anyhow::bail!(
+            "the etcd identity is {user}, not {}: --etcd-tls names another server's credentials than --server {server}",
+            fleet::pki::agent_user(&server)
+        );
+    }
+    Ok(Some((ep, server)))
+}
+
+/// The agent's ends of its etcd thread (fleet mode).
+struct EtcdLink {
+    server: String,
+    events: tokio::sync::mpsc::UnboundedReceiver<fleet::watch::Event>,
+    status: tokio::sync::watch::Sender<fleet::Status>,
+    interest: tokio::sync::watch::Sender<std::collections::BTreeSet<String>>,
+    renewals: fleet::watch::Renewals,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EtcdLink {
+    /// Starts the etcd thread: a thread and runtime of its own, so that loading programs,
+    /// writing a large plan or a slow repair on the agent's loop never delays the lease's
+    /// keep-alives.
+    fn start(ep: fleet::Endpoint, server: String, args: &Args) -> anyhow::Result<Self> {
+        let (status, status_rx) = tokio::sync::watch::channel(fleet::Status {
+            server: server.clone(),
+            dataplane: !args.no_dataplane,
+            started_at: fleet::unix_now(),
+            pid: std::process::id(),
+            host: fleet::hostname(),
+            ..Default::default()
+        });
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (interest, interest_rx) = tokio::sync::watch::channel(Default::default());
+        let (renewed_tx, renewals) = fleet::watch::Renewals::new();
+        let nudge = renewals.nudge.clone();
+        info!(
+            "fleet mode: reading the topology from etcd {} under {} as {}",
+            ep.urls.join(","),
+            ep.keys.prefix(),
+            ep.user().unwrap_or("(plain text, no identity)")
+        );
+        let me = fleet::watch::Identity {
+            server: server.clone(),
+            lease_ttl: args.lease_ttl,
+        };
+        let thread = std::thread::Builder::new()
+            .name("etcd".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(fleet::watch::run(
+                        ep,
+                        me,
+                        tx,
+                        status_rx,
+                        interest_rx,
+                        renewed_tx,
+                        nudge,
+                    )),
+                    Err(e) => log::error!("etcd thread: no runtime: {e}"),
+                }
+            })?;
+        Ok(Self {
+            server,
+            events,
+            status,
+            interest,
+            renewals,
+            thread,
+        })
+    }
+
+    /// Closes the agent's ends (the thread revokes the lease) and waits for the thread.
+    fn stop(self) {
+        drop((self.events, self.status, self.interest));
+        join_etcd(Some(self.thread));
+    }
+}
+
+/// The line that says the agent is up.
+fn ready(
+    agent: &Agent,
+    mode: Option<crate::loader::AttachMode>,
+    metrics: Option<SocketAddr>,
+) -> String {
+    format!(
+        "ready: server {} {}, {}, metrics {}",
+        agent.server,
+        match mode {
+            Some(m) => format!("attached ({m:?})"),
+            None => "planned (no dataplane)".to_string(),
+        },
+        match &agent.fleet {
+            Some(f) => format!("published revision {}", f.applied_revision),
+            None => format!("maps pinned in {}", agent.pin_dir.display()),
+        },
+        match metrics {
+            None => "off".to_string(),
+            Some(a) => format!("http://{a}/metrics"),
+        }
+    )
 }
 
 /// Waits (a little) for the etcd thread to revoke its lease and end.
