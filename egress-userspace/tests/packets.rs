@@ -1800,3 +1800,20 @@ fn probes_are_reflected_and_say_when_this_server_is_fenced() {
     };
     check(&mut dp, &f);
 }
+
+/// Every path of the catalogue the benchmark times, at both frame sizes: output and counter
+/// (each fixture a few times: fresh ones open a new connection each time).
+#[test]
+fn every_path_of_the_catalogue_at_both_frame_sizes() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    for frame in [64, 1500] {
+        for f in egress::testrun::paths::catalogue() {
+            // Sequence numbers distinct across frame sizes: fresh ones are new connections.
+            for seq in (0..3).map(|i| i + frame as u32) {
+                let input = f.prepare(&mut dp, frame, seq).unwrap();
+                f.check(&mut dp, &net, frame, &input)
+                    .unwrap_or_else(|e| panic!("{e:#}"));
+            }
+        }
+    }
+}

@@ -5,15 +5,16 @@
 //! from the second repetition on: every figure here is the median of many single runs, each
 //! on a fresh copy of the input packet.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use egress_common::{fabric::tunnel, prog_names};
+use egress_common::prog_names;
 
 use crate::testrun::{
     FIXTURE_TOPOLOGY, Hook, TestDatapath, TestNet,
-    packet::{self, L4, TCP_ACK, TCP_SYN},
+    packet::TCP_ACK,
+    paths::{self, PathFixture, tcp},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,30 +78,6 @@ pub const PATHS: [&str; 9] = [
     "empty program",
 ];
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("literal address")
-}
-
-/// A TCP packet padded to a `frame`-byte Ethernet frame.
-fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8, frame: usize) -> Vec<u8> {
-    let header = if src.contains(':') {
-        14 + 40 + 20
-    } else {
-        14 + 20 + 20
-    };
-    let payload = vec![0x5a; frame.saturating_sub(header)];
-    packet::build(
-        ip(src),
-        ip(dst),
-        L4::Tcp {
-            sport,
-            dport,
-            flags,
-        },
-        &payload,
-    )
-}
-
 fn stats(path: &'static str, frame: usize, mut ns: Vec<u64>, empty: f64) -> PathCost {
     ns.sort_unstable();
     let median = ns[ns.len() / 2] as f64;
@@ -147,43 +124,36 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
     let net = TestNet::enter();
     let mut dp = TestDatapath::fixture_with_references(&net, FIXTURE_TOPOLOGY)?;
     let mut out = Vec::new();
-    let mut fresh_port: u32 = 0;
+    let mut seq: u32 = 0;
     for frame in [64usize, 1500] {
         let mut r = Runner {
             dp: &mut dp,
+            net: &net,
             runs,
             frame,
             empty: 0.0,
-            fresh_port: &mut fresh_port,
+            seq: &mut seq,
             out: &mut out,
         };
         r.empty_program()?;
-        let local = r.local_paths()?;
-        let tunnel = r.tunnel_paths()?;
-        r.references(&local, &tunnel)?;
+        let packets = r.paths()?;
+        r.references(&packets)?;
     }
     drop(net);
     relate(&mut out);
     Ok(out)
 }
 
-/// The packets the references replay (each its path's).
-struct Sample {
-    established: Vec<u8>,
-    forwarded: Vec<u8>,
-}
-struct TunnelSample {
-    peer: Vec<u8>,
-    reply: Vec<u8>,
-}
-
 /// Times the paths at one frame size, each row against the empty program's median.
 struct Runner<'a> {
     dp: &'a mut TestDatapath,
+    net: &'a TestNet,
     runs: usize,
     frame: usize,
     empty: f64,
-    fresh_port: &'a mut u32,
+    /// The next sequence number of a path that opens a connection per packet (fresh remote
+    /// ports across both frame sizes, so port claims never run out).
+    seq: &'a mut u32,
     out: &'a mut Vec<PathCost>,
 }
 
@@ -201,48 +171,25 @@ impl Runner<'_> {
             .collect()
     }
 
-    /// A row: `path` through `hook`, the same packet every run.
-    fn row(&mut self, path: &'static str, hook: Hook, packet: &[u8]) -> anyhow::Result<()> {
-        let ns = self.time(hook, &mut |_| packet.to_vec())?;
-        self.out.push(stats(path, self.frame, ns, self.empty));
-        Ok(())
-    }
-
-    /// A TCP packet of this frame size (or `frame`: the largest that fits once encapsulated).
-    fn tcp(
-        &self,
-        src: &str,
-        sport: u16,
-        dst: &str,
-        dport: u16,
-        flags: u8,
-        frame: usize,
-    ) -> Vec<u8> {
-        tcp(src, sport, dst, dport, flags, frame)
-    }
-
-    /// Each run a new connection: a new remote port, so port claims never run out.
-    fn new_connection(&mut self, hook: Hook, sport: u16) -> anyhow::Result<Vec<u64>> {
-        let (frame, fresh) = (self.frame, &mut *self.fresh_port);
-        let mut next = |_| {
-            *fresh += 1;
-            tcp(
-                "10.50.0.11",
-                sport,
-                "203.0.113.3",
-                (1 + *fresh % 65000) as u16,
-                TCP_SYN,
-                frame,
-            )
+    /// Each run a new connection of the fresh path `f` (through `hook`: its own, or a
+    /// reference's): one unmeasured, then `runs` timed.
+    fn new_connections(&mut self, f: &PathFixture, hook: Hook) -> anyhow::Result<Vec<u64>> {
+        let mut next = || {
+            *self.seq += 1;
+            (f.packet)(self.frame, None, *self.seq)
         };
-        self.dp.run(hook, 0, &next(0))?;
+        let first = next();
+        self.dp.run(hook, 0, &first)?;
         (0..self.runs)
-            .map(|_| Ok(self.dp.run(hook, 0, &next(0))?.duration.as_nanos() as u64))
+            .map(|_| {
+                let p = next();
+                Ok(self.dp.run(hook, 0, &p)?.duration.as_nanos() as u64)
+            })
             .collect()
     }
 
     fn empty_program(&mut self) -> anyhow::Result<()> {
-        let p = self.tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, self.frame);
+        let p = tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, self.frame);
         let mut v = self.time(Hook::Empty, &mut |_| p.clone())?;
         v.sort_unstable();
         self.empty = v[v.len() / 2] as f64;
@@ -260,128 +207,47 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// This server's own connections: no match, new, established, their replies, forwarded.
-    fn local_paths(&mut self) -> anyhow::Result<Sample> {
-        let frame = self.frame;
-        let no_match = self.tcp("10.50.0.11", 5000, "198.51.100.1", 80, TCP_ACK, frame);
-        self.row("no policy match", Hook::Egress, &no_match)?;
-        let ns = self.new_connection(Hook::Egress, 5000)?;
-        self.out.push(stats("new flow SNAT", frame, ns, self.empty));
-        let est = self.tcp(
-            "10.50.0.11",
-            7000 + frame as u16,
-            "203.0.113.1",
-            80,
-            TCP_ACK,
-            frame,
-        );
-        let bound = packet::parse(&self.dp.run(Hook::Egress, 0, &est)?.packet);
-        self.row("established SNAT", Hook::Egress, &est)?;
-        let reply = self.tcp(
-            "203.0.113.1",
-            80,
-            &bound.src.to_string(),
-            bound.sport,
-            TCP_ACK,
-            frame,
-        );
-        self.row("reverse translation", Hook::Ingress, &reply)?;
-        let fwd = self.tcp(
-            "10.50.0.11",
-            7100 + frame as u16,
-            "203.0.113.200",
-            80,
-            TCP_ACK,
-            tunnelled(frame),
-        );
-        self.row("forward (encapsulate)", Hook::Egress, &fwd)?;
-        Ok(Sample {
-            established: est,
-            forwarded: fwd,
-        })
-    }
-
-    /// What arrives from the fabric or for another server: a peer's connection, its replies,
-    /// soft-unicast, and an unsolicited packet refused at the owner (a flood's cost).
-    fn tunnel_paths(&mut self) -> anyhow::Result<TunnelSample> {
-        let frame = self.frame;
-        // A peer's connection arriving in GRE: the frame size includes the 28 outer bytes.
-        let inner = self.tcp(
-            "10.50.0.12",
-            7200 + frame as u16,
-            "203.0.113.1",
-            80,
-            TCP_ACK,
-            frame - 28,
-        );
-        let gre = packet::gre_frame(
-            [10, 50, 0, 12],
-            [10, 50, 0, 11],
-            tunnel::key(tunnel::CONNECTION, 7),
-            &inner,
-        );
-        let peer_bound = packet::parse(&self.dp.run(Hook::Ingress, 0, &gre)?.packet);
-        self.row("peer (decapsulate + SNAT)", Hook::Ingress, &gre)?;
-        let back = self.tcp(
-            "203.0.113.1",
-            80,
-            "192.0.2.10",
-            peer_bound.sport,
-            TCP_ACK,
-            tunnelled(frame),
-        );
-        self.row("reply re-encapsulation", Hook::Ingress, &back)?;
-        let stray = self.tcp(
-            "203.0.113.1",
-            80,
-            "192.0.2.10",
-            41500,
-            TCP_ACK,
-            tunnelled(frame),
-        );
-        self.row("soft-unicast owner redirect", Hook::Ingress, &stray)?;
-        let unsolicited = packet::gre_frame(
-            [10, 50, 0, 12],
-            [10, 50, 0, 11],
-            tunnel::key(tunnel::SOFT_UNICAST, 7),
-            &self.tcp(
-                "198.51.100.9",
-                4444,
-                "192.0.2.10",
-                40500,
-                TCP_SYN,
-                frame - 28,
-            ),
-        );
-        self.row("unsolicited refused (owner)", Hook::Ingress, &unsolicited)?;
-        Ok(TunnelSample {
-            peer: gre,
-            reply: back,
-        })
+    /// Every path of the catalogue: checked once (output and counter, as the packet tests do),
+    /// then timed. Returns each path's packet (the references replay them).
+    fn paths(&mut self) -> anyhow::Result<BTreeMap<&'static str, Vec<u8>>> {
+        let mut packets = BTreeMap::new();
+        for f in paths::catalogue() {
+            *self.seq += 1;
+            let input = f.prepare(self.dp, self.frame, *self.seq)?;
+            f.check(self.dp, self.net, self.frame, &input)?;
+            let ns = if f.fresh {
+                self.new_connections(&f, f.hook)?
+            } else {
+                self.time(f.hook, &mut |_| input.clone())?
+            };
+            self.out.push(stats(f.path, self.frame, ns, self.empty));
+            packets.insert(f.path, input);
+        }
+        Ok(packets)
     }
 
     /// The references, on the same packets as their paths.
-    fn references(&mut self, local: &Sample, tunnel: &TunnelSample) -> anyhow::Result<()> {
+    fn references(&mut self, packets: &BTreeMap<&'static str, Vec<u8>>) -> anyhow::Result<()> {
+        let fresh = paths::catalogue()
+            .into_iter()
+            .find(|f| f.fresh)
+            .expect("the catalogue has a new-connection path");
         for (name, prog) in REFERENCES {
             let hook = Hook::Reference(prog);
-            let packet = match prog {
-                prog_names::REF_CLAIM => {
-                    let ns = self.new_connection(hook, 5001)?;
-                    self.out.push(stats(name, self.frame, ns, self.empty));
-                    continue;
-                }
-                prog_names::REF_ENCAP => &local.forwarded,
-                prog_names::REF_RW_ENCAP => &tunnel.reply,
-                prog_names::REF_DECAP => &tunnel.peer,
-                _ => &local.established,
+            let ns = if prog == prog_names::REF_CLAIM {
+                self.new_connections(&fresh, hook)?
+            } else {
+                let path = match prog {
+                    prog_names::REF_ENCAP => "forward (encapsulate)",
+                    prog_names::REF_RW_ENCAP => "reply re-encapsulation",
+                    prog_names::REF_DECAP => "peer (decapsulate + SNAT)",
+                    _ => "established SNAT",
+                };
+                let packet = packets[path].clone();
+                self.time(hook, &mut |_| packet.clone())?
             };
-            self.row(name, hook, packet)?;
+            self.out.push(stats(name, self.frame, ns, self.empty));
         }
         Ok(())
     }
-}
-
-/// Paths that encapsulate take the largest packet that still fits the uplink afterwards.
-fn tunnelled(frame: usize) -> usize {
-    frame.min(1514 - 28)
 }

@@ -2,6 +2,7 @@
 //! the per-packet benchmarks use this. Nothing is attached or pinned.
 
 pub mod packet;
+pub mod paths;
 
 use aya::{
     Ebpf,
