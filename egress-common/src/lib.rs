@@ -36,6 +36,8 @@ pub mod map_names {
     /// The benchmark's reference new-connection program's table (not one of [`ALL`]: never
     /// pinned, one entry unless the benchmark sizes it).
     pub const REF_FLOWS: &str = "REF_FLOWS";
+    /// `--trace`'s one-slot program table (never pinned: filled on each load that traces).
+    pub const TRACE_PROG: &str = "TRACE_PROG";
     pub const LOCAL: &str = "LOCAL";
     pub const PEERS: &str = "PEERS";
     pub const OWNERS: &str = "OWNERS";
@@ -91,6 +93,12 @@ pub mod prog_names {
     pub const TC_FRAG_IN: &str = "tc_frag_in";
     /// Tail-called by `tc_egress` for new connections.
     pub const TC_NEW_OUT: &str = "tc_new_out";
+
+    /// The global of the programs that says one decision in how many is logged (aya-log);
+    /// 0, the default: none, and the logging step is dead code to the verifier.
+    pub const TRACE_EVERY: &str = "TRACE_EVERY";
+    /// Tail-called (through its own one-slot table, `TRACE_PROG`) for a sampled decision.
+    pub const TC_TRACE: &str = "tc_trace";
 
     /// Slots of the `JUMP` map.
     pub const JUMP_TUNNEL: u32 = 0;

@@ -36,6 +36,11 @@ macro_rules! stats {
                 match self { $(Stat::$variant => $name,)* }
             }
 
+            /// The counter of slot `index` (a decision handed between programs).
+            pub const fn from_index(index: u32) -> Option<Stat> {
+                match index { $($idx => Some(Stat::$variant),)* _ => None }
+            }
+
             /// One-line description for `egress stats` and metric help.
             pub const fn help(self) -> &'static str {
                 match self { $(Stat::$variant => concat!($($doc,)*),)* }

@@ -17,6 +17,7 @@ mod policy;
 mod redirect;
 mod reference;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -62,6 +63,7 @@ fn finish(ctx: &TcContext, v: Verdict) -> i32 {
         Verdict::Sent(s, code) => (s, code),
     };
     stats::count(stat, ctx.len());
+    trace::decision(ctx, stat, code);
     code
 }
 

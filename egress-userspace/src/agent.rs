@@ -49,6 +49,8 @@ pub struct Options {
     pub migrate: bool,
     /// Compute and report the plan, load nothing (no root needed).
     pub no_dataplane: bool,
+    /// One datapath decision in this many is logged (0: none, and no cost).
+    pub trace_every: u32,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -235,7 +237,11 @@ impl Dataplane {
                 loader::migrate(&mismatches)?
             }
         };
-        let mut ebpf = loader::load(pin_dir, opts.flow_capacity)?;
+        let mut ebpf = loader::load(pin_dir, opts.flow_capacity, opts.trace_every)?;
+        if opts.trace_every != 0 {
+            trace_log(&mut ebpf, opts.trace_every)?;
+            loader::enable_trace(&mut ebpf)?;
+        }
         let maps = loader::take_maps(&mut ebpf)?;
         let mut dp = Dataplane {
             ebpf,
@@ -311,6 +317,52 @@ pub struct FleetState {
     pub status_refused: Option<String>,
     /// This server answers probes "fenced" (its lease could not be renewed in time).
     pub fenced: bool,
+}
+
+/// Logs the programs' sampled decisions (`--trace`) from a thread of its own, which owns the
+/// log's ring buffer for the agent's life (the programs need the map to load).
+fn trace_log(ebpf: &mut aya::Ebpf, every: u32) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut logger =
+        aya_log::EbpfLogger::init_with_logger(ebpf, Named).context("the programs' decision log")?;
+    info!("tracing one datapath decision in {every} (log target egress::trace)");
+    std::thread::Builder::new()
+        .name("trace".into())
+        .spawn(move || {
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: logger.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 1000) };
+                logger.flush();
+            }
+        })?;
+    Ok(())
+}
+
+/// Passes the programs' decision lines on to the agent's log, counter and verdict named.
+struct Named;
+
+impl log::Log for Named {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        log::logger().enabled(m)
+    }
+
+    fn log(&self, record: &log::Record) {
+        let line = loader::trace_line(&record.args().to_string());
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{line}"))
+                .level(record.level())
+                .target("egress::trace")
+                .build(),
+        );
+    }
+
+    fn flush(&self) {}
 }
 
 /// The metrics listener, bound before anything is written (a taken port fails the start).

@@ -491,14 +491,16 @@ pub fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Loads the object. Maps already pinned under `pin_dir` are adopted (their contents and
-/// counters continue); missing ones are created and pinned there.
-pub fn load(pin_dir: &Path, flow_capacity: u32) -> Result<Ebpf, LoadError> {
+/// counters continue); missing ones are created and pinned there. `trace_every`: one decision
+/// in this many is logged (0: none; the logging step is then dead code to the verifier).
+pub fn load(pin_dir: &Path, flow_capacity: u32, trace_every: u32) -> Result<Ebpf, LoadError> {
     std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
         dir: pin_dir.display().to_string(),
         source,
     })?;
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_names::FLOWS, flow_capacity);
+    loader.override_global(prog_names::TRACE_EVERY, &trace_every, true);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }
@@ -624,9 +626,14 @@ pub enum AttachMode {
 
 /// Loads the object without pinning anything (packet tests, benchmarks).
 /// `reference_capacity`: entries of the benchmark's reference claim table (1 when unused).
-pub fn load_unpinned(flow_capacity: u32, reference_capacity: u32) -> Result<Ebpf, LoadError> {
+pub fn load_unpinned(
+    flow_capacity: u32,
+    reference_capacity: u32,
+    trace_every: u32,
+) -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, flow_capacity)
+        .override_global(prog_names::TRACE_EVERY, &trace_every, true)
         .map_max_entries(map_names::REF_FLOWS, reference_capacity.max(1))
         .load(EBPF_OBJECT)?)
 }
@@ -664,21 +671,58 @@ pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
 /// never be reassigned between releases: old root programs may tail-call new ones).
 pub fn fill_jump_table(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     for (slot, name) in prog_names::JUMP_TARGETS {
+        set_jump(ebpf, map_names::JUMP, slot, name)?;
+    }
+    Ok(())
+}
+
+/// A decision log line as `tc_trace` writes it (`<counter index> <TC code>: …`) with the
+/// counter and the verdict named: `snat_new pass: proto 6 192.0.2.10 -> 203.0.113.1`.
+pub fn trace_line(raw: &str) -> String {
+    let named = raw.split_once(": ").and_then(|(head, rest)| {
+        let (stat, code) = head.split_once(' ')?;
+        let stat = egress_common::stats::Stat::from_index(stat.parse().ok()?)?;
+        let verdict = match code.parse::<i32>().ok()? {
+            0 => "pass",
+            2 => "drop",
+            7 => "redirect",
+            _ => "other",
+        };
+        Some(format!("{} {verdict}: {rest}", stat.name()))
+    });
+    named.unwrap_or_else(|| raw.to_string())
+}
+
+/// Loads `tc_trace` and puts it in its table: `--trace` only (off, it is never verified).
+pub fn enable_trace(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    set_jump(ebpf, map_names::TRACE_PROG, 0, prog_names::TC_TRACE)
+}
+
+/// Slot `slot` of program table `table` holds program `name` (loaded if it was not yet).
+fn set_jump(
+    ebpf: &mut Ebpf,
+    table: &'static str,
+    slot: u32,
+    name: &'static str,
+) -> Result<(), LoadError> {
+    {
         let fd = program(ebpf, name)?
             .fd()
             .and_then(|fd| fd.try_clone().map_err(Into::into))
             .map_err(|source| LoadError::Program { name, source })?;
-        let map = ebpf.map_mut(map_names::JUMP).ok_or(LoadError::MissingMap {
-            name: map_names::JUMP,
-        })?;
-        let mut table = ProgramArray::try_from(map).map_err(|source| LoadError::Map {
-            name: map_names::JUMP,
+        let map = ebpf
+            .map_mut(table)
+            .ok_or(LoadError::MissingMap { name: table })?;
+        let mut programs = ProgramArray::try_from(map).map_err(|source| LoadError::Map {
+            name: table,
             source,
         })?;
-        table.set(slot, &fd, 0).map_err(|source| LoadError::Map {
-            name: map_names::JUMP,
-            source,
-        })?;
+        programs
+            .set(slot, &fd, 0)
+            .map_err(|source| LoadError::Map {
+                name: table,
+                source,
+            })?;
     }
     Ok(())
 }

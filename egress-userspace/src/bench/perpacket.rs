@@ -94,6 +94,43 @@ fn stats(path: &'static str, frame: usize, mut ns: Vec<u64>, empty: f64) -> Path
     }
 }
 
+/// `egress agent --trace`'s cost: the established SNAT path with the programs loaded to log
+/// one decision in N (sampled: a random number and a branch per packet; logged: a tail call
+/// to `tc_trace` and a ring buffer record). Off (every other row) the verifier has removed
+/// the step.
+pub const TRACE_ROWS: [(&str, u32); 2] = [
+    ("established SNAT, --trace 100", 100),
+    ("established SNAT, --trace 1", 1),
+];
+
+fn traced(net: &TestNet, runs: usize, out: &mut Vec<PathCost>) -> anyhow::Result<()> {
+    let established = paths::catalogue()
+        .into_iter()
+        .find(|f| f.path == "established SNAT")
+        .expect("in the catalogue");
+    for (path, every) in TRACE_ROWS {
+        let mut dp = TestDatapath::fixture_traced(net, FIXTURE_TOPOLOGY, every)?;
+        for frame in [64usize, 1500] {
+            let empty = out
+                .iter()
+                .find(|r| r.path == "empty program" && r.frame == frame)
+                .map_or(0.0, |r| r.median_ns);
+            let input = established.prepare(&mut dp, frame, 0)?;
+            established.check(&mut dp, net, frame, &input)?;
+            let mut ns = Vec::with_capacity(runs);
+            for i in 0..runs {
+                // Read out between runs, so the log never fills and drops records.
+                if i % 256 == 0 {
+                    dp.trace_lines();
+                }
+                ns.push(dp.run(established.hook, 0, &input)?.duration.as_nanos() as u64);
+            }
+            out.push(stats(path, frame, ns, empty));
+        }
+    }
+    Ok(())
+}
+
 /// Fills each path's reference and ratio from the reference rows of the same frame size.
 fn relate(rows: &mut [PathCost]) {
     let refs: Vec<(&'static str, usize, f64)> = rows
@@ -139,6 +176,7 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
         let packets = r.paths()?;
         r.references(&packets)?;
     }
+    traced(&net, runs, &mut out)?;
     drop(net);
     relate(&mut out);
     Ok(out)

@@ -334,7 +334,8 @@ pub fn per_packet_markdown(rows: &[super::perpacket::PathCost]) -> String {
     let paths = super::perpacket::PATHS
         .iter()
         .copied()
-        .chain(super::perpacket::REFERENCES.iter().map(|(n, _)| *n));
+        .chain(super::perpacket::REFERENCES.iter().map(|(n, _)| *n))
+        .chain(super::perpacket::TRACE_ROWS.iter().map(|(n, _)| *n));
     for path in paths {
         let (Some(a), Some(b)) = (by.get(&(path, 64)), by.get(&(path, 1500))) else {
             continue;

@@ -71,6 +71,12 @@ pub struct Args {
     /// grants at least its own minimum: 1.5 election timeouts rounded up (2 s by default).
     #[arg(long, default_value_t = fleet::watch::LEASE_TTL, value_parser = clap::value_parser!(i64).range(1..=60))]
     lease_ttl: i64,
+    /// Log one datapath decision in N (default 100) with its counter, verdict and the packet's
+    /// addresses (aya-log; target egress::trace). Off (the default), the logging step is
+    /// removed by the verifier: no cost.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "100",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    trace: Option<u32>,
     /// Fleet mode: read and watch the topology in etcd instead of a file.
     #[command(flatten)]
     etcd: crate::fleet::EtcdArgs,
@@ -88,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
         migrate: args.migrate,
         no_dataplane: args.no_dataplane,
+        trace_every: args.trace.unwrap_or(0),
     };
     let hold_down =
         Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;

@@ -109,6 +109,24 @@ pub struct Outcome {
 pub struct TestDatapath {
     ebpf: Ebpf,
     pub maps: Maps,
+    trace: Option<(aya_log::EbpfLogger<Trace>, Trace)>,
+}
+
+/// The decision log of a traced datapath, as text lines.
+#[derive(Clone, Default)]
+pub struct Trace(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Trace {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let line = loader::trace_line(&record.args().to_string());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+
+    fn flush(&self) {}
 }
 
 impl TestDatapath {
@@ -125,27 +143,60 @@ impl TestDatapath {
         local: &Local,
         flow_capacity: u32,
     ) -> anyhow::Result<Self> {
-        Self::build(topology, server, local, flow_capacity, 1)
+        Self::build(topology, server, local, (flow_capacity, 1), 0)
     }
 
+    /// `capacities`: the flow table's and the reference claim table's entries;
+    /// `trace_every`: one decision in this many logged (0: none).
     fn build(
         topology: &Topology,
         server: &str,
         local: &Local,
-        flow_capacity: u32,
-        reference_capacity: u32,
+        (flow_capacity, reference_capacity): (u32, u32),
+        trace_every: u32,
     ) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load_unpinned(flow_capacity, reference_capacity)?;
+        let mut ebpf = loader::load_unpinned(flow_capacity, reference_capacity, trace_every)?;
+        let trace = if trace_every == 0 {
+            None
+        } else {
+            let lines = Trace::default();
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, lines.clone())?;
+            Some((logger, lines))
+        };
         for (name, _) in loader::PROGRAMS {
             loader::program(&mut ebpf, name)?;
         }
         loader::program(&mut ebpf, prog_names::TC_EMPTY)?;
         loader::fill_jump_table(&mut ebpf)?;
+        if trace_every != 0 {
+            loader::enable_trace(&mut ebpf)?;
+        }
         let mut maps = loader::take_maps(&mut ebpf)?;
         maps.set_local(local)?;
         let p = plan::plan(topology, server);
         maps.plan.apply(&plan::map_contents(topology, &p))?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, trace })
+    }
+
+    /// [`TestDatapath::fixture`] with the programs' decision log on (`trace_every`: one in
+    /// this many; see `egress agent --trace`), read with [`TestDatapath::trace_lines`].
+    pub fn fixture_traced(net: &TestNet, topology: &str, trace_every: u32) -> anyhow::Result<Self> {
+        Self::fixture_sized(net, topology, (FLOWS_CAPACITY, FLOWS_CAPACITY), trace_every)
+    }
+
+    /// Bytes of program `name` as the verifier left it (dead code removed).
+    pub fn translated_size(&mut self, name: &'static str) -> anyhow::Result<u32> {
+        let prog = loader::program(&mut self.ebpf, name)?;
+        Ok(prog.info()?.size_translated().unwrap_or(0))
+    }
+
+    /// The decision log lines written since the last call (traced datapaths only).
+    pub fn trace_lines(&mut self) -> Vec<String> {
+        let Some((logger, lines)) = self.trace.as_mut() else {
+            return Vec::new();
+        };
+        logger.flush();
+        std::mem::take(&mut *lines.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The datapath of server `a` of `topology` (TOML; usually [`FIXTURE_TOPOLOGY`]),
@@ -160,20 +211,20 @@ impl TestDatapath {
         topology: &str,
         flow_capacity: u32,
     ) -> anyhow::Result<Self> {
-        Self::fixture_sized(net, topology, flow_capacity, 1)
+        Self::fixture_sized(net, topology, (flow_capacity, 1), 0)
     }
 
     /// [`TestDatapath::fixture`] for the benchmark: the reference claim program's table as
     /// large as the flow table (the same work per insert).
     pub fn fixture_with_references(net: &TestNet, topology: &str) -> anyhow::Result<Self> {
-        Self::fixture_sized(net, topology, FLOWS_CAPACITY, FLOWS_CAPACITY)
+        Self::fixture_sized(net, topology, (FLOWS_CAPACITY, FLOWS_CAPACITY), 0)
     }
 
     fn fixture_sized(
         net: &TestNet,
         topology: &str,
-        flow_capacity: u32,
-        reference_capacity: u32,
+        capacities: (u32, u32),
+        trace_every: u32,
     ) -> anyhow::Result<Self> {
         let t = crate::validate::validate(&crate::config::Config::parse(topology, "fixture")?)?;
         let local = Local {
@@ -184,7 +235,7 @@ impl TestDatapath {
             _pad: 0,
             peer_budget: egress_common::fabric::PEER_BUDGET,
         };
-        Self::build(&t, "a", &local, flow_capacity, reference_capacity)
+        Self::build(&t, "a", &local, capacities, trace_every)
     }
 
     /// Runs `packet` through the program of `hook` once, with skb mark `mark`.
