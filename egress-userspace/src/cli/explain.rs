@@ -2,8 +2,19 @@
 
 use std::{net::IpAddr, process::ExitCode};
 
+use aya::maps::{
+    HashMap, Map,
+    lpm_trie::{Key, LpmTrie},
+};
+use egress_common::{
+    action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
+    fabric::{AddrKey, Peer},
+    map_names,
+    policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue, prefix_len},
+};
+
 use super::{ConfigArg, Format};
-use crate::explain;
+use crate::{config::Config, explain};
 
 /// Say which policy, pool, tier and next hops apply to a destination, and why.
 #[derive(Debug, clap::Args)]
@@ -88,185 +99,209 @@ struct Live {
 }
 
 fn live(args: Args) -> anyhow::Result<ExitCode> {
-    use aya::maps::{
-        HashMap, Map,
-        lpm_trie::{Key, LpmTrie},
-    };
-    use egress_common::{
-        action::{Action, ActionKey, ActionKind, FAMILY_V4, FAMILY_V6},
-        map_names,
-        policy::{PolicyKeyV4, PolicyKeyV6, PolicyValue, prefix_len},
-    };
     let config = args.config.load()?;
     let dir = super::pin_dir_of(&args.config, args.server.clone(), args.pin_dir.clone())?;
-    let open = |name: &str| super::open_pinned(&dir, name);
-    // The plan generation in force: every key below is looked up in it, as the programs do.
-    let generation: aya::maps::Array<_, u32> =
-        aya::maps::Array::try_from(Map::Array(open(map_names::GENERATION)?))?;
-    let g = generation.get(&0, 0)? & 1;
-    let lookup = |mark: u32| -> anyhow::Result<Option<u32>> {
-        Ok(match args.dst {
-            IpAddr::V4(a) => {
-                let t: LpmTrie<_, PolicyKeyV4, PolicyValue> =
-                    LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V4)?))?;
-                let k = Key::new(prefix_len(32), PolicyKeyV4::new(g as u8, mark, a.octets()));
-                t.get(&k, 0).ok().map(|v| v.pool)
-            }
-            IpAddr::V6(a) => {
-                let t: LpmTrie<_, PolicyKeyV6, PolicyValue> =
-                    LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))?;
-                let k = Key::new(prefix_len(128), PolicyKeyV6::new(g as u8, mark, a.octets()));
-                t.get(&k, 0).ok().map(|v| v.pool)
-            }
-        })
-    };
-    // The programs' rule, over the maps in force (a failed read is an error, not a miss).
-    let mut failed = None;
-    let mut direct = None;
-    let pool = egress_common::policy::pool_for_mark(args.mark, |m| {
-        let found = lookup(m).unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            None
-        });
-        if m == args.mark {
-            direct = found;
-        }
-        found
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    let maps = Pinned::open(&dir)?;
+    let (pool, direct) = maps.pool(args.dst, args.mark)?;
     let family = if args.dst.is_ipv4() {
         FAMILY_V4
     } else {
         FAMILY_V6
     };
-    let action: Option<Action> = match pool {
-        Some(p) => {
-            let m: HashMap<_, ActionKey, Action> =
-                HashMap::try_from(Map::HashMap(open(map_names::ACTIONS)?))?;
-            m.get(&ActionKey::in_gen(p, family, g as u8), 0).ok()
-        }
+    let action = match pool {
+        Some(p) => maps.action(p, family)?,
         None => None,
-    };
-    // The peers this server's agent sees down (PEERS flags in the generation in force).
-    let peers: HashMap<_, egress_common::fabric::AddrKey, egress_common::fabric::Peer> =
-        HashMap::try_from(Map::HashMap(open(map_names::PEERS)?))?;
-    let holders: Vec<&crate::config::Server> = pool
-        .and_then(|p| config.pools.iter().find(|q| q.id == u64::from(p)))
-        .map(|q| {
-            config
-                .servers
-                .iter()
-                .filter(|s| {
-                    q.ipv4
-                        .iter()
-                        .any(|a| a.shares.iter().any(|sh| sh.server == s.name))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let skipped: Vec<String> = holders
-        .iter()
-        .filter_map(|s| {
-            let key = egress_common::fabric::AddrKey::new(s.fabric.octets(), g as u8);
-            let flags = peers.get(&key, 0).ok()?.flags;
-            (flags != 0).then(|| {
-                format!(
-                    "{} ({}): {}",
-                    s.name,
-                    s.fabric,
-                    crate::liveness::why::words(flags)
-                )
-            })
-        })
-        .collect();
-    let server_of = |f: [u8; 4]| {
-        config
-            .servers
-            .iter()
-            .find(|s| s.fabric.octets() == f)
-            .map_or_else(
-                || std::net::Ipv4Addr::from(f).to_string(),
-                |s| format!("{} ({})", s.name, s.fabric),
-            )
-    };
-    let addr = |a: [u8; 16]| {
-        if family == FAMILY_V4 {
-            IpAddr::from([a[0], a[1], a[2], a[3]])
-        } else {
-            IpAddr::from(a)
-        }
     };
     let out = Live {
         destination: args.dst,
         mark: args.mark,
         pool,
-        pool_name: pool.and_then(|p| {
-            config
-                .pools
-                .iter()
-                .find(|q| q.id == u64::from(p))
-                .map(|q| q.name.clone())
-        }),
+        pool_name: pool
+            .and_then(|p| pool_of(&config, p))
+            .map(|q| q.name.clone()),
         fell_back_to_mark_0: direct.is_none() && pool.is_some(),
-        action: match action.map(|a| ActionKind::from_u8(a.kind)) {
-            None => "none",
-            Some(Some(ActionKind::Snat)) => "snat",
-            Some(Some(ActionKind::Forward)) => "forward",
-            Some(Some(ActionKind::Drop)) => "drop",
-            Some(None) => "unknown",
-        },
+        action: action_word(action.as_ref()),
         snat: action.map_or_else(Vec::new, |a| {
             a.snat[..usize::from(a.snat_count).min(a.snat.len())]
                 .iter()
-                .map(|t| format!("{} {}-{}", addr(t.addr), t.port_min, t.port_max))
+                .map(|t| format!("{} {}-{}", address(family, t.addr), t.port_min, t.port_max))
                 .collect()
         }),
         next_hops: action.map_or_else(Vec::new, |a| {
             a.hops[..usize::from(a.hop_count).min(a.hops.len())]
                 .iter()
-                .map(|h| server_of(*h))
+                .map(|h| server_of(&config, *h))
                 .collect()
         }),
-        skipped,
+        skipped: maps.skipped(&config, pool)?,
     };
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-        Format::Table => {
-            println!(
-                "live maps in {}: {} (mark {})",
-                dir.display(),
-                out.destination,
-                out.mark
-            );
-            match out.pool {
-                None => {
-                    println!("no policy covers it: sent unchanged from the server's own address")
-                }
-                Some(p) => {
-                    println!(
-                        "pool {} ({}){}",
-                        p,
-                        out.pool_name.as_deref().unwrap_or("not in this config"),
-                        if out.fell_back_to_mark_0 {
-                            ", by mark 0's rule"
-                        } else {
-                            ""
-                        }
-                    );
-                    println!(
-                        "action: {} {}{}",
-                        out.action,
-                        out.snat.join(", "),
-                        out.next_hops.join(", ")
-                    );
-                    for s in &out.skipped {
-                        println!("skipped (down): {s}");
-                    }
-                }
-            }
-        }
+        Format::Table => print_live(&out, &dir),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The maps an agent pinned, read in the plan generation in force (as the programs do).
+struct Pinned<'a> {
+    dir: &'a std::path::Path,
+    g: u8,
+}
+
+impl<'a> Pinned<'a> {
+    fn open(dir: &'a std::path::Path) -> anyhow::Result<Self> {
+        let generation: aya::maps::Array<_, u32> = aya::maps::Array::try_from(Map::Array(
+            super::open_pinned(dir, map_names::GENERATION)?,
+        ))?;
+        let g = (generation.get(&0, 0)? & 1) as u8;
+        Ok(Self { dir, g })
+    }
+
+    fn map(&self, name: &str) -> anyhow::Result<aya::maps::MapData> {
+        super::open_pinned(self.dir, name)
+    }
+
+    /// The pool of `dst` for `mark` by the programs' rule (the mark's policy, else mark 0's),
+    /// and what the mark's own lookup found. A failed read is an error, not a miss.
+    fn pool(&self, dst: IpAddr, mark: u32) -> anyhow::Result<(Option<u32>, Option<u32>)> {
+        let (mut failed, mut direct) = (None, None);
+        let pool = egress_common::policy::pool_for_mark(mark, |m| {
+            let found = self.policy(dst, m).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                None
+            });
+            if m == mark {
+                direct = found;
+            }
+            found
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((pool, direct)),
+        }
+    }
+
+    /// The policy map's answer for `dst` under `mark` alone.
+    fn policy(&self, dst: IpAddr, mark: u32) -> anyhow::Result<Option<u32>> {
+        Ok(match dst {
+            IpAddr::V4(a) => {
+                let t: LpmTrie<_, PolicyKeyV4, PolicyValue> =
+                    LpmTrie::try_from(Map::LpmTrie(self.map(map_names::POLICY_V4)?))?;
+                let k = Key::new(prefix_len(32), PolicyKeyV4::new(self.g, mark, a.octets()));
+                t.get(&k, 0).ok().map(|v| v.pool)
+            }
+            IpAddr::V6(a) => {
+                let t: LpmTrie<_, PolicyKeyV6, PolicyValue> =
+                    LpmTrie::try_from(Map::LpmTrie(self.map(map_names::POLICY_V6)?))?;
+                let k = Key::new(prefix_len(128), PolicyKeyV6::new(self.g, mark, a.octets()));
+                t.get(&k, 0).ok().map(|v| v.pool)
+            }
+        })
+    }
+
+    /// The action of `pool` for `family`.
+    fn action(&self, pool: u32, family: u8) -> anyhow::Result<Option<Action>> {
+        let m: HashMap<_, ActionKey, Action> =
+            HashMap::try_from(Map::HashMap(self.map(map_names::ACTIONS)?))?;
+        Ok(m.get(&ActionKey::in_gen(pool, family, self.g), 0).ok())
+    }
+
+    /// The holders of `pool` this server's agent sees down (`PEERS` flags), and why.
+    fn skipped(&self, config: &Config, pool: Option<u32>) -> anyhow::Result<Vec<String>> {
+        let peers: HashMap<_, AddrKey, Peer> =
+            HashMap::try_from(Map::HashMap(self.map(map_names::PEERS)?))?;
+        let Some(q) = pool.and_then(|p| pool_of(config, p)) else {
+            return Ok(Vec::new());
+        };
+        let holds = |s: &crate::config::Server| {
+            q.ipv4
+                .iter()
+                .any(|a| a.shares.iter().any(|sh| sh.server == s.name))
+        };
+        Ok(config
+            .servers
+            .iter()
+            .filter(|s| holds(s))
+            .filter_map(|s| {
+                let flags = peers
+                    .get(&AddrKey::new(s.fabric.octets(), self.g), 0)
+                    .ok()?
+                    .flags;
+                (flags != 0).then(|| {
+                    format!(
+                        "{} ({}): {}",
+                        s.name,
+                        s.fabric,
+                        crate::liveness::why::words(flags)
+                    )
+                })
+            })
+            .collect())
+    }
+}
+
+fn pool_of(config: &Config, id: u32) -> Option<&crate::config::Pool> {
+    config.pools.iter().find(|q| q.id == u64::from(id))
+}
+
+/// A fabric address as its server's name (and the address), or the address alone.
+fn server_of(config: &Config, fabric: [u8; 4]) -> String {
+    config
+        .servers
+        .iter()
+        .find(|s| s.fabric.octets() == fabric)
+        .map_or_else(
+            || std::net::Ipv4Addr::from(fabric).to_string(),
+            |s| format!("{} ({})", s.name, s.fabric),
+        )
+}
+
+fn address(family: u8, a: [u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    } else {
+        IpAddr::from(a)
+    }
+}
+
+fn action_word(action: Option<&Action>) -> &'static str {
+    match action.map(|a| ActionKind::from_u8(a.kind)) {
+        None => "none",
+        Some(Some(ActionKind::Snat)) => "snat",
+        Some(Some(ActionKind::Forward)) => "forward",
+        Some(Some(ActionKind::Drop)) => "drop",
+        Some(None) => "unknown",
+    }
+}
+
+fn print_live(out: &Live, dir: &std::path::Path) {
+    println!(
+        "live maps in {}: {} (mark {})",
+        dir.display(),
+        out.destination,
+        out.mark
+    );
+    let Some(p) = out.pool else {
+        println!("no policy covers it: sent unchanged from the server's own address");
+        return;
+    };
+    println!(
+        "pool {} ({}){}",
+        p,
+        out.pool_name.as_deref().unwrap_or("not in this config"),
+        if out.fell_back_to_mark_0 {
+            ", by mark 0's rule"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "action: {} {}{}",
+        out.action,
+        out.snat.join(", "),
+        out.next_hops.join(", ")
+    );
+    for s in &out.skipped {
+        println!("skipped (down): {s}");
+    }
 }
