@@ -263,8 +263,10 @@ async fn session(
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
     let (published, at) = read_published(&mut client, ep).await?;
-    let sent = events.send(published.map_or(Event::Nothing, Event::Published));
-    if sent.is_err() {
+    if events
+        .send(published.map_or(Event::Nothing, Event::Published))
+        .is_err()
+    {
         return Ok(());
     }
     let mut stream = client
@@ -278,203 +280,279 @@ async fn session(
         )
         .await
         .map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))?;
-    let Lease {
-        id: lease,
-        ttl,
-        mut keeper,
-        mut acks,
-        renewed_at,
-    } = keep_or_grant(&mut client, &urls, me, kept.take()).await?;
-    *kept = Some((lease, ttl));
-    // Three keep-alives per time to live: one lost on the way does not end the lease.
-    let keep_alive = Duration::from_millis(ttl as u64 * 1000 / 3);
-    let key = ep.keys.status(&me.server);
+    let lease = keep_or_grant(&mut client, &urls, me, kept.take()).await?;
+    *kept = Some((lease.id, lease.ttl));
     // The peers' view of this agent: written once per session, on the lease (and again if it
     // is deleted under it). Peers watch this key and not the status key, which changes with
     // every plan (a publish would otherwise fan out to every watcher of every agent).
-    let alive_refused = put_alive(&mut client, ep, me, lease).await?;
-    let ttl_time = Duration::from_secs(ttl as u64);
-    renewed.send_replace(Some((renewed_at, ttl_time)));
-    // Writes the status; a refusal is reported once and ends status writes for the session.
-    let refused = std::cell::Cell::new(false);
-    let put = async |client: &mut etcd_client::Client, s: Status| -> anyhow::Result<()> {
-        if refused.get() {
-            return Ok(());
-        }
-        let value = serde_json::to_vec(&s)?;
-        match client
-            .put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if denied(&e) => {
-                refused.set(true);
-                let _ = events.send(Event::StatusRefused(crate::cli::error_text(&describe(
-                    e,
-                    &urls,
-                    Some(&key),
-                ))));
-                Ok(())
-            }
-            Err(e) => Err(describe(e, &urls, Some(&key))),
-        }
+    let alive_refused = put_alive(&mut client, ep, me, lease.id).await?;
+    let mut keep = KeepAlive::new(lease, renewed);
+    let mut s = Session {
+        ep,
+        me,
+        events,
+        urls,
+        client,
+        lease: keep.id,
+        refused: false,
+        names: interest.borrow_and_update().clone(),
+        leases: None,
+        present: BTreeSet::new(),
     };
     let current = status.borrow_and_update().clone();
-    put(&mut client, current).await?;
+    s.put_status(current).await?;
     // One report: an identity refused its status key is refused its alive key as well.
     if let Some(why) = alive_refused
-        && !refused.get()
+        && !s.refused
         && events.send(Event::StatusRefused(why)).is_err()
     {
         return Ok(());
     }
     // The leases of the peers the agent asks about, watched key by key (not the whole
     // status prefix: an agent hears about its next hops, not about the fleet).
-    let mut names = interest.borrow_and_update().clone();
-    let (mut leases, mut present) = (None, BTreeSet::new());
-    if !view_leases(
-        &mut client,
-        ep,
-        me,
-        &names,
-        events,
-        &mut leases,
-        &mut present,
-    )
-    .await?
-    {
+    if !s.view_leases().await? {
         return Ok(());
     }
-    let mut tick = tokio::time::interval(keep_alive);
-    let mut answered = Instant::now();
-    // When each keep-alive not answered yet was sent (bounded: the session ends after a time
-    // to live without answers).
-    let mut unanswered = std::collections::VecDeque::new();
+    let mut tick = tokio::time::interval(keep.period);
     loop {
-        tokio::select! {
+        let going = tokio::select! {
             _ = tick.tick() => {
-                if answered.elapsed() > Duration::from_secs(ttl as u64) + keep_alive {
-                    bail!("no answer from etcd for {:?}", answered.elapsed());
-                }
-                unanswered.push_back(Instant::now());
-                keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
+                keep.overdue()?;
+                keep.send(&s.urls).await?;
+                true
             }
             // The prober wants proof that etcd answers us now (a peer says it is fenced).
             () = link.nudge.notified() => {
-                unanswered.push_back(Instant::now());
-                keeper.keep_alive().await.map_err(|e| describe(e, &urls, None))?;
+                keep.send(&s.urls).await?;
+                true
             }
-            ack = acks.message() => match ack.map_err(|e| describe(e, &urls, None))? {
-                Some(a) if a.ttl() > 0 => {
-                    answered = Instant::now();
-                    // Answers come in order, one per request: etcd renewed the lease after
-                    // the oldest request still unanswered was sent.
-                    if let Some(sent) = unanswered.pop_front() {
-                        renewed.send_replace(Some((sent, ttl_time)));
-                    }
-                }
-                Some(_) => bail!("the status key's lease expired"),
-                None => bail!("etcd closed the lease stream"),
-            },
+            ack = keep.acks.message() => {
+                let ack = ack.map_err(|e| describe(e, &s.urls, None))?;
+                keep.answered(ack)?;
+                true
+            }
             msg = stream.message() => {
-                let Some(resp) = msg.map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))? else {
-                    bail!("etcd closed the watch");
-                };
-                if resp.canceled() {
-                    bail!("etcd cancelled the watch: {}", resp.cancel_reason());
-                }
-                let event = match from_events(ep, resp.events()) {
-                    Seen::Nothing => None,
-                    Seen::Event(e) => Some(e),
-                    // Only one of the two keys: read both, from one revision.
-                    Seen::Partial => {
-                        let (published, _) = read_published(&mut client, ep).await?;
-                        Some(published.map_or(Event::Nothing, Event::Published))
-                    }
-                };
-                if let Some(e) = event && events.send(e).is_err() {
-                    return Ok(());
-                }
+                let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.topology())))?;
+                s.topology(msg).await?
             }
             changed = interest.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                names = interest.borrow_and_update().clone();
-                if !view_leases(&mut client, ep, me, &names, events, &mut leases, &mut present).await? {
-                    return Ok(());
-                }
+                s.names = interest.borrow_and_update().clone();
+                s.view_leases().await?
             }
             msg = async {
-                match leases.as_mut() {
+                match s.leases.as_mut() {
                     Some(w) => w.message().await,
                     None => std::future::pending().await,
                 }
             } => {
-                let Some(resp) = msg.map_err(|e| describe(e, &urls, Some(&ep.keys.alives())))? else {
-                    bail!("etcd closed the lease watch");
-                };
-                if resp.canceled() {
-                    // A watch etcd's roles refuse is cancelled, not refused at creation.
-                    if resp.cancel_reason().contains("permission denied") {
-                        leases = None;
-                        present.clear();
-                        let why = format!(
-                            "permission denied by etcd on key {}: {} (this identity's role does not cover it: roles from before alive keys? run `fleet init` again)",
-                            ep.keys.alives(),
-                            resp.cancel_reason()
-                        );
-                        if events.send(Event::StatusRefused(why)).is_err()
-                            || events.send(Event::LeasesUnknown).is_err()
-                        {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
-                }
-                let before = present.clone();
-                for e in resp.events() {
-                    let Some(name) = e
-                        .kv()
-                        .and_then(|kv| kv.key_str().ok())
-                        .and_then(|k| k.strip_prefix(&ep.keys.alives()))
-                    else {
-                        continue;
-                    };
-                    // Our own key deleted under a live lease (by hand, a cleanup): peers would
-                    // take us as gone; put it back on the lease.
-                    if name == me.server && e.event_type() == etcd_client::EventType::Delete {
-                        put_alive(&mut client, ep, me, lease).await?;
-                        continue;
-                    }
-                    if !names.contains(name) {
-                        continue;
-                    }
-                    if e.event_type() == etcd_client::EventType::Put {
-                        present.insert(name.to_string());
-                    } else {
-                        present.remove(name);
-                    }
-                }
-                if present != before && events.send(Event::Leases(present.clone())).is_err() {
-                    return Ok(());
-                }
+                let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.alives())))?;
+                s.alive_keys(msg).await?
             }
             changed = status.changed() => {
                 if changed.is_err() {
                     // The agent is exiting: take the status key with it.
-                    let _ = client.lease_revoke(lease).await;
+                    let _ = s.client.lease_revoke(s.lease).await;
                     return Ok(());
                 }
                 let current = status.borrow_and_update().clone();
-                put(&mut client, current).await?;
+                s.put_status(current).await?;
+                true
+            }
+        };
+        if !going {
+            return Ok(()); // the agent is gone
+        }
+    }
+}
+
+/// The lease's keep-alives: sent every third of its time to live (one lost on the way does
+/// not end it), each answer telling the fence when etcd last renewed it.
+struct KeepAlive<'a> {
+    id: i64,
+    keeper: etcd_client::LeaseKeeper,
+    acks: etcd_client::LeaseKeepAliveStream,
+    period: Duration,
+    ttl: Duration,
+    answered: Instant,
+    /// When each keep-alive not answered yet was sent (bounded: the session ends after a time
+    /// to live without answers).
+    unanswered: std::collections::VecDeque<Instant>,
+    renewed: &'a watch::Sender<Renewed>,
+}
+
+impl<'a> KeepAlive<'a> {
+    fn new(lease: Lease, renewed: &'a watch::Sender<Renewed>) -> Self {
+        let ttl = Duration::from_secs(lease.ttl as u64);
+        renewed.send_replace(Some((lease.renewed_at, ttl)));
+        Self {
+            id: lease.id,
+            keeper: lease.keeper,
+            acks: lease.acks,
+            period: ttl / 3,
+            ttl,
+            answered: Instant::now(),
+            unanswered: std::collections::VecDeque::new(),
+            renewed,
+        }
+    }
+
+    /// Err when etcd has not answered for longer than the lease lives.
+    fn overdue(&self) -> anyhow::Result<()> {
+        if self.answered.elapsed() > self.ttl + self.period {
+            bail!("no answer from etcd for {:?}", self.answered.elapsed());
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, urls: &str) -> anyhow::Result<()> {
+        self.unanswered.push_back(Instant::now());
+        self.keeper
+            .keep_alive()
+            .await
+            .map_err(|e| describe(e, urls, None))
+    }
+
+    fn answered(&mut self, ack: Option<etcd_client::LeaseKeepAliveResponse>) -> anyhow::Result<()> {
+        match ack {
+            Some(a) if a.ttl() > 0 => {
+                self.answered = Instant::now();
+                // Answers come in order, one per request: etcd renewed the lease after the
+                // oldest request still unanswered was sent.
+                if let Some(sent) = self.unanswered.pop_front() {
+                    self.renewed.send_replace(Some((sent, self.ttl)));
+                }
+                Ok(())
+            }
+            Some(_) => bail!("the status key's lease expired"),
+            None => bail!("etcd closed the lease stream"),
+        }
+    }
+}
+
+/// One connection's state besides its streams. Handlers return false when the agent is gone.
+struct Session<'a> {
+    ep: &'a Endpoint,
+    me: &'a Identity,
+    events: &'a mpsc::UnboundedSender<Event>,
+    urls: String,
+    client: etcd_client::Client,
+    lease: i64,
+    /// etcd refused the status key: reported once, no status writes for the session.
+    refused: bool,
+    /// The peers asked about, the watch of their alive keys, and those present.
+    names: BTreeSet<String>,
+    leases: Option<etcd_client::WatchStream>,
+    present: BTreeSet<String>,
+}
+
+impl Session<'_> {
+    /// Writes the status on the lease.
+    async fn put_status(&mut self, s: Status) -> anyhow::Result<()> {
+        if self.refused {
+            return Ok(());
+        }
+        let key = self.ep.keys.status(&self.me.server);
+        let value = serde_json::to_vec(&s)?;
+        let options = Some(PutOptions::new().with_lease(self.lease));
+        match self.client.put(key.as_str(), value, options).await {
+            Ok(_) => Ok(()),
+            Err(e) if denied(&e) => {
+                self.refused = true;
+                let why = crate::cli::error_text(&describe(e, &self.urls, Some(&key)));
+                let _ = self.events.send(Event::StatusRefused(why));
+                Ok(())
+            }
+            Err(e) => Err(describe(e, &self.urls, Some(&key))),
+        }
+    }
+
+    /// Reads and watches the leases of the peers asked about now.
+    async fn view_leases(&mut self) -> anyhow::Result<bool> {
+        view_leases(
+            &mut self.client,
+            self.ep,
+            self.me,
+            &self.names,
+            self.events,
+            &mut self.leases,
+            &mut self.present,
+        )
+        .await
+    }
+
+    /// A response of the topology's watch.
+    async fn topology(&mut self, msg: Option<etcd_client::WatchResponse>) -> anyhow::Result<bool> {
+        let Some(resp) = msg else {
+            bail!("etcd closed the watch");
+        };
+        if resp.canceled() {
+            bail!("etcd cancelled the watch: {}", resp.cancel_reason());
+        }
+        let event = match from_events(self.ep, resp.events()) {
+            Seen::Nothing => return Ok(true),
+            Seen::Event(e) => e,
+            // Only one of the two keys: read both, from one revision.
+            Seen::Partial => {
+                let (published, _) = read_published(&mut self.client, self.ep).await?;
+                published.map_or(Event::Nothing, Event::Published)
+            }
+        };
+        Ok(self.events.send(event).is_ok())
+    }
+
+    /// A response of the alive keys' watch: peers come and go; our own key deleted under a
+    /// live lease (by hand, a cleanup) is put back, or peers would take us as gone.
+    async fn alive_keys(
+        &mut self,
+        msg: Option<etcd_client::WatchResponse>,
+    ) -> anyhow::Result<bool> {
+        let Some(resp) = msg else {
+            bail!("etcd closed the lease watch");
+        };
+        if resp.canceled() {
+            // A watch etcd's roles refuse is cancelled, not refused at creation.
+            if !resp.cancel_reason().contains("permission denied") {
+                bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
+            }
+            self.leases = None;
+            self.present.clear();
+            let why = format!(
+                "permission denied by etcd on key {}: {} (this identity's role does not cover it: roles from before alive keys? run `fleet init` again)",
+                self.ep.keys.alives(),
+                resp.cancel_reason()
+            );
+            return Ok(self.events.send(Event::StatusRefused(why)).is_ok()
+                && self.events.send(Event::LeasesUnknown).is_ok());
+        }
+        let before = self.present.clone();
+        let prefix = self.ep.keys.alives();
+        for e in resp.events() {
+            let Some(name) = e
+                .kv()
+                .and_then(|kv| kv.key_str().ok())
+                .and_then(|k| k.strip_prefix(&prefix))
+            else {
+                continue;
+            };
+            let deleted = e.event_type() == etcd_client::EventType::Delete;
+            if name == self.me.server && deleted {
+                put_alive(&mut self.client, self.ep, self.me, self.lease).await?;
+            } else if self.names.contains(name) {
+                if deleted {
+                    self.present.remove(name);
+                } else {
+                    self.present.insert(name.to_string());
+                }
             }
         }
+        Ok(self.present == before
+            || self
+                .events
+                .send(Event::Leases(self.present.clone()))
+                .is_ok())
     }
 }
 
