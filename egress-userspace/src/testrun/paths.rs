@@ -1,7 +1,7 @@
 //! The path catalogue: one fixture per datapath path of server `a` of [`super::FIXTURE_TOPOLOGY`]
 //! — its packet at any frame size (from the layered builder in [`super::packet`]), the state it
 //! needs first, the output it must give and the counter it moves. The packet tests check every
-//! fixture at both frame sizes (`tests/packets.rs`); the per-packet benchmark checks each the
+//! fixture at both frame sizes (`tests/packets/catalogue.rs`); the per-packet benchmark checks each the
 //! same way before timing it, so it never times a packet that does the wrong thing.
 
 use std::net::IpAddr;

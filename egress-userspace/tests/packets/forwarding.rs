@@ -1,0 +1,585 @@
+//! Forwarding and the tunnel: encapsulation, GRE from peers, soft-unicast, replies from
+//! their own peer only, tunnel MTU, probes.
+
+use super::*;
+
+#[test]
+fn forwarding_paths() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+
+    // 1. A new connection to gamma (held by b): encapsulated to b with key 9, MSS clamped.
+    let syn = packet::tcp_with_mss(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        5000,
+        80,
+        TCP_SYN,
+        1460,
+    );
+    let out = dp.run(Hook::Egress, 0, &syn).unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "forward: leaves through the uplink");
+    let inner = check_encapsulated(
+        "forward SYN",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    assert_eq!(
+        parse(&inner),
+        parse(&syn),
+        "forward SYN: inner addresses and ports untouched"
+    );
+    assert_eq!(
+        packet::mss_of(&inner),
+        1432,
+        "forward SYN: MSS clamped to fit the tunnel"
+    );
+    assert_eq!(
+        (dp.counter(Stat::ForwardNew), dp.counter(Stat::MssClamped)),
+        (1, 1)
+    );
+
+    // 2. The next packet of the connection follows the recorded path.
+    let ack = tcp("10.50.0.11", 5000, "203.0.113.200", 80, TCP_ACK);
+    let out = dp.run(Hook::Egress, 0, &ack).unwrap();
+    let inner = check_encapsulated(
+        "forward ACK",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    assert_eq!(
+        inner[14..],
+        ack[14..],
+        "forward ACK: inner packet unchanged"
+    );
+    assert_eq!(dp.counter(Stat::ForwardEstablished), 1);
+
+    // 3. b returns the SYN-ACK in GRE: decapsulated, MSS clamped, delivered.
+    let synack = packet::tcp_with_mss(
+        ip("203.0.113.200"),
+        ip("10.50.0.11"),
+        80,
+        5000,
+        TCP_SYN | TCP_ACK,
+        1460,
+    );
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, reply_key(9), &synack),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "forwarded reply delivered");
+    assert_eq!(
+        parse(&out.packet),
+        parse(&synack),
+        "forwarded reply: decapsulated"
+    );
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1432,
+        "forwarded reply: MSS clamped"
+    );
+    verify_checksums(&out.packet).unwrap();
+    assert_eq!(dp.counter(Stat::ForwardedReply), 1);
+
+    // 4. b forwards one of its connections for acme to a: decapsulated, translated with a's
+    //    share, sent to the origin's gateway.
+    let req = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &req),
+        )
+        .unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "peer SNAT: redirected out of the uplink"
+    );
+    assert_eq!(
+        &out.packet[0..6],
+        &egress::testrun::GATEWAY_MAC,
+        "peer SNAT: towards the origin's gateway"
+    );
+    assert_eq!(&out.packet[6..12], &net.mac);
+    let o = parse(&out.packet);
+    assert_eq!(o.src, ip("192.0.2.10"), "peer SNAT: pool address");
+    assert!(
+        (40000..=40999).contains(&o.sport),
+        "peer SNAT: a's port range"
+    );
+    assert_eq!((o.dst, o.dport), (ip("203.0.113.1"), 80));
+    verify_checksums(&out.packet).unwrap();
+    assert_eq!(dp.counter(Stat::PeerSnat), 1);
+
+    // 5. The origin's reply is translated back and encapsulated to b, which owns the socket.
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", o.sport, TCP_SYN | TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &reply).unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "reply re-encapsulated and redirected"
+    );
+    let inner = check_encapsulated(
+        "reply re-encap",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        reply_key(7),
+    );
+    let r = parse(&inner);
+    assert_eq!(
+        (r.dst, r.dport),
+        (ip("10.50.0.12"), 6000),
+        "reply goes back to b's socket"
+    );
+    assert_eq!((r.src, r.sport), (ip("203.0.113.1"), 80));
+    assert_eq!(dp.counter(Stat::ReplyReencap), 1);
+
+    // 6. A packet to a port of 192.0.2.10 that b owns goes to b unchanged (soft-unicast).
+    let stray = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &stray).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "soft-unicast redirected");
+    let inner = check_encapsulated(
+        "soft-unicast",
+        &net,
+        &out.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        soft_key(7),
+    );
+    assert_eq!(
+        inner[14..],
+        packet::hopped(&stray)[14..],
+        "soft-unicast: inner packet unchanged but for the TTL"
+    );
+    assert_eq!(dp.counter(Stat::SoftUnicast), 1);
+
+    // 7. A packet to a port a owns but no connection uses is passed (the stack answers it).
+    let own = tcp("203.0.113.1", 80, "192.0.2.10", 40998, TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &own).unwrap();
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &own),
+        "own range, no flow: passed"
+    );
+}
+
+#[test]
+fn gre_is_accepted_from_known_peers_only() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let unknown = packet::gre_frame([10, 50, 9, 9], A, conn_key(7), &inner);
+    let mut no_key = packet::gre_frame(B, A, conn_key(7), &inner);
+    no_key[14 + 20] = 0; // clear the key flag
+    let mut ipv6_inside = packet::gre_frame(B, A, conn_key(7), &inner);
+    ipv6_inside[14 + 22..14 + 24].copy_from_slice(&[0x86, 0xdd]);
+    // gamma (key 9) covers 203.0.113.128/25 and a holds no share of it.
+    let not_held = packet::gre_frame(
+        B,
+        A,
+        conn_key(9),
+        &tcp("10.50.0.12", 6000, "203.0.113.200", 80, TCP_SYN),
+    );
+    // acme (key 7) has no policy towards 198.51.100.1: a peer may not use a's share for it.
+    let off_policy = packet::gre_frame(
+        B,
+        A,
+        conn_key(7),
+        &tcp("10.50.0.12", 6000, "198.51.100.1", 80, TCP_SYN),
+    );
+    // A reply-shaped packet (to a pool address) that no connection here explains.
+    let stray_reply = packet::gre_frame(
+        B,
+        A,
+        conn_key(7),
+        &tcp("203.0.113.1", 80, "192.0.2.10", 40500, TCP_SYN | TCP_ACK),
+    );
+    let fixtures = [
+        Fixture {
+            name: "GRE from an unknown source",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: unknown,
+            want: Want::Dropped,
+            counter: Stat::GreUnknownPeer,
+        },
+        Fixture {
+            name: "GRE without a key",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: no_key,
+            want: Want::Dropped,
+            counter: Stat::GreMalformed,
+        },
+        Fixture {
+            name: "GRE carrying IPv6",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: ipv6_inside,
+            want: Want::Dropped,
+            counter: Stat::GreMalformed,
+        },
+        Fixture {
+            name: "forwarded request for a pool not held here",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: not_held,
+            want: Want::Dropped,
+            counter: Stat::PeerNotHeld,
+        },
+        Fixture {
+            name: "forwarded request to a destination no policy of its pool covers",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: off_policy,
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        },
+        Fixture {
+            name: "forwarded packet only a reply could explain creates nothing",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: stray_reply,
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        },
+    ];
+    for f in &fixtures {
+        check(&mut dp, f);
+    }
+    assert_eq!(
+        dp.maps.flows.iter().count(),
+        0,
+        "refused peer packets left no flow entries"
+    );
+}
+
+#[test]
+fn tunnels_never_carry_packets_larger_than_the_uplink() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    // 192.0.2.10 is shared with b: replies may come back through a tunnel, so the SYN of a
+    // connection translated here is clamped too.
+    let shared = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9000, 80, TCP_SYN, 1460);
+    let out = dp.run(Hook::Egress, 0, &shared).unwrap();
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1432,
+        "shared address: MSS leaves room for the tunnel"
+    );
+    verify_checksums(&out.packet).unwrap();
+    // 192.0.2.20 (beta, mark 42) is a only: its replies never travel in a tunnel.
+    let own = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9001, 80, TCP_SYN, 1460);
+    let out = dp.run(Hook::Egress, 42, &own).unwrap();
+    assert_eq!(
+        packet::mss_of(&out.packet),
+        1460,
+        "unshared address: MSS untouched"
+    );
+
+    // A full-size packet (not GSO) cannot be encapsulated into a 1500-byte uplink: refused and
+    // counted, not lost silently in the device.
+    let big = build(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        L4::Udp {
+            sport: 9002,
+            dport: 53,
+        },
+        &[0u8; 1472],
+    );
+    assert_eq!(big.len(), 14 + 1500);
+    let before = dp.counter(Stat::EncapTooBig);
+    let out = dp.run(Hook::Egress, 0, &big).unwrap();
+    assert_eq!(
+        out.verdict,
+        egress::testrun::TC_ACT_SHOT,
+        "too big for the tunnel"
+    );
+    assert_eq!(dp.counter(Stat::EncapTooBig), before + 1);
+    // One that fits after the 28 bytes goes through.
+    let fits = build(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        L4::Udp {
+            sport: 9003,
+            dport: 53,
+        },
+        &[0u8; 1444],
+    );
+    assert_eq!(dp.run(Hook::Egress, 0, &fits).unwrap().verdict, TC_ACT_OK);
+}
+
+/// Unsolicited packets to a pool address, brought by soft-unicast, never become a peer's
+/// connection, even when a policy covers the pool address itself (here 0.0.0.0/0): that would
+/// claim a port, send the packet back to the announcer and round again.
+#[test]
+fn soft_unicast_strays_create_nothing_even_under_a_catch_all_policy() {
+    let topology = format!(
+        "{TOPOLOGY}\n[[policies]]\npool = \"acme\"\nmark = 99\ndestinations = [\"0.0.0.0/0\"]\n"
+    );
+    let (_net, mut dp) = datapath(&topology);
+    // Whether it says it is soft-unicast (it matches no connection) or a connection (to a pool
+    // address).
+    for (key, counter) in [
+        (soft_key(7), Stat::TunnelKind),
+        (conn_key(7), Stat::PeerPolicy),
+    ] {
+        for (sport, dport) in [(80, 40500), (4444, 41500), (53, 2500)] {
+            let stray = packet::gre_frame(
+                B,
+                A,
+                key,
+                &tcp("198.51.100.9", sport, "192.0.2.10", dport, TCP_SYN),
+            );
+            let f = Fixture {
+                name: "a stray to a pool address in a tunnel",
+                hook: Hook::Ingress,
+                mark: 0,
+                packet: stray,
+                want: Want::Dropped,
+                counter,
+            };
+            check(&mut dp, &f);
+        }
+    }
+    assert_eq!(dp.maps.flows.iter().count(), 0, "no state created");
+}
+
+/// A second peer's packet on the first peer's connection tuple neither refreshes nor takes it.
+#[test]
+fn another_peer_cannot_touch_a_peers_connection() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6100, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    let port = parse(&out.packet).sport;
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    for flags in [packet::TCP_RST, TCP_SYN, packet::TCP_FIN | TCP_ACK] {
+        let theirs = tcp("10.50.0.12", 6100, "203.0.113.1", 80, flags);
+        let f = Fixture {
+            name: "c on b's connection",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame([10, 50, 0, 13], A, conn_key(7), &theirs),
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        };
+        check(&mut dp, &f);
+    }
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(
+        before, after,
+        "b's entries untouched (times, flags, binding)"
+    );
+    let again = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
+}
+
+/// Every tunnel check is strict: GRE must be addressed to this server, and a forwarded
+/// connection's replies (and ICMP errors about it) come back only from the peer it went to.
+#[test]
+fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6200, "203.0.113.1", 80, TCP_SYN);
+    let f = Fixture {
+        name: "GRE from a peer to another fabric address",
+        hook: Hook::Ingress,
+        mark: 0,
+        packet: packet::gre_frame(B, [10, 50, 0, 99], conn_key(7), &inner),
+        want: Want::Dropped,
+        counter: Stat::GreNotLocal,
+    };
+    check(&mut dp, &f);
+    // a forwards a gamma connection to b; c answers in b's place.
+    let syn = tcp("10.50.0.11", 5500, "203.0.113.200", 80, TCP_SYN);
+    dp.run(Hook::Egress, 0, &syn).unwrap();
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    let synack = tcp("203.0.113.200", 80, "10.50.0.11", 5500, TCP_SYN | TCP_ACK);
+    let err = packet::icmp_error(
+        ip("198.51.100.254"),
+        ip("10.50.0.11"),
+        (3, 4),
+        1300,
+        &syn,
+        1000,
+    );
+    for (name, p) in [("reply", &synack), ("ICMP error", &err)] {
+        let f = Fixture {
+            name,
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame([10, 50, 0, 13], A, reply_key(9), p),
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        };
+        check(&mut dp, &f);
+    }
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(before, after, "the forwarded entry untouched");
+    // From b itself, both are delivered.
+    for p in [&synack, &err] {
+        let before = dp.counter(Stat::ForwardedReply);
+        let out = dp
+            .run(Hook::Ingress, 0, &packet::gre_frame(B, A, reply_key(9), p))
+            .unwrap();
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(
+            dp.counter(Stat::ForwardedReply),
+            before + 1,
+            "from its peer"
+        );
+    }
+}
+
+/// A forwarded connection's tuple reused after the socket's FIN is a new connection: it takes
+/// the path the plan in force gives (here: no policy any more, so untouched), not the old
+/// connection's peer; a SYN on an open forwarded entry (a retransmission) keeps its peer.
+#[test]
+fn a_reopened_forwarded_tuple_follows_the_plan_in_force() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    let to_gamma = |sport: u16, flags: u8| tcp("10.50.0.11", sport, "203.0.113.200", 80, flags);
+    for sport in [5100, 5101] {
+        let out = dp.run(Hook::Egress, 0, &to_gamma(sport, TCP_SYN)).unwrap();
+        check_encapsulated(
+            "forward",
+            &net,
+            &out.packet,
+            egress::testrun::PEER_MAC,
+            B,
+            conn_key(9),
+        );
+    }
+    let fin = dp
+        .run(Hook::Egress, 0, &to_gamma(5100, packet::TCP_FIN | TCP_ACK))
+        .unwrap();
+    check_encapsulated(
+        "FIN",
+        &net,
+        &fin.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    // The plan changes: no policy sends gamma's traffic anywhere now.
+    let mut c = Config::parse(TOPOLOGY, "test").unwrap();
+    c.policies.clear();
+    let t = validate::validate(&c).unwrap();
+    dp.maps
+        .plan
+        .apply(&egress::plan::map_contents(
+            &t,
+            &egress::plan::plan(&t, "a"),
+        ))
+        .unwrap();
+    let forwarded_before = dp.counter(Stat::ForwardEstablished);
+    let retransmitted = dp.run(Hook::Egress, 0, &to_gamma(5101, TCP_SYN)).unwrap();
+    check_encapsulated(
+        "a SYN on an open forwarded entry",
+        &net,
+        &retransmitted.packet,
+        egress::testrun::PEER_MAC,
+        B,
+        conn_key(9),
+    );
+    assert_eq!(
+        dp.counter(Stat::ForwardEstablished),
+        forwarded_before + 1,
+        "the open connection keeps its peer"
+    );
+    let reopened = to_gamma(5100, TCP_SYN);
+    let out = dp.run(Hook::Egress, 0, &reopened).unwrap();
+    assert_eq!(
+        out.packet, reopened,
+        "the reopened tuple is a new connection under the new plan (no policy: untouched)"
+    );
+    assert_eq!(dp.counter(Stat::EgressNoPolicy), 1);
+    let ports: Vec<u16> = dp
+        .maps
+        .flows
+        .keys()
+        .map(|k| u16::from_be(k.unwrap().src_port_be))
+        .collect();
+    assert_eq!(
+        ports,
+        [5101],
+        "the closed connection's forwarded entry is gone, the open one stays"
+    );
+}
+
+/// A probe request is reflected to its sender by the path tunnels take; while the agent has
+/// fenced this server (`LOCAL.fenced`: its lease cannot be renewed) the reflection says so in
+/// its pool bits. Replies of either kind go up to the agent's socket.
+#[test]
+fn probes_are_reflected_and_say_when_this_server_is_fenced() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 1, "10.50.0.11", 1, TCP_SYN);
+    let request = packet::gre_frame(
+        B,
+        A,
+        tunnel::key(tunnel::PROBE, tunnel::PROBE_REQUEST),
+        &inner,
+    );
+    for (fenced, bits) in [
+        (false, tunnel::PROBE_REPLY),
+        (true, tunnel::PROBE_REPLY_FENCED),
+        (false, tunnel::PROBE_REPLY),
+    ] {
+        dp.maps.set_fenced(fenced).unwrap();
+        let before = dp.counter(Stat::ProbeEchoed);
+        let out = dp.run(Hook::Ingress, 0, &request).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "fenced {fenced}: sent back");
+        let echoed = check_encapsulated(
+            &format!("probe echo, fenced {fenced}"),
+            &net,
+            &out.packet,
+            egress::testrun::PEER_MAC,
+            B,
+            tunnel::key(tunnel::PROBE, bits),
+        );
+        assert_eq!(
+            echoed[14..],
+            inner[14..],
+            "the probe's payload is untouched"
+        );
+        assert_eq!(dp.counter(Stat::ProbeEchoed), before + 1);
+    }
+    for bits in [tunnel::PROBE_REPLY, tunnel::PROBE_REPLY_FENCED] {
+        let f = Fixture {
+            name: "a probe reply, fenced or not",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame(B, A, tunnel::key(tunnel::PROBE, bits), &inner),
+            want: Want::Unchanged,
+            counter: Stat::ProbeReply,
+        };
+        check(&mut dp, &f);
+    }
+    let f = Fixture {
+        name: "a probe of unknown pool bits",
+        hook: Hook::Ingress,
+        mark: 0,
+        packet: packet::gre_frame(B, A, tunnel::key(tunnel::PROBE, 4), &inner),
+        want: Want::Dropped,
+        counter: Stat::TunnelKind,
+    };
+    check(&mut dp, &f);
+}
