@@ -50,14 +50,18 @@ fn converge(lab: &Lab, revision: i64) -> Duration {
     }
 }
 
+/// What `server`'s agent serves at /metrics.
+fn metrics(lab: &Lab, server: &str) -> String {
+    lab.run(
+        &lab.server_ns(server),
+        "curl",
+        &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
+    )
+    .expect("metrics")
+}
+
 fn metric(lab: &Lab, server: &str, name: &str) -> f64 {
-    let text = lab
-        .run(
-            &lab.server_ns(server),
-            "curl",
-            &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
-        )
-        .expect("metrics");
+    let text = metrics(lab, server);
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
@@ -65,13 +69,7 @@ fn metric(lab: &Lab, server: &str, name: &str) -> f64 {
 
 /// How many times `server` saw `peer` go down or come back.
 fn peer_transitions(lab: &Lab, server: &str, peer: &str) -> f64 {
-    let text = lab
-        .run(
-            &lab.server_ns(server),
-            "curl",
-            &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
-        )
-        .expect("metrics");
+    let text = metrics(lab, server);
     let label = format!("egress_peer_transitions_total{{server=\"{peer}\",");
     text.lines()
         .find_map(|l| l.strip_prefix(&label)?.rsplit_once(' ')?.1.parse().ok())
