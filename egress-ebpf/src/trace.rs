@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     Global,
-    btf_maps::{PerCpuArray, ProgramArray},
+    btf_maps::ProgramArray,
     helpers::bpf_get_prandom_u32,
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -24,10 +24,6 @@ static TRACE_EVERY: Global<u32> = Global::new(0);
 #[btf_map]
 static TRACE_PROG: ProgramArray<1> = ProgramArray::new();
 
-/// The decision being handed to `tc_trace`: counter, TC return code.
-#[btf_map]
-static TRACE_DECISION: PerCpuArray<[u32; 2], 1> = PerCpuArray::new();
-
 /// Off, this is one load of a constant the verifier knows and a branch it removes. On and
 /// sampled, it does not return: `tc_trace` logs and returns `code`.
 #[inline(always)]
@@ -40,22 +36,23 @@ pub fn decision(ctx: &TcContext, stat: Stat, code: i32) {
     if unsafe { bpf_get_prandom_u32() } % every != 0 {
         return;
     }
-    if let Some(d) = TRACE_DECISION.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot of a per-CPU array, read back by the program tail-called
-        // next on the same CPU.
-        unsafe { *d = [stat as u32, code as u32] };
-        // SAFETY: a tail call; on failure (no program) the caller returns `code` itself.
-        unsafe { TRACE_PROG.tail_call(ctx, 0) };
+    // The decision travels with the packet (the skb's control block, which TC programs own
+    // while they run), not through memory another packet could write in between.
+    let skb = ctx.skb.skb;
+    // SAFETY: the verifier-checked context of this program; cb[0..2] are writable from TC.
+    unsafe {
+        (*skb).cb[0] = stat as u32;
+        (*skb).cb[1] = code as u32;
     }
+    // SAFETY: a tail call; on failure (no program) the caller returns `code` itself.
+    unsafe { TRACE_PROG.tail_call(ctx, 0) };
 }
 
 /// Logs the decision `decision` handed over, and returns its code.
 #[classifier]
 pub fn tc_trace(ctx: TcContext) -> i32 {
-    // SAFETY: this CPU's slot, written just before the tail call.
-    let Some(&[stat, code]) = TRACE_DECISION.get_ptr(0).map(|d| unsafe { &*d }) else {
-        return aya_ebpf::bindings::TC_ACT_OK;
-    };
+    // Written by `decision` just before the tail call, for this packet.
+    let (stat, code) = (ctx.cb()[0], ctx.cb()[1]);
     // Numbers, named in userspace (`egress::loader::trace_line`): a name per counter would be
     // a path per counter for the verifier.
     match ctx.load::<u16>(12).map(u16::from_be) {

@@ -725,13 +725,13 @@ impl Agent {
 
     /// Takes this server out of new connections from its peers (its programs answer probes
     /// "fenced") while its lease cannot be renewed, or back in.
-    fn fence(&mut self, fenced: bool) {
+    pub fn fence(&mut self, fenced: bool) {
         if let Some(f) = self.fleet.as_mut() {
             f.fenced = fenced;
         }
         if fenced {
             warn!(
-                "lease not renewed for {:.0} % of its time to live: fenced (probes are answered \"fenced\": peers take no new connections here; connections in place keep working)",
+                "lease not renewed for {:.0} % of its time to live: fenced (probes are answered \"fenced\": peers take no new connections here and reset the connections they forwarded here once they confirm it)",
                 crate::fleet::watch::FENCE_AFTER * 100.0
             );
         } else {
@@ -894,7 +894,8 @@ impl Agent {
         let changed = {
             let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
             l.leases(present);
-            !l.evaluate(std::time::Instant::now()).is_empty()
+            // Between the prober's rounds: their probes in flight are not overdue.
+            !l.evaluate_in_round(std::time::Instant::now()).is_empty()
         };
         if changed {
             self.liveness_changed();

@@ -129,6 +129,16 @@ impl PeerState {
     }
 }
 
+/// Whether this agent's renewal `r` confirms a fence first answered at `since`: etcd renewed
+/// our lease after it, and had been answering us without a gap since a fence delay before it
+/// (or, our own run of renewals younger, for a whole fence delay since). So when etcd itself
+/// was away (an outage, a leader election: every agent fences), the peers that renew first
+/// do not take down those a keep-alive period behind them.
+fn confirms(r: &crate::fleet::watch::Renewal, since: Instant) -> bool {
+    let delay = r.ttl.mul_f64(crate::fleet::watch::FENCE_AFTER);
+    r.at > since.max(r.run_since + delay)
+}
+
 /// Every next hop's state, by fabric address.
 #[derive(Debug, Clone)]
 pub struct Liveness {
@@ -136,7 +146,7 @@ pub struct Liveness {
     pub hold_down: Duration,
     /// When this agent's own lease was last renewed (fleet mode): what confirms a peer's
     /// fence. None: never (file mode, or etcd away since the start): fences never count.
-    pub renewed: Option<Instant>,
+    pub renewed: crate::fleet::watch::Renewed,
 }
 
 impl Liveness {
@@ -190,17 +200,28 @@ impl Liveness {
         }
     }
 
-    /// Applies the rules at `now`; returns the peers whose state changed.
+    /// Applies the rules at `now`, the end of a probe round; returns the peers whose state
+    /// changed.
     pub fn evaluate(&mut self, now: Instant) -> Vec<Ipv4Addr> {
+        self.evaluate_with(now, 0)
+    }
+
+    /// [`Self::evaluate`] in the middle of a round: the probe sent at its start is not
+    /// overdue yet (its answer may still come).
+    pub fn evaluate_in_round(&mut self, now: Instant) -> Vec<Ipv4Addr> {
+        self.evaluate_with(now, 1)
+    }
+
+    fn evaluate_with(&mut self, now: Instant, pending: u32) -> Vec<Ipv4Addr> {
         let mut changed = Vec::new();
         for (a, p) in self.peers.iter_mut() {
             // "Missed" counts probes whose answer is overdue: the one just sent is not. A peer
             // that never answered gets a grace period first.
-            let missed = p.unanswered > MISSES
+            let missed = p.unanswered > MISSES + pending
                 && (p.proven || now.saturating_duration_since(p.watched_since) >= GRACE);
             if p.fenced {
                 let since = *p.fenced_since.get_or_insert(now);
-                p.fence_confirmed |= self.renewed.is_some_and(|r| r > since);
+                p.fence_confirmed |= self.renewed.is_some_and(|r| confirms(&r, since));
             }
             let lost = missed || p.lease_lost() || p.fence_confirmed;
             let down = if lost {
@@ -362,7 +383,8 @@ impl Prober {
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
             if n <= 0 {
                 return got;
             }
@@ -466,7 +488,13 @@ pub fn spawn(
                     for (from, rtt, fenced) in replies {
                         l.reply(from, rtt, fenced);
                     }
-                    if !l.evaluate(Instant::now()).is_empty() && changed.send(()).is_err() {
+                    let now = Instant::now();
+                    let moved = if now >= end {
+                        l.evaluate(now)
+                    } else {
+                        l.evaluate_in_round(now)
+                    };
+                    if !moved.is_empty() && changed.send(()).is_err() {
                         return;
                     }
                     if !nudged
@@ -476,7 +504,7 @@ pub fn spawn(
                         r.nudge.notify_one();
                         nudged = true;
                     }
-                    if left.is_zero() {
+                    if Instant::now() >= end {
                         break;
                     }
                 }
@@ -656,9 +684,10 @@ mod tests {
                 vec![r(true, None, false), r(true, None, false)],
             ),
         ];
+        let t0 = Instant::now();
         for (name, rounds) in cases {
             let (mut l, a) = one();
-            let mut now = Instant::now();
+            let mut now = t0 + Duration::from_secs(10);
             for (i, round) in rounds.iter().enumerate() {
                 l.sent();
                 if round.replies {
@@ -679,7 +708,12 @@ mod tests {
                 // The answers are acted on; then (maybe) this agent's own renewal comes.
                 l.evaluate(now);
                 if round.renewed {
-                    l.renewed = Some(now + Duration::from_micros(1));
+                    // A renewal after the answers, etcd answering us for long.
+                    l.renewed = Some(crate::fleet::watch::Renewal {
+                        at: now + Duration::from_micros(1),
+                        ttl: Duration::from_secs(1),
+                        run_since: t0,
+                    });
                 }
                 l.evaluate(now + Duration::from_micros(2));
                 assert_eq!(l.peers[&a].down, round.down, "{name}: round {i}");
@@ -692,6 +726,83 @@ mod tests {
                 now += PROBE_INTERVAL;
             }
         }
+    }
+
+    /// A fence counts only with etcd answering us across it: rows are (our run of renewals
+    /// began, our renewal, the fenced answer came) in ms, and whether that confirms it.
+    #[test]
+    fn a_fence_is_confirmed_only_by_renewals_without_a_gap_across_it() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let rows = [
+            (
+                "healthy for long, renewed after the answer",
+                0,
+                5_010,
+                5_000,
+                true,
+            ),
+            (
+                "healthy for long, last renewal before the answer",
+                0,
+                4_990,
+                5_000,
+                false,
+            ),
+            (
+                "etcd back 100 ms ago (an outage, an election)",
+                4_900,
+                5_010,
+                5_000,
+                false,
+            ),
+            (
+                "etcd back, renewing for a whole fence delay since",
+                4_900,
+                5_700,
+                5_000,
+                true,
+            ),
+            (
+                "etcd back, not quite a fence delay",
+                4_900,
+                5_640,
+                5_000,
+                false,
+            ),
+        ];
+        for (name, run, at, since, want) in rows {
+            let r = crate::fleet::watch::Renewal {
+                at: ms(at),
+                ttl: Duration::from_secs(1),
+                run_since: ms(run),
+            };
+            assert_eq!(confirms(&r, ms(since)), want, "{name}");
+        }
+    }
+
+    /// Mid-round, the probe just sent is not overdue: three missed and the fourth pending
+    /// is not down until the round ends unanswered.
+    #[test]
+    fn misses_count_at_the_end_of_a_round() {
+        let (mut l, a) = one();
+        let t0 = Instant::now();
+        l.sent();
+        l.reply(a, Duration::from_micros(80), false);
+        l.evaluate(t0);
+        for _ in 0..4 {
+            l.sent();
+        }
+        assert!(
+            l.evaluate_in_round(t0).is_empty(),
+            "its answer may still come"
+        );
+        l.reply(a, Duration::from_micros(80), false);
+        assert!(l.evaluate(t0).is_empty(), "answered within the round: up");
+        for _ in 0..4 {
+            l.sent();
+        }
+        assert_eq!(l.evaluate(t0), vec![a], "the round ended unanswered");
     }
 
     #[test]

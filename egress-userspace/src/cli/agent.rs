@@ -138,6 +138,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => (None, None),
         };
         let (thread, renewals) = thread.unzip();
+        // A fence said while the agent waited for its first topology was not applied.
+        if let Some(r) = renewals.as_ref().and_then(|r| r.last())
+            && std::time::Instant::now() >= r.at + r.ttl.mul_f64(fleet::watch::FENCE_AFTER)
+        {
+            agent.fence(true);
+        }
         let liveness = agent.start_liveness(hold_down, renewals)?;
         // The address actually bound (`--metrics-addr 127.0.0.1:0` picks a port).
         let metrics_at = listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -352,7 +358,7 @@ async fn first_topology(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
             )),
             // Nothing is planned yet: leases matter once it is; nothing is attached to fence
-            // (and the topology comes before the lease in a session).
+            // (the state is looked at again once the agent has started).
             Event::Leases(_) | Event::LeasesUnknown | Event::Fenced(_) => {}
             Event::StatusRefused(why) => say(format!(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"

@@ -53,7 +53,30 @@ pub const FENCE_AFTER: f64 = 0.75;
 /// When the lease holding the alive key was last renewed (the send time of the request etcd
 /// answered), and its time to live. None: no lease yet (nothing to fence: peers have not seen
 /// this agent).
-pub type Renewed = Option<(Instant, Duration)>;
+pub type Renewed = Option<Renewal>;
+
+/// One renewal of this agent's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Renewal {
+    /// When the request etcd answered was sent (etcd renewed the lease after it).
+    pub at: Instant,
+    /// The lease's time to live.
+    pub ttl: Duration,
+    /// Since when renewals have come without a gap (none more than a keep-alive period and a
+    /// half after the one before): how long etcd has been answering this agent.
+    pub run_since: Instant,
+}
+
+impl Renewal {
+    /// The renewal at `at` following `previous`.
+    pub fn after(previous: Renewed, at: Instant, ttl: Duration) -> Self {
+        let gap = (ttl / 3).mul_f64(1.5);
+        let run_since = previous
+            .filter(|p| at.saturating_duration_since(p.at) <= gap)
+            .map_or(at, |p| p.run_since);
+        Self { at, ttl, run_since }
+    }
+}
 
 /// This agent's renewals, for its prober: a peer's fenced answer counts only once this agent
 /// has itself renewed its lease after receiving it (proof that etcd is there, and that the
@@ -73,9 +96,9 @@ impl Renewals {
         (tx, Self { renewed, nudge })
     }
 
-    /// When this agent's lease was last renewed.
-    pub fn last(&self) -> Option<Instant> {
-        self.renewed.borrow().map(|(at, _)| at)
+    /// This agent's last renewal.
+    pub fn last(&self) -> Renewed {
+        *self.renewed.borrow()
     }
 }
 
@@ -102,8 +125,8 @@ pub async fn run(
     let fenced = renewed.subscribe();
     let link = Link {
         events: &events,
-        renewed: &renewed,
-        nudge: &nudge,
+        renewed: std::sync::Arc::new(renewed),
+        nudge,
     };
     tokio::select! {
         () = sessions(&ep, &me, &link, &mut status, &mut interest) => {}
@@ -114,8 +137,8 @@ pub async fn run(
 /// What a session reports to and hears from the agent besides status and interest.
 struct Link<'a> {
     events: &'a mpsc::UnboundedSender<Event>,
-    renewed: &'a watch::Sender<Renewed>,
-    nudge: &'a tokio::sync::Notify,
+    renewed: std::sync::Arc<watch::Sender<Renewed>>,
+    nudge: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Says [`Event::Fenced`] when the renew deadline passes with no renewal (across sessions: a
@@ -126,7 +149,7 @@ async fn fence(mut renewed: watch::Receiver<Renewed>, events: &mpsc::UnboundedSe
     loop {
         let deadline = renewed
             .borrow_and_update()
-            .map(|(at, ttl)| at + ttl.mul_f64(FENCE_AFTER));
+            .map(|r| r.at + r.ttl.mul_f64(FENCE_AFTER));
         let late = deadline.is_some_and(|d| Instant::now() >= d);
         if late != fenced {
             fenced = late;
@@ -259,7 +282,7 @@ async fn session(
     interest: &mut watch::Receiver<BTreeSet<String>>,
     kept: &mut Option<(i64, i64)>,
 ) -> anyhow::Result<()> {
-    let (events, renewed) = (link.events, link.renewed);
+    let events = link.events;
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
     let (published, at) = read_published(&mut client, ep).await?;
@@ -280,20 +303,24 @@ async fn session(
         )
         .await
         .map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))?;
-    let lease = keep_or_grant(&mut client, &urls, me, kept.take()).await?;
+    let lease = keep_or_grant(&mut client, &urls, me, *kept).await?;
     *kept = Some((lease.id, lease.ttl));
     // The peers' view of this agent: written once per session, on the lease (and again if it
     // is deleted under it). Peers watch this key and not the status key, which changes with
     // every plan (a publish would otherwise fan out to every watcher of every agent).
     let alive_refused = put_alive(&mut client, ep, me, lease.id).await?;
-    let mut keep = KeepAlive::new(lease, renewed);
+    let id = lease.id;
+    // The keep-alives on a task of their own: a slow request of the session (a status put
+    // during a publish, a read) never delays them, nor the answers that feed the fence.
+    let keep = KeepAlive::new(lease, link.renewed.clone(), link.nudge.clone());
+    let mut keeping = AbortOnDrop(tokio::spawn(keep.run(urls.clone())));
     let mut s = Session {
         ep,
         me,
         events,
         urls,
         client,
-        lease: keep.id,
+        lease: id,
         refused: false,
         names: interest.borrow_and_update().clone(),
         leases: None,
@@ -313,24 +340,13 @@ async fn session(
     if !s.view_leases().await? {
         return Ok(());
     }
-    let mut tick = tokio::time::interval(keep.period);
     loop {
         let going = tokio::select! {
-            _ = tick.tick() => {
-                keep.overdue()?;
-                keep.send(&s.urls).await?;
-                true
-            }
-            // The prober wants proof that etcd answers us now (a peer says it is fenced).
-            () = link.nudge.notified() => {
-                keep.send(&s.urls).await?;
-                true
-            }
-            ack = keep.acks.message() => {
-                let ack = ack.map_err(|e| describe(e, &s.urls, None))?;
-                keep.answered(ack)?;
-                true
-            }
+            ended = &mut keeping.0 => match ended {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => bail!("the keep-alives ended"),
+                Err(e) => bail!("the keep-alive task: {e}"),
+            },
             msg = stream.message() => {
                 let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.topology())))?;
                 s.topology(msg).await?
@@ -368,27 +384,41 @@ async fn session(
     }
 }
 
+/// Aborts the task when the session ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The lease's keep-alives: sent every third of its time to live (one lost on the way does
-/// not end it), each answer telling the fence when etcd last renewed it.
-struct KeepAlive<'a> {
-    id: i64,
+/// not end it), and at once when the prober asks (`nudge`: a peer says it is fenced); each
+/// answer tells the fence and the prober when etcd last renewed it.
+struct KeepAlive {
     keeper: etcd_client::LeaseKeeper,
     acks: etcd_client::LeaseKeepAliveStream,
     period: Duration,
     ttl: Duration,
     answered: Instant,
-    /// When each keep-alive not answered yet was sent (bounded: the session ends after a time
-    /// to live without answers).
+    /// When each keep-alive not answered yet was sent (bounded: it ends after a time to live
+    /// without answers).
     unanswered: std::collections::VecDeque<Instant>,
-    renewed: &'a watch::Sender<Renewed>,
+    renewed: std::sync::Arc<watch::Sender<Renewed>>,
+    nudge: std::sync::Arc<tokio::sync::Notify>,
 }
 
-impl<'a> KeepAlive<'a> {
-    fn new(lease: Lease, renewed: &'a watch::Sender<Renewed>) -> Self {
+impl KeepAlive {
+    fn new(
+        lease: Lease,
+        renewed: std::sync::Arc<watch::Sender<Renewed>>,
+        nudge: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Self {
         let ttl = Duration::from_secs(lease.ttl as u64);
-        renewed.send_replace(Some((lease.renewed_at, ttl)));
+        let previous = *renewed.borrow();
+        renewed.send_replace(Some(Renewal::after(previous, lease.renewed_at, ttl)));
         Self {
-            id: lease.id,
             keeper: lease.keeper,
             acks: lease.acks,
             period: ttl / 3,
@@ -396,15 +426,28 @@ impl<'a> KeepAlive<'a> {
             answered: Instant::now(),
             unanswered: std::collections::VecDeque::new(),
             renewed,
+            nudge,
         }
     }
 
-    /// Err when etcd has not answered for longer than the lease lives.
-    fn overdue(&self) -> anyhow::Result<()> {
-        if self.answered.elapsed() > self.ttl + self.period {
-            bail!("no answer from etcd for {:?}", self.answered.elapsed());
+    /// Keeps the lease until etcd stops answering (or says it is gone).
+    async fn run(mut self, urls: String) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if self.answered.elapsed() > self.ttl + self.period {
+                        bail!("no answer from etcd for {:?}", self.answered.elapsed());
+                    }
+                    self.send(&urls).await?;
+                }
+                () = self.nudge.notified() => self.send(&urls).await?,
+                ack = self.acks.message() => {
+                    let ack = ack.map_err(|e| describe(e, &urls, None))?;
+                    self.answered(ack)?;
+                }
+            }
         }
-        Ok(())
     }
 
     async fn send(&mut self, urls: &str) -> anyhow::Result<()> {
@@ -422,7 +465,9 @@ impl<'a> KeepAlive<'a> {
                 // Answers come in order, one per request: etcd renewed the lease after the
                 // oldest request still unanswered was sent.
                 if let Some(sent) = self.unanswered.pop_front() {
-                    self.renewed.send_replace(Some((sent, self.ttl)));
+                    let previous = *self.renewed.borrow();
+                    self.renewed
+                        .send_replace(Some(Renewal::after(previous, sent, self.ttl)));
                 }
                 Ok(())
             }
@@ -736,18 +781,18 @@ mod tests {
             quiet(&mut events, 300).await;
             let ttl = Duration::from_millis(400);
             let renewed_at = Instant::now();
-            tx.send_replace(Some((renewed_at, ttl)));
+            tx.send_replace(Some(Renewal::after(None, renewed_at, ttl)));
             // Not before 3/4 of the time to live.
             quiet(&mut events, 200).await;
             assert!(fenced(&mut events).await);
             assert!(renewed_at.elapsed() >= ttl.mul_f64(FENCE_AFTER));
-            assert_eq!(renewals.last(), Some(renewed_at));
+            assert_eq!(renewals.last().map(|r| r.at), Some(renewed_at));
             // Renewed: lifted at once, and fenced again only after another silence.
-            tx.send_replace(Some((Instant::now(), ttl)));
+            tx.send_replace(Some(Renewal::after(None, Instant::now(), ttl)));
             assert!(!fenced(&mut events).await);
             assert!(fenced(&mut events).await);
             drop(events);
-            tx.send_replace(Some((Instant::now(), ttl)));
+            tx.send_replace(Some(Renewal::after(None, Instant::now(), ttl)));
             tokio::time::timeout(Duration::from_secs(10), task)
                 .await
                 .expect("the fence task ends with the agent")

@@ -2,7 +2,7 @@
 //! — its packet at any frame size (from the layered builder in [`super::packet`]), the state it
 //! needs first, the output it must give and the counter it moves. The packet tests check every
 //! fixture at both frame sizes (`tests/packets/catalogue.rs`); the per-packet benchmark checks each the
-//! same way before timing it, so it never times a packet that does the wrong thing.
+//! same way before timing it (for a path that opens a connection per packet, the first).
 
 use std::net::IpAddr;
 
@@ -143,8 +143,9 @@ pub fn catalogue() -> Vec<PathFixture> {
             hook: Hook::Egress,
             prime: Prime::None,
             packet: |f, _, seq| {
-                let dport = (1 + seq % 65000) as u16;
-                tcp("10.50.0.11", 5000, "203.0.113.3", dport, TCP_SYN, f)
+                // A new remote port each time, and a new local port every 65,000.
+                let (sport, dport) = (5000 + (seq / 65000) as u16, (1 + seq % 65000) as u16);
+                tcp("10.50.0.11", sport, "203.0.113.3", dport, TCP_SYN, f)
             },
             want: |_| Want::Snat {
                 verdict: TC_ACT_OK,
