@@ -705,26 +705,21 @@ fn set_jump(
     slot: u32,
     name: &'static str,
 ) -> Result<(), LoadError> {
-    {
-        let fd = program(ebpf, name)?
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(Into::into))
-            .map_err(|source| LoadError::Program { name, source })?;
-        let map = ebpf
-            .map_mut(table)
-            .ok_or(LoadError::MissingMap { name: table })?;
-        let mut programs = ProgramArray::try_from(map).map_err(|source| LoadError::Map {
-            name: table,
-            source,
-        })?;
-        programs
-            .set(slot, &fd, 0)
-            .map_err(|source| LoadError::Map {
-                name: table,
-                source,
-            })?;
-    }
-    Ok(())
+    let fd = program(ebpf, name)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| LoadError::Program { name, source })?;
+    let map = ebpf
+        .map_mut(table)
+        .ok_or(LoadError::MissingMap { name: table })?;
+    let bad = |source| LoadError::Map {
+        name: table,
+        source,
+    };
+    ProgramArray::try_from(map)
+        .map_err(bad)?
+        .set(slot, &fd, 0)
+        .map_err(bad)
 }
 
 /// Attaches both TC programs to `iface` and keeps them attached beyond this process. The

@@ -130,14 +130,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         };
         let (mut agent, mode, listener) = Agent::start(&opts, initial)?;
-        let (link, thread) = match etcd {
+        let (link, thread, renewals) = match etcd {
             Some(e) => {
                 agent.interest = Some(e.interest);
-                (Some((e.events, e.status)), Some((e.thread, e.renewals)))
+                (Some((e.events, e.status)), Some(e.thread), Some(e.renewals))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
-        let (thread, renewals) = thread.unzip();
         // A fence said while the agent waited for its first topology was not applied.
         if let Some(r) = renewals.as_ref().and_then(|r| r.last())
             && std::time::Instant::now() >= r.at + r.ttl.mul_f64(fleet::watch::FENCE_AFTER)
