@@ -138,6 +138,11 @@ pub const PEERS_CAPACITY: u32 = 65536;
 /// Default [`Local::peer_budget`]: half the default flow table (two entries each), so that no
 /// one peer can fill it while a busy peer still forwards hundreds of thousands.
 pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 4;
+/// The XDP metadata (4 bytes before the frame) `xdp_ingress` leaves on a packet it finished and
+/// passed up (a reply translated back, a forwarded connection's reply decapsulated):
+/// `tc_ingress` lets such a packet through untouched and uncounted. Only XDP programs write
+/// metadata, so a sender cannot set it.
+pub const XDP_DONE: u32 = 0x4547_5844;
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;

@@ -99,6 +99,11 @@ pub mod prog_names {
     pub const TRACE_EVERY: &str = "TRACE_EVERY";
     /// Tail-called (through its own one-slot table, `TRACE_PROG`) for a sampled decision.
     pub const TC_TRACE: &str = "tc_trace";
+    /// `egress agent --xdp`: the receive paths that need no socket and no new state, on the
+    /// uplink before an skb exists; what it leaves goes on to `tc_ingress`.
+    pub const XDP_INGRESS: &str = "xdp_ingress";
+    /// Returns XDP_PASS and nothing else: the XDP rows' baseline in the benchmarks.
+    pub const XDP_EMPTY: &str = "xdp_empty";
 
     /// Slots of the `JUMP` map.
     pub const JUMP_TUNNEL: u32 = 0;

@@ -175,6 +175,9 @@ stats! {
     /// Egress: an action of a kind these programs do not know (a plan from another version of
     /// the agent); dropped.
     BadAction = 52 => "drop_bad_action",
+    /// Ingress: a packet the XDP program finished (`egress agent --xdp`); it is also counted
+    /// under its path's counter, and the TC programs never saw it.
+    XdpDone = 53 => "xdp_done",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

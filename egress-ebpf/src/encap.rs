@@ -5,20 +5,21 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
         BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_skb_change_tail,
-    programs::TcContext,
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
 };
 use egress_common::{
     fabric::{ENCAP_LEN, GRE_FLAG_KEY, INNER_OFF, IPPROTO_GRE},
     stats::Stat,
 };
 
-use crate::parse::{ETH_LEN, Ip};
+use crate::parse::{ETH_LEN, Ip, Packet, read, write};
 
 use egress_common::wire::ETH_P_IP;
 
 /// Outer IPv4 header and GRE header with key, as written on the wire.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Outer {
     ver_ihl: u8,
     tos: u8,
@@ -118,7 +119,7 @@ fn trim(ctx: &TcContext, end: usize) -> Result<(), Stat> {
 /// Writes the outer IPv4 and GRE headers in front of an inner packet of `inner_len` bytes.
 #[inline(always)]
 fn write_outer(
-    ctx: &TcContext,
+    ctx: &impl Packet,
     src: [u8; 4],
     dst: [u8; 4],
     key: u32,
@@ -142,7 +143,7 @@ fn write_outer(
     // SAFETY: the first 20 bytes of Outer are the IPv4 header, 10 aligned u16 words.
     let words = unsafe { &*(&outer as *const Outer as *const [u16; 10]) };
     outer.check = ipv4_checksum(words);
-    ctx.store(ETH_LEN, &outer, 0).map_err(|_| Stat::EncapFailed)
+    write(ctx, ETH_LEN, &outer).map_err(|()| Stat::EncapFailed)
 }
 
 /// The IPv4 total length field for a packet of `len` bytes: a GSO packet above 64 KiB (BIG
@@ -159,8 +160,8 @@ fn total_len_field(len: u32) -> u16 {
 /// Checks the GRE header of `outer` (key present, no checksum or sequence, IPv4 inside) and
 /// returns the key.
 #[inline(always)]
-pub fn gre_key(ctx: &TcContext, outer: &Ip) -> Result<u32, Stat> {
-    let h: [u8; 8] = ctx.load(outer.l4_off).map_err(|_| Stat::GreMalformed)?;
+pub fn gre_key(ctx: &impl Packet, outer: &Ip) -> Result<u32, Stat> {
+    let h: [u8; 8] = read(ctx, outer.l4_off).map_err(|()| Stat::GreMalformed)?;
     let flags = u16::from_be_bytes([h[0], h[1]]);
     let proto = u16::from_be_bytes([h[2], h[3]]);
     // The key must be in the packet, not in the frame's padding after it.
@@ -180,4 +181,43 @@ pub fn decapsulate(ctx: &TcContext) -> Result<(), Stat> {
     let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Stat::EncapFailed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// XDP: the same headers, with the buffer's head moved instead of an skb's room adjusted. The
+// caller has checked that the packet is untagged (`ip.l3_off == ETH_LEN`) and fits the MTU.
+
+/// Wraps the IPv4 packet `ip` of an XDP buffer in outer IPv4 `src` → `dst` and GRE with `key`.
+/// The Ethernet addresses are left to the routing step.
+#[inline(always)]
+pub fn encapsulate_xdp(
+    ctx: &XdpContext,
+    ip: &Ip,
+    src: [u8; 4],
+    dst: [u8; 4],
+    key: u32,
+) -> Result<(), Stat> {
+    let excess = ctx.size() as i32 - ip.end as i32;
+    // SAFETY: plain helper calls on this program's buffer.
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
+        return Err(Stat::EncapFailed);
+    }
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ENCAP_LEN as i32)) } != 0 {
+        return Err(Stat::EncapFailed);
+    }
+    write(ctx, ETH_LEN - 2, &ETH_P_IP.to_be()).map_err(|()| Stat::EncapFailed)?;
+    write_outer(ctx, src, dst, key, (ip.end - ETH_LEN) as u32)
+}
+
+/// Removes the outer IPv4 and GRE headers of an XDP buffer, keeping its Ethernet header.
+#[inline(always)]
+pub fn decapsulate_xdp(ctx: &XdpContext) -> Result<(), Stat> {
+    let eth: [u8; ETH_LEN] = read(ctx, 0).map_err(|()| Stat::EncapFailed)?;
+    write(ctx, ENCAP_LEN as usize, &eth).map_err(|()| Stat::EncapFailed)?;
+    // SAFETY: plain helper call on this program's buffer.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+        return Err(Stat::EncapFailed);
+    }
+    Ok(())
 }

@@ -18,6 +18,7 @@ mod redirect;
 mod reference;
 mod stats;
 mod trace;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -359,6 +360,9 @@ fn clamp(ctx: &TcContext, ip: &Ip, ports: &Ports, local: &Local) {
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
+    if xdp::done(&ctx) {
+        return TC_ACT_OK;
+    }
     stats::count(Stat::IngressSeen, ctx.len());
     conclude(&ctx, ingress(&ctx))
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use egress_common::{action::FAMILY_V4, stats::Stat};
 
 use crate::csum;
-use crate::parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip, read, write};
+use crate::parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ip, Packet, read, write};
 
 /// Which end of the packet to rewrite: the source on egress, the destination on ingress.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -176,7 +176,13 @@ pub fn rewrite_addr(ctx: &TcContext, ip: &Ip, side: Side, addr: &[u8; 16]) -> Re
 
 /// Writes IPv4 address `new4` (as stored) on `side` over `old4` and fixes the header checksum.
 #[inline(always)]
-fn write_ipv4_addr(ctx: &TcContext, ip: &Ip, side: Side, old4: u32, new4: u32) -> Result<(), Stat> {
+fn write_ipv4_addr(
+    ctx: &impl Packet,
+    ip: &Ip,
+    side: Side,
+    old4: u32,
+    new4: u32,
+) -> Result<(), Stat> {
     let fail = |()| Stat::RewriteFailed;
     let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
     write(
@@ -192,7 +198,7 @@ fn write_ipv4_addr(ctx: &TcContext, ip: &Ip, side: Side, old4: u32, new4: u32) -
 /// and fixes the header checksum. A packet whose TTL would reach 0 is refused: a forwarding
 /// loop (a misrouted pool address) dies out instead of circling. IPv6 is never sent on.
 #[inline(always)]
-pub fn hop(ctx: &TcContext, ip: &Ip) -> Result<(), Stat> {
+pub fn hop(ctx: &impl Packet, ip: &Ip) -> Result<(), Stat> {
     if ip.family != FAMILY_V4 {
         return Ok(());
     }
@@ -208,4 +214,44 @@ pub fn hop(ctx: &TcContext, ip: &Ip) -> Result<(), Stat> {
     d.word(u16::from_ne_bytes(w), u16::from_ne_bytes(next));
     write(ctx, ip.l3_off + 8, &next).map_err(fail)?;
     write(ctx, ip.l3_off + 10, &d.apply(check)).map_err(fail)
+}
+
+/// [`rewrite`] for a buffer whose checksums are complete (XDP: a received frame, never
+/// CHECKSUM_PARTIAL on a NIC), TCP or UDP only: every checksum by arithmetic, no helper.
+#[inline(always)]
+pub fn rewrite_complete(
+    ctx: &impl Packet,
+    ip: &Ip,
+    side: Side,
+    addr: &[u8; 16],
+    port_be: u16,
+    old_port_be: u16,
+) -> Result<(), Stat> {
+    let fail = |()| Stat::RewriteFailed;
+    let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
+    let (csum_off, _) = l4_csum(ip);
+    let check: u16 = read(ctx, csum_off).map_err(fail)?;
+    let v4 = ip.family == FAMILY_V4;
+    let mut d = csum::Delta::default();
+    d.addr(v4, old_addr, addr);
+    d.word(old_port_be, port_be);
+    write(ctx, port_off(ip, side), &port_be).map_err(fail)?;
+    if v4 {
+        let old4 = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        write_ipv4_addr(ctx, ip, side, old4, new4)?;
+    } else {
+        let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
+        write(ctx, off, addr).map_err(fail)?;
+    }
+    // An IPv4 UDP checksum of 0 means "none" and stays so; a computed 0 is sent as 0xffff.
+    let udp = ip.proto == IPPROTO_UDP;
+    if udp && v4 && check == 0 {
+        return Ok(());
+    }
+    let mut new = d.apply(check);
+    if udp && new == 0 {
+        new = 0xffff;
+    }
+    write(ctx, csum_off, &new).map_err(fail)
 }

@@ -4,33 +4,129 @@
 //! usual case; a helper call costs ~10-15 ns each), and fall back to `bpf_skb_load_bytes` for
 //! non-linear data, so every packet parses the same.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    programs::{TcContext, XdpContext},
+};
 use egress_common::action::{FAMILY_V4, FAMILY_V6};
 
 pub use egress_common::wire::ETH_LEN;
 
+/// What parsing and rewriting need of a program's packet: TC's skb or XDP's buffer. Direct
+/// access covers the linear data; the helpers reach the rest.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The packet's length in bytes.
+    fn size(&self) -> u32;
+    /// The segment size of a GSO packet (0: not GSO; XDP buffers never are).
+    fn gso_size(&self) -> u32;
+    /// Reads a `T` at `off` through the load helper.
+    fn load_helper<T: Copy>(&self, off: usize) -> Result<T, ()>;
+    /// Writes `v` at `off` through the store helper.
+    fn store_helper<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn size(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: reading the skb's gso_size field.
+        unsafe { (*self.skb.skb).gso_size }
+    }
+    #[inline(always)]
+    fn load_helper<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        self.load(off).map_err(|_| ())
+    }
+    #[inline(always)]
+    fn store_helper<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()> {
+        self.store(off, v, 0).map_err(|_| ())
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn size(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
+    }
+    #[inline(always)]
+    fn load_helper<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        let mut v = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes size_of::<T>() bytes into v or fails.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                off as u32,
+                v.as_mut_ptr() as *mut _,
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(());
+        }
+        // SAFETY: filled by the helper above.
+        Ok(unsafe { v.assume_init() })
+    }
+    #[inline(always)]
+    fn store_helper<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()> {
+        // SAFETY: the helper reads size_of::<T>() bytes of v.
+        let rc = unsafe {
+            bpf_xdp_store_bytes(
+                self.ctx,
+                off as u32,
+                v as *const T as *mut _,
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        if rc != 0 { Err(()) } else { Ok(()) }
+    }
+}
+
 /// Writes `v` at `off`: directly into the linear data, else through the store helper. Direct
 /// writes must come before any helper that may move packet data in the same step.
 #[inline(always)]
-pub fn write<T: Copy>(ctx: &TcContext, off: usize, v: &T) -> Result<(), ()> {
+pub fn write<T: Copy>(ctx: &impl Packet, off: usize, v: &T) -> Result<(), ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + off + core::mem::size_of::<T>() <= end {
         // SAFETY: bounds checked against data_end just above.
         unsafe { core::ptr::write_unaligned((start + off) as *mut T, *v) };
         return Ok(());
     }
-    ctx.store(off, v, 0).map_err(|_| ())
+    ctx.store_helper(off, v)
 }
 
 /// Reads a `T` at `off`: directly from the linear data, else through the load helper.
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+pub fn read<T: Copy>(ctx: &impl Packet, off: usize) -> Result<T, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + off + core::mem::size_of::<T>() <= end {
         // SAFETY: bounds checked against data_end just above.
         return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
     }
-    ctx.load(off).map_err(|_| ())
+    ctx.load_helper(off)
 }
 use egress_common::wire::{ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT};
 pub use egress_common::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
@@ -88,7 +184,7 @@ pub enum IpError {
 /// Parses Ethernet (with up to two VLAN tags in the frame data: 802.1Q, 802.1ad) and the IP
 /// header.
 #[inline(always)]
-pub fn ip(ctx: &TcContext) -> Result<Ip, IpError> {
+pub fn ip<C: Packet>(ctx: &C) -> Result<Ip, IpError> {
     let mut off = ETH_LEN;
     let mut proto = u16::from_be(read::<u16>(ctx, off - 2).map_err(|_| IpError::NotIp)?);
     // Unrolled: at most two tags (a tag and its outer service tag).
@@ -124,17 +220,16 @@ fn is_vlan(ethertype: u16) -> bool {
 /// The length of what follows `off` by its length field `len`; a GSO packet above 64 KiB (BIG
 /// TCP) says 0 there, and its length is the skb's, as the kernel's `iph_totlen` takes it.
 #[inline(always)]
-fn big_len(ctx: &TcContext, off: usize, len: usize) -> usize {
-    // SAFETY: reading the skb's gso_size field.
-    if len == 0 && unsafe { (*ctx.skb.skb).gso_size } != 0 {
-        return (ctx.len() as usize).saturating_sub(off);
+fn big_len<C: Packet>(ctx: &C, off: usize, len: usize) -> usize {
+    if len == 0 && ctx.gso_size() != 0 {
+        return (ctx.size() as usize).saturating_sub(off);
     }
     len
 }
 
 /// Parses the IPv4 header at `off` (the inner packet of a tunnel, or a quoted one).
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
+pub fn ipv4<C: Packet>(ctx: &C, off: usize) -> Result<Ip, IpError> {
     let h: Ipv4Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
     let ihl = usize::from(h.ihl());
     if h.version() != 4 || ihl < 20 {
@@ -170,7 +265,7 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
 
 /// Parses the IPv6 header at `off`.
 #[inline(always)]
-pub fn ipv6(ctx: &TcContext, off: usize) -> Result<Ip, IpError> {
+pub fn ipv6<C: Packet>(ctx: &C, off: usize) -> Result<Ip, IpError> {
     let h: Ipv6Hdr = read(ctx, off).map_err(|_| IpError::Malformed)?;
     if h.vcf[0] >> 4 != 6 {
         return Err(IpError::Malformed);
@@ -257,7 +352,7 @@ pub enum PortsError {
 
 /// Reads the `T` at the start of the transport header, if the packet (by its IP length) holds it.
 #[inline(always)]
-fn l4_header<T: Copy>(ctx: &TcContext, ip: &Ip) -> Result<T, PortsError> {
+fn l4_header<T: Copy>(ctx: &impl Packet, ip: &Ip) -> Result<T, PortsError> {
     if ip.l4_off + core::mem::size_of::<T>() > ip.end {
         return Err(PortsError::Truncated);
     }
@@ -266,7 +361,7 @@ fn l4_header<T: Copy>(ctx: &TcContext, ip: &Ip) -> Result<T, PortsError> {
 
 /// Parses the transport header of a whole packet or a first fragment.
 #[inline(always)]
-pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
+pub fn ports<C: Packet>(ctx: &C, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
     match ip.proto {
         IPPROTO_TCP => {
             let h: [u8; 20] = l4_header(ctx, ip)?;
@@ -296,7 +391,8 @@ pub fn ports(ctx: &TcContext, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {
             let t: u8 = if ip.l4_off >= ip.end {
                 return Err(PortsError::Truncated);
             } else {
-                ctx.load(ip.l4_off).map_err(|_| PortsError::Truncated)?
+                ctx.load_helper(ip.l4_off)
+                    .map_err(|_| PortsError::Truncated)?
             };
             if t != request && t != reply {
                 return Err(PortsError::Unsupported);

@@ -3,14 +3,14 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh, xdp_action,
     },
     btf_maps::PerCpuArray,
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
     },
     macros::btf_map,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use egress_common::{
     fabric::{ROUTE_SLOTS, ROUTE_TTL_NS, RouteSlot},
@@ -49,13 +49,30 @@ pub enum From {
     Ingress,
 }
 
-/// Routes the packet to IPv4 `dst` out of `ifindex`: FIB lookup for the next hop and MACs (a
-/// successful one cached per CPU for a second); when the neighbour is not resolved yet, the
-/// kernel resolves it (bpf_redirect_neigh, not cached). The
-/// egress program recognises what it sends by its addresses, not by a mark. Returns the TC
-/// verdict.
+/// A next hop out of an interface, with the Ethernet addresses to write.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub macs: [u8; 12],
+    pub out: u32,
+}
+
+/// What the FIB says about a destination.
+enum Found {
+    Route(Route),
+    /// Route known, neighbour `nh` (IPv4, as stored) out of `out` not resolved yet.
+    Unresolved {
+        out: u32,
+        nh: u32,
+    },
+    /// The helper refuses lookups on a device without IP forwarding.
+    ForwardingOff,
+    None,
+}
+
+/// The route to IPv4 `dst` out of `ifindex`: from this CPU's cache, else a FIB lookup (a
+/// successful one cached for a second). `ctx`: the program's context (skb or XDP buffer).
 #[inline(always)]
-pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32, Stat> {
+fn find(ctx: *mut core::ffi::c_void, dst: [u8; 4], ifindex: u32) -> Found {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cached = ROUTES.get_ptr_mut(slot(dst));
@@ -63,7 +80,10 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
         // SAFETY: this CPU's slot, valid for the program's run.
         let c = unsafe { &*c };
         if c.dst == dst && c.ifindex_in == ifindex && now.wrapping_sub(c.at_ns) < ROUTE_TTL_NS {
-            return send(ctx, &c.macs, c.ifindex_out, ifindex, from);
+            return Found::Route(Route {
+                macs: c.macs,
+                out: c.ifindex_out,
+            });
         }
     }
     // SAFETY: a zeroed bpf_fib_lookup is a valid (empty) request.
@@ -71,10 +91,10 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
     p.family = AF_INET;
     p.ifindex = ifindex;
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    // SAFETY: p is a valid bpf_fib_lookup of the size passed.
+    // SAFETY: p is a valid bpf_fib_lookup of the size passed; ctx is the program's context.
     let rc = unsafe {
         fib_lookup(
-            ctx.skb.skb as *mut _,
+            ctx,
             &mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
@@ -96,32 +116,79 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
                 }
             };
         }
-        return send(ctx, &macs, p.ifindex, ifindex, from);
+        return Found::Route(Route {
+            macs,
+            out: p.ifindex,
+        });
     }
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        // Route known, neighbour not resolved yet: the kernel resolves it.
-        // SAFETY: zeroed then filled; the helper reads `size_of` bytes.
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = u32::from(AF_INET);
-        // SAFETY: union field of a plain struct.
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
-        // SAFETY: nh is valid for the size passed.
-        let r = unsafe {
-            bpf_redirect_neigh(
-                p.ifindex,
-                &mut nh,
-                core::mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
+        return Found::Unresolved {
+            out: p.ifindex,
+            // SAFETY: union field of a plain struct.
+            nh: unsafe { p.__bindgen_anon_4.ipv4_dst },
         };
-        return Ok(r as i32);
     }
     if rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) {
-        // The helper refuses lookups on devices without IP forwarding; the kernel's own
-        // route and neighbour lookup (no next hop given) has no such condition.
-        // SAFETY: a null next hop with length 0 is the documented "look it up" form.
-        let r = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
-        return Ok(r as i32);
+        return Found::ForwardingOff;
     }
-    Err(Stat::NoRoute)
+    Found::None
+}
+
+/// Routes the packet to IPv4 `dst` out of `ifindex`: FIB lookup for the next hop and MACs (a
+/// successful one cached per CPU for a second); when the neighbour is not resolved yet, the
+/// kernel resolves it (bpf_redirect_neigh, not cached). The
+/// egress program recognises what it sends by its addresses, not by a mark. Returns the TC
+/// verdict.
+#[inline(always)]
+pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32, Stat> {
+    match find(ctx.skb.skb as *mut _, dst, ifindex) {
+        Found::Route(r) => send(ctx, &r.macs, r.out, ifindex, from),
+        Found::Unresolved { out, nh } => {
+            // The kernel resolves the neighbour.
+            // SAFETY: zeroed then filled; the helper reads `size_of` bytes.
+            let mut n: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            n.nh_family = u32::from(AF_INET);
+            n.__bindgen_anon_1.ipv4_nh = nh;
+            // SAFETY: n is valid for the size passed.
+            let r = unsafe {
+                bpf_redirect_neigh(
+                    out,
+                    &mut n,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            };
+            Ok(r as i32)
+        }
+        Found::ForwardingOff => {
+            // The kernel's own route and neighbour lookup (no next hop given) has no such
+            // condition.
+            // SAFETY: a null next hop with length 0 is the documented "look it up" form.
+            let r = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
+            Ok(r as i32)
+        }
+        Found::None => Err(Stat::NoRoute),
+    }
+}
+
+/// The resolved route to IPv4 `dst` out of `ifindex` for an XDP program, which has no way to
+/// have a neighbour resolved: None leaves the packet to the TC programs.
+#[inline(always)]
+pub fn resolved(ctx: &XdpContext, dst: [u8; 4], ifindex: u32) -> Option<Route> {
+    match find(ctx.ctx as *mut _, dst, ifindex) {
+        Found::Route(r) => Some(r),
+        _ => None,
+    }
+}
+
+/// Writes the MACs of `r` and returns the XDP verdict that sends the frame out of `r.out`
+/// (the uplink itself: XDP_TX).
+#[inline(always)]
+pub fn send_xdp(ctx: &XdpContext, r: &Route, ifindex: u32) -> Result<u32, Stat> {
+    crate::parse::write(ctx, 0, &r.macs).map_err(|()| Stat::NoRoute)?;
+    if r.out == ifindex {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(r.out, 0) as u32 })
 }

@@ -9,9 +9,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, ProgramArray, lpm_trie::LpmTrie},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
     util::KernelVersion,
 };
@@ -661,6 +662,60 @@ pub fn program<'a>(
     Ok(prog)
 }
 
+/// XDP program `name`, loaded into the kernel (verified) if it was not yet.
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    Ok(prog)
+}
+
+/// Attaches `xdp_ingress` to `iface` in native (driver) mode through a link pinned in
+/// `pin_dir`, like the TC programs: a link pinned by an earlier agent gets the new program
+/// atomically. Returns whether it was adopted. Fails where the driver has no native XDP, or
+/// the device's MTU is beyond what a single-buffer program takes; the TC programs alone then
+/// do all the work.
+pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<bool, LoadError> {
+    let name = prog_names::XDP_INGRESS;
+    let path = link_pin(pin_dir, name);
+    let link_err = |e: String| LoadError::Link {
+        path: path.display().to_string(),
+        source: e.into(),
+    };
+    let prog = xdp_program(ebpf, name)?;
+    let attach_err = |source| LoadError::Attach {
+        name,
+        iface: iface.to_string(),
+        source,
+    };
+    if let Ok(pinned) = PinnedLink::from_pin(&path) {
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.to_string()))?;
+        prog.attach_to_link(link).map_err(attach_err)?;
+        return Ok(true);
+    }
+    let id = prog.attach(iface, XdpMode::Driver).map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let fd = FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+    fd.pin(&path).map_err(|e| link_err(e.to_string()))?;
+    Ok(false)
+}
+
+/// Detaches `xdp_ingress` (an agent started without `--xdp` after one with it): removes its
+/// pinned link. Returns whether there was one.
+pub fn detach_xdp(pin_dir: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(link_pin(pin_dir, prog_names::XDP_INGRESS)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Where the link of program `name` is pinned.
 pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("link_{name}"))
@@ -792,6 +847,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<AttachMode
 /// set-aside maps. Nothing else there is ours.
 pub fn pinned_names() -> Vec<String> {
     let mut names: Vec<String> = PROGRAMS.iter().map(|(p, _)| format!("link_{p}")).collect();
+    names.push(format!("link_{}", prog_names::XDP_INGRESS));
     for m in map_names::ALL {
         names.push(m.to_string());
         names.push(format!("{m}_pre_migrate"));

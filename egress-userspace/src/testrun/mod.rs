@@ -95,7 +95,16 @@ pub enum Hook {
     Empty,
     /// A reference program of the benchmark (`egress_common::prog_names::REF_*`).
     Reference(&'static str),
+    /// `xdp_ingress` (`egress agent --xdp`).
+    Xdp,
+    /// The empty XDP program.
+    XdpEmpty,
 }
+
+/// XDP verdicts.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// The result of one run.
 #[derive(Debug)]
@@ -103,6 +112,8 @@ pub struct Outcome {
     pub verdict: u32,
     pub packet: Vec<u8>,
     pub duration: std::time::Duration,
+    /// XDP: the packet carries `XDP_DONE` in its metadata (finished in XDP, passed up).
+    pub xdp_done: bool,
 }
 
 /// The programs loaded with their own (unpinned) maps holding one server's plan.
@@ -167,6 +178,8 @@ impl TestDatapath {
             loader::program(&mut ebpf, name)?;
         }
         loader::program(&mut ebpf, prog_names::TC_EMPTY)?;
+        loader::xdp_program(&mut ebpf, prog_names::XDP_INGRESS)?;
+        loader::xdp_program(&mut ebpf, prog_names::XDP_EMPTY)?;
         loader::fill_jump_table(&mut ebpf)?;
         if trace_every != 0 {
             loader::enable_trace(&mut ebpf)?;
@@ -238,13 +251,15 @@ impl TestDatapath {
         Self::build(&t, "a", &local, capacities, trace_every)
     }
 
-    /// Runs `packet` through the program of `hook` once, with skb mark `mark`.
+    /// Runs `packet` through the program of `hook` once, with skb mark `mark` (TC hooks).
     pub fn run(&mut self, hook: Hook, mark: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
         let name = match hook {
             Hook::Egress => prog_names::TC_EGRESS,
             Hook::Ingress => prog_names::TC_INGRESS,
             Hook::Empty => prog_names::TC_EMPTY,
             Hook::Reference(name) => name,
+            Hook::Xdp => return self.run_xdp(prog_names::XDP_INGRESS, packet),
+            Hook::XdpEmpty => return self.run_xdp(prog_names::XDP_EMPTY, packet),
         };
         let prog = loader::program(&mut self.ebpf, name)?;
         // A prefix of struct __sk_buff: len, pkt_type, mark.
@@ -264,6 +279,41 @@ impl TestDatapath {
             verdict: r.return_value,
             packet: out,
             duration: r.duration,
+            xdp_done: false,
+        })
+    }
+
+    /// Runs XDP program `name` once. The output the kernel gives starts with the metadata
+    /// (as long as the returned `xdp_md.data` says): taken off, and read for `XDP_DONE`.
+    fn run_xdp(&mut self, name: &'static str, packet: &[u8]) -> anyhow::Result<Outcome> {
+        let prog = loader::xdp_program(&mut self.ebpf, name)?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (u32 each); the frame from 0 to its length, no metadata.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        let mut ctx_out = [0u8; 24];
+        let mut out = vec![0u8; packet.len() + 512];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| LoadError::Program { name, source })?;
+        out.truncate(r.data_size_out as usize);
+        let meta = u32::from_ne_bytes(ctx_out[0..4].try_into().expect("4 bytes")) as usize;
+        let xdp_done = meta == 4
+            && out.len() >= 4
+            && u32::from_ne_bytes(out[0..4].try_into().expect("4 bytes"))
+                == egress_common::fabric::XDP_DONE;
+        out.drain(..meta.min(out.len()));
+        Ok(Outcome {
+            verdict: r.return_value,
+            packet: out,
+            duration: r.duration,
+            xdp_done,
         })
     }
 

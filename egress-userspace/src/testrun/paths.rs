@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use egress_common::{fabric::tunnel, stats::Stat};
 
 use super::{
-    Hook, Outcome, PEER_MAC, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, TestNet,
+    Hook, Outcome, PEER_MAC, TC_ACT_OK, TC_ACT_SHOT, TestDatapath, TestNet, XDP_DROP, XDP_PASS,
+    XDP_TX,
     packet::{self, L4, Parsed, TCP_ACK, TCP_SYN},
 };
 
@@ -65,6 +66,41 @@ pub enum Want {
         inner: Inner,
     },
     Dropped,
+    /// Decapsulated (the outer IPv4 and GRE headers gone, the Ethernet header kept) and passed
+    /// up.
+    Decapsulated,
+}
+
+/// How a program type says pass, drop and "sent out of the uplink by the program".
+#[derive(Clone, Copy)]
+pub struct Codes {
+    pass: u32,
+    drop: u32,
+    sent: u32,
+}
+
+/// TC's verdicts ([`Want`]'s verdicts are written as these).
+pub const TC: Codes = Codes {
+    pass: TC_ACT_OK,
+    drop: TC_ACT_SHOT,
+    sent: TC_ACT_REDIRECT,
+};
+/// XDP's: passed up, dropped, transmitted back out of the uplink.
+pub const XDP: Codes = Codes {
+    pass: XDP_PASS,
+    drop: XDP_DROP,
+    sent: XDP_TX,
+};
+
+impl Codes {
+    /// The verdict of this program type for TC verdict `tc`.
+    fn of(self, tc: u32) -> u32 {
+        match tc {
+            TC_ACT_OK => self.pass,
+            TC_ACT_SHOT => self.drop,
+            _ => self.sent,
+        }
+    }
 }
 
 /// One path: what goes in, what must come out, which counter says so.
@@ -244,6 +280,22 @@ pub fn catalogue() -> Vec<PathFixture> {
             fresh: false,
         },
         PathFixture {
+            path: "forwarded reply (decapsulate)",
+            hook: Hook::Ingress,
+            prime: Prime::Packet(Hook::Egress, |f| {
+                let f = tunnelled(f);
+                tcp("10.50.0.11", port(7500, f), "203.0.113.200", 80, TCP_ACK, f)
+            }),
+            packet: |f, _, _| {
+                let sport = port(7500, tunnelled(f));
+                let inner = tcp("203.0.113.200", 80, "10.50.0.11", sport, TCP_ACK, f - 28);
+                packet::gre_frame(B, A, tunnel::key(tunnel::REPLY, 9), &inner)
+            },
+            want: |_| Want::Decapsulated,
+            counter: Stat::ForwardedReply,
+            fresh: false,
+        },
+        PathFixture {
             path: "unsolicited refused (owner)",
             hook: Hook::Ingress,
             prime: Prime::None,
@@ -298,14 +350,68 @@ impl PathFixture {
             "{name} at {frame} B: counter {} moved by {moved}",
             self.counter.name()
         );
-        check_output(&(self.want)(frame), net, input, &out)
+        check_output(&(self.want)(frame), net, input, &out, TC)
             .map_err(|e| anyhow::anyhow!("{name} at {frame} B: {e}"))?;
+        Ok(out)
+    }
+
+    /// Whether `xdp_ingress` finishes this path (`egress agent --xdp`): the receive paths that
+    /// send or deliver; refusals and everything else it leaves to TC.
+    pub fn in_xdp(&self, frame: usize) -> bool {
+        self.hook == Hook::Ingress && !matches!((self.want)(frame), Want::Dropped | Want::Unchanged)
+    }
+
+    /// Runs `input` (from [`Self::prepare`]) through `xdp_ingress`: a path it finishes must
+    /// give the output TC gives, with the same counter (and `xdp_done`); any other packet
+    /// must go on to TC unchanged and uncounted.
+    pub fn check_xdp(
+        &self,
+        dp: &mut TestDatapath,
+        net: &TestNet,
+        frame: usize,
+        input: &[u8],
+    ) -> anyhow::Result<Outcome> {
+        let counters = |dp: &TestDatapath| (dp.counter(self.counter), dp.counter(Stat::XdpDone));
+        let before = counters(dp);
+        let out = dp.run(Hook::Xdp, 0, input)?;
+        let after = counters(dp);
+        let moved = (after.0 - before.0, after.1 - before.1);
+        let name = self.path;
+        if !self.in_xdp(frame) {
+            anyhow::ensure!(
+                out.verdict == XDP_PASS && !out.xdp_done && out.packet == input && moved == (0, 0),
+                "{name} at {frame} B in XDP: not left to TC untouched (verdict {}, done {}, counters moved {moved:?})",
+                out.verdict,
+                out.xdp_done
+            );
+            return Ok(out);
+        }
+        anyhow::ensure!(
+            moved == (1, 1),
+            "{name} at {frame} B in XDP: counters {} and xdp_done moved by {moved:?}",
+            self.counter.name()
+        );
+        anyhow::ensure!(
+            out.xdp_done == (out.verdict == XDP_PASS),
+            "{name} at {frame} B in XDP: XDP_DONE metadata {} with verdict {}",
+            out.xdp_done,
+            out.verdict
+        );
+        check_output(&(self.want)(frame), net, input, &out, XDP)
+            .map_err(|e| anyhow::anyhow!("{name} at {frame} B in XDP: {e}"))?;
         Ok(out)
     }
 }
 
-fn check_output(want: &Want, net: &TestNet, input: &[u8], out: &Outcome) -> Result<(), String> {
-    let verdict = |v: u32| {
+fn check_output(
+    want: &Want,
+    net: &TestNet,
+    input: &[u8],
+    out: &Outcome,
+    codes: Codes,
+) -> Result<(), String> {
+    let verdict = |tc: u32| {
+        let v = codes.of(tc);
         if out.verdict == v {
             Ok(())
         } else {
@@ -320,6 +426,13 @@ fn check_output(want: &Want, net: &TestNet, input: &[u8], out: &Outcome) -> Resu
             }
         }
         Want::Dropped => verdict(TC_ACT_SHOT)?,
+        Want::Decapsulated => {
+            verdict(TC_ACT_OK)?;
+            if out.packet != inner_of(input) {
+                return Err("not the inner packet, unchanged, behind the Ethernet header".into());
+            }
+            packet::verify_checksums(&out.packet)?;
+        }
         Want::Snat {
             verdict: v,
             addr,

@@ -19,6 +19,27 @@ fn every_path_of_the_catalogue_at_both_frame_sizes() {
     }
 }
 
+/// `xdp_ingress` (`egress agent --xdp`) on every path of the catalogue: the receive paths it
+/// finishes give TC's output and counter (and `xdp_done`); everything else, refusals
+/// included, goes on to TC untouched and uncounted.
+#[test]
+fn xdp_gives_what_tc_gives_on_every_path_it_takes_and_leaves_the_rest() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    let mut taken = 0;
+    for frame in [64, 1500] {
+        for f in egress::testrun::paths::catalogue() {
+            for seq in (0..3).map(|i| i + frame as u32) {
+                let input = f.prepare(&mut dp, frame, seq).unwrap();
+                f.check_xdp(&mut dp, &net, frame, &input)
+                    .unwrap_or_else(|e| panic!("{e:#}"));
+                taken += usize::from(f.in_xdp(frame));
+            }
+        }
+    }
+    // Reverse translation, peer, reply re-encapsulation, soft-unicast, forwarded reply.
+    assert_eq!(taken, 5 * 2 * 3);
+}
+
 /// `egress agent --trace`: each sampled decision is logged with its counter, verdict and the
 /// packet's addresses as it leaves; off, the verifier removes the step (the translated
 /// programs are smaller than with it on).
