@@ -142,6 +142,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
         Err(IpError::Malformed) => return Ok(Verdict::Drop(Stat::EgressMalformed)),
     };
     if is_own_tunnel(&ip) {
+        learn_route(ctx, &ip);
         return Ok(Verdict::Pass(Stat::Ours));
     }
     if ip.later_fragment() {
@@ -198,6 +199,7 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
     if let Ok(p) = parsed
         && flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE).is_some()
     {
+        learn_route(ctx, ip);
         return Ok(Verdict::Pass(Stat::Ours));
     }
     // A new connection: a program of its own (tail call), for stack.
@@ -275,6 +277,19 @@ fn is_own_tunnel(ip: &Ip) -> bool {
         && ip.proto == IPPROTO_GRE
         && fabric::local().is_some_and(|l| l.fabric == v4(&ip.src))
         && fabric::is_peer(&v4(&ip.dst), policy::generation())
+}
+
+/// A packet the programs sent on (a tunnel packet, a peer's translated packet) leaves with the
+/// MACs the kernel gave it when it routed it itself (`bpf_redirect_neigh`): its next hop is
+/// learnt for the packets after it (see `redirect::learn`).
+#[inline(always)]
+fn learn_route(ctx: &TcContext, ip: &Ip) {
+    if ip.family == FAMILY_V4
+        && ip.l3_off == parse::ETH_LEN
+        && let Some(local) = fabric::local()
+    {
+        redirect::learn(ctx, v4(&ip.dst), local.ifindex);
+    }
 }
 
 /// A packet of a connection with an entry: translated with its binding, or forwarded to its peer.

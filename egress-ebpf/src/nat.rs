@@ -244,9 +244,10 @@ pub fn rewrite_complete(
         let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
         write(ctx, off, addr).map_err(fail)?;
     }
-    // An IPv4 UDP checksum of 0 means "none" and stays so; a computed 0 is sent as 0xffff.
+    // A UDP checksum of 0 means "none" (IPv4) and stays so (IPv6 too, as TC's helper leaves
+    // it); a computed 0 is sent as 0xffff.
     let udp = ip.proto == IPPROTO_UDP;
-    if udp && v4 && check == 0 {
+    if udp && check == 0 {
         return Ok(());
     }
     let mut new = d.apply(check);

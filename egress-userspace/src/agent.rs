@@ -51,6 +51,8 @@ pub struct Options {
     pub no_dataplane: bool,
     /// One datapath decision in this many is logged (0: none, and no cost).
     pub trace_every: u32,
+    /// Attach `xdp_ingress` to the uplink (native mode) in front of the TC programs.
+    pub xdp: bool,
 }
 
 /// Usage of one port slice (a share of a pool address held by this server).
@@ -103,6 +105,8 @@ pub struct Dataplane {
     attached: bool,
     /// A descriptor of each pinned link (tcx), so that a removed pin does not detach anything.
     links: Vec<(&'static str, Option<aya::programs::links::PinnedLink>)>,
+    /// `xdp_ingress` is attached to the uplink (`--xdp`, and the driver took it).
+    xdp: bool,
 }
 
 pub struct Agent {
@@ -251,6 +255,7 @@ impl Dataplane {
             tcx: false,
             attached: false,
             links: Vec::new(),
+            xdp: false,
         };
         if !mismatches.is_empty() {
             let carried = saved
@@ -269,6 +274,35 @@ impl Dataplane {
             );
         }
         Ok((dp, set_aside))
+    }
+
+    /// With `wanted` (`--xdp`), attaches `xdp_ingress` to the uplink in front of the TC
+    /// programs; where the driver cannot take it the TC programs do all the work (said once).
+    /// Without, detaches one an earlier agent left. Returns whether it is attached.
+    fn xdp_in_front(&mut self, wanted: bool, pin_dir: &Path) -> bool {
+        let uplink = &self.uplink;
+        if !wanted {
+            match loader::detach_xdp(pin_dir) {
+                Ok(true) => info!("xdp_ingress detached from {uplink} (started without --xdp)"),
+                Ok(false) => {}
+                Err(e) => warn!("detaching xdp_ingress from {uplink}: {e}"),
+            }
+            return false;
+        }
+        match loader::attach_xdp(&mut self.ebpf, uplink, pin_dir) {
+            Ok(adopted) => {
+                let how = if adopted { ", its link adopted" } else { "" };
+                info!("xdp_ingress attached to {uplink} (native mode{how})");
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "--xdp: {:#}; the TC programs handle every packet",
+                    anyhow::Error::from(e)
+                );
+                false
+            }
+        }
     }
 
     /// Opens a descriptor on each pinned link and keeps it: the links then live as long as the
@@ -448,6 +482,7 @@ impl Agent {
         dp.tcx = mode != AttachMode::Clsact;
         dp.attached = true;
         dp.hold_links(&pin_dir);
+        dp.xdp = dp.xdp_in_front(opts.xdp, &pin_dir);
         Ok((agent, Some(mode), listener))
     }
 

@@ -17,9 +17,11 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the tests and the demo run: bpftool (map dumps), ping, curl, iperf3, nft, ip,
-/// nsenter/setpriv, sysctl, the font of the benchmark chart, and fleet mode's etcd.
+/// nsenter/setpriv, sysctl, ethtool (the lab's links for XDP), the font of the benchmark
+/// chart, and fleet mode's etcd.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
+    "ethtool",
     "iputils-ping",
     "curl",
     "iperf3",

@@ -75,6 +75,7 @@ pub(super) struct Metrics {
     slice_size: Family<SliceLabel, Gauge>,
     repairs: Counter,
     attached: Gauge,
+    xdp_attached: Gauge,
     plan_generation: Gauge,
     reloads: Family<ResultLabel, Counter>,
     peer_up: Family<PeerLabel, Gauge>,
@@ -166,6 +167,12 @@ impl Metrics {
                 r,
                 "attached",
                 "1 when the programs were found attached at the last check (every second)",
+                Gauge::default(),
+            ),
+            xdp_attached: add(
+                r,
+                "xdp_attached",
+                "1 when xdp_ingress runs on the uplink in front of the TC programs (--xdp, and the driver took it)",
                 Gauge::default(),
             ),
             plan_generation: add(
@@ -280,6 +287,8 @@ impl Metrics {
         }
         self.attached
             .set(i64::from(a.dp.as_ref().is_some_and(|d| d.attached)));
+        self.xdp_attached
+            .set(i64::from(a.dp.as_ref().is_some_and(|d| d.xdp)));
         mirror(&self.repairs, a.repairs);
         Ok(())
     }

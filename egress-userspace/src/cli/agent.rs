@@ -77,6 +77,14 @@ pub struct Args {
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "100",
           value_parser = clap::value_parser!(u32).range(1..))]
     trace: Option<u32>,
+    /// Also attach xdp_ingress to the uplink (native XDP): replies translated back or
+    /// re-encapsulated, peers' established connections, forwarded connections' replies and
+    /// soft-unicast are finished before the kernel builds an skb; the TC programs handle the
+    /// rest (and everything, where the driver has no native XDP). Needs complete checksums on
+    /// received frames, as every NIC delivers (a veth fed by a sender with transmit checksum
+    /// offload on does not).
+    #[arg(long)]
+    xdp: bool,
     /// Fleet mode: read and watch the topology in etcd instead of a file.
     #[command(flatten)]
     etcd: crate::fleet::EtcdArgs,
@@ -95,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         migrate: args.migrate,
         no_dataplane: args.no_dataplane,
         trace_every: args.trace.unwrap_or(0),
+        xdp: args.xdp,
     };
     let hold_down =
         Duration::try_from_secs_f64(args.hold_down.max(0.0)).context("--hold-down: seconds")?;

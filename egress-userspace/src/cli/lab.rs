@@ -46,6 +46,11 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         size: usize,
     },
+    /// Attach an XDP program that passes everything to `iface` and hold it until killed: a
+    /// veth takes the frames its peer's XDP program transmits back (XDP_TX) only when it runs
+    /// XDP itself. Used by the lab for servers with `--xdp`.
+    #[command(hide = true)]
+    XdpPass { iface: String },
     /// Run the lab's origin server (HTTP + UDP echo reporting the source seen). Used by the lab.
     #[command(hide = true)]
     Origin {
@@ -147,6 +152,15 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             )
         }
         Command::UdpProbe { to, size } => println!("{}", lab::origin::udp_probe(to, size)?),
+        Command::XdpPass { iface } => {
+            let mut ebpf = crate::loader::load_unpinned(1, 1, 0)?;
+            let prog = crate::loader::xdp_program(&mut ebpf, egress_common::prog_names::XDP_EMPTY)?;
+            prog.attach(&iface, aya::programs::XdpMode::Driver)?;
+            eprintln!("xdp_empty on {iface}: ready");
+            loop {
+                std::thread::park();
+            }
+        }
         Command::Origin {
             log,
             http_port,

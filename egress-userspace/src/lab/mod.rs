@@ -397,6 +397,32 @@ impl Lab {
         self.start_agent_with(server, &[])
     }
 
+    /// Makes `server`'s link from the fabric what a NIC would give an XDP program: the bridge's
+    /// end (`p-<id>`) completes checksums before sending (transmit checksum offload off: a
+    /// veth otherwise hands on CHECKSUM_PARTIAL packets, whose L4 checksum field holds only
+    /// the pseudo-header sum), and runs an XDP program itself (one that passes everything),
+    /// without which a veth leaves the frames its peer transmits back (XDP_TX) in its ring.
+    pub fn prepare_xdp(&mut self, server: &str) -> anyhow::Result<()> {
+        let id = self
+            .config
+            .servers
+            .iter()
+            .find(|s| s.name == server)
+            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
+            .id;
+        let port = format!("p-{id}");
+        self.run(&self.fabric_ns(), "ethtool", &["-K", &port, "tx", "off"])?;
+        let mut cmd = netns::command_in(&self.fabric_ns(), path_str(&self.egress_bin)?);
+        cmd.args(["lab", "xdp-pass", &port]);
+        self.spawn_until_ready(&format!("xdp-pass-{port}"), cmd)
+    }
+
+    /// [`Lab::start_agent`] with `--xdp`, its link prepared first ([`Lab::prepare_xdp`]).
+    pub fn start_agent_xdp(&mut self, server: &str) -> anyhow::Result<()> {
+        self.prepare_xdp(server)?;
+        self.start_agent_with(server, &["--xdp"])
+    }
+
     /// [`Lab::start_agent`] with extra agent arguments (e.g. `--peer-budget 100`).
     pub fn start_agent_with(&mut self, server: &str, extra: &[&str]) -> anyhow::Result<()> {
         let mut cmd = netns::command_in(&self.server_ns(server), path_str(&self.egress_bin)?);

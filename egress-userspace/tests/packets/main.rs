@@ -21,6 +21,7 @@ mod forwarding;
 mod fragments;
 mod icmp;
 mod local;
+mod xdp;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
