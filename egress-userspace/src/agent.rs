@@ -311,14 +311,14 @@ impl Dataplane {
         if !self.tcx {
             return;
         }
+        let xdp = self.xdp.then_some(egress_common::prog_names::XDP_INGRESS);
         self.links = loader::PROGRAMS
             .iter()
-            .map(|(name, _)| {
+            .map(|(name, _)| *name)
+            .chain(xdp)
+            .map(|name| {
                 let path = loader::link_pin(pin_dir, name);
-                (
-                    *name,
-                    aya::programs::links::PinnedLink::from_pin(&path).ok(),
-                )
+                (name, aya::programs::links::PinnedLink::from_pin(&path).ok())
             })
             .collect();
     }
@@ -481,8 +481,8 @@ impl Agent {
         }
         dp.tcx = mode != AttachMode::Clsact;
         dp.attached = true;
-        dp.hold_links(&pin_dir);
         dp.xdp = dp.xdp_in_front(opts.xdp, &pin_dir);
+        dp.hold_links(&pin_dir);
         Ok((agent, Some(mode), listener))
     }
 

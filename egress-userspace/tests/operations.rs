@@ -828,3 +828,78 @@ fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
     assert!(line.contains("4 entries"), "the new pool's plan: {line}");
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
 }
+
+/// `--xdp` over an agent's life: attached in native mode (a link pinned like the TC ones,
+/// the metric says so); a removed pin is put back with nothing detached; a restart with it
+/// adopts the link; a restart without it detaches the program.
+#[test]
+fn xdp_is_attached_kept_through_repairs_and_restarts_and_detached_without_the_flag() {
+    let mut lab = common::lab(Config::embedded());
+    lab.start_agent_xdp("fra-a-1").unwrap();
+    let ns = lab.server_ns("fra-a-1");
+    let on_uplink = |lab: &Lab| {
+        lab.run(&ns, "ip", &["-d", "link", "show", "eth0"])
+            .unwrap()
+            .contains("prog/xdp")
+    };
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        0,
+        &["xdp_ingress attached to eth0 (native mode)"],
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(on_uplink(&lab), "xdp_ingress on eth0");
+    let metrics = lab
+        .run(
+            &ns,
+            "curl",
+            &["-sS", "--max-time", "10", "http://127.0.0.1:9464/metrics"],
+        )
+        .unwrap();
+    assert!(metrics.contains("egress_xdp_attached 1"), "{metrics}");
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    assert!(
+        common::counter(&lab, "fra-a-1", "xdp_done") > 0,
+        "replies finished in XDP"
+    );
+
+    let pin = lab.pin_dir("fra-a-1").join("link_xdp_ingress");
+    let from = lab.log_len("agent-fra-a-1");
+    std::fs::remove_file(&pin).unwrap();
+    assert!(on_uplink(&lab), "held by the agent: still attached");
+    let line = lab
+        .wait_for_log(
+            "agent-fra-a-1",
+            from,
+            &["repaired:"],
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(line.contains("link_xdp_ingress") && pin.exists(), "{line}");
+
+    lab.stop("agent-fra-a-1").unwrap();
+    assert!(on_uplink(&lab), "the pinned link outlives the agent");
+    let from = lab.log_len("agent-fra-a-1");
+    lab.start_agent_with("fra-a-1", &["--xdp"]).unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        from,
+        &["its link adopted"],
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+
+    lab.stop("agent-fra-a-1").unwrap();
+    let from = lab.log_len("agent-fra-a-1");
+    lab.start_agent("fra-a-1").unwrap();
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        from,
+        &["xdp_ingress detached from eth0"],
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(!on_uplink(&lab), "detached");
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}

@@ -33,10 +33,13 @@ pub enum Setup {
     /// The two hops with nftables `snat` on fra-a-1 to its share of 192.0.2.10: stock Linux
     /// doing what forwarding does.
     TwoHopNftables,
+    /// [`Setup::Forward`] with `egress agent --xdp` on both servers (their fabric links made
+    /// NIC-like first: `Lab::prepare_xdp`).
+    ForwardXdp,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 7] = [
+    pub const ALL: [Setup; 8] = [
         Setup::Bare,
         Setup::Local,
         Setup::Nftables,
@@ -44,12 +47,15 @@ impl Setup {
         Setup::TwoHop,
         Setup::TwoHopNftables,
         Setup::Forward,
+        Setup::ForwardXdp,
     ];
     fn from(self) -> &'static str {
         match self {
-            Setup::BareForward | Setup::Forward | Setup::TwoHop | Setup::TwoHopNftables => {
-                "fra-a-2"
-            }
+            Setup::BareForward
+            | Setup::Forward
+            | Setup::ForwardXdp
+            | Setup::TwoHop
+            | Setup::TwoHopNftables => "fra-a-2",
             _ => "fra-a-1",
         }
     }
@@ -58,7 +64,7 @@ impl Setup {
     pub fn baseline(self) -> Setup {
         match self {
             Setup::BareForward | Setup::TwoHop => Setup::BareForward,
-            Setup::Forward | Setup::TwoHopNftables => Setup::TwoHop,
+            Setup::Forward | Setup::ForwardXdp | Setup::TwoHopNftables => Setup::TwoHop,
             _ => Setup::Bare,
         }
     }
@@ -71,6 +77,7 @@ impl Setup {
             Setup::Forward => "dataplane forwarding",
             Setup::TwoHop => "two-hop routing",
             Setup::TwoHopNftables => "two-hop nftables snat",
+            Setup::ForwardXdp => "dataplane forwarding, XDP",
         }
     }
 }
@@ -183,6 +190,10 @@ fn setup(lab: &mut Lab, s: Setup) -> anyhow::Result<()> {
             lab.start_agent("fra-a-2")
         }
         Setup::Nftables => nft(lab, NFT_RULES),
+        Setup::ForwardXdp => {
+            lab.start_agent_xdp("fra-a-1")?;
+            lab.start_agent_xdp("fra-a-2")
+        }
     }
 }
 
@@ -202,6 +213,13 @@ fn teardown(lab: &mut Lab, s: Setup) -> anyhow::Result<()> {
         Setup::Forward => {
             lab.remove_agent("fra-a-2")?;
             lab.remove_agent("fra-a-1")
+        }
+        Setup::ForwardXdp => {
+            for s in ["fra-a-2", "fra-a-1"] {
+                lab.remove_agent(s)?;
+                lab.unprepare_xdp(s)?;
+            }
+            Ok(())
         }
         Setup::Nftables => lab
             .run(

@@ -61,12 +61,37 @@ pub fn reference_of(path: &str) -> Option<(&'static str, f64)> {
         "forward (encapsulate)" | "soft-unicast owner redirect" => (r(3), 1.2),
         "reply re-encapsulation" => (r(4), 1.2),
         "peer (decapsulate + SNAT)" => (r(5), 1.2),
-        _ => return None,
+        // The same paths finished in XDP (`egress agent --xdp`): the same least work.
+        _ => {
+            return XDP_ROWS
+                .iter()
+                .find(|(_, xdp)| *xdp == path)
+                .and_then(|(tc, _)| reference_of(tc));
+        }
     })
 }
 
-/// The hot paths the ≤ 100 ns target applies to (all of them).
-pub const PATHS: [&str; 9] = [
+/// The paths `xdp_ingress` finishes, and their rows when timed there (against the empty XDP
+/// program).
+pub const XDP_ROWS: [(&str, &str); 5] = [
+    ("reverse translation", "reverse translation, XDP"),
+    (
+        "peer (decapsulate + SNAT)",
+        "peer (decapsulate + SNAT), XDP",
+    ),
+    ("reply re-encapsulation", "reply re-encapsulation, XDP"),
+    (
+        "soft-unicast owner redirect",
+        "soft-unicast owner redirect, XDP",
+    ),
+    (
+        "forwarded reply (decapsulate)",
+        "forwarded reply (decapsulate), XDP",
+    ),
+];
+
+/// The rows of the table, in order (then the references, the XDP rows and the trace rows).
+pub const PATHS: [&str; 10] = [
     "no policy match",
     "new flow SNAT",
     "established SNAT",
@@ -75,8 +100,12 @@ pub const PATHS: [&str; 9] = [
     "peer (decapsulate + SNAT)",
     "reply re-encapsulation",
     "soft-unicast owner redirect",
+    "forwarded reply (decapsulate)",
     "empty program",
 ];
+
+/// The XDP baseline row.
+pub const EMPTY_XDP: &str = "empty XDP program";
 
 fn stats(path: &'static str, frame: usize, mut ns: Vec<u64>, empty: f64) -> PathCost {
     ns.sort_unstable();
@@ -169,6 +198,7 @@ fn measure_here(runs: usize) -> anyhow::Result<Vec<PathCost>> {
             runs,
             frame,
             empty: 0.0,
+            empty_xdp: 0.0,
             seq: &mut seq,
             out: &mut out,
         };
@@ -189,6 +219,7 @@ struct Runner<'a> {
     runs: usize,
     frame: usize,
     empty: f64,
+    empty_xdp: f64,
     /// The next sequence number of a path that opens a connection per packet (fresh remote
     /// ports across both frame sizes, so port claims never run out).
     seq: &'a mut u32,
@@ -226,22 +257,30 @@ impl Runner<'_> {
             .collect()
     }
 
+    /// The empty TC and XDP programs: the baselines of the TC and XDP rows.
     fn empty_program(&mut self) -> anyhow::Result<()> {
         let p = tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, self.frame);
-        let mut v = self.time(Hook::Empty, &mut |_| p.clone())?;
-        v.sort_unstable();
-        self.empty = v[v.len() / 2] as f64;
-        self.out.push(PathCost {
-            path: "empty program",
-            frame: self.frame,
-            median_ns: self.empty,
-            min_ns: self.empty,
-            max_ns: self.empty,
-            marginal_ns: 0.0,
-            runs: self.runs,
-            reference: None,
-            ratio: None,
-        });
+        for (path, hook) in [("empty program", Hook::Empty), (EMPTY_XDP, Hook::XdpEmpty)] {
+            let mut v = self.time(hook, &mut |_| p.clone())?;
+            v.sort_unstable();
+            let median = v[v.len() / 2] as f64;
+            if hook == Hook::Empty {
+                self.empty = median;
+            } else {
+                self.empty_xdp = median;
+            }
+            self.out.push(PathCost {
+                path,
+                frame: self.frame,
+                median_ns: median,
+                min_ns: median,
+                max_ns: median,
+                marginal_ns: 0.0,
+                runs: self.runs,
+                reference: None,
+                ratio: None,
+            });
+        }
         Ok(())
     }
 
@@ -259,6 +298,11 @@ impl Runner<'_> {
                 self.time(f.hook, &mut |_| input.clone())?
             };
             self.out.push(stats(f.path, self.frame, ns, self.empty));
+            if let Some((_, row)) = XDP_ROWS.iter().find(|(tc, _)| *tc == f.path) {
+                f.check_xdp(self.dp, self.net, self.frame, &input)?;
+                let ns = self.time(Hook::Xdp, &mut |_| input.clone())?;
+                self.out.push(stats(row, self.frame, ns, self.empty_xdp));
+            }
             packets.insert(f.path, input);
         }
         Ok(packets)

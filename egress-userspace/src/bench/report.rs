@@ -26,10 +26,10 @@ pub fn targets(r: &Report) -> Vec<Target> {
             (Setup::Local, true, false) => 0.93,
             (Setup::Local, true, true) => 0.90,
             (Setup::Local, false, _) => 0.95,
-            (Setup::Forward, _, _) => 0.85,
+            (Setup::Forward | Setup::ForwardXdp, _, _) => 0.85,
             _ => continue,
         };
-        let against = if x.setup == Setup::Forward {
+        let against = if matches!(x.setup, Setup::Forward | Setup::ForwardXdp) {
             "two-hop routing"
         } else {
             "bare"
@@ -50,6 +50,11 @@ pub fn targets(r: &Report) -> Vec<Target> {
             Setup::Forward,
             Setup::TwoHopNftables,
             "forwarding ahead of two-hop nftables",
+        ),
+        (
+            Setup::ForwardXdp,
+            Setup::TwoHopNftables,
+            "forwarding with XDP ahead of two-hop nftables",
         ),
     ] {
         for x in r.end_to_end.iter().filter(|x| x.setup == ours) {
@@ -324,7 +329,7 @@ fn per_packet_table(r: &Report) -> String {
 /// The per-packet table of `rows`.
 pub fn per_packet_markdown(rows: &[super::perpacket::PathCost]) -> String {
     let mut s = String::from(
-        "## Per-packet cost (BPF_PROG_TEST_RUN; median of single runs; marginal over an empty TC program; in the 1500 B column, paths that encapsulate take 1486-byte frames, the largest that fits the tunnel; ratio: to the reference program of the least work the path must do, measured in the same run)\n\n| path | 64 B marginal ns | 1500 B marginal ns | ratio 64 B | ratio 1500 B | against | 64 B median (min–max) ns |\n|---|---|---|---|---|---|---|\n",
+        "## Per-packet cost (BPF_PROG_TEST_RUN; median of single runs; marginal over an empty TC program, for the XDP rows over an empty XDP program; in the 1500 B column, paths that encapsulate take 1486-byte frames, the largest that fits the tunnel; ratio: to the reference program of the least work the path must do, measured in the same run)\n\n| path | 64 B marginal ns | 1500 B marginal ns | ratio 64 B | ratio 1500 B | against | 64 B median (min–max) ns |\n|---|---|---|---|---|---|---|\n",
     );
     let mut by: BTreeMap<(&str, usize), &super::perpacket::PathCost> = BTreeMap::new();
     for p in rows {
@@ -335,6 +340,8 @@ pub fn per_packet_markdown(rows: &[super::perpacket::PathCost]) -> String {
         .iter()
         .copied()
         .chain(super::perpacket::REFERENCES.iter().map(|(n, _)| *n))
+        .chain(std::iter::once(super::perpacket::EMPTY_XDP))
+        .chain(super::perpacket::XDP_ROWS.iter().map(|(_, n)| *n))
         .chain(super::perpacket::TRACE_ROWS.iter().map(|(n, _)| *n));
     for path in paths {
         let (Some(a), Some(b)) = (by.get(&(path, 64)), by.get(&(path, 1500))) else {

@@ -403,6 +403,23 @@ impl Lab {
     /// the pseudo-header sum), and runs an XDP program itself (one that passes everything),
     /// without which a veth leaves the frames its peer transmits back (XDP_TX) in its ring.
     pub fn prepare_xdp(&mut self, server: &str) -> anyhow::Result<()> {
+        let port = self.port_of(server)?;
+        self.run(&self.fabric_ns(), "ethtool", &["-K", &port, "tx", "off"])?;
+        let mut cmd = netns::command_in(&self.fabric_ns(), path_str(&self.egress_bin)?);
+        cmd.args(["lab", "xdp-pass", &port]);
+        self.spawn_until_ready(&format!("xdp-pass-{port}"), cmd)
+    }
+
+    /// Undoes [`Lab::prepare_xdp`]: the bridge's end of `server`'s link back as it was built.
+    pub fn unprepare_xdp(&mut self, server: &str) -> anyhow::Result<()> {
+        let port = self.port_of(server)?;
+        self.stop(&format!("xdp-pass-{port}"))?;
+        self.run(&self.fabric_ns(), "ethtool", &["-K", &port, "tx", "on"])
+            .map(drop)
+    }
+
+    /// The bridge port of `server`'s link (`p-<id>`).
+    fn port_of(&self, server: &str) -> anyhow::Result<String> {
         let id = self
             .config
             .servers
@@ -410,11 +427,7 @@ impl Lab {
             .find(|s| s.name == server)
             .ok_or_else(|| anyhow!("no server {server} in the lab"))?
             .id;
-        let port = format!("p-{id}");
-        self.run(&self.fabric_ns(), "ethtool", &["-K", &port, "tx", "off"])?;
-        let mut cmd = netns::command_in(&self.fabric_ns(), path_str(&self.egress_bin)?);
-        cmd.args(["lab", "xdp-pass", &port]);
-        self.spawn_until_ready(&format!("xdp-pass-{port}"), cmd)
+        Ok(format!("p-{id}"))
     }
 
     /// [`Lab::start_agent`] with `--xdp`, its link prepared first ([`Lab::prepare_xdp`]).
