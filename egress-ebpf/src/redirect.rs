@@ -173,32 +173,37 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
 
 /// Learns the route to IPv4 `dst` from a packet leaving through the uplink (`ifindex`) that the
 /// kernel addressed itself (its neighbour output wrote the MACs): what `bpf_redirect_neigh`
-/// sent where the FIB helper refused (a device without IP forwarding, as a server's uplink
-/// usually is). Only an empty, other or expired slot is written: a slot still fresh may be
-/// what put these very MACs into the packet, and relearning it would keep a stale neighbour
-/// forever. The next packets to `dst` (TC or XDP) then find their next hop in the cache.
+/// sent where the FIB helper refuses (a device without IP forwarding, as a server's uplink
+/// usually is). Only then: a slot still fresh may be what put these very MACs into the packet
+/// (relearning it would keep a stale neighbour forever), and where the helper answers, its
+/// answer is cached instead (and a destination it has no route for is learnt from nothing).
+/// The next packets to `dst` (TC or XDP) then find their next hop in the cache.
 #[inline(always)]
 pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
+    if !matches!(
+        find(ctx.skb.skb as *mut _, dst, ifindex),
+        Found::ForwardingOff
+    ) {
+        return;
+    }
     let Some(c) = ROUTES.get_ptr_mut(slot(dst)) else {
+        return;
+    };
+    let Ok(macs) = crate::parse::read::<[u8; 12]>(ctx, 0) else {
         return;
     };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
-    let c = unsafe { &mut *c };
-    if c.dst == dst && c.ifindex_in == ifindex && now.wrapping_sub(c.at_ns) < ROUTE_TTL_NS {
-        return;
-    }
-    let Ok(macs) = crate::parse::read::<[u8; 12]>(ctx, 0) else {
-        return;
-    };
-    // tc_egress runs on the uplink only: the packet leaves through it.
-    *c = RouteSlot {
-        dst,
-        ifindex_in: ifindex,
-        ifindex_out: ifindex,
-        macs,
-        at_ns: now,
+    // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it. tc_egress
+    // runs on the uplink only: the packet leaves through it.
+    unsafe {
+        *c = RouteSlot {
+            dst,
+            ifindex_in: ifindex,
+            ifindex_out: ifindex,
+            macs,
+            at_ns: now,
+        }
     };
 }
 
