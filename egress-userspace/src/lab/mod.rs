@@ -418,15 +418,18 @@ impl Lab {
             .map(drop)
     }
 
-    /// The bridge port of `server`'s link (`p-<id>`).
-    fn port_of(&self, server: &str) -> anyhow::Result<String> {
-        let id = self
-            .config
+    /// Server `server` of the lab's config.
+    fn server(&self, server: &str) -> anyhow::Result<&crate::config::Server> {
+        self.config
             .servers
             .iter()
             .find(|s| s.name == server)
-            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
-            .id;
+            .ok_or_else(|| anyhow!("no server {server} in the lab"))
+    }
+
+    /// The bridge port of `server`'s link (`p-<id>`).
+    fn port_of(&self, server: &str) -> anyhow::Result<String> {
+        let id = self.server(server)?.id;
         Ok(format!("p-{id}"))
     }
 
@@ -529,13 +532,7 @@ impl Lab {
     /// Makes the origin route pool address `addr` to `server` from now on, as a change of BGP
     /// announcement would: replies to that address arrive there.
     pub fn announce(&self, addr: Ipv4Addr, server: &str) -> anyhow::Result<()> {
-        let fabric = self
-            .config
-            .servers
-            .iter()
-            .find(|s| s.name == server)
-            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
-            .fabric;
+        let fabric = self.server(server)?.fabric;
         netns::ip_in(
             &self.origin_ns(),
             &[
@@ -602,13 +599,7 @@ impl Lab {
     /// Takes `server`'s fabric cable out (its bridge port down: the server loses carrier) or
     /// puts it back. Its addresses and routes stay.
     pub fn set_fabric_port(&self, server: &str, up: bool) -> anyhow::Result<()> {
-        let id = self
-            .config
-            .servers
-            .iter()
-            .find(|s| s.name == server)
-            .ok_or_else(|| anyhow!("no server {server} in the lab"))?
-            .id;
+        let id = self.server(server)?.id;
         netns::ip_in(
             &self.fabric_ns(),
             &[
