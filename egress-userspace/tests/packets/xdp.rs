@@ -176,6 +176,9 @@ fn xdp_finishes_what_tc_would_do_the_same_way_and_leaves_the_rest() {
         32,
         9,
     );
+    let mut longer = soft.clone();
+    let claimed = u16::from_be_bytes([longer[16], longer[17]]) + 8;
+    longer[16..18].copy_from_slice(&claimed.to_be_bytes());
     let left: Vec<(&str, Vec<u8>, Stat)> = vec![
         (
             "peer's SYN (MSS to clamp)",
@@ -226,6 +229,11 @@ fn xdp_finishes_what_tc_would_do_the_same_way_and_leaves_the_rest() {
             Stat::ReverseNat,
         ),
         ("first fragment of a reply", first, Stat::ReverseNat),
+        (
+            "soft-unicast whose IP length claims more than the frame",
+            longer,
+            Stat::SoftUnicast,
+        ),
     ];
     for (name, input, stat) in &left {
         let (x, done) = xdp_then_tc(&mut dp, name, input, *stat);
