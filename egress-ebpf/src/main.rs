@@ -284,8 +284,11 @@ fn is_own_tunnel(ip: &Ip) -> bool {
 /// learnt for the packets after it (see `redirect::learn`).
 #[inline(always)]
 fn learn_route(ctx: &TcContext, ip: &Ip) {
+    // SAFETY: reading the skb's vlan_present field (a VLAN device's packet: not the uplink's
+    // own route).
     if ip.family == FAMILY_V4
         && ip.l3_off == parse::ETH_LEN
+        && unsafe { (*ctx.skb.skb).vlan_present } == 0
         && let Some(local) = fabric::local()
     {
         redirect::learn(ctx, v4(&ip.dst), local.ifindex);

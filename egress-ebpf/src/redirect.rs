@@ -162,7 +162,8 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
         }
         Found::ForwardingOff => {
             // The kernel's own route and neighbour lookup (no next hop given) has no such
-            // condition.
+            // condition; what it writes is learnt as the packet leaves (see `learn`).
+            await_kernel_route(dst, ifindex);
             // SAFETY: a null next hop with length 0 is the documented "look it up" form.
             let r = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
             Ok(r as i32)
@@ -171,39 +172,56 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
     }
 }
 
-/// Learns the route to IPv4 `dst` from a packet leaving through the uplink (`ifindex`) that the
-/// kernel addressed itself (its neighbour output wrote the MACs): what `bpf_redirect_neigh`
-/// sent where the FIB helper refuses (a device without IP forwarding, as a server's uplink
-/// usually is). Only then: a slot still fresh may be what put these very MACs into the packet
-/// (relearning it would keep a stale neighbour forever), and where the helper answers, its
-/// answer is cached instead (and a destination it has no route for is learnt from nothing).
-/// The next packets to `dst` (TC or XDP) then find their next hop in the cache.
+/// `ifindex_out` of a slot waiting for the kernel to address a packet to its destination.
+const PENDING: u32 = 0;
+
+/// Marks `dst`'s slot on this CPU as waiting for what the kernel writes on the packet just
+/// handed to `bpf_redirect_neigh` (the FIB helper refused: an uplink without IP forwarding,
+/// as a server's usually is). An expired slot stays expired: it is no route.
+#[inline(always)]
+fn await_kernel_route(dst: [u8; 4], ifindex: u32) {
+    if let Some(c) = ROUTES.get_ptr_mut(slot(dst)) {
+        // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
+        unsafe {
+            *c = RouteSlot {
+                dst,
+                ifindex_in: ifindex,
+                ifindex_out: PENDING,
+                macs: [0; 12],
+                at_ns: 0,
+            }
+        };
+    }
+}
+
+/// Learns the route to IPv4 `dst` from a packet leaving through the uplink (`ifindex`) with the
+/// MACs the kernel's neighbour output wrote — only when this CPU has just handed a packet to
+/// `dst` to `bpf_redirect_neigh` (its slot is pending: the redirect runs on the same CPU right
+/// after the program). A packet sent with cached MACs never refreshes them (a changed neighbour
+/// still takes effect within a second), and a frame no redirect of ours preceded (a local raw
+/// sender's) teaches nothing. The next packets to `dst` (TC or XDP) find their next hop cached.
 #[inline(always)]
 pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
-    if !matches!(
-        find(ctx.skb.skb as *mut _, dst, ifindex),
-        Found::ForwardingOff
-    ) {
-        return;
-    }
     let Some(c) = ROUTES.get_ptr_mut(slot(dst)) else {
         return;
     };
+    // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
+    let c = unsafe { &mut *c };
+    if c.dst != dst || c.ifindex_in != ifindex || c.ifindex_out != PENDING {
+        return;
+    }
     let Ok(macs) = crate::parse::read::<[u8; 12]>(ctx, 0) else {
         return;
     };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it. tc_egress
-    // runs on the uplink only: the packet leaves through it.
-    unsafe {
-        *c = RouteSlot {
-            dst,
-            ifindex_in: ifindex,
-            ifindex_out: ifindex,
-            macs,
-            at_ns: now,
-        }
+    // tc_egress runs on the uplink only: the packet leaves through it.
+    *c = RouteSlot {
+        dst,
+        ifindex_in: ifindex,
+        ifindex_out: ifindex,
+        macs,
+        at_ns: now,
     };
 }
 
@@ -212,19 +230,16 @@ pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
 #[inline(always)]
 pub fn resolved(ctx: &XdpContext, dst: [u8; 4], ifindex: u32) -> Option<Route> {
     match find(ctx.ctx as *mut _, dst, ifindex) {
-        Found::Route(r) => Some(r),
+        // Only back out of the uplink (XDP_TX): a redirect to another device (a VLAN device,
+        // a bond, a NIC without XDP transmit rings) may be dropped silently.
+        Found::Route(r) if r.out == ifindex => Some(r),
         _ => None,
     }
 }
 
-/// Writes the MACs of `r` and returns the XDP verdict that sends the frame out of `r.out`
-/// (the uplink itself: XDP_TX).
+/// Writes the MACs of `r` (a route out of the uplink, see [`resolved`]) and returns XDP_TX.
 #[inline(always)]
-pub fn send_xdp(ctx: &XdpContext, r: &Route, ifindex: u32) -> Result<u32, Stat> {
+pub fn send_xdp(ctx: &XdpContext, r: &Route) -> Result<u32, Stat> {
     crate::parse::write(ctx, 0, &r.macs).map_err(|()| Stat::NoRoute)?;
-    if r.out == ifindex {
-        return Ok(xdp_action::XDP_TX);
-    }
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(r.out, 0) as u32 })
+    Ok(xdp_action::XDP_TX)
 }

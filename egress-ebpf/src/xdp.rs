@@ -150,7 +150,7 @@ fn reply(ctx: &XdpContext, ip: &Ip, ports: &Ports, e: flow::Entry, local: &Local
         translate_dst(ctx, ip, ports, &v)
             .and_then(|()| nat::hop(ctx, ip))
             .and_then(|()| encap::encapsulate_xdp(ctx, ip, local.fabric, v.tunnel, key))
-            .and_then(|()| redirect::send_xdp(ctx, &route, local.ifindex))
+            .and_then(|()| redirect::send_xdp(ctx, &route))
             .map_or_else(dropped, |action| (Stat::ReplyReencap, action)),
     )
 }
@@ -172,7 +172,7 @@ fn soft_unicast(ctx: &XdpContext, ip: &Ip, ports: &Ports, local: &Local) -> Opti
     Some(
         nat::hop(ctx, ip)
             .and_then(|()| encap::encapsulate_xdp(ctx, ip, local.fabric, owner, key))
-            .and_then(|()| redirect::send_xdp(ctx, &route, local.ifindex))
+            .and_then(|()| redirect::send_xdp(ctx, &route))
             .map_or_else(dropped, |action| (Stat::SoftUnicast, action)),
     )
 }
@@ -227,7 +227,7 @@ fn peer_connection(
         nat::hop(ctx, ip)
             .and_then(|()| translate_src(ctx, ip, ports, &v))
             .and_then(|()| encap::decapsulate_xdp(ctx))
-            .and_then(|()| redirect::send_xdp(ctx, &route, local.ifindex))
+            .and_then(|()| redirect::send_xdp(ctx, &route))
             .map_or_else(dropped, |action| (Stat::PeerSnat, action)),
     )
 }

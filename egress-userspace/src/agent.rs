@@ -296,6 +296,8 @@ impl Dataplane {
                 true
             }
             Err(e) => {
+                // An earlier agent's program must not go on running in front of these.
+                let _ = loader::detach_xdp(pin_dir);
                 warn!(
                     "--xdp: {:#}; the TC programs handle every packet",
                     anyhow::Error::from(e)

@@ -695,9 +695,14 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, pin_dir: &Path) -> Result<bool, 
         source,
     };
     if let Ok(pinned) = PinnedLink::from_pin(&path) {
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.to_string()))?;
-        prog.attach_to_link(link).map_err(attach_err)?;
-        return Ok(true);
+        let adopted = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| e.to_string())
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+        if adopted.is_ok() {
+            return Ok(true);
+        }
+        // A defunct link (its device gone and made again): attached anew below.
+        std::fs::remove_file(&path).map_err(|e| link_err(e.to_string()))?;
     }
     let id = prog.attach(iface, XdpMode::Driver).map_err(attach_err)?;
     let link = prog.take_link(id).map_err(attach_err)?;

@@ -300,8 +300,9 @@ fn stay_on_this_cpu() {
 /// On an uplink without IP forwarding (as a server's usually is) the FIB helper refuses:
 /// TC has the kernel route the packet (`bpf_redirect_neigh`), and the next hop is learnt
 /// from the MACs the kernel gave it as it leaves (tc_egress); XDP then sends the next packets
-/// itself. A fresh learnt route is never overwritten by what leaves after it (which may carry
-/// the very MACs the cache gave it).
+/// itself. Only a packet this CPU just handed to the kernel teaches: a frame no redirect
+/// preceded, or one leaving while the route is cached (it may carry the very MACs the cache
+/// gave it), does not.
 #[test]
 fn next_hops_are_learnt_from_what_the_kernel_routed_when_the_fib_helper_refuses() {
     let (net, mut dp) = datapath(TOPOLOGY);
@@ -312,6 +313,12 @@ fn next_hops_are_learnt_from_what_the_kernel_routed_when_the_fib_helper_refuses(
         .unwrap();
     assert!(off.success(), "sysctl");
     let soft = tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK);
+    // A tunnel frame leaving that no redirect of ours preceded (a local raw sender's) teaches
+    // nothing.
+    let mut forged = packet::gre_frame(A, B, soft_key(7), &packet::hopped(&soft));
+    forged[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x66]);
+    forged[6..12].copy_from_slice(&net.mac);
+    dp.run(Hook::Egress, 0, &forged).unwrap();
     let x = dp.run(Hook::Xdp, 0, &soft).unwrap();
     assert!(
         x.verdict == XDP_PASS && !x.xdp_done && x.packet == soft,
