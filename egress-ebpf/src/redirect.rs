@@ -79,7 +79,11 @@ fn find(ctx: *mut core::ffi::c_void, dst: [u8; 4], ifindex: u32) -> Found {
     if let Some(c) = cached {
         // SAFETY: this CPU's slot, valid for the program's run.
         let c = unsafe { &*c };
-        if c.dst == dst && c.ifindex_in == ifindex && now.wrapping_sub(c.at_ns) < ROUTE_TTL_NS {
+        if c.dst == dst
+            && c.ifindex_in == ifindex
+            && c.ifindex_out != PENDING
+            && now.wrapping_sub(c.at_ns) < ROUTE_TTL_NS
+        {
             return Found::Route(Route {
                 macs: c.macs,
                 out: c.ifindex_out,
@@ -174,12 +178,17 @@ pub fn to(ctx: &TcContext, dst: [u8; 4], ifindex: u32, from: From) -> Result<i32
 
 /// `ifindex_out` of a slot waiting for the kernel to address a packet to its destination.
 const PENDING: u32 = 0;
+/// How long a pending slot waits: the redirect runs right after the program, on the same CPU;
+/// a packet the kernel dropped instead leaves nothing waiting for a later frame to fill.
+const PENDING_NS: u64 = 10_000_000;
 
 /// Marks `dst`'s slot on this CPU as waiting for what the kernel writes on the packet just
 /// handed to `bpf_redirect_neigh` (the FIB helper refused: an uplink without IP forwarding,
-/// as a server's usually is). An expired slot stays expired: it is no route.
+/// as a server's usually is), for [`PENDING_NS`]. A pending slot is no route.
 #[inline(always)]
 fn await_kernel_route(dst: [u8; 4], ifindex: u32) {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(c) = ROUTES.get_ptr_mut(slot(dst)) {
         // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
         unsafe {
@@ -188,7 +197,7 @@ fn await_kernel_route(dst: [u8; 4], ifindex: u32) {
                 ifindex_in: ifindex,
                 ifindex_out: PENDING,
                 macs: [0; 12],
-                at_ns: 0,
+                at_ns: now,
             }
         };
     }
@@ -207,14 +216,18 @@ pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
     };
     // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
     let c = unsafe { &mut *c };
-    if c.dst != dst || c.ifindex_in != ifindex || c.ifindex_out != PENDING {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if c.dst != dst
+        || c.ifindex_in != ifindex
+        || c.ifindex_out != PENDING
+        || now.wrapping_sub(c.at_ns) >= PENDING_NS
+    {
         return;
     }
     let Ok(macs) = crate::parse::read::<[u8; 12]>(ctx, 0) else {
         return;
     };
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // tc_egress runs on the uplink only: the packet leaves through it.
     *c = RouteSlot {
         dst,

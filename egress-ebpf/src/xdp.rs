@@ -111,6 +111,8 @@ fn mark_done(ctx: &XdpContext) -> Option<()> {
     }
     let (meta, data) = (ctx.metadata(), ctx.data());
     if meta + 4 > data {
+        // SAFETY: as above; gives back the 4 bytes just taken (no unset metadata left).
+        unsafe { bpf_xdp_adjust_meta(ctx.ctx, 4) };
         return None;
     }
     // SAFETY: 4 bytes of metadata, bounds checked just above.
