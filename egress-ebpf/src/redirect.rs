@@ -216,13 +216,13 @@ pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
     };
     // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
     let c = unsafe { &mut *c };
+    // Almost every packet here finds its route cached: decided before the clock is read.
+    if c.dst != dst || c.ifindex_in != ifindex || c.ifindex_out != PENDING {
+        return;
+    }
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if c.dst != dst
-        || c.ifindex_in != ifindex
-        || c.ifindex_out != PENDING
-        || now.wrapping_sub(c.at_ns) >= PENDING_NS
-    {
+    if now.wrapping_sub(c.at_ns) >= PENDING_NS {
         return;
     }
     let Ok(macs) = crate::parse::read::<[u8; 12]>(ctx, 0) else {

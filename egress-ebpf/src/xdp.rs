@@ -31,7 +31,7 @@ use egress_common::{
 use crate::{
     encap, fabric, flow, nat,
     parse::{self, Dir, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, Ip, Packet, Ports},
-    policy, redirect, stats,
+    policy, redirect, stats, v4,
 };
 
 /// What the XDP program did with a packet it took: the path's counter and the XDP verdict.
@@ -258,11 +258,6 @@ fn translate_src(ctx: &XdpContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Res
 #[inline(always)]
 fn translate_dst(ctx: &XdpContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Result<(), Stat> {
     nat::rewrite_complete(ctx, ip, nat::Side::Dst, &v.addr, v.port_be, ports.dst_be)
-}
-
-#[inline(always)]
-fn v4(a: &[u8; 16]) -> [u8; 4] {
-    [a[0], a[1], a[2], a[3]]
 }
 
 /// A packet `xdp_ingress` finished and passed up: its metadata says so (`tc_ingress` lets it
