@@ -668,7 +668,9 @@ impl Lab {
                 self.wait_for_log(
                     label,
                     from,
-                    &["reload (", "rejected"],
+                    // Only this reload's lines: a liveness switch also logs "reload (liveness:
+                    // ...)" and can land in the same second (CI saw it).
+                    &["reload (SIGHUP)", "reload (config file changed)"],
                     Duration::from_secs(10),
                 )
             })
