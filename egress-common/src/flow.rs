@@ -58,9 +58,10 @@ pub struct FlowValue {
     pub flags: u8,
     /// Pool the connection belongs to.
     pub pool: u32,
-    /// bpf_ktime_get_ns() of the latest packet in this direction.
+    /// bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, up to a tick behind) of the latest packet
+    /// in this direction, refreshed at most every 100 ms.
     pub last_seen_ns: u64,
-    /// bpf_ktime_get_ns() when the connection was created.
+    /// bpf_ktime_get_coarse_ns() when the connection was created.
     pub created_ns: u64,
     /// Fabric address of the other server of a forwarded connection, network order; zero when
     /// the connection is purely local. Forwarded: the peer it goes to. Outbound and reverse
@@ -96,7 +97,7 @@ pub mod timeouts {
 }
 
 impl FlowValue {
-    /// A fresh entry seen now (`now_ns`, bpf_ktime_get_ns()).
+    /// A fresh entry seen now (`now_ns`, CLOCK_MONOTONIC).
     pub const fn new(
         kind: u8,
         addr: [u8; 16],

@@ -21,7 +21,8 @@ use egress_common::flow::{
 
 const NS: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+/// CLOCK_MONOTONIC in ns: the clock of the entries' stamps (bpf_ktime_get_coarse_ns(), which
+/// is at most a tick behind this one, so `now - stamp` never goes negative).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
