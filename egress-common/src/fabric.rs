@@ -143,6 +143,13 @@ pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 4;
 /// `tc_ingress` lets such a packet through untouched and uncounted. Only XDP programs write
 /// metadata, so a sender cannot set it.
 pub const XDP_DONE: u32 = 0x4547_5844;
+/// The word of the skb's control block (`__sk_buff.cb[SENT_HINT_CB]`; `--trace` uses cb[0..2])
+/// in which the ingress program leaves [`SENT_HINT`] on a peer's connection it translated and
+/// redirected out of the uplink, so that the packet's second pass through `tc_egress` checks
+/// "already translated" first. Only a hint: the reverse entry decides (the control block of a
+/// locally sent packet holds whatever the stack left there).
+pub const SENT_HINT_CB: usize = 2;
+pub const SENT_HINT: u32 = 0x4547_5354;
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;

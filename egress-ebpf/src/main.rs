@@ -28,7 +28,7 @@ use aya_ebpf::{
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map};
 use egress_common::{
     action::{ActionKind, FAMILY_V4, MAX_HOPS},
-    fabric::{INNER_OFF, IPPROTO_GRE, Local, tunnel},
+    fabric::{INNER_OFF, IPPROTO_GRE, Local, SENT_HINT, SENT_HINT_CB, tunnel},
     flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
@@ -150,9 +150,11 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     }
     let parsed = ports(ctx, &ip, Dir::Egress);
     let verdict = egress_packet(ctx, &ip, &parsed);
-    // One place for first fragments (rare), so the common path keeps its stack small.
+    // One place for first fragments (rare), so the common path keeps its stack small. An
+    // already translated one (ours) follows no entry of its own tuple.
     if ip.frag == parse::FRAG_FIRST
         && !dropped(&verdict)
+        && !matches!(verdict, Ok(Verdict::Pass(Stat::Ours)))
         && let Ok(p) = &parsed
     {
         remember_first_out(&ip, p);
@@ -177,6 +179,14 @@ fn remember_first_out(ip: &Ip, ports: &Ports) {
 /// A whole packet or first fragment leaving: its connection's path, or a new one by policy.
 #[inline(always)]
 fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict> {
+    // The ingress program's own output (a peer's connection it translated) asks first whether
+    // it is already translated: its second pass then costs one lookup instead of three.
+    if let Ok(p) = parsed
+        && sent_hint(ctx)
+        && already_translated(ctx, ip, p)
+    {
+        return Ok(Verdict::Pass(Stat::Ours));
+    }
     // A known connection keeps its path whatever the plan says now, even if a reload removed
     // its policy: the flow table is consulted before the policy.
     if let Ok(p) = parsed {
@@ -194,16 +204,30 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
     if policy::pool_for(ip, mark(ctx), policy::generation()).is_none() {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     }
-    // A peer's connection translated here and sent out by the ingress program: its source is
-    // already a translated endpoint.
     if let Ok(p) = parsed
-        && flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE).is_some()
+        && already_translated(ctx, ip, p)
     {
-        learn_route(ctx, ip);
         return Ok(Verdict::Pass(Stat::Ours));
     }
     // A new connection: a program of its own (tail call), for stack.
     Ok(jump(ctx, JUMP_NEW_OUT))
+}
+
+/// A peer's connection translated here and sent out by the ingress program: its source is
+/// already a translated endpoint (the swapped tuple has a reverse entry).
+#[inline(always)]
+fn already_translated(ctx: &TcContext, ip: &Ip, p: &Ports) -> bool {
+    if flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE).is_none() {
+        return false;
+    }
+    learn_route(ctx, ip);
+    true
+}
+
+/// Whether the ingress program left [`SENT_HINT`] on this packet (see `peer_send`).
+#[inline(always)]
+fn sent_hint(ctx: &TcContext) -> bool {
+    ctx.cb()[SENT_HINT_CB] == SENT_HINT
 }
 
 /// New connections leaving through the uplink (tail-called from `tc_egress`).
@@ -807,6 +831,8 @@ fn peer_send(
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;
+    // SAFETY: the verifier-checked context of this program; cb[0..5] are writable from TC.
+    unsafe { (*ctx.skb.skb).cb[SENT_HINT_CB] = SENT_HINT };
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 

@@ -38,6 +38,7 @@ use cases::{Case, Rng, Step, Topo};
 use egress::testrun::{self, GATEWAY_MAC, PEER_MAC, TestDatapath, TestNet};
 use egress_common::{
     action::{Action, ActionKey},
+    fabric::{SENT_HINT, SENT_HINT_CB},
     flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
@@ -228,6 +229,8 @@ fn hex(p: &[u8]) -> String {
 struct Real {
     verdict: u32,
     packet: Vec<u8>,
+    /// The skb's `cb[SENT_HINT_CB]` after the run (the ingress program's sent hint).
+    hint: u32,
     /// Counters that moved (packets), `*_seen` excluded.
     moved: BTreeMap<&'static str, u64>,
     flows: Flows,
@@ -286,9 +289,14 @@ fn set_flows(dp: &mut TestDatapath, entries: &[(FlowKey, FlowValue)]) {
 /// their bytes: a replay takes the same way) run as on an uplink with `egress agent --xdp`:
 /// `xdp_ingress` first, `tc_ingress` only for what it leaves; an XDP verdict is given as the
 /// TC verdict of the same meaning. The rules are the same either way.
-fn run_hooks(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> anyhow::Result<testrun::Outcome> {
+fn run_hooks(
+    dp: &mut TestDatapath,
+    s: &Step,
+    hint: u32,
+    packet: &[u8],
+) -> anyhow::Result<testrun::Outcome> {
     if !s.ingress {
-        return dp.run(testrun::Hook::Egress, s.mark, packet);
+        return dp.run_hinted(testrun::Hook::Egress, s.mark, hint, packet);
     }
     let hash = packet
         .iter()
@@ -311,10 +319,25 @@ fn run_hooks(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> anyhow::Result<t
     dp.run(testrun::Hook::Ingress, s.mark, packet)
 }
 
+/// The sent hint on an egress step's own packet, as if the stack had left those bytes in the
+/// control block: one in four (by a hash of the packet, so a replay takes the same), so that
+/// the hint is tried where no reverse entry backs it, and with every kind of flow entry.
+fn stack_hint(s: &Step) -> u32 {
+    let hash = s
+        .packet
+        .iter()
+        .fold(7u32, |h, b| h.wrapping_mul(33).wrapping_add(u32::from(*b)));
+    if !s.ingress && hash % 4 == 0 {
+        SENT_HINT
+    } else {
+        0
+    }
+}
+
 /// None: BPF_PROG_TEST_RUN refuses the packet (e.g. an IPv6 frame cut inside the header).
-fn run_real(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> Option<Real> {
+fn run_real(dp: &mut TestDatapath, s: &Step, hint: u32, packet: &[u8]) -> Option<Real> {
     let before = counters(dp);
-    let out = match run_hooks(dp, s, packet) {
+    let out = match run_hooks(dp, s, hint, packet) {
         Ok(out) => out,
         Err(e) if format!("{e:#}").contains("os error 22") => return None,
         Err(e) => panic!("BPF_PROG_TEST_RUN of {}: {e:#}", hex(packet)),
@@ -331,6 +354,7 @@ fn run_real(dp: &mut TestDatapath, s: &Step, packet: &[u8]) -> Option<Real> {
     Some(Real {
         verdict: out.verdict,
         packet: out.packet,
+        hint: out.hint,
         moved,
         flows: flows_of(dp),
     })
@@ -949,20 +973,24 @@ fn differential() {
         let mut before: Flows = dp_flows_or(&c);
         // The model's FRAGS over the sequence; None once a step left it unknown.
         let mut frags: Option<Frags> = Some(Frags::new());
-        let mut prev_out: Option<Vec<u8>> = None;
+        let mut prev_out: Option<(Vec<u8>, u32)> = None;
         let mut history = String::new();
         for (si, st) in c.steps.iter().enumerate() {
-            let packet = if st.prev_output {
+            let (packet, hint) = if st.prev_output {
+                // The control block travels with the packet the programs sent out.
                 match prev_out.take() {
                     Some(p) => p,
                     None => continue,
                 }
             } else {
-                st.packet.clone()
+                (st.packet.clone(), stack_hint(st))
             };
             prev_out = None;
-            let head = describe_case(seed, i, topo, &c, si, &packet, &before, &history);
-            let Some(real) = run_real(&mut dp, st, &packet) else {
+            let mut head = describe_case(seed, i, topo, &c, si, &packet, &before, &history);
+            if hint != 0 {
+                head += &format!("\n  (egress with cb[{SENT_HINT_CB}] = {hint:#x})");
+            }
+            let Some(real) = run_real(&mut dp, st, hint, &packet) else {
                 let e = tally.silent.entry(UNTESTABLE).or_insert((0, String::new()));
                 e.0 += 1;
                 if e.1.is_empty() {
@@ -977,7 +1005,18 @@ fn differential() {
             };
             let ch = choices(&before, &real.flows);
             let answer = match &frags {
-                Some(f) => model::run(&world, &before, f, hook, st.mark, &packet, &ch),
+                Some(f) => model::run(
+                    &world,
+                    &before,
+                    f,
+                    hook,
+                    model::Skb {
+                        mark: st.mark,
+                        hinted: !st.ingress && hint == SENT_HINT,
+                    },
+                    &packet,
+                    &ch,
+                ),
                 None => Answer::Silent("a step before in the sequence the rules are silent on"),
             };
             let sequence = c.steps.len() > 1 || c.class.starts_with("fragments");
@@ -1122,7 +1161,7 @@ fn differential() {
                 }
             );
             if real.verdict != 2 {
-                prev_out = Some(real.packet.clone());
+                prev_out = Some((real.packet.clone(), real.hint));
             }
             before = real.flows.clone();
             if problems.is_empty() {

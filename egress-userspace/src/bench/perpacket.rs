@@ -91,13 +91,15 @@ pub const XDP_ROWS: [(&str, &str); 5] = [
 ];
 
 /// The rows of the table, in order (then the references, the XDP rows and the trace rows).
-pub const PATHS: [&str; 10] = [
+pub const PATHS: [&str; 12] = [
     "no policy match",
     "new flow SNAT",
     "established SNAT",
     "reverse translation",
     "forward (encapsulate)",
     "peer (decapsulate + SNAT)",
+    "peer's packet leaving (second pass)",
+    "peer's packet leaving, no hint",
     "reply re-encapsulation",
     "soft-unicast owner redirect",
     "forwarded reply (decapsulate)",

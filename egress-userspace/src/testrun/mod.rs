@@ -90,6 +90,9 @@ pub const TC_ACT_SHOT: u32 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Egress,
+    /// `tc_egress` on a packet carrying the ingress program's sent hint in its control block
+    /// (what a peer's connection translated by `tc_ingress` carries on its second pass).
+    EgressHinted,
     Ingress,
     /// The empty baseline program.
     Empty,
@@ -114,6 +117,8 @@ pub struct Outcome {
     pub duration: std::time::Duration,
     /// XDP: the packet carries `XDP_DONE` in its metadata (finished in XDP, passed up).
     pub xdp_done: bool,
+    /// TC: the packet's `__sk_buff.cb[SENT_HINT_CB]` after the run.
+    pub hint: u32,
 }
 
 /// The programs loaded with their own (unpinned) maps holding one server's plan.
@@ -253,8 +258,24 @@ impl TestDatapath {
 
     /// Runs `packet` through the program of `hook` once, with skb mark `mark` (TC hooks).
     pub fn run(&mut self, hook: Hook, mark: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
+        let hint = match hook {
+            Hook::EgressHinted => egress_common::fabric::SENT_HINT,
+            _ => 0,
+        };
+        self.run_hinted(hook, mark, hint, packet)
+    }
+
+    /// [`Self::run`] with `hint` in the skb's `cb[SENT_HINT_CB]` (TC hooks), as the ingress
+    /// program leaves it on what it sends out.
+    pub fn run_hinted(
+        &mut self,
+        hook: Hook,
+        mark: u32,
+        hint: u32,
+        packet: &[u8],
+    ) -> anyhow::Result<Outcome> {
         let name = match hook {
-            Hook::Egress => prog_names::TC_EGRESS,
+            Hook::Egress | Hook::EgressHinted => prog_names::TC_EGRESS,
             Hook::Ingress => prog_names::TC_INGRESS,
             Hook::Empty => prog_names::TC_EMPTY,
             Hook::Reference(name) => name,
@@ -262,24 +283,33 @@ impl TestDatapath {
             Hook::XdpEmpty => return self.run_xdp(prog_names::XDP_EMPTY, packet),
         };
         let prog = loader::program(&mut self.ebpf, name)?;
-        // A prefix of struct __sk_buff: len, pkt_type, mark.
-        let mut ctx = [0u8; 12];
+        // A prefix of struct __sk_buff up to its control block: len, pkt_type, mark at 8, ...,
+        // cb[0..5] at 48 (the kernel takes mark and cb from here, and wants the rest zero).
+        const CB: usize = 48;
+        let hint_at = CB + 4 * egress_common::fabric::SENT_HINT_CB;
+        let mut ctx = [0u8; CB + 20];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        ctx[hint_at..hint_at + 4].copy_from_slice(&hint.to_ne_bytes());
+        // The kernel writes all of struct __sk_buff back (ENOSPC if it does not fit).
+        let mut ctx_out = [0u8; 256];
         let mut out = vec![0u8; packet.len() + 512];
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
             })
             .map_err(|source| LoadError::Program { name, source })?;
         out.truncate(r.data_size_out as usize);
+        let hint = u32::from_ne_bytes(ctx_out[hint_at..hint_at + 4].try_into().expect("4 bytes"));
         Ok(Outcome {
             verdict: r.return_value,
             packet: out,
             duration: r.duration,
             xdp_done: false,
+            hint,
         })
     }
 
@@ -314,6 +344,7 @@ impl TestDatapath {
             packet: out,
             duration: r.duration,
             xdp_done,
+            hint: 0,
         })
     }
 

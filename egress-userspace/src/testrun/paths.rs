@@ -249,6 +249,30 @@ pub fn catalogue() -> Vec<PathFixture> {
             fresh: false,
         },
         PathFixture {
+            path: "peer's packet leaving (second pass)",
+            hook: Hook::EgressHinted,
+            prime: Prime::Packet(Hook::Ingress, |f| from_peer(port(7250, f), f)),
+            packet: |f, sent, _| {
+                let s = sent.expect("primed");
+                tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, f - 28)
+            },
+            want: |_| Want::Unchanged,
+            counter: Stat::Ours,
+            fresh: false,
+        },
+        PathFixture {
+            path: "peer's packet leaving, no hint",
+            hook: Hook::Egress,
+            prime: Prime::Packet(Hook::Ingress, |f| from_peer(port(7260, f), f)),
+            packet: |f, sent, _| {
+                let s = sent.expect("primed");
+                tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, f - 28)
+            },
+            want: |_| Want::Unchanged,
+            counter: Stat::Ours,
+            fresh: false,
+        },
+        PathFixture {
             path: "reply re-encapsulation",
             hook: Hook::Ingress,
             prime: Prime::Packet(Hook::Ingress, |f| from_peer(port(7300, f), f)),

@@ -1,8 +1,8 @@
 //! An independent model of the two TC programs, written from the README's "Datapath rules" only:
-//! (map contents, `FRAGS`, hook, skb mark, packet) → (verdict, output packet, the counter that
-//! moved, the flow table and `FRAGS` afterwards). It never runs the BPF programs. `FRAGS` cannot
-//! be read from the programs: the caller carries the model's own from one packet of a sequence
-//! to the next.
+//! (map contents, `FRAGS`, hook, skb mark, sent hint, packet) → (verdict, output packet, the
+//! counter that moved, the flow table and `FRAGS` afterwards). It never runs the BPF programs.
+//! `FRAGS` cannot be read from the programs: the caller carries the model's own from one packet
+//! of a sequence to the next.
 //!
 //! Where the rules leave a choice to a hash (the port a new connection claims, the next hop of
 //! a forwarded one) the caller passes the choice in [`Choices`]; the model checks that the rules
@@ -38,6 +38,15 @@
 //! (Tunnel rule 6) is decided by its pool bits alone, once the outer headers and the inner IPv4
 //! header have passed rule 1: a request is echoed with pool bits 2, or 3 while `LOCAL`'s
 //! *fenced* is nonzero; pool bits 2 and 3 (replies) pass. *Fenced* is read by no other rule.
+//!
+//! The *sent hint* (`hinted`: the packet given to the egress hook carries the ingress
+//! program's `SENT_HINT` in its control block) is read by TC egress rule 5 alone: a hinted
+//! packet is asked "already translated?" (the swapped connection tuple has a reverse entry)
+//! after rules 1 and 2 and the hand-over of a later fragment to *Fragments*, before rule 3;
+//! with a reverse entry it passes (`ours_passed`) whatever rules 3 and 4 would have said and
+//! the flow table is left as it is (a closed tuple is not reopened); without one it goes
+//! through rules 3–7 like any other packet. A hint counts only with the reverse entry. Ingress
+//! ignores it.
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -330,16 +339,25 @@ fn a4(a: &[u8; 16]) -> [u8; 4] {
     a[..4].try_into().unwrap()
 }
 
+/// What the skb carries besides the packet: its mark, and on egress whether its control block
+/// holds the ingress program's sent hint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Skb {
+    pub mark: u32,
+    pub hinted: bool,
+}
+
 /// Runs the model on one packet.
 pub fn run(
     w: &World,
     flows: &Flows,
     frags: &Frags,
     hook: Hook,
-    mark: u32,
+    skb: Skb,
     packet: &[u8],
     choices: &Choices,
 ) -> Answer {
+    let Skb { mark, hinted } = skb;
     let mut cx = Cx {
         w,
         ch: choices,
@@ -360,7 +378,7 @@ pub fn run(
         missing_choice: None,
     };
     let r = match hook {
-        Hook::Egress => cx.egress(mark),
+        Hook::Egress => cx.egress(mark, hinted),
         Hook::Ingress => cx.ingress(),
     };
     match r {
@@ -928,7 +946,7 @@ impl Cx<'_> {
         }
     }
 
-    fn egress(&mut self, mark: u32) -> R {
+    fn egress(&mut self, mark: u32, hinted: bool) -> R {
         let Some(ethertype) = self.read_l2()? else {
             return drop("egress_malformed", "egress 1: a third VLAN tag");
         };
@@ -953,6 +971,12 @@ impl Cx<'_> {
         // A leaving echo reply is not translatable (*Encapsulation*): it has no connection
         // tuple, so rules 3 and 5 do not see it; under a policy rule 6 drops it.
         let tuple = conn_tuple(&ip, &l4);
+        // 5, asked first of a packet carrying the ingress program's sent hint: with a reverse
+        // entry for the swapped tuple it passes whatever rules 3 and 4 would have said (nothing
+        // in the flow table changes: no reopen); without one, rules 3–7 as for any packet.
+        if hinted && self.already_translated(tuple) {
+            return pass("ours_passed", "egress 5: already translated (hint)");
+        }
         // 3. Established. A TCP SYN without ACK on an outbound or forwarded entry that saw a
         // FIN or RST (the socket's: its FIN/RST flags) starts a new connection: the old entry
         // goes and the packet goes on to rule 4, whatever rules 4–7 then decide.
@@ -1058,9 +1082,7 @@ impl Cx<'_> {
             );
         };
         // 5. Already translated.
-        if let Some(k) = tuple
-            && self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE)
-        {
+        if self.already_translated(tuple) {
             return pass(
                 "ours_passed",
                 rule(
@@ -1201,6 +1223,11 @@ impl Cx<'_> {
                 ),
             ),
         }
+    }
+
+    /// Egress rule 5's question: the swapped connection tuple has a reverse entry.
+    fn already_translated(&self, tuple: Option<FlowKey>) -> bool {
+        tuple.is_some_and(|k| self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE))
     }
 
     /// A first fragment translated, forwarded, soft-unicast or translated back: its entry under

@@ -583,3 +583,100 @@ fn probes_are_reflected_and_say_when_this_server_is_fenced() {
     };
     check(&mut dp, &f);
 }
+
+/// The ingress program leaves a hint on the peer's connections it sends out, so that their
+/// second pass through `tc_egress` asks "already translated?" first. It is only a hint: the
+/// reverse entry decides, and without one a hinted packet goes through the rules like any.
+#[test]
+fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_entry() {
+    use egress_common::fabric::SENT_HINT;
+    use egress_common::flow::{FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue};
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
+    assert_eq!(
+        out.hint, SENT_HINT,
+        "the peer's translated packet carries the hint"
+    );
+    let sent = out.packet;
+    let s = parse(&sent);
+    // Other redirects and passes leave the control block alone.
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", s.sport, TCP_SYN | TCP_ACK);
+    let out = dp.run(Hook::Ingress, 0, &reply).unwrap();
+    assert_eq!(dp.counter(Stat::ReplyReencap), 1);
+    assert_eq!(out.hint, 0, "a re-encapsulated reply carries no hint");
+
+    let key = |src: &str, sport: u16, dst: &str, dport: u16| {
+        let (IpAddr::V4(a), IpAddr::V4(b)) = (ip(src), ip(dst)) else {
+            unreachable!()
+        };
+        let mut k = FlowKey {
+            src_port_be: sport.to_be(),
+            dst_port_be: dport.to_be(),
+            proto: 6,
+            family: 4,
+            ..FlowKey::default()
+        };
+        k.src[..4].copy_from_slice(&a.octets());
+        k.dst[..4].copy_from_slice(&b.octets());
+        k
+    };
+    let reverse: FlowValue = dp
+        .maps
+        .flows
+        .get(&key("203.0.113.1", 80, "192.0.2.10", s.sport), 0)
+        .unwrap();
+    assert_eq!(reverse.kind, FLOW_REVERSE);
+
+    let egress = |dp: &mut TestDatapath, hint: u32, p: &[u8], stat: Stat| {
+        let before = dp.counter(stat);
+        let out = dp.run_hinted(Hook::Egress, 0, hint, p).unwrap();
+        assert_eq!(dp.counter(stat), before + 1, "{stat:?} (hint {hint:#x})");
+        out
+    };
+    // The usual case: ours either way.
+    for hint in [0, SENT_HINT] {
+        let out = egress(&mut dp, hint, &sent, Stat::Ours);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    }
+    // A translated packet whose destination no policy covers any more (a reload removed it):
+    // without the hint, rule 4 passes it as no policy's; with it, it is ours.
+    let gone = tcp("192.0.2.10", s.sport, "198.51.100.7", 80, TCP_ACK);
+    dp.maps
+        .flows
+        .insert(key("198.51.100.7", 80, "192.0.2.10", s.sport), reverse, 0)
+        .unwrap();
+    egress(&mut dp, 0, &gone, Stat::EgressNoPolicy);
+    let out = egress(&mut dp, SENT_HINT, &gone, Stat::Ours);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &gone));
+    // Its tuple also has an outbound entry (a local socket bound to the pool address): without
+    // the hint, rule 3 translates it again; with it, the peer's translation stands.
+    let mut outbound = reverse;
+    outbound.kind = FLOW_OUTBOUND;
+    outbound.port_be = 40999u16.to_be();
+    dp.maps
+        .flows
+        .insert(key("192.0.2.10", s.sport, "203.0.113.1", 80), outbound, 0)
+        .unwrap();
+    let ack = tcp("192.0.2.10", s.sport, "203.0.113.1", 80, TCP_ACK);
+    let out = egress(&mut dp, 0, &ack, Stat::SnatEstablished);
+    assert_eq!(
+        parse(&out.packet).sport,
+        40999,
+        "translated again without the hint"
+    );
+    let out = egress(&mut dp, SENT_HINT, &ack, Stat::Ours);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &ack));
+    // A hint on a packet with no reverse entry (whatever the stack left in the control block
+    // of a local packet) changes nothing: a new connection is translated.
+    let local = tcp("10.50.0.11", 7100, "203.0.113.1", 80, TCP_SYN);
+    let out = egress(&mut dp, SENT_HINT, &local, Stat::SnatNew);
+    assert_eq!(parse(&out.packet).src, ip("192.0.2.10"));
+}
