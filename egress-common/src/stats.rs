@@ -178,6 +178,9 @@ stats! {
     /// Ingress: a packet the XDP program finished (`egress agent --xdp`); it is also counted
     /// under its path's counter, and the TC programs never saw it.
     XdpDone = 53 => "xdp_done",
+    /// Egress: a peer's connection translated here, recognised by the ingress program's sent
+    /// hint and its reverse entry (its second pass, one lookup); passed untouched.
+    OursHinted = 54 => "ours_hinted",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -154,7 +154,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     // already translated one (ours) follows no entry of its own tuple.
     if ip.frag == parse::FRAG_FIRST
         && !dropped(&verdict)
-        && !matches!(verdict, Ok(Verdict::Pass(Stat::Ours)))
+        && !matches!(verdict, Ok(Verdict::Pass(Stat::Ours | Stat::OursHinted)))
         && let Ok(p) = &parsed
     {
         remember_first_out(&ip, p);
@@ -185,7 +185,7 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict
         && sent_hint(ctx)
         && already_translated(ctx, ip, p)
     {
-        return Ok(Verdict::Pass(Stat::Ours));
+        return Ok(Verdict::Pass(Stat::OursHinted));
     }
     // A known connection keeps its path whatever the plan says now, even if a reload removed
     // its policy: the flow table is consulted before the policy.

@@ -229,8 +229,9 @@ fn hex(p: &[u8]) -> String {
 struct Real {
     verdict: u32,
     packet: Vec<u8>,
-    /// The skb's `cb[SENT_HINT_CB]` after the run (the ingress program's sent hint).
-    hint: u32,
+    /// The skb's `cb[SENT_HINT_CB]` after the run (the ingress program's sent hint); None when
+    /// `xdp_ingress` finished the packet (no skb, no control block).
+    hint: Option<u32>,
     /// Counters that moved (packets), `*_seen` excluded.
     moved: BTreeMap<&'static str, u64>,
     flows: Flows,
@@ -289,14 +290,18 @@ fn set_flows(dp: &mut TestDatapath, entries: &[(FlowKey, FlowValue)]) {
 /// their bytes: a replay takes the same way) run as on an uplink with `egress agent --xdp`:
 /// `xdp_ingress` first, `tc_ingress` only for what it leaves; an XDP verdict is given as the
 /// TC verdict of the same meaning. The rules are the same either way.
+/// The second value: `xdp_ingress` finished the packet.
 fn run_hooks(
     dp: &mut TestDatapath,
     s: &Step,
     hint: u32,
     packet: &[u8],
-) -> anyhow::Result<testrun::Outcome> {
+) -> anyhow::Result<(testrun::Outcome, bool)> {
     if !s.ingress {
-        return dp.run_hinted(testrun::Hook::Egress, s.mark, hint, packet);
+        return Ok((
+            dp.run_hinted(testrun::Hook::Egress, s.mark, hint, packet)?,
+            false,
+        ));
     }
     let hash = packet
         .iter()
@@ -309,14 +314,14 @@ fn run_hooks(
                 testrun::XDP_TX => TC_ACT_REDIRECT,
                 _ => testrun::TC_ACT_SHOT,
             };
-            return Ok(x);
+            return Ok((x, true));
         }
         assert_eq!(
             x.packet, packet,
             "xdp_ingress changed a packet it left to TC"
         );
     }
-    dp.run(testrun::Hook::Ingress, s.mark, packet)
+    Ok((dp.run(testrun::Hook::Ingress, s.mark, packet)?, false))
 }
 
 /// The sent hint on an egress step's own packet, as if the stack had left those bytes in the
@@ -337,8 +342,8 @@ fn stack_hint(s: &Step) -> u32 {
 /// None: BPF_PROG_TEST_RUN refuses the packet (e.g. an IPv6 frame cut inside the header).
 fn run_real(dp: &mut TestDatapath, s: &Step, hint: u32, packet: &[u8]) -> Option<Real> {
     let before = counters(dp);
-    let out = match run_hooks(dp, s, hint, packet) {
-        Ok(out) => out,
+    let (out, in_xdp) = match run_hooks(dp, s, hint, packet) {
+        Ok(r) => r,
         Err(e) if format!("{e:#}").contains("os error 22") => return None,
         Err(e) => panic!("BPF_PROG_TEST_RUN of {}: {e:#}", hex(packet)),
     };
@@ -354,7 +359,7 @@ fn run_real(dp: &mut TestDatapath, s: &Step, hint: u32, packet: &[u8]) -> Option
     Some(Real {
         verdict: out.verdict,
         packet: out.packet,
-        hint: out.hint,
+        hint: (!in_xdp).then_some(out.hint),
         moved,
         flows: flows_of(dp),
     })
@@ -519,6 +524,14 @@ fn first_diff(a: &[u8], b: &[u8]) -> String {
 /// Mismatches between the model's outcome and the programs': (kind, detail).
 fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, String)> {
     let mut bad = Vec::new();
+    if let Some(h) = real.hint
+        && (h == SENT_HINT) != m.hint_after
+    {
+        bad.push((
+            "sent hint",
+            format!("model {}, programs cb word {h:#x}", m.hint_after),
+        ));
+    }
     if !verdict_ok(m.verdict, real.verdict) {
         bad.push((
             "verdict",
@@ -1161,7 +1174,7 @@ fn differential() {
                 }
             );
             if real.verdict != 2 {
-                prev_out = Some((real.packet.clone(), real.hint));
+                prev_out = Some((real.packet.clone(), real.hint.unwrap_or(0)));
             }
             before = real.flows.clone();
             if problems.is_empty() {

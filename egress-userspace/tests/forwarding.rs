@@ -85,7 +85,26 @@ fn replies_arriving_at_the_wrong_server_complete_the_connection() {
 /// checked by hash each time. acme's forwarded tiers all lead to fra-a-1 (ports 1024-32767).
 #[test]
 fn every_reply_path_completes_whoever_receives_the_replies() {
-    every_reply_path(&full_lab(), MB50);
+    let lab = full_lab();
+    let counted = |c: &str| common::counter(&lab, "fra-a-1", c);
+    let (peer0, hinted0) = (counted("peer_snat"), counted("ours_hinted"));
+    every_reply_path(&lab, MB50);
+    // fra-a-1 translates the forwarded tiers' connections: each packet it sends on leaves
+    // through tc_egress once more carrying the sent hint (the kernel kept the control block
+    // through the redirect), and takes the one-lookup pass.
+    let (peer, hinted) = (
+        counted("peer_snat") - peer0,
+        counted("ours_hinted") - hinted0,
+    );
+    eprintln!("fra-a-1: {peer} peer_snat, {hinted} ours_hinted");
+    assert!(
+        peer > 1000,
+        "fra-a-1 translated the peers' connections ({peer})"
+    );
+    assert_eq!(
+        hinted, peer,
+        "every peer_snat packet took the hinted second pass"
+    );
 }
 
 /// The same with `egress agent --xdp` on every server: the reply paths (reverse translation,

@@ -257,7 +257,7 @@ pub fn catalogue() -> Vec<PathFixture> {
                 tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, f - 28)
             },
             want: |_| Want::Unchanged,
-            counter: Stat::Ours,
+            counter: Stat::OursHinted,
             fresh: false,
         },
         PathFixture {

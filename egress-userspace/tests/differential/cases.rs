@@ -1408,25 +1408,31 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         let tags = vlan_tags(&mut g);
         packet.splice(12..12, tags);
     }
-    let step = Step {
+    let mut steps = vec![Step {
         class: String::new(),
         ingress,
         mark,
         packet,
         prev_output: false,
-    };
+    }];
+    // A peer's connection sent on leaves through tc_egress once more, with the control block
+    // the ingress program left (the sent hint).
+    if matches!(roll, 72..=75) && g.r.chance(50) {
+        steps.push(Step {
+            class: "its second pass, on egress".into(),
+            ingress: false,
+            mark: *g.r.pick(&[0u32, 42, 0x8000_0000]),
+            packet: vec![],
+            prev_output: true,
+        });
+    }
     // New connections meet the action (egress rule 7, Tunnel rule 5).
     let fenced_percent = if matches!(roll, 72..=75) {
         PEER_FENCED_PERCENT
     } else {
         FENCED_PERCENT
     };
-    let mut c = finish(
-        g,
-        vec![step],
-        matches!(roll, 0..=21 | 72..=75),
-        fenced_percent,
-    );
+    let mut c = finish(g, steps, matches!(roll, 0..=21 | 72..=75), fenced_percent);
     // The one step's class is the case's, complete once `finish` drew the plan and `LOCAL`.
     c.steps[0].class = c.class.clone();
     c

@@ -43,10 +43,12 @@
 //! program's `SENT_HINT` in its control block) is read by TC egress rule 5 alone: a hinted
 //! packet is asked "already translated?" (the swapped connection tuple has a reverse entry)
 //! after rules 1 and 2 and the hand-over of a later fragment to *Fragments*, before rule 3;
-//! with a reverse entry it passes (`ours_passed`) whatever rules 3 and 4 would have said and
+//! with a reverse entry it passes (`ours_hinted`) whatever rules 3 and 4 would have said and
 //! the flow table is left as it is (a closed tuple is not reopened); without one it goes
-//! through rules 3–7 like any other packet. A hint counts only with the reverse entry. Ingress
-//! ignores it.
+//! through rules 3–7 like any other packet. A hint counts only with the reverse entry. The
+//! hint is written by one decision alone: ingress's `peer_snat` (Tunnel rule 5, sent out of
+//! the uplink); an ingress packet is taken to arrive without one, and egress never writes it
+//! ([`Outcome::hint_after`]).
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
 
@@ -264,6 +266,9 @@ pub struct Outcome {
     pub missing_choice: Option<&'static str>,
     /// The rule that decided.
     pub rule: &'static str,
+    /// The skb's sent hint afterwards: on egress the hint it came with (egress never writes
+    /// it); on ingress set only by `peer_snat` (the one decision that writes it).
+    pub hint_after: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -383,6 +388,12 @@ pub fn run(
     };
     match r {
         Ok((verdict, counter, rule)) => Answer::Sure(Box::new(Outcome {
+            // *Sent hint*: written by the ingress program when it translates a peer's
+            // connection and redirects it out of the uplink (`peer_snat`), by no other path.
+            hint_after: match hook {
+                Hook::Egress => hinted,
+                Hook::Ingress => counter == "peer_snat" && verdict == Verdict::Send,
+            },
             verdict,
             packet: cx.p,
             counter,
@@ -975,7 +986,7 @@ impl Cx<'_> {
         // entry for the swapped tuple it passes whatever rules 3 and 4 would have said (nothing
         // in the flow table changes: no reopen); without one, rules 3–7 as for any packet.
         if hinted && self.already_translated(tuple) {
-            return pass("ours_passed", "egress 5: already translated (hint)");
+            return pass("ours_hinted", "egress 5: already translated (hint)");
         }
         // 3. Established. A TCP SYN without ACK on an outbound or forwarded entry that saw a
         // FIN or RST (the socket's: its FIN/RST flags) starts a new connection: the old entry

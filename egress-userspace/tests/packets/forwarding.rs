@@ -641,9 +641,9 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
         assert_eq!(dp.counter(stat), before + 1, "{stat:?} (hint {hint:#x})");
         out
     };
-    // The usual case: ours either way.
-    for hint in [0, SENT_HINT] {
-        let out = egress(&mut dp, hint, &sent, Stat::Ours);
+    // The usual case: ours either way (counted apart with the hint).
+    for (hint, stat) in [(0, Stat::Ours), (SENT_HINT, Stat::OursHinted)] {
+        let out = egress(&mut dp, hint, &sent, stat);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
     }
     // A translated packet whose destination no policy covers any more (a reload removed it):
@@ -654,7 +654,7 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
         .insert(key("198.51.100.7", 80, "192.0.2.10", s.sport), reverse, 0)
         .unwrap();
     egress(&mut dp, 0, &gone, Stat::EgressNoPolicy);
-    let out = egress(&mut dp, SENT_HINT, &gone, Stat::Ours);
+    let out = egress(&mut dp, SENT_HINT, &gone, Stat::OursHinted);
     assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &gone));
     // Its tuple also has an outbound entry (a local socket bound to the pool address): without
     // the hint, rule 3 translates it again; with it, the peer's translation stands.
@@ -672,7 +672,7 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
         40999,
         "translated again without the hint"
     );
-    let out = egress(&mut dp, SENT_HINT, &ack, Stat::Ours);
+    let out = egress(&mut dp, SENT_HINT, &ack, Stat::OursHinted);
     assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &ack));
     // A hint on a packet with no reverse entry (whatever the stack left in the control block
     // of a local packet) changes nothing: a new connection is translated.

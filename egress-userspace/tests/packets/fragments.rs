@@ -117,6 +117,46 @@ fn fragments_follow_their_first_fragment() {
     assert_eq!(parse(&l.packet).src, ip("192.0.2.10"));
     verify_checksums(&packet::reassemble(&f.packet, &l.packet))
         .unwrap_or_else(|e| panic!("peer reassembled {e}"));
+    // The first fragment's second pass, with the ingress program's hint, passes as ours even
+    // when its translated tuple also has an outbound entry (a local socket on the pool
+    // address), and records nothing of that entry: the later fragment stays ours.
+    assert_eq!(
+        f.hint,
+        egress_common::fabric::SENT_HINT,
+        "first fragment hinted"
+    );
+    let s = parse(&f.packet);
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (s.src, s.dst) else {
+        unreachable!()
+    };
+    let mut key = egress_common::flow::FlowKey {
+        src_port_be: s.sport.to_be(),
+        dst_port_be: s.dport.to_be(),
+        proto: 17,
+        family: 4,
+        ..Default::default()
+    };
+    key.src[..4].copy_from_slice(&src.octets());
+    key.dst[..4].copy_from_slice(&dst.octets());
+    let mut pool_addr = [0u8; 16];
+    pool_addr[..4].copy_from_slice(&src.octets());
+    let outbound = egress_common::flow::FlowValue::new(
+        egress_common::flow::FLOW_OUTBOUND,
+        pool_addr,
+        40999u16.to_be(),
+        7,
+        [0; 4],
+        0,
+    );
+    dp.maps.flows.insert(key, outbound, 0).unwrap();
+    let hinted = dp.counter(Stat::OursHinted);
+    let out = dp.run_hinted(Hook::Egress, 0, f.hint, &f.packet).unwrap();
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &f.packet),
+        "hinted first fragment: untouched"
+    );
+    assert_eq!(dp.counter(Stat::OursHinted), hinted + 1);
     let ours = dp.counter(Stat::Ours);
     let out = run(&mut dp, Hook::Egress, &l.packet);
     assert_eq!(
