@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let s = *Setup::ALL
                 .get(*i)
                 .ok_or_else(|| anyhow::anyhow!("--e2e-only: no setup {i}"))?;
-            for s in [s.baseline(), s] {
+            for s in [s.baseline().baseline(), s.baseline(), s] {
                 if !setups.contains(&s) {
                     setups.push(s);
                 }
