@@ -160,6 +160,13 @@ fn from_peer(sport: u16, frame: usize) -> Vec<u8> {
     packet::gre_frame(B, A, tunnel::key(tunnel::CONNECTION, 7), &inner)
 }
 
+/// A peer's connection as translated here (`sent`: what `from_peer` became), leaving through
+/// egress once more.
+fn leaving_again(frame: usize, sent: Option<&Parsed>, _: u32) -> Vec<u8> {
+    let s = sent.expect("primed");
+    tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, frame - 28)
+}
+
 const OURS: (u16, u16) = (40000, 40999);
 
 /// Every path, in the benchmark's order.
@@ -252,10 +259,7 @@ pub fn catalogue() -> Vec<PathFixture> {
             path: "peer's packet leaving (second pass)",
             hook: Hook::EgressHinted,
             prime: Prime::Packet(Hook::Ingress, |f| from_peer(port(7250, f), f)),
-            packet: |f, sent, _| {
-                let s = sent.expect("primed");
-                tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, f - 28)
-            },
+            packet: leaving_again,
             want: |_| Want::Unchanged,
             counter: Stat::OursHinted,
             fresh: false,
@@ -264,10 +268,7 @@ pub fn catalogue() -> Vec<PathFixture> {
             path: "peer's packet leaving, no hint",
             hook: Hook::Egress,
             prime: Prime::Packet(Hook::Ingress, |f| from_peer(port(7260, f), f)),
-            packet: |f, sent, _| {
-                let s = sent.expect("primed");
-                tcp(ACME, s.sport, "203.0.113.1", 80, TCP_ACK, f - 28)
-            },
+            packet: leaving_again,
             want: |_| Want::Unchanged,
             counter: Stat::Ours,
             fresh: false,

@@ -592,15 +592,7 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
     use egress_common::fabric::SENT_HINT;
     use egress_common::flow::{FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue};
     let (_net, mut dp) = datapath(TOPOLOGY);
-    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
-        )
-        .unwrap();
-    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
+    let out = peer_connection_sent(&mut dp);
     assert_eq!(
         out.hint, SENT_HINT,
         "the peer's translated packet carries the hint"

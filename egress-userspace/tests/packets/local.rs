@@ -629,16 +629,8 @@ fn a_reopened_tuple_gets_a_new_port_while_the_old_one_is_held() {
 fn own_packets_are_recognised_by_what_they_are_never_by_the_mark() {
     let (_net, mut dp) = datapath(TOPOLOGY);
     // A peer's connection translated here, as the ingress program sends it out.
+    let sent = peer_connection_sent(&mut dp).packet;
     let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
-        )
-        .unwrap();
-    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
-    let sent = out.packet;
     assert_eq!(parse(&sent).src, ip("192.0.2.10"), "translated by the peer");
     let gre_to_peer = packet::gre_frame(A, B, conn_key(7), &inner);
     let gre_to_origin = packet::gre_frame(A, [203, 0, 113, 1], conn_key(7), &inner);

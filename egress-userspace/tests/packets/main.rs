@@ -36,6 +36,21 @@ fn datapath(toml: &str) -> (egress::testrun::TestNet, TestDatapath) {
     (net, dp)
 }
 
+/// b's connection 10.50.0.12:6000 → 203.0.113.1:80 (a SYN) arriving in GRE for acme and
+/// translated here: what the ingress program sends out.
+fn peer_connection_sent(dp: &mut TestDatapath) -> Outcome {
+    let inner = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    assert_eq!(dp.counter(Stat::PeerSnat), 1, "peer SNAT");
+    out
+}
+
 /// What a fixture expects of the output packet.
 enum Want {
     /// Passed, byte for byte unchanged.
