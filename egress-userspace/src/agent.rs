@@ -432,7 +432,7 @@ impl Agent {
         let lock = if opts.no_dataplane {
             None
         } else {
-            loader::preflight(&server.uplink, &server.name, &pin_dir)?;
+            loader::preflight(&server.uplink, server.fabric, &server.name, &pin_dir)?;
             Some(loader::lock_all(&pin_dir, &server.uplink)?)
         };
         // Everything that can fail comes before the first write: the metrics port too.

@@ -47,6 +47,14 @@ pub enum LoadError {
         "interface {iface:?} does not exist in this network namespace (it is the uplink of server {server:?} in the config)"
     )]
     NoInterface { iface: String, server: String },
+    /// The probes are sent from (and answered to) the server's fabric address.
+    #[error(
+        "{addr} (the fabric address of server {server:?} in the config) is not an address of this host (network namespace): is --server right?"
+    )]
+    NotLocal {
+        addr: std::net::Ipv4Addr,
+        server: String,
+    },
     /// The uplink's MTU decides the tunnel MSS: never guessed.
     #[error("reading the MTU of {iface:?} (it sizes the tunnel's MSS clamp): {source}")]
     Mtu {
@@ -448,7 +456,12 @@ pub fn pin_dir(explicit: Option<&Path>, server: &str) -> PathBuf {
 }
 
 /// Checks what loading needs before touching the kernel, so each failure gets its own message.
-pub fn preflight(iface: &str, server: &str, pin_dir: &Path) -> Result<(), LoadError> {
+pub fn preflight(
+    iface: &str,
+    fabric: std::net::Ipv4Addr,
+    server: &str,
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(LoadError::NotRoot);
@@ -456,6 +469,14 @@ pub fn preflight(iface: &str, server: &str, pin_dir: &Path) -> Result<(), LoadEr
     if ifindex(iface).is_none() {
         return Err(LoadError::NoInterface {
             iface: iface.to_string(),
+            server: server.to_string(),
+        });
+    }
+    // Binding to an address works only where it is assigned: the prober needs it later, and
+    // finding out then would leave maps pinned for a server this host is not.
+    if std::net::UdpSocket::bind((fabric, 0)).is_err() {
+        return Err(LoadError::NotLocal {
+            addr: fabric,
             server: server.to_string(),
         });
     }

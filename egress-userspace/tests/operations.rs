@@ -273,6 +273,36 @@ fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
     assert!(!pins.exists(), "nothing pinned");
 }
 
+/// An agent started for another server (an operator's wrong --server, whose uplink name
+/// exists here too) is refused before anything is loaded or pinned, naming the address.
+#[test]
+fn an_agent_for_a_server_this_host_is_not_is_refused_before_anything_is_pinned() {
+    let lab = common::lab_with_agents(&[]);
+    let pins = lab.work_dir().join("pins-wrong-server");
+    let err = lab
+        .run(
+            &lab.server_ns("fra-a-2"),
+            common::EGRESS,
+            &[
+                "agent",
+                "--no-metrics",
+                "--config",
+                lab.config_path().to_str().unwrap(),
+                "--server",
+                "fra-a-1",
+                "--pin-dir",
+                pins.to_str().unwrap(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10.50.0.11") && err.contains("is not an address of this host"),
+        "{err}"
+    );
+    assert!(!pins.exists(), "nothing pinned");
+}
+
 #[test]
 fn an_invalid_config_on_reload_keeps_the_old_plan() {
     let mut lab = common::lab_with_agents(&["fra-a-1"]);

@@ -26,7 +26,8 @@ enum Cmd {
     Setup,
     /// Build the BPF programs and the `egress` binary.
     Build,
-    /// Run the agent on this host: `cargo xtask run -- --config FILE --server NAME`.
+    /// The main job: without arguments, the demo over the built-in lab (as `demo`); with them,
+    /// the agent on this host: `cargo xtask run -- --config FILE --server NAME`.
     Run {
         #[arg(last = true)]
         args: Vec<String>,
@@ -92,7 +93,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Run { args } => {
             let bin = setup_and_build(&root)?;
-            egress(&bin, ["agent"], &args)
+            if args.is_empty() {
+                egress(&bin, ["demo"], &[])
+            } else {
+                egress(&bin, ["agent"], &args)
+            }
         }
         Cmd::Lab { action } => {
             let bin = setup_and_build(&root)?;
