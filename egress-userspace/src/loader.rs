@@ -472,14 +472,6 @@ pub fn preflight(
             server: server.to_string(),
         });
     }
-    // Binding to an address works only where it is assigned: the prober needs it later, and
-    // finding out then would leave maps pinned for a server this host is not.
-    if std::net::UdpSocket::bind((fabric, 0)).is_err() {
-        return Err(LoadError::NotLocal {
-            addr: fabric,
-            server: server.to_string(),
-        });
-    }
     // The nearest existing ancestor of the pin directory must be on bpffs.
     let existing = pin_dir
         .ancestors()
@@ -488,6 +480,14 @@ pub fn preflight(
     if !is_bpffs(existing) {
         return Err(LoadError::NoBpffs {
             dir: existing.display().to_string(),
+        });
+    }
+    // Binding to an address works only where it is assigned: the prober needs it later, and
+    // finding out then would leave maps pinned for a server this host is not.
+    if std::net::UdpSocket::bind((fabric, 0)).is_err() {
+        return Err(LoadError::NotLocal {
+            addr: fabric,
+            server: server.to_string(),
         });
     }
     Ok(())

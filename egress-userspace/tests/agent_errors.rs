@@ -85,6 +85,33 @@ fn pin_dir_not_on_bpffs() {
 }
 
 #[test]
+fn fabric_address_not_on_this_host() {
+    common::require_root();
+    // The test namespace's uplink `up0` has 10.50.0.11; the config's server has 10.50.0.1.
+    let _net = egress::testrun::TestNet::enter();
+    let d = tempdir("notlocal");
+    let p = write_config(&d, "up0");
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/egress-test-notlocal-{}",
+        std::process::id()
+    ));
+    let out = agent(&[
+        "--config",
+        p.to_str().unwrap(),
+        "--pin-dir",
+        pins.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&d).unwrap();
+    let pinned = pins.exists();
+    let _ = std::fs::remove_dir_all(&pins);
+    assert_fails_with(
+        &out,
+        "10.50.0.1 (the fabric address of server \"x\" in the config) is not an address of this host",
+    );
+    assert!(!pinned, "nothing pinned");
+}
+
+#[test]
 fn not_root() {
     common::require_root();
     let d = tempdir("notroot");

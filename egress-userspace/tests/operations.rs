@@ -278,7 +278,8 @@ fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
 #[test]
 fn an_agent_for_a_server_this_host_is_not_is_refused_before_anything_is_pinned() {
     let lab = common::lab_with_agents(&[]);
-    let pins = lab.work_dir().join("pins-wrong-server");
+    // On bpffs (the lab's pin root), so that the address is what the agent refuses.
+    let pins = lab.pin_dir("wrong-server");
     let err = lab
         .run(
             &lab.server_ns("fra-a-2"),
