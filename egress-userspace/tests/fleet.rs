@@ -67,22 +67,23 @@ fn metric(lab: &Lab, server: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
-/// Whether `server` has `peer` up (1) or down (0).
-fn peer_up(lab: &Lab, server: &str, peer: &str) -> f64 {
+/// Metric `name` of `server` about `peer` (labelled with it).
+fn peer_metric(lab: &Lab, server: &str, name: &str, peer: &str) -> f64 {
     let text = metrics(lab, server);
-    let label = format!("egress_peer_up{{server=\"{peer}\",");
+    let label = format!("{name}{{server=\"{peer}\",");
     text.lines()
         .find_map(|l| l.strip_prefix(&label)?.rsplit_once(' ')?.1.parse().ok())
-        .unwrap_or_else(|| panic!("{server} does not list {peer}:\n{text}"))
+        .unwrap_or_else(|| panic!("{server} has no {name} for {peer}:\n{text}"))
+}
+
+/// Whether `server` has `peer` up (1) or down (0).
+fn peer_up(lab: &Lab, server: &str, peer: &str) -> f64 {
+    peer_metric(lab, server, "egress_peer_up", peer)
 }
 
 /// How many times `server` saw `peer` go down or come back.
 fn peer_transitions(lab: &Lab, server: &str, peer: &str) -> f64 {
-    let text = metrics(lab, server);
-    let label = format!("egress_peer_transitions_total{{server=\"{peer}\",");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&label)?.rsplit_once(' ')?.1.parse().ok())
-        .unwrap_or_else(|| panic!("{server} does not watch {peer}:\n{text}"))
+    peer_metric(lab, server, "egress_peer_transitions_total", peer)
 }
 
 /// `fleet show` says the published revision.

@@ -252,25 +252,36 @@ fn a_topology_over_capacity_is_refused_at_start_and_on_reload() {
     let file = lab.work_dir().join("over.toml");
     std::fs::write(&file, with_servers(over)).unwrap();
     let pins = lab.work_dir().join("pins-over");
-    let err = lab
-        .run(
-            &lab.server_ns("fra-a-2"),
-            common::EGRESS,
-            &[
-                "agent",
-                "--no-metrics",
-                "--config",
-                file.to_str().unwrap(),
-                "--server",
-                "fra-a-2",
-                "--pin-dir",
-                pins.to_str().unwrap(),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
+    let err = refusal(&lab, "fra-a-2", &file, "fra-a-2", &pins);
     assert!(err.contains("do not fit map PEERS"), "{err}");
     assert!(!pins.exists(), "nothing pinned");
+}
+
+/// The error of an agent started in `ns_server`'s namespace with `config` as `server`, its
+/// maps to be pinned in `pins` (it must fail).
+fn refusal(
+    lab: &Lab,
+    ns_server: &str,
+    config: &std::path::Path,
+    server: &str,
+    pins: &std::path::Path,
+) -> String {
+    lab.run(
+        &lab.server_ns(ns_server),
+        common::EGRESS,
+        &[
+            "agent",
+            "--no-metrics",
+            "--config",
+            config.to_str().unwrap(),
+            "--server",
+            server,
+            "--pin-dir",
+            pins.to_str().unwrap(),
+        ],
+    )
+    .unwrap_err()
+    .to_string()
 }
 
 /// An agent started for another server (an operator's wrong --server, whose uplink name
@@ -280,23 +291,7 @@ fn an_agent_for_a_server_this_host_is_not_is_refused_before_anything_is_pinned()
     let lab = common::lab_with_agents(&[]);
     // On bpffs (the lab's pin root), so that the address is what the agent refuses.
     let pins = lab.pin_dir("wrong-server");
-    let err = lab
-        .run(
-            &lab.server_ns("fra-a-2"),
-            common::EGRESS,
-            &[
-                "agent",
-                "--no-metrics",
-                "--config",
-                lab.config_path().to_str().unwrap(),
-                "--server",
-                "fra-a-1",
-                "--pin-dir",
-                pins.to_str().unwrap(),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
+    let err = refusal(&lab, "fra-a-2", &lab.config_path(), "fra-a-1", &pins);
     assert!(
         err.contains("10.50.0.11") && err.contains("is not an address of this host"),
         "{err}"
