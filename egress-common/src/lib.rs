@@ -6,6 +6,7 @@
 
 pub mod action;
 pub mod fabric;
+pub mod filter;
 pub mod flow;
 pub mod policy;
 
@@ -51,9 +52,11 @@ pub mod map_names {
     pub const PEER_LOAD: &str = "PEER_LOAD";
     /// The plan generation in force (one entry; see [`crate::generation`]).
     pub const GENERATION: &str = "GENERATION";
+    /// Destination buckets that can have no policy and no flow entry ([`crate::filter`]).
+    pub const PASS_FILTER: &str = "PASS_FILTER";
 
     /// Every map the programs declare, for pinning and adoption.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         STATS,
         POLICY_V4,
         POLICY_V6,
@@ -67,6 +70,7 @@ pub mod map_names {
         FRAGS,
         PEER_LOAD,
         GENERATION,
+        PASS_FILTER,
     ];
 }
 

@@ -148,6 +148,12 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     if ip.later_fragment() {
         return Ok(jump(ctx, JUMP_FRAG_OUT));
     }
+    // No policy and no flow entry anywhere near the destination (the agent's pass filter):
+    // rules 3 and 4 can find nothing, so neither is asked, nor are the ports read. A packet
+    // with the sent hint asks rule 5 first, as every hinted packet does.
+    if !sent_hint(ctx) && policy::filtered_out(&ip) {
+        return Ok(Verdict::Pass(Stat::EgressNoPolicy));
+    }
     let parsed = ports(ctx, &ip, Dir::Egress);
     let verdict = egress_packet(ctx, &ip, &parsed);
     // One place for first fragments (rare), so the common path keeps its stack small. An

@@ -6,6 +6,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     action::{ACTIONS_CAPACITY, Action, ActionKey, FAMILY_V4},
+    filter,
     policy::{
         POLICY_CAPACITY, POOL_BITS, PeerPolicyKey, PolicyKeyV4, PolicyKeyV6, PolicyValue,
         pool_for_mark, prefix_len,
@@ -32,6 +33,18 @@ static ACTIONS: HashMap<
 
 #[btf_map]
 static GENERATION: Array<u32, 1> = Array::new();
+
+#[btf_map]
+static PASS_FILTER: Array<u64, { filter::WORDS as usize }> = Array::new();
+
+/// Whether the pass filter (`egress_common::filter`) says that no policy, pool address or flow
+/// entry has a destination in `ip`'s bucket: then neither the flow table nor the policy can
+/// match, and both lookups are skipped. One array read (the verifier inlines it).
+#[inline(always)]
+pub fn filtered_out(ip: &Ip) -> bool {
+    let (word, bit) = filter::word_bit(filter::bucket(ip.family, &ip.dst));
+    PASS_FILTER.get(word).is_some_and(|w| (*w >> bit) & 1 != 0)
+}
 
 /// The plan generation in force. A program reads it once and passes it to every plan lookup
 /// it makes, so that one decision never mixes two plans (see `egress_common::generation`).

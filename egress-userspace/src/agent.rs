@@ -89,6 +89,8 @@ struct Observed {
     pass_seconds: f64,
     /// Connections translated here per peer (fabric address), at the last housekeeping.
     peer_load: BTreeMap<Ipv4Addr, u64>,
+    /// Buckets the pass filter passes early (IPv4, IPv6), as last refined.
+    pass_filter: (u32, u32),
 }
 
 /// What the agent holds of the kernel: programs, maps, links, and the locks that make it the
@@ -149,6 +151,11 @@ pub struct Agent {
     retry: Option<(std::time::Instant, std::time::Duration)>,
     /// Registered at the first scrape.
     metrics: std::sync::OnceLock<metrics::Metrics>,
+    /// Plans written to the maps (each attempt): a collection pass refines the pass filter
+    /// only if none was written since it began reading ([`crate::filter`]).
+    plan_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The buckets of the plan in force (None: not known yet, read back from the maps).
+    plan_buckets: Option<crate::filter::Buckets>,
 }
 
 /// The collector: one pass over the flow table at a time, on a thread of its own.
@@ -156,14 +163,17 @@ pub struct Housekeeper {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     peer_load: HashMap<MapData, [u8; 4], u64>,
     capacity: u32,
+    plan_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Housekeeper {
     /// Collects, counts, and writes the recounted peer loads.
     pub fn run(&mut self) -> Result<flows::Pass, String> {
         let before = loader::read_peer_load(&self.peer_load);
-        let p = flows::pass(&mut self.flows, flows::monotonic_ns(), self.capacity)
+        let writes = self.plan_writes.load(std::sync::atomic::Ordering::SeqCst);
+        let mut p = flows::pass(&mut self.flows, flows::monotonic_ns(), self.capacity)
             .map_err(|e| e.to_string())?;
+        p.plan_writes = writes;
         loader::write_peer_load(&mut self.peer_load, &p.peer_load, &before)
             .map_err(|e| e.to_string())?;
         Ok(p)
@@ -183,6 +193,8 @@ impl Housekeeper {
             flows: HashMap::try_from(Map::HashMap(flows)).ok()?,
             peer_load: HashMap::try_from(Map::HashMap(open(map_names::PEER_LOAD)?)).ok()?,
             capacity,
+            // No agent writes a plan meanwhile; nor does anything read its passes' filter.
+            plan_writes: Default::default(),
         })
     }
 }
@@ -532,6 +544,8 @@ impl Agent {
             pending: None,
             retry: None,
             metrics: std::sync::OnceLock::new(),
+            plan_writes: Default::default(),
+            plan_buckets: None,
         }
     }
 
@@ -558,11 +572,12 @@ impl Agent {
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
         };
-        let diff = dp
-            .maps
-            .plan
-            .apply(&want)
-            .context("writing the plan to the maps")?;
+        let applied = dp.maps.plan.apply(&want);
+        self.plan_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Failed, the plan in force is the one before (apply switches only when all is written).
+        let diff = applied.context("writing the plan to the maps")?;
+        self.plan_buckets = Some(crate::filter::Buckets::of_plan(&want));
         // What the plan maps hold now, for the metrics (counted once per plan, not per pass).
         self.observed.map_entries = [
             (map_names::POLICY_V4, want.policies_v4.len() as i64),
@@ -1143,18 +1158,49 @@ impl Agent {
             return;
         };
         let before = loader::read_peer_load(&dp.maps.peer_load);
+        let writes = self.plan_writes.load(std::sync::atomic::Ordering::SeqCst);
         let pass = flows::pass(
             &mut dp.maps.flows,
             flows::monotonic_ns(),
             self.flow_capacity,
         )
         .map_err(|e| e.to_string())
-        .and_then(|p| {
+        .and_then(|mut p| {
+            p.plan_writes = writes;
             loader::write_peer_load(&mut dp.maps.peer_load, &p.peer_load, &before)
                 .map_err(|e| e.to_string())?;
             Ok(p)
         });
         self.apply_pass(pass);
+    }
+
+    /// Narrows the pass filter to the plan in force and the destinations `p` read, unless a
+    /// plan was written since `p` began reading: an entry made under the plan before that
+    /// write, after the read passed its place, would be missing from `p` (the next pass will
+    /// see it).
+    fn refine_filter(&mut self, p: &flows::Pass) {
+        let Some(dp) = self.dp.as_mut() else {
+            return;
+        };
+        if p.plan_writes != self.plan_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut maybe = match &self.plan_buckets {
+            Some(b) => b.clone(),
+            None => match dp.maps.plan.in_force() {
+                Ok(c) => crate::filter::Buckets::of_plan(&c),
+                Err(e) => {
+                    warn!("reading the plan in force for the pass filter: {e}");
+                    return;
+                }
+            },
+        };
+        maybe.union(&p.destinations);
+        let filter = &mut dp.maps.plan.filter;
+        match filter.refine(&maybe).and_then(|_| filter.passing()) {
+            Ok(n) => self.observed.pass_filter = n,
+            Err(e) => warn!("writing the pass filter ({}): {e}", map_names::PASS_FILTER),
+        }
     }
 
     /// A collector with handles of its own on the flow table and `PEER_LOAD`, to run passes
@@ -1172,6 +1218,7 @@ impl Agent {
             flows: HashMap::try_from(aya::maps::Map::HashMap(dup(dp.maps.flows.map())?))?,
             peer_load: HashMap::try_from(aya::maps::Map::HashMap(dup(dp.maps.peer_load.map())?))?,
             capacity: self.flow_capacity,
+            plan_writes: self.plan_writes.clone(),
         }))
     }
 
@@ -1185,6 +1232,7 @@ impl Agent {
                 return;
             }
         };
+        self.refine_filter(&p);
         let done = p.collected;
         self.observed.collected += done.expired as u64;
         self.observed.early_dropped += done.early_dropped as u64;

@@ -224,7 +224,7 @@ impl GenerationCell for aya::maps::Array<MapData, u32> {
 }
 
 /// The agent's plan tables.
-pub struct PlanTables<A, P4, P6, PE, OW, PP, G> {
+pub struct PlanTables<A, P4, P6, PE, OW, PP, G, F> {
     pub actions: A,
     pub policies_v4: P4,
     pub policies_v6: P6,
@@ -232,6 +232,8 @@ pub struct PlanTables<A, P4, P6, PE, OW, PP, G> {
     pub owners: OW,
     pub peer_policies: PP,
     pub generation: G,
+    /// The pass filter: each plan's buckets are admitted before it goes in force.
+    pub filter: F,
 }
 
 /// Runs `body` for every plan table seen in generation `g`, with `w` the same table of
@@ -291,7 +293,7 @@ macro_rules! each_in {
     }};
 }
 
-impl<A, P4, P6, PE, OW, PP, G> PlanTables<A, P4, P6, PE, OW, PP, G>
+impl<A, P4, P6, PE, OW, PP, G, F> PlanTables<A, P4, P6, PE, OW, PP, G, F>
 where
     A: Table<egress_common::action::ActionKey, egress_common::action::Action>,
     P4: Table<crate::plan::LpmKeyV4, egress_common::policy::PolicyValue>,
@@ -300,6 +302,7 @@ where
     OW: Table<egress_common::fabric::AddrKey, egress_common::fabric::Owners>,
     PP: Table<crate::plan::LpmKeyPeer, egress_common::policy::PolicyValue>,
     G: GenerationCell,
+    F: crate::filter::FilterCell,
 {
     /// Puts `want` in force in one switch: written into the generation not in force, switched
     /// to with one update, the old generation then removed. Returns the difference between the
@@ -313,6 +316,9 @@ where
         // left there goes (so the maps never hold more than the plan in force and `want`),
         // then `want` is written.
         let written = (|| {
+            // Before the switch: the new plan's destinations must not pass early (the old
+            // plan's stay admitted; a collection pass narrows the filter later).
+            self.filter.admit(&crate::filter::Buckets::of_plan(want))?;
             each_in!(self, next, want, |t, w| prune(t, w)?);
             each_in!(self, next, want, |t, w| upsert(t, w)?);
             self.generation.set(next)
@@ -538,6 +544,20 @@ mod tests {
         crate::plan::map_contents(&t, &crate::plan::plan(&t, server))
     }
 
+    /// Records the generation in force at each admission.
+    struct FilterSpy<'a> {
+        admitted: crate::filter::Buckets,
+        at: Vec<u8>,
+        cell: &'a std::cell::Cell<u8>,
+    }
+    impl crate::filter::FilterCell for FilterSpy<'_> {
+        fn admit(&mut self, maybe: &crate::filter::Buckets) -> Result<(), MapError> {
+            self.at.push(self.cell.get());
+            self.admitted.union(maybe);
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_plan_switch_never_writes_the_generation_in_force_and_flips_once() {
         // Plan A, then B (a port range moved, a server added), then A again, on every table.
@@ -568,6 +588,11 @@ mod tests {
             owners: spy!(),
             peer_policies: spy!(),
             generation: SpyCell(&cell),
+            filter: FilterSpy {
+                admitted: Default::default(),
+                at: Vec::new(),
+                cell: &cell,
+            },
         };
         let mut in_force = MapContents::default();
         for (i, want) in [
@@ -582,6 +607,20 @@ mod tests {
             let before = cell.get();
             let d = t.apply(want).unwrap();
             assert_eq!(cell.get(), generation::next(before), "switch {i}: one flip");
+            // The new plan's buckets were admitted once, before the flip; the old plan's stay.
+            assert_eq!(
+                std::mem::take(&mut t.filter.at),
+                [before],
+                "switch {i}: admitted once, before the flip"
+            );
+            let mut both = crate::filter::Buckets::of_plan(want);
+            both.union(&crate::filter::Buckets::of_plan(&in_force));
+            let mut admitted = t.filter.admitted.clone();
+            admitted.union(&both);
+            assert_eq!(
+                admitted, t.filter.admitted,
+                "switch {i}: new and old admitted"
+            );
             // Before the flip every write went to the other generation; after it, only the old
             // one was emptied. The generation in force was never written.
             for (written, in_force_then) in log.borrow().iter() {

@@ -312,6 +312,10 @@ pub struct Pass {
     pub peer_load: BTreeMap<Ipv4Addr, u64>,
     /// Wall time of the pass.
     pub took: std::time::Duration,
+    /// The buckets of every entry's destination (as read, also those then collected) and the
+    /// agent's count of plan writes before the read began ([`crate::filter`]).
+    pub destinations: crate::filter::Buckets,
+    pub plan_writes: u64,
 }
 
 /// One pass: reads the table once, collects what expired (and, under pressure, what never saw
@@ -328,6 +332,9 @@ pub fn pass(
         collected,
         ..Default::default()
     };
+    for (k, _) in snapshot.iter() {
+        p.destinations.add_addr(k.family, &k.dst);
+    }
     // Outbound, reverse, forwarded.
     let mut kinds = [0i64; 3];
     for (i, (k, v)) in snapshot.iter().enumerate() {

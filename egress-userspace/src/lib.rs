@@ -11,6 +11,7 @@ pub mod config;
 #[cfg(feature = "dev")]
 pub mod demo;
 pub mod explain;
+pub mod filter;
 pub mod fleet;
 pub mod flows;
 #[cfg(feature = "dev")]

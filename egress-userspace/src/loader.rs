@@ -538,6 +538,7 @@ pub type KernelPlanTables = PlanTables<
     HashMap<MapData, AddrKey, Owners>,
     LpmTrie<MapData, PeerPolicyKey, PolicyValue>,
     Array<MapData, u32>,
+    crate::filter::PassFilter,
 >;
 
 /// The maps the agent writes and reads, taken out of the loaded object.
@@ -552,6 +553,17 @@ pub struct Maps {
 }
 
 impl Maps {
+    /// Narrows the pass filter to the plan in force and the flow table's entries now, as a
+    /// collection pass does (tests and tools that write no plan meanwhile). Returns the words
+    /// written.
+    pub fn refine_filter(&mut self) -> anyhow::Result<u32> {
+        let mut maybe = crate::filter::Buckets::of_plan(&self.plan.in_force()?);
+        for (k, _) in crate::flows::dump(&self.flows)? {
+            maybe.add_addr(k.family, &k.dst);
+        }
+        Ok(self.plan.filter.refine(&maybe)?)
+    }
+
     /// Writes this server's fabric settings (what the programs need to encapsulate).
     pub fn set_local(&mut self, local: &Local) -> Result<(), LoadError> {
         self.local
@@ -584,6 +596,7 @@ impl Maps {
             map_names::OWNERS => self.plan.owners.map(),
             map_names::PEER_POLICY => self.plan.peer_policies.map(),
             map_names::GENERATION => self.plan.generation.map(),
+            map_names::PASS_FILTER => self.plan.filter.map(),
             map_names::FLOWS => self.flows.map(),
             map_names::LOCAL => self.local.map(),
             map_names::PEER_LOAD => self.peer_load.map(),
@@ -626,6 +639,10 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
                 .map_err(bad(map_names::PEER_POLICY))?,
             generation: Array::try_from(take(ebpf, map_names::GENERATION)?)
                 .map_err(bad(map_names::GENERATION))?,
+            filter: crate::filter::PassFilter::new(
+                Array::try_from(take(ebpf, map_names::PASS_FILTER)?)
+                    .map_err(bad(map_names::PASS_FILTER))?,
+            ),
         },
         flows: HashMap::try_from(flows).map_err(bad(map_names::FLOWS))?,
         flow_capacity,

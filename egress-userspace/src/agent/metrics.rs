@@ -26,6 +26,10 @@ struct MapLabel {
     map: String,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabel {
+    family: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SliceLabel {
     address: String,
     ports: String,
@@ -69,6 +73,7 @@ pub(super) struct Metrics {
     map_entries: Family<MapLabel, Gauge>,
     flow_capacity: Gauge,
     pass_seconds: Seconds,
+    pass_filter: Family<FamilyLabel, Gauge>,
     early_dropped: Counter,
     collected: Counter,
     slice_used: Family<SliceLabel, Gauge>,
@@ -137,6 +142,12 @@ impl Metrics {
                 "housekeeping_pass_seconds",
                 "How long the last pass over the flow table took (on the collector thread)",
                 Seconds::default(),
+            ),
+            pass_filter: add(
+                r,
+                "pass_filter_buckets",
+                "Destination buckets (IPv4 /20s; IPv6: /32s hashed into as many buckets) whose packets tc_egress passes without a flow or policy lookup, of 1048576 per family (at the last housekeeping)",
+                Family::default(),
             ),
             early_dropped: add(
                 r,
@@ -306,6 +317,13 @@ impl Metrics {
         }
         self.flow_capacity.set(i64::from(a.flow_capacity));
         self.pass_seconds.set(o.pass_seconds);
+        for (family, n) in [("ipv4", o.pass_filter.0), ("ipv6", o.pass_filter.1)] {
+            self.pass_filter
+                .get_or_create(&FamilyLabel {
+                    family: family.into(),
+                })
+                .set(i64::from(n));
+        }
         mirror(&self.early_dropped, o.early_dropped);
         mirror(&self.collected, o.collected);
         self.slice_used.clear();

@@ -193,6 +193,8 @@ impl TestDatapath {
         maps.set_local(local)?;
         let p = plan::plan(topology, server);
         maps.plan.apply(&plan::map_contents(topology, &p))?;
+        // As the agent's first collection would leave it: the plan's buckets, nothing else.
+        maps.refine_filter()?;
         Ok(Self { ebpf, maps, trace })
     }
 
