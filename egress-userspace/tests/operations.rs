@@ -8,6 +8,7 @@ use egress::{
     config::Config,
     lab::{self, Lab},
 };
+use egress_common::map_names;
 
 fn full_lab() -> Lab {
     common::lab_with_agents(&SERVERS)
@@ -771,13 +772,7 @@ fn a_removed_pin_directory_is_restored() {
         assert!(pins.join(name).exists(), "{name} pinned again");
     }
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
-    let metrics = lab
-        .run(
-            &lab.server_ns("fra-a-1"),
-            "curl",
-            &["-sS", "--max-time", "10", "http://127.0.0.1:9464/metrics"],
-        )
-        .unwrap();
+    let metrics = common::metrics(&lab, "fra-a-1");
     assert!(metrics.contains("egress_repairs_total 1"), "{metrics}");
     assert!(metrics.contains("egress_attached 1"), "{metrics}");
 }
@@ -928,4 +923,77 @@ fn xdp_is_attached_kept_through_repairs_and_restarts_and_detached_without_the_fl
     .unwrap();
     assert!(!on_uplink(&lab), "detached");
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}
+
+/// The pass filter in a running agent: its collections pass every destination but the plan's
+/// and live connections'; a reload that removes the policy of a live download leaves that
+/// download's destination admitted (every packet still translated, the download intact), and
+/// the other destinations of the removed policy's bucket too while that connection lives.
+#[test]
+fn a_live_connection_keeps_its_destination_admitted_after_its_policy_is_removed() {
+    let mut lab = common::lab_with_agents(&[]);
+    lab.start_agent_with("fra-a-1", &["--gc-interval", "1"])
+        .expect("agent starts");
+    let origin = ipv4_16(lab::ORIGIN_V4.octets());
+    let elsewhere = ipv4_16(lab::ORIGIN_V4_NO_POLICY.octets());
+    let passes = |lab: &Lab, dst: &[u8; 16]| -> bool {
+        let path = lab.pin_dir("fra-a-1").join(map_names::PASS_FILTER);
+        let map = aya::maps::MapData::from_pin(&path).expect("PASS_FILTER pinned");
+        let array = aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("an array");
+        egress::filter::PassFilter::new(array)
+            .passes(4, dst)
+            .expect("PASS_FILTER read")
+    };
+    // After a collection: the policy's destination admitted, one without a policy passed.
+    wait_for(
+        || passes(&lab, &elsewhere),
+        "a destination without policy passed",
+    );
+    assert!(!passes(&lab, &origin), "a policy destination is admitted");
+    let metrics = common::metrics(&lab, "fra-a-1");
+    let passing: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"egress_pass_filter_buckets{family="ipv4"} "#))
+        .expect("the pass filter's metric")
+        .parse()
+        .unwrap();
+    // 2^20 buckets but the few of the lab's policies and pool addresses.
+    assert!((1_048_500..1_048_576).contains(&passing), "{passing}");
+    // Longer than the socket buffers hold: packets flow both ways until its end.
+    let download = common::Transfer::start(&lab, "fra-a-1", lab::ORIGIN_V4, 32 << 20, "4M", 0);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut c = Config::embedded();
+    c.policies.clear();
+    lab.reload(&c).expect("the agent reloads");
+    let before = common::counter(&lab, "fra-a-1", "snat_established");
+    // Several collections after the reload, the download still running.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        !passes(&lab, &origin),
+        "the live download's destination stays admitted"
+    );
+    assert!(
+        common::counter(&lab, "fra-a-1", "snat_established") > before,
+        "the download's packets after the reload are translated"
+    );
+    // Every byte arrived: its packets after the reload left translated (untranslated, the
+    // origin would have answered a source it never heard of).
+    download.finish();
+}
+
+fn ipv4_16(a: [u8; 4]) -> [u8; 16] {
+    let mut d = [0; 16];
+    d[..4].copy_from_slice(&a);
+    d
+}
+
+/// Polls `ok` for up to 10 s.
+fn wait_for(ok: impl Fn() -> bool, what: &str) {
+    for _ in 0..100 {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("not within 10 s: {what}");
 }

@@ -259,6 +259,16 @@ impl Drop for Transfer {
     }
 }
 
+/// The agent's metrics page on `server` (Prometheus text).
+pub fn metrics(lab: &Lab, server: &str) -> String {
+    lab.run(
+        &lab.server_ns(server),
+        "curl",
+        &["-sS", "--max-time", "10", "http://127.0.0.1:9464/metrics"],
+    )
+    .unwrap()
+}
+
 /// Datapath counter `name` (packets) of a server, from its pinned maps.
 pub fn counter(lab: &Lab, server: &str, name: &str) -> u64 {
     egress::stats::read(&lab.pin_dir(server))

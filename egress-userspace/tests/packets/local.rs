@@ -709,6 +709,42 @@ fn established_connections_survive_the_removal_of_their_policy() {
         out.packet, fresh,
         "a new connection follows the new plan (no policy: unchanged)"
     );
+
+    // The pass filter: the reload admitted nothing new and passed nothing; a collection that
+    // finds the connection's entries keeps its destination admitted.
+    let origin = v4([203, 0, 113, 1]);
+    assert!(!dp.maps.plan.filter.passes(4, &origin).unwrap());
+    dp.maps.refine_filter().unwrap();
+    assert!(
+        !dp.maps.plan.filter.passes(4, &origin).unwrap(),
+        "a live connection's destination is never passed early"
+    );
+    let again = dp.run(Hook::Egress, 0, &ack_of(8000)).unwrap();
+    assert_eq!(parse(&again.packet).src, bound.src, "still translated");
+    // Once its entries are gone (expired), the next collection passes the destination early:
+    // its packets leave untouched, as the plan says, without a lookup.
+    let keys: Vec<_> = dp.maps.flows.keys().map(|k| k.unwrap()).collect();
+    for k in keys {
+        dp.maps.flows.remove(&k).unwrap();
+    }
+    dp.maps.refine_filter().unwrap();
+    assert!(dp.maps.plan.filter.passes(4, &origin).unwrap());
+    let before = dp.counter(Stat::EgressNoPolicy);
+    let late = dp.run(Hook::Egress, 0, &ack_of(8000)).unwrap();
+    assert_eq!(late.packet, ack_of(8000), "passed untouched");
+    assert_eq!(dp.counter(Stat::EgressNoPolicy), before + 1);
+    // The pool addresses stay admitted (the plan still translates to them).
+    assert!(!dp.maps.plan.filter.passes(4, &v4([192, 0, 2, 10])).unwrap());
+}
+
+fn ack_of(sport: u16) -> Vec<u8> {
+    tcp("10.50.0.11", sport, "203.0.113.1", 80, TCP_ACK)
+}
+
+fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut d = [0; 16];
+    d[..4].copy_from_slice(&a);
+    d
 }
 
 /// A packet dropped after its connection was recorded (no room in the tunnel, no route) leaves
