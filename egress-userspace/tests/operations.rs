@@ -400,6 +400,17 @@ fn flows_and_live_explain_read_the_maps_and_detach_removes_everything() {
         "{live}"
     );
     assert_eq!(live["fell_back_to_mark_0"], true);
+    assert_eq!(live["passed_early"], false, "a policy destination: {live}");
+    let elsewhere = egress(&[
+        "explain",
+        "--live",
+        "--pin-dir",
+        &pin("fra-a-2"),
+        "--dst",
+        &lab::ORIGIN_V4_NO_POLICY.to_string(),
+    ]);
+    assert!(elsewhere["pool"].is_null(), "{elsewhere}");
+    assert_eq!(elsewhere["passed_early"], true, "{elsewhere}");
     assert!(
         live["next_hops"][0]
             .as_str()

@@ -96,6 +96,9 @@ struct Live {
     next_hops: Vec<String>,
     /// Holders of the pool this server sees down, skipped as next hops, and why.
     skipped: Vec<String>,
+    /// The pass filter passes the destination's bucket: tc_egress sends it unchanged without
+    /// a flow or policy lookup.
+    passed_early: bool,
 }
 
 fn live(args: Args) -> anyhow::Result<ExitCode> {
@@ -134,6 +137,7 @@ fn live(args: Args) -> anyhow::Result<ExitCode> {
                 .collect()
         }),
         skipped: maps.skipped(&config, pool)?,
+        passed_early: maps.passed_early(args.dst)?,
     };
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&out)?),
@@ -159,6 +163,20 @@ impl<'a> Pinned<'a> {
 
     fn map(&self, name: &str) -> anyhow::Result<aya::maps::MapData> {
         super::open_pinned(self.dir, name)
+    }
+
+    /// Whether the pass filter passes `dst` at once.
+    fn passed_early(&self, dst: IpAddr) -> anyhow::Result<bool> {
+        let array = aya::maps::Array::try_from(Map::Array(self.map(map_names::PASS_FILTER)?))?;
+        let (family, addr) = match dst {
+            IpAddr::V4(a) => {
+                let mut d = [0u8; 16];
+                d[..4].copy_from_slice(&a.octets());
+                (FAMILY_V4, d)
+            }
+            IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+        };
+        Ok(crate::filter::PassFilter::new(array).passes(family, &addr)?)
     }
 
     /// The pool of `dst` for `mark` by the programs' rule (the mark's policy, else mark 0's),
@@ -283,6 +301,11 @@ fn print_live(out: &Live, dir: &std::path::Path) {
     );
     let Some(p) = out.pool else {
         println!("no policy covers it: sent unchanged from the server's own address");
+        if out.passed_early {
+            println!(
+                "pass filter: passed at once (no policy, pool address or flow entry in its bucket)"
+            );
+        }
         return;
     };
     println!(
