@@ -258,7 +258,14 @@ impl Dataplane {
             trace_log(&mut ebpf, opts.trace_every)?;
             loader::enable_trace(&mut ebpf)?;
         }
-        let maps = loader::take_maps(&mut ebpf)?;
+        let mut maps = loader::take_maps(&mut ebpf)?;
+        // An adopted filter may pass what this agent's maps no longer justify (one left by an
+        // older version, or by this one before a rollback and its flows): nothing passes early
+        // until this agent's first collection, right after start, narrows it.
+        maps.plan
+            .filter
+            .clear()
+            .context("clearing the pass filter (PASS_FILTER)")?;
         let mut dp = Dataplane {
             ebpf,
             maps,
@@ -578,6 +585,13 @@ impl Agent {
         // Failed, the plan in force is the one before (apply switches only when all is written).
         let diff = applied.context("writing the plan to the maps")?;
         self.plan_buckets = Some(crate::filter::Buckets::of_plan(&want));
+        if let Some(n) = self
+            .dp
+            .as_mut()
+            .and_then(|dp| dp.maps.plan.filter.passing().ok())
+        {
+            self.observed.pass_filter = n;
+        }
         // What the plan maps hold now, for the metrics (counted once per plan, not per pass).
         self.observed.map_entries = [
             (map_names::POLICY_V4, want.policies_v4.len() as i64),

@@ -212,10 +212,20 @@ impl PassFilter {
         self.write(|i, _| !maybe.0[i])
     }
 
+    /// Passes nothing early (every word zero).
+    pub fn clear(&mut self) -> Result<u32, MapError> {
+        self.write(|_, _| 0)
+    }
+
     /// Whether the programs pass a packet to `dst` of `family` at once (its bucket's bit).
     pub fn passes(&mut self, family: u8, dst: &[u8; 16]) -> Result<bool, MapError> {
         let (w, bit) = word_bit(bucket(family, dst));
-        Ok(self.words()?[w as usize] >> bit & 1 != 0)
+        let word = match &self.words {
+            Some(words) => words[w as usize],
+            // One word, not the whole map (a one-off question, e.g. `explain --live`).
+            None => self.map.get(&w, 0)?,
+        };
+        Ok(word >> bit & 1 != 0)
     }
 
     /// Buckets that pass, per family (IPv4, IPv6).

@@ -246,7 +246,6 @@ fn dp_flows_or(c: &Case) -> Flows {
     c.flows.iter().copied().collect()
 }
 
-/// Writes `ACTIONS` entries (generation-0 keys; `None`: removed) into the generation in force.
 /// Whether the pass filter passes the untagged frame `packet`'s destination at once (None: no
 /// whole IP destination in it).
 fn filter_passes(dp: &mut TestDatapath, packet: &[u8]) -> Option<bool> {
@@ -271,6 +270,7 @@ fn filter_passes(dp: &mut TestDatapath, packet: &[u8]) -> Option<bool> {
     )
 }
 
+/// Writes `ACTIONS` entries (generation-0 keys; `None`: removed) into the generation in force.
 fn put_actions(dp: &mut TestDatapath, entries: &[(ActionKey, Option<Action>)]) {
     use egress::apply::{GenerationCell, InGeneration, Table as _};
     let generation = GenerationCell::get(&dp.maps.plan.generation).expect("GENERATION read");

@@ -937,16 +937,22 @@ fn xdp_is_attached_kept_through_repairs_and_restarts_and_detached_without_the_fl
 }
 
 /// The pass filter in a running agent: its collections pass every destination but the plan's
-/// and live connections'; a reload that removes the policy of a live download leaves that
-/// download's destination admitted (every packet still translated, the download intact), and
-/// the other destinations of the removed policy's bucket too while that connection lives.
+/// and live connections'; a reload that removes every policy leaves a live download's
+/// destination admitted (every packet still translated, the download intact) while the next
+/// collections pass the destinations of a removed policy that no connection uses.
 #[test]
 fn a_live_connection_keeps_its_destination_admitted_after_its_policy_is_removed() {
-    let mut lab = common::lab_with_agents(&[]);
+    // One more policy, for destinations nothing connects to.
+    let text = format!(
+        "{}\n[[policies]]\npool = \"acme\"\ndestinations = [\"10.200.0.0/24\"]\n",
+        egress::config::DEFAULT_CONFIG
+    );
+    let mut lab = common::lab(Config::parse(&text, "test").unwrap());
     lab.start_agent_with("fra-a-1", &["--gc-interval", "1"])
         .expect("agent starts");
     let origin = ipv4_16(lab::ORIGIN_V4.octets());
     let elsewhere = ipv4_16(lab::ORIGIN_V4_NO_POLICY.octets());
+    let unused = ipv4_16([10, 200, 0, 1]);
     let passes = |lab: &Lab, dst: &[u8; 16]| -> bool {
         let path = lab.pin_dir("fra-a-1").join(map_names::PASS_FILTER);
         let map = aya::maps::MapData::from_pin(&path).expect("PASS_FILTER pinned");
@@ -961,6 +967,7 @@ fn a_live_connection_keeps_its_destination_admitted_after_its_policy_is_removed(
         "a destination without policy passed",
     );
     assert!(!passes(&lab, &origin), "a policy destination is admitted");
+    assert!(!passes(&lab, &unused), "so is one nothing connects to");
     let metrics = common::metrics(&lab, "fra-a-1");
     let passing: u64 = metrics
         .lines()
@@ -972,20 +979,29 @@ fn a_live_connection_keeps_its_destination_admitted_after_its_policy_is_removed(
     assert!((1_048_500..1_048_576).contains(&passing), "{passing}");
     // Longer than the socket buffers hold: packets flow both ways until its end.
     let download = common::Transfer::start(&lab, "fra-a-1", lab::ORIGIN_V4, 32 << 20, "4M", 0);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let mut c = Config::embedded();
+    let established = |lab: &Lab| common::counter(lab, "fra-a-1", "snat_established");
+    let start = established(&lab);
+    wait_for(
+        || established(&lab) >= start + 5,
+        "the download flows (translated)",
+    );
+    let mut c = Config::parse(&text, "test").unwrap();
     c.policies.clear();
     lab.reload(&c).expect("the agent reloads");
-    let before = common::counter(&lab, "fra-a-1", "snat_established");
-    // Several collections after the reload, the download still running.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let before = established(&lab);
+    wait_for(
+        || established(&lab) > before,
+        "the download's packets after the reload are translated",
+    );
+    // The collections after the reload, the download still running: the removed policy's
+    // unused destinations pass, the live download's stays admitted.
+    wait_for(
+        || passes(&lab, &unused),
+        "a removed policy's unused destination passed",
+    );
     assert!(
         !passes(&lab, &origin),
         "the live download's destination stays admitted"
-    );
-    assert!(
-        common::counter(&lab, "fra-a-1", "snat_established") > before,
-        "the download's packets after the reload are translated"
     );
     // Every byte arrived: its packets after the reload left translated (untranslated, the
     // origin would have answered a source it never heard of).
