@@ -7,8 +7,8 @@
 //! address's first 32 bits into 20 bits. The map `PASS_FILTER` holds one bit per bucket,
 //! IPv4 buckets first: set means "no policy prefix, pool address or live flow entry has a
 //! destination in this bucket". A new map is all zeros (nothing passes early: every packet
-//! takes the rules' full path), so a filter that the agent has not written yet, or that
-//! another version left, is never wrong, only slow.
+//! takes the rules' full path), so a filter the agent has not written yet is never wrong,
+//! only slow; an agent clears an adopted one at start, whoever left it.
 
 use crate::action::FAMILY_V4;
 

@@ -3,7 +3,8 @@
 //!
 //! The programs pass a packet at once when its bucket's bit is set in `PASS_FILTER`, so the
 //! one thing that must never happen is a set bit over a destination that has a policy or a
-//! live flow entry. Two writes keep that:
+//! live flow entry. An agent clears the map when it loads (an adopted one may have been left
+//! by another version or plan), and then two writes keep that:
 //! - every plan switch first *admits* the new plan's buckets (clears their bits) before the
 //!   plan goes in force ([`crate::apply::PlanTables::apply`]); it never sets a bit, so the
 //!   buckets of a removed policy stay admitted while its connections may live on;

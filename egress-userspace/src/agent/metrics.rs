@@ -146,7 +146,7 @@ impl Metrics {
             pass_filter: add(
                 r,
                 "pass_filter_buckets",
-                "Destination buckets (IPv4 /20s; IPv6: /32s hashed into as many buckets) whose packets tc_egress passes without a flow or policy lookup, of 1048576 per family (at the last housekeeping)",
+                "Destination buckets (IPv4 /20s; IPv6: /32s hashed into as many buckets) whose packets tc_egress passes without a flow or policy lookup, of 1048576 per family (at the last plan switch or housekeeping)",
                 Family::default(),
             ),
             early_dropped: add(
