@@ -151,11 +151,12 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     // No policy and no flow entry anywhere near the destination (the agent's pass filter):
     // rules 3 and 4 can find nothing, so neither is asked, nor are the ports read. A packet
     // with the sent hint asks rule 5 first, as every hinted packet does.
-    if !sent_hint(ctx) && policy::filtered_out(&ip) {
+    let hinted = sent_hint(ctx);
+    if !hinted && policy::filtered_out(&ip) {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     }
     let parsed = ports(ctx, &ip, Dir::Egress);
-    let verdict = egress_packet(ctx, &ip, &parsed);
+    let verdict = egress_packet(ctx, &ip, &parsed, hinted);
     // One place for first fragments (rare), so the common path keeps its stack small. An
     // already translated one (ours) follows no entry of its own tuple.
     if ip.frag == parse::FRAG_FIRST
@@ -184,11 +185,11 @@ fn remember_first_out(ip: &Ip, ports: &Ports) {
 
 /// A whole packet or first fragment leaving: its connection's path, or a new one by policy.
 #[inline(always)]
-fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>) -> Step<Verdict> {
+fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -> Step<Verdict> {
     // The ingress program's own output (a peer's connection it translated) asks first whether
     // it is already translated: its second pass then costs one lookup instead of three.
     if let Ok(p) = parsed
-        && sent_hint(ctx)
+        && hinted
         && already_translated(ctx, ip, p)
     {
         return Ok(Verdict::Pass(Stat::OursHinted));

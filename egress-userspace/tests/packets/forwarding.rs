@@ -91,14 +91,7 @@ fn forwarding_paths() {
 
     // 4. b forwards one of its connections for acme to a: decapsulated, translated with a's
     //    share, sent to the origin's gateway.
-    let req = tcp("10.50.0.12", 6000, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &req),
-        )
-        .unwrap();
+    let out = peer_connection_sent(&mut dp);
     assert_eq!(
         out.verdict, TC_ACT_REDIRECT,
         "peer SNAT: redirected out of the uplink"
