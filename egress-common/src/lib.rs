@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod action;
+pub mod clock;
 pub mod fabric;
 pub mod filter;
 pub mod flow;
@@ -34,6 +35,9 @@ pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
     /// Per-CPU cache of FIB results (never pinned: rebuilt by the programs).
     pub const ROUTES: &str = "ROUTES";
+    /// Per-CPU clock of the current tick ([`crate::clock`]; never pinned: rebuilt by the
+    /// programs).
+    pub const CLOCK: &str = "CLOCK";
     /// The benchmark's reference new-connection program's table (not one of [`ALL`]: never
     /// pinned, one entry unless the benchmark sizes it).
     pub const REF_FLOWS: &str = "REF_FLOWS";

@@ -1,8 +1,6 @@
 //! The flow table (connection tracking): lookups, refresh, and the atomic port claim.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, btf_maps::HashMap, helpers::bpf_ktime_get_coarse_ns, macros::btf_map,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::HashMap, macros::btf_map};
 use egress_common::{
     action::{Action, MAX_SNAT},
     flow::{
@@ -133,11 +131,10 @@ impl Entry {
     /// Sets the entry's clock to now, unless it is within [`CLOCK_GRANULE_NS`] of it already.
     #[inline(always)]
     fn refresh(self) {
-        // The coarse clock (a tick's resolution, far below every timeout) is cheaper than
-        // bpf_ktime_get_ns. A stamp a little ahead of it (written by the agent) reads as stale
-        // and is simply rewritten.
-        // SAFETY: a helper call without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        // The coarse clock (a tick's resolution, far below every timeout; see `clock`). A stamp
+        // a little ahead of it (written by the agent or another CPU) reads as stale and is
+        // simply rewritten.
+        let now = crate::clock::now();
         // SAFETY: the type's invariant.
         unsafe {
             if now.wrapping_sub((*self.0).last_seen_ns) >= CLOCK_GRANULE_NS {
@@ -186,8 +183,7 @@ pub fn pick(key: &FlowKey, count: u32) -> usize {
 /// if the plan changes. If another CPU recorded it first, that record wins.
 #[inline(always)]
 pub fn record_forwarded(out: &FlowKey, peer: [u8; 4], pool: u32) -> Result<FlowValue, Stat> {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     // Only the tunnel matters for a forwarded entry; the rest mirrors the key.
     let value = FlowValue::new(FLOW_FORWARDED, out.src, out.src_port_be, pool, peer, now);
     match FLOWS.insert(out, value, BPF_NOEXIST as u64) {
@@ -271,8 +267,7 @@ pub fn claim(
     tunnel: [u8; 4],
 ) -> Result<FlowValue, Stat> {
     let h = hash(out);
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let count = u32::from(action.snat_count).min(MAX_SNAT as u32);
     if count == 0 {
         return Err(Stat::PortExhausted);

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod budget;
+mod clock;
 mod csum;
 mod encap;
 mod fabric;

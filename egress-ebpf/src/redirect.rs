@@ -6,9 +6,7 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh, xdp_action,
     },
     btf_maps::PerCpuArray,
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
@@ -73,8 +71,7 @@ enum Found {
 /// successful one cached for a second). `ctx`: the program's context (skb or XDP buffer).
 #[inline(always)]
 fn find(ctx: *mut core::ffi::c_void, dst: [u8; 4], ifindex: u32) -> Found {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     let cached = ROUTES.get_ptr_mut(slot(dst));
     if let Some(c) = cached {
         // SAFETY: this CPU's slot, valid for the program's run.
@@ -187,8 +184,7 @@ const PENDING_NS: u64 = 10_000_000;
 /// as a server's usually is), for [`PENDING_NS`]. A pending slot is no route.
 #[inline(always)]
 fn await_kernel_route(dst: [u8; 4], ifindex: u32) {
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     if let Some(c) = ROUTES.get_ptr_mut(slot(dst)) {
         // SAFETY: this CPU's slot, valid for the program's run; no other CPU writes it.
         unsafe {
@@ -220,8 +216,7 @@ pub fn learn(ctx: &TcContext, dst: [u8; 4], ifindex: u32) {
     if c.dst != dst || c.ifindex_in != ifindex || c.ifindex_out != PENDING {
         return;
     }
-    // SAFETY: a helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::clock::now();
     if now.wrapping_sub(c.at_ns) >= PENDING_NS {
         return;
     }

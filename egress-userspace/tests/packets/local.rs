@@ -565,6 +565,58 @@ fn expired_connections_are_collected_both_directions_together() {
     assert_eq!(out.verdict, TC_ACT_OK);
 }
 
+/// The programs stamp entries with CLOCK_MONOTONIC at a tick's resolution (the coarse clock,
+/// read once per tick per CPU): a stamp is never ahead of the agent's clock nor more than a
+/// tick behind it, and it moves on with time (a clock kept per CPU that stopped at one tick
+/// would make every connection look idle since then).
+#[test]
+fn entries_carry_the_monotonic_clock_and_it_moves_on() {
+    use egress::flows::monotonic_ns;
+    use egress_common::flow::FLOW_OUTBOUND;
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    // A tick is at most 10 ms (HZ >= 100); the coarse clock may lag by up to one more.
+    const TICKS: u64 = 20_000_000;
+    let stamp = |dp: &TestDatapath| {
+        let entries: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap().1).collect();
+        let out: Vec<_> = entries.iter().filter(|v| v.kind == FLOW_OUTBOUND).collect();
+        assert_eq!(out.len(), 1, "one outbound entry: {entries:?}");
+        (out[0].created_ns, out[0].last_seen_ns)
+    };
+    let send = |dp: &mut TestDatapath, flags: u8| {
+        let out = dp.run(
+            Hook::Egress,
+            0,
+            &tcp("10.50.0.11", 7100, "203.0.113.1", 80, flags),
+        );
+        assert_eq!(out.unwrap().verdict, TC_ACT_OK);
+    };
+    let before = monotonic_ns();
+    send(&mut dp, TCP_SYN);
+    let after = monotonic_ns();
+    let (created, seen) = stamp(&dp);
+    assert_eq!(created, seen, "a new entry is seen when it is created");
+    assert!(
+        created + TICKS >= before && created <= after,
+        "stamped {created}, clock read {before}..{after}"
+    );
+    // Past the 100 ms granule an entry's clock is written again, with the time of now.
+    for round in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let before = monotonic_ns();
+        // Many packets, spread over the CPUs the test runs on, each CPU's clock tested.
+        for _ in 0..64 {
+            send(&mut dp, TCP_ACK);
+        }
+        let after = monotonic_ns();
+        let (c, seen) = stamp(&dp);
+        assert_eq!(c, created, "the creation time stays");
+        assert!(
+            seen + TICKS >= before && seen <= after,
+            "round {round}: stamped {seen}, clock read {before}..{after}"
+        );
+    }
+}
+
 /// A tuple reused after a FIN (the socket's port reopened towards the same origin) must not go
 /// out with the old translated tuple, which the origin may still hold in TIME_WAIT.
 #[test]
