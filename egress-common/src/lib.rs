@@ -90,6 +90,7 @@ pub mod prog_names {
     pub const REF_PASS: &str = "ref_pass";
     pub const REF_REWRITE: &str = "ref_rewrite";
     pub const REF_CLAIM: &str = "ref_claim";
+    pub const REF_LOOKUP: &str = "ref_lookup";
     pub const REF_ENCAP: &str = "ref_encap";
     pub const REF_RW_ENCAP: &str = "ref_rw_encap";
     pub const REF_DECAP: &str = "ref_decap";

@@ -6,6 +6,9 @@
 //! - `ref_pass`: parse Ethernet, IPv4 and the ports; pass.
 //! - `ref_rewrite`: rewrite the source address and port, fix both checksums.
 //! - `ref_claim`: `ref_rewrite` plus the two inserts a new connection needs.
+//! - `ref_lookup`: one lookup of the packet's connection in a table as large as the flow
+//!   table, then `ref_rewrite` (for information: what a path that keeps state cannot go
+//!   below; the first run inserts the entry).
 //! - `ref_encap`: push outer IPv4 + GRE (grow, write), set the MACs, redirect.
 //! - `ref_rw_encap`: `ref_rewrite` (of the destination) then `ref_encap`.
 //! - `ref_decap`: pop outer IPv4 + GRE, `ref_rewrite` the inner packet, redirect.
@@ -161,14 +164,16 @@ pub fn ref_claim(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn claim(ctx: &TcContext) -> Option<i32> {
-    let m = parse_min(ctx)?;
-    let v4 = |a: [u8; 4]| {
-        let mut x = [0u8; 16];
-        x[..4].copy_from_slice(&a);
-        x
-    };
-    let out = FlowKey {
+fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut x = [0u8; 16];
+    x[..4].copy_from_slice(&a);
+    x
+}
+
+/// The flow-table key of the packet `m` (IPv4, TCP).
+#[inline(always)]
+fn key_of(m: &Min) -> FlowKey {
+    FlowKey {
         src: v4(m.src),
         dst: v4(m.dst),
         src_port_be: m.sport_be,
@@ -176,7 +181,13 @@ fn claim(ctx: &TcContext) -> Option<i32> {
         proto: 6,
         family: 4,
         _pad: [0; 2],
-    };
+    }
+}
+
+#[inline(always)]
+fn claim(ctx: &TcContext) -> Option<i32> {
+    let m = parse_min(ctx)?;
+    let out = key_of(&m);
     let back = FlowKey {
         src: out.dst,
         dst: v4(NEW_ADDR),
@@ -192,6 +203,30 @@ fn claim(ctx: &TcContext) -> Option<i32> {
     REF_FLOWS
         .insert(out, outbound, u64::from(BPF_NOEXIST))
         .ok()?;
+    rewrite(ctx, &m, false)?;
+    Some(TC_ACT_OK)
+}
+
+#[classifier]
+pub fn ref_lookup(ctx: TcContext) -> i32 {
+    verdict(lookup(&ctx))
+}
+
+#[inline(always)]
+fn lookup(ctx: &TcContext) -> Option<i32> {
+    let m = parse_min(ctx)?;
+    let out = key_of(&m);
+    // SAFETY: read-only use of the value within this run.
+    match unsafe { REF_FLOWS.get(out) } {
+        Some(v) if v.kind == FLOW_OUTBOUND => {}
+        Some(_) => return None,
+        None => {
+            let outbound = FlowValue::new(FLOW_OUTBOUND, v4(NEW_ADDR), NEW_PORT_BE, 1, [0; 4], 0);
+            REF_FLOWS
+                .insert(out, outbound, u64::from(BPF_NOEXIST))
+                .ok()?;
+        }
+    }
     rewrite(ctx, &m, false)?;
     Some(TC_ACT_OK)
 }

@@ -363,6 +363,19 @@ pub fn per_packet_markdown(rows: &[super::perpacket::PathCost]) -> String {
         );
     }
     s.push('\n');
+    // For information: the paths that keep state against the least a lookup costs.
+    let lookup = |frame| by.get(&("reference: lookup, rewrite", frame));
+    let established = |frame| by.get(&("established SNAT", frame));
+    if let (Some(l64), Some(l1500), Some(e64), Some(e1500)) =
+        (lookup(64), lookup(1500), established(64), established(1500))
+    {
+        let _ = writeln!(
+            s,
+            "For information: established SNAT against `reference: lookup, rewrite` (one lookup in a table as large as the flow table, then the rewrite): ×{:.2} at 64 B, ×{:.2} at 1500 B.\n",
+            e64.marginal_ns / l64.marginal_ns.max(1.0),
+            e1500.marginal_ns / l1500.marginal_ns.max(1.0),
+        );
+    }
     s
 }
 
