@@ -58,10 +58,10 @@ pub struct FlowValue {
     pub flags: u8,
     /// Pool the connection belongs to.
     pub pool: u32,
-    /// bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, up to a tick behind) of the latest packet
-    /// in this direction, refreshed at most every 100 ms.
+    /// The programs' clock (CLOCK_MONOTONIC, up to about two ticks behind: [`crate::clock`])
+    /// at the latest packet in this direction, refreshed at most every 100 ms.
     pub last_seen_ns: u64,
-    /// bpf_ktime_get_coarse_ns() when the connection was created.
+    /// The programs' clock when the connection was created.
     pub created_ns: u64,
     /// Fabric address of the other server of a forwarded connection, network order; zero when
     /// the connection is purely local. Forwarded: the peer it goes to. Outbound and reverse

@@ -10,8 +10,9 @@ use egress_common::clock::TickClock;
 #[btf_map]
 static CLOCK: PerCpuArray<TickClock, 1> = PerCpuArray::new();
 
-/// CLOCK_MONOTONIC in ns, up to a tick behind: what `bpf_ktime_get_coarse_ns` returns, read
-/// through this CPU's clock of the current tick.
+/// CLOCK_MONOTONIC in ns, as `bpf_ktime_get_coarse_ns` returns it, read through this CPU's
+/// clock of the current tick: at most a tick behind the coarse clock (see
+/// `egress_common::clock`).
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper call without arguments.
@@ -19,15 +20,21 @@ pub fn now() -> u64 {
     let Some(c) = CLOCK.get_ptr_mut(0) else {
         return coarse();
     };
-    // SAFETY: this CPU's slot, valid for the program's run. Programs do not nest on a CPU; a
-    // torn pair (only possible if they did) would pair a tick with an older reading: still a
-    // past time of the monotonic clock.
+    // SAFETY: this CPU's slot, valid for the program's run.
     unsafe {
         if (*c).jiffies == jiffies && (*c).ns != 0 {
             return (*c).ns;
         }
         let ns = coarse();
-        *c = TickClock { jiffies, ns };
+        // The kernel moves `jiffies` on a little before the coarse clock, at each tick: a
+        // reading that has not moved since the cached one is kept under the old tick, so the
+        // next packet asks again (and the tick does not run on the previous tick's time).
+        if ns != (*c).ns {
+            // The time first, the tick last: a program reading between the two stores (were
+            // programs ever to nest on a CPU) finds the old tick and asks the helper itself.
+            core::ptr::write_volatile(&raw mut (*c).ns, ns);
+            core::ptr::write_volatile(&raw mut (*c).jiffies, jiffies);
+        }
         ns
     }
 }

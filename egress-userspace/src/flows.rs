@@ -21,8 +21,9 @@ use egress_common::flow::{
 
 const NS: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC in ns: the clock of the entries' stamps (bpf_ktime_get_coarse_ns(), which
-/// is at most a tick behind this one, so `now - stamp` never goes negative).
+/// CLOCK_MONOTONIC in ns: the clock of the entries' stamps (the programs' coarse clock, which
+/// is never ahead of this one, so `now - stamp` never goes negative; see
+/// `egress_common::clock`).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
