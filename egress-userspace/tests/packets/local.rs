@@ -607,14 +607,26 @@ fn entries_carry_the_monotonic_clock_and_it_moves_on() {
     within("created", created, before, after);
     // A test run runs on the calling thread's CPU: each CPU's copy in turn, twice, each time
     // past the granule so that the packet writes the entry's clock again.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for round in 0..2 * cpus {
-        let cpu = round % cpus;
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: a zeroed cpu_set_t filled by the kernel with the CPUs this thread may use.
+    let allowed = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size, &mut set),
+            0,
+            "affinity read"
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect::<Vec<_>>()
+    };
+    for round in 0..2 * allowed.len() {
+        let cpu = allowed[round % allowed.len()];
         // SAFETY: a zeroed cpu_set_t with one CPU set, for the calling thread.
         let pinned = unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            libc::sched_setaffinity(0, size, &set)
         };
         assert_eq!(pinned, 0, "pinned to CPU {cpu}");
         std::thread::sleep(PAUSE);
