@@ -80,8 +80,12 @@ pub fn reference_of(path: &str) -> Option<(&'static str, f64)> {
 
 /// The paths `xdp_ingress` finishes, and their rows when timed there (against the empty XDP
 /// program).
-pub const XDP_ROWS: [(&str, &str); 5] = [
+pub const XDP_ROWS: [(&str, &str); 6] = [
     ("reverse translation", "reverse translation, XDP"),
+    (
+        "reverse translation, IPv6",
+        "reverse translation, IPv6, XDP",
+    ),
     (
         "peer (decapsulate + SNAT)",
         "peer (decapsulate + SNAT), XDP",
@@ -98,11 +102,14 @@ pub const XDP_ROWS: [(&str, &str); 5] = [
 ];
 
 /// The rows of the table, in order (then the references, the XDP rows and the trace rows).
-pub const PATHS: [&str; 12] = [
+pub const PATHS: [&str; 15] = [
     "no policy match",
     "new flow SNAT",
     "established SNAT",
     "reverse translation",
+    // For information (no goal): the same two paths for IPv6.
+    "established SNAT, IPv6",
+    "reverse translation, IPv6",
     "forward (encapsulate)",
     "peer (decapsulate + SNAT)",
     "peer's packet leaving (second pass)",
@@ -110,6 +117,7 @@ pub const PATHS: [&str; 12] = [
     "reply re-encapsulation",
     "soft-unicast owner redirect",
     "forwarded reply (decapsulate)",
+    "unsolicited refused (owner)",
     "empty program",
 ];
 

@@ -21,6 +21,8 @@ pub const A: [u8; 4] = [10, 50, 0, 11];
 pub const B: [u8; 4] = [10, 50, 0, 12];
 /// acme's shared address (`a` holds 40000-40999, `b` 41000-42000).
 pub const ACME: &str = "192.0.2.10";
+/// Server `a`'s address in acme's IPv6 prefix (its id, 11, in the last bits).
+pub const ACME_V6: &str = "2001:db8:7::b";
 
 /// What the state a path needs is made of.
 #[derive(Clone, Copy)]
@@ -168,6 +170,10 @@ fn leaving_again(frame: usize, sent: Option<&Parsed>, _: u32) -> Vec<u8> {
 }
 
 const OURS: (u16, u16) = (40000, 40999);
+/// An IPv6 address of a server is its own: every port is its to hand out.
+const ALL_PORTS: (u16, u16) = (1024, 65535);
+/// An origin of acme's IPv6 policy.
+const V6_ORIGIN: &str = "2001:db8:beef::1";
 
 /// Every path, in the benchmark's order.
 pub fn catalogue() -> Vec<PathFixture> {
@@ -330,6 +336,34 @@ pub fn catalogue() -> Vec<PathFixture> {
             },
             want: |_| Want::Dropped,
             counter: Stat::TunnelKind,
+            fresh: false,
+        },
+        // IPv6 (never forwarded): the smallest frame is 74 bytes (40-byte header).
+        PathFixture {
+            path: "established SNAT, IPv6",
+            hook: Hook::Egress,
+            prime: Prime::Same,
+            packet: |f, _, _| tcp("fd00:50::b", port(7800, f), V6_ORIGIN, 443, TCP_ACK, f),
+            want: |_| Want::Snat {
+                verdict: TC_ACT_OK,
+                addr: ACME_V6,
+                ports: ALL_PORTS,
+            },
+            counter: Stat::SnatEstablished,
+            fresh: false,
+        },
+        PathFixture {
+            path: "reverse translation, IPv6",
+            hook: Hook::Ingress,
+            prime: Prime::Packet(Hook::Egress, |f| {
+                tcp("fd00:50::b", port(7900, f), V6_ORIGIN, 443, TCP_ACK, f)
+            }),
+            packet: |f, bound, _| {
+                let b = bound.expect("primed");
+                tcp(V6_ORIGIN, 443, &b.src.to_string(), b.sport, TCP_ACK, f)
+            },
+            want: |f| Want::BackTo("fd00:50::b", port(7900, f)),
+            counter: Stat::ReverseNat,
             fresh: false,
         },
     ]

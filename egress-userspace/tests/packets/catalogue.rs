@@ -36,8 +36,9 @@ fn xdp_gives_what_tc_gives_on_every_path_it_takes_and_leaves_the_rest() {
             }
         }
     }
-    // Reverse translation, peer, reply re-encapsulation, soft-unicast, forwarded reply.
-    assert_eq!(taken, 5 * 2 * 3);
+    // Reverse translation (IPv4 and IPv6), peer, reply re-encapsulation, soft-unicast,
+    // forwarded reply.
+    assert_eq!(taken, 6 * 2 * 3);
 }
 
 /// `egress agent --trace`: each sampled decision is logged with its counter, verdict and the
