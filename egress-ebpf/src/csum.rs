@@ -1,7 +1,8 @@
 //! Ones-complement checksum arithmetic for fields the programs change themselves (RFC 1624).
 //!
 //! Used where no offload state is involved: the IPv4 header, and ICMP errors (received packets,
-//! never CHECKSUM_PARTIAL) whose quoted headers change. Words are taken as they lie in memory:
+//! never CHECKSUM_PARTIAL) whose quoted headers change; and to sum an IPv6 address change that
+//! the kernel's helper then applies to the transport checksum. Words are taken as they lie in memory:
 //! ones-complement sums do not depend on byte order as long as all words are read alike.
 
 /// The change of a set of 16-bit words: the sum of `!old + new` over each changed word.
@@ -59,6 +60,13 @@ impl Delta {
         } else {
             self.bytes16(old, new);
         }
+    }
+
+    /// The recorded change as a ones-complement sum (16 bits, folded): what the kernel's
+    /// checksum helpers take as a difference.
+    #[inline(always)]
+    pub fn sum(self) -> u32 {
+        self.0
     }
 
     /// The checksum `check` (as stored) updated for every recorded change.

@@ -6,7 +6,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use egress_common::{action::FAMILY_V4, stats::Stat};
@@ -96,6 +95,10 @@ pub fn rewrite(
     Ok(())
 }
 
+/// Rewrites an IPv6 address (no header checksum) and carries its change into the transport
+/// checksum: the address written directly and the change summed by arithmetic (two helper
+/// calls fewer than `bpf_skb_store_bytes` and `bpf_csum_diff`, ~100 ns here), the sum handed
+/// to the checksum helper, which knows CHECKSUM_PARTIAL.
 #[inline(always)]
 fn rewrite_addr_v6(
     ctx: &TcContext,
@@ -107,27 +110,14 @@ fn rewrite_addr_v6(
     l4_flags: u64,
 ) -> Result<(), Stat> {
     let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
-    let mut from = *old;
-    let mut to = *new;
-    // SAFETY: both buffers are 16 stack bytes, a multiple of 4 as the helper requires.
-    let diff = unsafe {
-        bpf_csum_diff(
-            from.as_mut_ptr() as *mut u32,
-            16,
-            to.as_mut_ptr() as *mut u32,
-            16,
-            0,
-        )
-    };
-    if diff < 0 {
-        return Err(Stat::RewriteFailed);
-    }
-    ctx.store(off, &to, 0).map_err(|_| Stat::RewriteFailed)?;
+    let mut d = csum::Delta::default();
+    d.bytes16(old, new);
+    write(ctx, off, new).map_err(|()| Stat::RewriteFailed)?;
     // Size 0 in the flags: `to` is a checksum difference, `from` must be 0.
     ctx.l4_csum_replace(
         csum_off,
         0,
-        diff as u64,
+        u64::from(d.sum()),
         l4_flags | u64::from(BPF_F_PSEUDO_HDR),
     )
     .map_err(|_| Stat::RewriteFailed)
