@@ -80,7 +80,7 @@ pub fn rewrite(
                 .map_err(|_| Stat::RewriteFailed)?;
             }
         }
-    } else {
+    } else if old_addr != addr {
         rewrite_addr_v6(ctx, ip, side, old_addr, addr, csum_off, l4_flags)?;
     }
     if port_be != old_port_be {

@@ -24,7 +24,8 @@ use crate::testrun::{
 pub struct PathCost {
     pub path: &'static str,
     /// Ethernet frame size class (64 or 1500): the frame entering the program, except that paths
-    /// which encapsulate take the largest frame that still fits the uplink afterwards (1486).
+    /// which encapsulate take the largest frame that still fits the uplink afterwards (1486),
+    /// and IPv6 packets are 74 bytes at the smallest.
     pub frame: usize,
     /// Interquartile mean of the single runs (see the module's docs).
     pub typical_ns: f64,
@@ -258,9 +259,20 @@ impl Runner<'_> {
         hook: Hook,
         pkt: &mut dyn FnMut(usize) -> Vec<u8>,
     ) -> anyhow::Result<Vec<u64>> {
-        self.dp.run(hook, 0, &pkt(usize::MAX))?;
+        let first = self.dp.run(hook, 0, &pkt(usize::MAX))?.verdict;
         (0..self.runs)
-            .map(|i| Ok(self.dp.run(hook, 0, &pkt(i))?.duration.as_nanos() as u64))
+            .map(|i| {
+                let out = self.dp.run(hook, 0, &pkt(i))?;
+                // A run that went another way (a table filled, a port range ran out) would
+                // time another path.
+                anyhow::ensure!(
+                    out.verdict == first,
+                    "{hook:?} at {} B: run {i} gave verdict {}, the first {first}",
+                    self.frame,
+                    out.verdict
+                );
+                Ok(out.duration.as_nanos() as u64)
+            })
             .collect()
     }
 
@@ -271,19 +283,20 @@ impl Runner<'_> {
             *self.seq += 1;
             (f.packet)(self.frame, None, *self.seq)
         };
-        let first = next();
-        let out = self.dp.run(hook, 0, &first)?;
-        anyhow::ensure!(
-            out.verdict != TC_ACT_SHOT,
-            "{}: {hook:?} refused a new connection at {} B",
-            f.path,
-            self.frame
-        );
-        (0..self.runs)
-            .map(|_| {
+        // Every run, the unmeasured first too: a refused one would time a drop.
+        (0..=self.runs)
+            .map(|i| {
                 let p = next();
-                Ok(self.dp.run(hook, 0, &p)?.duration.as_nanos() as u64)
+                let out = self.dp.run(hook, 0, &p)?;
+                anyhow::ensure!(
+                    out.verdict != TC_ACT_SHOT,
+                    "{}: {hook:?} refused new connection {i} at {} B",
+                    f.path,
+                    self.frame
+                );
+                Ok(out.duration.as_nanos() as u64)
             })
+            .skip(1)
             .collect()
     }
 

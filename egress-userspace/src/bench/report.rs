@@ -329,7 +329,7 @@ fn per_packet_table(r: &Report) -> String {
 /// The per-packet table of `rows`.
 pub fn per_packet_markdown(rows: &[super::perpacket::PathCost]) -> String {
     let mut s = String::from(
-        "## Per-packet cost (BPF_PROG_TEST_RUN; interquartile mean of single runs, which the kernel times in 10 ns steps; marginal over an empty TC program, for the XDP rows over an empty XDP program; in the 1500 B column, paths that encapsulate take 1486-byte frames, the largest that fits the tunnel; ratio: to the reference program of the least work the path must do, measured in the same run)\n\n| path | 64 B marginal ns | 1500 B marginal ns | ratio 64 B | ratio 1500 B | against | 64 B typical (min–max) ns |\n|---|---|---|---|---|---|---|\n",
+        "## Per-packet cost (BPF_PROG_TEST_RUN; interquartile mean of single runs, which the kernel times in 10 ns steps; marginal over an empty TC program, for the XDP rows over an empty XDP program; in the 1500 B column, paths that encapsulate take 1486-byte frames, the largest that fits the tunnel; IPv6 rows take 74-byte frames in the 64 B column; ratio: to the reference program of the least work the path must do, measured in the same run)\n\n| path | 64 B marginal ns | 1500 B marginal ns | ratio 64 B | ratio 1500 B | against | 64 B typical (min–max) ns |\n|---|---|---|---|---|---|---|\n",
     );
     let mut by: BTreeMap<(&str, usize), &super::perpacket::PathCost> = BTreeMap::new();
     for p in rows {
