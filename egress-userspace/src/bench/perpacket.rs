@@ -169,8 +169,9 @@ fn traced(net: &TestNet, runs: usize, out: &mut Vec<PathCost>) -> anyhow::Result
                 .iter()
                 .find(|r| r.path == "empty program" && r.frame == frame)
                 .map_or(0.0, |r| r.typical_ns);
-            let input = established.prepare(&mut dp, frame, 0)?;
-            established.check(&mut dp, net, frame, &input)?;
+            let prepared = established.prepare(&mut dp, frame, 0)?;
+            established.check(&mut dp, net, frame, &prepared)?;
+            let input = prepared.input;
             let mut ns = Vec::with_capacity(runs);
             for i in 0..runs {
                 // Read out between runs, so the log never fills and drops records.
@@ -333,8 +334,9 @@ impl Runner<'_> {
         let mut packets = BTreeMap::new();
         for f in paths::catalogue() {
             *self.seq += 1;
-            let input = f.prepare(self.dp, self.frame, *self.seq)?;
-            f.check(self.dp, self.net, self.frame, &input)?;
+            let prepared = f.prepare(self.dp, self.frame, *self.seq)?;
+            f.check(self.dp, self.net, self.frame, &prepared)?;
+            let input = prepared.input.clone();
             let ns = if f.fresh {
                 self.new_connections(&f, f.hook)?
             } else {
@@ -342,7 +344,7 @@ impl Runner<'_> {
             };
             self.out.push(stats(f.path, self.frame, ns, self.empty));
             if let Some((_, row)) = XDP_ROWS.iter().find(|(tc, _)| *tc == f.path) {
-                f.check_xdp(self.dp, self.net, self.frame, &input)?;
+                f.check_xdp(self.dp, self.net, self.frame, &prepared)?;
                 let ns = self.time(Hook::Xdp, &mut |_| input.clone())?;
                 self.out.push(stats(row, self.frame, ns, self.empty_xdp));
             }

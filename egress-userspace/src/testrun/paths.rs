@@ -369,6 +369,14 @@ pub fn catalogue() -> Vec<PathFixture> {
     ]
 }
 
+/// A path's packet with the state it needs made (see [`PathFixture::prepare`]).
+pub struct Prepared {
+    pub input: Vec<u8>,
+    /// What the priming run of the same packet gave (`Prime::Same`): a later run must give the
+    /// very same bytes (the connection keeps the binding or path it got then).
+    primed: Option<Vec<u8>>,
+}
+
 impl PathFixture {
     /// Makes the state the path needs; returns its packet at `frame` (sequence number `seq`).
     pub fn prepare(
@@ -376,30 +384,36 @@ impl PathFixture {
         dp: &mut TestDatapath,
         frame: usize,
         seq: u32,
-    ) -> anyhow::Result<Vec<u8>> {
+    ) -> anyhow::Result<Prepared> {
         Ok(match self.prime {
-            Prime::None => (self.packet)(frame, None, seq),
+            Prime::None => Prepared {
+                input: (self.packet)(frame, None, seq),
+                primed: None,
+            },
             Prime::Same => {
-                let p = (self.packet)(frame, None, seq);
-                dp.run(self.hook, 0, &p)?;
-                p
+                let input = (self.packet)(frame, None, seq);
+                let primed = Some(dp.run(self.hook, 0, &input)?.packet);
+                Prepared { input, primed }
             }
             Prime::Packet(hook, build) => {
                 let out = dp.run(hook, 0, &build(frame))?;
-                (self.packet)(frame, Some(&packet::parse(&out.packet)), seq)
+                Prepared {
+                    input: (self.packet)(frame, Some(&packet::parse(&out.packet)), seq),
+                    primed: None,
+                }
             }
         })
     }
 
-    /// Runs `input` (from [`Self::prepare`]) and checks the output and the counter; Err says
-    /// what differs.
+    /// Runs the prepared packet and checks the output and the counter; Err says what differs.
     pub fn check(
         &self,
         dp: &mut TestDatapath,
         net: &TestNet,
         frame: usize,
-        input: &[u8],
+        p: &Prepared,
     ) -> anyhow::Result<Outcome> {
+        let input = &p.input;
         let before = dp.counter(self.counter);
         let out = dp.run(self.hook, 0, input)?;
         let moved = dp.counter(self.counter) - before;
@@ -411,6 +425,12 @@ impl PathFixture {
         );
         check_output(&(self.want)(frame), net, input, &out, TC)
             .map_err(|e| anyhow::anyhow!("{name} at {frame} B: {e}"))?;
+        if let Some(primed) = &p.primed {
+            anyhow::ensure!(
+                out.packet == *primed,
+                "{name} at {frame} B: not what the same packet became before (another binding?)"
+            );
+        }
         Ok(out)
     }
 
@@ -428,8 +448,9 @@ impl PathFixture {
         dp: &mut TestDatapath,
         net: &TestNet,
         frame: usize,
-        input: &[u8],
+        p: &Prepared,
     ) -> anyhow::Result<Outcome> {
+        let input = &p.input[..];
         let counters = |dp: &TestDatapath| (dp.counter(self.counter), dp.counter(Stat::XdpDone));
         let before = counters(dp);
         let out = dp.run(Hook::Xdp, 0, input)?;

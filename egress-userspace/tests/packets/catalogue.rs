@@ -11,8 +11,8 @@ fn every_path_of_the_catalogue_at_both_frame_sizes() {
         for f in egress::testrun::paths::catalogue() {
             // Sequence numbers distinct across frame sizes: fresh ones are new connections.
             for seq in (0..3).map(|i| i + frame as u32) {
-                let input = f.prepare(&mut dp, frame, seq).unwrap();
-                f.check(&mut dp, &net, frame, &input)
+                let prepared = f.prepare(&mut dp, frame, seq).unwrap();
+                f.check(&mut dp, &net, frame, &prepared)
                     .unwrap_or_else(|e| panic!("{e:#}"));
             }
         }
@@ -29,8 +29,8 @@ fn xdp_gives_what_tc_gives_on_every_path_it_takes_and_leaves_the_rest() {
     for frame in [64, 1500] {
         for f in egress::testrun::paths::catalogue() {
             for seq in (0..3).map(|i| i + frame as u32) {
-                let input = f.prepare(&mut dp, frame, seq).unwrap();
-                f.check_xdp(&mut dp, &net, frame, &input)
+                let prepared = f.prepare(&mut dp, frame, seq).unwrap();
+                f.check_xdp(&mut dp, &net, frame, &prepared)
                     .unwrap_or_else(|e| panic!("{e:#}"));
                 taken += usize::from(f.in_xdp(frame));
             }
