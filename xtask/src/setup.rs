@@ -31,10 +31,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "fonts-dejavu-core",
     // Fleet mode: the lab's etcd members, etcdctl (tests write to etcd as other clients would),
-    // and protoc, which the etcd client's build needs.
+    // and protoc with the well-known types (google/protobuf/*.proto), which the etcd client's
+    // build needs: they come in libprotobuf-dev, only a recommendation of protobuf-compiler.
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// What later steps need from setup.
