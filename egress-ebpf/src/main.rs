@@ -332,7 +332,10 @@ fn learn_route(ctx: &TcContext, ip: &Ip) {
 fn established(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<Verdict> {
     match v.kind {
         FLOW_OUTBOUND => {
-            clamp_if_shared(ctx, ip, ports, v, policy::generation());
+            // The plan's generation only matters to a SYN: not read for the others.
+            if ports.syn() {
+                clamp_if_shared(ctx, ip, ports, v, policy::generation());
+            }
             translate_src(ctx, ip, ports, v)?;
             Ok(Verdict::Pass(Stat::SnatEstablished))
         }

@@ -41,6 +41,18 @@ fn port_off(ip: &Ip, side: Side) -> usize {
     }
 }
 
+/// Offset of the address on `side` (IPv4: 12 / 16, IPv6: 8 / 24 into the header).
+#[inline(always)]
+fn addr_off(ip: &Ip, side: Side) -> usize {
+    ip.l3_off
+        + match (ip.family == FAMILY_V4, side) {
+            (true, Side::Src) => 12,
+            (true, Side::Dst) => 16,
+            (false, Side::Src) => 8,
+            (false, Side::Dst) => 24,
+        }
+}
+
 /// Rewrites the address and port of `side` from (`old_addr`, `old_port_be`) to (`addr`,
 /// `port_be`) and fixes the IPv4 header and transport checksums.
 ///
@@ -109,10 +121,9 @@ fn rewrite_addr_v6(
     csum_off: usize,
     l4_flags: u64,
 ) -> Result<(), Stat> {
-    let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
     let mut d = csum::Delta::default();
     d.bytes16(old, new);
-    write(ctx, off, new).map_err(|()| Stat::RewriteFailed)?;
+    write(ctx, addr_off(ip, side), new).map_err(|()| Stat::RewriteFailed)?;
     // Size 0 in the flags: `to` is a checksum difference, `from` must be 0.
     ctx.l4_csum_replace(
         csum_off,
@@ -155,12 +166,7 @@ pub fn rewrite_addr(ctx: &TcContext, ip: &Ip, side: Side, addr: &[u8; 16]) -> Re
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         write_ipv4_addr(ctx, ip, side, old4, new4)
     } else {
-        write(
-            ctx,
-            ip.l3_off + if side == Side::Src { 8 } else { 24 },
-            addr,
-        )
-        .map_err(|()| Stat::RewriteFailed)
+        write(ctx, addr_off(ip, side), addr).map_err(|()| Stat::RewriteFailed)
     }
 }
 
@@ -175,12 +181,7 @@ fn write_ipv4_addr(
 ) -> Result<(), Stat> {
     let fail = |()| Stat::RewriteFailed;
     let check: u16 = read(ctx, ip.l3_off + 10).map_err(fail)?;
-    write(
-        ctx,
-        ip.l3_off + if side == Side::Src { 12 } else { 16 },
-        &new4,
-    )
-    .map_err(fail)?;
+    write(ctx, addr_off(ip, side), &new4).map_err(fail)?;
     write(ctx, ip.l3_off + 10, &csum::replace4(check, old4, new4)).map_err(fail)
 }
 
@@ -231,8 +232,7 @@ pub fn rewrite_complete(
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         write_ipv4_addr(ctx, ip, side, old4, new4)?;
     } else {
-        let off = ip.l3_off + if side == Side::Src { 8 } else { 24 };
-        write(ctx, off, addr).map_err(fail)?;
+        write(ctx, addr_off(ip, side), addr).map_err(fail)?;
     }
     // A UDP checksum of 0 means "none" (IPv4) and stays so (IPv6 too, as TC's helper leaves
     // it); a computed 0 is sent as 0xffff.

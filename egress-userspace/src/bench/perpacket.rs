@@ -305,24 +305,16 @@ impl Runner<'_> {
     fn empty_program(&mut self) -> anyhow::Result<()> {
         let p = tcp("10.50.0.11", 5000, "203.0.113.1", 80, TCP_ACK, self.frame);
         for (path, hook) in [("empty program", Hook::Empty), (EMPTY_XDP, Hook::XdpEmpty)] {
-            let mut v = self.time(hook, &mut |_| p.clone())?;
-            v.sort_unstable();
-            let typical = interquartile_mean(&v);
+            let cost = stats(path, self.frame, self.time(hook, &mut |_| p.clone())?, 0.0);
             if hook == Hook::Empty {
-                self.empty = typical;
+                self.empty = cost.typical_ns;
             } else {
-                self.empty_xdp = typical;
+                self.empty_xdp = cost.typical_ns;
             }
+            // The baseline itself: nothing on top of it.
             self.out.push(PathCost {
-                path,
-                frame: self.frame,
-                typical_ns: typical,
-                min_ns: v[0] as f64,
-                max_ns: v[v.len() - 1] as f64,
                 marginal_ns: 0.0,
-                runs: self.runs,
-                reference: None,
-                ratio: None,
+                ..cost
             });
         }
         Ok(())
