@@ -1,12 +1,13 @@
 //! The pass filter: destinations that can have no policy and no flow entry, one bit per
 //! *bucket* of destination addresses, so that `tc_egress` passes the bulk of a server's
 //! traffic (to everyone but the customers' origins) with one array read instead of a flow
-//! lookup and a policy lookup.
+//! lookup and a policy lookup — and `tc_ingress` and `xdp_ingress` the bulk of what it receives
+//! (to anything but a pool address), instead of a flow lookup and an owner lookup.
 //!
 //! A bucket is an IPv4 /20 (the address's first 20 bits), or, for IPv6, a hash of the
 //! address's first 32 bits into 20 bits. The map `PASS_FILTER` holds one bit per bucket,
-//! IPv4 buckets first: set means "no policy prefix, pool address or live flow entry has a
-//! destination in this bucket". A new map is all zeros (nothing passes early: every packet
+//! IPv4 buckets first: set means "no policy prefix, pool address (translated to or shared)
+//! or live flow entry has a destination in this bucket". A new map is all zeros (nothing passes early: every packet
 //! takes the rules' full path), so a filter the agent has not written yet is never wrong,
 //! only slow; an agent clears an adopted one at start, whoever left it.
 

@@ -445,6 +445,11 @@ fn ingress(ctx: &TcContext) -> Step<Verdict> {
     if ip.later_fragment() {
         return Ok(jump(ctx, JUMP_FRAG_IN));
     }
+    // Most of what a server receives is its own traffic: no pool address and no reverse
+    // entry's destination in the packet's bucket, so neither lookup below can match.
+    if policy::filtered_out(&ip) {
+        return Ok(Verdict::Pass(Stat::IngressNoFlow));
+    }
     let Ok(ports) = ports(ctx, &ip, Dir::Ingress) else {
         return Ok(Verdict::Pass(Stat::IngressNoFlow));
     };

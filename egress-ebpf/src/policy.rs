@@ -38,8 +38,9 @@ static GENERATION: Array<u32, 1> = Array::new();
 static PASS_FILTER: Array<u64, { filter::WORDS as usize }> = Array::new();
 
 /// Whether the pass filter (`egress_common::filter`) says that no policy, pool address or flow
-/// entry has a destination in `ip`'s bucket: then neither the flow table nor the policy can
-/// match, and both lookups are skipped. One array read (the verifier inlines it).
+/// entry has a destination in `ip`'s bucket: then neither the flow table nor the policy
+/// (leaving) nor the owners (arriving) can match, and the lookups are skipped. One array read
+/// (the verifier inlines it).
 #[inline(always)]
 pub fn filtered_out(ip: &Ip) -> bool {
     let (word, bit) = filter::word_bit(filter::bucket(ip.family, &ip.dst));

@@ -70,13 +70,15 @@ fn receive(ctx: &XdpContext) -> Option<Done> {
     if ip.l3_off != ETH_LEN || ip.frag != parse::FRAG_NONE || ctx.data() + ip.end > ctx.data_end() {
         return None;
     }
-    let local = fabric::local()?;
     if ip.family == FAMILY_V4 && ip.proto == IPPROTO_GRE {
-        return tunnelled(ctx, &ip, local);
+        return tunnelled(ctx, &ip, fabric::local()?);
     }
-    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+    // Not TCP or UDP, or for no pool address and no reverse entry (the pass filter, as in
+    // `tc_ingress`): TC's, at the cost of one array read here.
+    if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP) || policy::filtered_out(&ip) {
         return None;
     }
+    let local = fabric::local()?;
     let ports = parse::ports(ctx, &ip, Dir::Ingress).ok()?;
     if let Some(e) = flow::get(&flow::key(&ip, &ports), FLOW_REVERSE) {
         return reply(ctx, &ip, &ports, e, local);

@@ -104,8 +104,10 @@ impl Buckets {
     }
 
     /// What `plan` may match or have translated to: every policy's prefix (any mark, any
-    /// pool; a peer's connections go only to these too) and every pool address it
-    /// translates to (a reply-shaped packet to one meets its reverse entry, TC egress rule 3).
+    /// pool; a peer's connections go only to these too), every pool address it translates to
+    /// (a reply-shaped packet to one meets its reverse entry, TC egress rule 3; a reply
+    /// arriving, its reverse entry) and every shared pool address (a packet arriving for
+    /// another server's ports is sent to it: soft-unicast).
     pub fn of_plan(plan: &MapContents) -> Buckets {
         let mut b = Buckets::default();
         for (len, k) in plan.policies_v4.keys() {
@@ -124,6 +126,9 @@ impl Buckets {
             for t in a.snat.iter().take(usize::from(a.snat_count)) {
                 b.add_addr(k.family, &t.addr);
             }
+        }
+        for k in plan.owners.keys() {
+            b.add_v4_prefix(k.addr, 32);
         }
         b
     }
@@ -331,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn the_plan_admits_its_policies_peer_policies_and_pool_addresses() {
+    fn the_plan_admits_its_policies_peer_policies_pool_and_shared_addresses() {
         let config = crate::config::Config::embedded();
         let topology = crate::validate::validate(&config).unwrap();
         for server in config.servers.iter().map(|s| s.name.as_str()) {
@@ -348,6 +353,10 @@ mod tests {
                 for t in a.snat.iter().take(usize::from(a.snat_count)) {
                     assert!(has(&b, k.family, t.addr), "{server}: pool address");
                 }
+            }
+            // A server holding no share of an address still sends a packet for it on.
+            for k in contents.owners.keys() {
+                assert!(has(&b, FAMILY_V4, v4(k.addr)), "{server}: shared address");
             }
             // The lab's documentation ranges are a few buckets, not the internet.
             assert!(b.count(FAMILY_V4) < 64, "{server}: {b:?}");

@@ -1228,14 +1228,24 @@ fn differential() {
                     for f in families(m.counter, m.rule, tags, rewritten(&packet, m), fenced) {
                         *tally.families.entry(f).or_default() += 1;
                     }
-                    if hook == Hook::Egress
-                        && m.counter == "egress_no_policy"
+                    let filtered = match (hook, m.counter) {
+                        (Hook::Egress, "egress_no_policy") => Some("egress no policy"),
+                        (Hook::Ingress, "ingress_no_flow") => Some("ingress no flow"),
+                        _ => None,
+                    };
+                    if let Some(what) = filtered
                         && matches!(tags, Tags::Untagged)
                     {
-                        let f = match filter_passes(&mut dp, &packet) {
-                            Some(true) => Some("egress no policy: passed by the pass filter"),
-                            Some(false) => Some("egress no policy: looked up"),
-                            None => None,
+                        let f = match (what, filter_passes(&mut dp, &packet)) {
+                            ("egress no policy", Some(true)) => {
+                                Some("egress no policy: passed by the pass filter")
+                            }
+                            ("egress no policy", Some(false)) => {
+                                Some("egress no policy: looked up")
+                            }
+                            (_, Some(true)) => Some("ingress no flow: passed by the pass filter"),
+                            (_, Some(false)) => Some("ingress no flow: looked up"),
+                            (_, None) => None,
                         };
                         if let Some(f) = f {
                             *tally.families.entry(f).or_default() += 1;
@@ -1360,6 +1370,8 @@ fn families_all() -> Vec<&'static str> {
     vec![
         "egress no policy: passed by the pass filter",
         "egress no policy: looked up",
+        "ingress no flow: passed by the pass filter",
+        "ingress no flow: looked up",
         "egress SNAT new",
         "egress SNAT established",
         "egress forward",

@@ -80,8 +80,8 @@ pub fn reference_of(path: &str) -> Option<(&'static str, f64)> {
 }
 
 /// The paths `xdp_ingress` finishes, and their rows when timed there (against the empty XDP
-/// program).
-pub const XDP_ROWS: [(&str, &str); 6] = [
+/// program); and, for information, what it costs a packet it leaves to TC.
+pub const XDP_ROWS: [(&str, &str); 7] = [
     ("reverse translation", "reverse translation, XDP"),
     (
         "reverse translation, IPv6",
@@ -100,10 +100,11 @@ pub const XDP_ROWS: [(&str, &str); 6] = [
         "forwarded reply (decapsulate)",
         "forwarded reply (decapsulate), XDP",
     ),
+    ("arriving, not ours", "arriving, not ours, XDP"),
 ];
 
 /// The rows of the table, in order (then the references, the XDP rows and the trace rows).
-pub const PATHS: [&str; 15] = [
+pub const PATHS: [&str; 16] = [
     "no policy match",
     "new flow SNAT",
     "established SNAT",
@@ -119,6 +120,7 @@ pub const PATHS: [&str; 15] = [
     "soft-unicast owner redirect",
     "forwarded reply (decapsulate)",
     "unsolicited refused (owner)",
+    "arriving, not ours",
     "empty program",
 ];
 

@@ -326,6 +326,17 @@ pub fn catalogue() -> Vec<PathFixture> {
             counter: Stat::ForwardedReply,
             fresh: false,
         },
+        // Most of what an edge server receives: traffic of its own (a client of the edge, a
+        // reply from an origin no pool serves), to none of the pools' addresses.
+        PathFixture {
+            path: "arriving, not ours",
+            hook: Hook::Ingress,
+            prime: Prime::None,
+            packet: |f, _, _| tcp("198.51.100.20", 51000, "198.18.0.10", 443, TCP_ACK, f),
+            want: |_| Want::Unchanged,
+            counter: Stat::IngressNoFlow,
+            fresh: false,
+        },
         PathFixture {
             path: "unsolicited refused (owner)",
             hook: Hook::Ingress,
