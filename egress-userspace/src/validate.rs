@@ -233,6 +233,46 @@ fn check_pool_address(a: Ipv4Addr) -> Result<(), String> {
     ))
 }
 
+/// A fabric address must be one a host can have: GRE between servers runs between them.
+fn check_fabric_address(a: Ipv4Addr) -> Result<(), String> {
+    let why = if a.is_unspecified() {
+        "unspecified"
+    } else if a.is_broadcast() {
+        "the broadcast address"
+    } else if a.is_multicast() {
+        "multicast"
+    } else if a.is_loopback() {
+        "loopback"
+    } else if a.octets()[0] == 0 || a.octets()[0] >= 240 {
+        "reserved"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{a} is {why}, not an address a server's fabric interface can have"
+    ))
+}
+
+/// Ranges no pool's IPv6 prefix may overlap: their addresses are not sources an origin can
+/// answer (`::/8` holds the unspecified and loopback addresses and the IPv4-mapped range).
+const V6_NOT_SOURCES: [(&str, &str); 3] = [
+    ("::/8", "reserved (unspecified, loopback, IPv4-mapped)"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+fn check_pool_prefix_v6(prefix: Ipv6Net) -> Result<(), String> {
+    for (range, why) in V6_NOT_SOURCES {
+        let r: Ipv6Net = range.parse().expect("literal prefix");
+        if r.contains(&prefix.network()) || prefix.contains(&r.network()) {
+            return Err(format!(
+                "{prefix} overlaps {range}, {why}: not a source address an origin can see"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses "first-last" (or a single port).
 pub fn parse_ports(s: &str) -> Result<PortRange, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
@@ -435,6 +475,8 @@ struct Servers<'c> {
     names: HashMap<String, At>,
     /// Each server's location (servers of a known datacenter).
     location: HashMap<&'c str, &'c str>,
+    /// Fabric addresses and the server holding each.
+    fabrics: HashMap<Ipv4Addr, &'c str>,
 }
 
 /// `servers` (and `server`): unique names, ids and fabric addresses; names that can name a
@@ -457,6 +499,9 @@ fn servers<'c>(
             p.field("fabric"),
             "fabric address",
         );
+        if let Err(m) = check_fabric_address(s.fabric) {
+            errs.add(p.field("fabric"), m);
+        }
         if !(1..=65535).contains(&s.id) {
             errs.add(p.field("id"), format!("{} is outside 1..=65535", s.id));
         }
@@ -493,7 +538,16 @@ fn servers<'c>(
     {
         errs.add("server", format!("unknown server {s:?}"));
     }
-    Servers { names, location }
+    let fabrics = c
+        .servers
+        .iter()
+        .map(|s| (s.fabric, s.name.as_str()))
+        .collect();
+    Servers {
+        names,
+        location,
+        fabrics,
+    }
 }
 
 /// `pools`: unique names, ids and addresses; ids that fit the GRE key; IPv6 prefixes; each
@@ -502,6 +556,7 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
     let mut pools = BTreeMap::new();
     let (mut pool_names, mut pool_ids, mut addresses) =
         (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut prefixes: Vec<(Ipv6Net, &str)> = Vec::new();
     for (i, pool) in c.pools.iter().enumerate() {
         let p = At::new("pools", i);
         unique(
@@ -531,7 +586,21 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
                         prefix.trunc()
                     ),
                 );
+            } else if let Err(m) = check_pool_prefix_v6(prefix) {
+                errs.add(p.field("ipv6_prefix"), m);
             }
+            // Each server's address in a pool is the prefix and its id: two pools sharing
+            // addresses would send one customer's connections from the other's.
+            if let Some((other, name)) = prefixes
+                .iter()
+                .find(|(o, _)| o.contains(&prefix.network()) || prefix.contains(&o.network()))
+            {
+                errs.add(
+                    p.field("ipv6_prefix"),
+                    format!("{prefix} overlaps pool {name:?}'s {other}"),
+                );
+            }
+            prefixes.push((prefix, pool.name.as_str()));
         }
         let mut shares = Vec::new();
         for (j, a) in pool.ipv4.iter().enumerate() {
@@ -588,6 +657,12 @@ fn pool_address(
 ) -> Vec<Share> {
     if let Err(m) = check_pool_address(a.address) {
         errs.add(ap.field("address"), m);
+    }
+    if let Some(server) = servers.fabrics.get(&a.address) {
+        errs.add(
+            ap.field("address"),
+            format!("{} is server {server:?}'s fabric address", a.address),
+        );
     }
     let mut shares = Vec::new();
     let mut ranges: Vec<(PortRange, usize)> = Vec::new();
@@ -886,6 +961,66 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
                 says: "127.0.0.1 is loopback",
             },
             Case {
+                name: "loopback fabric address",
+                edit: ("fabric = \"10.50.0.11\"", "fabric = \"127.0.0.1\""),
+                path: "servers[0].fabric",
+                says: "127.0.0.1 is loopback",
+            },
+            Case {
+                name: "unspecified fabric address",
+                edit: ("fabric = \"10.50.0.11\"", "fabric = \"0.0.0.0\""),
+                path: "servers[0].fabric",
+                says: "0.0.0.0 is unspecified",
+            },
+            Case {
+                name: "multicast fabric address",
+                edit: ("fabric = \"10.50.2.31\"", "fabric = \"224.0.0.1\""),
+                path: "servers[1].fabric",
+                says: "224.0.0.1 is multicast",
+            },
+            Case {
+                name: "pool address that is a fabric address",
+                edit: ("fabric = \"10.50.2.31\"", "fabric = \"192.0.2.10\""),
+                path: "pools[0].ipv4[0].address",
+                says: "192.0.2.10 is server \"ams-a-1\"'s fabric address",
+            },
+            Case {
+                name: "IPv6 prefix over the loopback address",
+                edit: (
+                    "ipv6_prefix = \"2001:db8:7::/64\"",
+                    "ipv6_prefix = \"::/112\"",
+                ),
+                path: "pools[0].ipv6_prefix",
+                says: "::/112 overlaps ::/8, reserved",
+            },
+            Case {
+                name: "IPv6 prefix of everything",
+                edit: (
+                    "ipv6_prefix = \"2001:db8:7::/64\"",
+                    "ipv6_prefix = \"::/0\"",
+                ),
+                path: "pools[0].ipv6_prefix",
+                says: "::/0 overlaps ::/8",
+            },
+            Case {
+                name: "link-local IPv6 prefix",
+                edit: (
+                    "ipv6_prefix = \"2001:db8:7::/64\"",
+                    "ipv6_prefix = \"fe80::/64\"",
+                ),
+                path: "pools[0].ipv6_prefix",
+                says: "fe80::/64 overlaps fe80::/10, link-local",
+            },
+            Case {
+                name: "multicast IPv6 prefix",
+                edit: (
+                    "ipv6_prefix = \"2001:db8:7::/64\"",
+                    "ipv6_prefix = \"ff02::/64\"",
+                ),
+                path: "pools[0].ipv6_prefix",
+                says: "ff02::/64 overlaps ff00::/8, multicast",
+            },
+            Case {
                 name: "uplink with a slash",
                 edit: (
                     "uplink = \"eth0\"\n[[servers]]",
@@ -1134,6 +1269,30 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
                 && e.message.contains("duplicate pool address 192.0.2.10")),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn overlapping_ipv6_prefixes_in_two_pools() {
+        // The same prefix, one inside the other either way round; a neighbour is fine.
+        for (prefix, other) in [
+            ("2001:db8:7::/64", "2001:db8:7::/64"),
+            ("2001:db8::/32", "2001:db8:7::/64"),
+            ("2001:db8:7::/96", "2001:db8:7::/64"),
+        ] {
+            let toml =
+                format!("{BASE}\n[[pools]]\nname = \"beta\"\nid = 8\nipv6_prefix = \"{prefix}\"\n");
+            let errs = check(&toml).unwrap_err();
+            let says = format!("{prefix} overlaps pool \"acme\"'s {other}");
+            assert!(
+                errs.iter()
+                    .any(|e| e.path == "pools[1].ipv6_prefix" && e.message == says),
+                "{prefix}: {errs:?}"
+            );
+        }
+        let toml = format!(
+            "{BASE}\n[[pools]]\nname = \"beta\"\nid = 8\nipv6_prefix = \"2001:db8:8::/64\"\n"
+        );
+        check(&toml).unwrap();
     }
 
     #[test]
