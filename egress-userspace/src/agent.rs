@@ -605,13 +605,13 @@ impl Agent {
         Ok(diff)
     }
 
-    /// Whether the config file's content differs from the running plan's.
     /// Whether a plan that failed to be written is due to be tried again.
     pub fn retry_due(&self) -> bool {
         self.retry
             .is_some_and(|(at, _)| std::time::Instant::now() >= at)
     }
 
+    /// Whether the config file's content differs from the running plan's.
     pub fn config_changed(&self) -> bool {
         match &self.config_path {
             None => false,
@@ -650,7 +650,44 @@ impl Agent {
             );
             return;
         }
+        if let Err(e) = self.fixed_at_start(&topology) {
+            self.reloads_failed += 1;
+            self.config_text = text;
+            error!(
+                "reload ({why}) rejected, plan generation {} stays in force: {e}",
+                self.generation
+            );
+            return;
+        }
         let _ = self.switch(text, topology, why);
+    }
+
+    /// What a running agent cannot follow in its own server's entry: the uplink (the programs
+    /// are attached to it) and the fabric address (in `LOCAL`: the tunnels' source, what peers
+    /// know it by, the probes' socket). Err names the change; a restart applies it.
+    fn fixed_at_start(&self, t: &Topology) -> Result<(), String> {
+        let me = Some(self.server.as_str());
+        let (Ok(now), Ok(new)) = (
+            self.topology.config().select_server(me),
+            t.config().select_server(me),
+        ) else {
+            return Ok(()); // presence is checked by the callers
+        };
+        if new.uplink != now.uplink {
+            return Err(format!(
+                "servers.{}.uplink changed from {:?} to {:?}: the programs are attached to {:?}; \
+                 restart the agent to move them",
+                self.server, now.uplink, new.uplink, now.uplink
+            ));
+        }
+        if new.fabric != now.fabric {
+            return Err(format!(
+                "servers.{}.fabric changed from {} to {}: tunnels and probes run from {}; \
+                 restart the agent to take the new address",
+                self.server, now.fabric, new.fabric, now.fabric
+            ));
+        }
+        Ok(())
     }
 
     /// Applies a validated topology as a difference; on a failed write, restores the previous
@@ -837,6 +874,7 @@ impl Agent {
                 t.config()
                     .select_server(Some(&self.server))
                     .map_err(|_| anyhow::anyhow!("server {:?} is not in it", self.server))?;
+                self.fixed_at_start(&t).map_err(anyhow::Error::msg)?;
                 Ok(t)
             });
         let topology = match checked {

@@ -207,6 +207,31 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
             "{s}: logged once\n{log}"
         );
     }
+    // A valid topology that moves fra-a-1's uplink: its agent cannot follow (the programs
+    // stay where they are attached) and says a restart applies it; the plan stays in force.
+    let from = lab.log_len("agent-fra-a-1");
+    let moved = DEFAULT_CONFIG.replacen(
+        "fabric = \"10.50.0.11\"\nuplink = \"eth0\"",
+        "fabric = \"10.50.0.11\"\nuplink = \"bond0\"",
+        1,
+    );
+    assert_ne!(moved, DEFAULT_CONFIG);
+    lab.publish(&moved).unwrap();
+    let line = lab
+        .wait_for_log(
+            "agent-fra-a-1",
+            from,
+            &["rejected"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        line.contains("stays in force")
+            && line.contains("servers.fra-a-1.uplink changed from \"eth0\" to \"bond0\"")
+            && line.contains("restart"),
+        "{line}"
+    );
+    common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), VIA_FRA_A_1);
     // A good publish after it: converges, the rejection clears.
     let rev = lab.publish(&text_b()).unwrap();
     converge(&lab, rev);

@@ -333,6 +333,44 @@ fn an_invalid_config_on_reload_keeps_the_old_plan() {
         m.contains("egress_plan_generation 1"),
         "old plan still in force"
     );
+    // Valid configs that move this server's uplink or fabric address: a running agent cannot
+    // follow them (the programs stay where they are attached, LOCAL keeps the address), so
+    // the reload is refused and says a restart applies it.
+    let entry = "fabric = \"10.50.0.11\"\nuplink = \"eth0\"";
+    for (moved, says) in [
+        (
+            "fabric = \"10.50.0.11\"\nuplink = \"bond0\"",
+            "servers.fra-a-1.uplink changed from \"eth0\" to \"bond0\"",
+        ),
+        (
+            "fabric = \"10.50.0.111\"\nuplink = \"eth0\"",
+            "servers.fra-a-1.fabric changed from 10.50.0.11 to 10.50.0.111",
+        ),
+    ] {
+        let text = egress::config::DEFAULT_CONFIG.replacen(entry, moved, 1);
+        assert_ne!(
+            text,
+            egress::config::DEFAULT_CONFIG,
+            "{moved}: edit applies"
+        );
+        egress::validate::validate(&egress::config::Config::parse(&text, "t").unwrap())
+            .expect("a valid config");
+        let said = lab.reload_text(&text).unwrap();
+        assert!(
+            said[0].contains("rejected") && said[0].contains(says) && said[0].contains("restart"),
+            "{says}: {}",
+            said[0]
+        );
+    }
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+    let m = lab
+        .run(&ns, "curl", &["-sS", "http://127.0.0.1:9464/metrics"])
+        .unwrap();
+    assert!(
+        m.contains("egress_reloads_total{result=\"ok\"} 0")
+            && m.contains("egress_plan_generation 1"),
+        "nothing applied: {m}"
+    );
 }
 
 #[test]
