@@ -431,10 +431,12 @@ fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListe
 impl Agent {
     /// Validates the config, loads (adopting pinned maps), writes the plan, then attaches
     /// (adopting pinned links). The plan is in the maps before any new program sees a packet.
-    /// With `initial` (fleet mode) that topology is used instead of reading a config file.
+    /// With `initial` (fleet mode) that topology is used instead of reading a config file;
+    /// `pins`: the pin directory's lock, when the caller took it already.
     pub fn start(
         opts: &Options,
         initial: Option<Initial>,
+        pins: Option<loader::AgentLock>,
     ) -> anyhow::Result<(Agent, Option<AttachMode>, Option<std::net::TcpListener>)> {
         let (config_text, topology, published) = match initial {
             Some(i) => (i.text, i.topology, Some(i.published)),
@@ -452,7 +454,7 @@ impl Agent {
             None
         } else {
             loader::preflight(&server.uplink, server.fabric, &server.name, &pin_dir)?;
-            Some(loader::lock_all(&pin_dir, &server.uplink)?)
+            Some(loader::lock_all(pins, &pin_dir, &server.uplink)?)
         };
         // Everything that can fail comes before the first write: the metrics port too.
         let listener = opts.metrics_addr.map(bind_metrics).transpose()?;

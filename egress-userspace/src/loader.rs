@@ -361,14 +361,32 @@ pub fn migrate(mismatches: &[Mismatch]) -> Result<(SavedFlows, Vec<PathBuf>), Lo
 /// Refuses while an agent holds `pin_dir` (its maps and links would be restored at once, and
 /// the agent would go on with pins another command removed).
 pub fn ensure_no_agent(pin_dir: &Path) -> Result<(), LoadError> {
+    lock_pins(pin_dir).map(drop)
+}
+
+/// The lock of pin directory `pin_dir`: named by its absolute path, so that a relative
+/// `--pin-dir` names the same lock as the absolute one.
+pub fn lock_pins(pin_dir: &Path) -> Result<AgentLock, LoadError> {
+    let abs = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
     lock(
-        &pin_dir
-            .to_string_lossy()
-            .trim_matches('/')
-            .replace('/', "_"),
+        &abs.to_string_lossy().trim_matches('/').replace('/', "_"),
         &pin_dir.display().to_string(),
     )
-    .map(drop)
+}
+
+/// Fleet mode's lock of server `name` in this network namespace (the host's, as a rule): its
+/// etcd keys are one agent's, whatever pin directory another is given.
+pub fn lock_server(name: &str) -> Result<AgentLock, LoadError> {
+    let netns = netns_inode();
+    lock(
+        &format!("net{netns}-server-{}", name.replace('/', "_")),
+        &format!("server {name} (network namespace {netns})"),
+    )
+}
+
+/// The inode of this process's network namespace: names locks per namespace.
+fn netns_inode() -> u64 {
+    std::fs::metadata("/proc/self/ns/net").map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
 /// Where agents keep their locks (one per pin directory).
@@ -382,23 +400,20 @@ pub struct AgentLock {
     pub path: PathBuf,
 }
 
-/// The locks an agent takes before it touches anything: its pin directory (the maps), and its
-/// uplink in this network namespace (the programs; another pin directory does not make a second
-/// agent on the same interface harmless). A second agent exits at once, naming the holder.
-pub fn lock_all(pin_dir: &Path, uplink: &str) -> Result<[AgentLock; 2], LoadError> {
-    let pins = lock(
-        &pin_dir
-            .to_string_lossy()
-            .trim_matches('/')
-            .replace('/', "_"),
-        &pin_dir.display().to_string(),
-    )?;
-    // SAFETY: an all-zero stat is valid to write into; the path is NUL-terminated.
-    let netns = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::stat(c"/proc/self/ns/net".as_ptr(), &mut st);
-        st.st_ino
+/// The locks an agent takes before it touches anything: its pin directory (the maps; `pins`
+/// when already taken — fleet mode takes it before it connects to etcd), and its uplink in
+/// this network namespace (the programs; another pin directory does not make a second agent
+/// on the same interface harmless). A second agent exits at once, naming the holder.
+pub fn lock_all(
+    pins: Option<AgentLock>,
+    pin_dir: &Path,
+    uplink: &str,
+) -> Result<[AgentLock; 2], LoadError> {
+    let pins = match pins {
+        Some(l) => l,
+        None => lock_pins(pin_dir)?,
     };
+    let netns = netns_inode();
     let link = lock(
         &format!("net{netns}-{uplink}"),
         &format!("interface {uplink} (network namespace {netns})"),

@@ -457,7 +457,47 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A second agent for fra-a-1 on its host (an operator's mistake), while the newest
+    // revision is one no agent can apply (so it would wait for a good one, its etcd session
+    // up): it exits at once, before it connects to etcd — it writes no status, and takes no
+    // alive key with it when it ends (peers would count fra-a-1 gone and reset what they
+    // forward through it).
     let before = moves(&lab);
+    let out = lab
+        .etcdctl(
+            Some(pki::PUBLISHER_USER),
+            &["put", "/egress/v1/topology/config", "servers = [ not toml"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The same pins, or pins of its own: the server is taken either way.
+    let pins = lab.pin_dir("fra-a-1").display().to_string();
+    for (pins, holds) in [
+        (pins.clone(), "is running on"),
+        (format!("{pins}-other"), "is running on server fra-a-1"),
+    ] {
+        let mut args = vec!["agent".to_string()];
+        args.extend(fleet.args(&pki::agent_user("fra-a-1")));
+        args.extend(["--server", "fra-a-1", "--pin-dir", &pins, "--no-metrics"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ns = lab.server_ns("fra-a-1");
+        lab.spawn("agent-second", &ns, common::EGRESS, &args)
+            .unwrap();
+        let line = lab
+            .wait_for_log(
+                "agent-second",
+                0,
+                &["another agent (pid"],
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{pins}: the second agent refused at once: {e:#}"));
+        assert!(line.contains(holds), "{line}");
+        lab.stop("agent-second").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(moves(&lab), before, "fra-a-2 still sees fra-a-1 as it was");
+    assert_eq!(peer_up(&lab, "fra-a-2", "fra-a-1"), 1.0);
+
     let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
     lab.stop_member(0).unwrap();
     let rev = lab.publish(&text_b()).unwrap();

@@ -115,6 +115,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut signals = Signals::new()?;
+        // Fleet mode: the server's and the pin directory's locks before etcd, where the agent
+        // writes its alive and status keys at once — a second agent for this server would
+        // otherwise write over the running one's, and take its alive key with it on exit
+        // (peers would count the server gone), and collect its flows while it waits. The
+        // uplink's lock needs the topology: taken at start.
+        let (_server_lock, pins) = match &fleet {
+            Some((_, server)) if !opts.no_dataplane => (
+                Some(crate::loader::lock_server(server)?),
+                Some(crate::loader::lock_pins(&crate::loader::pin_dir(
+                    opts.pin_dir.as_deref(),
+                    server,
+                ))?),
+            ),
+            _ => (None, None),
+        };
         let mut etcd = fleet
             .map(|(ep, server)| EtcdLink::start(ep, server, &args))
             .transpose()?;
@@ -138,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Some(initial)
             }
         };
-        let (mut agent, mode, listener) = Agent::start(&opts, initial)?;
+        let (mut agent, mode, listener) = Agent::start(&opts, initial, pins)?;
         let (link, thread, renewals) = match etcd {
             Some(e) => {
                 agent.interest = Some(e.interest);
