@@ -240,7 +240,20 @@ impl Dataplane {
         // Adopted maps must have the layout the programs expect (checked before anything is
         // loaded or written).
         let mismatches = loader::check_pins(pin_dir, opts.flow_capacity)?;
-        let (saved, set_aside) = match mismatches.first() {
+        // A migration that failed after setting maps aside: its flows are carried now.
+        let (unfinished, left_aside) = loader::unfinished_migration(pin_dir)?;
+        if !left_aside.is_empty() {
+            warn!(
+                "an earlier migration did not finish: {} set aside, {} flow entries to carry over",
+                left_aside
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                unfinished.len()
+            );
+        }
+        let (saved, mut set_aside) = match mismatches.first() {
             None => (Vec::new(), Vec::new()),
             Some(m) if !opts.migrate => return Err(m.error().into()),
             Some(_) => {
@@ -253,6 +266,8 @@ impl Dataplane {
                 loader::migrate(&mismatches)?
             }
         };
+        let carrying = !mismatches.is_empty() || !left_aside.is_empty();
+        set_aside.extend(left_aside);
         let mut ebpf = loader::load(pin_dir, opts.flow_capacity, opts.trace_every)?;
         if opts.trace_every != 0 {
             trace_log(&mut ebpf, opts.trace_every)?;
@@ -276,14 +291,19 @@ impl Dataplane {
             links: Vec::new(),
             xdp: false,
         };
-        if !mismatches.is_empty() {
+        if carrying {
+            // The unfinished migration's entries only where the table has none: what this
+            // start migrated, or the programs made since, is newer.
+            const BPF_NOEXIST: u64 = 1;
             let carried = saved
                 .iter()
-                .filter(|(k, v)| dp.maps.flows.insert(k, v, 0).is_ok())
+                .map(|e| (e, 0))
+                .chain(unfinished.iter().map(|e| (e, BPF_NOEXIST)))
+                .filter(|((k, v), flags)| dp.maps.flows.insert(k, v, *flags).is_ok())
                 .count();
             info!(
                 "migration: {carried} of {} flow entries carried over",
-                saved.len()
+                saved.len() + unfinished.len()
             );
         }
         if dp.maps.flow_capacity != opts.flow_capacity {

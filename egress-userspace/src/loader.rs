@@ -320,22 +320,7 @@ pub fn migrate(mismatches: &[Mismatch]) -> Result<(SavedFlows, Vec<PathBuf>), Lo
         let same_entries = m.pinned.key_size == m.expected.key_size
             && m.pinned.value_size == m.expected.value_size;
         if m.name == map_names::FLOWS && same_entries {
-            let bad = |source| LoadError::PinnedMap {
-                path: m.path.display().to_string(),
-                source,
-            };
-            let data = MapData::from_pin(&m.path).map_err(bad)?;
-            let map = match m.pinned.map_type {
-                9 => aya::maps::Map::LruHashMap(data),
-                _ => aya::maps::Map::HashMap(data),
-            };
-            let flows: HashMap<MapData, FlowKey, FlowValue> =
-                HashMap::try_from(map).map_err(bad)?;
-            saved.extend(flows.iter().filter_map(Result::ok).map(|(k, mut v)| {
-                v.flags = (v.flags | egress_common::flow::FLOW_F_REPLIED)
-                    & !egress_common::flow::FLOW_F_RST;
-                (k, v)
-            }));
+            saved.extend(read_old_flows(&m.path, m.pinned.map_type)?);
         }
         // bpffs cannot rename: pin the same map under the new name, then drop the old pin.
         // bpffs names may not hold a dot.
@@ -354,6 +339,60 @@ pub fn migrate(mismatches: &[Mismatch]) -> Result<(SavedFlows, Vec<PathBuf>), Lo
             .map_err(|e| bad(e.to_string()))?;
         std::fs::remove_file(&m.path).map_err(|e| bad(e.to_string()))?;
         aside.push(to);
+    }
+    Ok((saved, aside))
+}
+
+/// The entries of an older flow table pinned at `path` (BPF map type `map_type`), as a
+/// migration carries them: replied, not reset (older versions did not record replies, and an
+/// idle connection must not be collected as unreplied after the upgrade).
+fn read_old_flows(path: &Path, map_type: u32) -> Result<SavedFlows, LoadError> {
+    let bad = |source| LoadError::PinnedMap {
+        path: path.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(path).map_err(bad)?;
+    let map = match map_type {
+        9 => aya::maps::Map::LruHashMap(data),
+        _ => aya::maps::Map::HashMap(data),
+    };
+    let flows: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(map).map_err(bad)?;
+    Ok(flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, mut v)| {
+            v.flags =
+                (v.flags | egress_common::flow::FLOW_F_REPLIED) & !egress_common::flow::FLOW_F_RST;
+            (k, v)
+        })
+        .collect())
+}
+
+/// What a migration that did not finish left in `pin_dir` (it set maps aside as
+/// `<name>_pre_migrate`, then failed before the new programs were attached — a verifier
+/// refusal, memory for the new table): the flow entries of the old flow table set aside (when
+/// their layout is the programs'), to be carried into the table as a migration's are, and every
+/// pin set aside, to be removed once the programs are attached. Without this a restart would
+/// find no mismatch left and start on an empty table.
+pub fn unfinished_migration(pin_dir: &Path) -> Result<(SavedFlows, Vec<PathBuf>), LoadError> {
+    let (mut saved, mut aside) = (Vec::new(), Vec::new());
+    let Ok(dir) = std::fs::read_dir(pin_dir) else {
+        return Ok((saved, aside));
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(original) = name.strip_suffix("_pre_migrate") else {
+            continue;
+        };
+        if original == map_names::FLOWS
+            && let Some(l) = pinned_layout(&path)?
+            && l.key_size as usize == std::mem::size_of::<FlowKey>()
+            && l.value_size as usize == std::mem::size_of::<FlowValue>()
+        {
+            saved.extend(read_old_flows(&path, l.map_type)?);
+        }
+        aside.push(path);
     }
     Ok((saved, aside))
 }

@@ -743,6 +743,45 @@ fn pinned_maps_of_another_layout_are_refused_or_migrated() {
         "the old table set aside is gone once the agent is up"
     );
     common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+
+    // A migration that failed after setting the flow table aside (a verifier refusal, no
+    // memory for the new table): the next start, without --migrate, finds no mismatch but
+    // carries the entries set aside into its table, and removes them once attached.
+    drop(table);
+    lab.kill_agent("fra-a-1").unwrap();
+    let read = |path: &std::path::Path| -> Vec<FlowKey> {
+        let data = aya::maps::MapData::from_pin(path).unwrap();
+        let t: aya::maps::HashMap<_, FlowKey, FlowValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        t.keys().map(Result::unwrap).collect()
+    };
+    let before = read(&flows);
+    assert!(!before.is_empty(), "curl's connection has entries");
+    let aside = pins.join("FLOWS_pre_migrate");
+    aya::maps::MapData::from_pin(&flows)
+        .unwrap()
+        .pin(&aside)
+        .unwrap();
+    std::fs::remove_file(&flows).unwrap();
+    let from = lab.log_len("agent-fra-a-1");
+    lab.start_agent("fra-a-1").unwrap();
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    let log = &log[from.min(log.len())..];
+    let n = before.len();
+    assert!(
+        log.contains("an earlier migration did not finish")
+            && log.contains(&format!("migration: {n} of {n} flow entries carried over")),
+        "carried: {log}"
+    );
+    let after = read(&flows);
+    for k in &before {
+        assert!(after.contains(k), "{k:?} carried over");
+    }
+    assert!(
+        !aside.exists(),
+        "the table set aside is gone once the agent is up"
+    );
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
 }
 
 /// Scrapers that connect and never send, or never read, hold no one up: a reload completes at
