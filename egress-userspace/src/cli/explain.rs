@@ -206,13 +206,13 @@ impl<'a> Pinned<'a> {
                 let t: LpmTrie<_, PolicyKeyV4, PolicyValue> =
                     LpmTrie::try_from(Map::LpmTrie(self.map(map_names::POLICY_V4)?))?;
                 let k = Key::new(prefix_len(32), PolicyKeyV4::new(self.g, mark, a.octets()));
-                t.get(&k, 0).ok().map(|v| v.pool)
+                found(t.get(&k, 0))?.map(|v| v.pool)
             }
             IpAddr::V6(a) => {
                 let t: LpmTrie<_, PolicyKeyV6, PolicyValue> =
                     LpmTrie::try_from(Map::LpmTrie(self.map(map_names::POLICY_V6)?))?;
                 let k = Key::new(prefix_len(128), PolicyKeyV6::new(self.g, mark, a.octets()));
-                t.get(&k, 0).ok().map(|v| v.pool)
+                found(t.get(&k, 0))?.map(|v| v.pool)
             }
         })
     }
@@ -221,7 +221,7 @@ impl<'a> Pinned<'a> {
     fn action(&self, pool: u32, family: u8) -> anyhow::Result<Option<Action>> {
         let m: HashMap<_, ActionKey, Action> =
             HashMap::try_from(Map::HashMap(self.map(map_names::ACTIONS)?))?;
-        Ok(m.get(&ActionKey::in_gen(pool, family, self.g), 0).ok())
+        found(m.get(&ActionKey::in_gen(pool, family, self.g), 0))
     }
 
     /// The holders of `pool` this server's agent sees down (`PEERS` flags), and why.
@@ -279,6 +279,15 @@ fn address(family: u8, a: [u8; 16]) -> IpAddr {
         IpAddr::from([a[0], a[1], a[2], a[3]])
     } else {
         IpAddr::from(a)
+    }
+}
+
+/// A map lookup's answer: absent is None, a failed read an error (not "no policy").
+fn found<T>(r: Result<T, aya::maps::MapError>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
