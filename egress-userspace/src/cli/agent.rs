@@ -71,6 +71,11 @@ pub struct Args {
     /// grants at least its own minimum: 1.5 election timeouts rounded up (2 s by default).
     #[arg(long, default_value_t = fleet::watch::LEASE_TTL, value_parser = clap::value_parser!(i64).range(1..=60))]
     lease_ttl: i64,
+    /// Fleet mode: on SIGINT/SIGTERM the programs keep running, so the alive key is kept this
+    /// many seconds on a lease of its own for the next agent to take over (peers go on
+    /// forwarding through this server meanwhile); 0, or --detach-on-exit: it goes at once.
+    #[arg(long, default_value_t = fleet::watch::RESTART_GRACE, value_parser = clap::value_parser!(i64).range(0..=3600))]
+    restart_grace: i64,
     /// Log one datapath decision in N (default 100) with its counter, verdict and the packet's
     /// addresses (aya-log; target egress::trace). Off (the default), the logging step is
     /// removed by the verifier: no cost.
@@ -245,6 +250,12 @@ impl EtcdLink {
         let me = fleet::watch::Identity {
             server: server.clone(),
             lease_ttl: args.lease_ttl,
+            // Detached on exit, or no dataplane: nothing keeps carrying its connections.
+            restart_grace: if args.detach_on_exit || args.no_dataplane {
+                0
+            } else {
+                args.restart_grace
+            },
         };
         let thread = std::thread::Builder::new()
             .name("etcd".into())

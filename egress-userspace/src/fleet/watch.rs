@@ -18,6 +18,9 @@ use super::{Endpoint, Published, Status, describe, read_published};
 /// least its own minimum (1.5 election timeouts, rounded up to a second: 2 s with etcd's
 /// defaults); the agent goes by what is granted.
 pub const LEASE_TTL: i64 = 1;
+/// Default `--restart-grace`, seconds: long enough for a service manager to start the next
+/// agent, short enough that a server whose agent stopped for good is not counted on long.
+pub const RESTART_GRACE: i64 = 30;
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -110,6 +113,9 @@ pub struct Identity {
     pub server: String,
     /// The lease's time to live to ask for (seconds).
     pub lease_ttl: i64,
+    /// Seconds the alive key outlives this agent when it exits and leaves its programs
+    /// running (0: it goes with the agent's lease).
+    pub restart_grace: i64,
 }
 
 /// Runs until `events` is closed.
@@ -369,8 +375,7 @@ async fn session(
             }
             changed = status.changed() => {
                 if changed.is_err() {
-                    // The agent is exiting: take the status key with it.
-                    let _ = s.client.lease_revoke(s.lease).await;
+                    s.exit().await;
                     return Ok(());
                 }
                 let current = status.borrow_and_update().clone();
@@ -495,6 +500,29 @@ struct Session<'a> {
 
 impl Session<'_> {
     /// Writes the status on the lease.
+    /// The agent is exiting: its status key goes with its lease. Its programs keep running
+    /// (unless it detaches them), so with a restart grace the alive key is first moved onto a
+    /// lease of that time to live: peers go on forwarding through this server while its next
+    /// agent starts, which puts the key on its own lease; if none does, the key lapses.
+    async fn exit(&mut self) {
+        if self.me.restart_grace > 0 {
+            match self.client.lease_grant(self.me.restart_grace, None).await {
+                Ok(grace) => {
+                    match put_alive(&mut self.client, self.ep, self.me, grace.id()).await {
+                        Ok(None) => log::info!(
+                            "exiting: the alive key is kept {} s for the next agent (--restart-grace)",
+                            grace.ttl()
+                        ),
+                        Ok(Some(why)) => log::warn!("exiting: alive key not kept: {why}"),
+                        Err(e) => log::warn!("exiting: alive key not kept: {e:#}"),
+                    }
+                }
+                Err(e) => log::warn!("exiting: alive key not kept (no lease): {e}"),
+            }
+        }
+        let _ = self.client.lease_revoke(self.lease).await;
+    }
+
     async fn put_status(&mut self, s: Status) -> anyhow::Result<()> {
         if self.refused {
             return Ok(());
