@@ -556,7 +556,7 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
     let mut pools = BTreeMap::new();
     let (mut pool_names, mut pool_ids, mut addresses) =
         (HashMap::new(), HashMap::new(), HashMap::new());
-    let mut prefixes: Vec<(Ipv6Net, &str)> = Vec::new();
+    let mut prefixes: Vec<(Ipv6Net, usize, &str)> = Vec::new();
     for (i, pool) in c.pools.iter().enumerate() {
         let p = At::new("pools", i);
         unique(
@@ -589,18 +589,7 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
             } else if let Err(m) = check_pool_prefix_v6(prefix) {
                 errs.add(p.field("ipv6_prefix"), m);
             }
-            // Each server's address in a pool is the prefix and its id: two pools sharing
-            // addresses would send one customer's connections from the other's.
-            if let Some((other, name)) = prefixes
-                .iter()
-                .find(|(o, _)| o.contains(&prefix.network()) || prefix.contains(&o.network()))
-            {
-                errs.add(
-                    p.field("ipv6_prefix"),
-                    format!("{prefix} overlaps pool {name:?}'s {other}"),
-                );
-            }
-            prefixes.push((prefix, pool.name.as_str()));
+            prefixes.push((prefix, i, pool.name.as_str()));
         }
         let mut shares = Vec::new();
         for (j, a) in pool.ipv4.iter().enumerate() {
@@ -643,7 +632,38 @@ fn pools(errs: &mut Errors, c: &Config, servers: &Servers) -> BTreeMap<String, P
             },
         );
     }
+    overlapping_prefixes(errs, prefixes);
     pools
+}
+
+/// Each server's address in a pool is the pool's IPv6 prefix and the server's id: two pools
+/// whose prefixes overlap would send one customer's connections from the other's allowlisted
+/// addresses. Prefixes overlap only by one holding the other: sorted by address then length,
+/// each is checked against the chain of earlier ones still holding it (n log n; a topology
+/// may have a hundred thousand pools). Said at the pool listed later.
+fn overlapping_prefixes(errs: &mut Errors, mut prefixes: Vec<(Ipv6Net, usize, &str)>) {
+    prefixes.sort_by_key(|(n, i, _)| (n.network(), n.prefix_len(), *i));
+    let mut chain: Vec<(Ipv6Net, usize, &str)> = Vec::new();
+    for (prefix, i, name) in prefixes {
+        while chain
+            .last()
+            .is_some_and(|(o, _, _)| !o.contains(&prefix.network()))
+        {
+            chain.pop();
+        }
+        if let Some(&(other, j, other_name)) = chain.last() {
+            let ((at, at_prefix), (them, them_prefix)) = if i > j {
+                ((i, prefix), (other_name, other))
+            } else {
+                ((j, other), (name, prefix))
+            };
+            errs.add(
+                At::new("pools", at).field("ipv6_prefix"),
+                format!("{at_prefix} overlaps pool {them:?}'s {them_prefix}"),
+            );
+        }
+        chain.push((prefix, i, name));
+    }
 }
 
 /// One pool address (at `ap`): routable, its shares held by known servers with port ranges
