@@ -213,29 +213,19 @@ fn check_ifname(name: &str) -> Result<(), String> {
 
 /// A pool address must be one an origin can see as a source: unicast, routable.
 fn check_pool_address(a: Ipv4Addr) -> Result<(), String> {
-    let why = if a.is_unspecified() {
-        "unspecified"
-    } else if a.is_broadcast() {
-        "the broadcast address"
-    } else if a.is_multicast() {
-        "multicast"
-    } else if a.is_loopback() {
-        "loopback"
-    } else if a.is_link_local() {
-        "link-local"
-    } else if a.octets()[0] == 0 || a.octets()[0] >= 240 {
-        "reserved"
-    } else {
-        return Ok(());
+    let why = match not_a_host(a) {
+        Some(why) => why,
+        None if a.is_link_local() => "link-local",
+        None => return Ok(()),
     };
     Err(format!(
         "{a} is {why}, not a source address an origin can see"
     ))
 }
 
-/// A fabric address must be one a host can have: GRE between servers runs between them.
-fn check_fabric_address(a: Ipv4Addr) -> Result<(), String> {
-    let why = if a.is_unspecified() {
+/// Why `a` cannot be a host's own address, if it cannot.
+fn not_a_host(a: Ipv4Addr) -> Option<&'static str> {
+    Some(if a.is_unspecified() {
         "unspecified"
     } else if a.is_broadcast() {
         "the broadcast address"
@@ -246,11 +236,18 @@ fn check_fabric_address(a: Ipv4Addr) -> Result<(), String> {
     } else if a.octets()[0] == 0 || a.octets()[0] >= 240 {
         "reserved"
     } else {
-        return Ok(());
-    };
-    Err(format!(
-        "{a} is {why}, not an address a server's fabric interface can have"
-    ))
+        return None;
+    })
+}
+
+/// A fabric address must be one a host can have: GRE between servers runs between them.
+fn check_fabric_address(a: Ipv4Addr) -> Result<(), String> {
+    match not_a_host(a) {
+        Some(why) => Err(format!(
+            "{a} is {why}, not an address a server's fabric interface can have"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Ranges no pool's IPv6 prefix may overlap: their addresses are not sources an origin can

@@ -86,6 +86,17 @@ fn peer_transitions(lab: &Lab, server: &str, peer: &str) -> f64 {
     peer_metric(lab, server, "egress_peer_transitions_total", peer)
 }
 
+/// Garbage written straight into the topology key by another client than `fleet publish`.
+fn put_garbage(lab: &Lab) {
+    let out = lab
+        .etcdctl(
+            Some(pki::PUBLISHER_USER),
+            &["put", "/egress/v1/topology/config", "servers = [ not toml"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// `fleet show` says the published revision.
 fn published_revision(lab: &Lab) -> i64 {
     let out = lab
@@ -167,13 +178,7 @@ fn publishes_converge_under_load_and_bad_input_keeps_the_last_good_plan() {
         .iter()
         .map(|s| lab.log_len(&format!("agent-{s}")))
         .collect();
-    let out = lab
-        .etcdctl(
-            Some(pki::PUBLISHER_USER),
-            &["put", "/egress/v1/topology/config", "servers = [ not toml"],
-        )
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    put_garbage(&lab);
     for (s, from) in SERVERS.iter().zip(marks) {
         let line = lab
             .wait_for_log(
@@ -463,13 +468,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     // alive key with it when it ends (peers would count fra-a-1 gone and reset what they
     // forward through it).
     let before = moves(&lab);
-    let out = lab
-        .etcdctl(
-            Some(pki::PUBLISHER_USER),
-            &["put", "/egress/v1/topology/config", "servers = [ not toml"],
-        )
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    put_garbage(&lab);
     // The same pins, or pins of its own: the server is taken either way.
     let pins = lab.pin_dir("fra-a-1").display().to_string();
     for (pins, holds) in [
