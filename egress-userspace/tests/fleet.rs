@@ -497,35 +497,6 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     assert_eq!(moves(&lab), before, "fra-a-2 still sees fra-a-1 as it was");
     assert_eq!(peer_up(&lab, "fra-a-2", "fra-a-1"), 1.0);
 
-    let rev = lab.publish(DEFAULT_CONFIG).unwrap();
-    let t = Instant::now();
-    while ["fra-a-1", "fra-a-2"]
-        .iter()
-        .any(|s| metric(&lab, s, "egress_applied_revision") as i64 != rev)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "a good revision after it"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    // fra-a-1's agent restarted (SIGTERM, then the next one): its programs keep running, and
-    // its alive key is kept for the next agent past its lease, so fra-a-2 goes on forwarding
-    // through it (its peers would otherwise reset those connections).
-    assert!(lab.stop("agent-fra-a-1").unwrap().success());
-    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
-    assert!(log.contains("the alive key is kept 30 s"), "{log}");
-    std::thread::sleep(Duration::from_millis(2000));
-    assert_eq!(
-        peer_up(&lab, "fra-a-2", "fra-a-1"),
-        1.0,
-        "kept up past the lease"
-    );
-    lab.start_fleet_agent("fra-a-1", &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(moves(&lab), before, "fra-a-2 saw no restart");
-
     let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
     lab.stop_member(0).unwrap();
     let rev = lab.publish(&text_b()).unwrap();
@@ -771,8 +742,31 @@ fn only_the_publisher_publishes_and_each_agent_writes_only_its_own_status() {
     )
     .unwrap();
     assert_ne!(before, after);
-    lab.stop("agent-fra-a-1").unwrap();
+    // fra-a-1's agent restarted (SIGTERM, then the next one): its programs keep running, and
+    // its alive key is kept for the next agent past its lease, so fra-a-2 goes on forwarding
+    // through it (its peers would otherwise reset those connections).
+    let moves = |lab: &Lab| peer_transitions(lab, "fra-a-2", "fra-a-1");
+    let t = Instant::now();
+    while peer_up(&lab, "fra-a-2", "fra-a-1") != 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fra-a-2 sees fra-a-1 up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let moved = moves(&lab);
+    assert!(lab.stop("agent-fra-a-1").unwrap().success());
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert!(log.contains("the alive key is kept 30 s"), "{log}");
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        peer_up(&lab, "fra-a-2", "fra-a-1"),
+        1.0,
+        "kept up past the lease"
+    );
     lab.start_fleet_agent("fra-a-1", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(moves(&lab), moved, "fra-a-2 saw no restart");
     let rev = lab.publish(&text_b()).unwrap();
     let t = Instant::now();
     while metric(&lab, "fra-a-1", "egress_applied_revision") as i64 != rev {
