@@ -523,8 +523,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");
-    lab.stop_member(1).unwrap();
-    lab.stop_member(2).unwrap();
+    lab.stop_members(&[1, 2]).unwrap();
     lab.wait_for_log(
         "agent-fra-a-2",
         mark,

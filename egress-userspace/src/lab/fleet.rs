@@ -202,6 +202,22 @@ impl Lab {
         self.stop(&member_label(i)).map(drop)
     }
 
+    /// Stops members `which` at once (all signalled before any is waited for): a whole
+    /// cluster going away, with no window in which some agents still reach a leader.
+    pub fn stop_members(&mut self, which: &[usize]) -> anyhow::Result<()> {
+        let labels: Vec<String> = which.iter().map(|&i| member_label(i)).collect();
+        let (stopping, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| labels.contains(&p.label));
+        self.procs = kept;
+        let found = stopping.len();
+        super::terminate_all(stopping);
+        if found != labels.len() {
+            bail!("not every member of {which:?} was running");
+        }
+        Ok(())
+    }
+
     /// Waits until member `i` serves clients again.
     pub fn wait_member(&self, i: usize) -> anyhow::Result<()> {
         self.wait_for_log(
