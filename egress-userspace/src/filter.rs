@@ -167,6 +167,12 @@ pub trait FilterCell {
     fn admit(&mut self, maybe: &Buckets) -> Result<(), MapError>;
 }
 
+impl<F: FilterCell> FilterCell for &mut F {
+    fn admit(&mut self, maybe: &Buckets) -> Result<(), MapError> {
+        (**self).admit(maybe)
+    }
+}
+
 /// In memory (tests): the buckets admitted so far.
 impl FilterCell for Buckets {
     fn admit(&mut self, maybe: &Buckets) -> Result<(), MapError> {

@@ -668,7 +668,8 @@ impl Lab {
                 // The SIGHUP always answers; the file watcher may have answered first (it saw
                 // the rename), and then its line is the one. Waiting for the SIGHUP's line too
                 // leaves no late answer of this reload for the next one to take as its own.
-                self.wait_for_log(label, from, &["reload (SIGHUP)"], Duration::from_secs(10))?;
+                // Generous: a test may have filled a plan map (half a million entries) first.
+                self.wait_for_log(label, from, &["reload (SIGHUP)"], Duration::from_secs(30))?;
                 self.wait_for_log(
                     label,
                     from,
