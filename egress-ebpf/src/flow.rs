@@ -98,7 +98,14 @@ impl Entry {
     /// marks it closing) and returns a copy of the entry as updated.
     #[inline(always)]
     pub fn touch(self, ports: &Ports) -> FlowValue {
-        self.refresh();
+        if ports.rst() {
+            // Always stamped: the agent orders the socket's RST against the latest reply by
+            // the two entries' clocks, and a reply may have moved the other's within the
+            // granule (the connection would keep its full timeout).
+            self.stamp(crate::clock::now());
+        } else {
+            self.refresh();
+        }
         let mut flags = if ports.rst() {
             self.flags() | FLOW_F_RST
         } else {
@@ -136,11 +143,16 @@ impl Entry {
         // simply rewritten.
         let now = crate::clock::now();
         // SAFETY: the type's invariant.
-        unsafe {
-            if now.wrapping_sub((*self.0).last_seen_ns) >= CLOCK_GRANULE_NS {
-                (*self.0).last_seen_ns = now;
-            }
+        if now.wrapping_sub(unsafe { (*self.0).last_seen_ns }) >= CLOCK_GRANULE_NS {
+            self.stamp(now);
         }
+    }
+
+    /// Sets the entry's clock to `now`.
+    #[inline(always)]
+    fn stamp(self, now: u64) {
+        // SAFETY: the type's invariant.
+        unsafe { (*self.0).last_seen_ns = now };
     }
 
     /// Writes the entry's flags only when they change (the same cache line as the clock).

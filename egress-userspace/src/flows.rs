@@ -34,6 +34,10 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * NS + ts.tv_nsec as u64
 }
 
+/// How far two CPUs' datapath clocks may be apart: each is at most two ticks behind
+/// CLOCK_MONOTONIC (20 ms at HZ=100, the slowest tick).
+const CPU_CLOCK_SKEW_NS: u64 = 20_000_000;
+
 /// How a connection stands, from its entries' flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct State {
@@ -51,8 +55,11 @@ impl State {
         let replied = (v.flags | other.map_or(0, |o| o.flags)) & FLOW_F_REPLIED != 0;
         // The RST bit says the latest packet in that direction was a RST; it ends the
         // connection only if nothing came after it in the other direction either.
+        // (A RST always stamps its entry; the other's clock may come from another CPU's,
+        // up to two ticks apart: a reply within that of the RST does not count as after it.)
         let rst_last = |a: &FlowValue, b: Option<&FlowValue>| {
-            a.flags & FLOW_F_RST != 0 && b.is_none_or(|b| a.last_seen_ns >= b.last_seen_ns)
+            a.flags & FLOW_F_RST != 0
+                && b.is_none_or(|b| a.last_seen_ns + CPU_CLOCK_SKEW_NS >= b.last_seen_ns)
         };
         let rst = rst_last(v, other) || other.is_some_and(|o| rst_last(o, Some(v)));
         // Only the socket's side's FIN counts (the outbound entry of a pair; a single entry's
@@ -595,6 +602,28 @@ mod tests {
                 Some(rev(0, R)),
                 12,
                 true,
+            ),
+            case(
+                "a reply a CPU's clock skew after the socket's RST does not outlive it",
+                6,
+                out(10, FLOW_F_RST),
+                Some(FlowValue {
+                    last_seen_ns: 10 * NS + 15_000_000,
+                    ..rev(0, R)
+                }),
+                21,
+                true,
+            ),
+            case(
+                "a reply well after the socket's RST keeps the connection",
+                6,
+                out(10, FLOW_F_RST),
+                Some(FlowValue {
+                    last_seen_ns: 10 * NS + 50_000_000,
+                    ..rev(0, R)
+                }),
+                21,
+                false,
             ),
             case(
                 "a RST answered by the socket (challenge ACK) does not",

@@ -201,6 +201,32 @@ fn spoofed_rst_and_fin_do_not_cut_a_live_connection() {
     assert_eq!(dp.counter(Stat::SnatNew), 1);
 }
 
+/// The socket's RST ends its connection even when it comes right after a reply: an entry's
+/// clock is written at most every 100 ms, but a RST always stamps it (the agent orders the RST
+/// against the latest reply by the two entries' clocks).
+#[test]
+fn the_sockets_rst_right_after_a_reply_ends_the_connection() {
+    let (_net, mut dp) = datapath_with(1024);
+    let port = open(&mut dp, 9250, true).unwrap();
+    let pause = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+    // Past the clock's granule: the next packets each way write their entry's clock, the
+    // reply's 50 ms after the socket's (more than two CPUs' clocks may differ).
+    pause(150);
+    let data = tcp("10.50.0.11", 9250, "203.0.113.1", 80, TCP_ACK);
+    assert_eq!(dp.run(Hook::Egress, 0, &data).unwrap().verdict, TC_ACT_OK);
+    pause(50);
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_ACK);
+    assert_eq!(dp.run(Hook::Ingress, 0, &reply).unwrap().verdict, TC_ACT_OK);
+    pause(30);
+    // The socket's RST, 80 ms after its last packet (within the granule).
+    let own = tcp("10.50.0.11", 9250, "203.0.113.1", 80, TCP_RST);
+    assert_eq!(dp.run(Hook::Egress, 0, &own).unwrap().verdict, TC_ACT_OK);
+    let now = flows::monotonic_ns();
+    let done = flows::collect(&mut dp.maps.flows, now + 11 * NS, 1024).unwrap();
+    assert_eq!(done.expired, 1, "the socket's RST ends it after 10 s");
+    assert_eq!(entries(&dp), 0);
+}
+
 /// Runs `p` on ingress and checks that it was dropped with `stat` and changed no flow entry.
 fn refused(dp: &mut TestDatapath, name: &str, p: &[u8], stat: Stat) {
     let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
