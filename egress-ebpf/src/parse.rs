@@ -179,7 +179,7 @@ impl Ip {
 pub enum IpError {
     /// Not IPv4/IPv6.
     NotIp,
-    /// Truncated or inconsistent IP header.
+    /// Truncated or inconsistent IP header, or a length beyond the frame.
     Malformed,
 }
 
@@ -203,11 +203,18 @@ pub fn ip<C: Packet>(ctx: &C) -> Result<Ip, IpError> {
             }
         }
     }
-    match proto {
-        ETH_P_IP => ipv4(ctx, off),
-        ETH_P_IPV6 => ipv6(ctx, off),
-        _ => Err(IpError::NotIp),
+    let ip = match proto {
+        ETH_P_IP => ipv4(ctx, off)?,
+        ETH_P_IPV6 => ipv6(ctx, off)?,
+        _ => return Err(IpError::NotIp),
+    };
+    // A length field beyond the frame (the stack drops such a packet; a tunnel would carry
+    // it to a peer that must). Checked here, not in `ipv4`: a quoted header in an ICMP error
+    // describes a packet longer than the quote.
+    if ip.end > ctx.size() as usize {
+        return Err(IpError::Malformed);
     }
+    Ok(ip)
 }
 
 /// A VLAN tag's length: TPID (the ethertype slot) and TCI; the next ethertype follows.

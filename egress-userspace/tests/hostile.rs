@@ -227,6 +227,92 @@ fn the_sockets_rst_right_after_a_reply_ends_the_connection() {
     assert_eq!(entries(&dp), 0);
 }
 
+/// `frame` with its IP length field (IPv4 total length, IPv6 payload length) saying `more`
+/// bytes beyond the frame.
+fn longer_than_the_frame(frame: &[u8], more: u16) -> Vec<u8> {
+    let mut p = frame.to_vec();
+    let at = if p[14] >> 4 == 4 { 14 + 2 } else { 14 + 4 };
+    let len = u16::from_be_bytes([p[at], p[at + 1]]) + more;
+    p[at..at + 2].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+/// A packet whose IP length says more than the frame holds is malformed wherever it meets the
+/// datapath: never translated, never carried through a tunnel (the peer would count it
+/// against an innocent fabric), never given state. Arriving, it is passed as malformed (the
+/// stack drops it); leaving, dropped.
+#[test]
+fn a_length_beyond_the_frame_is_malformed_never_translated_or_tunnelled() {
+    let (_net, mut dp) = datapath_with(1024);
+    let port = open(&mut dp, 9500, true).unwrap();
+    let stats = |dp: &TestDatapath| {
+        [
+            Stat::IngressMalformed,
+            Stat::EgressMalformed,
+            Stat::SoftUnicast,
+            Stat::ReverseNat,
+            Stat::SnatNew,
+            Stat::SnatEstablished,
+        ]
+        .map(|s| dp.counter(s))
+    };
+    let arriving = [
+        // To a port of 192.0.2.10 that b owns (soft-unicast), and a reply of the connection.
+        (
+            "soft-unicast",
+            tcp("203.0.113.1", 80, "192.0.2.10", 41500, TCP_ACK),
+        ),
+        ("reply", tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_ACK)),
+    ];
+    for (name, whole) in arriving {
+        // The whole packet takes its path (the length is what makes the difference) ...
+        let out = dp.run(Hook::Ingress, 0, &whole).unwrap();
+        assert_ne!(out.packet, whole, "{name}: a whole packet takes its path");
+        for more in [1, 1000] {
+            let p = longer_than_the_frame(&whole, more);
+            let before = stats(&dp);
+            let flows: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+            let out = dp.run(Hook::Ingress, 0, &p).unwrap();
+            assert_eq!(
+                out.verdict, TC_ACT_OK,
+                "{name} +{more}: passed to the stack"
+            );
+            assert_eq!(out.packet, p, "{name} +{more}: untouched");
+            let mut want = before;
+            want[0] += 1;
+            assert_eq!(
+                stats(&dp),
+                want,
+                "{name} +{more}: counted as ingress_malformed only"
+            );
+            let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+            assert_eq!(flows, after, "{name} +{more}: no flow entry touched");
+        }
+    }
+    let leaving = [
+        (
+            "established",
+            tcp("10.50.0.11", 9500, "203.0.113.1", 80, TCP_ACK),
+        ),
+        ("new", tcp("10.50.0.11", 9501, "203.0.113.1", 80, TCP_SYN)),
+        (
+            "IPv6",
+            tcp("2001:db8:100::11", 9502, "2001:db8:f::1", 80, TCP_SYN),
+        ),
+    ];
+    for (name, whole) in leaving {
+        let p = longer_than_the_frame(&whole, 1);
+        let before = stats(&dp);
+        let flows = entries(&dp);
+        let out = dp.run(Hook::Egress, 0, &p).unwrap();
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{name}: dropped");
+        let mut want = before;
+        want[1] += 1;
+        assert_eq!(stats(&dp), want, "{name}: counted as egress_malformed only");
+        assert_eq!(entries(&dp), flows, "{name}: no flow entry made");
+    }
+}
+
 /// Runs `p` on ingress and checks that it was dropped with `stat` and changed no flow entry.
 fn refused(dp: &mut TestDatapath, name: &str, p: &[u8], stat: Stat) {
     let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();

@@ -311,8 +311,17 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
     bad_version[14] = 0x55;
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x43;
-    let truncated_tcp = syn[..14 + 20 + 10].to_vec();
-    let truncated_no_policy = tcp("10.50.0.11", 5000, "198.51.100.1", 80, TCP_SYN)[..44].to_vec();
+    // Cut short with the IP length saying so (30 bytes: 10 of TCP); one byte longer than the
+    // frame is a malformed IP header instead.
+    let cut_to_44 = |mut p: Vec<u8>| {
+        p.truncate(14 + 20 + 10);
+        p[16..18].copy_from_slice(&30u16.to_be_bytes());
+        p
+    };
+    let truncated_tcp = cut_to_44(syn.clone());
+    let truncated_no_policy = cut_to_44(tcp("10.50.0.11", 5000, "198.51.100.1", 80, TCP_SYN));
+    let mut longer = syn.clone();
+    longer[16..18].copy_from_slice(&(syn.len() as u16 - 14 + 1).to_be_bytes());
     // A later fragment (offset 128 bytes) whose first fragment was never seen.
     let mut fragment = syn.clone();
     fragment[20..22].copy_from_slice(&[0x00, 0x10]);
@@ -354,6 +363,14 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
             hook: Hook::Egress,
             mark: 0,
             packet: bad_ihl.clone(),
+            want: Want::Dropped,
+            counter: Stat::EgressMalformed,
+        },
+        Fixture {
+            name: "IPv4 total length one byte beyond the frame",
+            hook: Hook::Egress,
+            mark: 0,
+            packet: longer.clone(),
             want: Want::Dropped,
             counter: Stat::EgressMalformed,
         },
@@ -410,6 +427,14 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
             hook: Hook::Ingress,
             mark: 0,
             packet: bad_ihl,
+            want: Want::Unchanged,
+            counter: Stat::IngressMalformed,
+        },
+        Fixture {
+            name: "ingress: IPv4 total length one byte beyond the frame",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: longer,
             want: Want::Unchanged,
             counter: Stat::IngressMalformed,
         },

@@ -232,7 +232,7 @@ fn xdp_finishes_what_tc_would_do_the_same_way_and_leaves_the_rest() {
         (
             "soft-unicast whose IP length claims more than the frame",
             longer,
-            Stat::SoftUnicast,
+            Stat::IngressMalformed,
         ),
     ];
     for (name, input, stat) in &left {
