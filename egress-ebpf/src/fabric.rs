@@ -43,14 +43,6 @@ pub fn tunnel_dead(addr: &[u8; 4], g: u8) -> bool {
     unsafe { PEERS.get(AddrKey::new(*addr, g)) }.is_some_and(|p| p.flags & PEER_DOWN_PROBES != 0)
 }
 
-/// Whether pool address `addr` is split between several servers (its replies may arrive at
-/// another server and be soft-unicast here in a tunnel).
-#[inline(always)]
-pub fn is_shared(addr: &[u8; 4], g: u8) -> bool {
-    // SAFETY: read-only use of the value within this run.
-    unsafe { OWNERS.get(AddrKey::new(*addr, g)) }.is_some_and(|o| o.count > 1)
-}
-
 /// Whether `addr` is a pool IPv4 address (one with shares in the plan).
 #[inline(always)]
 pub fn is_pool_address(addr: &[u8; 4], g: u8) -> bool {

@@ -270,7 +270,7 @@ fn new_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, pool: u32, g: u8) -> 
     match ActionKind::from_u8(action.kind) {
         Some(ActionKind::Snat) => {
             let bound = flow::claim(&key, action, pool, [0; 4]).map_err(drop_with)?;
-            clamp_if_shared(ctx, ip, ports, &bound, g);
+            clamp_if_pool(ctx, ip, ports, &bound, g);
             if let Err(v) = translate_src(ctx, ip, ports, &bound) {
                 // A dropped packet holds no state.
                 flow::release(&key, &bound);
@@ -334,7 +334,7 @@ fn established(ctx: &TcContext, ip: &Ip, ports: &Ports, v: &FlowValue) -> Step<V
         FLOW_OUTBOUND => {
             // The plan's generation only matters to a SYN: not read for the others.
             if ports.syn() {
-                clamp_if_shared(ctx, ip, ports, v, policy::generation());
+                clamp_if_pool(ctx, ip, ports, v, policy::generation());
             }
             translate_src(ctx, ip, ports, v)?;
             Ok(Verdict::Pass(Stat::SnatEstablished))
@@ -382,15 +382,15 @@ fn forward(
     Ok(Verdict::Sent(stat, code))
 }
 
-/// A connection translated here to a shared IPv4 pool address may get its replies through a
-/// tunnel (soft-unicast from the server the address is routed to): its SYN's MSS must leave
-/// room for the encapsulation too.
+/// A connection translated to an IPv4 pool address may get its replies through a tunnel
+/// (soft-unicast from whichever announcing server they reach), whether the address is split or
+/// held whole: its SYN's MSS must leave room for the encapsulation too.
 #[inline(always)]
-fn clamp_if_shared(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue, g: u8) {
+fn clamp_if_pool(ctx: &TcContext, ip: &Ip, ports: &Ports, bound: &FlowValue, g: u8) {
     if ip.family == FAMILY_V4
         && ip.proto == parse::IPPROTO_TCP
         && ports.syn()
-        && fabric::is_shared(&v4(&bound.addr), g)
+        && fabric::is_pool_address(&v4(&bound.addr), g)
         && let Some(local) = fabric::local()
     {
         clamp(ctx, ip, ports, local);
@@ -843,7 +843,7 @@ fn peer_send(
     g: u8,
 ) -> Step<Verdict> {
     nat::hop(ctx, ip).map_err(drop_with)?;
-    clamp_if_shared(ctx, ip, ports, bound, g);
+    clamp_if_pool(ctx, ip, ports, bound, g);
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;

@@ -268,13 +268,33 @@ fn tunnels_never_carry_packets_larger_than_the_uplink() {
         "shared address: MSS leaves room for the tunnel"
     );
     verify_checksums(&out.packet).unwrap();
-    // 192.0.2.20 (beta, mark 42) is a only: its replies never travel in a tunnel.
-    let own = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9001, 80, TCP_SYN, 1460);
-    let out = dp.run(Hook::Egress, 42, &own).unwrap();
+    // 192.0.2.20 (beta, mark 42) is held whole by a, but announced like any pool address: its
+    // replies reaching another server come through a tunnel just the same.
+    let whole = packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9001, 80, TCP_SYN, 1460);
+    let out = dp.run(Hook::Egress, 42, &whole).unwrap();
     assert_eq!(
         packet::mss_of(&out.packet),
-        1460,
-        "unshared address: MSS untouched"
+        1432,
+        "address held whole: MSS leaves room for the tunnel"
+    );
+    verify_checksums(&out.packet).unwrap();
+    // IPv6 is never tunnelled: translated, its MSS untouched.
+    let v6 = packet::tcp_with_mss(
+        ip("fd00:50::b"),
+        ip("2001:db8:beef::1"),
+        9002,
+        443,
+        TCP_SYN,
+        1440,
+    );
+    let out = dp.run(Hook::Egress, 0, &v6).unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_ne!(out.packet, v6, "IPv6 SYN translated");
+    let mss_at = 14 + 40 + 20 + 2;
+    assert_eq!(
+        out.packet[mss_at..mss_at + 2],
+        1440u16.to_be_bytes(),
+        "IPv6: MSS untouched"
     );
 
     // A full-size packet (not GSO) cannot be encapsulated into a 1500-byte uplink: refused and
