@@ -879,3 +879,130 @@ fn a_dropped_first_packet_holds_no_state() {
     check(&mut dp, &f);
     assert_eq!(dp.maps.flows.iter().count(), 0, "no claim left");
 }
+
+/// A catch-all policy (`0.0.0.0/0`, `::/0`) translates every unicast destination but never the
+/// host's own link traffic: multicast (IGMP, mDNS, neighbour discovery), broadcast (DHCP),
+/// link-local, loopback and unspecified destinations pass untouched and make no state — nor
+/// may a peer have its connection to one translated here.
+#[test]
+fn a_catch_all_policy_never_takes_link_local_multicast_or_broadcast() {
+    let topology = format!(
+        "{TOPOLOGY}
+[[policies]]
+pool = \"beta\"
+mark = 43
+destinations = [\"0.0.0.0/0\"]
+[[policies]]
+pool = \"acme\"
+mark = 44
+destinations = [\"::/0\"]
+"
+    );
+    let (_net, mut dp) = datapath(&topology);
+    let udp = |src: &str, dst: &str, dport| udp_datagram(src, 5353, dst, dport, 32);
+    let never = [
+        (
+            43,
+            udp("10.50.0.11", "224.0.0.251", 5353),
+            "IPv4 multicast (mDNS)",
+        ),
+        (43, udp("10.50.0.11", "239.1.2.3", 5000), "IPv4 multicast"),
+        (
+            43,
+            udp("0.0.0.0", "255.255.255.255", 67),
+            "broadcast (DHCP)",
+        ),
+        (43, udp("10.50.0.11", "240.0.0.1", 5000), "IPv4 reserved"),
+        (
+            43,
+            tcp("10.50.0.11", 5000, "169.254.169.254", 80, TCP_SYN),
+            "IPv4 link-local",
+        ),
+        (
+            43,
+            tcp("10.50.0.11", 5000, "127.0.0.1", 80, TCP_SYN),
+            "IPv4 loopback",
+        ),
+        (
+            43,
+            tcp("10.50.0.11", 5000, "0.1.2.3", 80, TCP_SYN),
+            "IPv4 0/8",
+        ),
+        (
+            44,
+            udp("fe80::1", "ff02::fb", 5353),
+            "IPv6 multicast (mDNS)",
+        ),
+        (
+            44,
+            udp("fe80::1", "ff02::1:ff00:1", 5000),
+            "IPv6 solicited-node",
+        ),
+        (
+            44,
+            tcp("fd00:50::b", 5000, "fe80::2", 80, TCP_SYN),
+            "IPv6 link-local",
+        ),
+        (
+            44,
+            tcp("fd00:50::b", 5000, "::1", 80, TCP_SYN),
+            "IPv6 loopback",
+        ),
+    ];
+    for (mark, p, name) in &never {
+        let before = dp.counter(Stat::EgressNoPolicy);
+        let out = dp.run(Hook::Egress, *mark, p).unwrap();
+        assert_eq!(
+            (out.verdict, &out.packet),
+            (TC_ACT_OK, p),
+            "{name}: passed untouched"
+        );
+        assert_eq!(
+            dp.counter(Stat::EgressNoPolicy),
+            before + 1,
+            "{name}: egress_no_policy"
+        );
+        assert_eq!(dp.maps.flows.iter().count(), 0, "{name}: no state");
+    }
+    // The catch-alls do take unicast destinations: the rule is not "no policy at all".
+    let v4 = tcp("10.50.0.11", 5001, "198.51.100.7", 80, TCP_SYN);
+    let out = dp.run(Hook::Egress, 43, &v4).unwrap();
+    assert_eq!(
+        parse(&out.packet).src,
+        ip("192.0.2.20"),
+        "0.0.0.0/0 translates"
+    );
+    let v6 = tcp("fd00:50::b", 5001, "2001:db8:99::7", 80, TCP_SYN);
+    let out = dp.run(Hook::Egress, 44, &v6).unwrap();
+    assert_ne!(out.packet, v6, "::/0 translates");
+    assert_eq!(dp.counter(Stat::SnatNew), 2);
+    // A peer's connection (b sends it for beta) to a multicast destination: refused.
+    let conn = udp("10.50.0.12", "224.0.0.251", 5353);
+    let before = dp.counter(Stat::PeerPolicy);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(8), &conn),
+        )
+        .unwrap();
+    assert_eq!(
+        out.verdict, TC_ACT_SHOT,
+        "peer's multicast connection dropped"
+    );
+    assert_eq!(dp.counter(Stat::PeerPolicy), before + 1);
+    // ... while its unicast one passes the policy (and, this test net having no route there,
+    // stops at the route).
+    let conn = udp("10.50.0.12", "198.51.100.7", 5353);
+    let frame = packet::gre_frame(B, A, conn_key(8), &conn);
+    assert_eq!(
+        dp.run(Hook::Ingress, 0, &frame).unwrap().verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        dp.counter(Stat::PeerPolicy),
+        before + 1,
+        "unicast: policy passed"
+    );
+    assert_eq!(dp.counter(Stat::NoRoute), 1, "unicast: no route");
+}
