@@ -86,6 +86,33 @@ pub fn pool_for_mark(mark: u32, mut lookup: impl FnMut(u32) -> Option<u32>) -> O
     }
 }
 
+/// Whether a policy may cover destination `dst` (an IPv4 address in its first 4 bytes) at
+/// all: never the unspecified, loopback, link-local, multicast or broadcast ranges (IPv4 0/8,
+/// 127/8, 169.254/16, 224/3; IPv6 ::/8, fe80::/10, ff00::/8), so that a catch-all policy
+/// (`0.0.0.0/0`, `::/0`) never translates the host's own neighbour discovery, IGMP or DHCP.
+/// Asked before every policy lookup, by the programs and `explain` alike.
+#[inline(always)]
+pub fn coverable(family: u8, dst: &[u8; 16]) -> bool {
+    let (a, b) = (dst[0], dst[1]);
+    if family == crate::action::FAMILY_V4 {
+        !(a == 0 || a == 127 || a >= 224 || (a == 169 && b == 254))
+    } else {
+        !(a == 0 || a == 0xff || (a == 0xfe && b & 0xc0 == 0x80))
+    }
+}
+
+/// An address as the programs hold it: its family, and 16 bytes (IPv4 in the first 4).
+pub fn family_and_bytes(a: core::net::IpAddr) -> (u8, [u8; 16]) {
+    match a {
+        core::net::IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            (crate::action::FAMILY_V4, b)
+        }
+        core::net::IpAddr::V6(v6) => (crate::action::FAMILY_V6, v6.octets()),
+    }
+}
+
 /// Value of both policy tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -58,24 +58,10 @@ pub fn generation() -> u8 {
 /// first, then mark 0).
 #[inline(always)]
 pub fn pool_for(ip: &Ip, mark: u32, g: u8) -> Option<u32> {
-    if !coverable(ip.family, &ip.dst) {
+    if !egress_common::policy::coverable(ip.family, &ip.dst) {
         return None;
     }
     pool_for_mark(mark, |m| lookup(ip, m, g))
-}
-
-/// Whether a policy may cover destination `dst` at all: never the unspecified, loopback,
-/// link-local, multicast or broadcast ranges (IPv4 0/8, 127/8, 169.254/16, 224/3; IPv6 ::/8,
-/// fe80::/10, ff00::/8), so that a catch-all policy (`0.0.0.0/0`, `::/0`) never translates the
-/// host's own neighbour discovery, IGMP or DHCP. Two byte compares.
-#[inline(always)]
-pub fn coverable(family: u8, dst: &[u8; 16]) -> bool {
-    let (a, b) = (dst[0], dst[1]);
-    if family == FAMILY_V4 {
-        !(a == 0 || a == 127 || a >= 224 || (a == 169 && b == 254))
-    } else {
-        !(a == 0 || a == 0xff || (a == 0xfe && b & 0xc0 == 0x80))
-    }
 }
 
 #[inline(always)]
@@ -104,7 +90,7 @@ pub fn action_for(pool: u32, family: u8, g: u8) -> Option<&'static Action> {
 /// have its connections translated here towards those.
 #[inline(always)]
 pub fn peer_allowed(pool: u32, dst: &[u8; 16], g: u8) -> bool {
-    if !coverable(FAMILY_V4, dst) {
+    if !egress_common::policy::coverable(FAMILY_V4, dst) {
         return false;
     }
     let key = Key::new(

@@ -45,10 +45,14 @@ fn lookup(rules: &[Rule], dst: IpAddr, mark: u32) -> Option<&Rule> {
 pub fn explain(t: &Topology, server: &str, dst: IpAddr, mark: u32) -> Explanation {
     // The programs' rule (egress_common::policy::pool_for_mark), over the config's rules.
     let mut found = None;
-    egress_common::policy::pool_for_mark(mark, |m| {
-        found = lookup(t.rules(), dst, m);
-        found.map(|_| m)
-    });
+    let (family, bytes) = egress_common::policy::family_and_bytes(dst);
+    let coverable = egress_common::policy::coverable(family, &bytes);
+    if coverable {
+        egress_common::policy::pool_for_mark(mark, |m| {
+            found = lookup(t.rules(), dst, m);
+            found.map(|_| m)
+        });
+    }
     let direct = found.filter(|r| r.mark == mark);
     let rule = found;
     let Some(rule) = rule else {
@@ -58,10 +62,16 @@ pub fn explain(t: &Topology, server: &str, dst: IpAddr, mark: u32) -> Explanatio
             mark,
             matched: None,
             entry: None,
-            why: format!(
-                "no policy covers {dst} (mark {mark}{}): sent unchanged from {server}'s own address",
-                if mark != 0 { " or 0" } else { "" }
-            ),
+            why: if coverable {
+                format!(
+                    "no policy covers {dst} (mark {mark}{}): sent unchanged from {server}'s own address",
+                    if mark != 0 { " or 0" } else { "" }
+                )
+            } else {
+                format!(
+                    "no policy covers {dst}: unspecified, loopback, link-local, multicast and broadcast destinations are never translated; sent unchanged from {server}'s own address"
+                )
+            },
         };
     };
     let family = if dst.is_ipv4() {
@@ -263,5 +273,53 @@ mod tests {
             longest.matched.unwrap().destination.to_string(),
             "203.0.113.128/25"
         );
+    }
+
+    #[test]
+    fn a_catch_all_never_covers_link_local_multicast_or_broadcast() {
+        let extra = "\n[[policies]]\npool = \"beta\"\nmark = 9\ndestinations = [\"0.0.0.0/0\"]\n";
+        let t = validate(
+            &Config::parse(&format!("{}{extra}", crate::config::DEFAULT_CONFIG), "t").unwrap(),
+        )
+        .unwrap();
+        let e = explain(&t, "fra-a-1", "198.51.100.1".parse().unwrap(), 9);
+        assert_eq!(
+            e.matched.unwrap().pool,
+            "beta",
+            "the catch-all covers unicast"
+        );
+        for dst in [
+            "224.0.0.251",
+            "255.255.255.255",
+            "169.254.1.1",
+            "ff02::1",
+            "fe80::1",
+        ] {
+            let e = explain(&t, "fra-a-1", dst.parse().unwrap(), 9);
+            assert!(e.matched.is_none(), "{dst}: {e:?}");
+            assert!(e.why.contains("never translated"), "{dst}: {}", e.why);
+        }
+        for (dst, want) in [
+            ("0.0.0.1", false),
+            ("1.0.0.0", true),
+            ("126.255.255.255", true),
+            ("127.0.0.1", false),
+            ("169.253.0.1", true),
+            ("169.254.0.1", false),
+            ("169.255.0.1", true),
+            ("223.255.255.255", true),
+            ("224.0.0.0", false),
+            ("::1", false),
+            ("100::1", true),
+            ("fe7f::1", true),
+            ("fe80::1", false),
+            ("febf::1", false),
+            ("fec0::1", true),
+            ("feff::1", true),
+            ("ff00::1", false),
+        ] {
+            let (f, b) = egress_common::policy::family_and_bytes(dst.parse().unwrap());
+            assert_eq!(egress_common::policy::coverable(f, &b), want, "{dst}");
+        }
     }
 }

@@ -267,14 +267,7 @@ pub struct MapContents {
 }
 
 fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v4.octets());
-            b
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
+    egress_common::policy::family_and_bytes(a).1
 }
 
 /// The map encoding of one plan entry.

@@ -168,20 +168,17 @@ impl<'a> Pinned<'a> {
     /// Whether the pass filter passes `dst` at once.
     fn passed_early(&self, dst: IpAddr) -> anyhow::Result<bool> {
         let array = aya::maps::Array::try_from(Map::Array(self.map(map_names::PASS_FILTER)?))?;
-        let (family, addr) = match dst {
-            IpAddr::V4(a) => {
-                let mut d = [0u8; 16];
-                d[..4].copy_from_slice(&a.octets());
-                (FAMILY_V4, d)
-            }
-            IpAddr::V6(a) => (FAMILY_V6, a.octets()),
-        };
+        let (family, addr) = egress_common::policy::family_and_bytes(dst);
         Ok(crate::filter::PassFilter::new(array).passes(family, &addr)?)
     }
 
     /// The pool of `dst` for `mark` by the programs' rule (the mark's policy, else mark 0's),
     /// and what the mark's own lookup found. A failed read is an error, not a miss.
     fn pool(&self, dst: IpAddr, mark: u32) -> anyhow::Result<(Option<u32>, Option<u32>)> {
+        let (family, addr) = egress_common::policy::family_and_bytes(dst);
+        if !egress_common::policy::coverable(family, &addr) {
+            return Ok((None, None));
+        }
         let (mut failed, mut direct) = (None, None);
         let pool = egress_common::policy::pool_for_mark(mark, |m| {
             let found = self.policy(dst, m).unwrap_or_else(|e| {
