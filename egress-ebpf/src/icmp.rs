@@ -66,7 +66,8 @@ pub fn quoted(ctx: &TcContext, ip: &Ip) -> Option<Quoted> {
         parse::ipv6(ctx, off)
     }
     .ok()?;
-    if q.frag != FRAG_NONE {
+    // The quote ends where the error's IP length says; what follows is padding, not quote.
+    if q.frag != FRAG_NONE || q.l4_off + 8 > ip.end {
         return None;
     }
     let h: [u8; 8] = read(ctx, q.l4_off).ok()?;
@@ -139,8 +140,9 @@ pub fn translate(
     match q.ip.proto {
         IPPROTO_TCP => {
             l4.addr(v4, &q.ip.src, addr);
-            // Only when the quote is long enough to hold it (routers quote at least 8 bytes).
-            if read::<u16>(ctx, q.ip.l4_off + 16).is_ok() {
+            // Only when the quote (within the error's IP length: not padding) holds it;
+            // routers quote at least 8 bytes.
+            if q.ip.l4_off + 18 <= ip.end {
                 update16(ctx, q.ip.l4_off + 16, &mut icmp, |c| l4.apply(c))?;
             }
         }

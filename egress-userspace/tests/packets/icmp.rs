@@ -175,3 +175,53 @@ fn icmp_errors_are_translated_back() {
     assert_eq!(dp.counter(Stat::ForwardedReply), before + 1);
     assert_eq!(&out.packet[14..], &err[14..], "decapsulated, unchanged");
 }
+
+/// The quote ends where the error's IP length says: bytes after it (Ethernet padding, or junk
+/// a sender appends) are neither read as quote nor rewritten, and the error's checksum stays
+/// right.
+#[test]
+fn an_icmp_errors_quote_ends_with_its_ip_length_not_the_frame() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let router4 = ip("198.51.100.254");
+    let syn = tcp("10.50.0.11", 5310, "203.0.113.1", 80, TCP_SYN);
+    let sent = dp.run(Hook::Egress, 0, &syn).unwrap().packet;
+    // Padding that continues the quoted packet exactly (so it would pass for quote).
+    let padded = |quote: usize| {
+        let mut f = packet::icmp_error(router4, ip("192.0.2.10"), (11, 0), 0, &sent, quote);
+        let pad = sent[14 + quote..14 + 40].to_vec();
+        f.extend_from_slice(&pad);
+        (f, pad.len())
+    };
+
+    // 8 bytes of TCP quoted, the TCP checksum in the padding: the quote is translated, the
+    // padding left as it was.
+    let (err, pad) = padded(28);
+    let out = dp.run(Hook::Ingress, 0, &err).unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(dp.counter(Stat::IcmpErrorNat), 1, "translated");
+    let end = out.packet.len() - pad;
+    assert_eq!(
+        out.packet[end..],
+        err[err.len() - pad..],
+        "padding untouched"
+    );
+    verify_checksums(&out.packet[..end]).unwrap_or_else(|e| panic!("8 bytes quoted: {e}"));
+    assert_eq!(
+        ip_part(&packet::quoted_frame(&out.packet[..end]), 28),
+        ip_part(&syn, 28),
+        "the quoted header is the socket's"
+    );
+
+    // 4 bytes of TCP quoted, the rest of its first 8 in the padding: not a quote this
+    // datapath reads (at least 8 bytes) — passed untouched.
+    let (err, _) = padded(24);
+    let before = dp.counter(Stat::IngressNoFlow);
+    let out = dp.run(Hook::Ingress, 0, &err).unwrap();
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &err),
+        "short quote: untouched"
+    );
+    assert_eq!(dp.counter(Stat::IngressNoFlow), before + 1);
+    assert_eq!(dp.counter(Stat::IcmpErrorNat), 1, "not translated");
+}
