@@ -233,25 +233,23 @@ impl<'a> Pinned<'a> {
                 .iter()
                 .any(|a| a.shares.iter().any(|sh| sh.server == s.name))
         };
-        Ok(config
-            .servers
-            .iter()
-            .filter(|s| holds(s))
-            .filter_map(|s| {
-                let flags = peers
-                    .get(&AddrKey::new(s.fabric.octets(), self.g), 0)
-                    .ok()?
-                    .flags;
-                (flags != 0).then(|| {
-                    format!(
-                        "{} ({}): {}",
-                        s.name,
-                        s.fabric,
-                        crate::liveness::why::words(flags)
-                    )
-                })
-            })
-            .collect())
+        let mut down = Vec::new();
+        for s in config.servers.iter().filter(|s| holds(s)) {
+            // Absent: this server itself (or not a peer); a failed read is an error, not "up".
+            let key = AddrKey::new(s.fabric.octets(), self.g);
+            let Some(peer) = found(peers.get(&key, 0))? else {
+                continue;
+            };
+            if peer.flags != 0 {
+                down.push(format!(
+                    "{} ({}): {}",
+                    s.name,
+                    s.fabric,
+                    crate::liveness::why::words(peer.flags)
+                ));
+            }
+        }
+        Ok(down)
     }
 }
 
