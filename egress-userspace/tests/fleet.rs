@@ -86,6 +86,18 @@ fn peer_transitions(lab: &Lab, server: &str, peer: &str) -> f64 {
     peer_metric(lab, server, "egress_peer_transitions_total", peer)
 }
 
+/// Waits (10 s at most) until `server` sees `peer` up.
+fn wait_peer_up(lab: &Lab, server: &str, peer: &str) {
+    let t = Instant::now();
+    while peer_up(lab, server, peer) != 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{server} sees {peer} up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Garbage written straight into the topology key by another client than `fleet publish`.
 fn put_garbage(lab: &Lab) {
     let out = lab
@@ -454,14 +466,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     // fra-a-2 may have started before fra-a-1's alive key existed and hold it down for a
     // while after it appeared: its coming back must not fall into the faults below (it did on
     // a loaded CI run, counted as a move while etcd was away).
-    let t = Instant::now();
-    while peer_up(&lab, "fra-a-2", "fra-a-1") != 1.0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "fra-a-2 sees fra-a-1 up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_peer_up(&lab, "fra-a-2", "fra-a-1");
     // A second agent for fra-a-1 on its host (an operator's mistake), while the newest
     // revision is one no agent can apply (so it would wait for a good one, its etcd session
     // up): it exits at once, before it connects to etcd — it writes no status, and takes no
@@ -745,14 +750,7 @@ fn only_the_publisher_publishes_and_each_agent_writes_only_its_own_status() {
     // its alive key is kept for the next agent past its lease, so fra-a-2 goes on forwarding
     // through it (its peers would otherwise reset those connections).
     let moves = |lab: &Lab| peer_transitions(lab, "fra-a-2", "fra-a-1");
-    let t = Instant::now();
-    while peer_up(&lab, "fra-a-2", "fra-a-1") != 1.0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "fra-a-2 sees fra-a-1 up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_peer_up(&lab, "fra-a-2", "fra-a-1");
     let moved = moves(&lab);
     assert!(lab.stop("agent-fra-a-1").unwrap().success());
     let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
