@@ -76,8 +76,13 @@ pub fn quoted(ctx: &TcContext, ip: &Ip) -> Option<Quoted> {
             u16::from_ne_bytes([h[0], h[1]]),
             u16::from_ne_bytes([h[2], h[3]]),
         ),
-        IPPROTO_ICMP if h[0] == ICMP_ECHO => (u16::from_ne_bytes([h[4], h[5]]), 0),
-        IPPROTO_ICMPV6 if h[0] == ICMPV6_ECHO_REQUEST => (u16::from_ne_bytes([h[4], h[5]]), 0),
+        // (The quote is of the error's family: `ipv4` or `ipv6` above.)
+        IPPROTO_ICMP if h[0] == ICMP_ECHO && ip.family == FAMILY_V4 => {
+            (u16::from_ne_bytes([h[4], h[5]]), 0)
+        }
+        IPPROTO_ICMPV6 if h[0] == ICMPV6_ECHO_REQUEST && ip.family != FAMILY_V4 => {
+            (u16::from_ne_bytes([h[4], h[5]]), 0)
+        }
         _ => return None,
     };
     Some(Quoted {

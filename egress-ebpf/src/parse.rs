@@ -400,7 +400,9 @@ pub fn ports<C: Packet>(ctx: &C, ip: &Ip, dir: Dir) -> Result<Ports, PortsError>
                 tcp_flags: 0,
             })
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // ICMP of the packet's own family only (ICMPv6 in IPv4 is no echo: its checksum
+        // rules differ).
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if (ip.proto == IPPROTO_ICMP) == (ip.family == FAMILY_V4) => {
             let (request, reply) = if ip.proto == IPPROTO_ICMP {
                 (8, 0)
             } else {

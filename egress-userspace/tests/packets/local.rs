@@ -341,6 +341,27 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
         },
         b"",
     );
+    // An echo request of the other family's ICMP: IPv4 carrying protocol 58, IPv6 carrying 1.
+    let echo = |src: &str, dst: &str, proto: u8| {
+        let mut p = build(
+            ip(src),
+            ip(dst),
+            L4::Echo {
+                id: 1,
+                seq: 1,
+                request: true,
+            },
+            b"",
+        );
+        let at = if p[14] >> 4 == 4 { 14 + 9 } else { 14 + 6 };
+        p[at] = proto;
+        // The type an echo request has in the protocol it now claims.
+        let l4 = if p[14] >> 4 == 4 { 34 } else { 54 };
+        p[l4] = if proto == 58 { 128 } else { 8 };
+        p
+    };
+    let icmpv6_in_v4 = echo("10.50.0.11", "203.0.113.1", 58);
+    let icmp_in_v6 = echo("fd00:50::b", "2001:db8:beef::1", 1);
     let fixtures = [
         Fixture {
             name: "IPv4 options run past the end (the IP header is cut short)",
@@ -411,6 +432,22 @@ fn malformed_and_untranslatable_packets_are_counted_never_crash() {
             hook: Hook::Egress,
             mark: 0,
             packet: echo_reply_out,
+            want: Want::Dropped,
+            counter: Stat::UnsupportedL4,
+        },
+        Fixture {
+            name: "an ICMPv6 echo request in IPv4 to a policy destination",
+            hook: Hook::Egress,
+            mark: 0,
+            packet: icmpv6_in_v4,
+            want: Want::Dropped,
+            counter: Stat::UnsupportedL4,
+        },
+        Fixture {
+            name: "an ICMP echo request in IPv6 to a policy destination",
+            hook: Hook::Egress,
+            mark: 0,
+            packet: icmp_in_v6,
             want: Want::Dropped,
             counter: Stat::UnsupportedL4,
         },
