@@ -222,10 +222,14 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -
 }
 
 /// A peer's connection translated here and sent out by the ingress program: its source is
-/// already a translated endpoint (the swapped tuple has a reverse entry).
+/// already a translated endpoint (the swapped tuple has a reverse entry of a peer's
+/// connection: a local one's would let a host socket on a pool address speak for it).
 #[inline(always)]
 fn already_translated(ctx: &TcContext, ip: &Ip, p: &Ports) -> bool {
-    if flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE).is_none() {
+    let Some(e) = flow::get(&flow::key_swapped(ip, p), FLOW_REVERSE) else {
+        return false;
+    };
+    if e.tunnel() == [0; 4] {
         return false;
     }
     learn_route(ctx, ip);

@@ -313,6 +313,31 @@ fn a_length_beyond_the_frame_is_malformed_never_translated_or_tunnelled() {
     }
 }
 
+/// A host socket that sends from a translated endpoint of a local connection (a pool address
+/// configured on the host, the very port) is not "already translated": it is a connection of
+/// its own, translated to a port of its own, and cannot speak in the other's name.
+#[test]
+fn a_host_socket_on_a_translated_endpoint_is_not_taken_as_already_translated() {
+    let (_net, mut dp) = datapath_with(1024);
+    let port = open(&mut dp, 9600, true).unwrap();
+    let imposter = tcp("192.0.2.10", port, "203.0.113.1", 80, TCP_ACK);
+    let out = dp.run(Hook::Egress, 0, &imposter).unwrap();
+    assert_eq!(dp.counter(Stat::Ours), 0, "not passed as ours");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let p = parse(&out.packet);
+    assert_eq!(p.src.to_string(), "192.0.2.10");
+    assert_ne!(p.sport, port, "translated to a port of its own");
+    assert_eq!(dp.counter(Stat::SnatNew), 2);
+    // The original connection still gets its replies.
+    let reply = tcp("203.0.113.1", 80, "192.0.2.10", port, TCP_ACK);
+    let back = dp.run(Hook::Ingress, 0, &reply).unwrap();
+    assert_eq!(
+        parse(&back.packet).dport,
+        9600,
+        "the original socket's reply"
+    );
+}
+
 /// Runs `p` on ingress and checks that it was dropped with `stat` and changed no flow entry.
 fn refused(dp: &mut TestDatapath, name: &str, p: &[u8], stat: Stat) {
     let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
