@@ -1091,28 +1091,44 @@ impl Agent {
         self.liveness_retry_at = None;
         // Their translation state died with them: their connections must not hang.
         let Some(dp) = self.dp.as_mut() else { return };
-        for name in died {
-            let Ok(s) = self.topology.config().select_server(Some(&name)) else {
-                continue;
-            };
-            match flows::remove_peer(&mut dp.maps.flows, s.fabric.octets()) {
-                Ok(gone) => {
-                    // Local sockets of forwarded TCP connections are aborted at once (a
-                    // downloading client would otherwise wait on a peer that is gone).
-                    let aborted = gone
-                        .iter()
-                        .filter(|(_, v)| v.kind == egress_common::flow::FLOW_FORWARDED)
-                        .filter(|(k, _)| crate::liveness::abort_socket(k).unwrap_or(false))
-                        .count();
-                    self.peer_resets += gone.len() as u64;
-                    if !gone.is_empty() {
-                        warn!(
-                            "{name} died: removed {} connections through it; {aborted} local sockets aborted (ECONNABORTED), the others' next packet starts anew",
-                            gone.len()
-                        );
-                    }
-                }
-                Err(e) => warn!("removing the connections through {name}: {e}"),
+        let dead: Vec<(String, [u8; 4])> = died
+            .into_iter()
+            .filter_map(|name| {
+                let fabric = self
+                    .topology
+                    .config()
+                    .select_server(Some(&name))
+                    .ok()?
+                    .fabric;
+                Some((name, fabric.octets()))
+            })
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let fabrics: Vec<[u8; 4]> = dead.iter().map(|(_, f)| *f).collect();
+        let gone = match flows::remove_peers(&mut dp.maps.flows, &fabrics) {
+            Ok(g) => g,
+            Err(e) => {
+                let names: Vec<&str> = dead.iter().map(|(n, _)| n.as_str()).collect();
+                warn!("removing the connections through {}: {e}", names.join(", "));
+                return;
+            }
+        };
+        for ((name, _), gone) in dead.iter().zip(gone) {
+            // Local sockets of forwarded TCP connections are aborted at once (a downloading
+            // client would otherwise wait on a peer that is gone).
+            let aborted = gone
+                .iter()
+                .filter(|(_, v)| v.kind == egress_common::flow::FLOW_FORWARDED)
+                .filter(|(k, _)| crate::liveness::abort_socket(k).unwrap_or(false))
+                .count();
+            self.peer_resets += gone.len() as u64;
+            if !gone.is_empty() {
+                warn!(
+                    "{name} died: removed {} connections through it; {aborted} local sockets aborted (ECONNABORTED), the others' next packet starts anew",
+                    gone.len()
+                );
             }
         }
     }

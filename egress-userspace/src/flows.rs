@@ -474,23 +474,24 @@ pub fn moved(flows: &HashMap<MapData, FlowKey, FlowValue>, k: &FlowKey, was: &Fl
         .map_or(true, |now| now.last_seen_ns != was.last_seen_ns)
 }
 
-/// Removes every entry of connections through `peer` (forwarded to it, or its own connections
-/// translated here): their translation state died with it. Returns the connections (their
-/// socket-side entries) that went.
-pub fn remove_peer(
+/// Removes every entry of connections through any of `peers` (forwarded to one, or its own
+/// connections translated here): their translation state died with it. One pass over the
+/// table whatever the number of peers (a data center going down at once). Returns, per peer,
+/// the connections (their socket-side entries) that went.
+pub fn remove_peers(
     flows: &mut HashMap<MapData, FlowKey, FlowValue>,
-    peer: [u8; 4],
-) -> Result<Vec<(FlowKey, FlowValue)>, MapError> {
-    let doomed: Vec<(FlowKey, FlowValue)> = flows
+    peers: &[[u8; 4]],
+) -> Result<Vec<Vec<(FlowKey, FlowValue)>>, MapError> {
+    let doomed: Vec<(usize, FlowKey, FlowValue)> = flows
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, v)| v.tunnel == peer)
+        .filter_map(|(k, v)| Some((peers.iter().position(|p| *p == v.tunnel)?, k, v)))
         .collect();
-    let mut removed = Vec::new();
-    for (k, v) in doomed {
+    let mut removed = vec![Vec::new(); peers.len()];
+    for (i, k, v) in doomed {
         // Gone already (its other direction's removal, or the collector) is fine.
         if flows.remove(&k).is_ok() && v.kind != FLOW_REVERSE {
-            removed.push((k, v));
+            removed[i].push((k, v));
         }
     }
     Ok(removed)
