@@ -506,6 +506,7 @@ impl Agent {
             &server.uplink,
             agent.peer_budget,
         )?)?;
+        agent.inherit_down();
         let diff = agent.write_plan()?;
         agent.generation = 1;
         info!(
@@ -527,6 +528,43 @@ impl Agent {
         dp.xdp = dp.xdp_in_front(opts.xdp, &pin_dir);
         dp.hold_links(&pin_dir);
         Ok((agent, Some(mode), listener))
+    }
+
+    /// The peers the previous agent left down (the adopted `PEERS` flags): the first plan
+    /// goes around them, and the prober keeps them down until they answer — not a grace
+    /// period of new connections sent into a dead peer's tunnel after every restart.
+    fn inherit_down(&mut self) {
+        let Some(dp) = self.dp.as_mut() else { return };
+        let peers = match dp.maps.plan.in_force() {
+            Ok(m) => m.peers,
+            Err(e) => {
+                warn!("reading the previous agent's PEERS: {e}; every peer starts up");
+                return;
+            }
+        };
+        let down: BTreeMap<String, u32> = self
+            .topology
+            .config()
+            .servers
+            .iter()
+            .filter(|s| s.name != self.server)
+            .filter_map(|s| {
+                let p = peers.get(&egress_common::fabric::AddrKey::new(s.fabric.octets(), 0))?;
+                (p.flags != 0).then(|| (s.name.clone(), p.flags))
+            })
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        info!(
+            "down when the previous agent stopped, kept down until they answer: {}",
+            down.iter()
+                .map(|(n, f)| format!("{n} ({})", crate::liveness::why::words(*f)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.down = down;
+        self.plan = plan::plan_with(&self.topology, &self.server, &self.down);
     }
 
     /// The agent of `server` with the plan of `topology` computed, nothing loaded yet.
@@ -953,6 +991,18 @@ impl Agent {
         ));
         self.liveness = Some(shared.clone());
         self.watch_peers();
+        let inherited: std::collections::BTreeSet<Ipv4Addr> = self
+            .topology
+            .config()
+            .servers
+            .iter()
+            .filter(|s| self.down.contains_key(&s.name))
+            .map(|s| s.fabric)
+            .collect();
+        shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .inherit_down(&inherited, std::time::Instant::now());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         crate::liveness::spawn(prober, shared, tx, renewals)?;
         Ok(Some(rx))

@@ -169,6 +169,19 @@ impl Liveness {
         }
     }
 
+    /// Peers a previous agent left down (its `PEERS` flags, adopted with the maps): they stay
+    /// down as if their probes had gone unanswered all along, and come up at their first
+    /// answer. Without this a restarted agent would send new connections to a dead peer for
+    /// its first grace period.
+    pub fn inherit_down(&mut self, down: &BTreeSet<Ipv4Addr>, now: Instant) {
+        for (_, p) in self.peers.iter_mut().filter(|(a, _)| down.contains(a)) {
+            p.down = true;
+            p.proven = false;
+            p.unanswered = MISSES + 1;
+            p.watched_since = now.checked_sub(GRACE).unwrap_or(p.watched_since);
+        }
+    }
+
     /// A probe round: one more unanswered probe for each peer.
     pub fn sent(&mut self) {
         for p in self.peers.values_mut() {
@@ -857,6 +870,35 @@ mod tests {
         l.reply(a, Duration::from_micros(80), false);
         assert_eq!(l.evaluate(t0 + GRACE + PROBE_INTERVAL), vec![a]);
         assert!(!l.peers[&a].down, "no hold-down for a first answer");
+    }
+
+    #[test]
+    fn a_peer_inherited_down_stays_down_until_it_answers() {
+        // The previous agent left it down: no grace, no switch at the first evaluation.
+        let (mut l, a) = one();
+        let t0 = Instant::now();
+        l.inherit_down(&[a].into(), t0);
+        assert!(l.peers[&a].down);
+        assert_eq!(
+            l.down()[&l.peers[&a].name],
+            why::PROBES,
+            "down for its probes"
+        );
+        for i in 1..5u32 {
+            l.sent();
+            assert!(
+                l.evaluate(t0 + PROBE_INTERVAL * i).is_empty(),
+                "round {i}: still down"
+            );
+        }
+        // An inherited peer not among the watched ones is ignored.
+        l.inherit_down(&[Ipv4Addr::new(192, 0, 2, 1)].into(), t0);
+        assert_eq!(l.peers.len(), 1);
+        // Its first answer brings it up (as a peer never seen answering).
+        l.sent();
+        l.reply(a, Duration::from_micros(80), false);
+        assert_eq!(l.evaluate(t0 + PROBE_INTERVAL * 6), vec![a]);
+        assert!(!l.peers[&a].down);
     }
 
     #[test]

@@ -1101,3 +1101,50 @@ fn wait_for(ok: impl Fn() -> bool, what: &str) {
     }
     panic!("not within 10 s: {what}");
 }
+
+/// A restarted agent keeps the peers its predecessor left down (the adopted `PEERS` flags)
+/// until they answer: its first plan already goes around them, instead of sending new
+/// connections into a dead peer's tunnel for a grace period after every restart.
+#[test]
+fn a_restarted_agent_keeps_down_the_peers_its_predecessor_saw_down() {
+    let mut lab = common::lab_with_agents(&["fra-a-1"]);
+    // ams-a-1 runs no agent here: its fabric probes go unanswered.
+    lab.wait_for_log(
+        "agent-fra-a-1",
+        0,
+        &["reload (liveness: down ams-a-1"],
+        std::time::Duration::from_secs(15),
+    )
+    .unwrap();
+    lab.kill_agent("fra-a-1").unwrap();
+    let from = lab.log_len("agent-fra-a-1");
+    lab.start_agent("fra-a-1").unwrap();
+    let line = lab
+        .wait_for_log(
+            "agent-fra-a-1",
+            from,
+            &["kept down until they answer"],
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(
+        line.contains("ams-a-1 (fabric probes unanswered)"),
+        "{line}"
+    );
+    let metrics = common::metrics(&lab, "fra-a-1");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("egress_peer_up{server=\"ams-a-1\"") && l.ends_with(" 0")),
+        "down from the start: {metrics}"
+    );
+    // Past the grace period and the misses a fresh watch would need: no switch at all.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert!(
+        !log[from..].contains("reload (liveness:"),
+        "no liveness switch after the restart: {}",
+        &log[from..]
+    );
+    common::check_curl(&lab, "fra-a-1", lab::ORIGIN_V4.into(), VIA_FRA_A_1);
+}
