@@ -88,7 +88,7 @@ pub fn pool_for_mark(mark: u32, mut lookup: impl FnMut(u32) -> Option<u32>) -> O
 
 /// Whether a policy may cover destination `dst` (an IPv4 address in its first 4 bytes) at
 /// all: never the unspecified, loopback, link-local, multicast or broadcast ranges (IPv4 0/8,
-/// 127/8, 169.254/16, 224/3; IPv6 ::/8, fe80::/10, ff00::/8), so that a catch-all policy
+/// 127/8, 169.254/16, 224/3; IPv6 ::/16, fe80::/10, ff00::/8), so that a catch-all policy
 /// (`0.0.0.0/0`, `::/0`) never translates the host's own neighbour discovery, IGMP or DHCP.
 /// Asked before every policy lookup, by the programs and `explain` alike.
 #[inline(always)]
@@ -97,7 +97,8 @@ pub fn coverable(family: u8, dst: &[u8; 16]) -> bool {
     if family == crate::action::FAMILY_V4 {
         !(a == 0 || a == 127 || a >= 224 || (a == 169 && b == 254))
     } else {
-        !(a == 0 || a == 0xff || (a == 0xfe && b & 0xc0 == 0x80))
+        // ::/16, not ::/8: NAT64's 64:ff9b::/96 and 64:ff9b:1::/48 begin with byte 0.
+        !((a == 0 && b == 0) || a == 0xff || (a == 0xfe && b & 0xc0 == 0x80))
     }
 }
 

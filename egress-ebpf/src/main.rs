@@ -209,7 +209,10 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -
             flow::retire(&key, &before);
         }
     }
-    if policy::pool_for(ip, mark(ctx), policy::generation()).is_none() {
+    // (Neighbour discovery parses as no ports: asked only of packets that do not.)
+    if (parsed.is_err() && parse::neighbour_discovery(ctx, ip))
+        || policy::pool_for(ip, mark(ctx), policy::generation()).is_none()
+    {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     }
     if let Ok(p) = parsed

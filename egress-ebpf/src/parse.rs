@@ -380,6 +380,18 @@ fn l4_header<T: Copy>(ctx: &impl Packet, ip: &Ip) -> Result<T, PortsError> {
     read(ctx, ip.l4_off).map_err(|_| PortsError::Truncated)
 }
 
+/// Whether `ip` is an ICMPv6 neighbour discovery message (types 133–137: router and neighbour
+/// solicitation and advertisement, redirect): link-scoped, never a policy's, whatever its
+/// destination.
+#[inline(always)]
+pub fn neighbour_discovery<C: Packet>(ctx: &C, ip: &Ip) -> bool {
+    if ip.family != FAMILY_V6 || ip.proto != IPPROTO_ICMPV6 || ip.l4_off >= ip.end {
+        return false;
+    }
+    ctx.load_helper::<u8>(ip.l4_off)
+        .is_ok_and(|t| (133..=137).contains(&t))
+}
+
 /// Parses the transport header of a whole packet or a first fragment.
 #[inline(always)]
 pub fn ports<C: Packet>(ctx: &C, ip: &Ip, dir: Dir) -> Result<Ports, PortsError> {

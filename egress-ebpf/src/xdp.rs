@@ -65,8 +65,9 @@ pub fn xdp_empty(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn receive(ctx: &XdpContext) -> Option<Done> {
     let ip = parse::ip(ctx).ok()?;
-    // Tagged frames, fragments, a packet longer by its header than the frame (TC sends what
-    // there is), anything but TCP/UDP (ICMP echo and errors): TC's.
+    // Tagged frames, fragments, anything but TCP/UDP (ICMP echo and errors): TC's. (A packet
+    // longer by its header than the frame is refused by `parse::ip` already; the last test
+    // restates it where the rewrites below rely on it.)
     if ip.l3_off != ETH_LEN || ip.frag != parse::FRAG_NONE || ctx.data() + ip.end > ctx.data_end() {
         return None;
     }

@@ -937,6 +937,17 @@ destinations = [\"::/0\"]
     );
     let (_net, mut dp) = datapath(&topology);
     let udp = |src: &str, dst: &str, dport| udp_datagram(src, 5353, dst, dport, 32);
+    // ICMPv6 neighbour discovery (link-scoped) of `kind` to a unicast destination.
+    let nd = |kind: u8, dst: &str| {
+        build(
+            ip("fd00:50::b"),
+            ip(dst),
+            L4::Raw { proto: 58 },
+            &[
+                kind, 0, 0, 0, 0, 0, 0, 0, 0xfd, 0, 0, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0c,
+            ],
+        )
+    };
     let never = [
         (
             43,
@@ -985,6 +996,21 @@ destinations = [\"::/0\"]
             tcp("fd00:50::b", 5000, "::1", 80, TCP_SYN),
             "IPv6 loopback",
         ),
+        (
+            44,
+            nd(135, "fd00:50::c"),
+            "neighbour solicitation to a unicast address",
+        ),
+        (
+            44,
+            nd(136, "fd00:50::c"),
+            "neighbour advertisement to a unicast address",
+        ),
+        (
+            44,
+            nd(133, "fd00:50::1"),
+            "router solicitation to a unicast address",
+        ),
     ];
     for (mark, p, name) in &never {
         let before = dp.counter(Stat::EgressNoPolicy);
@@ -1012,7 +1038,28 @@ destinations = [\"::/0\"]
     let v6 = tcp("fd00:50::b", 5001, "2001:db8:99::7", 80, TCP_SYN);
     let out = dp.run(Hook::Egress, 44, &v6).unwrap();
     assert_ne!(out.packet, v6, "::/0 translates");
-    assert_eq!(dp.counter(Stat::SnatNew), 2);
+    // NAT64's prefix begins with byte 0 but is an ordinary (coverable) destination.
+    let nat64 = tcp("fd00:50::b", 5002, "64:ff9b::c633:6407", 80, TCP_SYN);
+    let out = dp.run(Hook::Egress, 44, &nat64).unwrap();
+    assert_ne!(out.packet, nat64, "::/0 translates to NAT64's prefix");
+    // Any other ICMPv6 under the catch-all is untranslatable, as ever.
+    let other = build(
+        ip("fd00:50::b"),
+        ip("fd00:50::c"),
+        L4::Raw { proto: 58 },
+        &[138, 0, 0, 0, 0, 0, 0, 0],
+    );
+    let before = dp.counter(Stat::UnsupportedL4);
+    assert_eq!(
+        dp.run(Hook::Egress, 44, &other).unwrap().verdict,
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        dp.counter(Stat::UnsupportedL4),
+        before + 1,
+        "type 138: not neighbour discovery"
+    );
+    assert_eq!(dp.counter(Stat::SnatNew), 3);
     // A peer's connection (b sends it for beta) to a multicast destination: refused.
     let conn = udp("10.50.0.12", "224.0.0.251", 5353);
     let before = dp.counter(Stat::PeerPolicy);
