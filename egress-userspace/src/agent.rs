@@ -550,7 +550,12 @@ impl Agent {
             .filter(|s| s.name != self.server)
             .filter_map(|s| {
                 let p = peers.get(&egress_common::fabric::AddrKey::new(s.fabric.octets(), 0))?;
-                (p.flags != 0).then(|| (s.name.clone(), p.flags))
+                // Lost (not merely holding down: one answering comes back at its first
+                // answer anyway, and would only cost two switches).
+                let lost = crate::liveness::why::PROBES
+                    | crate::liveness::why::LEASE
+                    | crate::liveness::why::FENCED;
+                (p.flags & lost != 0).then(|| (s.name.clone(), p.flags))
             })
             .collect();
         if down.is_empty() {

@@ -118,9 +118,9 @@ pub fn prune<K: Ord, V>(
 }
 
 /// A table read once, then answered from a copy that follows the writes made through it. A
-/// plan write reads each table four times (the change, what to prune, what to upsert, what a
-/// failure takes back), and a BPF map's every read costs two syscalls per entry: over a table
-/// of half a million entries, seconds.
+/// plan write reads each table four or five times (the change, what to prune, what to upsert,
+/// then the old generation to remove, or what a failure takes back), and a BPF map's every
+/// read costs two syscalls per entry: over a table of half a million entries, seconds.
 pub struct ReadOnce<'a, T, K, V> {
     table: &'a mut T,
     copy: BTreeMap<K, V>,
