@@ -12,8 +12,11 @@
 //! set (the programs' map and the model's `World` alike); all are put back after the case.
 //!
 //! Coverage floor (default mode: all cases, at least the default number): the model may be
-//! silent on at most `MAX_SILENT_PERCENT` of the steps, and every rule family (`families`)
-//! needs `FAMILY_FLOOR` agreeing steps; the per-family counts are printed.
+//! silent on at most `MAX_SILENT_PERCENT` of the steps, and every rule family (`families`, and
+//! the facts the model notes of its decisions: `Outcome::notes`, e.g. an address held whole
+//! whose SYN was clamped, a destination no policy covers under a catch-all, an ICMP error with
+//! padding past its IP length) needs `FAMILY_FLOOR` agreeing steps; the per-family counts are
+//! printed.
 //!
 //! Environment:
 //! - `EGRESS_DIFF_SEED` (decimal or 0x-hex), `EGRESS_DIFF_CASES`: seed and number of cases;
@@ -202,6 +205,14 @@ fn families(
         (
             tags == Tags::NotIp && counter.ends_with("_not_ip"),
             "VLAN: an odd TPID (untagged or after a tag), not IP",
+        ),
+        (
+            rule == "egress 1: IP length beyond the frame",
+            "IP length beyond the frame: dropped on egress (egress_malformed)",
+        ),
+        (
+            rule == "ingress 1: IP length beyond the frame",
+            "IP length beyond the frame: passed on ingress (ingress_malformed)",
         ),
     ] {
         if yes {
@@ -632,6 +643,21 @@ fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, Strin
             }
             bad.push(("bytes", d));
         }
+        // An ICMP error's padding (past its IP length) is never rewritten: kept, it is kept
+        // as it came.
+        if let Some(padding) = &m.padding_kept
+            && real.packet.len() > m.packet.len()
+            && real.packet[m.packet.len()..] != padding[..]
+        {
+            bad.push((
+                "bytes",
+                format!(
+                    "the padding past the IP length was {}, left as {}",
+                    hex(padding),
+                    hex(&real.packet[m.packet.len()..])
+                ),
+            ));
+        }
     }
     if m.flows_unspecified.is_none() && table(&m.flows) != table(&real.flows) {
         bad.push((
@@ -749,10 +775,23 @@ fn invariants(
                 .iter()
                 .any(|(pm, net, _)| *pm == m && net.contains(&dst))
         };
-        let policy = match hook {
-            Hook::Egress => covered(mark) || covered(0),
-            Hook::Ingress => topo.policies.iter().any(|(_, net, _)| net.contains(&dst)),
-        };
+        // No policy ever covers link-local, multicast, broadcast, loopback or unspecified
+        // destinations, whatever its prefixes say, nor ICMPv6 neighbour discovery to any
+        // destination (egress rule 4).
+        let nd = proto == 58
+            && check::outer(out).is_some_and(|(_, _, _, at, hl, end)| {
+                end > at + hl && model::ND_TYPES.contains(&out[at + hl])
+            });
+        let never = nd
+            || match dst {
+                std::net::IpAddr::V4(a) => model::never_covered(false, &a.octets()),
+                std::net::IpAddr::V6(a) => model::never_covered(true, &a.octets()),
+            };
+        let policy = !never
+            && match hook {
+                Hook::Egress => covered(mark) || covered(0),
+                Hook::Ingress => topo.policies.iter().any(|(_, net, _)| net.contains(&dst)),
+            };
         if policy && !topo.is_pool_address(src) {
             bad.push(format!(
                 "leaves towards policy destination {dst} from {src}, not a pool address"
@@ -1228,6 +1267,10 @@ fn differential() {
                     for f in families(m.counter, m.rule, tags, rewritten(&packet, m), fenced) {
                         *tally.families.entry(f).or_default() += 1;
                     }
+                    // What the model singles out of its decision (its notes).
+                    for f in &m.notes {
+                        *tally.families.entry(f).or_default() += 1;
+                    }
                     let filtered = match (hook, m.counter) {
                         (Hook::Egress, "egress_no_policy") => Some("egress no policy"),
                         (Hook::Ingress, "ingress_no_flow") => Some("ingress no flow"),
@@ -1405,5 +1448,17 @@ fn families_all() -> Vec<&'static str> {
         "drop_vlan_tunnel: tagged GRE (tunnel rule 1)",
         "VLAN: a third tag, malformed",
         "VLAN: an odd TPID (untagged or after a tag), not IP",
+        "IP length beyond the frame: dropped on egress (egress_malformed)",
+        "IP length beyond the frame: passed on ingress (ingress_malformed)",
+        model::NOTE_NEVER_COVERED_V4,
+        model::NOTE_NEVER_COVERED_V6,
+        model::NOTE_NEVER_COVERED_ND,
+        model::NOTE_NEVER_COVERED_FRAGMENT,
+        model::NOTE_NEVER_COVERED_PEER,
+        model::NOTE_MSS_WHOLE,
+        model::NOTE_MSS_SPLIT,
+        model::NOTE_ICMP_PADDED_SHORT,
+        model::NOTE_ICMP_PADDED_CSUM,
+        model::NOTE_ICMP_PADDED_NAT,
     ]
 }

@@ -919,14 +919,19 @@ impl G<'_> {
         }
     }
 
-    /// An address a catch-all policy covers that the rules treat apart: a remote, a fabric
-    /// address (peer or not), a pool address.
+    /// An address a catch-all policy's prefix holds that the rules treat apart: a remote, a
+    /// fabric address (peer or not), a pool address, one in a range no policy covers (or at
+    /// the edge of one).
     fn catch_all_pick(&mut self, v6: bool) -> IpAddr {
         if v6 {
-            return match self.r.below(3) {
+            return match self.r.below(4) {
                 0 => "2001:db8:100::b".parse().unwrap(),
+                1 => self.never_covered_pick(true),
                 _ => self.remote(true),
             };
+        }
+        if self.r.chance(15) {
+            return self.never_covered_pick(false);
         }
         match self.r.below(10) {
             0..=3 => self.remote(false),
@@ -947,6 +952,90 @@ impl G<'_> {
                 self.r.range(1, 254) as u8,
             ]),
         }
+    }
+
+    /// A destination in a range no policy covers whatever its prefixes say (egress rule 4:
+    /// IPv4 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3; IPv6 ::/16, fe80::/10,
+    /// ff00::/8: the host's own DHCP, IGMP, neighbour discovery), now and then one just
+    /// outside such a range (covered as usual).
+    fn never_covered_pick(&mut self, v6: bool) -> IpAddr {
+        if v6 {
+            if self.r.chance(20) {
+                self.tag("just outside a range no policy covers");
+                let a = *self.r.pick(&[
+                    "fec0::1",
+                    "100::1",
+                    "1::1",
+                    "ff:ffff::1",
+                    "64:ff9b::c633:6401",
+                    "fe7f:ffff::1",
+                    "fe00::1",
+                ]);
+                return a.parse().unwrap();
+            }
+            self.tag("destination no policy covers");
+            let a = *self.r.pick(&[
+                "fe80::1",
+                "fe80::4a:2ff:fe00:1",
+                "febf:ffff::1",
+                "ff02::1",
+                "ff02::1:2",
+                "ff05::1:3",
+                "ff02::16",
+                "::1",
+                "::",
+                "::ffff:203.0.113.1",
+                "::ffff:0:198.51.100.1",
+                "0:ffff::1",
+            ]);
+            return a.parse().unwrap();
+        }
+        if self.r.chance(20) {
+            self.tag("just outside a range no policy covers");
+            let a = *self.r.pick(&[
+                [169u8, 253, 255, 254],
+                [169, 255, 0, 1],
+                [223, 255, 255, 254],
+                [1, 0, 0, 1],
+                [126, 255, 255, 254],
+                [128, 0, 0, 1],
+            ]);
+            return v4(a);
+        }
+        self.tag("destination no policy covers");
+        let x = self.r.next() as u8;
+        let y = self.r.range(1, 254) as u8;
+        v4(*self.r.pick(&[
+            [169u8, 254, x, y],
+            [169, 254, 169, 254],
+            [224, 0, 0, y],
+            [224, 0, 0, 22],
+            [239, 255, 255, 250],
+            [232, x, 1, y],
+            [255, 255, 255, 255],
+            [240, x, 0, y],
+            [127, 0, 0, 1],
+            [127, x, 3, y],
+            [0, 0, 0, 0],
+            [0, x, 0, y],
+        ]))
+    }
+
+    /// A destination no policy covers although a catch-all policy's prefix holds it, with
+    /// the mark that selects that policy (None: no catch-all of the family).
+    fn never_covered_dst(&mut self, v6: bool) -> Option<(IpAddr, u32, u32)> {
+        let all: Vec<_> = self
+            .t
+            .policies
+            .iter()
+            .filter(|(_, n, _)| n.prefix_len() == 0 && n.addr().is_ipv6() == v6)
+            .copied()
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        let (mark, _, pool) = *self.r.pick(&all);
+        Some((self.never_covered_pick(v6), mark, pool))
     }
 
     fn local(&mut self, v6: bool) -> IpAddr {
@@ -1397,6 +1486,9 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         94 | 95 => unreachable!("probes"),
         _ => ingress_misc(&mut g),
     };
+    if g.r.chance(LONG_PERCENT) {
+        ip_length_beyond(&mut g, &mut packet);
+    }
     if g.r.chance(4) && packet.len() < 60 {
         g.tag("ethernet padding");
         packet.resize(60, 0);
@@ -1439,6 +1531,49 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
 }
 
 type Gen = (bool, u32, Vec<u8>);
+
+/// The share of single-packet cases (percent) whose IP length field is made to reach beyond
+/// the frame, whatever the packet (TC rule 1 of either hook: a bad IP header).
+const LONG_PERCENT: u64 = 3;
+
+/// Makes the (untagged) frame's IP length field (IPv4 total length, IPv6 payload length)
+/// reach beyond the frame: the frame cut short of it, or the field raised (the IPv4 header
+/// checksum fixed).
+fn ip_length_beyond(g: &mut G, frame: &mut Vec<u8>) {
+    let v6 = match frame.get(12..14) {
+        Some([0x08, 0x00]) => false,
+        Some([0x86, 0xdd]) => true,
+        _ => return,
+    };
+    let (hl, len_at) = if v6 { (40, 18) } else { (20, 16) };
+    if frame.len() < 14 + hl {
+        return;
+    }
+    let field = usize::from(u16::from_be_bytes([frame[len_at], frame[len_at + 1]]));
+    let end = 14 + field + if v6 { 40 } else { 0 };
+    let k = *g.r.pick(&[1usize, 1, 2, 3, 4, 7, 8, 20]);
+    match g.r.below(4) {
+        0 | 1 if end >= 14 + hl + k && end <= frame.len() => {
+            g.tag(format!("IP length beyond the frame: cut by {k}"));
+            frame.truncate(end - k);
+        }
+        3 => {
+            g.tag("IP length beyond the frame: length 65535");
+            frame[len_at..len_at + 2].copy_from_slice(&[0xff, 0xff]);
+        }
+        _ => {
+            g.tag(format!("IP length beyond the frame: length raised by {k}"));
+            let n = (field + (frame.len() - end.min(frame.len())) + k).min(0xffff) as u16;
+            frame[len_at..len_at + 2].copy_from_slice(&n.to_be_bytes());
+        }
+    }
+    let ihl = usize::from(frame[14] & 0xf) * 4;
+    if !v6 && ihl >= 20 && frame.len() >= 14 + ihl {
+        frame[24..26].copy_from_slice(&[0, 0]);
+        let c = fold(sum(&frame[14..14 + ihl], 0));
+        frame[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+}
 
 /// The share of cases (percent) whose frames carry VLAN tags in their data, drawn last so the
 /// rest of a case is what it would be untagged.
@@ -1509,8 +1644,28 @@ fn tag_sequence(g: &mut G, steps: &mut [Step]) {
 fn egress_new(g: &mut G, v6: bool) -> Gen {
     g.tag(if v6 { "egress new v6" } else { "egress new v4" });
     let src = g.local(v6);
-    let (dst, mark) = g.dst(v6);
+    let picked = if g.r.chance(8) {
+        g.never_covered_dst(v6)
+    } else {
+        None
+    };
+    let (dst, mark) = match picked {
+        Some((d, m, _)) => (d, g.mark_near(m)),
+        None => g.dst(v6),
+    };
     let (sp, dp) = (g.port(), g.port());
+    if !v6
+        && picked.is_none()
+        && g.r.chance(10)
+        && let Some((dst, mark, tp)) = whole_address_syn(g, sp, dp)
+    {
+        let h = g.v4hdr();
+        return (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)));
+    }
+    if v6 && g.r.chance(12) {
+        let (dst, tp) = neighbour_discovery(g, dst);
+        return (false, mark, ip_frame(&ip_tp(src, dst, &V4::default(), &tp)));
+    }
     let tp = g.conn_tp(v6, sp, dp);
     // Ports already taken towards this remote (collisions).
     if g.r.chance(25) {
@@ -1518,6 +1673,94 @@ fn egress_new(g: &mut G, v6: bool) -> Gen {
     }
     let h = g.v4hdr();
     (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+/// An ICMPv6 neighbour discovery message (types 133–137: no policy covers it, to whatever
+/// destination), now and then a type just outside that range (untranslatable under a policy)
+/// or one cut short; to `dst` (a policy's destination, as a rule), a multicast or a
+/// link-local address.
+fn neighbour_discovery(g: &mut G, dst: IpAddr) -> (IpAddr, Tp) {
+    let typ = *g.r.pick(&[133u8, 134, 135, 135, 136, 136, 137, 132, 138]);
+    let dst = match g.r.below(10) {
+        0..=5 => dst,
+        6 => "ff02::1".parse().unwrap(),
+        7 => "ff02::1:ff00:1".parse().unwrap(),
+        8 => "fe80::1".parse().unwrap(),
+        _ => g.remote(true),
+    };
+    if g.r.chance(10) {
+        g.tag(format!("icmp6 type {typ}, cut short"));
+        let n = g.r.range(1, 7) as usize;
+        let mut payload = vec![typ];
+        payload.extend(g.r.bytes(n - 1));
+        return (dst, Tp::Raw { proto: 58, payload });
+    }
+    g.tag(if ND_TYPES.contains(&typ) {
+        format!("icmp6 neighbour discovery type {typ}")
+    } else {
+        format!("icmp6 type {typ}, next to neighbour discovery")
+    });
+    // Reserved (or flags) and a target address, options.
+    let n = *g.r.pick(&[4usize, 20, 28, 36]);
+    let body = g.r.bytes(n - 4);
+    (
+        dst,
+        Tp::Icmp {
+            typ,
+            code: 0,
+            rest: [0; 4],
+            body,
+        },
+    )
+}
+
+/// ICMPv6 neighbour discovery types.
+const ND_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
+
+/// A SYN whose MSS (the first option) is above the tunnel MSS, to a destination of a *snat*
+/// pool with an IPv4 address `OWNERS` holds whole (one share): clamped when translated to it
+/// as to an address split between shares (the programs' hash picks the target). With the mark
+/// that selects the pool's policy; None when no such pool has a policy.
+fn whole_address_syn(g: &mut G, sp: u16, dp: u16) -> Option<(IpAddr, u32, Tp)> {
+    let whole = |a: [u8; 4]| g.t.owners.iter().any(|(o, own)| *o == a && own.count == 1);
+    let pools: Vec<u32> =
+        g.t.pools_with(ActionKind::Snat, FAMILY_V4)
+            .into_iter()
+            .filter(|(_, a)| {
+                a.snat[..usize::from(a.snat_count).min(a.snat.len())]
+                    .iter()
+                    .any(|t| whole(t.addr[..4].try_into().unwrap()))
+            })
+            .map(|(p, _)| p)
+            .collect();
+    if pools.is_empty() {
+        return None;
+    }
+    let pool = *g.r.pick(&pools);
+    let (dst, mark) = g.dst_of_pool(pool, false)?;
+    let mss = *g.r.pick(&[1433u16, 1460, 8960, 65495]);
+    let [h, l] = mss.to_be_bytes();
+    let flags = *g.r.pick(&[TCP_SYN, TCP_SYN, TCP_SYN | 0xc0]);
+    g.tag(format!(
+        "tcp {} MSS {mss} to a pool with an address held whole",
+        flag_name(flags)
+    ));
+    let opts = if g.r.chance(50) {
+        vec![2, 4, h, l]
+    } else {
+        vec![2, 4, h, l, 4, 2, 1, 3, 3, 7]
+    };
+    Some((
+        dst,
+        mark,
+        Tp::Tcp {
+            sport: sp,
+            dport: dp,
+            flags,
+            opts,
+            payload: vec![],
+        },
+    ))
 }
 
 /// Reverse entries occupying ports of the SNAT targets towards the packet's remote.
@@ -1972,7 +2215,15 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             });
             let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
             let pools = g.t.pools_with(kind, fam);
-            let (dst, mark) = if pools.is_empty() {
+            let never = if g.r.chance(40) {
+                g.never_covered_dst(v6)
+            } else {
+                None
+            };
+            let (dst, mark) = if let Some((d, m, _)) = never {
+                // Its later fragments ask the policy too (*Fragments* rule 3).
+                (d, m)
+            } else if pools.is_empty() {
                 g.dst(v6)
             } else {
                 let (pool, _) = *g.r.pick(&pools);
@@ -2676,14 +2927,20 @@ fn quoted(g: &mut G, from: IpAddr, port: u16, to: IpAddr) -> (Vec<u8>, FlowKey) 
 }
 
 /// An ICMP error about `q` (IP bytes), sent by `router` to `to`.
-fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> Vec<u8> {
+///
+/// The second value: bytes to put after the error's IP packet in the frame (padding past its
+/// IP length: never read as quote, never rewritten), mostly none; now and then the rest of the
+/// quote the error's IP length leaves out (what a quote bounded by the frame would read), or
+/// other bytes.
+fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let v6 = router.is_ipv6();
     let hl = if v6 {
         40
     } else {
         (usize::from(q[0] & 0xf)) * 4
     };
-    let n = match g.r.below(6) {
+    let mut padded = false;
+    let n = match g.r.below(9) {
         0 => {
             g.tag("quote: header + 8");
             hl + 8
@@ -2692,12 +2949,30 @@ fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> Vec<u8> {
             g.tag("quote: header + 4");
             hl + 4
         }
+        2..=4 => {
+            // Fewer than 8 transport bytes (no quote), 8 and a TCP checksum left out (at 16),
+            // half of it in, all of it.
+            let k =
+                *g.r.pick(&[0usize, 4, 7, 8, 8, 12, 16, 16, 17, 18, 20, 1000]);
+            padded = true;
+            g.tag(format!("padded: quote header + {k} within the IP length"));
+            hl + k
+        }
         _ => {
             g.tag("quote: whole");
             q.len()
         }
     }
     .min(q.len());
+    let mut padding = Vec::new();
+    if padded {
+        padding.extend_from_slice(&q[n..]);
+        if padding.is_empty() || g.r.chance(25) {
+            let extra = g.r.range(1, 12) as usize;
+            let zero = g.r.chance(50);
+            padding.extend((0..extra).map(|_| if zero { 0 } else { g.r.next() as u8 }));
+        }
+    }
     let (typ, code, rest) = if v6 {
         match g.r.below(5) {
             0 => (1, g.r.below(5) as u8, [0; 4]),
@@ -2730,7 +3005,7 @@ fn icmp_error(g: &mut G, router: IpAddr, to: IpAddr, q: &[u8]) -> Vec<u8> {
         ttl: if v6 { 64 } else { g.hop_ttl() },
         ..V4::default()
     };
-    ip_tp(router, to, &h, &tp)
+    (ip_tp(router, to, &h, &tp), padding)
 }
 
 fn ingress_icmp_error(g: &mut G) -> Gen {
@@ -2772,8 +3047,10 @@ fn ingress_icmp_error(g: &mut G) -> Gen {
         g.tag("addressed elsewhere");
         g.local(v6)
     };
-    let p = icmp_error(g, router, to, &q);
-    (true, g.r.next() as u32, ip_frame(&p))
+    let (p, padding) = icmp_error(g, router, to, &q);
+    let mut frame = ip_frame(&p);
+    frame.extend_from_slice(&padding);
+    (true, g.r.next() as u32, frame)
 }
 
 fn gre_outer(g: &mut G) -> (Ipv4Addr, V4) {
@@ -2806,7 +3083,17 @@ fn gre_peer(g: &mut G) -> Gen {
         .pick(&[[10u8, 9, 8, 7], [10, 50, 0, 12], [172, 16, 0, 1]]));
     let pools = g.t.pool_ids();
     let pool = *g.r.pick(&pools);
+    let never = if g.r.chance(25) {
+        g.never_covered_dst(false)
+    } else {
+        None
+    };
     let (dst, key) = match g.r.below(10) {
+        // A catch-all's pool and a destination no policy covers (Tunnel rule 5 asks a policy).
+        _ if never.is_some() => {
+            let (d, _, p) = never.expect("picked");
+            (d, p)
+        }
         0..=6 => match g.dst_of_pool(pool, false) {
             Some((d, _)) => (d, pool),
             None => (g.dst(false).0, pool),
@@ -2976,9 +3263,12 @@ fn gre_icmp_error(g: &mut G) -> Gen {
         (q, qk, local, KIND_REPLY)
     };
     let _ = qk;
-    let inner = icmp_error(g, remote, to, &q);
+    let (inner, padding) = icmp_error(g, remote, to, &q);
     let key = g.gre_key(fits, pool);
-    gre_ingress(g, key, &inner)
+    // Padding past the outer IPv4 length (the inner error ends with it).
+    let (ingress, mark, mut frame) = gre_ingress(g, key, &inner);
+    frame.extend_from_slice(&padding);
+    (ingress, mark, frame)
 }
 
 fn gre_malformed(g: &mut G) -> Gen {

@@ -13,6 +13,18 @@
 //! `drop_flow_table_full` is never the model's answer; `PEER_LOAD` is not modelled: with a
 //! non-zero peer budget a new peer connection is silent.
 //!
+//! Rule 1 of either hook: a bad IP header includes an IP length field (IPv4 total length,
+//! IPv6 payload length) beyond the frame (egress drops it, `egress_malformed`; ingress passes
+//! it, `ingress_malformed`). A quoted header in an ICMP error may speak of more than the quote
+//! (not malformed); the quote ends at the error's IP length, and the bytes after it (padding)
+//! are never read as quote nor rewritten ([`Outcome::padding_kept`]). An inner packet of a
+//! tunnel whose length goes beyond the GRE payload is not named by Tunnel rule 1: silent.
+//!
+//! No policy covers IPv4 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 or IPv6 ::/16,
+//! fe80::/10, ff00::/8, whatever the prefixes say ([`never_covered`]), nor an ICMPv6 neighbour
+//! discovery message ([`ND_TYPES`]), wherever a policy is asked. A SYN translated to any IPv4 pool address in `OWNERS` (split or held whole) has its
+//! MSS clamped.
+//!
 //! Ethernet is read through up to two VLAN tags in the frame data (`wire::l2`): the IP header
 //! follows the last tag, rewrites keep the tags, and a tagged frame is never encapsulated nor
 //! taken as a tunnel packet (`drop_vlan_tunnel`). A third tag makes the frame malformed (rule 1:
@@ -41,9 +53,10 @@
 //!
 //! The *sent hint* (`hinted`: the packet given to the egress hook carries the ingress
 //! program's `SENT_HINT` in its control block) is read by TC egress rule 5 alone: a hinted
-//! packet is asked "already translated?" (the swapped connection tuple has a reverse entry)
+//! packet is asked "already translated?" (the swapped connection tuple has a reverse entry
+//! with a tunnel: a peer's connection; a local connection's reverse entry does not count)
 //! after rules 1 and 2 and the hand-over of a later fragment to *Fragments*, before rule 3;
-//! with a reverse entry it passes (`ours_hinted`) whatever rules 3 and 4 would have said and
+//! with such a reverse entry it passes (`ours_hinted`) whatever rules 3 and 4 would have said and
 //! the flow table is left as it is (a closed tuple is not reopened); without one it goes
 //! through rules 3–7 like any other packet. A hint counts only with the reverse entry. The
 //! hint is written by one decision alone: ingress's `peer_snat` (Tunnel rule 5, sent out of
@@ -160,7 +173,7 @@ pub struct Env {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fib {
     NoRoute,
-    /// A local or broadcast destination: the rules do not say.
+    /// A local, loopback, "this network" or broadcast destination: the rules do not say.
     Odd,
     Resolved([u8; 6]),
     Unresolved,
@@ -176,7 +189,11 @@ fn in_prefix(addr: &[u8], prefix: &[u8], bits: u32) -> bool {
 
 impl Env {
     pub fn fib(&self, dst: [u8; 4]) -> Fib {
-        if self.local_addrs.contains(&dst) || dst[3] == 255 || dst[0] >= 224 {
+        if self.local_addrs.contains(&dst)
+            || dst[3] == 255
+            || dst[0] >= 224
+            || matches!(dst[0], 0 | 127)
+        {
             return Fib::Odd;
         }
         let next = if self
@@ -258,6 +275,14 @@ pub struct Outcome {
     /// The input frame had bytes past its IP packet (Ethernet padding): the model's packet
     /// ends with the IP packet, the programs' may keep the padding after it.
     pub tail_unspecified: bool,
+    /// The bytes the input frame had past its IP packet, when the programs must leave them as
+    /// they were if they keep them: an ICMP error passed (its padding is never read as quote,
+    /// never rewritten). The programs' packet may end with the model's, or go on with exactly
+    /// these bytes.
+    pub padding_kept: Option<Vec<u8>>,
+    /// Facts of the decision the rules single out, for the differential test's coverage tally
+    /// (e.g. a catch-all's prefix over a destination no policy covers).
+    pub notes: Vec<&'static str>,
     /// Why the flow table afterwards is not given by the rules (e.g. a drop after recording).
     pub flows_unspecified: Option<&'static str>,
     /// The Ethernet addresses are not given (neighbour unresolved: `bpf_redirect_neigh`).
@@ -290,6 +315,49 @@ type R = Result<(Verdict, &'static str, &'static str), Stop>;
 fn silent<T>(why: &'static str) -> Result<T, Stop> {
     Err(Stop::Silent(why))
 }
+
+/// Egress rule 4: no policy ever covers a destination in IPv4 0.0.0.0/8, 127.0.0.0/8,
+/// 169.254.0.0/16 or 224.0.0.0/3 (multicast, reserved, broadcast), or IPv6 ::/16 (NAT64's
+/// 64:ff9b::/96 stays coverable), fe80::/10 or ff00::/8, whatever its prefixes say (a
+/// catch-all never translates or drops the host's multicast, broadcast and link-local
+/// traffic); wherever a policy is asked (egress rule 4, *Fragments*, Tunnel rule 5). `dst`:
+/// the address's bytes (at least 4, IPv4; 16, IPv6). Nor does a policy cover an ICMPv6
+/// neighbour discovery message ([`ND_TYPES`], to whatever destination).
+pub fn never_covered(v6: bool, dst: &[u8]) -> bool {
+    if v6 {
+        (dst[0] == 0 && dst[1] == 0) || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) || dst[0] == 0xff
+    } else {
+        matches!(dst[0], 0 | 127 | 224..=255) || (dst[0] == 169 && dst[1] == 254)
+    }
+}
+
+/// [`Outcome::notes`]: a policy's prefix covers the destination, but it lies in a range no
+/// policy covers (egress rule 4, or a later fragment on egress; a peer's connection under
+/// Tunnel rule 5).
+/// ICMPv6 neighbour discovery (router solicitation and advertisement, neighbour solicitation
+/// and advertisement, redirect): no policy covers such a message, whatever its destination.
+pub const ND_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
+
+pub const NOTE_NEVER_COVERED_ND: &str =
+    "no policy covers ICMPv6 neighbour discovery, types 133-137 (a prefix would)";
+pub const NOTE_NEVER_COVERED_V4: &str =
+    "no policy covers 0/8, 127/8, 169.254/16, 224/3 (a prefix would): IPv4 egress rule 4";
+pub const NOTE_NEVER_COVERED_V6: &str =
+    "no policy covers ::/16, fe80::/10, ff00::/8 (a prefix would): IPv6 egress rule 4";
+pub const NOTE_NEVER_COVERED_FRAGMENT: &str = "no policy covers 0/8, 127/8, ::/16, fe80::/10 ... (a prefix would): a later fragment on egress";
+pub const NOTE_NEVER_COVERED_PEER: &str =
+    "no policy covers 0/8, 127/8, 169.254/16, 224/3 (a prefix would): a peer's connection";
+/// [`Outcome::notes`]: the MSS of a SYN translated to an IPv4 pool address clamped, by how
+/// `OWNERS` holds the address.
+pub const NOTE_MSS_WHOLE: &str =
+    "MSS clamped: translated to an IPv4 pool address of one share (held whole by one server)";
+pub const NOTE_MSS_SPLIT: &str = "MSS clamped: translated to an IPv4 address split between shares";
+/// [`Outcome::notes`]: ICMP errors with bytes past the error's IP length (padding).
+pub const NOTE_ICMP_PADDED_SHORT: &str =
+    "ICMP error padded: fewer than 8 quoted transport bytes within its IP length, no quote";
+pub const NOTE_ICMP_PADDED_CSUM: &str =
+    "ICMP error padded: quoted transport checksum past its IP length, not rewritten";
+pub const NOTE_ICMP_PADDED_NAT: &str = "ICMP error padded: translated within its IP length";
 
 pub fn key(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
     FlowKey {
@@ -372,6 +440,8 @@ pub fn run(
         closing_after: Vec::new(),
         untouched: Vec::new(),
         tail_unspecified: false,
+        padding: Vec::new(),
+        notes: Vec::new(),
         hook,
         p: packet.to_vec(),
         l3: ETH_LEN,
@@ -405,6 +475,13 @@ pub fn run(
             closing_after: cx.closing_after,
             untouched: cx.untouched,
             tail_unspecified: cx.tail_unspecified,
+            // ICMP errors: bytes after the error's IP length are never rewritten.
+            padding_kept: (hook == Hook::Ingress
+                && rule.starts_with("icmp")
+                && verdict == Verdict::Pass
+                && !cx.padding.is_empty())
+            .then(|| cx.padding.clone()),
+            notes: cx.notes,
             flows_unspecified: cx.flows_unspecified,
             l2_unspecified: cx.l2_unspecified,
             missing_choice: cx.missing_choice,
@@ -424,6 +501,10 @@ struct Cx<'a> {
     closing_after: Vec<FlowKey>,
     untouched: Vec<FlowKey>,
     tail_unspecified: bool,
+    /// The input frame's bytes past its IP packet (cut off by [`Cx::trim`]).
+    padding: Vec<u8>,
+    /// [`Outcome::notes`].
+    notes: Vec<&'static str>,
     hook: Hook,
     p: Vec<u8>,
     /// Frame offset of the (outer) IP header: after the Ethernet header and its VLAN tags.
@@ -483,33 +564,61 @@ impl Cx<'_> {
         }
     }
 
-    /// Egress rule 4: (mark, destination), else (0, destination).
-    fn policy(&self, mark: u32, ip: &Ip) -> Option<u32> {
-        self.lookup(mark, ip)
-            .or_else(|| if mark != 0 { self.lookup(0, ip) } else { None })
+    /// Egress rule 4: (mark, destination), else (0, destination); never a destination no
+    /// policy covers ([`never_covered`]).
+    fn policy(&mut self, mark: u32, ip: &Ip) -> Option<u32> {
+        let pool = self
+            .lookup(mark, ip)
+            .or_else(|| if mark != 0 { self.lookup(0, ip) } else { None });
+        if pool.is_some() && self.nd_message(ip) {
+            self.notes.push(NOTE_NEVER_COVERED_ND);
+            return None;
+        }
+        if pool.is_some() && never_covered(ip.v6, &ip.dst) {
+            self.notes.push(match (ip.later(), ip.v6) {
+                (true, _) => NOTE_NEVER_COVERED_FRAGMENT,
+                (false, true) => NOTE_NEVER_COVERED_V6,
+                (false, false) => NOTE_NEVER_COVERED_V4,
+            });
+            return None;
+        }
+        pool
     }
 
-    /// PEER_POLICY: a policy of `pool` (any mark) covers the IPv4 destination.
-    fn peer_policy(&self, pool: u32, dst: [u8; 4]) -> bool {
-        self.w.maps.policies_v4.iter().any(|((plen, k), v)| {
+    /// An ICMPv6 neighbour discovery message (by its type, [`ND_TYPES`]): a whole packet or
+    /// first fragment whose ICMPv6 type byte is there (the type decides, however short).
+    fn nd_message(&self, ip: &Ip) -> bool {
+        ip.v6
+            && ip.proto == PROTO_ICMPV6
+            && !ip.ext
+            && !ip.later()
+            && ip.end > ip.l4()
+            && ND_TYPES.contains(&self.p[ip.l4()])
+    }
+
+    /// PEER_POLICY: a policy of `pool` (any mark) covers the IPv4 destination (never one in
+    /// the ranges no policy covers, [`never_covered`]).
+    fn peer_policy(&mut self, pool: u32, dst: [u8; 4]) -> bool {
+        let covered = self.w.maps.policies_v4.iter().any(|((plen, k), v)| {
             let bits = egress_common::policy::MARK_BITS;
             v.pool == pool && *plen >= bits && in_prefix(&dst, &k.addr, plen - bits)
-        })
+        });
+        if covered && never_covered(false, &dst) {
+            self.notes.push(NOTE_NEVER_COVERED_PEER);
+            return false;
+        }
+        covered
     }
 
-    /// Whether an IPv4 pool address is *shared*: `OWNERS` splits it between more than one
-    /// share.
-    fn shared(&self, addr: [u8; 4]) -> bool {
-        self.w
-            .maps
-            .owners
-            .get(&gen0(addr))
-            .is_some_and(|o| o.count > 1)
+    /// Whether an address is an IPv4 pool address in `OWNERS`, split between shares or held
+    /// whole by one server: the MSS of a SYN translated to it is clamped (its replies may reach
+    /// another announcing server and come through a tunnel).
+    fn in_owners(&self, addr: [u8; 4]) -> bool {
+        self.w.maps.owners.contains_key(&gen0(addr))
     }
 
-    /// The owner of `port` of a shared IPv4 address when it is another server: (owner, pool).
-    /// Here "shared" is the map paragraph's sense (`OWNERS` holds "shared IPv4 pool
-    /// address[es]", one share or more), not the MSS paragraph's (more than one share).
+    /// The owner of `port` of a shared IPv4 address (any key of `OWNERS`, one share or more)
+    /// when it is another server: (owner, pool).
     ///
     /// While `LOCAL` is not written this server's fabric address is unknown: a range of a
     /// server in `PEERS` is another server's; any other range (this server's own, as a rule)
@@ -780,13 +889,27 @@ impl Cx<'_> {
         }
     }
 
-    /// A segment with SYN set (SYN or SYN-ACK) translated here to `to` (IPv4 pool address):
-    /// clamped when the address is shared.
+    /// A segment with SYN set (SYN or SYN-ACK) translated here (or by a peer's connection) to
+    /// `to`: clamped when it is an IPv4 pool address in `OWNERS`, split or held whole.
     fn clamp_translated(&mut self, ip: &Ip, l4: &L4, to: [u8; 16]) -> Result<(), Stop> {
-        if Self::tcp_flags(l4) & TCP_SYN == 0 || ip.v6 || !self.shared(a4(&to)) {
+        if Self::tcp_flags(l4) & TCP_SYN == 0 || ip.v6 || !self.in_owners(a4(&to)) {
             return Ok(());
         }
-        self.clamp(ip, l4)
+        self.clamp(ip, l4)?;
+        if self.mss_clamped {
+            let split = self
+                .w
+                .maps
+                .owners
+                .get(&gen0(a4(&to)))
+                .is_some_and(|o| o.count > 1);
+            self.notes.push(if split {
+                NOTE_MSS_SPLIT
+            } else {
+                NOTE_MSS_WHOLE
+            });
+        }
+        Ok(())
     }
 
     /// How "send" ends: TC_ACT_OK on egress with the neighbour resolved, else a redirect.
@@ -801,6 +924,7 @@ impl Cx<'_> {
     /// Ethernet padding is not part of the packet: the model's frame ends with the IP packet.
     fn trim(&mut self, ip: &mut Ip) {
         if ip.padded {
+            self.padding = self.p[ip.end..].to_vec();
             self.p.truncate(ip.end);
             ip.padded = false;
             self.tail_unspecified = true;
@@ -964,6 +1088,10 @@ impl Cx<'_> {
         let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("egress_not_ip", "egress 1: not IP"),
             IpParse::Bad => return drop("egress_malformed", "egress 1: bad IP header"),
+            // An IP length beyond the frame is a bad IP header too.
+            IpParse::Long(_) => {
+                return drop("egress_malformed", "egress 1: IP length beyond the frame");
+            }
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
@@ -983,7 +1111,7 @@ impl Cx<'_> {
         // tuple, so rules 3 and 5 do not see it; under a policy rule 6 drops it.
         let tuple = conn_tuple(&ip, &l4);
         // 5, asked first of a packet carrying the ingress program's sent hint: with a reverse
-        // entry for the swapped tuple it passes whatever rules 3 and 4 would have said (nothing
+        // entry with a tunnel for the swapped tuple it passes whatever rules 3 and 4 would have said (nothing
         // in the flow table changes: no reopen); without one, rules 3–7 as for any packet.
         if hinted && self.already_translated(tuple) {
             return pass("ours_hinted", "egress 5: already translated (hint)");
@@ -1236,9 +1364,15 @@ impl Cx<'_> {
         }
     }
 
-    /// Egress rule 5's question: the swapped connection tuple has a reverse entry.
+    /// Egress rule 5's question: the swapped connection tuple has a reverse entry with a
+    /// tunnel (a peer's connection translated here; a local connection's reverse entry does
+    /// not count).
     fn already_translated(&self, tuple: Option<FlowKey>) -> bool {
-        tuple.is_some_and(|k| self.flows.get(&swap(&k)).map(|v| v.kind) == Some(FLOW_REVERSE))
+        tuple.is_some_and(|k| {
+            self.flows
+                .get(&swap(&k))
+                .is_some_and(|v| v.kind == FLOW_REVERSE && v.tunnel != [0; 4])
+        })
     }
 
     /// A first fragment translated, forwarded, soft-unicast or translated back: its entry under
@@ -1328,6 +1462,10 @@ impl Cx<'_> {
         let mut ip = match parse_ip(&self.p, self.l3, Some(ethertype)) {
             IpParse::NotIp => return pass("ingress_not_ip", "ingress 1: not IP"),
             IpParse::Bad => return pass("ingress_malformed", "ingress 1: bad IP header"),
+            // As on egress: never translated or tunnelled, passed for the stack to drop.
+            IpParse::Long(_) => {
+                return pass("ingress_malformed", "ingress 1: IP length beyond the frame");
+            }
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
@@ -1542,6 +1680,10 @@ impl Cx<'_> {
         let (kind, pool) = (gre_key >> 30, gre_key & POOL_MASK);
         let ip = match parse_ip(&self.p, g + 8, None) {
             IpParse::NotIp | IpParse::Bad => return malformed("tunnel 1: inner not IPv4"),
+            // Tunnel rule 1 names the inner header's version, IHL and length cut short, not an
+            // inner length beyond the GRE payload (TC rule 1's "IP length beyond the frame" is
+            // the outer packet's, checked before the tunnel rules).
+            IpParse::Long(_) => return silent("inner IPv4 total length beyond the GRE payload"),
             IpParse::Silent(s) => return silent(s),
             IpParse::Ok(ip) => ip,
         };
@@ -1867,8 +2009,10 @@ impl Cx<'_> {
             }),
         ) {
             IpParse::Ok(qip) => qip,
-            // A quote is cut short by design: its length field speaks of the whole packet.
-            IpParse::Silent(_) => match quoted_ip(&self.p[..ip.end], q, ip.v6) {
+            // A quote is cut short by design: its length field speaks of the whole packet (not
+            // a bad header), and the quote ends at the error's IP length (bytes after it are
+            // padding, cut off above: never read as quote).
+            IpParse::Long(_) | IpParse::Silent(_) => match quoted_ip(&self.p[..ip.end], q, ip.v6) {
                 Some(qip) => qip,
                 None => return otherwise(()),
             },
@@ -1884,6 +2028,10 @@ impl Cx<'_> {
         let ql4 = qip.l4();
         let qavail = ip.end.saturating_sub(ql4);
         if qavail < 8 {
+            // Padding past the error's IP length is never read as quote.
+            if !self.padding.is_empty() {
+                self.notes.push(NOTE_ICMP_PADDED_SHORT);
+            }
             return otherwise(());
         }
         let (sport, dport) = match qip.proto {
@@ -1914,7 +2062,14 @@ impl Cx<'_> {
                 fix_csum(&mut self.p, qip.at + 10, false, &old, &new);
             }
             let qcsum = l4_csum(qip.v6, qip.proto).map(|(off, pseudo)| (ql4 + off, pseudo));
+            // The quoted transport checksum is rewritten only within the error's IP length.
             let holds = |at: usize| at + 2 <= ip.end;
+            if !self.padding.is_empty() {
+                self.notes.push(NOTE_ICMP_PADDED_NAT);
+                if qcsum.is_some_and(|(cat, pseudo)| pseudo && !holds(cat)) {
+                    self.notes.push(NOTE_ICMP_PADDED_CSUM);
+                }
+            }
             if let Some((cat, true)) = qcsum
                 && holds(cat)
             {

@@ -181,8 +181,14 @@ impl Ip {
 
 pub enum IpParse {
     NotIp,
+    /// A bad IP header (version, IHL < 5, cut short).
     Bad,
-    /// A header the rules do not describe (lengths that disagree with the frame).
+    /// An IP length field (IPv4 total length, IPv6 payload length) beyond the frame: a bad IP
+    /// header too for TC egress and ingress rule 1, which say so; where the rules name no such
+    /// case (a quote in an ICMP error, which may describe more than it quotes; the inner packet
+    /// of a tunnel) the caller decides.
+    Long(&'static str),
+    /// A header the rules do not describe (lengths that disagree with each other).
     Silent(&'static str),
     Ok(Ip),
 }
@@ -200,7 +206,7 @@ pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
         }
         let end = at + 40 + usize::from(be16(p, at + 4));
         if end > p.len() {
-            return IpParse::Silent("IPv6 payload length beyond the frame");
+            return IpParse::Long("IPv6 payload length beyond the frame");
         }
         let mut nh = p[at + 6];
         let mut src = [0u8; 16];
@@ -249,7 +255,7 @@ pub fn parse_ip(p: &[u8], at: usize, ethertype: Option<u16>) -> IpParse {
     }
     let end = at + total;
     if end > p.len() {
-        return IpParse::Silent("IPv4 total length beyond the frame");
+        return IpParse::Long("IPv4 total length beyond the frame");
     }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
