@@ -552,10 +552,7 @@ impl Agent {
                 let p = peers.get(&egress_common::fabric::AddrKey::new(s.fabric.octets(), 0))?;
                 // Lost (not merely holding down: one answering comes back at its first
                 // answer anyway, and would only cost two switches).
-                let lost = crate::liveness::why::PROBES
-                    | crate::liveness::why::LEASE
-                    | crate::liveness::why::FENCED;
-                (p.flags & lost != 0).then(|| (s.name.clone(), p.flags))
+                (p.flags & crate::liveness::why::LOST != 0).then(|| (s.name.clone(), p.flags))
             })
             .collect();
         if down.is_empty() {
@@ -1095,9 +1092,7 @@ impl Agent {
         {
             return;
         }
-        let lost = crate::liveness::why::PROBES
-            | crate::liveness::why::LEASE
-            | crate::liveness::why::FENCED;
+        let lost = crate::liveness::why::LOST;
         let died: Vec<String> = down
             .iter()
             .filter(|(n, f)| **f & lost != 0 && self.down.get(*n).is_none_or(|o| o & lost == 0))

@@ -35,6 +35,9 @@ pub mod why {
         PEER_HOLD_DOWN as HOLD_DOWN,
     };
 
+    /// The reasons that say a peer is gone (not merely holding down after recovering).
+    pub const LOST: u32 = PROBES | LEASE | FENCED;
+
     /// The reasons in words, for logs and `explain`.
     pub fn words(flags: u32) -> String {
         let mut w = Vec::new();
