@@ -270,6 +270,32 @@ fn check_pool_prefix_v6(prefix: Ipv6Net) -> Result<(), String> {
     Ok(())
 }
 
+/// The destination ranges no policy covers (`egress_common::policy::coverable`, which the
+/// programs ask), named for the refusal of a destination that lies wholly inside one.
+const NEVER_COVERED: [(&str, &str); 7] = [
+    ("0.0.0.0/8", "unspecified"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/3", "multicast, reserved and broadcast"),
+    ("::/16", "unspecified, loopback and IPv4-mapped"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// A policy destination lying wholly inside a range no policy covers would match nothing (a
+/// wider one, a catch-all, simply skips those ranges).
+fn check_coverable(net: IpNet) -> Result<(), String> {
+    for (range, why) in NEVER_COVERED {
+        let r: IpNet = range.parse().expect("literal prefix");
+        if r.contains(&net) {
+            return Err(format!(
+                "{net} lies within {range} ({why}), which no policy covers: it would match nothing"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses "first-last" (or a single port).
 pub fn parse_ports(s: &str) -> Result<PortRange, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
@@ -765,6 +791,9 @@ fn policies(errs: &mut Errors, c: &Config, pools: &BTreeMap<String, Pool>) -> Ve
                         dp,
                         "(mark, destination)",
                     );
+                    if let Err(m) = check_coverable(net) {
+                        errs.add(dp, m);
+                    }
                     if let (IpNet::V6(_), Some(pool)) = (net, pool)
                         && pool.ipv6_prefix.is_none()
                     {
@@ -853,6 +882,57 @@ fn capacities(errs: &mut Errors, c: &Config, rules: &[Rule]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ranges validation names are exactly where the programs' rule refuses: each range's
+    /// first and last address are not coverable, the addresses just outside are.
+    #[test]
+    fn never_covered_ranges_are_the_programs_rule() {
+        use egress_common::policy::{coverable, family_and_bytes};
+        let covered = |a: IpAddr| {
+            let (f, b) = family_and_bytes(a);
+            coverable(f, &b)
+        };
+        for (range, _) in NEVER_COVERED {
+            let r: IpNet = range.parse().unwrap();
+            let (first, last) = (r.network(), r.broadcast());
+            assert!(
+                !covered(first) && !covered(last),
+                "{range} is never covered"
+            );
+            let (before, after) = match (first, last) {
+                (IpAddr::V4(f), IpAddr::V4(l)) => (
+                    u32::from(f)
+                        .checked_sub(1)
+                        .map(|a| IpAddr::from(Ipv4Addr::from(a))),
+                    u32::from(l)
+                        .checked_add(1)
+                        .map(|a| IpAddr::from(Ipv4Addr::from(a))),
+                ),
+                (IpAddr::V6(f), IpAddr::V6(l)) => (
+                    u128::from(f)
+                        .checked_sub(1)
+                        .map(|a| IpAddr::from(std::net::Ipv6Addr::from(a))),
+                    u128::from(l)
+                        .checked_add(1)
+                        .map(|a| IpAddr::from(std::net::Ipv6Addr::from(a))),
+                ),
+                _ => unreachable!(),
+            };
+            for a in [before, after].into_iter().flatten() {
+                assert!(covered(a), "{a}, just outside {range}, is coverable");
+            }
+        }
+        // A wider destination (a catch-all) is fine: it covers what it can.
+        for d in [
+            "0.0.0.0/0",
+            "::/0",
+            "192.0.0.0/2",
+            "fe00::/7",
+            "64:ff9b::/96",
+        ] {
+            assert_eq!(check_coverable(d.parse().unwrap()), Ok(()), "{d}");
+        }
+    }
 
     #[test]
     fn a_topology_larger_than_the_maps_is_refused_naming_the_map() {
@@ -1216,6 +1296,18 @@ destinations = ["203.0.113.0/24", "2001:db8:beef::/48"]
                 edit: ("203.0.113.0/24", "203.0.113.0/33"),
                 path: "policies[0].destinations[0]",
                 says: "not an IP prefix",
+            },
+            Case {
+                name: "destination no policy can cover",
+                edit: ("203.0.113.0/24", "ff02::/16"),
+                path: "policies[0].destinations[0]",
+                says: "ff02::/16 lies within ff00::/8 (multicast), which no policy covers",
+            },
+            Case {
+                name: "IPv4 destination no policy can cover",
+                edit: ("203.0.113.0/24", "169.254.169.254"),
+                path: "policies[0].destinations[0]",
+                says: "169.254.169.254/32 lies within 169.254.0.0/16 (link-local)",
             },
             Case {
                 name: "destination with host bits",
