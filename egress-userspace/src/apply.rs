@@ -20,6 +20,15 @@ use crate::plan::MapContents;
 /// A key-value table: a BPF map, or a BTreeMap in tests.
 pub trait Table<K, V> {
     fn entries(&self) -> Result<BTreeMap<K, V>, MapError>;
+    /// The entries whose key `keep` takes (one generation of a plan table, say).
+    fn entries_where(&self, keep: &dyn Fn(&K) -> bool) -> Result<BTreeMap<K, V>, MapError>
+    where
+        K: Ord,
+    {
+        let mut all = self.entries()?;
+        all.retain(|k, _| keep(k));
+        Ok(all)
+    }
     fn put(&mut self, k: &K, v: &V) -> Result<(), MapError>;
     fn delete(&mut self, k: &K) -> Result<(), MapError>;
 }
@@ -137,6 +146,19 @@ impl<K: Ord + Clone, V: Clone, T: Table<K, V>> Table<K, V> for ReadOnce<'_, T, K
     fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
         Ok(self.copy.clone())
     }
+    /// Copies only what is asked for: a plan write reads one generation at a time, and the
+    /// copy of a full table holds both during a switch.
+    fn entries_where(&self, keep: &dyn Fn(&K) -> bool) -> Result<BTreeMap<K, V>, MapError>
+    where
+        K: Ord,
+    {
+        Ok(self
+            .copy
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
     fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
         self.table.put(k, v)?;
         self.copy.insert(k.clone(), v.clone());
@@ -202,9 +224,8 @@ impl<K: Generational + Ord, V, T: Table<K, V>> Table<K, V> for InGeneration<'_, 
     fn entries(&self) -> Result<BTreeMap<K, V>, MapError> {
         Ok(self
             .table
-            .entries()?
+            .entries_where(&|k| k.generation() == self.generation)?
             .into_iter()
-            .filter(|(k, _)| k.generation() == self.generation)
             .map(|(k, v)| (k.in_generation(0), v))
             .collect())
     }
@@ -564,6 +585,8 @@ mod tests {
         cell: &'a std::cell::Cell<u8>,
         /// Whole-table reads (each costs two syscalls per entry on a BPF map).
         reads: std::cell::Cell<usize>,
+        /// Puts that succeed before every further one fails (None: all succeed).
+        puts_left: std::cell::Cell<Option<usize>>,
     }
 
     impl<K: Generational + Ord, V: Clone> Table<K, V> for Spy<'_, K, V> {
@@ -576,6 +599,11 @@ mod tests {
                 .collect())
         }
         fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
+            match self.puts_left.get() {
+                Some(0) => return Err(MapError::KeyNotFound),
+                Some(n) => self.puts_left.set(Some(n - 1)),
+                None => {}
+            }
             self.log
                 .borrow_mut()
                 .push((k.generation(), self.cell.get()));
@@ -641,6 +669,7 @@ mod tests {
                     log: &log,
                     cell: &cell,
                     reads: Default::default(),
+                    puts_left: Default::default(),
                 }
             };
         }
@@ -771,5 +800,80 @@ mod tests {
         t.apply(&want).unwrap();
         assert_eq!(t.in_force().unwrap(), want);
         assert_eq!(t.actions.inner.len(), want.actions.len(), "no leftovers");
+    }
+
+    /// A plan write that fails half-way (a map refuses a put, through the read-once copy):
+    /// nothing switches, the plan in force stays whole, and what was written goes again — the
+    /// copy followed only the writes that succeeded. The next write then succeeds whole.
+    #[test]
+    fn a_plan_write_that_fails_half_way_leaves_the_plan_in_force_and_nothing_else() {
+        let a = crate::config::Config::embedded();
+        let text = crate::config::DEFAULT_CONFIG.replace(
+            r#"{ server = "ams-a-1", ports = "32768-65535" },"#,
+            r#"{ server = "ams-a-1", ports = "32768-39999" },
+  { server = "fra-a-2", ports = "40000-65535" },"#,
+        );
+        let b = crate::config::Config::parse(&text, "b").unwrap();
+        let log = std::cell::RefCell::new(Vec::new());
+        let cell = std::cell::Cell::new(0u8);
+        macro_rules! spy {
+            () => {
+                Spy {
+                    inner: BTreeMap::new(),
+                    log: &log,
+                    cell: &cell,
+                    reads: Default::default(),
+                    puts_left: Default::default(),
+                }
+            };
+        }
+        let mut t = PlanTables {
+            actions: spy!(),
+            policies_v4: spy!(),
+            policies_v6: spy!(),
+            peers: spy!(),
+            owners: spy!(),
+            peer_policies: spy!(),
+            generation: SpyCell(&cell),
+            filter: FilterSpy {
+                last: None,
+                at: Vec::new(),
+                cell: &cell,
+            },
+        };
+        let (want_a, want_b) = (contents(&a, "fra-a-2"), contents(&b, "fra-a-2"));
+        assert_ne!(want_a, want_b);
+        t.apply(&want_a).unwrap();
+        let before = cell.get();
+        macro_rules! snapshot {
+            () => {
+                (
+                    t.actions.inner.clone(),
+                    t.policies_v4.inner.clone(),
+                    t.peers.inner.clone(),
+                    t.owners.inner.clone(),
+                )
+            };
+        }
+        let whole = snapshot!();
+        // Actions are written after peers and owners, before policies: some puts of the new
+        // generation have landed when one fails.
+        t.actions.puts_left.set(Some(1));
+        assert!(t.apply(&want_b).is_err(), "the failed put is reported");
+        assert!(
+            log.borrow().len() > 1,
+            "writes were made before the failure"
+        );
+        assert_eq!(cell.get(), before, "no switch");
+        assert_eq!(t.in_force().unwrap(), want_a, "the plan in force, whole");
+        assert_eq!(
+            snapshot!(),
+            whole,
+            "what was written went again, nothing else"
+        );
+        t.actions.puts_left.set(None);
+        t.apply(&want_b).unwrap();
+        assert_eq!(t.in_force().unwrap(), want_b);
+        assert_eq!(t.actions.inner.len(), want_b.actions.len(), "no leftovers");
     }
 }
