@@ -131,7 +131,24 @@ fn rewrite_addr_v6(
         u64::from(d.sum()),
         l4_flags | u64::from(BPF_F_PSEUDO_HDR),
     )
-    .map_err(|_| Stat::RewriteFailed)
+    .map_err(|_| Stat::RewriteFailed)?;
+    // On a CHECKSUM_COMPLETE skb the helper also takes the difference off `skb->csum`, as for
+    // IPv4, where the header checksum moves too. An IPv6 header has none: the address and the
+    // transport checksum cancel out in the packet's sum, so the difference goes back on
+    // (kernels before 6.16 have no BPF_F_IPV6 to say so; a UDP checksum of 0, which the
+    // helper leaves alone, needs the same). A no-op on any other skb.
+    csum_moved(ctx, d.sum());
+    Ok(())
+}
+
+/// Adds `diff` to `skb->csum` of a CHECKSUM_COMPLETE skb (a NIC's sum of the whole packet):
+/// bytes of the packet changed by `diff` with nothing else in it compensating. Other skbs
+/// carry no packet sum and are left alone.
+#[inline(always)]
+fn csum_moved(ctx: &TcContext, diff: u32) {
+    // SAFETY: the program's own skb; the helper only adds to skb->csum of a CHECKSUM_COMPLETE
+    // skb and fails harmlessly (-ENOTSUPP) on any other.
+    let _ = unsafe { aya_ebpf::helpers::bpf_csum_update(ctx.skb.skb, diff) };
 }
 
 /// Lowers the MSS option of a SYN or SYN-ACK to `max` so that the peer's segments fit the
@@ -166,7 +183,13 @@ pub fn rewrite_addr(ctx: &TcContext, ip: &Ip, side: Side, addr: &[u8; 16]) -> Re
         let new4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         write_ipv4_addr(ctx, ip, side, old4, new4)
     } else {
-        write(ctx, addr_off(ip, side), addr).map_err(|()| Stat::RewriteFailed)
+        let old_addr = if side == Side::Src { &ip.src } else { &ip.dst };
+        let mut d = csum::Delta::default();
+        d.bytes16(old_addr, addr);
+        write(ctx, addr_off(ip, side), addr).map_err(|()| Stat::RewriteFailed)?;
+        // No transport header here to take the change: the packet's sum moves by it.
+        csum_moved(ctx, d.sum());
+        Ok(())
     }
 }
 

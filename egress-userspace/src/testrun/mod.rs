@@ -104,6 +104,69 @@ pub enum Hook {
     XdpEmpty,
 }
 
+/// `BPF_PROG_TEST_RUN` of the TC program `fd` with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, which
+/// aya's options cannot set: the kernel sums the packet into `skb->csum`, marks it
+/// CHECKSUM_COMPLETE, and after the run fails with EBADMSG unless `skb->csum` still matches the
+/// packet. Returns the verdict and the output's size.
+fn test_run_checksum_complete(
+    fd: i32,
+    data_in: &[u8],
+    data_out: &mut [u8],
+    ctx_in: &[u8],
+    ctx_out: &mut [u8],
+) -> std::io::Result<(u32, u32)> {
+    /// `union bpf_attr` as BPF_PROG_TEST_RUN reads it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+    let mut attr = Attr {
+        prog_fd: fd as u32,
+        data_size_in: data_in.len() as u32,
+        data_size_out: data_out.len() as u32,
+        data_in: data_in.as_ptr() as u64,
+        data_out: data_out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx_in.len() as u32,
+        ctx_size_out: ctx_out.len() as u32,
+        ctx_in: ctx_in.as_ptr() as u64,
+        ctx_out: ctx_out.as_mut_ptr() as u64,
+        flags: BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at buffers of the lengths it gives; all outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((attr.retval, attr.data_size_out))
+}
+
 /// XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -126,6 +189,11 @@ pub struct TestDatapath {
     ebpf: Ebpf,
     pub maps: Maps,
     trace: Option<(aya_log::EbpfLogger<Trace>, Trace)>,
+    /// `tc_ingress` runs hand the program a CHECKSUM_COMPLETE skb (as a NIC that sums every
+    /// packet it receives gives) and fail when it leaves `skb->csum` wrong for the packet it
+    /// returns (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, kernels from 6.11). Egress runs are left
+    /// alone: what leaves a host is not checked against `skb->csum`.
+    pub checksum_complete: bool,
 }
 
 /// The decision log of a traced datapath, as text lines.
@@ -195,7 +263,12 @@ impl TestDatapath {
         maps.plan.apply(&plan::map_contents(topology, &p))?;
         // As the agent's first collection would leave it: the plan's buckets, nothing else.
         maps.refine_filter()?;
-        Ok(Self { ebpf, maps, trace })
+        Ok(Self {
+            ebpf,
+            maps,
+            trace,
+            checksum_complete: false,
+        })
     }
 
     /// [`TestDatapath::fixture`] with the programs' decision log on (`trace_every`: one in
@@ -295,21 +368,45 @@ impl TestDatapath {
         // The kernel writes all of struct __sk_buff back (ENOSPC if it does not fit).
         let mut ctx_out = [0u8; 256];
         let mut out = vec![0u8; packet.len() + 512];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ctx_out: Some(&mut ctx_out),
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| LoadError::Program { name, source })?;
-        out.truncate(r.data_size_out as usize);
+        let (verdict, size_out, duration) = if self.checksum_complete && hook == Hook::Ingress {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let fd = prog
+                .fd()
+                .map_err(|source| LoadError::Program { name, source })?
+                .as_fd()
+                .as_raw_fd();
+            let (verdict, size_out) =
+                test_run_checksum_complete(fd, packet, &mut out, &ctx, &mut ctx_out).map_err(
+                    |e| {
+                        anyhow::anyhow!(
+                            "{name} on a CHECKSUM_COMPLETE skb: {e}{}",
+                            if e.raw_os_error() == Some(libc::EBADMSG) {
+                                " (skb->csum left wrong for the packet returned)"
+                            } else {
+                                ""
+                            }
+                        )
+                    },
+                )?;
+            (verdict, size_out, std::time::Duration::ZERO)
+        } else {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ctx_out: Some(&mut ctx_out),
+                    ..TestRunOptions::default()
+                })
+                .map_err(|source| LoadError::Program { name, source })?;
+            (r.return_value, r.data_size_out, r.duration)
+        };
+        out.truncate(size_out as usize);
         let hint = u32::from_ne_bytes(ctx_out[hint_at..hint_at + 4].try_into().expect("4 bytes"));
         Ok(Outcome {
-            verdict: r.return_value,
+            verdict,
             packet: out,
-            duration: r.duration,
+            duration,
             xdp_done: false,
             hint,
         })

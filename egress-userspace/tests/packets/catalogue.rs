@@ -19,6 +19,51 @@ fn every_path_of_the_catalogue_at_both_frame_sizes() {
     }
 }
 
+/// Every receive path of the catalogue that passes the packet on into this host, on
+/// CHECKSUM_COMPLETE skbs (a NIC that sums every packet it receives, as most server NICs do):
+/// `skb->csum` stays right for the packet as rewritten, or the stack would find its checksum
+/// "wrong", log a hardware checksum fault and sum it again in software. (What a path sends
+/// out of the uplink is not checked against `skb->csum`. Kernels before 6.11 cannot run this:
+/// skipped.)
+#[test]
+fn every_path_into_the_host_keeps_a_checksum_complete_skbs_sum_right() {
+    let (net, mut dp) = datapath(TOPOLOGY);
+    dp.checksum_complete = true;
+    let probe = tcp("198.51.100.7", 80, "192.0.2.10", 40001, TCP_ACK);
+    if let Err(e) = dp.run(Hook::Ingress, 0, &probe)
+        && format!("{e}").contains("Invalid argument")
+    {
+        eprintln!("skipped: this kernel has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE ({e})");
+        return;
+    }
+    let (mut wrong, mut checked) = (Vec::new(), 0);
+    for frame in [64, 1500] {
+        for f in egress::testrun::paths::catalogue() {
+            let into_host = matches!(
+                (f.want)(frame),
+                egress::testrun::paths::Want::Unchanged
+                    | egress::testrun::paths::Want::BackTo(..)
+                    | egress::testrun::paths::Want::Decapsulated
+            );
+            if f.hook != Hook::Ingress || !into_host {
+                continue;
+            }
+            checked += 1;
+            for seq in (0..2).map(|i| i + frame as u32) {
+                if let Err(e) = f
+                    .prepare(&mut dp, frame, seq)
+                    .and_then(|prepared| f.check(&mut dp, &net, frame, &prepared))
+                {
+                    wrong.push(format!("{} ({frame} B): {e:#}", f.path));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Reverse translation (IPv4, IPv6), forwarded reply, arriving not ours; both sizes.
+    assert_eq!(checked, 4 * 2);
+}
+
 /// `xdp_ingress` (`egress agent --xdp`) on every path of the catalogue: the receive paths it
 /// finishes give TC's output and counter (and `xdp_done`); everything else, refusals
 /// included, goes on to TC untouched and uncounted.
