@@ -682,7 +682,9 @@ impl Agent {
     }
 
     /// Reads, validates and applies the config as a difference. An invalid config leaves the
-    /// running plan in force; the error is logged exactly as `egress validate` words it.
+    /// running plan in force; the error is logged exactly as `egress validate` words it. A
+    /// refused config also ends the retries of a plan that failed to be written: the file no
+    /// longer holds it, and the next change of the file is read anyway.
     pub fn reload(&mut self, why: &str) {
         let result = read_config(self.config_path.as_deref())
             .map_err(anyhow::Error::from)
@@ -691,6 +693,7 @@ impl Agent {
             Ok(ok) => ok,
             Err(e) => {
                 self.reloads_failed += 1;
+                self.retry = None;
                 // Remember the text so an unchanged invalid file is not retried every second.
                 if let Some(p) = &self.config_path {
                     self.config_text = crate::config::read_text(p).unwrap_or_default();
@@ -705,6 +708,7 @@ impl Agent {
         };
         if topology.config().select_server(Some(&self.server)).is_err() {
             self.reloads_failed += 1;
+            self.retry = None;
             self.config_text = text;
             error!(
                 "reload ({why}) rejected: server {:?} is no longer in the config",
@@ -714,6 +718,7 @@ impl Agent {
         }
         if let Err(e) = self.fixed_at_start(&topology) {
             self.reloads_failed += 1;
+            self.retry = None;
             self.config_text = text;
             error!(
                 "reload ({why}) rejected, plan generation {} stays in force: {e}",
@@ -821,6 +826,8 @@ impl Agent {
             .map_err(anyhow::Error::from)
             .and_then(|c| Ok(validate::validate(&c)?))
         else {
+            // (Validated when it was taken in: not a text to try again every second.)
+            self.retry = None;
             return;
         };
         if self

@@ -850,8 +850,10 @@ mod tests {
                 (
                     t.actions.inner.clone(),
                     t.policies_v4.inner.clone(),
+                    t.policies_v6.inner.clone(),
                     t.peers.inner.clone(),
                     t.owners.inner.clone(),
+                    t.peer_policies.inner.clone(),
                 )
             };
         }
@@ -859,7 +861,9 @@ mod tests {
         // Actions are written after peers and owners, before policies: some puts of the new
         // generation have landed when one fails.
         t.actions.puts_left.set(Some(1));
+        log.borrow_mut().clear();
         assert!(t.apply(&want_b).is_err(), "the failed put is reported");
+        // Peers, owners and what peers may use first, then one action: all to go again.
         assert!(
             log.borrow().len() > 1,
             "writes were made before the failure"

@@ -921,6 +921,24 @@ fn a_plan_that_fails_to_be_written_is_retried_with_backoff() {
         "one failure, no flapping: {}",
         &log[from..]
     );
+    // A refused config meanwhile ends the retries (the file no longer holds that plan): one
+    // refusal, not one a second once the retry falls due (5 s).
+    let mut bad = more.clone();
+    bad.policies[0].pool = "no-such-pool".into();
+    let from_bad = lab.log_len("agent-fra-a-1");
+    let lines = lab.reload(&bad).unwrap();
+    assert!(lines[0].contains("rejected"), "{lines:?}");
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    assert_eq!(
+        log[from_bad..].matches("rejected").count(),
+        1,
+        "refused once: {}",
+        &log[from_bad..]
+    );
+    // The plan again, still no room: it fails and is retried.
+    let lines = lab.reload(&more).unwrap();
+    assert!(lines[0].contains("failed while writing maps"), "{lines:?}");
     // Room again: the retry applies it.
     for k in &junk {
         let _ = actions.remove(k);
