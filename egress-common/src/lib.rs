@@ -38,6 +38,9 @@ pub mod map_names {
     /// Per-CPU clock of the current tick ([`crate::clock`]; never pinned: rebuilt by the
     /// programs).
     pub const CLOCK: &str = "CLOCK";
+    /// Per-CPU scratch of a new connection's claim (never pinned: nothing in it outlives a
+    /// program run).
+    pub const CLAIM: &str = "CLAIM";
     /// The benchmark's reference new-connection program's table (not one of [`ALL`]: never
     /// pinned, one entry unless the benchmark sizes it).
     pub const REF_FLOWS: &str = "REF_FLOWS";

@@ -13,7 +13,10 @@ use egress_common::{
     stats::Stat,
 };
 
-use crate::parse::{ETH_LEN, Ip, Packet, read, write};
+use crate::parse::{ETH_LEN, IPPROTO_UDP, Ip, Packet, read, write};
+
+/// A UDP header.
+const UDP_HDR_LEN: u32 = 8;
 
 use egress_common::wire::ETH_P_IP;
 
@@ -74,8 +77,15 @@ pub fn encapsulate(
     trim(ctx, ip.end)?;
     let inner_len = ctx.len() - ETH_LEN as u32;
     // SAFETY: reading the skb's gso_size field.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if !gso && inner_len + ENCAP_LEN > mtu {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 && inner_len + ENCAP_LEN > mtu {
+        return Err(Stat::EncapTooBig);
+    }
+    // A UDP GSO packet (UDP_SEGMENT, QUIC) is cut into IP and UDP headers plus `gso_size`
+    // bytes each: nothing clamps those as the MSS clamp does TCP's, and each would leave the
+    // tunnel too big for the uplink, dropped silently by a device.
+    let segment = (ip.l4_off - ip.l3_off) as u32 + UDP_HDR_LEN + gso_size;
+    if gso_size != 0 && ip.proto == IPPROTO_UDP && segment + ENCAP_LEN > mtu {
         return Err(Stat::EncapTooBig);
     }
     let flags = u64::from(

@@ -1,6 +1,10 @@
 //! The flow table (connection tracking): lookups, refresh, and the atomic port claim.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::HashMap, macros::btf_map};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    btf_maps::{HashMap, PerCpuArray},
+    macros::btf_map,
+};
 use egress_common::{
     action::{Action, MAX_SNAT},
     flow::{
@@ -265,6 +269,21 @@ fn hash(k: &FlowKey) -> u32 {
     h ^ (h >> 16)
 }
 
+/// What a claim builds while it probes: per CPU, so that its key and entries live in map memory
+/// rather than on the stack of the programs that claim, the two largest (kept on the stack,
+/// LLVM held their fields in registers across each insert and spilled them one by one, and
+/// those programs had a few bytes of the 512 left). Programs on one CPU do not interleave, and
+/// nothing is kept from one claim to the next.
+#[repr(C)]
+pub struct ClaimScratch {
+    rkey: FlowKey,
+    reverse: FlowValue,
+    outbound: FlowValue,
+}
+
+#[btf_map]
+static CLAIM: PerCpuArray<ClaimScratch, 1> = PerCpuArray::new();
+
 /// Claims a translated address and port for the new outbound connection `out` and records both
 /// directions. The reverse entry goes in first with BPF_NOEXIST: that insert is the claim, so two
 /// CPUs never hand out the same port towards the same remote. Returns the outbound entry.
@@ -284,7 +303,23 @@ pub fn claim(
     if count == 0 {
         return Err(Stat::PortExhausted);
     }
-    let reverse = FlowValue::new(FLOW_REVERSE, out.src, out.src_port_be, pool, tunnel, now);
+    let Some(s) = CLAIM.get_ptr_mut(0) else {
+        return Err(Stat::FlowInsertFailed);
+    };
+    // SAFETY: this CPU's slot, valid for the run and used by this call alone (see `CLAIM`).
+    let s = unsafe { &mut *s };
+    s.reverse = FlowValue::new(FLOW_REVERSE, out.src, out.src_port_be, pool, tunnel, now);
+    // The reply's key: the remote side is the connection's; the translated endpoint is written
+    // per probe.
+    s.rkey = FlowKey {
+        src: out.dst,
+        dst: [0; 16],
+        src_port_be: out.dst_port_be,
+        dst_port_be: 0,
+        proto: out.proto,
+        family: out.family,
+        _pad: [0; 2],
+    };
     let mut i = 0;
     while i < PROBES {
         // The verifier loses bounds through `%`, and LLVM drops a mask it can prove redundant;
@@ -296,22 +331,16 @@ pub fn claim(
         let port = target
             .port_min
             .wrapping_add((h.wrapping_add(i / count) % range) as u16);
-        let rkey = FlowKey {
-            src: out.dst,
-            dst: target.addr,
-            src_port_be: out.dst_port_be,
-            dst_port_be: port.to_be(),
-            proto: out.proto,
-            family: out.family,
-            _pad: [0; 2],
-        };
-        let inserted = FLOWS.insert(rkey, reverse, BPF_NOEXIST as u64);
+        s.rkey.dst = target.addr;
+        s.rkey.dst_port_be = port.to_be();
+        let inserted = FLOWS.insert(&s.rkey, &s.reverse, BPF_NOEXIST as u64);
         if inserted.is_ok() {
             if i > 0 {
                 stats::add(Stat::PortCollision, u64::from(i));
             }
-            let value = FlowValue::new(FLOW_OUTBOUND, target.addr, port.to_be(), pool, tunnel, now);
-            return record_outbound(out, &value);
+            s.outbound =
+                FlowValue::new(FLOW_OUTBOUND, target.addr, port.to_be(), pool, tunnel, now);
+            return record_outbound(out, &s.outbound);
         }
         if inserted.err() != Some(EEXIST) {
             // Not a taken port: the table is full; probing on cannot help.

@@ -157,7 +157,8 @@ fn csum_moved(ctx: &TcContext, diff: u32) {
 #[inline(always)]
 pub fn clamp_mss(ctx: &TcContext, ip: &Ip, max: u16) -> Result<bool, Stat> {
     let doff: u8 = ctx.load(ip.l4_off + 12).map_err(|_| Stat::TruncatedL4)?;
-    if doff >> 4 < 6 {
+    // The option must lie within the IP packet: what follows it is padding, not an option.
+    if doff >> 4 < 6 || ip.l4_off + 24 > ip.end {
         return Ok(false);
     }
     let opt: [u8; 4] = ctx.load(ip.l4_off + 20).map_err(|_| Stat::TruncatedL4)?;

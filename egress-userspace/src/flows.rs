@@ -482,10 +482,11 @@ pub fn remove_peers(
     flows: &mut HashMap<MapData, FlowKey, FlowValue>,
     peers: &[[u8; 4]],
 ) -> Result<Vec<Vec<(FlowKey, FlowValue)>>, MapError> {
-    let doomed: Vec<(usize, FlowKey, FlowValue)> = flows
+    // Read in batches, as the collector does: key by key costs two syscalls per entry, seconds
+    // over a full table on the agent's loop.
+    let doomed: Vec<(usize, FlowKey, FlowValue)> = Snapshot::read(flows)?
         .iter()
-        .filter_map(Result::ok)
-        .filter_map(|(k, v)| Some((peers.iter().position(|p| *p == v.tunnel)?, k, v)))
+        .filter_map(|(k, v)| Some((peers.iter().position(|p| *p == v.tunnel)?, *k, *v)))
         .collect();
     let mut removed = vec![Vec::new(); peers.len()];
     for (i, k, v) in doomed {

@@ -349,6 +349,23 @@ impl TestDatapath {
         hint: u32,
         packet: &[u8],
     ) -> anyhow::Result<Outcome> {
+        self.run_skb(hook, mark, hint, 0, packet)
+    }
+
+    /// [`Self::run`] of a GSO packet: the skb says its segments carry `gso_size` bytes each
+    /// (as a socket with UDP_SEGMENT or TSO hands it down).
+    pub fn run_gso(&mut self, hook: Hook, gso_size: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
+        self.run_skb(hook, 0, 0, gso_size, packet)
+    }
+
+    fn run_skb(
+        &mut self,
+        hook: Hook,
+        mark: u32,
+        hint: u32,
+        gso_size: u32,
+        packet: &[u8],
+    ) -> anyhow::Result<Outcome> {
         let name = match hook {
             Hook::Egress | Hook::EgressHinted => prog_names::TC_EGRESS,
             Hook::Ingress => prog_names::TC_INGRESS,
@@ -358,13 +375,16 @@ impl TestDatapath {
             Hook::XdpEmpty => return self.run_xdp(prog_names::XDP_EMPTY, packet),
         };
         let prog = loader::program(&mut self.ebpf, name)?;
-        // A prefix of struct __sk_buff up to its control block: len, pkt_type, mark at 8, ...,
-        // cb[0..5] at 48 (the kernel takes mark and cb from here, and wants the rest zero).
+        // A prefix of struct __sk_buff up to gso_size: len, pkt_type, mark at 8, ..., cb[0..5]
+        // at 48, ..., gso_size at 176 (the kernel takes mark, cb and gso_size from here, and
+        // wants the rest zero).
         const CB: usize = 48;
+        const GSO_SIZE: usize = 176;
         let hint_at = CB + 4 * egress_common::fabric::SENT_HINT_CB;
-        let mut ctx = [0u8; CB + 20];
+        let mut ctx = [0u8; GSO_SIZE + 4];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         ctx[hint_at..hint_at + 4].copy_from_slice(&hint.to_ne_bytes());
+        ctx[GSO_SIZE..].copy_from_slice(&gso_size.to_ne_bytes());
         // The kernel writes all of struct __sk_buff back (ENOSPC if it does not fit).
         let mut ctx_out = [0u8; 256];
         let mut out = vec![0u8; packet.len() + 512];

@@ -278,6 +278,19 @@ fn tunnels_never_carry_packets_larger_than_the_uplink() {
         "address held whole: MSS leaves room for the tunnel"
     );
     verify_checksums(&out.packet).unwrap();
+    // A SYN whose data offset claims the option but whose IP length ends before it: the bytes
+    // after the IP packet (padding) are not an option to clamp.
+    let mut short =
+        packet::tcp_with_mss(ip("10.50.0.11"), ip("203.0.113.1"), 9003, 80, TCP_SYN, 1460);
+    short[16..18].copy_from_slice(&40u16.to_be_bytes());
+    let short = packet::with_ttl(&short, short[22]); // (the header checksum again)
+    let out = dp.run(Hook::Egress, 0, &short).unwrap();
+    assert_eq!(
+        out.packet.get(56..58),
+        Some(&1460u16.to_be_bytes()[..]),
+        "padding left alone"
+    );
+    verify_checksums(&out.packet).unwrap_or_else(|e| panic!("short SYN: {e}"));
     // IPv6 is never tunnelled: translated, its MSS untouched.
     let v6 = packet::tcp_with_mss(
         ip("fd00:50::b"),
@@ -328,6 +341,31 @@ fn tunnels_never_carry_packets_larger_than_the_uplink() {
         &[0u8; 1444],
     );
     assert_eq!(dp.run(Hook::Egress, 0, &fits).unwrap().verdict, TC_ACT_OK);
+    // UDP GSO (UDP_SEGMENT): no MSS to clamp; segments of 1452 bytes would leave the tunnel at
+    // 1508. Refused and counted; 1444-byte segments (1500 once encapsulated) pass the check.
+    let gso = build(
+        ip("10.50.0.11"),
+        ip("203.0.113.200"),
+        L4::Udp {
+            sport: 9004,
+            dport: 443,
+        },
+        &[0u8; 400],
+    );
+    let before = dp.counter(Stat::EncapTooBig);
+    let out = dp.run_gso(Hook::Egress, 1452, &gso).unwrap();
+    assert_eq!(out.verdict, egress::testrun::TC_ACT_SHOT, "UDP GSO too big");
+    assert_eq!(dp.counter(Stat::EncapTooBig), before + 1);
+    // (The run's skb has a GSO size but no GSO type, which BPF_PROG_TEST_RUN cannot set and
+    // `bpf_skb_adjust_room` wants: it ends at `drop_encap_failed`, past the size check.)
+    let failed = dp.counter(Stat::EncapFailed);
+    dp.run_gso(Hook::Egress, 1444, &gso).unwrap();
+    assert_eq!(
+        dp.counter(Stat::EncapTooBig),
+        before + 1,
+        "UDP GSO that fits"
+    );
+    assert_eq!(dp.counter(Stat::EncapFailed), failed + 1);
 }
 
 /// Unsolicited packets to a pool address, brought by soft-unicast, never become a peer's
