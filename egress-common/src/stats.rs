@@ -181,6 +181,10 @@ stats! {
     /// Egress: a peer's connection translated here, recognised by the ingress program's sent
     /// hint and its reverse entry (its second pass, one lookup); passed untouched.
     OursHinted = 54 => "ours_hinted",
+    /// Egress: a packet of this host whose tuple is that of a peer's connection translated here
+    /// (an outbound entry naming a tunnel): never sent with that connection's binding (its
+    /// replies would go to the peer); dropped, the entry untouched.
+    PeerTuple = 55 => "drop_peer_tuple",
 }
 
 const _: () = assert!((Stat::ALL.len() as u32) <= STATS_CAPACITY);

@@ -202,6 +202,11 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -
         if let Some(e) = flow::get_any(&key) {
             // Whether it reopens is judged on the flags before this packet.
             let before = e.value();
+            // A peer's connection translated here under this very tuple (a peer may send any
+            // inner source): this host's packet never takes its binding, nor ends it.
+            if before.kind == FLOW_OUTBOUND && before.tunnel != [0; 4] {
+                return Ok(Verdict::Drop(Stat::PeerTuple));
+            }
             let v = e.touch(p);
             if !flow::reopens(&before, p) {
                 return established(ctx, ip, p, &v);

@@ -445,6 +445,53 @@ fn another_peer_cannot_touch_a_peers_connection() {
     assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
 }
 
+/// A peer may send any inner source, this server's own addresses included: a peer's
+/// connection recorded under a tuple of this host's own sockets is never used by them (its
+/// replies would go back to the peer) nor ended by them. The socket's packets are dropped,
+/// counted; the peer's connection goes on untouched.
+#[test]
+fn this_hosts_sockets_never_take_a_peers_connection_under_their_tuple() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    // b "opens" 10.50.0.11:40100 → 203.0.113.1:80, a tuple of a's own sockets.
+    let inner = tcp("10.50.0.11", 40100, "203.0.113.1", 80, TCP_SYN);
+    let out = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "b's connection translated");
+    let port = parse(&out.packet).sport;
+    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    // a's socket then uses that tuple: a SYN, data, a FIN, a RST.
+    for flags in [TCP_SYN, TCP_ACK, packet::TCP_FIN | TCP_ACK, packet::TCP_RST] {
+        let own = tcp("10.50.0.11", 40100, "203.0.113.1", 80, flags);
+        let f = Fixture {
+            name: "a's socket on b's tuple",
+            hook: Hook::Egress,
+            mark: 0,
+            packet: own,
+            want: Want::Dropped,
+            counter: Stat::PeerTuple,
+        };
+        check(&mut dp, &f);
+    }
+    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(
+        before, after,
+        "b's entries untouched (times, flags, binding)"
+    );
+    let again = dp
+        .run(
+            Hook::Ingress,
+            0,
+            &packet::gre_frame(B, A, conn_key(7), &inner),
+        )
+        .unwrap();
+    assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
+}
+
 /// Every tunnel check is strict: GRE must be addressed to this server, and a forwarded
 /// connection's replies (and ICMP errors about it) come back only from the peer it went to.
 #[test]
@@ -704,6 +751,7 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
     let mut outbound = reverse;
     outbound.kind = FLOW_OUTBOUND;
     outbound.port_be = 40999u16.to_be();
+    outbound.tunnel = [0; 4]; // a local connection's
     dp.maps
         .flows
         .insert(key("192.0.2.10", s.sport, "203.0.113.1", 80), outbound, 0)
