@@ -139,8 +139,9 @@ pub struct Agent {
     down: BTreeMap<String, u32>,
     /// Connections removed because the peer they went through died.
     peer_resets: u64,
-    /// After a liveness switch that failed to be written: not before this again.
-    liveness_retry_at: Option<std::time::Instant>,
+    /// After a liveness switch that failed to be written: not before this again, and the delay
+    /// used (it doubles per failure, up to [`RETRY_MAX`], as a reload's).
+    liveness_retry_at: Option<(std::time::Instant, std::time::Duration)>,
     /// Fleet mode: the peers whose leases the etcd thread watches.
     pub interest: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<String>>>,
     started_at: u64,
@@ -1095,7 +1096,7 @@ impl Agent {
         if down == self.down
             || self
                 .liveness_retry_at
-                .is_some_and(|at| std::time::Instant::now() < at)
+                .is_some_and(|(at, _)| std::time::Instant::now() < at)
         {
             return;
         }
@@ -1137,10 +1138,14 @@ impl Agent {
         // not this change's (a liveness switch never stands for a config).
         let previous = std::mem::replace(&mut self.down, down);
         if let Err(e) = self.replan(&why) {
-            // Not switched: the plan in force still reflects `previous`; the next check (every
-            // second) tries again.
-            error!("{why}: writing the plan failed: {e}; trying again in {RETRY_FIRST:?}");
-            self.liveness_retry_at = Some(std::time::Instant::now() + RETRY_FIRST);
+            // Not switched: the plan in force still reflects `previous`; a check after the
+            // delay tries again (5 s, doubling to 5 min, as a reload's retries).
+            let delay = self
+                .liveness_retry_at
+                .map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
+            self.reloads_failed += 1;
+            error!("{why}: writing the plan failed: {e}; trying again in {delay:?}");
+            self.liveness_retry_at = Some((std::time::Instant::now() + delay, delay));
             self.down = previous;
             self.plan_in_force();
             return;

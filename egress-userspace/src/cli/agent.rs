@@ -317,15 +317,20 @@ fn ready(
     )
 }
 
-/// Waits (a little) for the etcd thread to revoke its lease and end.
+/// Waits (a little: a supervisor's stop timeout is often a few seconds) for the etcd thread to
+/// move the alive key onto its grace lease, revoke its lease and end; says so when it did not.
 fn join_etcd(thread: Option<std::thread::JoinHandle<()>>) {
     let Some(t) = thread else { return };
-    let until = std::time::Instant::now() + Duration::from_secs(1);
+    let until = std::time::Instant::now() + Duration::from_secs(2);
     while !t.is_finished() && std::time::Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
     }
     if t.is_finished() {
         let _ = t.join();
+    } else {
+        log::warn!(
+            "exiting before etcd answered: the lease lapses on its own, and an alive key meant for --restart-grace may not have been kept"
+        );
     }
 }
 
