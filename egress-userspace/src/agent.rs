@@ -204,6 +204,12 @@ impl Housekeeper {
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// The delay before the next try of a plan that failed to be written, after `previous`
+/// (None: the first failure).
+fn backoff(previous: Option<std::time::Duration>) -> std::time::Duration {
+    previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
+
 /// An error as one line: the same problems `egress validate` lists, separated by ';'.
 pub fn one_line(e: &anyhow::Error) -> String {
     let msg: Vec<String> = format!("{e:#}")
@@ -772,10 +778,7 @@ impl Agent {
             }
             Err(e) => {
                 self.reloads_failed += 1;
-                let delay = match self.retry {
-                    Some((_, d)) if !fresh_text => (d * 2).min(RETRY_MAX),
-                    _ => RETRY_FIRST,
-                };
+                let delay = backoff(self.retry.filter(|_| !fresh_text).map(|(_, d)| d));
                 self.retry = Some((std::time::Instant::now() + delay, delay));
                 self.config_text = text;
                 error!(
@@ -1140,9 +1143,7 @@ impl Agent {
         if let Err(e) = self.replan(&why) {
             // Not switched: the plan in force still reflects `previous`; a check after the
             // delay tries again (5 s, doubling to 5 min, as a reload's retries).
-            let delay = self
-                .liveness_retry_at
-                .map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
+            let delay = backoff(self.liveness_retry_at.map(|(_, d)| d));
             self.reloads_failed += 1;
             error!("{why}: writing the plan failed: {e}; trying again in {delay:?}");
             self.liveness_retry_at = Some((std::time::Instant::now() + delay, delay));
@@ -1496,5 +1497,25 @@ impl Agent {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// Plan writes that keep failing (a reload's, a liveness switch's) are tried again after
+    /// 5 s, then twice as long each time, never more than 5 min apart.
+    #[test]
+    fn failed_plan_writes_back_off_from_5_s_to_5_min() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            let next = super::backoff(d);
+            seen.push(next.as_secs());
+            d = Some(next);
+        }
+        assert_eq!(seen, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(super::backoff(None), Duration::from_secs(5));
     }
 }
