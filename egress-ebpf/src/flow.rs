@@ -333,6 +333,8 @@ pub fn claim(
             .wrapping_add((h.wrapping_add(i / count) % range) as u16);
         s.rkey.dst = target.addr;
         s.rkey.dst_port_be = port.to_be();
+        // By reference: a copy by value would land on the stack again.
+        #[allow(clippy::needless_borrows_for_generic_args)]
         let inserted = FLOWS.insert(&s.rkey, &s.reverse, BPF_NOEXIST as u64);
         if inserted.is_ok() {
             if i > 0 {
