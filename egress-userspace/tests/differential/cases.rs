@@ -1443,7 +1443,8 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         return finish(g, steps, false, PROBE_FENCED_PERCENT);
     }
     if matches!(roll, 86) || (roll == 85 && g.r.chance(50)) {
-        let mut steps = second_peer(&mut g);
+        let local = g.r.chance(40);
+        let mut steps = second_peer(&mut g, local);
         tag_sequence(&mut g, &mut steps);
         return finish(g, steps, false, FENCED_PERCENT);
     }
@@ -1642,6 +1643,9 @@ fn tag_sequence(g: &mut G, steps: &mut [Step]) {
 }
 
 fn egress_new(g: &mut G, v6: bool) -> Gen {
+    if !v6 && g.r.chance(MSS_PADDING_PERCENT) {
+        return egress_mss_padding(g);
+    }
     g.tag(if v6 { "egress new v6" } else { "egress new v4" });
     let src = g.local(v6);
     let picked = if g.r.chance(8) {
@@ -1807,6 +1811,9 @@ fn fill_claims(g: &mut G, remote: IpAddr, tp: &Tp, v6: bool, all: bool) {
 }
 
 fn egress_established(g: &mut G) -> Gen {
+    if g.r.chance(PEER_TUPLE_PERCENT) {
+        return egress_peer_tuple(g);
+    }
     g.tag("egress established");
     let v6 = g.r.chance(20);
     let src = g.local(v6);
@@ -1837,6 +1844,304 @@ fn egress_established(g: &mut G) -> Gen {
     }
     let h = g.v4hdr();
     (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+/// The share (percent) of `egress_established` cases that are this host's packets on a
+/// peer's tuple ([`egress_peer_tuple`]).
+const PEER_TUPLE_PERCENT: u64 = 30;
+
+/// This host's packet on a tuple whose outbound entry names a tunnel (a peer's connection
+/// translated here, whose inner tuple this host's own packet repeats): dropped
+/// (`drop_peer_tuple`, egress rule 3), the entry untouched — a SYN on an entry that saw a FIN
+/// or RST does not reopen it, a FIN or RST does not flag it. SYN, SYN-ACK, data, FIN, RST, UDP
+/// and echo requests.
+fn egress_peer_tuple(g: &mut G) -> Gen {
+    g.tag("egress on a peer's tuple");
+    let v6 = g.r.chance(10);
+    let src = g.local(v6);
+    let (dst, mark) = g.dst(v6);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = match g.r.below(12) {
+        0..=3 => {
+            let f =
+                *g.r.pick(&[TCP_SYN, TCP_SYN, TCP_SYN | 0xc0, TCP_SYN | TCP_ACK]);
+            g.tcp(sp, dp, Some(f))
+        }
+        4 | 5 => {
+            let f = *g.r.pick(&[TCP_ACK, TCP_PSH | TCP_ACK]);
+            g.tcp(sp, dp, Some(f))
+        }
+        6 | 7 => g.tcp(sp, dp, Some(TCP_FIN | TCP_ACK)),
+        8 | 9 => {
+            let f = *g.r.pick(&[TCP_RST, TCP_RST | TCP_ACK]);
+            g.tcp(sp, dp, Some(f))
+        }
+        10 => g.udp(sp, dp),
+        _ => {
+            g.tag("echo request");
+            let b = g.payload();
+            Tp::echo(v6, true, sp, 6, b)
+        }
+    };
+    let (csp, cdp) = tp.conn_ports();
+    let proto = tp.proto(v6);
+    let (addr, port, pool) = match g.own_binding(v6) {
+        Some(b) => b,
+        None => {
+            g.tag("binding outside the pools");
+            let a = if v6 {
+                "2001:db8:100::b".parse().unwrap()
+            } else {
+                v4([192, 0, 2, 10])
+            };
+            (a, 40000, *g.r.pick(&g.t.pool_ids()))
+        }
+    };
+    let syn_only =
+        matches!(tp, Tp::Tcp { flags, .. } if flags & TCP_SYN != 0 && flags & TCP_ACK == 0);
+    // A SYN meets an entry that saw a FIN or RST half the time: it would reopen a tuple of
+    // this host's own.
+    let flags = if syn_only && g.r.chance(50) {
+        let (bits, name) = *g.r.pick(&[
+            (FLOW_F_FIN, "closing (FIN)"),
+            (FLOW_F_RST, "closing (RST)"),
+            (FLOW_F_CLOSING, "closing (FIN, RST)"),
+        ]);
+        g.tag(name);
+        bits
+    } else {
+        g.closing()
+    };
+    let tunnel = g.tunnel();
+    g.flows.push((
+        fkey(src, dst, csp, cdp, proto),
+        fval(FLOW_OUTBOUND, addr, port, pool, tunnel, flags),
+    ));
+    g.flows.push((
+        fkey(dst, addr, cdp, port, proto),
+        fval(FLOW_REVERSE, src, csp, pool, tunnel, flags),
+    ));
+    let h = g.v4hdr();
+    (false, mark, ip_frame(&ip_tp(src, dst, &h, &tp)))
+}
+
+/// The share (percent) of new IPv4 egress cases that are SYNs whose MSS lies past the IP
+/// length ([`egress_mss_padding`]); four times that of peers' connections and forwarded
+/// replies in a tunnel.
+const MSS_PADDING_PERCENT: u64 = 7;
+
+/// A TCP segment with SYN set (`flags`) whose data offset claims an MSS option (mostly above
+/// the tunnel MSS) as its first option, but whose IP packet ends before the option's end (at
+/// the option, or 1 to 3 bytes into it): the IP packet (its length and the TCP checksum cover
+/// the bytes within it) and the bytes after it in the frame (the option and what follows:
+/// padding, never an option).
+#[allow(clippy::too_many_arguments, reason = "one segment")]
+fn mss_past_ip_length(
+    g: &mut G,
+    src: IpAddr,
+    dst: IpAddr,
+    h: &V4,
+    sp: u16,
+    dp: u16,
+    flags: u8,
+) -> (Vec<u8>, Vec<u8>) {
+    let mss = *g.r.pick(&[1433u16, 1460, 1460, 8960, 65495, 1200]);
+    let [hi, lo] = mss.to_be_bytes();
+    let opts = if g.r.chance(50) {
+        vec![2, 4, hi, lo]
+    } else {
+        vec![2, 4, hi, lo, 4, 2, 1, 3, 3, 7]
+    };
+    let tp = Tp::Tcp {
+        sport: sp,
+        dport: dp,
+        flags,
+        opts,
+        payload: vec![],
+    };
+    let mut seg = segment(src, dst, &tp);
+    let k = *g.r.pick(&[0usize, 0, 0, 1, 2, 3]);
+    g.tag(format!(
+        "tcp {} MSS {mss} past the IP length ({k} bytes of it within)",
+        flag_name(flags)
+    ));
+    let padding = seg.split_off(20 + k);
+    seg[16..18].copy_from_slice(&[0, 0]);
+    let c = fold(sum(&seg, pseudo(src, dst, 6, seg.len())));
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    (ip_packet(src, dst, 6, h, &seg), padding)
+}
+
+/// IPv4 *snat* pools with a target `OWNERS` holds (split or whole): translated to it, a SYN is
+/// clamped. (pool, those targets' addresses.)
+fn snat_pools_in_owners(g: &G) -> Vec<(u32, Vec<[u8; 4]>)> {
+    g.t.pools_with(ActionKind::Snat, FAMILY_V4)
+        .into_iter()
+        .filter_map(|(p, a)| {
+            let owned: Vec<[u8; 4]> = a.snat[..usize::from(a.snat_count).min(a.snat.len())]
+                .iter()
+                .map(|t| <[u8; 4]>::try_from(&t.addr[..4]).unwrap())
+                .filter(|x| g.t.owners.iter().any(|(o, _)| o == x))
+                .collect();
+            (!owned.is_empty()).then_some((p, owned))
+        })
+        .collect()
+}
+
+/// A SYN on an egress path that clamps — forwarded (new, or on a forwarded entry), translated
+/// to an IPv4 pool address (new, or on an outbound entry) — whose data offset claims the MSS
+/// option but whose IP length ends before it, the option in the frame as padding: not
+/// clamped.
+fn egress_mss_padding(g: &mut G) -> Gen {
+    g.tag("egress SYN, MSS past the IP length");
+    let src = g.local(false);
+    let (sp, dp) = (g.port(), g.port());
+    let fwd = g.t.pools_with(ActionKind::Forward, FAMILY_V4);
+    let owned = snat_pools_in_owners(g);
+    let established = g.r.chance(35);
+    let forward = !fwd.is_empty() && (owned.is_empty() || g.r.chance(50));
+    let (dst, mark) = if forward {
+        g.tag(if established {
+            "forwarded entry"
+        } else {
+            "forward pool"
+        });
+        let (pool, _) = *g.r.pick(&fwd);
+        let (d, m) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+        if established {
+            let tunnel = g.tunnel();
+            g.flows.push((
+                fkey(src, d, sp, dp, 6),
+                fval(FLOW_FORWARDED, src, sp, pool, tunnel, 0),
+            ));
+        }
+        (d, m)
+    } else if !owned.is_empty() {
+        g.tag(if established {
+            "outbound entry to an address in OWNERS"
+        } else {
+            "snat pool with an address in OWNERS"
+        });
+        let (pool, addrs) = g.r.pick(&owned).clone();
+        let (d, m) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+        if established {
+            let addr = v4(*g.r.pick(&addrs));
+            let port = g.r.range(1024, 65535) as u16;
+            g.flows.push((
+                fkey(src, d, sp, dp, 6),
+                fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
+            ));
+            g.flows.push((
+                fkey(d, addr, dp, port, 6),
+                fval(FLOW_REVERSE, src, sp, pool, [0; 4], 0),
+            ));
+        }
+        (d, m)
+    } else {
+        g.tag("no pool that clamps");
+        g.dst(false)
+    };
+    let flags = if established {
+        *g.r.pick(&[TCP_SYN | TCP_ACK, TCP_SYN | TCP_ACK, TCP_SYN])
+    } else {
+        *g.r.pick(&[TCP_SYN, TCP_SYN, TCP_SYN | 0xc0])
+    };
+    let h = g.v4hdr();
+    let (ip, padding) = mss_past_ip_length(g, src, dst, &h, sp, dp, flags);
+    let mut frame = ip_frame(&ip);
+    frame.extend_from_slice(&padding);
+    (false, mark, frame)
+}
+
+/// A peer's SYN in a tunnel (new, or on an outbound entry of this peer) to a destination of a
+/// *snat* pool with an address in `OWNERS`, whose inner data offset claims the MSS option but
+/// whose inner IP length ends before it; the outer IPv4 length ends with the inner packet,
+/// the option in the frame as padding: translated, not clamped.
+fn gre_peer_mss_padding(g: &mut G) -> Gen {
+    g.tag("GRE peer SYN, MSS past the IP length");
+    let owned = snat_pools_in_owners(g);
+    let (pool, addrs) = if owned.is_empty() {
+        g.tag("no snat pool with an address in OWNERS");
+        (*g.r.pick(&g.t.pool_ids()), vec![])
+    } else {
+        g.r.pick(&owned).clone()
+    };
+    let (dst, _) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+    let inner_src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
+    let (sp, dp) = (g.port(), g.port());
+    let (peer, h) = gre_outer(g);
+    if !addrs.is_empty() && g.r.chance(30) {
+        g.tag("outbound entry of this peer");
+        let addr = v4(*g.r.pick(&addrs));
+        let port = g.r.range(1024, 65535) as u16;
+        let tunnel = peer.octets();
+        g.flows.push((
+            fkey(inner_src, dst, sp, dp, 6),
+            fval(FLOW_OUTBOUND, addr, port, pool, tunnel, 0),
+        ));
+        g.flows.push((
+            fkey(dst, addr, dp, port, 6),
+            fval(FLOW_REVERSE, inner_src, sp, pool, tunnel, 0),
+        ));
+    }
+    let flags =
+        *g.r.pick(&[TCP_SYN, TCP_SYN, TCP_SYN | 0xc0, TCP_SYN | TCP_ACK]);
+    let ih = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let (inner, padding) = mss_past_ip_length(g, inner_src, dst, &ih, sp, dp, flags);
+    let key = KIND_CONNECTION << 30 | pool;
+    let mut frame = ip_frame(&gre_packet(
+        peer,
+        FABRIC.into(),
+        &h,
+        0x2000,
+        0x0800,
+        key,
+        &inner,
+    ));
+    frame.extend_from_slice(&padding);
+    (true, g.r.next() as u32, frame)
+}
+
+/// A forwarded connection's reply SYN-ACK in a tunnel from the entry's own peer (now and
+/// then a bare SYN), whose inner data offset claims the MSS option but whose inner IP length
+/// ends before it; the outer IPv4 length ends with the inner packet, the option in the frame
+/// as padding: delivered, not clamped.
+fn gre_forwarded_reply_mss_padding(g: &mut G) -> Gen {
+    g.tag("GRE forwarded reply SYN-ACK, MSS past the IP length");
+    let local = g.local(false);
+    let (remote, _) = g.dst(false);
+    let (lport, rport) = (g.port(), g.port());
+    let (peer, h) = gre_outer(g);
+    let pool = *g.r.pick(&g.t.pool_ids());
+    g.flows.push((
+        fkey(local, remote, lport, rport, 6),
+        fval(FLOW_FORWARDED, local, lport, pool, peer.octets(), 0),
+    ));
+    let flags = if g.r.chance(15) {
+        TCP_SYN
+    } else {
+        TCP_SYN | TCP_ACK
+    };
+    let ih = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let (inner, padding) = mss_past_ip_length(g, remote, local, &ih, rport, lport, flags);
+    let key = KIND_REPLY << 30 | pool;
+    let mut frame = ip_frame(&gre_packet(
+        peer,
+        FABRIC.into(),
+        &h,
+        0x2000,
+        0x0800,
+        key,
+        &inner,
+    ));
+    frame.extend_from_slice(&padding);
+    (true, g.r.next() as u32, frame)
 }
 
 /// A forwarded connection the socket closed (its FIN or RST through the entry, or an entry
@@ -2232,7 +2537,33 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
             let src = g.local(v6);
             let (sp, dp) = (g.port(), g.port());
             let tp = big_tp(g, v6, sp, dp, false);
-            if g.r.chance(30) {
+            let peer_tuple = g.r.chance(35);
+            if peer_tuple {
+                // A peer's connection translated here under this very tuple: the first
+                // fragment is dropped (`drop_peer_tuple`), nothing recorded for the later
+                // ones.
+                let (a, b) = tp.conn_ports();
+                let proto = tp.proto(v6);
+                let (addr, port, pool) = g.own_binding(v6).unwrap_or_else(|| {
+                    let a = if v6 {
+                        "2001:db8:100::b".parse().unwrap()
+                    } else {
+                        v4([192, 0, 2, 10])
+                    };
+                    (a, 40000, 1)
+                });
+                let tunnel = g.tunnel();
+                let flags = g.closing();
+                g.tag("outbound entry of a peer");
+                g.flows.push((
+                    fkey(src, dst, a, b, proto),
+                    fval(FLOW_OUTBOUND, addr, port, pool, tunnel, flags),
+                ));
+                g.flows.push((
+                    fkey(dst, addr, b, port, proto),
+                    fval(FLOW_REVERSE, src, a, pool, tunnel, flags),
+                ));
+            } else if g.r.chance(30) {
                 // An established connection.
                 let (a, b) = tp.conn_ports();
                 let proto = tp.proto(v6);
@@ -2791,9 +3122,17 @@ fn gre_stray(g: &mut G) -> Gen {
 }
 
 /// A second peer sending on a first peer's connection tuple: dropped, the first peer's
-/// outbound entry left untouched; the first peer's next packet still translated.
-fn second_peer(g: &mut G) -> Vec<Step> {
-    g.tag("second peer on a peer's tuple");
+/// outbound entry left untouched; the first peer's next packet still translated. `local`:
+/// this host's own packets on the tuple instead (a peer may send any inner source, this
+/// host's own included): dropped (`drop_peer_tuple`, egress rule 3), the entry untouched
+/// (a FIN or RST does not flag it, a SYN does not reopen it), the peer's next packet still
+/// translated.
+fn second_peer(g: &mut G, local: bool) -> Vec<Step> {
+    if local {
+        g.tag("this host on a peer's tuple");
+    } else {
+        g.tag("second peer on a peer's tuple");
+    }
     let snat = g.t.pools_with(ActionKind::Snat, FAMILY_V4);
     let peers: Vec<[u8; 4]> = g.t.peers.clone();
     if snat.is_empty() || peers.len() < 2 {
@@ -2808,11 +3147,16 @@ fn second_peer(g: &mut G) -> Vec<Step> {
         }];
     }
     let (pool, _) = *g.r.pick(&snat);
-    let dst = match g.dst_of_pool(pool, false) {
-        Some((d, _)) => d,
-        None => g.dst(false).0,
+    let (dst, mark) = match g.dst_of_pool(pool, false) {
+        Some((d, m)) => (d, m),
+        None => g.dst(false),
     };
-    let src = v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]));
+    // This host's own address as the peer's inner source, or another.
+    let src = if local && g.r.chance(70) {
+        g.local(false)
+    } else {
+        v4(*g.r.pick(&[[10u8, 9, 8, 7], [172, 16, 0, 1]]))
+    };
     let first = *g.r.pick(&peers);
     let second = *g.r.pick(
         &peers
@@ -2867,11 +3211,41 @@ fn second_peer(g: &mut G) -> Vec<Step> {
         TCP_RST | TCP_ACK,
         TCP_ACK,
     ]);
-    let tp = mk(g, f);
-    steps.push(step_frame(
-        "second peer on the tuple in GRE",
-        &wrap(second, &tp),
-    ));
+    if local {
+        // One or two of this host's packets on the tuple (a SYN after its FIN or RST would
+        // reopen a tuple of its own).
+        let n = if g.r.chance(40) { 2 } else { 1 };
+        for i in 0..n {
+            let f = if i == 1 {
+                TCP_SYN
+            } else {
+                *g.r.pick(&[
+                    TCP_SYN,
+                    TCP_SYN,
+                    TCP_ACK,
+                    TCP_PSH | TCP_ACK,
+                    TCP_FIN | TCP_ACK,
+                    TCP_RST,
+                    TCP_RST | TCP_ACK,
+                ])
+            };
+            let tp = mk(g, f);
+            let h = g.v4hdr();
+            steps.push(Step {
+                class: "this host on the tuple, on egress".into(),
+                ingress: false,
+                mark: g.mark_near(mark),
+                packet: ip_frame(&ip_tp(src, dst, &h, &tp)),
+                prev_output: false,
+            });
+        }
+    } else {
+        let tp = mk(g, f);
+        steps.push(step_frame(
+            "second peer on the tuple in GRE",
+            &wrap(second, &tp),
+        ));
+    }
     let tp = mk(g, TCP_ACK);
     steps.push(step_frame("first peer again in GRE", &wrap(first, &tp)));
     steps
@@ -3077,6 +3451,9 @@ fn gre_ingress(g: &mut G, key: u32, inner: &[u8]) -> Gen {
 }
 
 fn gre_peer(g: &mut G) -> Gen {
+    if g.r.chance(MSS_PADDING_PERCENT * 4) {
+        return gre_peer_mss_padding(g);
+    }
     g.tag("GRE peer connection");
     let inner_src = v4(*g
         .r
@@ -3183,6 +3560,9 @@ fn gre_reply(g: &mut G) -> Gen {
 }
 
 fn gre_forwarded_reply(g: &mut G) -> Gen {
+    if g.r.chance(MSS_PADDING_PERCENT * 4) {
+        return gre_forwarded_reply_mss_padding(g);
+    }
     g.tag("GRE forwarded reply");
     let local = g.local(false);
     let (remote, _) = g.dst(false);

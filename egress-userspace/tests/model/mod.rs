@@ -23,7 +23,15 @@
 //! No policy covers IPv4 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 or IPv6 ::/16,
 //! fe80::/10, ff00::/8, whatever the prefixes say ([`never_covered`]), nor an ICMPv6 neighbour
 //! discovery message ([`ND_TYPES`]), wherever a policy is asked. A SYN translated to any IPv4 pool address in `OWNERS` (split or held whole) has its
-//! MSS clamped.
+//! MSS clamped. The MSS is read only as the first TCP option lying wholly within the IP
+//! packet: an option whose bytes reach past the IP length (the data offset claims it, the
+//! frame may hold it as padding) is never clamped. (A data offset beyond the packet with the
+//! MSS itself inside it stays silent: the rules name only where the option lies.)
+//!
+//! Egress rule 3: an *outbound* entry naming a tunnel (a peer's connection translated here
+//! under the tuple this host's packet repeats) drops the packet (`drop_peer_tuple`), whatever
+//! the packet (a SYN that would reopen a closed entry, a FIN, an RST), and leaves the entry
+//! untouched ([`Outcome::untouched`]: not refreshed, not flagged, not removed).
 //!
 //! Ethernet is read through up to two VLAN tags in the frame data (`wire::l2`): the IP header
 //! follows the last tag, rewrites keep the tags, and a tagged frame is never encapsulated nor
@@ -352,6 +360,27 @@ pub const NOTE_NEVER_COVERED_PEER: &str =
 pub const NOTE_MSS_WHOLE: &str =
     "MSS clamped: translated to an IPv4 pool address of one share (held whole by one server)";
 pub const NOTE_MSS_SPLIT: &str = "MSS clamped: translated to an IPv4 address split between shares";
+/// [`Outcome::notes`]: a SYN on a path that clamps whose data offset claims the MSS option but
+/// whose IP length ends before the option's end, the frame holding an MSS above the tunnel MSS
+/// there (padding): not an option, not clamped. By path.
+pub const NOTE_MSS_PADDING_FORWARDED: &str =
+    "MSS past the IP length (padding) not clamped: forwarded on egress";
+pub const NOTE_MSS_PADDING_TRANSLATED: &str =
+    "MSS past the IP length (padding) not clamped: translated here to an IPv4 pool address";
+pub const NOTE_MSS_PADDING_PEER: &str =
+    "MSS past the IP length (padding) not clamped: a peer's connection translated here";
+pub const NOTE_MSS_PADDING_REPLY: &str =
+    "MSS past the IP length (padding) not clamped: a forwarded connection's reply SYN-ACK";
+/// [`Outcome::notes`]: this host's packet on a tuple whose outbound entry names a tunnel (a
+/// peer's connection translated here), dropped (`drop_peer_tuple`, egress rule 3), by packet.
+pub const NOTE_PEER_TUPLE_SYN: &str = "drop_peer_tuple: a SYN on a peer's open entry";
+pub const NOTE_PEER_TUPLE_SYN_CLOSED: &str =
+    "drop_peer_tuple: a SYN on a peer's entry that saw a FIN or RST (not reopened)";
+pub const NOTE_PEER_TUPLE_DATA: &str = "drop_peer_tuple: TCP data or ACK";
+pub const NOTE_PEER_TUPLE_FIN: &str = "drop_peer_tuple: a FIN (the entry not flagged)";
+pub const NOTE_PEER_TUPLE_RST: &str = "drop_peer_tuple: an RST (the entry not flagged)";
+pub const NOTE_PEER_TUPLE_OTHER: &str = "drop_peer_tuple: UDP or ICMP echo request";
+pub const NOTE_PEER_TUPLE_FRAGMENT: &str = "drop_peer_tuple: a first fragment";
 /// [`Outcome::notes`]: ICMP errors with bytes past the error's IP length (padding).
 pub const NOTE_ICMP_PADDED_SHORT: &str =
     "ICMP error padded: fewer than 8 quoted transport bytes within its IP length, no quote";
@@ -840,8 +869,17 @@ impl Cx<'_> {
         self.set_l4_word(ip, at, port);
     }
 
-    /// The MSS (first option) exceeds the tunnel MSS.
-    fn mss_too_big(&self, ip: &Ip, l4: &L4) -> Result<bool, Stop> {
+    /// The MSS exceeds the tunnel MSS, read only where it is the first TCP option and lies
+    /// within the IP packet: bytes past the IP length are padding, never an option (an option
+    /// reaching past it is not clamped, its bytes inside the packet or not). `padding_note`:
+    /// noted when the frame holds, past the IP length, an MSS option above the tunnel MSS where
+    /// the data offset claims one (what a clamp reading the frame would have taken).
+    fn mss_too_big(
+        &mut self,
+        ip: &Ip,
+        l4: &L4,
+        padding_note: Option<&'static str>,
+    ) -> Result<bool, Stop> {
         let L4::Tcp { doff, .. } = *l4 else {
             return Ok(false);
         };
@@ -850,8 +888,11 @@ impl Cx<'_> {
             return Ok(false);
         }
         if at + 24 > ip.end {
-            if at + 22 <= ip.end && self.p[at + 20] == 2 {
-                return silent("MSS option cut off by the end of the packet");
+            // Not within the IP packet: not an option.
+            if let Some(note) = padding_note
+                && self.padding_mss_too_big(at)
+            {
+                self.notes.push(note);
             }
             return Ok(false);
         }
@@ -870,8 +911,28 @@ impl Cx<'_> {
         Ok(be16(&self.p, at + 22) > mss)
     }
 
-    fn clamp(&mut self, ip: &Ip, l4: &L4) -> Result<(), Stop> {
-        if self.mss_too_big(ip, l4)? {
+    /// The frame (the packet, then the padding [`Cx::trim`] cut off) holds an MSS option above
+    /// the tunnel MSS at the first option's place, `at` the TCP header.
+    fn padding_mss_too_big(&self, at: usize) -> bool {
+        let byte = |i: usize| match self.p.get(i) {
+            Some(b) => Some(*b),
+            None => self.padding.get(i - self.p.len()).copied(),
+        };
+        let (Some(kind), Some(len), Some(hi), Some(lo)) =
+            (byte(at + 20), byte(at + 21), byte(at + 22), byte(at + 23))
+        else {
+            return false;
+        };
+        let Some(local) = self.w.local else {
+            return false;
+        };
+        kind == 2 && len == 4 && u16::from_be_bytes([hi, lo]) > local.mss_v4
+    }
+
+    /// Clamps the MSS of `ip` (a segment with SYN set on a path that clamps); `padding_note`
+    /// names the path for an MSS past the IP length (not clamped).
+    fn clamp(&mut self, ip: &Ip, l4: &L4, padding_note: &'static str) -> Result<(), Stop> {
+        if self.mss_too_big(ip, l4, Some(padding_note))? {
             let at = ip.l4() + 22;
             let mss = self
                 .local("an MSS to clamp while LOCAL is not written")?
@@ -895,7 +956,11 @@ impl Cx<'_> {
         if Self::tcp_flags(l4) & TCP_SYN == 0 || ip.v6 || !self.in_owners(a4(&to)) {
             return Ok(());
         }
-        self.clamp(ip, l4)?;
+        let padding_note = match self.hook {
+            Hook::Egress => NOTE_MSS_PADDING_TRANSLATED,
+            Hook::Ingress => NOTE_MSS_PADDING_PEER,
+        };
+        self.clamp(ip, l4, padding_note)?;
         if self.mss_clamped {
             let split = self
                 .w
@@ -1131,6 +1196,28 @@ impl Cx<'_> {
             // SYN on the tuple a new connection).
             let closes = tcp && f & (TCP_FIN | TCP_RST) != 0;
             match v.kind {
+                // A peer's connection translated here under this very tuple: this host's
+                // packet never takes its binding. Dropped, the entry untouched (not refreshed,
+                // not flagged by a FIN or RST, not retired by a SYN that would reopen it).
+                FLOW_OUTBOUND if v.tunnel != [0; 4] => {
+                    self.untouched.push(k);
+                    self.notes.push(if ip.first() {
+                        NOTE_PEER_TUPLE_FRAGMENT
+                    } else if syn_only && v.flags & FLOW_F_CLOSING != 0 {
+                        NOTE_PEER_TUPLE_SYN_CLOSED
+                    } else if tcp && f & TCP_SYN != 0 {
+                        NOTE_PEER_TUPLE_SYN
+                    } else if tcp && f & TCP_RST != 0 {
+                        NOTE_PEER_TUPLE_RST
+                    } else if tcp && f & TCP_FIN != 0 {
+                        NOTE_PEER_TUPLE_FIN
+                    } else if tcp {
+                        NOTE_PEER_TUPLE_DATA
+                    } else {
+                        NOTE_PEER_TUPLE_OTHER
+                    });
+                    return drop("drop_peer_tuple", "egress 3: a peer's outbound entry");
+                }
                 FLOW_OUTBOUND if reopens => {
                     // Reopened: the old outbound entry goes, its reverse entry stays as it is
                     // (old port, old FIN/RST flags).
@@ -1173,7 +1260,7 @@ impl Cx<'_> {
                 }
                 FLOW_FORWARDED => {
                     if f & TCP_SYN != 0 {
-                        self.clamp(&ip, &l4)?;
+                        self.clamp(&ip, &l4, NOTE_MSS_PADDING_FORWARDED)?;
                     }
                     let first = frag_key(&ip);
                     let gre_key = tunnel_key(KIND_CONNECTION, v.pool);
@@ -1322,7 +1409,7 @@ impl Cx<'_> {
                 self.flows
                     .insert(k, FlowValue::new(FLOW_FORWARDED, [0; 16], 0, pool, peer, 0));
                 if Self::tcp_flags(&l4) & TCP_SYN != 0 {
-                    self.clamp(&ip, &l4)?;
+                    self.clamp(&ip, &l4, NOTE_MSS_PADDING_FORWARDED)?;
                 }
                 let first = frag_key(&ip);
                 match self.encap(&ip, peer, tunnel_key(KIND_CONNECTION, pool))? {
@@ -1824,8 +1911,8 @@ impl Cx<'_> {
         let f = Self::tcp_flags(l4);
         if f & TCP_SYN != 0 {
             if f & TCP_ACK != 0 {
-                self.clamp(ip, l4)?;
-            } else if self.mss_too_big(ip, l4)? {
+                self.clamp(ip, l4, NOTE_MSS_PADDING_REPLY)?;
+            } else if self.mss_too_big(ip, l4, None)? {
                 return silent(
                     "SYN (not SYN-ACK) replying to a forwarded connection: clamp or not",
                 );
