@@ -630,6 +630,49 @@ mod tests {
         }
     }
 
+    /// Empty spy tables sharing one write log and generation cell.
+    #[allow(clippy::type_complexity)]
+    fn spy_tables<'a>(
+        log: &'a std::cell::RefCell<Vec<(u8, u8)>>,
+        cell: &'a std::cell::Cell<u8>,
+    ) -> PlanTables<
+        Spy<'a, egress_common::action::ActionKey, egress_common::action::Action>,
+        Spy<'a, crate::plan::LpmKeyV4, egress_common::policy::PolicyValue>,
+        Spy<'a, crate::plan::LpmKeyV6, egress_common::policy::PolicyValue>,
+        Spy<'a, egress_common::fabric::AddrKey, egress_common::fabric::Peer>,
+        Spy<'a, egress_common::fabric::AddrKey, egress_common::fabric::Owners>,
+        Spy<'a, crate::plan::LpmKeyPeer, egress_common::policy::PolicyValue>,
+        SpyCell<'a>,
+        FilterSpy<'a>,
+    > {
+        fn spy<'a, K, V>(
+            log: &'a std::cell::RefCell<Vec<(u8, u8)>>,
+            cell: &'a std::cell::Cell<u8>,
+        ) -> Spy<'a, K, V> {
+            Spy {
+                inner: BTreeMap::new(),
+                log,
+                cell,
+                reads: Default::default(),
+                puts_left: Default::default(),
+            }
+        }
+        PlanTables {
+            actions: spy(log, cell),
+            policies_v4: spy(log, cell),
+            policies_v6: spy(log, cell),
+            peers: spy(log, cell),
+            owners: spy(log, cell),
+            peer_policies: spy(log, cell),
+            generation: SpyCell(cell),
+            filter: FilterSpy {
+                last: None,
+                at: Vec::new(),
+                cell,
+            },
+        }
+    }
+
     fn contents(config: &crate::config::Config, server: &str) -> MapContents {
         let t = crate::validate::validate(config).unwrap();
         crate::plan::map_contents(&t, &crate::plan::plan(&t, server))
@@ -662,31 +705,7 @@ mod tests {
         let b = crate::config::Config::parse(&text, "b").unwrap();
         let log = std::cell::RefCell::new(Vec::new());
         let cell = std::cell::Cell::new(0u8);
-        macro_rules! spy {
-            () => {
-                Spy {
-                    inner: BTreeMap::new(),
-                    log: &log,
-                    cell: &cell,
-                    reads: Default::default(),
-                    puts_left: Default::default(),
-                }
-            };
-        }
-        let mut t = PlanTables {
-            actions: spy!(),
-            policies_v4: spy!(),
-            policies_v6: spy!(),
-            peers: spy!(),
-            owners: spy!(),
-            peer_policies: spy!(),
-            generation: SpyCell(&cell),
-            filter: FilterSpy {
-                last: None,
-                at: Vec::new(),
-                cell: &cell,
-            },
-        };
+        let mut t = spy_tables(&log, &cell);
         let mut in_force = MapContents::default();
         for (i, want) in [
             contents(&a, "fra-a-2"),
@@ -816,31 +835,7 @@ mod tests {
         let b = crate::config::Config::parse(&text, "b").unwrap();
         let log = std::cell::RefCell::new(Vec::new());
         let cell = std::cell::Cell::new(0u8);
-        macro_rules! spy {
-            () => {
-                Spy {
-                    inner: BTreeMap::new(),
-                    log: &log,
-                    cell: &cell,
-                    reads: Default::default(),
-                    puts_left: Default::default(),
-                }
-            };
-        }
-        let mut t = PlanTables {
-            actions: spy!(),
-            policies_v4: spy!(),
-            policies_v6: spy!(),
-            peers: spy!(),
-            owners: spy!(),
-            peer_policies: spy!(),
-            generation: SpyCell(&cell),
-            filter: FilterSpy {
-                last: None,
-                at: Vec::new(),
-                cell: &cell,
-            },
-        };
+        let mut t = spy_tables(&log, &cell);
         let (want_a, want_b) = (contents(&a, "fra-a-2"), contents(&b, "fra-a-2"));
         assert_ne!(want_a, want_b);
         t.apply(&want_a).unwrap();
