@@ -404,30 +404,23 @@ fn soft_unicast_strays_create_nothing_even_under_a_catch_all_policy() {
     assert_eq!(dp.maps.flows.iter().count(), 0, "no state created");
 }
 
-/// A second peer's packet on the first peer's connection tuple neither refreshes nor takes it.
-#[test]
-fn another_peer_cannot_touch_a_peers_connection() {
+/// b opens `inner` through a; then every one of `intruders` is dropped with its counter,
+/// leaving b's entries as they were (times, flags, binding), and b keeps its port.
+fn intruders_leave_bs_connection_alone(inner: &[u8], intruders: impl IntoIterator<Item = Fixture>) {
     let (_net, mut dp) = datapath(TOPOLOGY);
-    let inner = tcp("10.50.0.12", 6100, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
+    let open = |dp: &mut TestDatapath| {
+        dp.run(
             Hook::Ingress,
             0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
+            &packet::gre_frame(B, A, conn_key(7), inner),
         )
-        .unwrap();
+        .unwrap()
+    };
+    let out = open(&mut dp);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "b's connection translated");
     let port = parse(&out.packet).sport;
     let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
-    for flags in [packet::TCP_RST, TCP_SYN, packet::TCP_FIN | TCP_ACK] {
-        let theirs = tcp("10.50.0.12", 6100, "203.0.113.1", 80, flags);
-        let f = Fixture {
-            name: "c on b's connection",
-            hook: Hook::Ingress,
-            mark: 0,
-            packet: packet::gre_frame([10, 50, 0, 13], A, conn_key(7), &theirs),
-            want: Want::Dropped,
-            counter: Stat::PeerPolicy,
-        };
+    for f in intruders {
         check(&mut dp, &f);
     }
     let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
@@ -435,14 +428,29 @@ fn another_peer_cannot_touch_a_peers_connection() {
         before, after,
         "b's entries untouched (times, flags, binding)"
     );
-    let again = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
-        )
-        .unwrap();
-    assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
+    assert_eq!(parse(&open(&mut dp).packet).sport, port, "b keeps its port");
+}
+
+/// A second peer's packet on the first peer's connection tuple neither refreshes nor takes it.
+#[test]
+fn another_peer_cannot_touch_a_peers_connection() {
+    let inner = tcp("10.50.0.12", 6100, "203.0.113.1", 80, TCP_SYN);
+    intruders_leave_bs_connection_alone(
+        &inner,
+        [packet::TCP_RST, TCP_SYN, packet::TCP_FIN | TCP_ACK].map(|flags| Fixture {
+            name: "c on b's connection",
+            hook: Hook::Ingress,
+            mark: 0,
+            packet: packet::gre_frame(
+                [10, 50, 0, 13],
+                A,
+                conn_key(7),
+                &tcp("10.50.0.12", 6100, "203.0.113.1", 80, flags),
+            ),
+            want: Want::Dropped,
+            counter: Stat::PeerPolicy,
+        }),
+    );
 }
 
 /// A peer may send any inner source, this server's own addresses included: a peer's
@@ -451,45 +459,20 @@ fn another_peer_cannot_touch_a_peers_connection() {
 /// counted; the peer's connection goes on untouched.
 #[test]
 fn this_hosts_sockets_never_take_a_peers_connection_under_their_tuple() {
-    let (_net, mut dp) = datapath(TOPOLOGY);
-    // b "opens" 10.50.0.11:40100 → 203.0.113.1:80, a tuple of a's own sockets.
+    // b "opens" 10.50.0.11:40100 → 203.0.113.1:80, a tuple of a's own sockets; a's socket then
+    // uses it: a SYN, data, a FIN, a RST.
     let inner = tcp("10.50.0.11", 40100, "203.0.113.1", 80, TCP_SYN);
-    let out = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
-        )
-        .unwrap();
-    assert_eq!(out.verdict, TC_ACT_REDIRECT, "b's connection translated");
-    let port = parse(&out.packet).sport;
-    let before: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
-    // a's socket then uses that tuple: a SYN, data, a FIN, a RST.
-    for flags in [TCP_SYN, TCP_ACK, packet::TCP_FIN | TCP_ACK, packet::TCP_RST] {
-        let own = tcp("10.50.0.11", 40100, "203.0.113.1", 80, flags);
-        let f = Fixture {
+    intruders_leave_bs_connection_alone(
+        &inner,
+        [TCP_SYN, TCP_ACK, packet::TCP_FIN | TCP_ACK, packet::TCP_RST].map(|flags| Fixture {
             name: "a's socket on b's tuple",
             hook: Hook::Egress,
             mark: 0,
-            packet: own,
+            packet: tcp("10.50.0.11", 40100, "203.0.113.1", 80, flags),
             want: Want::Dropped,
             counter: Stat::PeerTuple,
-        };
-        check(&mut dp, &f);
-    }
-    let after: Vec<_> = dp.maps.flows.iter().map(|e| e.unwrap()).collect();
-    assert_eq!(
-        before, after,
-        "b's entries untouched (times, flags, binding)"
+        }),
     );
-    let again = dp
-        .run(
-            Hook::Ingress,
-            0,
-            &packet::gre_frame(B, A, conn_key(7), &inner),
-        )
-        .unwrap();
-    assert_eq!(parse(&again.packet).sport, port, "b keeps its port");
 }
 
 /// Every tunnel check is strict: GRE must be addressed to this server, and a forwarded
