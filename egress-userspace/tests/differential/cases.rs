@@ -2092,17 +2092,27 @@ fn gre_peer_mss_padding(g: &mut G) -> Gen {
     };
     let (inner, padding) = mss_past_ip_length(g, inner_src, dst, &ih, sp, dp, flags);
     let key = KIND_CONNECTION << 30 | pool;
+    (
+        true,
+        g.r.next() as u32,
+        gre_frame_padded(peer, &h, key, &inner, &padding),
+    )
+}
+
+/// A GRE frame from `peer` to this server (outer header `h`, key `key`) around `inner`,
+/// with `padding` after the outer packet.
+fn gre_frame_padded(peer: Ipv4Addr, h: &V4, key: u32, inner: &[u8], padding: &[u8]) -> Vec<u8> {
     let mut frame = ip_frame(&gre_packet(
         peer,
         FABRIC.into(),
-        &h,
+        h,
         0x2000,
         0x0800,
         key,
-        &inner,
+        inner,
     ));
-    frame.extend_from_slice(&padding);
-    (true, g.r.next() as u32, frame)
+    frame.extend_from_slice(padding);
+    frame
 }
 
 /// A forwarded connection's reply SYN-ACK in a tunnel from the entry's own peer (now and
@@ -2131,17 +2141,11 @@ fn gre_forwarded_reply_mss_padding(g: &mut G) -> Gen {
     };
     let (inner, padding) = mss_past_ip_length(g, remote, local, &ih, rport, lport, flags);
     let key = KIND_REPLY << 30 | pool;
-    let mut frame = ip_frame(&gre_packet(
-        peer,
-        FABRIC.into(),
-        &h,
-        0x2000,
-        0x0800,
-        key,
-        &inner,
-    ));
-    frame.extend_from_slice(&padding);
-    (true, g.r.next() as u32, frame)
+    (
+        true,
+        g.r.next() as u32,
+        gre_frame_padded(peer, &h, key, &inner, &padding),
+    )
 }
 
 /// A forwarded connection the socket closed (its FIN or RST through the entry, or an entry
