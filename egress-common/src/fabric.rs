@@ -145,11 +145,41 @@ pub const PEER_BUDGET: u32 = crate::flow::FLOWS_CAPACITY / 4;
 pub const XDP_DONE: u32 = 0x4547_5844;
 /// The word of the skb's control block (`__sk_buff.cb[SENT_HINT_CB]`; `--trace` uses cb[0..2])
 /// in which the ingress program leaves [`SENT_HINT`] on a peer's connection it translated and
-/// redirected out of the uplink, so that the packet's second pass through `tc_egress` checks
-/// "already translated" first. Only a hint: the reverse entry decides (the control block of a
-/// locally sent packet holds whatever the stack left there).
+/// redirected out of the uplink, with [`sent_tag`] of the packet in the next word, so that the
+/// packet's second pass through `tc_egress` passes it without a lookup. The control block of a
+/// locally sent packet holds whatever the stack left there: the hint word alone counts for
+/// nothing.
 pub const SENT_HINT_CB: usize = 2;
 pub const SENT_HINT: u32 = 0x4547_5354;
+/// The word after [`SENT_HINT_CB`]: [`sent_tag`] of the packet the hint was left on.
+pub const SENT_TAG_CB: usize = 3;
+
+/// The tag of a translated IPv4 packet (its tuple as `tc_egress` parses it: for an echo
+/// request the identifier and 0) under `key`, a random number the agent gives the programs at
+/// load (the `SENT_KEY` global, one per load). A keyed hash, not a MAC: nothing outside the
+/// kernel reads an skb's control block, so no tag is ever seen, and stack leftovers that match
+/// the hint word still match a tag only by a 2^-32 chance.
+#[inline(always)]
+pub fn sent_tag(
+    key: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+) -> u32 {
+    const M: u32 = 0x9e37_79b1;
+    let ports = (u32::from(src_port_be) << 16) | u32::from(dst_port_be);
+    let mut h = (key ^ u32::from_ne_bytes(src))
+        .wrapping_mul(M)
+        .rotate_left(13);
+    h = (h ^ u32::from_ne_bytes(dst))
+        .wrapping_mul(M)
+        .rotate_left(13);
+    h = (h ^ ports).wrapping_mul(M).rotate_left(13);
+    h = (h ^ u32::from(proto)).wrapping_mul(M);
+    h ^ (h >> 16)
+}
 /// Bytes of the outer headers of a tunnelled packet: Ethernet + outer IPv4 + GRE. The inner
 /// packet's IP header starts here.
 pub const INNER_OFF: usize = 14 + ENCAP_LEN as usize;
@@ -185,4 +215,34 @@ mod pod {
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Owners {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sent_tag;
+
+    /// Every input moves the tag: a hint left on one packet, or under one load's key, is no
+    /// hint for another.
+    #[test]
+    fn every_field_of_the_tuple_and_the_key_moves_the_tag() {
+        let base = (0x1234_5678, [192, 0, 2, 10], [203, 0, 113, 1], 40000, 80, 6);
+        let tag = |(k, s, d, sp, dp, p): (u32, [u8; 4], [u8; 4], u16, u16, u8)| {
+            sent_tag(k, s, d, sp, dp, p)
+        };
+        let t = tag(base);
+        let (k, s, d, sp, dp, p) = base;
+        for (what, other) in [
+            ("key", (k ^ 1, s, d, sp, dp, p)),
+            ("source", (k, [192, 0, 2, 11], d, sp, dp, p)),
+            ("destination", (k, s, [203, 0, 113, 2], sp, dp, p)),
+            ("source port", (k, s, d, sp + 1, dp, p)),
+            ("destination port", (k, s, d, sp, dp + 1, p)),
+            ("ports swapped", (k, s, d, dp, sp, p)),
+            ("addresses swapped", (k, d, s, sp, dp, p)),
+            ("protocol", (k, s, d, sp, dp, 17)),
+        ] {
+            assert_ne!(tag(other), t, "{what}");
+        }
+        assert_eq!(tag(base), t, "a function of its inputs alone");
+    }
 }

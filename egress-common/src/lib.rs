@@ -109,6 +109,9 @@ pub mod prog_names {
     /// The global of the programs that says one decision in how many is logged (aya-log);
     /// 0, the default: none, and the logging step is dead code to the verifier.
     pub const TRACE_EVERY: &str = "TRACE_EVERY";
+    /// The global of the programs that keys the sent hint's tag (`fabric::sent_tag`): random,
+    /// written by the loader, one per load.
+    pub const SENT_KEY: &str = "SENT_KEY";
     /// Tail-called (through its own one-slot table, `TRACE_PROG`) for a sampled decision.
     pub const TC_TRACE: &str = "tc_trace";
     /// `egress agent --xdp`: the receive paths that need no socket and no new state, on the

@@ -1,12 +1,14 @@
 //! This server's fabric settings, known peers, and the owners of shared pool port ranges.
 
 use aya_ebpf::{
+    Global,
     btf_maps::{Array, HashMap},
     macros::btf_map,
+    programs::TcContext,
 };
 use egress_common::fabric::{
     AddrKey, Local, MAX_SHARES_PER_ADDRESS, OWNERS_CAPACITY, Owners, PEER_DOWN_PROBES,
-    PEERS_CAPACITY, Peer,
+    PEERS_CAPACITY, Peer, SENT_HINT, SENT_HINT_CB, SENT_TAG_CB, sent_tag,
 };
 
 #[btf_map]
@@ -21,6 +23,59 @@ static OWNERS: HashMap<
     { OWNERS_CAPACITY as usize },
     { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// The key of the sent hint's tag (`egress_common::fabric::sent_tag`): random, written by the
+/// loader (`prog_names::SENT_KEY`), one per load.
+#[unsafe(no_mangle)]
+static SENT_KEY: Global<u32> = Global::new(0);
+
+/// The tag of a translated IPv4 packet: source, destination, their ports as `tc_egress`
+/// parses them, protocol.
+#[inline(always)]
+fn tag(src: [u8; 4], dst: [u8; 4], src_port_be: u16, dst_port_be: u16, proto: u8) -> u32 {
+    sent_tag(SENT_KEY.load(), src, dst, src_port_be, dst_port_be, proto)
+}
+
+/// Leaves the sent hint on a peer's connection translated to (`src`, `src_port_be`) and
+/// redirected out of the uplink: the hint word and the packet's tag.
+#[inline(always)]
+pub fn leave_hint(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+) {
+    let t = tag(src, dst, src_port_be, dst_port_be, proto);
+    // SAFETY: the verifier-checked context of this program; cb[0..5] are writable from TC.
+    unsafe {
+        (*ctx.skb.skb).cb[SENT_HINT_CB] = SENT_HINT;
+        (*ctx.skb.skb).cb[SENT_TAG_CB] = t;
+    }
+}
+
+/// Whether the control block holds the hint word (a shortcut: alone it proves nothing).
+#[inline(always)]
+pub fn hint_word(ctx: &TcContext) -> bool {
+    ctx.cb()[SENT_HINT_CB] == SENT_HINT
+}
+
+/// Whether this IPv4 packet carries the sent hint the ingress program left on it: the word and
+/// the tag of its own tuple.
+#[inline(always)]
+pub fn hinted(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+) -> bool {
+    let cb = ctx.cb();
+    cb[SENT_HINT_CB] == SENT_HINT
+        && cb[SENT_TAG_CB] == tag(src, dst, src_port_be, dst_port_be, proto)
+}
 
 /// This server's settings; None until the agent has written them.
 #[inline(always)]

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map};
 use egress_common::{
     action::{ActionKind, FAMILY_V4, MAX_HOPS},
-    fabric::{INNER_OFF, IPPROTO_GRE, Local, SENT_HINT, SENT_HINT_CB, tunnel},
+    fabric::{INNER_OFF, IPPROTO_GRE, Local, tunnel},
     flow::{FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
@@ -152,7 +152,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     // No policy and no flow entry anywhere near the destination (the agent's pass filter):
     // rules 3 and 4 can find nothing, so neither is asked, nor are the ports read. A packet
     // with the sent hint asks rule 5 first, as every hinted packet does.
-    let hinted = sent_hint(ctx);
+    let hinted = fabric::hint_word(ctx);
     if !hinted && policy::filtered_out(&ip) {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
     }
@@ -187,12 +187,14 @@ fn remember_first_out(ip: &Ip, ports: &Ports) {
 /// A whole packet or first fragment leaving: its connection's path, or a new one by policy.
 #[inline(always)]
 fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -> Step<Verdict> {
-    // The ingress program's own output (a peer's connection it translated) asks first whether
-    // it is already translated: its second pass then costs one lookup instead of three.
+    // The ingress program's own output (a peer's connection it translated, tagged) passes
+    // without a lookup.
     if let Ok(p) = parsed
         && hinted
-        && already_translated(ctx, ip, p)
+        && ip.family == FAMILY_V4
+        && fabric::hinted(ctx, v4(&ip.src), v4(&ip.dst), p.src_be, p.dst_be, ip.proto)
     {
+        learn_route(ctx, ip);
         return Ok(Verdict::Pass(Stat::OursHinted));
     }
     // A known connection keeps its path whatever the plan says now, even if a reload removed
@@ -242,12 +244,6 @@ fn already_translated(ctx: &TcContext, ip: &Ip, p: &Ports) -> bool {
     }
     learn_route(ctx, ip);
     true
-}
-
-/// Whether the ingress program left [`SENT_HINT`] on this packet (see `peer_send`).
-#[inline(always)]
-fn sent_hint(ctx: &TcContext) -> bool {
-    ctx.cb()[SENT_HINT_CB] == SENT_HINT
 }
 
 /// New connections leaving through the uplink (tail-called from `tc_egress`).
@@ -859,8 +855,14 @@ fn peer_send(
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;
-    // SAFETY: the verifier-checked context of this program; cb[0..5] are writable from TC.
-    unsafe { (*ctx.skb.skb).cb[SENT_HINT_CB] = SENT_HINT };
+    fabric::leave_hint(
+        ctx,
+        v4(&bound.addr),
+        v4(&ip.dst),
+        bound.port_be,
+        ports.dst_be,
+        ip.proto,
+    );
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 

@@ -574,9 +574,11 @@ pub fn load(pin_dir: &Path, flow_capacity: u32, trace_every: u32) -> Result<Ebpf
         dir: pin_dir.display().to_string(),
         source,
     })?;
+    let key = sent_key();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_names::FLOWS, flow_capacity);
     loader.override_global(prog_names::TRACE_EVERY, &trace_every, true);
+    loader.override_global(prog_names::SENT_KEY, &key, true);
     for name in map_names::ALL {
         loader.map_pin_path(name, pin_dir.join(name));
     }
@@ -717,16 +719,26 @@ pub enum AttachMode {
     Clsact,
 }
 
+/// A new key for the sent hint's tag (`egress_common::fabric::sent_tag`): random, from the
+/// operating system's generator (std's hasher seeds are drawn from it).
+pub fn sent_key() -> u32 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one(0u8) as u32
+}
+
 /// Loads the object without pinning anything (packet tests, benchmarks).
 /// `reference_capacity`: entries of the benchmark's reference claim table (1 when unused).
+/// `sent_key`: the key of the sent hint's tag (see [`sent_key`]).
 pub fn load_unpinned(
     flow_capacity: u32,
     reference_capacity: u32,
     trace_every: u32,
+    sent_key: u32,
 ) -> Result<Ebpf, LoadError> {
     Ok(EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, flow_capacity)
         .override_global(prog_names::TRACE_EVERY, &trace_every, true)
+        .override_global(prog_names::SENT_KEY, &sent_key, true)
         .map_max_entries(map_names::REF_FLOWS, reference_capacity.max(1))
         .load(EBPF_OBJECT)?)
 }

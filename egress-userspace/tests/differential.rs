@@ -38,10 +38,10 @@ use std::{
 };
 
 use cases::{Case, Rng, Step, Topo};
-use egress::testrun::{self, GATEWAY_MAC, PEER_MAC, TestDatapath, TestNet};
+use egress::testrun::{self, GATEWAY_MAC, Hint, PEER_MAC, TestDatapath, TestNet};
 use egress_common::{
     action::{Action, ActionKey},
-    fabric::{SENT_HINT, SENT_HINT_CB},
+    fabric::{SENT_HINT_CB, SENT_TAG_CB},
     flow::{FLOW_F_CLOSING, FLOW_FORWARDED, FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue},
     stats::Stat,
 };
@@ -240,9 +240,12 @@ fn hex(p: &[u8]) -> String {
 struct Real {
     verdict: u32,
     packet: Vec<u8>,
-    /// The skb's `cb[SENT_HINT_CB]` after the run (the ingress program's sent hint); None when
-    /// `xdp_ingress` finished the packet (no skb, no control block).
-    hint: Option<u32>,
+    /// The sent hint's words of the skb's control block after the run; None when `xdp_ingress`
+    /// finished the packet (no skb, no control block).
+    hint: Option<Hint>,
+    /// Whether that is the ingress program's own hint on the packet it returned (the word and
+    /// the tag of the packet's tuple).
+    hinted_after: Option<bool>,
     /// Counters that moved (packets), `*_seen` excluded.
     moved: BTreeMap<&'static str, u64>,
     flows: Flows,
@@ -329,7 +332,7 @@ fn set_flows(dp: &mut TestDatapath, entries: &[(FlowKey, FlowValue)]) {
 fn run_hooks(
     dp: &mut TestDatapath,
     s: &Step,
-    hint: u32,
+    hint: Hint,
     packet: &[u8],
 ) -> anyhow::Result<(testrun::Outcome, bool)> {
     if !s.ingress {
@@ -359,23 +362,24 @@ fn run_hooks(
     Ok((dp.run(testrun::Hook::Ingress, s.mark, packet)?, false))
 }
 
-/// The sent hint on an egress step's own packet, as if the stack had left those bytes in the
-/// control block: one in four (by a hash of the packet, so a replay takes the same), so that
-/// the hint is tried where no reverse entry backs it, and with every kind of flow entry.
-fn stack_hint(s: &Step) -> u32 {
+/// The sent hint on an egress step's own packet (by a hash of the packet, so a replay takes the
+/// same): one in eight the ingress program's own for it (the word and the packet's tag, which
+/// passes it whatever the state), one in eight the word alone, as if the stack had left those
+/// bytes in the control block (which counts for nothing), with every kind of flow entry.
+fn stack_hint(dp: &TestDatapath, s: &Step) -> Hint {
     let hash = s
         .packet
         .iter()
         .fold(7u32, |h, b| h.wrapping_mul(33).wrapping_add(u32::from(*b)));
-    if !s.ingress && hash % 4 == 0 {
-        SENT_HINT
-    } else {
-        0
+    match (s.ingress, hash % 8) {
+        (false, 0) => dp.hint_for(&s.packet),
+        (false, 1) => Hint::LEFTOVER,
+        _ => Hint::NONE,
     }
 }
 
 /// None: BPF_PROG_TEST_RUN refuses the packet (e.g. an IPv6 frame cut inside the header).
-fn run_real(dp: &mut TestDatapath, s: &Step, hint: u32, packet: &[u8]) -> Option<Real> {
+fn run_real(dp: &mut TestDatapath, s: &Step, hint: Hint, packet: &[u8]) -> Option<Real> {
     let before = counters(dp);
     let (out, in_xdp) = match run_hooks(dp, s, hint, packet) {
         Ok(r) => r,
@@ -393,8 +397,9 @@ fn run_real(dp: &mut TestDatapath, s: &Step, hint: u32, packet: &[u8]) -> Option
         .collect();
     Some(Real {
         verdict: out.verdict,
-        packet: out.packet,
+        hinted_after: (!in_xdp).then(|| dp.hint_is_genuine(out.hint, &out.packet)),
         hint: (!in_xdp).then_some(out.hint),
+        packet: out.packet,
         moved,
         flows: flows_of(dp),
     })
@@ -559,12 +564,15 @@ fn first_diff(a: &[u8], b: &[u8]) -> String {
 /// Mismatches between the model's outcome and the programs': (kind, detail).
 fn compare(m: &Outcome, real: &Real, before: &Flows) -> Vec<(&'static str, String)> {
     let mut bad = Vec::new();
-    if let Some(h) = real.hint
-        && (h == SENT_HINT) != m.hint_after
+    if let (Some(h), Some(hinted)) = (real.hint, real.hinted_after)
+        && hinted != m.hint_after
     {
         bad.push((
             "sent hint",
-            format!("model {}, programs cb word {h:#x}", m.hint_after),
+            format!(
+                "model {}, programs cb words {:#x} {:#x} (the packet's own hint: {hinted})",
+                m.hint_after, h.word, h.tag
+            ),
         ));
     }
     if !verdict_ok(m.verdict, real.verdict) {
@@ -1052,7 +1060,7 @@ fn differential() {
         let mut before: Flows = dp_flows_or(&c);
         // The model's FRAGS over the sequence; None once a step left it unknown.
         let mut frags: Option<Frags> = Some(Frags::new());
-        let mut prev_out: Option<(Vec<u8>, u32)> = None;
+        let mut prev_out: Option<(Vec<u8>, Hint)> = None;
         let mut history = String::new();
         for (si, st) in c.steps.iter().enumerate() {
             let (packet, hint) = if st.prev_output {
@@ -1062,12 +1070,21 @@ fn differential() {
                     None => continue,
                 }
             } else {
-                (st.packet.clone(), stack_hint(st))
+                (st.packet.clone(), stack_hint(&dp, st))
             };
             prev_out = None;
             let mut head = describe_case(seed, i, topo, &c, si, &packet, &before, &history);
-            if hint != 0 {
-                head += &format!("\n  (egress with cb[{SENT_HINT_CB}] = {hint:#x})");
+            if hint != Hint::NONE {
+                head += &format!(
+                    "\n  (egress with cb[{SENT_HINT_CB}] = {:#x}, cb[{SENT_TAG_CB}] = {:#x}: {})",
+                    hint.word,
+                    hint.tag,
+                    if dp.hint_is_genuine(hint, &packet) {
+                        "the ingress program's own hint on this packet"
+                    } else {
+                        "not this packet's hint"
+                    }
+                );
             }
             let Some(real) = run_real(&mut dp, st, hint, &packet) else {
                 let e = tally.silent.entry(UNTESTABLE).or_insert((0, String::new()));
@@ -1091,7 +1108,7 @@ fn differential() {
                     hook,
                     model::Skb {
                         mark: st.mark,
-                        hinted: !st.ingress && hint == SENT_HINT,
+                        hinted: !st.ingress && dp.hint_is_genuine(hint, &packet),
                     },
                     &packet,
                     &ch,
@@ -1240,7 +1257,7 @@ fn differential() {
                 }
             );
             if real.verdict != 2 {
-                prev_out = Some((real.packet.clone(), real.hint.unwrap_or(0)));
+                prev_out = Some((real.packet.clone(), real.hint.unwrap_or(Hint::NONE)));
             }
             before = real.flows.clone();
             if problems.is_empty() {

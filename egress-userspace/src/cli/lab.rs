@@ -153,7 +153,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::UdpProbe { to, size } => println!("{}", lab::origin::udp_probe(to, size)?),
         Command::XdpPass { iface } => {
-            let mut ebpf = crate::loader::load_unpinned(1, 1, 0)?;
+            let mut ebpf = crate::loader::load_unpinned(1, 1, 0, crate::loader::sent_key())?;
             let prog = crate::loader::xdp_program(&mut ebpf, egress_common::prog_names::XDP_EMPTY)?;
             prog.attach(&iface, aya::programs::XdpMode::Driver)?;
             eprintln!("xdp_empty on {iface}: ready");

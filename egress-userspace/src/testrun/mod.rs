@@ -180,8 +180,26 @@ pub struct Outcome {
     pub duration: std::time::Duration,
     /// XDP: the packet carries `XDP_DONE` in its metadata (finished in XDP, passed up).
     pub xdp_done: bool,
-    /// TC: the packet's `__sk_buff.cb[SENT_HINT_CB]` after the run.
-    pub hint: u32,
+    /// TC: the sent hint's words of the packet's control block after the run.
+    pub hint: Hint,
+}
+
+/// The two words of an skb's control block where the ingress program leaves its sent hint
+/// (`__sk_buff.cb[SENT_HINT_CB]` and `cb[SENT_TAG_CB]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hint {
+    pub word: u32,
+    pub tag: u32,
+}
+
+impl Hint {
+    pub const NONE: Hint = Hint { word: 0, tag: 0 };
+    /// What the stack may leave in a local packet's control block: the hint word, and a tag of
+    /// no packet.
+    pub const LEFTOVER: Hint = Hint {
+        word: egress_common::fabric::SENT_HINT,
+        tag: 0,
+    };
 }
 
 /// The programs loaded with their own (unpinned) maps holding one server's plan.
@@ -194,6 +212,8 @@ pub struct TestDatapath {
     /// returns (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, kernels from 6.11). Egress runs are left
     /// alone: what leaves a host is not checked against `skb->csum`.
     pub checksum_complete: bool,
+    /// The key of the sent hint's tag the programs were loaded with.
+    sent_key: u32,
 }
 
 /// The decision log of a traced datapath, as text lines.
@@ -239,7 +259,9 @@ impl TestDatapath {
         (flow_capacity, reference_capacity): (u32, u32),
         trace_every: u32,
     ) -> anyhow::Result<Self> {
-        let mut ebpf = loader::load_unpinned(flow_capacity, reference_capacity, trace_every)?;
+        let sent_key = loader::sent_key();
+        let mut ebpf =
+            loader::load_unpinned(flow_capacity, reference_capacity, trace_every, sent_key)?;
         let trace = if trace_every == 0 {
             None
         } else {
@@ -268,6 +290,7 @@ impl TestDatapath {
             maps,
             trace,
             checksum_complete: false,
+            sent_key,
         })
     }
 
@@ -334,35 +357,50 @@ impl TestDatapath {
     /// Runs `packet` through the program of `hook` once, with skb mark `mark` (TC hooks).
     pub fn run(&mut self, hook: Hook, mark: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
         let hint = match hook {
-            Hook::EgressHinted => egress_common::fabric::SENT_HINT,
-            _ => 0,
+            Hook::EgressHinted => self.hint_for(packet),
+            _ => Hint::NONE,
         };
         self.run_hinted(hook, mark, hint, packet)
     }
 
-    /// [`Self::run`] with `hint` in the skb's `cb[SENT_HINT_CB]` (TC hooks), as the ingress
-    /// program leaves it on what it sends out.
+    /// [`Self::run`] with `hint` in the skb's control block (TC hooks): what the ingress
+    /// program leaves on what it sends out, or what the stack left there.
     pub fn run_hinted(
         &mut self,
         hook: Hook,
         mark: u32,
-        hint: u32,
+        hint: Hint,
         packet: &[u8],
     ) -> anyhow::Result<Outcome> {
         self.run_skb(hook, mark, hint, 0, packet)
     }
 
+    /// The sent hint the ingress program leaves on `packet` (an IPv4 frame) when it sends it
+    /// out: the hint word and the tag of its tuple under this load's key
+    /// (`egress_common::fabric::sent_tag`). Tag 0 for a frame with no IPv4 tuple.
+    pub fn hint_for(&self, packet: &[u8]) -> Hint {
+        Hint {
+            word: egress_common::fabric::SENT_HINT,
+            tag: tag_of(self.sent_key, packet).unwrap_or(0),
+        }
+    }
+
+    /// Whether `hint` is the ingress program's own on `packet` (see [`Self::hint_for`]).
+    pub fn hint_is_genuine(&self, hint: Hint, packet: &[u8]) -> bool {
+        tag_of(self.sent_key, packet).is_some() && hint == self.hint_for(packet)
+    }
+
     /// [`Self::run`] of a GSO packet: the skb says its segments carry `gso_size` bytes each
     /// (as a socket with UDP_SEGMENT or TSO hands it down).
     pub fn run_gso(&mut self, hook: Hook, gso_size: u32, packet: &[u8]) -> anyhow::Result<Outcome> {
-        self.run_skb(hook, 0, 0, gso_size, packet)
+        self.run_skb(hook, 0, Hint::NONE, gso_size, packet)
     }
 
     fn run_skb(
         &mut self,
         hook: Hook,
         mark: u32,
-        hint: u32,
+        hint: Hint,
         gso_size: u32,
         packet: &[u8],
     ) -> anyhow::Result<Outcome> {
@@ -381,9 +419,11 @@ impl TestDatapath {
         const CB: usize = 48;
         const GSO_SIZE: usize = 176;
         let hint_at = CB + 4 * egress_common::fabric::SENT_HINT_CB;
+        let tag_at = CB + 4 * egress_common::fabric::SENT_TAG_CB;
         let mut ctx = [0u8; GSO_SIZE + 4];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
-        ctx[hint_at..hint_at + 4].copy_from_slice(&hint.to_ne_bytes());
+        ctx[hint_at..hint_at + 4].copy_from_slice(&hint.word.to_ne_bytes());
+        ctx[tag_at..tag_at + 4].copy_from_slice(&hint.tag.to_ne_bytes());
         ctx[GSO_SIZE..].copy_from_slice(&gso_size.to_ne_bytes());
         // The kernel writes all of struct __sk_buff back (ENOSPC if it does not fit).
         let mut ctx_out = [0u8; 256];
@@ -422,7 +462,11 @@ impl TestDatapath {
             (r.return_value, r.data_size_out, r.duration)
         };
         out.truncate(size_out as usize);
-        let hint = u32::from_ne_bytes(ctx_out[hint_at..hint_at + 4].try_into().expect("4 bytes"));
+        let word = |at: usize| u32::from_ne_bytes(ctx_out[at..at + 4].try_into().expect("4 bytes"));
+        let hint = Hint {
+            word: word(hint_at),
+            tag: word(tag_at),
+        };
         Ok(Outcome {
             verdict,
             packet: out,
@@ -463,7 +507,7 @@ impl TestDatapath {
             packet: out,
             duration: r.duration,
             xdp_done,
-            hint: 0,
+            hint: Hint::NONE,
         })
     }
 
@@ -474,6 +518,29 @@ impl TestDatapath {
             PerCpuArray::try_from(map).expect("STATS is a per-CPU array");
         crate::stats::total(&arr, stat).map_or(0, |c| c.packets)
     }
+}
+
+/// The sent hint's tag of an IPv4 frame (no VLAN tag) under `key`: of its tuple as
+/// `tc_egress` parses it (addresses, ports in network order — an echo request: its identifier
+/// and 0 —, protocol). None for anything else.
+fn tag_of(key: u32, p: &[u8]) -> Option<u32> {
+    if p.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ihl = usize::from(p.get(14)? & 0xf) * 4;
+    let src: [u8; 4] = p.get(26..30)?.try_into().ok()?;
+    let dst: [u8; 4] = p.get(30..34)?.try_into().ok()?;
+    let proto = *p.get(23)?;
+    let l4 = 14 + ihl;
+    let be = |at: usize| Some(u16::from_ne_bytes(p.get(at..at + 2)?.try_into().ok()?));
+    let (sport, dport) = match proto {
+        6 | 17 => (be(l4)?, be(l4 + 2)?),
+        1 => (be(l4 + 4)?, 0),
+        _ => return None,
+    };
+    Some(egress_common::fabric::sent_tag(
+        key, src, dst, sport, dport, proto,
+    ))
 }
 
 /// A network namespace for packet tests: an uplink `up0` (10.50.0.11/16, forwarding on) with

@@ -665,26 +665,32 @@ fn probes_are_reflected_and_say_when_this_server_is_fenced() {
     check(&mut dp, &f);
 }
 
-/// The ingress program leaves a hint on the peer's connections it sends out, so that their
-/// second pass through `tc_egress` asks "already translated?" first. It is only a hint: the
-/// reverse entry decides, and without one a hinted packet goes through the rules like any.
+/// The ingress program leaves a hint on the peer's connections it sends out (the hint word and
+/// a keyed tag of the packet's tuple), so that their second pass through `tc_egress` passes
+/// without a lookup. The hint word alone (whatever the stack left in a local packet's control
+/// block) counts for nothing: such a packet goes through the rules like any.
 #[test]
-fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_entry() {
-    use egress_common::fabric::SENT_HINT;
+fn the_ingress_programs_hint_passes_its_own_packet_and_nothing_else() {
     use egress_common::flow::{FLOW_OUTBOUND, FLOW_REVERSE, FlowKey, FlowValue};
     let (_net, mut dp) = datapath(TOPOLOGY);
     let out = peer_connection_sent(&mut dp);
-    assert_eq!(
-        out.hint, SENT_HINT,
-        "the peer's translated packet carries the hint"
-    );
     let sent = out.packet;
+    assert_eq!(
+        out.hint,
+        dp.hint_for(&sent),
+        "the peer's translated packet carries the hint and its tag"
+    );
+    let genuine = out.hint;
     let s = parse(&sent);
     // Other redirects and passes leave the control block alone.
     let reply = tcp("203.0.113.1", 80, "192.0.2.10", s.sport, TCP_SYN | TCP_ACK);
     let out = dp.run(Hook::Ingress, 0, &reply).unwrap();
     assert_eq!(dp.counter(Stat::ReplyReencap), 1);
-    assert_eq!(out.hint, 0, "a re-encapsulated reply carries no hint");
+    assert_eq!(
+        out.hint,
+        Hint::NONE,
+        "a re-encapsulated reply carries no hint"
+    );
 
     let key = |src: &str, sport: u16, dst: &str, dport: u16| {
         let (IpAddr::V4(a), IpAddr::V4(b)) = (ip(src), ip(dst)) else {
@@ -701,34 +707,32 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
         k.dst[..4].copy_from_slice(&b.octets());
         k
     };
-    let reverse: FlowValue = dp
-        .maps
-        .flows
-        .get(&key("203.0.113.1", 80, "192.0.2.10", s.sport), 0)
-        .unwrap();
+    let reverse_key = key("203.0.113.1", 80, "192.0.2.10", s.sport);
+    let reverse: FlowValue = dp.maps.flows.get(&reverse_key, 0).unwrap();
     assert_eq!(reverse.kind, FLOW_REVERSE);
 
-    let egress = |dp: &mut TestDatapath, hint: u32, p: &[u8], stat: Stat| {
+    let egress = |dp: &mut TestDatapath, hint: Hint, p: &[u8], stat: Stat| {
         let before = dp.counter(stat);
         let out = dp.run_hinted(Hook::Egress, 0, hint, p).unwrap();
-        assert_eq!(dp.counter(stat), before + 1, "{stat:?} (hint {hint:#x})");
+        assert_eq!(dp.counter(stat), before + 1, "{stat:?} (hint {hint:x?})");
         out
     };
-    // The usual case: ours either way (counted apart with the hint).
-    for (hint, stat) in [(0, Stat::Ours), (SENT_HINT, Stat::OursHinted)] {
+    // The usual case: ours either way: by the hint without a lookup, by rule 5 without it or
+    // with the word alone.
+    for (hint, stat) in [
+        (genuine, Stat::OursHinted),
+        (Hint::NONE, Stat::Ours),
+        (Hint::LEFTOVER, Stat::Ours),
+    ] {
         let out = egress(&mut dp, hint, &sent, stat);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
     }
-    // A translated packet whose destination no policy covers any more (a reload removed it):
-    // without the hint, rule 4 passes it as no policy's; with it, it is ours.
-    let gone = tcp("192.0.2.10", s.sport, "198.51.100.7", 80, TCP_ACK);
-    dp.maps
-        .flows
-        .insert(key("198.51.100.7", 80, "192.0.2.10", s.sport), reverse, 0)
-        .unwrap();
-    egress(&mut dp, 0, &gone, Stat::EgressNoPolicy);
-    let out = egress(&mut dp, SENT_HINT, &gone, Stat::OursHinted);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &gone));
+    // The hint needs no state: the packet it was left on passes even without its reverse
+    // entry (the lookup it saves).
+    dp.maps.flows.remove(&reverse_key).unwrap();
+    let out = egress(&mut dp, genuine, &sent, Stat::OursHinted);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    dp.maps.flows.insert(reverse_key, reverse, 0).unwrap();
     // Its tuple also has an outbound entry (a local socket bound to the pool address): without
     // the hint, rule 3 translates it again; with it, the peer's translation stands.
     let mut outbound = reverse;
@@ -739,18 +743,38 @@ fn the_ingress_programs_hint_is_checked_first_and_only_trusted_with_a_reverse_en
         .flows
         .insert(key("192.0.2.10", s.sport, "203.0.113.1", 80), outbound, 0)
         .unwrap();
-    let ack = tcp("192.0.2.10", s.sport, "203.0.113.1", 80, TCP_ACK);
-    let out = egress(&mut dp, 0, &ack, Stat::SnatEstablished);
+    let out = egress(&mut dp, Hint::LEFTOVER, &sent, Stat::SnatEstablished);
     assert_eq!(
         parse(&out.packet).sport,
         40999,
-        "translated again without the hint"
+        "translated again with the hint word alone"
     );
-    let out = egress(&mut dp, SENT_HINT, &ack, Stat::OursHinted);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &ack));
-    // A hint on a packet with no reverse entry (whatever the stack left in the control block
-    // of a local packet) changes nothing: a new connection is translated.
+    let out = egress(&mut dp, genuine, &sent, Stat::OursHinted);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    // A tag binds the hint to its packet: another packet of the connection (a different
+    // tuple: another port), or a tag under another load's key, counts for nothing.
+    let other = tcp("192.0.2.10", s.sport + 1, "203.0.113.1", 80, TCP_ACK);
+    let out = egress(&mut dp, genuine, &other, Stat::SnatNew);
+    assert_ne!(
+        out.packet, other,
+        "another tuple: a new connection of this host's"
+    );
+    let foreign = Hint {
+        tag: egress_common::fabric::sent_tag(
+            !0,
+            [192, 0, 2, 10],
+            [203, 0, 113, 1],
+            s.sport.to_be(),
+            80u16.to_be(),
+            6,
+        ),
+        ..genuine
+    };
+    assert_ne!(foreign, genuine);
+    let out = egress(&mut dp, foreign, &sent, Stat::SnatEstablished);
+    assert_eq!(parse(&out.packet).sport, 40999, "a foreign tag: rule 3");
+    // A leftover hint on a local connection's packet changes nothing: it is translated.
     let local = tcp("10.50.0.11", 7100, "203.0.113.1", 80, TCP_SYN);
-    let out = egress(&mut dp, SENT_HINT, &local, Stat::SnatNew);
+    let out = egress(&mut dp, Hint::LEFTOVER, &local, Stat::SnatNew);
     assert_eq!(parse(&out.packet).src, ip("192.0.2.10"));
 }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use egress::testrun::packet::{self, L4, TCP_ACK, TCP_SYN, build, parse, tcp, verify_checksums};
 use egress::{
     config::Config,
-    testrun::{Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
+    testrun::{Hint, Hook, Outcome, TC_ACT_OK, TC_ACT_SHOT, TestDatapath},
     validate,
 };
 use egress_common::{fabric::tunnel, stats::Stat};
