@@ -90,8 +90,9 @@ fn every_reply_path_completes_whoever_receives_the_replies() {
     let (peer0, hinted0) = (counted("peer_snat"), counted("ours_hinted"));
     every_reply_path(&lab, MB50);
     // fra-a-1 translates the forwarded tiers' connections: each packet it sends on leaves
-    // through tc_egress once more carrying the sent hint (the kernel kept the control block
-    // through the redirect), and takes the one-lookup pass.
+    // through tc_egress once more carrying the sent hint and its tag (the kernel kept the
+    // control block through the redirect, and both programs hold the load's key), and passes
+    // without a lookup.
     let (peer, hinted) = (
         counted("peer_snat") - peer0,
         counted("ours_hinted") - hinted0,
