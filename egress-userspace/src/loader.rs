@@ -403,14 +403,54 @@ pub fn ensure_no_agent(pin_dir: &Path) -> Result<(), LoadError> {
     lock_pins(pin_dir).map(drop)
 }
 
-/// The lock of pin directory `pin_dir`: named by its absolute path, so that a relative
-/// `--pin-dir` names the same lock as the absolute one.
+/// The lock of pin directory `pin_dir`: named by its canonical path (see [`pins_lock_name`]),
+/// so that every spelling of one directory names the same lock.
 pub fn lock_pins(pin_dir: &Path) -> Result<AgentLock, LoadError> {
-    let abs = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
-    lock(
-        &abs.to_string_lossy().trim_matches('/').replace('/', "_"),
-        &pin_dir.display().to_string(),
-    )
+    lock(&pins_lock_name(pin_dir), &pin_dir.display().to_string())
+}
+
+/// The lock name of pin directory `pin_dir`: its canonical path (absolute, `.` and `..` and
+/// symlinks resolved as far as the path exists, the rest taken as written) with `/` written
+/// `_` and a `_` of the path written `_5f` (so `/a_b` and `/a/b` differ). A path without `_`
+/// keeps the name earlier versions gave it, so an agent of this version and one of an earlier
+/// one still exclude each other on the usual paths.
+pub fn pins_lock_name(pin_dir: &Path) -> String {
+    canonical(pin_dir)
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('_', "_5f")
+        .replace('/', "_")
+}
+
+/// `path` made absolute, with its longest existing prefix canonicalized (symlinks, `.`, `..`)
+/// and the rest normalized by its components.
+fn canonical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut missing = Vec::new();
+    let mut existing = abs.as_path();
+    let mut out = loop {
+        if let Ok(c) = std::fs::canonicalize(existing) {
+            break c;
+        }
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                missing.push(last);
+                existing = parent;
+            }
+            _ => break PathBuf::from("/"),
+        }
+    };
+    for c in missing.into_iter().rev() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Fleet mode's lock of server `name` in this network namespace (the host's, as a rule): its
@@ -1035,5 +1075,48 @@ fn mtu(iface: &str) -> std::io::Result<u32> {
             return Err(err);
         }
         Ok(req.ifr_ifru.ifru_mtu as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pins_lock_name;
+    use std::path::Path;
+
+    /// One pin directory, one lock, however it is spelt; two directories, two locks.
+    #[test]
+    fn every_spelling_of_a_pin_directory_names_one_lock() {
+        let root = std::env::temp_dir().join(format!("egress-lock-test-{}", std::process::id()));
+        let dir = root.join("pins");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&dir, root.join("link")).unwrap();
+        let name = pins_lock_name(&dir);
+        let same = [
+            root.join("link"),
+            root.join("pins/../pins"),
+            root.join("./pins/"),
+            root.join("link/../pins"),
+        ];
+        let differ = [
+            (root.join("a_b"), root.join("a/b")),
+            (root.join("missing/x"), root.join("missing/y")),
+        ];
+        let same_missing = [(root.join("missing/../gone/x"), root.join("gone/x"))];
+        let names = |p: &Path| pins_lock_name(p);
+        for s in &same {
+            assert_eq!(names(s), name, "{}", s.display());
+        }
+        for (a, b) in &differ {
+            assert_ne!(names(a), names(b), "{} vs {}", a.display(), b.display());
+        }
+        for (a, b) in &same_missing {
+            assert_eq!(names(a), names(b), "{} vs {}", a.display(), b.display());
+        }
+        // Earlier versions' name of the usual path (no `_` in it): unchanged.
+        assert_eq!(
+            pins_lock_name(Path::new("/sys/fs/bpf/egress/fra-a-1")),
+            "sys_fs_bpf_egress_fra-a-1"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
