@@ -429,10 +429,15 @@ pub async fn publish(
             TxnOp::put(ep.keys.config(), text, None),
             TxnOp::put(ep.keys.meta(), serde_json::to_vec(&meta)?, None),
         ]);
-    let resp = client
-        .txn(txn)
-        .await
-        .map_err(|e| describe(e, &urls, Some(&ep.keys.config())))?;
+    let resp = match client.txn(txn).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            // Unanswered (a timeout, a connection lost): etcd may have applied it all the same.
+            let err = describe(e, &urls, Some(&ep.keys.config()));
+            let now = read_published(client, ep).await;
+            return unanswered(err, now.map(|(p, _)| p), meta, previous);
+        }
+    };
     if !resp.succeeded() {
         let (now, _) = read_published(client, ep).await?;
         bail!(
@@ -446,6 +451,32 @@ pub async fn publish(
         meta,
         previous,
     })
+}
+
+/// The outcome of a publish whose transaction got no answer (`err`), from the topology read
+/// back after it (`now`): this publish's own meta there (its serial, time, host, user and
+/// hash) means it landed; another means it did not, as far as etcd says now; a failed read
+/// leaves it unknown, which the error says.
+fn unanswered(
+    err: anyhow::Error,
+    now: anyhow::Result<Option<Published>>,
+    meta: Meta,
+    previous: i64,
+) -> anyhow::Result<Publication> {
+    match now {
+        Ok(Some(p)) if p.meta.as_ref() == Some(&meta) => Ok(Publication {
+            revision: p.revision,
+            meta,
+            previous,
+        }),
+        Ok(now) => Err(err.context(format!(
+            "publish got no answer, and the topology read back is not this publish (it is at revision {}): not written, unless the request is still on its way to etcd — look with `egress fleet show` before publishing again",
+            now.map_or(0, |p| p.revision)
+        ))),
+        Err(read) => Err(err.context(format!(
+            "publish got no answer, and reading the topology back failed too ({read:#}): whether it was written is unknown — look with `egress fleet show` before publishing again"
+        ))),
+    }
 }
 
 /// What an agent reports about itself (the value of its status key).
@@ -534,4 +565,86 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
         .build()
         .context("starting the async runtime")?;
     Ok(rt.block_on(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Meta, Published, unanswered};
+
+    fn meta(serial: u64) -> Meta {
+        Meta {
+            serial,
+            published_at: 1_800_000_000,
+            host: "ops-1".into(),
+            user: "alice".into(),
+            identity: None,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    fn published(revision: i64, m: Option<Meta>) -> Published {
+        Published {
+            text: String::new(),
+            meta: m,
+            revision,
+        }
+    }
+
+    /// A publish without an answer: landed when its own meta is what etcd holds now, not when
+    /// another is, unknown when the read fails — and the error says which.
+    #[test]
+    fn an_unanswered_publish_is_reported_by_what_etcd_holds_after_it() {
+        let ours = meta(8);
+        type Case = (
+            &'static str,
+            anyhow::Result<Option<Published>>,
+            Result<i64, &'static str>,
+        );
+        let cases: [Case; 5] = [
+            (
+                "landed",
+                Ok(Some(published(41, Some(ours.clone())))),
+                Ok(41),
+            ),
+            (
+                "another publish's meta",
+                Ok(Some(published(40, Some(meta(7))))),
+                Err("not written"),
+            ),
+            (
+                "same serial, another publisher",
+                Ok(Some(published(
+                    42,
+                    Some(Meta {
+                        host: "ops-2".into(),
+                        ..ours.clone()
+                    }),
+                ))),
+                Err("not written"),
+            ),
+            ("nothing published", Ok(None), Err("revision 0")),
+            (
+                "read failed",
+                Err(anyhow::anyhow!("etcd unreachable")),
+                Err("unknown"),
+            ),
+        ];
+        for (what, now, want) in cases {
+            let got = unanswered(anyhow::anyhow!("timed out"), now, ours.clone(), 40);
+            match (got, want) {
+                (Ok(p), Ok(rev)) => {
+                    assert_eq!(
+                        (p.revision, p.previous, &p.meta),
+                        (rev, 40, &ours),
+                        "{what}"
+                    )
+                }
+                (Err(e), Err(text)) => {
+                    let e = format!("{e:#}");
+                    assert!(e.contains(text) && e.contains("timed out"), "{what}: {e}");
+                }
+                (got, _) => panic!("{what}: {:?}", got.map(|p| p.revision)),
+            }
+        }
+    }
 }
