@@ -154,9 +154,18 @@ pub struct FragKey {
     pub proto: u8,
     /// 4 or 6.
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// Which way the datagram's later fragments go: [`FRAG_OUT`] or [`FRAG_IN`]. Entries of one
+    /// direction never answer, nor replace, the other's (a peer may send any inner tuple, this
+    /// host's own included).
+    pub dir: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// `FragKey::dir`: later fragments leaving through the uplink (TC egress).
+pub const FRAG_OUT: u8 = 1;
+/// `FragKey::dir`: later fragments arriving on the uplink, plain or in a tunnel.
+pub const FRAG_IN: u8 = 2;
 
 /// `FragValue::kind`: rewrite the source to `addr` (egress SNAT; a peer's connection).
 pub const FRAG_SRC: u8 = 1;

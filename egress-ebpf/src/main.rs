@@ -34,7 +34,7 @@ use egress_common::{
     stats::Stat,
 };
 use egress_common::{
-    flow::{FRAG_DELIVER, FRAG_DST, FRAG_ENCAP, FRAG_OURS, FRAG_SRC},
+    flow::{FRAG_DELIVER, FRAG_DST, FRAG_ENCAP, FRAG_IN, FRAG_OURS, FRAG_OUT, FRAG_SRC},
     prog_names::{
         JUMP_FRAG_IN, JUMP_FRAG_OUT, JUMP_ICMP_ERROR, JUMP_NEW_OUT, JUMP_SLOTS, JUMP_TUNNEL,
     },
@@ -177,8 +177,8 @@ fn remember_first_out(ip: &Ip, ports: &Ports) {
     if let Some(e) = flow::get_any(&flow::key(ip, ports)) {
         let v = e.value();
         match v.kind {
-            FLOW_OUTBOUND => frag::remember(ip, FRAG_SRC, &v.addr, [0; 4], v.pool),
-            FLOW_FORWARDED => frag::remember(ip, FRAG_ENCAP, &[0; 16], v.tunnel, v.pool),
+            FLOW_OUTBOUND => frag::remember(ip, FRAG_OUT, FRAG_SRC, &v.addr, [0; 4], v.pool),
+            FLOW_FORWARDED => frag::remember(ip, FRAG_OUT, FRAG_ENCAP, &[0; 16], v.tunnel, v.pool),
             _ => {}
         }
     }
@@ -490,7 +490,7 @@ fn reply(
     let to = Gre::of(v);
     let sent = deliver(ctx, ip, &to, arrived, Stat::ReverseNat, Stat::ReplyReencap);
     if !dropped(&sent) {
-        frag::remember(ip, FRAG_DST, &v.addr, v.tunnel, v.pool);
+        frag::remember(ip, FRAG_IN, FRAG_DST, &v.addr, v.tunnel, v.pool);
     }
     sent
 }
@@ -555,7 +555,7 @@ fn soft_unicast(ctx: &TcContext, ip: &Ip, addr: &[u8; 4], port_be: u16) -> Step<
     let key = tunnel::key(tunnel::SOFT_UNICAST, pool);
     encap::encapsulate(ctx, ip, local.fabric, owner, key, mtu(local)).map_err(drop_with)?;
     let code = redirect::to(ctx, owner, local.ifindex, From::Ingress).map_err(drop_with)?;
-    frag::remember(ip, FRAG_ENCAP, &[0; 16], owner, pool);
+    frag::remember(ip, FRAG_IN, FRAG_ENCAP, &[0; 16], owner, pool);
     Ok(Verdict::Sent(Stat::SoftUnicast, code))
 }
 
@@ -745,7 +745,7 @@ fn forwarded_reply(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     e.touch_reply(ports);
     clamp(ctx, ip, ports, local()?);
     encap::decapsulate(ctx).map_err(drop_with)?;
-    frag::remember(ip, FRAG_DELIVER, &[0; 16], from.peer, 0);
+    frag::remember(ip, FRAG_IN, FRAG_DELIVER, &[0; 16], from.peer, 0);
     Ok(Verdict::Pass(Stat::ForwardedReply))
 }
 
@@ -833,9 +833,9 @@ fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
         }
         return sent;
     }
-    frag::remember(ip, FRAG_SRC, &bound.addr, peer, pool);
+    frag::remember(ip, FRAG_IN, FRAG_SRC, &bound.addr, peer, pool);
     // Its later fragments leave through egress with the translated source: ours.
-    frag::remember_as(ip, &bound.addr, FRAG_OURS, &[0; 16], [0; 4], 0);
+    frag::remember_as(ip, &bound.addr, FRAG_OUT, FRAG_OURS, &[0; 16], [0; 4], 0);
     sent
 }
 
@@ -898,7 +898,7 @@ pub fn tc_frag_out(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn fragment_out(ctx: &TcContext) -> Step<Verdict> {
     let ip = parse::ip(ctx).map_err(|_| Verdict::Drop(Stat::EgressMalformed))?;
-    let Some(f) = frag::lookup(&ip) else {
+    let Some(f) = frag::lookup(&ip, FRAG_OUT) else {
         // Never let a fragment to a policy destination leave untranslated.
         return Ok(
             match policy::pool_for(&ip, mark(ctx), policy::generation()) {
@@ -950,7 +950,7 @@ fn fragment_in(ctx: &TcContext) -> Step<Verdict> {
         Arrived::Plain => Verdict::Pass(Stat::IngressNoFlow),
         Arrived::Tunnel => Verdict::Drop(Stat::Fragment),
     };
-    let Some(f) = frag::lookup(&ip) else {
+    let Some(f) = frag::lookup(&ip, FRAG_IN) else {
         return Ok(unknown);
     };
     // In a tunnel, each entry kind only with the packet kind that made it.

@@ -191,6 +191,64 @@ fn fragments_follow_their_first_fragment() {
     );
 }
 
+/// A fragment entry answers only fragments going its own way: a datagram this host sends and
+/// one that arrives with the same (source, destination, id, protocol) — a peer may send any
+/// inner source, a spoofer any plain one — neither replace nor answer each other's entries.
+#[test]
+fn fragment_entries_answer_only_their_own_direction() {
+    let (_net, mut dp) = datapath(TOPOLOGY);
+    let run = |dp: &mut TestDatapath, hook, p: &[u8]| dp.run(hook, 0, p).unwrap();
+
+    // A forwarded datagram's entry (encapsulate to b) is for its later fragments leaving: a
+    // plain arriving later fragment under its key is not reflected into the tunnel.
+    let dgram = udp_datagram("10.50.0.11", 5360, "203.0.113.200", 53, 1200);
+    let (first, later) = packet::fragments(&dgram, 800, 0x6001);
+    assert_eq!(dp.counter(Stat::ForwardNew), 0);
+    run(&mut dp, Hook::Egress, &first);
+    assert_eq!(dp.counter(Stat::ForwardNew), 1, "first fragment forwarded");
+    let before = dp.counter(Stat::IngressNoFlow);
+    let out = run(&mut dp, Hook::Ingress, &later);
+    assert_eq!(
+        (out.verdict, &out.packet),
+        (TC_ACT_OK, &later),
+        "arriving under a leaving datagram's key: passed untouched"
+    );
+    assert_eq!(dp.counter(Stat::IngressNoFlow), before + 1);
+
+    // This host's datagram, translated here; then a peer's datagram under the same key (this
+    // host's own source address, another port). The peer's entry does not replace this
+    // host's: its later fragment still leaves translated.
+    let ours = udp_datagram("10.50.0.11", 5361, "203.0.113.1", 53, 1200);
+    let (first, later) = packet::fragments(&ours, 800, 0x6002);
+    let f = run(&mut dp, Hook::Egress, &first);
+    assert_eq!(
+        parse(&f.packet).src,
+        ip("192.0.2.10"),
+        "first from the pool"
+    );
+    let peers = udp_datagram("10.50.0.11", 6001, "203.0.113.1", 53, 1200);
+    let (peer_first, _) = packet::fragments(&peers, 800, 0x6002);
+    let before = dp.counter(Stat::PeerSnat);
+    run(
+        &mut dp,
+        Hook::Ingress,
+        &packet::gre_frame(B, A, conn_key(7), &peer_first),
+    );
+    assert_eq!(
+        dp.counter(Stat::PeerSnat),
+        before + 1,
+        "the peer's first fragment translated"
+    );
+    let before = dp.counter(Stat::FragmentFollowed);
+    let l = run(&mut dp, Hook::Egress, &later);
+    assert_eq!(
+        (l.verdict, parse(&l.packet).src),
+        (TC_ACT_OK, ip("192.0.2.10")),
+        "this host's later fragment: still its own datagram's"
+    );
+    assert_eq!(dp.counter(Stat::FragmentFollowed), before + 1);
+}
+
 /// The inner packet of an encapsulated fragment sent to b (key 9), checked up to the inner
 /// packet like `check_encapsulated` (fragments carry no verifiable transport checksum).
 fn check_encapsulated_fragment(net: &egress::testrun::TestNet, out: &[u8]) -> Vec<u8> {
