@@ -694,6 +694,11 @@ fn from_tunnel(ctx: &TcContext) -> Step<Verdict> {
         return Ok(jump(ctx, JUMP_FRAG_IN));
     }
     let ports = ports(ctx, &ip, Dir::Tunnel)?;
+    // Replies and soft-unicast bring replies only: an echo request there is none (with
+    // identifier 0 it would have matched a local echo's entry).
+    if from.kind != tunnel::CONNECTION && icmp_type(ctx, &ip) == Some(ICMP_ECHO_REQUEST) {
+        return Ok(Verdict::Drop(Stat::TunnelKind));
+    }
     match from.kind {
         tunnel::CONNECTION => peer_connection(ctx, &ip, &ports, &from),
         // Only a reply to a translation made here (the announcing server sent it on); never
@@ -749,6 +754,21 @@ fn forwarded_reply(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<
     Ok(Verdict::Pass(Stat::ForwardedReply))
 }
 
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// The ICMP type of an inner IPv4 ICMP packet (its ports parsed: the type is there); None for
+/// other protocols.
+#[inline(always)]
+fn icmp_type(ctx: &TcContext, ip: &Ip) -> Option<u8> {
+    if ip.proto != parse::IPPROTO_ICMP {
+        return None;
+    }
+    // (unwrap_or: a value on every path; LLVM may otherwise read the unset Ok bytes, which the
+    // verifier refuses.)
+    Some(parse::read::<[u8; 2]>(ctx, ip.l4_off).unwrap_or([u8::MAX; 2])[0])
+}
+
 /// A tunnel end and key: where a tunnelled packet came from (the peer's fabric address and the
 /// GRE key: pool id and kind), or where a reply goes on to (zero address: nowhere, it is local).
 struct Gre {
@@ -788,12 +808,7 @@ impl Gre {
 fn peer_connection(ctx: &TcContext, ip: &Ip, ports: &Ports, from: &Gre) -> Step<Verdict> {
     let (peer, pool) = (from.peer, from.pool);
     // Peers send connections, never replies: an echo reply here is not a connection of theirs.
-    // (unwrap_or: a value on every path; LLVM may otherwise read the unset Ok bytes, which the
-    // verifier refuses.)
-    const ICMP_ECHO_REPLY: u8 = 0;
-    if ip.proto == parse::IPPROTO_ICMP
-        && parse::read::<[u8; 2]>(ctx, ip.l4_off).unwrap_or([u8::MAX; 2])[0] == ICMP_ECHO_REPLY
-    {
+    if icmp_type(ctx, ip) == Some(ICMP_ECHO_REPLY) {
         return Ok(Verdict::Drop(Stat::PeerPolicy));
     }
     let local = local()?;

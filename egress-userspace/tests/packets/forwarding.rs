@@ -529,6 +529,44 @@ fn tunnels_are_for_this_server_and_replies_from_their_own_peer() {
             "from its peer"
         );
     }
+    // A forwarded echo (identifier 0: its entry's remote port is 0 too): its reply is
+    // delivered; an echo request in the reply tunnel, which the swapped tuple also matches,
+    // is no reply.
+    let echo = |request: bool, src: &str, dst: &str| {
+        packet::build(
+            ip(src),
+            ip(dst),
+            L4::Echo {
+                id: 0,
+                seq: 1,
+                request,
+            },
+            b"ping",
+        )
+    };
+    let out = dp
+        .run(Hook::Egress, 0, &echo(true, "10.50.0.11", "203.0.113.200"))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK, "echo forwarded to b");
+    for (request, want, counter) in [
+        (true, Want::Dropped, Stat::TunnelKind),
+        (false, Want::Unchanged, Stat::ForwardedReply),
+    ] {
+        let inner = echo(request, "203.0.113.200", "10.50.0.11");
+        let before = dp.counter(counter);
+        let out = dp
+            .run(
+                Hook::Ingress,
+                0,
+                &packet::gre_frame(B, A, reply_key(9), &inner),
+            )
+            .unwrap();
+        assert_eq!(dp.counter(counter), before + 1, "echo request {request}");
+        match want {
+            Want::Dropped => assert_eq!(out.verdict, TC_ACT_SHOT),
+            _ => assert_eq!((out.verdict, &out.packet[14..]), (TC_ACT_OK, &inner[14..])),
+        }
+    }
 }
 
 /// A forwarded connection's tuple reused after the socket's FIN is a new connection: it takes
