@@ -60,15 +60,22 @@
 //! *fenced* is nonzero; pool bits 2 and 3 (replies) pass. *Fenced* is read by no other rule.
 //!
 //! The *sent hint* (`hinted`: the packet given to the egress hook carries the ingress
-//! program's `SENT_HINT` in its control block) is read by TC egress rule 5 alone: a hinted
-//! packet is asked "already translated?" (the swapped connection tuple has a reverse entry
-//! with a tunnel: a peer's connection; a local connection's reverse entry does not count)
-//! after rules 1 and 2 and the hand-over of a later fragment to *Fragments*, before rule 3;
-//! with such a reverse entry it passes (`ours_hinted`) whatever rules 3 and 4 would have said and
-//! the flow table is left as it is (a closed tuple is not reopened); without one it goes
-//! through rules 3–7 like any other packet. A hint counts only with the reverse entry. The
-//! hint is written by one decision alone: ingress's `peer_snat` (Tunnel rule 5, sent out of
-//! the uplink); an ingress packet is taken to arrive without one, and egress never writes it
+//! program's sent hint *for itself*: the `SENT_HINT` word and the keyed tag of its own tuple —
+//! source, destination, ports (an echo request: its identifier and 0), protocol; the caller
+//! decides that, the model never sees a key) is read by TC egress rule 5 alone. An IPv4
+//! packet so hinted is asked nothing at all: right after rules 1 and 2 (a later fragment is
+//! handed to *Fragments* by rule 2 first, as any) it passes (`ours_hinted`) whatever rules 3–5
+//! would have said and whatever the flow table holds (no reverse entry needed; an outbound,
+//! forwarded or reverse entry of its tuple neither used nor touched, a closed tuple not
+//! reopened). The tag is of the packet's tuple: a packet that has none (an echo reply or
+//! other ICMP, a protocol without ports, a transport header cut short) carries no hint for
+//! itself, whatever the caller says. The hint word without its packet's tag (a stack
+//! leftover, a tag of another packet) is `hinted == false`: the packet goes through rules 3–7
+//! like any other (rule 5 then asks the reverse entry, `ours_passed`). The hint is written by
+//! one decision alone: ingress's `peer_snat` (Tunnel rule 5, sent out of the uplink); an
+//! ingress packet is taken to arrive without one, and egress never writes the control block:
+//! the hint a packet came with stays its own afterwards only while its tuple is unchanged (a
+//! rewritten source or an encapsulation leaves a tag of another packet)
 //! ([`Outcome::hint_after`]).
 
 #![allow(dead_code, reason = "the differential test uses a subset")]
@@ -299,8 +306,10 @@ pub struct Outcome {
     pub missing_choice: Option<&'static str>,
     /// The rule that decided.
     pub rule: &'static str,
-    /// The skb's sent hint afterwards: on egress the hint it came with (egress never writes
-    /// it); on ingress set only by `peer_snat` (the one decision that writes it).
+    /// The skb carries the sent hint for the packet it returns (the word and that packet's
+    /// tag) afterwards: on egress the hint it came with while the tuple the tag covers is
+    /// unchanged (egress never writes the control block); on ingress set only by `peer_snat`
+    /// (the one decision that writes it).
     pub hint_after: bool,
 }
 
@@ -388,6 +397,33 @@ pub const NOTE_ICMP_PADDED_CSUM: &str =
     "ICMP error padded: quoted transport checksum past its IP length, not rewritten";
 pub const NOTE_ICMP_PADDED_NAT: &str = "ICMP error padded: translated within its IP length";
 
+/// [`Outcome::notes`]: an IPv4 packet carrying the sent hint for itself, passed
+/// (`ours_hinted`, egress rule 5, right after rule 2) by what its tuple has in the flow table.
+pub const NOTE_HINT_REVERSE: &str =
+    "ours_hinted: the swapped tuple has a peer's reverse entry (the usual second pass)";
+pub const NOTE_HINT_NO_REVERSE: &str =
+    "ours_hinted: no peer's reverse entry for the swapped tuple (nothing asked)";
+pub const NOTE_HINT_OUTBOUND: &str =
+    "ours_hinted: the tuple has a local outbound entry (rule 3 would translate)";
+
+/// The fields of an (untagged) IPv4 frame the sent hint's tag covers (*Sent hint*): source,
+/// destination, ports (ICMP: the identifier and 0), protocol. None for anything else.
+fn sent_tuple(p: &[u8]) -> Option<([u8; 8], u16, u16, u8)> {
+    if p.get(12..14)? != ETHERTYPE_IPV4.to_be_bytes() {
+        return None;
+    }
+    let l4 = ETH_LEN + usize::from(p.get(ETH_LEN)? & 0xf) * 4;
+    let addrs: [u8; 8] = p.get(ETH_LEN + 12..ETH_LEN + 20)?.try_into().ok()?;
+    let proto = *p.get(ETH_LEN + 9)?;
+    let at = |i: usize| Some(u16::from_be_bytes(p.get(i..i + 2)?.try_into().ok()?));
+    let (sp, dp) = match proto {
+        PROTO_TCP | PROTO_UDP => (at(l4)?, at(l4 + 2)?),
+        PROTO_ICMP => (at(l4 + 4)?, 0),
+        _ => return None,
+    };
+    Some((addrs, sp, dp, proto))
+}
+
 pub fn key(family: u8, proto: u8, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> FlowKey {
     FlowKey {
         src,
@@ -442,7 +478,8 @@ fn a4(a: &[u8; 16]) -> [u8; 4] {
 }
 
 /// What the skb carries besides the packet: its mark, and on egress whether its control block
-/// holds the ingress program's sent hint.
+/// holds the ingress program's sent hint for this very packet (the hint word and the tag of
+/// the packet's own tuple; the word alone, or with another packet's tag, is `false`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Skb {
     pub mark: u32,
@@ -490,7 +527,7 @@ pub fn run(
             // *Sent hint*: written by the ingress program when it translates a peer's
             // connection and redirects it out of the uplink (`peer_snat`), by no other path.
             hint_after: match hook {
-                Hook::Egress => hinted,
+                Hook::Egress => hinted && sent_tuple(&cx.p) == sent_tuple(packet),
                 Hook::Ingress => counter == "peer_snat" && verdict == Verdict::Send,
             },
             verdict,
@@ -1175,11 +1212,20 @@ impl Cx<'_> {
         // A leaving echo reply is not translatable (*Encapsulation*): it has no connection
         // tuple, so rules 3 and 5 do not see it; under a policy rule 6 drops it.
         let tuple = conn_tuple(&ip, &l4);
-        // 5, asked first of a packet carrying the ingress program's sent hint: with a reverse
-        // entry with a tunnel for the swapped tuple it passes whatever rules 3 and 4 would have said (nothing
-        // in the flow table changes: no reopen); without one, rules 3–7 as for any packet.
-        if hinted && self.already_translated(tuple) {
-            return pass("ours_hinted", "egress 5: already translated (hint)");
+        // 5, the sent hint: an IPv4 packet (whole or a first fragment) carrying the ingress
+        // program's hint for itself (the word and its own tuple's tag) is asked nothing at
+        // all: it passes right after rule 2, whatever rules 3–5 would have said and whatever
+        // the flow table holds (nothing in it is read or changed: no reopen, no refresh). The
+        // tag is of the packet's tuple (*Sent hint*: source, destination, ports — an echo
+        // request: its identifier and 0 —, protocol): a packet without one (an echo reply or
+        // other ICMP, a protocol without ports, a transport header cut short) has no tag of
+        // its own, and the hint word on it counts for nothing.
+        if hinted && !ip.v6 && tuple.is_some() {
+            self.note_hinted(tuple);
+            return pass(
+                "ours_hinted",
+                "egress 5: the sent hint (right after rule 2)",
+            );
         }
         // 3. Established. A TCP SYN without ACK on an outbound or forwarded entry that saw a
         // FIN or RST (the socket's: its FIN/RST flags) starts a new connection: the old entry
@@ -1449,6 +1495,17 @@ impl Cx<'_> {
                 ),
             ),
         }
+    }
+
+    /// [`Outcome::notes`] of a packet passed by the sent hint: what the flow table holds for
+    /// its tuple, which the hint does not ask (coverage only; the decision is the same).
+    fn note_hinted(&mut self, tuple: Option<FlowKey>) {
+        let entry = tuple.and_then(|k| self.flows.get(&k).copied());
+        self.notes.push(match entry {
+            Some(v) if v.kind == FLOW_OUTBOUND && v.tunnel == [0; 4] => NOTE_HINT_OUTBOUND,
+            _ if self.already_translated(tuple) => NOTE_HINT_REVERSE,
+            _ => NOTE_HINT_NO_REVERSE,
+        });
     }
 
     /// Egress rule 5's question: the swapped connection tuple has a reverse entry with a
