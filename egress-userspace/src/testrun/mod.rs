@@ -521,22 +521,32 @@ impl TestDatapath {
 }
 
 /// The sent hint's tag of an IPv4 frame (no VLAN tag) under `key`: of its tuple as
-/// `tc_egress` parses it (addresses, ports in network order — an echo request: its identifier
-/// and 0 —, protocol). None for anything else.
+/// `tc_egress` parses it — addresses, ports in network order (an echo request: its identifier
+/// and 0), protocol — for TCP, UDP or an ICMP echo request whose header lies within the IP
+/// length. None for anything else: such a packet has no tuple, so no tag.
 fn tag_of(key: u32, p: &[u8]) -> Option<u32> {
     if p.get(12..14)? != [0x08, 0x00] {
         return None;
     }
     let ihl = usize::from(p.get(14)? & 0xf) * 4;
+    let total = usize::from(u16::from_be_bytes(p.get(16..18)?.try_into().ok()?));
     let src: [u8; 4] = p.get(26..30)?.try_into().ok()?;
     let dst: [u8; 4] = p.get(30..34)?.try_into().ok()?;
     let proto = *p.get(23)?;
     let l4 = 14 + ihl;
-    let be = |at: usize| Some(u16::from_ne_bytes(p.get(at..at + 2)?.try_into().ok()?));
-    let (sport, dport) = match proto {
-        6 | 17 => (be(l4)?, be(l4 + 2)?),
-        1 => (be(l4 + 4)?, 0),
+    let header = match proto {
+        6 => 20,
+        17 | 1 => 8,
         _ => return None,
+    };
+    if ihl < 20 || ihl + header > total || p.len() < l4 + header {
+        return None;
+    }
+    let be = |at: usize| u16::from_ne_bytes([p[at], p[at + 1]]);
+    let (sport, dport) = match proto {
+        1 if p[l4] == 8 => (be(l4 + 4), 0),
+        1 => return None,
+        _ => (be(l4), be(l4 + 2)),
     };
     Some(egress_common::fabric::sent_tag(
         key, src, dst, sport, dport, proto,
