@@ -29,29 +29,21 @@ static OWNERS: HashMap<
 #[unsafe(no_mangle)]
 static SENT_KEY: Global<u32> = Global::new(0);
 
-/// The tag of a translated IPv4 packet: source, destination, their ports as `tc_egress`
-/// parses them, protocol.
+/// The sent hint's tag of a translated IPv4 packet: source, destination, their ports as
+/// `tc_egress` parses them, protocol.
 #[inline(always)]
-fn tag(src: [u8; 4], dst: [u8; 4], src_port_be: u16, dst_port_be: u16, proto: u8) -> u32 {
+pub fn tag(src: [u8; 4], dst: [u8; 4], src_port_be: u16, dst_port_be: u16, proto: u8) -> u32 {
     sent_tag(SENT_KEY.load(), src, dst, src_port_be, dst_port_be, proto)
 }
 
-/// Leaves the sent hint on a peer's connection translated to (`src`, `src_port_be`) and
-/// redirected out of the uplink: the hint word and the packet's tag.
+/// Leaves the sent hint on a peer's connection translated and redirected out of the uplink:
+/// the hint word and the packet's `tag`.
 #[inline(always)]
-pub fn leave_hint(
-    ctx: &TcContext,
-    src: [u8; 4],
-    dst: [u8; 4],
-    src_port_be: u16,
-    dst_port_be: u16,
-    proto: u8,
-) {
-    let t = tag(src, dst, src_port_be, dst_port_be, proto);
+pub fn leave_hint(ctx: &TcContext, tag: u32) {
     // SAFETY: the verifier-checked context of this program; cb[0..5] are writable from TC.
     unsafe {
         (*ctx.skb.skb).cb[SENT_HINT_CB] = SENT_HINT;
-        (*ctx.skb.skb).cb[SENT_TAG_CB] = t;
+        (*ctx.skb.skb).cb[SENT_TAG_CB] = tag;
     }
 }
 
@@ -61,20 +53,12 @@ pub fn hint_word(ctx: &TcContext) -> bool {
     ctx.cb()[SENT_HINT_CB] == SENT_HINT
 }
 
-/// Whether this IPv4 packet carries the sent hint the ingress program left on it: the word and
-/// the tag of its own tuple.
+/// Whether the packet carries the sent hint the ingress program left on it: the word and
+/// `tag`, its own tuple's.
 #[inline(always)]
-pub fn hinted(
-    ctx: &TcContext,
-    src: [u8; 4],
-    dst: [u8; 4],
-    src_port_be: u16,
-    dst_port_be: u16,
-    proto: u8,
-) -> bool {
+pub fn hinted(ctx: &TcContext, tag: u32) -> bool {
     let cb = ctx.cb();
-    cb[SENT_HINT_CB] == SENT_HINT
-        && cb[SENT_TAG_CB] == tag(src, dst, src_port_be, dst_port_be, proto)
+    cb[SENT_HINT_CB] == SENT_HINT && cb[SENT_TAG_CB] == tag
 }
 
 /// This server's settings; None until the agent has written them.

@@ -192,7 +192,10 @@ fn egress_packet(ctx: &TcContext, ip: &Ip, parsed: &Step<Ports>, hinted: bool) -
     if let Ok(p) = parsed
         && hinted
         && ip.family == FAMILY_V4
-        && fabric::hinted(ctx, v4(&ip.src), v4(&ip.dst), p.src_be, p.dst_be, ip.proto)
+        && fabric::hinted(
+            ctx,
+            fabric::tag(v4(&ip.src), v4(&ip.dst), p.src_be, p.dst_be, ip.proto),
+        )
     {
         learn_route(ctx, ip);
         return Ok(Verdict::Pass(Stat::OursHinted));
@@ -870,14 +873,14 @@ fn peer_send(
     translate_src(ctx, ip, ports, bound)?;
     encap::decapsulate(ctx).map_err(drop_with)?;
     let code = redirect::to(ctx, v4(&ip.dst), ifindex, From::Ingress).map_err(drop_with)?;
-    fabric::leave_hint(
-        ctx,
+    let tag = fabric::tag(
         v4(&bound.addr),
         v4(&ip.dst),
         bound.port_be,
         ports.dst_be,
         ip.proto,
     );
+    fabric::leave_hint(ctx, tag);
     Ok(Verdict::Sent(Stat::PeerSnat, code))
 }
 
