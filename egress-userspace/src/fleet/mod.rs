@@ -431,12 +431,14 @@ pub async fn publish(
         ]);
     let resp = match client.txn(txn).await {
         Ok(resp) => resp,
-        Err(e) => {
+        Err(e) if may_have_landed(&e) => {
             // Unanswered (a timeout, a connection lost): etcd may have applied it all the same.
             let err = describe(e, &urls, Some(&ep.keys.config()));
             let now = read_published(client, ep).await;
             return unanswered(err, now.map(|(p, _)| p), meta, previous);
         }
+        // A refusal (permission, identity, size): nothing was written.
+        Err(e) => return Err(describe(e, &urls, Some(&ep.keys.config()))),
     };
     if !resp.succeeded() {
         let (now, _) = read_published(client, ep).await?;
@@ -453,28 +455,51 @@ pub async fn publish(
     })
 }
 
+/// Whether a failed request may still have been applied: no answer came (a timeout, a
+/// connection lost), as opposed to a refusal (permission, identity, a request too large).
+fn may_have_landed(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        ),
+        _ => true,
+    }
+}
+
 /// The outcome of a publish whose transaction got no answer (`err`), from the topology read
 /// back after it (`now`): this publish's own meta there (its serial, time, host, user and
-/// hash) means it landed; another means it did not, as far as etcd says now; a failed read
-/// leaves it unknown, which the error says.
+/// hash) means it landed; the topology still at `previous` means not written (unless the
+/// request is still on its way); a later one means another publish is current, and this one
+/// may have landed before it; a failed read leaves it unknown. The error says which.
 fn unanswered(
     err: anyhow::Error,
     now: anyhow::Result<Option<Published>>,
     meta: Meta,
     previous: i64,
 ) -> anyhow::Result<Publication> {
+    const LOOK: &str = "look with `egress fleet show` before publishing again";
     match now {
         Ok(Some(p)) if p.meta.as_ref() == Some(&meta) => Ok(Publication {
             revision: p.revision,
             meta,
             previous,
         }),
+        Ok(now) if previous != 0 && now.as_ref().map_or(0, |p| p.revision) == previous => {
+            Err(err.context(format!(
+                "publish got no answer, and the topology is still at revision {previous}: not written, unless the request is still on its way to etcd — {LOOK}"
+            )))
+        }
+        Ok(None) if previous == 0 => Err(err.context(format!(
+            "publish got no answer, and nothing is published yet: not written, unless the request is still on its way to etcd — {LOOK}"
+        ))),
         Ok(now) => Err(err.context(format!(
-            "publish got no answer, and the topology read back is not this publish (it is at revision {}): not written, unless the request is still on its way to etcd — look with `egress fleet show` before publishing again",
+            "publish got no answer, and another publish is current (revision {}): this one may have landed before it — {LOOK}",
             now.map_or(0, |p| p.revision)
         ))),
         Err(read) => Err(err.context(format!(
-            "publish got no answer, and reading the topology back failed too ({read:#}): whether it was written is unknown — look with `egress fleet show` before publishing again"
+            "publish got no answer, and reading the topology back failed too ({read:#}): whether it was written is unknown — {LOOK}"
         ))),
     }
 }
@@ -569,7 +594,26 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Meta, Published, unanswered};
+    use super::{Meta, Published, may_have_landed, unanswered};
+
+    /// Only a request without an answer may have landed; a refusal wrote nothing.
+    #[test]
+    fn refusals_are_not_taken_for_unanswered_publishes() {
+        use tonic::Code;
+        for (code, maybe) in [
+            (Code::Unavailable, true),
+            (Code::DeadlineExceeded, true),
+            (Code::Cancelled, true),
+            (Code::Unknown, true),
+            (Code::PermissionDenied, false),
+            (Code::Unauthenticated, false),
+            (Code::InvalidArgument, false),
+            (Code::ResourceExhausted, false),
+        ] {
+            let e = etcd_client::Error::GRpcStatus(tonic::Status::new(code, "x"));
+            assert_eq!(may_have_landed(&e), maybe, "{code:?}");
+        }
+    }
 
     fn meta(serial: u64) -> Meta {
         Meta {
@@ -607,12 +651,12 @@ mod tests {
                 Ok(41),
             ),
             (
-                "another publish's meta",
+                "still the previous publish",
                 Ok(Some(published(40, Some(meta(7))))),
-                Err("not written"),
+                Err("still at revision 40: not written"),
             ),
             (
-                "same serial, another publisher",
+                "another publisher after it",
                 Ok(Some(published(
                     42,
                     Some(Meta {
@@ -620,9 +664,13 @@ mod tests {
                         ..ours.clone()
                     }),
                 ))),
-                Err("not written"),
+                Err("another publish is current (revision 42): this one may have landed"),
             ),
-            ("nothing published", Ok(None), Err("revision 0")),
+            (
+                "nothing published",
+                Ok(None),
+                Err("another publish is current (revision 0)"),
+            ),
             (
                 "read failed",
                 Err(anyhow::anyhow!("etcd unreachable")),
