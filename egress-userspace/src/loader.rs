@@ -404,22 +404,33 @@ pub fn ensure_no_agent(pin_dir: &Path) -> Result<(), LoadError> {
 }
 
 /// The lock of pin directory `pin_dir`: named by its canonical path (see [`pins_lock_name`]),
-/// so that every spelling of one directory names the same lock.
+/// so that every spelling of one directory names the same lock. Where earlier versions named
+/// it otherwise (a path with `_` or `%`, or a spelling through a symlink or `..`), their name
+/// is taken too: an agent or `egress detach` of this version and an earlier version's agent
+/// still exclude each other.
 pub fn lock_pins(pin_dir: &Path) -> Result<AgentLock, LoadError> {
-    lock(&pins_lock_name(pin_dir), &pin_dir.display().to_string())
+    let canonical = canonical(pin_dir);
+    let what = format!("{} ({})", pin_dir.display(), canonical.display());
+    let mut l = lock(&pins_lock_name(pin_dir), &what)?;
+    let abs = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
+    let legacy = abs.to_string_lossy().trim_matches('/').replace('/', "_");
+    if legacy != pins_lock_name(pin_dir) {
+        l._legacy = Some(lock(&legacy, &what)?._file);
+    }
+    Ok(l)
 }
 
 /// The lock name of pin directory `pin_dir`: its canonical path (absolute, `.` and `..` and
-/// symlinks resolved as far as the path exists, the rest taken as written) with `/` written
-/// `_` and a `_` of the path written `_5f` (so `/a_b` and `/a/b` differ). A path without `_`
-/// keeps the name earlier versions gave it, so an agent of this version and one of an earlier
-/// one still exclude each other on the usual paths.
+/// symlinks resolved as far as the path exists, the rest taken as written), escaped by
+/// [`lock_escape`]. A canonical path without `_` or `%` keeps the name earlier versions gave it.
 pub fn pins_lock_name(pin_dir: &Path) -> String {
-    canonical(pin_dir)
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('_', "_5f")
-        .replace('/', "_")
+    lock_escape(canonical(pin_dir).to_string_lossy().trim_matches('/'))
+}
+
+/// A lock file name for `s`, one per `s`: `%` written `%25`, `_` written `%5f`, then `/`
+/// written `_` (so `/a_b`, `/a/b` and `/a%5fb` all differ).
+fn lock_escape(s: &str) -> String {
+    s.replace('%', "%25").replace('_', "%5f").replace('/', "_")
 }
 
 /// `path` made absolute, with its longest existing prefix canonicalized (symlinks, `.`, `..`)
@@ -458,7 +469,7 @@ fn canonical(path: &Path) -> PathBuf {
 pub fn lock_server(name: &str) -> Result<AgentLock, LoadError> {
     let netns = netns_inode();
     lock(
-        &format!("net{netns}-server-{}", name.replace('/', "_")),
+        &format!("net{netns}-server-{}", lock_escape(name)),
         &format!("server {name} (network namespace {netns})"),
     )
 }
@@ -476,6 +487,8 @@ pub const LOCK_DIR: &str = "/run/egress";
 #[derive(Debug)]
 pub struct AgentLock {
     _file: std::fs::File,
+    /// The same claim under an earlier version's name for it (see [`lock_pins`]).
+    _legacy: Option<std::fs::File>,
     pub path: PathBuf,
 }
 
@@ -538,7 +551,11 @@ fn lock(name: &str, what: &str) -> Result<AgentLock, LoadError> {
     file.set_len(0).map_err(fail)?;
     file.rewind().map_err(fail)?;
     write!(file, "{}", std::process::id()).map_err(fail)?;
-    Ok(AgentLock { _file: file, path })
+    Ok(AgentLock {
+        _file: file,
+        _legacy: None,
+        path,
+    })
 }
 
 /// Pin directory for a server: `--pin-dir` if given, else `/sys/fs/bpf/egress/<server>`.
@@ -1086,7 +1103,15 @@ mod tests {
     /// One pin directory, one lock, however it is spelt; two directories, two locks.
     #[test]
     fn every_spelling_of_a_pin_directory_names_one_lock() {
+        /// Removes the test's directory however the test ends.
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
         let root = std::env::temp_dir().join(format!("egress-lock-test-{}", std::process::id()));
+        let _cleanup = Cleanup(root.clone());
         let dir = root.join("pins");
         std::fs::create_dir_all(&dir).unwrap();
         std::os::unix::fs::symlink(&dir, root.join("link")).unwrap();
@@ -1099,6 +1124,9 @@ mod tests {
         ];
         let differ = [
             (root.join("a_b"), root.join("a/b")),
+            (root.join("a_b"), root.join("a/5fb")),
+            (root.join("a_b"), root.join("a%5fb")),
+            (root.join("a%b"), root.join("a%25b")),
             (root.join("missing/x"), root.join("missing/y")),
         ];
         let same_missing = [(root.join("missing/../gone/x"), root.join("gone/x"))];
@@ -1112,11 +1140,28 @@ mod tests {
         for (a, b) in &same_missing {
             assert_eq!(names(a), names(b), "{} vs {}", a.display(), b.display());
         }
+        // A directory whose name earlier versions spelt otherwise is held under both names:
+        // an earlier version's agent (its name) and this version's (the canonical one) both
+        // find it taken.
+        let odd = root.join("link/x_y");
+        std::fs::create_dir_all(&odd).unwrap();
+        let held = super::lock_pins(&odd).unwrap();
+        let legacy = odd.to_string_lossy().trim_matches('/').replace('/', "_");
+        assert_ne!(legacy, pins_lock_name(&odd));
+        assert!(super::lock(&legacy, "test").is_err(), "earlier name held");
+        assert!(
+            super::lock_pins(&root.join("pins/x_y")).is_err(),
+            "canonical held"
+        );
+        drop(held);
+        assert!(super::lock_pins(&odd).is_ok(), "released with the agent");
+        for name in [legacy, pins_lock_name(&odd)] {
+            let _ = std::fs::remove_file(Path::new(super::LOCK_DIR).join(format!("{name}.lock")));
+        }
         // Earlier versions' name of the usual path (no `_` in it): unchanged.
         assert_eq!(
             pins_lock_name(Path::new("/sys/fs/bpf/egress/fra-a-1")),
             "sys_fs_bpf_egress_fra-a-1"
         );
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }
