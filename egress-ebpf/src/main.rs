@@ -151,7 +151,7 @@ fn egress(ctx: &TcContext) -> Step<Verdict> {
     }
     // No policy and no flow entry anywhere near the destination (the agent's pass filter):
     // rules 3 and 4 can find nothing, so neither is asked, nor are the ports read. A packet
-    // with the sent hint asks rule 5 first, as every hinted packet does.
+    // with the sent hint's word has its tag checked first instead.
     let hinted = fabric::hint_word(ctx);
     if !hinted && policy::filtered_out(&ip) {
         return Ok(Verdict::Pass(Stat::EgressNoPolicy));
