@@ -410,7 +410,11 @@ pub fn ensure_no_agent(pin_dir: &Path) -> Result<(), LoadError> {
 /// still exclude each other.
 pub fn lock_pins(pin_dir: &Path) -> Result<AgentLock, LoadError> {
     let canonical = canonical(pin_dir);
-    let what = format!("{} ({})", pin_dir.display(), canonical.display());
+    let what = if canonical == pin_dir {
+        pin_dir.display().to_string()
+    } else {
+        format!("{} ({})", pin_dir.display(), canonical.display())
+    };
     let mut l = lock(&pins_lock_name(pin_dir), &what)?;
     let abs = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
     let legacy = abs.to_string_lossy().trim_matches('/').replace('/', "_");
