@@ -1456,6 +1456,14 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         tag_sequence(&mut g, &mut steps);
         return finish(g, steps, false, FENCED_PERCENT);
     }
+    if matches!(roll, 11..=13) {
+        let mut steps = fragment_ways(&mut g, idx);
+        if g.r.chance(30) {
+            g.noise();
+        }
+        tag_sequence(&mut g, &mut steps);
+        return finish(g, steps, false, FENCED_PERCENT);
+    }
     if matches!(roll, 14 | 15 | 40..=42) {
         let mut steps = fragment_sequence(&mut g, idx);
         if g.r.chance(30) {
@@ -1465,6 +1473,7 @@ pub fn case(t: &Topo, r: &mut Rng, idx: usize) -> Case {
         return finish(g, steps, false, FENCED_PERCENT);
     }
     let (ingress, mark, mut packet) = match roll {
+        11..=13 => unreachable!("fragments leaving and arriving under one key"),
         0..=15 => egress_new(&mut g, false),
         16..=21 => egress_new(&mut g, true),
         22..=30 => egress_established(&mut g),
@@ -2807,6 +2816,224 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
     steps
 }
 
+/// *Fragments* rules 1–3, entries kept apart by the way their later fragments go: this host's
+/// own IPv4 datagram leaving through the uplink (forwarded or SNAT'd: an established entry, or
+/// a new connection by the plan), and under its very (source, destination, id, protocol)
+/// either
+/// - later fragments arriving on the uplink (plain, or now and then in a tunnel): its leaving
+///   entry neither answers them (plain ingress: `ingress_no_flow`; a tunnel: `drop_fragment`)
+///   nor is it replaced; this host's own later fragments still follow it; or
+/// - a peer's datagram in a tunnel (kind *connection*, other ports: a new connection of a pool
+///   this server translates), its first fragment before or after this host's: translated
+///   here, its *source* entry arriving, while this host's later fragments follow their own
+///   leaving entry, and the peer's its own.
+fn fragment_ways(g: &mut G, idx: usize) -> Vec<Step> {
+    g.tag("fragments: leaving and arriving under one key");
+    let id = u32::from((idx as u16).wrapping_mul(40503) ^ 0x5a5a);
+    // A destination a peer's connection may be translated to here: a policy of a pool whose
+    // IPv4 action is snat (its peer policy covers it too).
+    let snat = g.t.pools_with(ActionKind::Snat, FAMILY_V4);
+    let pool = if snat.is_empty() {
+        *g.r.pick(&g.t.pool_ids())
+    } else {
+        g.r.pick(&snat).0
+    };
+    let (dst, mark) = g.dst_of_pool(pool, false).unwrap_or_else(|| g.dst(false));
+    let src = g.local(false);
+    let (sp, dp) = (g.port(), g.port());
+    let tp = big_tp(g, false, sp, dp, false);
+    let (a, b) = tp.conn_ports();
+    let proto = tp.proto(false);
+    let peer_of = |g: &mut G| -> [u8; 4] {
+        if g.t.peers.is_empty() {
+            [10, 50, 0, 12]
+        } else {
+            *g.r.pick(&g.t.peers)
+        }
+    };
+    match g.r.below(10) {
+        0..=4 => {
+            g.tag("forwarded entry");
+            let tunnel = peer_of(g);
+            let pool = *g.r.pick(&g.t.pool_ids());
+            g.flows.push((
+                fkey(src, dst, a, b, proto),
+                fval(FLOW_FORWARDED, src, a, pool, tunnel, 0),
+            ));
+        }
+        5..=8 => {
+            if let Some((addr, port, pool)) = g.own_binding(false) {
+                g.tag("outbound entry");
+                g.flows.push((
+                    fkey(src, dst, a, b, proto),
+                    fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
+                ));
+                g.flows.push((
+                    fkey(dst, addr, b, port, proto),
+                    fval(FLOW_REVERSE, src, a, pool, [0; 4], 0),
+                ));
+            } else {
+                g.tag("new connection");
+            }
+        }
+        _ => g.tag("new connection"),
+    }
+    let own = fragment_datagram(g, src, dst, &tp, id, None);
+    let own_later = |g: &mut G, steps: &mut Vec<Step>| {
+        for (i, ip) in own.iter().enumerate().skip(1) {
+            steps.push(step(
+                &format!("own later fragment {i}, on egress"),
+                false,
+                mark,
+                ip,
+            ));
+            if g.r.chance(20) {
+                g.tag("own later fragment twice");
+                steps.push(step(
+                    &format!("own later fragment {i} again, on egress"),
+                    false,
+                    mark,
+                    ip,
+                ));
+            }
+        }
+    };
+    let mut steps = vec![step("own first fragment, on egress", false, mark, &own[0])];
+    if own.len() == 1 {
+        // An atomic fragment has no later ones (IPv6 only: not here).
+        return steps;
+    }
+    if g.r.chance(45) {
+        g.tag("its later fragments arriving");
+        for (i, ip) in own.iter().enumerate().skip(1) {
+            if g.r.chance(75) {
+                steps.push(step(
+                    &format!("later fragment {i} arriving, plain"),
+                    true,
+                    0,
+                    ip,
+                ));
+            } else {
+                let peer = peer_of(g);
+                let kind = *g.r.pick(&[
+                    KIND_CONNECTION,
+                    KIND_CONNECTION,
+                    KIND_SOFT_UNICAST,
+                    KIND_REPLY,
+                ]);
+                let key = kind << 30 | pool;
+                g.tag(format!(
+                    "later fragment arriving in a {} tunnel",
+                    kind_name(kind)
+                ));
+                let p = gre_packet(
+                    peer.into(),
+                    FABRIC.into(),
+                    &V4::default(),
+                    0x2000,
+                    0x0800,
+                    key,
+                    ip,
+                );
+                steps.push(step(
+                    &format!("later fragment {i} arriving in GRE"),
+                    true,
+                    0,
+                    &p,
+                ));
+            }
+        }
+        if g.r.chance(70) {
+            own_later(g, &mut steps);
+        }
+        return steps;
+    }
+    // A peer's datagram with this very (source, destination, id, protocol), other ports.
+    g.tag("a peer's datagram under its key");
+    let other = |p: u16| p ^ ((1 + (p & 0xff)) | 0x100);
+    let theirs_tp = match tp.clone() {
+        Tp::Tcp {
+            sport,
+            dport,
+            flags,
+            opts,
+            payload,
+        } => Tp::Tcp {
+            sport: other(sport),
+            dport,
+            flags,
+            opts,
+            payload,
+        },
+        Tp::Udp {
+            sport,
+            dport,
+            payload,
+            zero_csum,
+        } => Tp::Udp {
+            sport: other(sport),
+            dport,
+            payload,
+            zero_csum,
+        },
+        Tp::Icmp {
+            typ,
+            code,
+            mut rest,
+            body,
+        } => {
+            let id = u16::from_be_bytes([rest[0], rest[1]]);
+            rest[..2].copy_from_slice(&other(id).to_be_bytes());
+            Tp::Icmp {
+                typ,
+                code,
+                rest,
+                body,
+            }
+        }
+        raw @ Tp::Raw { .. } => raw,
+    };
+    let theirs = fragment_datagram(g, src, dst, &theirs_tp, id, Some(64));
+    let peer = peer_of(g);
+    let key = KIND_CONNECTION << 30 | pool;
+    let wrap = |ip: &[u8]| {
+        gre_packet(
+            peer.into(),
+            FABRIC.into(),
+            &V4::default(),
+            0x2000,
+            0x0800,
+            key,
+            ip,
+        )
+    };
+    let their_first = step("a peer's first fragment in GRE", true, 0, &wrap(&theirs[0]));
+    if g.r.chance(30) {
+        g.tag("the peer's first fragment first");
+        steps.insert(0, their_first);
+    } else {
+        steps.push(their_first);
+    }
+    let their_later = |g: &mut G, steps: &mut Vec<Step>, i: usize| {
+        if let Some(ip) = theirs.get(i)
+            && g.r.chance(60)
+        {
+            steps.push(step(
+                &format!("a peer's later fragment {i} in GRE"),
+                true,
+                0,
+                &wrap(ip),
+            ));
+        }
+    };
+    their_later(g, &mut steps, 1);
+    own_later(g, &mut steps);
+    for i in 2..theirs.len() {
+        their_later(g, &mut steps, i);
+    }
+    steps
+}
+
 fn malformed(g: &mut G) -> Gen {
     let ingress = g.r.chance(40);
     g.tag(if ingress {
@@ -3529,6 +3756,26 @@ fn gre_reply(g: &mut G) -> Gen {
     let (to, port) = g.reply_target(false);
     let (from, _) = g.dst(false);
     let rport = g.port();
+    if g.r.chance(ECHO_REQUEST_PERCENT) {
+        // Kind *soft-unicast* brings replies only (Tunnel rule 2): an echo request is dropped
+        // whatever entry an echo reply of its identifier would have.
+        g.tag("echo request");
+        let ident = *g.r.pick(&[port, 0]);
+        if g.r.chance(80) {
+            g.tag("reverse entry of its identifier's reply");
+            let pool = *g.r.pick(&g.t.pool_ids());
+            let orig = g.local(false);
+            g.flows.push((
+                fkey(from, to, 0, ident, 1),
+                fval(FLOW_REVERSE, orig, g.r.u16(), pool, [0; 4], 0),
+            ));
+        }
+        let b = g.payload();
+        let inner = ip_tp(from, to, &g.hop_hdr(), &Tp::echo(false, true, ident, 4, b));
+        let pool = *g.r.pick(&g.t.pool_ids());
+        let key = KIND_SOFT_UNICAST << 30 | pool;
+        return gre_ingress(g, key, &inner);
+    }
     let tp = match g.r.below(6) {
         0..=2 => {
             let f = *g.r.pick(&[TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK]);
@@ -3567,6 +3814,9 @@ fn gre_forwarded_reply(g: &mut G) -> Gen {
     if g.r.chance(MSS_PADDING_PERCENT * 4) {
         return gre_forwarded_reply_mss_padding(g);
     }
+    if g.r.chance(REPLY_ECHO_REQUEST_PERCENT) {
+        return gre_reply_echo_request(g);
+    }
     g.tag("GRE forwarded reply");
     let local = g.local(false);
     let (remote, _) = g.dst(false);
@@ -3603,6 +3853,59 @@ fn gre_forwarded_reply(g: &mut G) -> Gen {
     let inner = ip_tp(remote, local, &h, &tp);
     let key = g.gre_key(KIND_REPLY, pool);
     gre_ingress(g, key, &inner)
+}
+
+/// The share of soft-unicast and of reply tunnel packets (percent) that carry an echo request.
+const ECHO_REQUEST_PERCENT: u64 = 20;
+const REPLY_ECHO_REQUEST_PERCENT: u64 = 30;
+
+/// An echo request in a tunnel of kind *reply* from the peer of a connection forwarded from
+/// here (Tunnel rule 2: that kind brings replies only, `drop_tunnel_kind`): mostly with
+/// identifier 0 beside a forwarded echo with identifier 0, whose key (its remote port 0) is the
+/// request's tuple swapped.
+fn gre_reply_echo_request(g: &mut G) -> Gen {
+    g.tag("GRE echo request in a reply tunnel");
+    let local = g.local(false);
+    let (remote, _) = g.dst(false);
+    let ident = if g.r.chance(80) {
+        g.tag("identifier 0");
+        0
+    } else {
+        g.port()
+    };
+    let pool = *g.r.pick(&g.t.pool_ids());
+    let peer = if g.t.peers.is_empty() {
+        [10, 50, 0, 12]
+    } else {
+        *g.r.pick(&g.t.peers)
+    };
+    if g.r.chance(90) {
+        // A forwarded echo with identifier 0: (local, remote, 0, 0).
+        g.tag("forwarded echo, identifier 0");
+        let tunnel = if g.r.chance(85) { peer } else { g.tunnel() };
+        let flags = g.forwarded_flags();
+        g.flows.push((
+            fkey(local, remote, 0, 0, 1),
+            fval(FLOW_FORWARDED, local, 0, pool, tunnel, flags),
+        ));
+    }
+    let b = g.payload();
+    let h = V4 {
+        ttl: g.hop_ttl(),
+        ..V4::default()
+    };
+    let inner = ip_tp(remote, local, &h, &Tp::echo(false, true, ident, 9, b));
+    let key = KIND_REPLY << 30 | pool;
+    let p = gre_packet(
+        peer.into(),
+        FABRIC.into(),
+        &V4::default(),
+        0x2000,
+        0x0800,
+        key,
+        &inner,
+    );
+    (true, g.r.next() as u32, ip_frame(&p))
 }
 
 fn gre_icmp_error(g: &mut G) -> Gen {

@@ -52,6 +52,23 @@
 //! or where a rule needs this server's fabric address (egress rule 2, Tunnel rule 1, whose
 //! port range is this server's) the model is silent.
 //!
+//! *Fragments*: a `FRAGS` entry's key holds, besides the datagram's (source, destination, IP
+//! identification, protocol) as it arrived, the way its later fragments go ([`Way`]): *leaving*
+//! through the uplink (egress SNAT's *source*, egress forward's *encapsulate*, and *ours*, a
+//! peer's datagram as translated here) or *arriving* on it (everything else: *destination*,
+//! soft-unicast's *encapsulate*, a peer's *source* in a tunnel, *deliver*). A later fragment
+//! asks its own way's entry only — egress *leaving*, plain ingress and a tunnel *arriving* —
+//! and a first fragment replaces only an entry of its key and way: a peer's first fragment
+//! with this host's own (source, destination, id, protocol) leaves this host's entry in place,
+//! and a plain arriving later fragment under the key of a datagram this host sends out is not
+//! followed (rule 3, as without an entry).
+//!
+//! Tunnel rule 2: kinds *reply* and *soft-unicast* bring replies only; an inner ICMP echo
+//! request there (whole, or a first fragment; an echo request cut short is `drop_truncated_l4`
+//! first, an ICMP error goes to rule 3) is dropped (`drop_tunnel_kind`) before the per-kind
+//! rules look at any entry — also one whose swapped tuple is a forwarded echo's key (an echo
+//! forwarded with identifier 0: its remote port is 0 too).
+//!
 //! `PEERS` values are read for their flags only where the rules do: soft-unicast (ingress rule
 //! 6) to an owner whose fabric probes go unanswered is dropped (the other bits — lease gone,
 //! holding down, fenced by its own account — do not stop it). A tunnel packet of kind *probe*
@@ -120,8 +137,8 @@ pub fn tunnel_key(kind: u32, pool: u32) -> u32 {
 }
 
 /// `FRAGS`: (source, destination, IP identification, protocol, family) of a first fragment as
-/// it arrived → what was done with it. The programs' map cannot be read; the model keeps its own
-/// over a sequence of packets.
+/// it arrived, and the way its later fragments go ([`Way`]) → what was done with it. The
+/// programs' map cannot be read; the model keeps its own over a sequence of packets.
 pub type Frags = HashMap<FragKey, FragEntry>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,37 +148,65 @@ pub struct FragKey {
     pub id: u32,
     pub proto: u8,
     pub family: u8,
+    pub way: Way,
+}
+
+/// *Fragments* rule 1: the way a datagram's later fragments go, part of its entry's key. An
+/// entry of one way is neither replaced by a first fragment of the other way nor asked by its
+/// later fragments (rules 1–3): a peer may send any inner source, this host's own included, and
+/// a sender on the uplink any plain one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Way {
+    /// Out through the uplink: egress SNAT, egress forward, and *ours* (a peer's datagram as
+    /// translated here). Asked by later fragments on egress.
+    Leaving,
+    /// In on the uplink: everything else (a reply translated back, soft-unicast, a peer's
+    /// *source* entry in a tunnel, *deliver*). Asked by later fragments on plain ingress and
+    /// in a tunnel.
+    Arriving,
+}
+
+impl Way {
+    fn other(self) -> Way {
+        match self {
+            Way::Leaving => Way::Arriving,
+            Way::Arriving => Way::Leaving,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FragEntry {
-    /// Egress SNAT, or a peer's connection in a tunnel (`peer`): the translated source.
+    /// Egress SNAT (leaving), or a peer's connection in a tunnel (`peer`; arriving): the
+    /// translated source.
     Source {
         addr: [u8; 16],
         peer: Option<[u8; 4]>,
     },
-    /// A reply translated back (plain or in a tunnel): the original destination, the
+    /// A reply translated back (plain or in a tunnel; arriving): the original destination, the
     /// connection's tunnel and pool.
     Destination {
         addr: [u8; 16],
         tunnel: [u8; 4],
         pool: u32,
     },
-    /// Egress forward, soft-unicast: the peer or owner and the pool.
+    /// Egress forward (leaving), soft-unicast (arriving): the peer or owner and the pool.
     Encapsulate { to: [u8; 4], pool: u32 },
-    /// A forwarded connection's reply from its peer (Tunnel rule 4): that peer.
+    /// A forwarded connection's reply from its peer (Tunnel rule 4; arriving): that peer.
     Deliver { peer: [u8; 4] },
-    /// A peer's first fragment translated here, under its translated key.
+    /// A peer's first fragment translated here, under its translated key (leaving).
     Ours,
 }
 
-fn frag_key(ip: &Ip) -> FragKey {
+/// The key of `ip`'s datagram (as it arrived) for later fragments going `way`.
+fn frag_key(ip: &Ip, way: Way) -> FragKey {
     FragKey {
         src: ip.src,
         dst: ip.dst,
         id: ip.id,
         proto: ip.proto,
         family: ip.family(),
+        way,
     }
 }
 
@@ -396,6 +441,30 @@ pub const NOTE_ICMP_PADDED_SHORT: &str =
 pub const NOTE_ICMP_PADDED_CSUM: &str =
     "ICMP error padded: quoted transport checksum past its IP length, not rewritten";
 pub const NOTE_ICMP_PADDED_NAT: &str = "ICMP error padded: translated within its IP length";
+
+/// [`Outcome::notes`]: *Fragments* rules 1–3, entries kept apart by the way their later
+/// fragments go. A later fragment on egress followed by this host's own leaving entry while an
+/// arriving entry (a peer's first fragment in a tunnel, say) holds the same (source,
+/// destination, id, protocol); a plain arriving later fragment under the key of a datagram
+/// this host SNATs or forwards (leaving), not followed; a later fragment in a tunnel under the
+/// key of only a leaving entry, dropped.
+pub const NOTE_FRAG_OWN_SNAT: &str =
+    "fragments: egress follows its own SNAT entry (leaving), an arriving one under its key";
+pub const NOTE_FRAG_OWN_FORWARD: &str =
+    "fragments: egress follows its own forward entry (leaving), an arriving one under its key";
+pub const NOTE_FRAG_INGRESS_SNAT: &str =
+    "fragments: plain ingress under the key of a datagram SNAT'd here (leaving): not followed";
+pub const NOTE_FRAG_INGRESS_FORWARD: &str =
+    "fragments: plain ingress under the key of a datagram forwarded here (leaving): not followed";
+pub const NOTE_FRAG_TUNNEL_LEAVING: &str =
+    "fragments: in a tunnel under the key of only a leaving entry: dropped";
+/// [`Outcome::notes`]: Tunnel rule 2, kinds *reply* and *soft-unicast* bring replies only: an
+/// inner echo request dropped (`drop_tunnel_kind`); for kind *reply*, one whose swapped tuple
+/// is a forwarded entry of this very peer (an echo forwarded with identifier 0).
+pub const NOTE_ECHO_REQUEST_REPLY_FORWARDED: &str = "drop_tunnel_kind: an echo request in a reply tunnel from the peer of a forwarded echo its swapped tuple matches";
+pub const NOTE_ECHO_REQUEST_REPLY: &str = "drop_tunnel_kind: an echo request in a reply tunnel";
+pub const NOTE_ECHO_REQUEST_SOFT_UNICAST: &str =
+    "drop_tunnel_kind: an echo request in a soft-unicast tunnel";
 
 /// [`Outcome::notes`]: an IPv4 packet carrying the sent hint for itself, passed
 /// (`ours_hinted`, egress rule 5, right after rule 2) by what its tuple has in the flow table.
@@ -1287,6 +1356,7 @@ impl Cx<'_> {
                     self.clamp_translated(&ip, &l4, v.addr)?;
                     self.record_frag(
                         &ip,
+                        Way::Leaving,
                         FragEntry::Source {
                             addr: v.addr,
                             peer: None,
@@ -1308,7 +1378,7 @@ impl Cx<'_> {
                     if f & TCP_SYN != 0 {
                         self.clamp(&ip, &l4, NOTE_MSS_PADDING_FORWARDED)?;
                     }
-                    let first = frag_key(&ip);
+                    let first = frag_key(&ip, Way::Leaving);
                     let gre_key = tunnel_key(KIND_CONNECTION, v.pool);
                     return match self.encap(&ip, v.tunnel, gre_key)? {
                         Ok(()) => {
@@ -1422,6 +1492,7 @@ impl Cx<'_> {
                 self.clamp_translated(&ip, &l4, t.addr)?;
                 self.record_frag(
                     &ip,
+                    Way::Leaving,
                     FragEntry::Source {
                         addr: t.addr,
                         peer: None,
@@ -1457,7 +1528,7 @@ impl Cx<'_> {
                 if Self::tcp_flags(&l4) & TCP_SYN != 0 {
                     self.clamp(&ip, &l4, NOTE_MSS_PADDING_FORWARDED)?;
                 }
-                let first = frag_key(&ip);
+                let first = frag_key(&ip, Way::Leaving);
                 match self.encap(&ip, peer, tunnel_key(KIND_CONNECTION, pool))? {
                     Ok(()) => {
                         self.record_frag_at(&ip, first, FragEntry::Encapsulate { to: peer, pool });
@@ -1520,9 +1591,12 @@ impl Cx<'_> {
     }
 
     /// A first fragment translated, forwarded, soft-unicast or translated back: its entry under
-    /// its key as it arrived (`ip` still describes the packet as it arrived).
-    fn record_frag(&mut self, ip: &Ip, e: FragEntry) {
-        self.record_frag_at(ip, frag_key(ip), e);
+    /// its key as it arrived (`ip` still describes the packet as it arrived) and the way its
+    /// later fragments go (*Fragments* rule 1: leaving for egress SNAT and forward, arriving
+    /// for everything ingress and the tunnel record but *ours*). Only an entry of the same key
+    /// and way is replaced.
+    fn record_frag(&mut self, ip: &Ip, way: Way, e: FragEntry) {
+        self.record_frag_at(ip, frag_key(ip, way), e);
     }
 
     fn record_frag_at(&mut self, ip: &Ip, k: FragKey, e: FragEntry) {
@@ -1531,49 +1605,54 @@ impl Cx<'_> {
         }
     }
 
-    /// *Fragments* 2 and 3 on egress.
+    /// *Fragments* 2 and 3 on egress: only a *leaving* entry is asked (this host's SNAT or
+    /// forward, *ours*); an arriving one under the same (source, destination, id, protocol) —
+    /// a peer's datagram in a tunnel, a reply — neither answers nor has replaced it.
     fn egress_later_fragment(&mut self, ip: &Ip, mark: u32) -> R {
-        match self.frags.get(&frag_key(ip)).copied() {
+        let arriving = self.frags.contains_key(&frag_key(ip, Way::Arriving));
+        match self.frags.get(&frag_key(ip, Way::Leaving)).copied() {
             Some(FragEntry::Source { addr, peer: None }) => {
+                if arriving {
+                    self.notes.push(NOTE_FRAG_OWN_SNAT);
+                }
                 self.set_addr(ip, true, &addr, None);
                 pass("fragment_followed", "fragments 2: egress, source")
             }
             // This host's own datagram: not a hop.
             Some(FragEntry::Encapsulate { to, pool }) => {
                 match self.encap(ip, to, tunnel_key(KIND_CONNECTION, pool))? {
-                    Ok(()) => Ok((
-                        self.sent(),
-                        "fragment_followed",
-                        "fragments 2: egress, encapsulate",
-                    )),
+                    Ok(()) => {
+                        if arriving {
+                            self.notes.push(NOTE_FRAG_OWN_FORWARD);
+                        }
+                        Ok((
+                            self.sent(),
+                            "fragment_followed",
+                            "fragments 2: egress, encapsulate",
+                        ))
+                    }
                     Err(c) => drop(c, "fragments 2: egress, encapsulation failed"),
                 }
             }
             Some(FragEntry::Ours) => pass("ours_passed", "fragments 2: egress, ours"),
-            Some(FragEntry::Destination { .. } | FragEntry::Deliver { .. }) => {
-                silent("egress later fragment whose entry says destination or deliver")
-            }
-            // A peer's *source* entry: egress follows only a local datagram's (rule 2). Rule 3
-            // names a later fragment without an entry, or in a tunnel with another peer's: to a
-            // policy destination (as in egress rule 4) both drop; otherwise the rules do not
-            // say whether it passes like one without an entry.
-            Some(FragEntry::Source { .. }) => {
-                if self.policy(mark, ip).is_some() {
-                    return drop(
-                        "drop_fragment",
-                        "fragments 3: egress, a peer's source entry",
-                    );
-                }
-                silent(
-                    "egress later fragment with a peer's source entry, no policy for (mark or 0, destination): pass as without an entry, or drop",
-                )
-            }
-            // Rule 3: the policy as in egress rule 4.
+            // Recorded arriving only (rule 1): never under a leaving key.
+            Some(
+                FragEntry::Destination { .. }
+                | FragEntry::Deliver { .. }
+                | FragEntry::Source { peer: Some(_), .. },
+            ) => silent("a leaving fragment entry of a kind only arriving datagrams record"),
+            // Rule 3: no entry of its way (none, or only an arriving one: it went the other
+            // way); the policy as in egress rule 4.
             None => {
+                let rule = if arriving {
+                    "fragments 3: egress, only an arriving entry"
+                } else {
+                    "fragments 3: egress, no entry"
+                };
                 if self.policy(mark, ip).is_some() {
-                    return drop("drop_fragment", "fragments 3: egress, no entry");
+                    return drop("drop_fragment", rule);
                 }
-                pass("egress_no_policy", "fragments 3: egress, no entry")
+                pass("egress_no_policy", rule)
             }
         }
     }
@@ -1639,7 +1718,7 @@ impl Cx<'_> {
             if v.kind != FLOW_REVERSE {
                 return silent("ingress tuple is the key of an outbound or forwarded entry");
             }
-            let first = frag_key(&ip);
+            let first = frag_key(&ip, Way::Arriving);
             let entry = FragEntry::Destination {
                 addr: v.addr,
                 tunnel: v.tunnel,
@@ -1676,7 +1755,7 @@ impl Cx<'_> {
                 self.local("soft-unicast to an owner down while LOCAL is not written: which drop")?;
                 return drop("drop_owner_down", "ingress 6: soft-unicast, owner down");
             }
-            let first = frag_key(&ip);
+            let first = frag_key(&ip, Way::Arriving);
             if let Err(c) = self.hop_ttl(&ip)? {
                 return drop(c, "ingress 6: soft-unicast, a hop");
             }
@@ -1691,9 +1770,12 @@ impl Cx<'_> {
         pass("ingress_no_flow", "ingress 7: no flow")
     }
 
-    /// *Fragments* 2 and 3 on plain ingress.
+    /// *Fragments* 2 and 3 on plain ingress: only an *arriving* entry is asked; a leaving one
+    /// under the same key (a datagram this host SNATs or forwards, *ours*) neither answers nor
+    /// has been replaced (a sender on the uplink may send any plain source).
     fn ingress_later_fragment(&mut self, ip: &Ip) -> R {
-        match self.frags.get(&frag_key(ip)).copied() {
+        let leaving = self.frags.get(&frag_key(ip, Way::Leaving)).copied();
+        match self.frags.get(&frag_key(ip, Way::Arriving)).copied() {
             Some(FragEntry::Destination { addr, tunnel, pool }) => {
                 if tunnel == [0; 4] {
                     self.set_addr(ip, false, &addr, None);
@@ -1725,15 +1807,33 @@ impl Cx<'_> {
                     Err(c) => drop(c, "fragments 2: ingress, encapsulation failed"),
                 }
             }
-            Some(_) => silent("ingress later fragment whose entry says source, ours or deliver"),
-            None => pass("ingress_no_flow", "fragments 3: ingress, no entry"),
+            // Plain ingress is named with *destination* and *encapsulate* only (rule 2), and
+            // rule 3's other entries are a tunnel's.
+            Some(FragEntry::Source { .. } | FragEntry::Deliver { .. }) => {
+                silent("plain ingress later fragment whose arriving entry says source or deliver")
+            }
+            Some(FragEntry::Ours) => {
+                silent("an arriving fragment entry of a kind only leaving datagrams record")
+            }
+            // Rule 3: no entry of its way (it went the other way, say).
+            None => {
+                match leaving {
+                    Some(FragEntry::Source { .. }) => self.notes.push(NOTE_FRAG_INGRESS_SNAT),
+                    Some(FragEntry::Encapsulate { .. }) => {
+                        self.notes.push(NOTE_FRAG_INGRESS_FORWARD);
+                    }
+                    _ => {}
+                }
+                pass("ingress_no_flow", "fragments 3: ingress, no entry")
+            }
         }
     }
 
     /// *Fragments* 2 and 3 in a tunnel from `peer` whose key says `kind` (outer headers still
-    /// on): an entry is followed only with the kind that made it.
+    /// on): only an *arriving* entry is asked, and followed only with the kind that made it.
     fn tunnel_later_fragment(&mut self, ip: &Ip, peer: [u8; 4], kind: u32) -> R {
-        match self.frags.get(&frag_key(ip)).copied() {
+        let leaving = self.frags.contains_key(&frag_key(ip, Way::Leaving));
+        match self.frags.get(&frag_key(ip, Way::Arriving)).copied() {
             Some(FragEntry::Source {
                 addr,
                 peer: Some(p),
@@ -1770,16 +1870,27 @@ impl Cx<'_> {
                     "fragments 2: tunnel, deliver of this peer",
                 )
             }
+            // Rule 3: another peer, another kind, or neither *source*, *destination* nor
+            // *deliver* (soft-unicast's *encapsulate*).
             Some(
                 FragEntry::Source { .. }
                 | FragEntry::Destination { .. }
-                | FragEntry::Deliver { .. },
+                | FragEntry::Deliver { .. }
+                | FragEntry::Encapsulate { .. },
             ) => drop(
                 "drop_fragment",
-                "fragments 3: tunnel, an entry of another peer or kind (or a local source)",
+                "fragments 3: tunnel, an entry of another peer or kind, or encapsulate",
             ),
-            Some(_) => silent("later fragment in a tunnel whose entry says encapsulate or ours"),
-            None => drop("drop_fragment", "fragments 3: tunnel, no entry"),
+            Some(FragEntry::Ours) => {
+                silent("an arriving fragment entry of a kind only leaving datagrams record")
+            }
+            // Rule 3: no entry of its way (a leaving one, this host's own datagram, say).
+            None => {
+                if leaving {
+                    self.notes.push(NOTE_FRAG_TUNNEL_LEAVING);
+                }
+                drop("drop_fragment", "fragments 3: tunnel, no entry")
+            }
         }
     }
 
@@ -1874,6 +1985,26 @@ impl Cx<'_> {
         if l4 == L4::IcmpError {
             return self.icmp_error(&ip, Some((peer, kind)));
         }
+        // 2. Kinds *reply* and *soft-unicast* bring replies only: an inner echo request there
+        // is dropped before the per-kind rules (whatever entry its tuple, swapped or not, has).
+        if let L4::Echo { request: true, .. } = l4
+            && matches!(kind, KIND_REPLY | KIND_SOFT_UNICAST)
+        {
+            if kind == KIND_SOFT_UNICAST {
+                self.notes.push(NOTE_ECHO_REQUEST_SOFT_UNICAST);
+            } else if conn_tuple(&ip, &l4)
+                .and_then(|k| self.flows.get(&swap(&k)))
+                .is_some_and(|v| v.kind == FLOW_FORWARDED && v.tunnel == peer)
+            {
+                self.notes.push(NOTE_ECHO_REQUEST_REPLY_FORWARDED);
+            } else {
+                self.notes.push(NOTE_ECHO_REQUEST_REPLY);
+            }
+            return drop(
+                "drop_tunnel_kind",
+                "tunnel 2: an echo request in a reply or soft-unicast tunnel",
+            );
+        }
         // 2. Then by kind.
         match kind {
             KIND_SOFT_UNICAST => self.tunnel_soft_unicast(&ip, &l4),
@@ -1912,8 +2043,9 @@ impl Cx<'_> {
         }
     }
 
-    /// Tunnel rule 2, kind *soft-unicast*: a reply with a reverse entry (an echo request is
-    /// never a reply: it has no reply tuple), else nothing is created.
+    /// Tunnel rule 2, kind *soft-unicast*: a reply with a reverse entry (an echo request was
+    /// dropped before, `drop_tunnel_kind`: this kind brings replies only), else nothing is
+    /// created.
     fn tunnel_soft_unicast(&mut self, ip: &Ip, l4: &L4) -> R {
         let Some(v) = reply_tuple(ip, l4)
             .and_then(|k| self.flows.get(&k).copied())
@@ -1935,6 +2067,7 @@ impl Cx<'_> {
         if matches!(r, Ok((verdict, ..)) if verdict != Verdict::Drop) {
             self.record_frag(
                 ip,
+                Way::Arriving,
                 FragEntry::Destination {
                     addr: v.addr,
                     tunnel: v.tunnel,
@@ -1976,7 +2109,7 @@ impl Cx<'_> {
             }
         }
         self.strip();
-        self.record_frag(ip, FragEntry::Deliver { peer });
+        self.record_frag(ip, Way::Arriving, FragEntry::Deliver { peer });
         pass("forwarded_reply", "tunnel 4: forwarded entry")
     }
 
@@ -1986,7 +2119,7 @@ impl Cx<'_> {
         let Some(k) = conn_tuple(ip, l4) else {
             return drop("drop_peer_policy", "tunnel 5: not TCP, UDP or echo request");
         };
-        let first = frag_key(ip);
+        let first = frag_key(ip, Way::Arriving);
         let existing = self.flows.get(&k).copied();
         if let Some(v) = existing.filter(|v| v.kind == FLOW_OUTBOUND) {
             if v.tunnel != peer {
@@ -2086,8 +2219,9 @@ impl Cx<'_> {
         }
     }
 
-    /// A peer's first fragment translated here: *source* under its key as it arrived, *ours*
-    /// under its translated key.
+    /// A peer's first fragment translated here: *source* under its key as it arrived (its later
+    /// fragments arrive in the tunnel), *ours* under its translated key (they leave through the
+    /// uplink, translated).
     fn record_peer_frags(&mut self, ip: &Ip, first: FragKey, addr: [u8; 16], peer: [u8; 4]) {
         self.record_frag_at(
             ip,
@@ -2097,7 +2231,11 @@ impl Cx<'_> {
                 peer: Some(peer),
             },
         );
-        let ours = FragKey { src: addr, ..first };
+        let ours = FragKey {
+            src: addr,
+            way: Way::Leaving,
+            ..first
+        };
         self.record_frag_at(ip, ours, FragEntry::Ours);
     }
 
