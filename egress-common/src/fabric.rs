@@ -156,9 +156,9 @@ pub const SENT_TAG_CB: usize = 3;
 
 /// The tag of a translated IPv4 packet (its tuple as `tc_egress` parses it: for an echo
 /// request the identifier and 0) under `key`, a random number the agent gives the programs at
-/// load (the `SENT_KEY` global, one per load). A keyed hash, not a MAC: nothing outside the
-/// kernel reads an skb's control block, so no tag is ever seen, and stack leftovers that match
-/// the hint word still match a tag only by a 2^-32 chance.
+/// load (the `SENT_KEY` global, one per load). A keyed hash, not a MAC: only privileged code
+/// can read the key or a control block (code that could bypass the datapath anyway); anything
+/// else that leaves the hint word matches a tag only by a 2^-32 chance.
 #[inline(always)]
 pub fn sent_tag(
     key: u32,
