@@ -157,6 +157,18 @@ impl Tp {
     }
     /// (source port, destination port) as the flow table keys this packet when it opens a
     /// connection (echo request: identifier, 0).
+    /// The same with the connection's own port (TCP/UDP source port, echo identifier) set to
+    /// `port`; anything else unchanged.
+    pub fn with_conn_sport(&self, port: u16) -> Tp {
+        let mut tp = self.clone();
+        match &mut tp {
+            Tp::Tcp { sport, .. } | Tp::Udp { sport, .. } => *sport = port,
+            Tp::Icmp { rest, .. } => rest[..2].copy_from_slice(&port.to_be_bytes()),
+            Tp::Raw { .. } => {}
+        }
+        tp
+    }
+
     pub fn conn_ports(&self) -> (u16, u16) {
         match self {
             Tp::Tcp { sport, dport, .. } | Tp::Udp { sport, dport, .. } => (*sport, *dport),
@@ -2108,6 +2120,20 @@ fn gre_peer_mss_padding(g: &mut G) -> Gen {
     )
 }
 
+/// A GRE packet (no Ethernet header) from `peer` to this server, a plain outer header, key
+/// `key`, around `inner`.
+fn gre_from(peer: impl Into<Ipv4Addr>, key: u32, inner: &[u8]) -> Vec<u8> {
+    gre_packet(
+        peer.into(),
+        FABRIC.into(),
+        &V4::default(),
+        0x2000,
+        0x0800,
+        key,
+        inner,
+    )
+}
+
 /// A GRE frame from `peer` to this server (outer header `h`, key `key`) around `inner`,
 /// with `padding` after the outer packet.
 fn gre_frame_padded(peer: Ipv4Addr, h: &V4, key: u32, inner: &[u8], padding: &[u8]) -> Vec<u8> {
@@ -2926,15 +2952,7 @@ fn fragment_ways(g: &mut G, idx: usize) -> Vec<Step> {
                     "later fragment arriving in a {} tunnel",
                     kind_name(kind)
                 ));
-                let p = gre_packet(
-                    peer.into(),
-                    FABRIC.into(),
-                    &V4::default(),
-                    0x2000,
-                    0x0800,
-                    key,
-                    ip,
-                );
+                let p = gre_from(peer, key, ip);
                 steps.push(step(
                     &format!("later fragment {i} arriving in GRE"),
                     true,
@@ -2951,62 +2969,11 @@ fn fragment_ways(g: &mut G, idx: usize) -> Vec<Step> {
     // A peer's datagram with this very (source, destination, id, protocol), other ports.
     g.tag("a peer's datagram under its key");
     let other = |p: u16| p ^ ((1 + (p & 0xff)) | 0x100);
-    let theirs_tp = match tp.clone() {
-        Tp::Tcp {
-            sport,
-            dport,
-            flags,
-            opts,
-            payload,
-        } => Tp::Tcp {
-            sport: other(sport),
-            dport,
-            flags,
-            opts,
-            payload,
-        },
-        Tp::Udp {
-            sport,
-            dport,
-            payload,
-            zero_csum,
-        } => Tp::Udp {
-            sport: other(sport),
-            dport,
-            payload,
-            zero_csum,
-        },
-        Tp::Icmp {
-            typ,
-            code,
-            mut rest,
-            body,
-        } => {
-            let id = u16::from_be_bytes([rest[0], rest[1]]);
-            rest[..2].copy_from_slice(&other(id).to_be_bytes());
-            Tp::Icmp {
-                typ,
-                code,
-                rest,
-                body,
-            }
-        }
-        raw @ Tp::Raw { .. } => raw,
-    };
+    let theirs_tp = tp.with_conn_sport(other(tp.conn_ports().0));
     let theirs = fragment_datagram(g, src, dst, &theirs_tp, id, Some(64));
     let peer = peer_of(g);
     let key = KIND_CONNECTION << 30 | pool;
-    let wrap = |ip: &[u8]| {
-        gre_packet(
-            peer.into(),
-            FABRIC.into(),
-            &V4::default(),
-            0x2000,
-            0x0800,
-            key,
-            ip,
-        )
-    };
+    let wrap = |ip: &[u8]| gre_from(peer, key, ip);
     let their_first = step("a peer's first fragment in GRE", true, 0, &wrap(&theirs[0]));
     if g.r.chance(30) {
         g.tag("the peer's first fragment first");
@@ -3407,15 +3374,7 @@ fn second_peer(g: &mut G, local: bool) -> Vec<Step> {
     };
     let wrap = |peer: [u8; 4], tp: &Tp| -> Vec<u8> {
         let inner = ip_tp(src, dst, &V4::default(), tp);
-        ip_frame(&gre_packet(
-            peer.into(),
-            FABRIC.into(),
-            &V4::default(),
-            0x2000,
-            0x0800,
-            KIND_CONNECTION << 30 | pool,
-            &inner,
-        ))
+        ip_frame(&gre_from(peer, KIND_CONNECTION << 30 | pool, &inner))
     };
     let mut steps = Vec::new();
     if g.r.chance(50) {
@@ -3896,15 +3855,7 @@ fn gre_reply_echo_request(g: &mut G) -> Gen {
     };
     let inner = ip_tp(remote, local, &h, &Tp::echo(false, true, ident, 9, b));
     let key = KIND_REPLY << 30 | pool;
-    let p = gre_packet(
-        peer.into(),
-        FABRIC.into(),
-        &V4::default(),
-        0x2000,
-        0x0800,
-        key,
-        &inner,
-    );
+    let p = gre_from(peer, key, &inner);
     (true, g.r.next() as u32, ip_frame(&p))
 }
 
