@@ -233,6 +233,12 @@ impl Config {
     /// Parses TOML text; `origin` names the source in error messages.
     /// Errors name the field path (`servers[0].fabric`) when the value, not the syntax, is bad.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // Most texts are good: read without tracking the field path (about 15 % of the time,
+        // which every agent of a fleet spends on every publish), and again with it to name
+        // the field only when the text is refused.
+        if let Ok(config) = toml::from_str(text) {
+            return Ok(config);
+        }
         let error = |field: String, inner: toml::de::Error| {
             // A value the TOML reader itself refuses (bad syntax, a number out of range) comes
             // without the field's path: find it from where the error is.
