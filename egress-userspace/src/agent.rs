@@ -144,6 +144,9 @@ pub struct Agent {
     liveness_retry_at: Option<(std::time::Instant, std::time::Duration)>,
     /// Fleet mode: the peers whose leases the etcd thread watches.
     pub interest: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<String>>>,
+    /// Peers to watch since the last plan change, not yet handed to the etcd thread
+    /// ([`Agent::flush_interest`]).
+    interest_due: Option<std::collections::BTreeSet<String>>,
     started_at: u64,
     /// Fleet mode: the published text (and revision) being applied, kept for a retry.
     pending: Option<crate::fleet::Published>,
@@ -617,6 +620,7 @@ impl Agent {
             peer_resets: 0,
             liveness_retry_at: None,
             interest: None,
+            interest_due: None,
             pending: None,
             retry: None,
             metrics: std::sync::OnceLock::new(),
@@ -1004,6 +1008,7 @@ impl Agent {
         ));
         self.liveness = Some(shared.clone());
         self.watch_peers();
+        self.flush_interest();
         let inherited: std::collections::BTreeSet<Ipv4Addr> = self
             .topology
             .config()
@@ -1059,7 +1064,8 @@ impl Agent {
         peers
     }
 
-    /// Tells the prober and the etcd thread which peers to watch (after every plan change).
+    /// Tells the prober which peers to watch (after every plan change), and keeps them for the
+    /// etcd thread ([`Agent::flush_interest`]).
     fn watch_peers(&mut self) {
         let peers = self.peers_to_watch();
         if let Some(l) = &self.liveness {
@@ -1067,14 +1073,24 @@ impl Agent {
                 .unwrap_or_else(|e| e.into_inner())
                 .set_peers(&peers);
         }
-        if let Some(i) = &self.interest {
-            let names: std::collections::BTreeSet<String> = peers.into_values().collect();
-            i.send_if_modified(|n| {
-                let changed = *n != names;
-                *n = names;
-                changed
-            });
+        if self.interest.is_some() {
+            self.interest_due = Some(peers.into_values().collect());
         }
+    }
+
+    /// Hands the peers to watch to the etcd thread. The agent's loop calls this after it has
+    /// sent its status: the etcd thread then writes the status of a new plan before it reads
+    /// and watches the new peers' leases (a transaction and a watch, round trips a status
+    /// would otherwise wait behind).
+    pub fn flush_interest(&mut self) {
+        let (Some(i), Some(names)) = (&self.interest, self.interest_due.take()) else {
+            return;
+        };
+        i.send_if_modified(|n| {
+            let changed = *n != names;
+            *n = names;
+            changed
+        });
     }
 
     /// The peers' leases as etcd says now (None: unknown, our etcd is away).

@@ -70,6 +70,18 @@ fn metric(lab: &Lab, server: &str, name: &str) -> String {
     .to_string()
 }
 
+/// Waits up to `secs` for `server`'s metric `name` to read 1.
+fn wait_metric(lab: &Lab, server: &str, name: &str, secs: u64) {
+    let t = Instant::now();
+    while !metric(lab, server, name).ends_with(" 1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{name} 1 on {server} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `egress explain --live` of acme's destination on `server`: which next hops are skipped, why.
 fn explain_live(lab: &Lab, server: &str) -> String {
     let pins = lab.pin_dir(server);
@@ -233,16 +245,35 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
             && explained.contains("fenced: its agent cannot renew its lease"),
         "{explained}"
     );
+    wait_metric(&lab, "fra-a-1", "egress_fenced", 5);
+    lab.set_mgmt_link("fra-a-1", true).unwrap();
+    back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
+
+    // 3b. Agent only, on a peer watched since a plan change: with fra-a-1's cable out, fra-a-2
+    //     goes to ams-a-1 and starts watching its lease (a watch added to its session's
+    //     stream). ams-a-1's agent is then killed, its cable in: its lease lapsing takes it
+    //     down at fra-a-2.
+    lab.set_fabric_port("fra-a-1", false).unwrap();
+    back_to(&lab, "fra-a-2", VIA_AMS_A_1, Duration::from_secs(10));
+    lab.kill_agent("ams-a-1").unwrap();
     let t = Instant::now();
-    while !metric(&lab, "fra-a-1", "egress_fenced").ends_with(" 1") {
+    loop {
+        let explained = explain_live(&lab, "fra-a-2");
+        if explained.contains("ams-a-1 (10.50.2.31): ") && explained.contains("agent lease gone") {
+            break;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(5),
-            "egress_fenced 1 on fra-a-1"
+            "ams-a-1's lease gone, seen by fra-a-2 within 5 s: {explained}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    lab.set_mgmt_link("fra-a-1", true).unwrap();
+    lab.start_fleet_agent("ams-a-1", &["--hold-down", HOLD_DOWN])
+        .unwrap();
+    lab.set_fabric_port("fra-a-1", true).unwrap();
     back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
+    // Step 4 needs ams-a-1 up at sin-a-1 first (its hold-down over).
+    wait_metric(&lab, "sin-a-1", "egress_peer_up{server=\"ams-a-1\"", 10);
 
     // 4. The last tier: ams-a-1 (beta's only holder) dies; sin-a-1's new beta connections are
     //    unreachable, dropped and counted, not sent into a dead tunnel.

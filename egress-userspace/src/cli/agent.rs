@@ -547,6 +547,7 @@ async fn serve(
                 sent_at = std::time::Instant::now();
             }
         }
+        agent.flush_interest();
     }
     Ok(())
 }

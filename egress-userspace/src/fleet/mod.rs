@@ -9,6 +9,7 @@
 //! - `status/<server>`: [`Status`] (JSON), bound to the agent's lease.
 //! - `alive/<server>`: written once per session on the same lease; what peers watch.
 
+pub mod alive;
 pub mod pki;
 pub mod roles;
 pub mod tls;

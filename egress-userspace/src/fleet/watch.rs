@@ -11,7 +11,11 @@ use anyhow::bail;
 use etcd_client::{PutOptions, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
-use super::{Endpoint, Published, Status, describe, read_published};
+use super::{
+    Endpoint, Published, Status,
+    alive::{AliveView, Created},
+    describe, read_published,
+};
 
 /// The lease's time to live asked for by default, in seconds: the agent's keys vanish this long
 /// after the agent (or its link to etcd) dies, and its peers take it as down. etcd grants at
@@ -329,8 +333,7 @@ async fn session(
         lease: id,
         refused: false,
         names: interest.borrow_and_update().clone(),
-        leases: None,
-        present: BTreeSet::new(),
+        alive: None,
     };
     let current = status.borrow_and_update().clone();
     s.put_status(current).await?;
@@ -347,12 +350,24 @@ async fn session(
         return Ok(());
     }
     loop {
+        // In this order when several are ready: a new plan's status is written before the
+        // leases of its peers are read and watched (the agent hands those over after it).
         let going = tokio::select! {
+            biased;
             ended = &mut keeping.0 => match ended {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(())) => bail!("the keep-alives ended"),
                 Err(e) => bail!("the keep-alive task: {e}"),
             },
+            changed = status.changed() => {
+                if changed.is_err() {
+                    s.exit().await;
+                    return Ok(());
+                }
+                let current = status.borrow_and_update().clone();
+                s.put_status(current).await?;
+                true
+            }
             msg = stream.message() => {
                 let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.topology())))?;
                 s.topology(msg).await?
@@ -365,22 +380,13 @@ async fn session(
                 s.view_leases().await?
             }
             msg = async {
-                match s.leases.as_mut() {
-                    Some(w) => w.message().await,
+                match s.alive.as_mut() {
+                    Some(v) => v.stream.message().await,
                     None => std::future::pending().await,
                 }
             } => {
                 let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.alives())))?;
                 s.alive_keys(msg).await?
-            }
-            changed = status.changed() => {
-                if changed.is_err() {
-                    s.exit().await;
-                    return Ok(());
-                }
-                let current = status.borrow_and_update().clone();
-                s.put_status(current).await?;
-                true
             }
         };
         if !going {
@@ -492,14 +498,13 @@ struct Session<'a> {
     lease: i64,
     /// etcd refused the status key: reported once, no status writes for the session.
     refused: bool,
-    /// The peers asked about, the watch of their alive keys, and those present.
+    /// The peers asked about, and the watches of their alive keys (None: not open, or etcd
+    /// refused them).
     names: BTreeSet<String>,
-    leases: Option<etcd_client::WatchStream>,
-    present: BTreeSet<String>,
+    alive: Option<AliveView>,
 }
 
 impl Session<'_> {
-    /// Writes the status on the lease.
     /// The agent is exiting: its status key goes with its lease. Its programs keep running
     /// (unless it detaches them), so with a restart grace the alive key is first moved onto a
     /// lease of that time to live: peers go on forwarding through this server while its next
@@ -523,6 +528,7 @@ impl Session<'_> {
         let _ = self.client.lease_revoke(self.lease).await;
     }
 
+    /// Writes the status on the lease.
     async fn put_status(&mut self, s: Status) -> anyhow::Result<()> {
         if self.refused {
             return Ok(());
@@ -542,18 +548,47 @@ impl Session<'_> {
         }
     }
 
-    /// Reads and watches the leases of the peers asked about now.
+    /// Reads and watches the leases of the peers asked about now (opening the watch stream
+    /// first if needed) and tells the agent which exist; a refusal by etcd is reported and the
+    /// peers' leases are unknown until the next change of peers. False: the agent is gone.
     async fn view_leases(&mut self) -> anyhow::Result<bool> {
-        view_leases(
-            &mut self.client,
-            self.ep,
-            self.me,
-            &self.names,
-            self.events,
-            &mut self.leases,
-            &mut self.present,
-        )
-        .await
+        let result = match self.alive.as_mut() {
+            Some(v) => v.update(&mut self.client, self.ep, &self.names).await,
+            None => match AliveView::open(&mut self.client, self.ep, &self.me.server).await {
+                Ok(mut v) => {
+                    let r = v.update(&mut self.client, self.ep, &self.names).await;
+                    self.alive = Some(v);
+                    r
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let event = match result {
+            // Sent after every change of peers, even if the same peers are present: the new
+            // ones learn their lease is known.
+            Ok(()) => Event::Leases(self.present()),
+            Err(e) if denied(&e) => {
+                let why = describe(e, &self.urls, Some(&self.ep.keys.alives()));
+                self.alive = None;
+                if self
+                    .events
+                    .send(Event::StatusRefused(crate::cli::error_text(&why)))
+                    .is_err()
+                {
+                    return Ok(false);
+                }
+                Event::LeasesUnknown
+            }
+            Err(e) => return Err(describe(e, &self.urls, Some(&self.ep.keys.alives()))),
+        };
+        Ok(self.events.send(event).is_ok())
+    }
+
+    fn present(&self) -> BTreeSet<String> {
+        self.alive
+            .as_ref()
+            .map(|v| v.book.present(&self.names))
+            .unwrap_or_default()
     }
 
     /// A response of the topology's watch.
@@ -576,8 +611,9 @@ impl Session<'_> {
         Ok(self.events.send(event).is_ok())
     }
 
-    /// A response of the alive keys' watch: peers come and go; our own key deleted under a
-    /// live lease (by hand, a cleanup) is put back, or peers would take us as gone.
+    /// A response of the alive keys' watch: a watch confirmed or cancelled, or peers come and
+    /// go; our own key deleted under a live lease (by hand, a cleanup) is put back, or peers
+    /// would take us as gone.
     async fn alive_keys(
         &mut self,
         msg: Option<etcd_client::WatchResponse>,
@@ -585,13 +621,19 @@ impl Session<'_> {
         let Some(resp) = msg else {
             bail!("etcd closed the lease watch");
         };
+        let before = self.present();
+        let Some(view) = self.alive.as_mut() else {
+            return Ok(true);
+        };
+        if resp.canceled() && !resp.created() && view.book.cancelled(resp.watch_id()) {
+            return Ok(true); // one this session cancelled
+        }
         if resp.canceled() {
-            // A watch etcd's roles refuse is cancelled, not refused at creation.
+            // A watch etcd's roles refuse is cancelled (and confirmed), not refused outright.
             if !resp.cancel_reason().contains("permission denied") {
                 bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
             }
-            self.leases = None;
-            self.present.clear();
+            self.alive = None;
             let why = format!(
                 "permission denied by etcd on key {}: {} (this identity's role does not cover it: roles from before alive keys? run `fleet init` again)",
                 self.ep.keys.alives(),
@@ -600,32 +642,39 @@ impl Session<'_> {
             return Ok(self.events.send(Event::StatusRefused(why)).is_ok()
                 && self.events.send(Event::LeasesUnknown).is_ok());
         }
-        let before = self.present.clone();
+        if resp.created() {
+            match view.book.created(resp.watch_id(), &self.names) {
+                Created::Kept => {}
+                Created::Cancel(id) => view
+                    .stream
+                    .cancel(id)
+                    .await
+                    .map_err(|e| describe(e, &self.urls, Some(&self.ep.keys.alives())))?,
+                Created::Unexpected => bail!(
+                    "etcd confirmed lease watch {} that was not asked for",
+                    resp.watch_id()
+                ),
+            }
+        }
         let prefix = self.ep.keys.alives();
+        let mut own_deleted = false;
         for e in resp.events() {
-            let Some(name) = e
-                .kv()
-                .and_then(|kv| kv.key_str().ok())
-                .and_then(|k| k.strip_prefix(&prefix))
-            else {
+            let Some(kv) = e.kv() else { continue };
+            let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
                 continue;
             };
             let deleted = e.event_type() == etcd_client::EventType::Delete;
-            if name == self.me.server && deleted {
-                put_alive(&mut self.client, self.ep, self.me, self.lease).await?;
-            } else if self.names.contains(name) {
-                if deleted {
-                    self.present.remove(name);
-                } else {
-                    self.present.insert(name.to_string());
-                }
+            if name == self.me.server {
+                own_deleted |= deleted;
+            } else {
+                view.book.heard(name, kv.mod_revision(), !deleted);
             }
         }
-        Ok(self.present == before
-            || self
-                .events
-                .send(Event::Leases(self.present.clone()))
-                .is_ok())
+        if own_deleted {
+            put_alive(&mut self.client, self.ep, self.me, self.lease).await?;
+        }
+        let now = self.present();
+        Ok(now == before || self.events.send(Event::Leases(now)).is_ok())
     }
 }
 
@@ -704,73 +753,6 @@ async fn put_alive(
         )))),
         Err(e) => Err(describe(e, &urls, Some(&alive))),
     }
-}
-
-/// Reads and watches the leases of `names` (and this agent's own alive key) and tells the
-/// agent; a refusal by etcd is reported and the peers' leases are unknown for the session.
-/// False: the agent is gone.
-async fn view_leases(
-    client: &mut etcd_client::Client,
-    ep: &Endpoint,
-    me: &Identity,
-    names: &BTreeSet<String>,
-    events: &mpsc::UnboundedSender<Event>,
-    leases: &mut Option<etcd_client::WatchStream>,
-    present: &mut BTreeSet<String>,
-) -> anyhow::Result<bool> {
-    let urls = ep.urls.join(",");
-    let event = match lease_view(client, ep, me, names).await {
-        Ok((stream, now)) => {
-            (*leases, *present) = (Some(stream), now);
-            Event::Leases(present.clone())
-        }
-        Err(e) if denied(&e) => {
-            let why = describe(e, &urls, Some(&ep.keys.alives()));
-            (*leases, *present) = (None, BTreeSet::new());
-            if events
-                .send(Event::StatusRefused(crate::cli::error_text(&why)))
-                .is_err()
-            {
-                return Ok(false);
-            }
-            Event::LeasesUnknown
-        }
-        Err(e) => return Err(describe(e, &urls, Some(&ep.keys.alives()))),
-    };
-    Ok(events.send(event).is_ok())
-}
-
-/// Which of `names` have an alive key (a lease) now (one transaction), and one watch on each
-/// of their keys from that revision on, and on this agent's own key.
-async fn lease_view(
-    client: &mut etcd_client::Client,
-    ep: &Endpoint,
-    me: &Identity,
-    names: &BTreeSet<String>,
-) -> Result<(etcd_client::WatchStream, BTreeSet<String>), etcd_client::Error> {
-    let ops: Vec<etcd_client::TxnOp> = names
-        .iter()
-        .map(|n| {
-            etcd_client::TxnOp::get(
-                ep.keys.alive(n),
-                Some(etcd_client::GetOptions::new().with_keys_only()),
-            )
-        })
-        .collect();
-    let resp = client.txn(etcd_client::Txn::new().and_then(ops)).await?;
-    let at = resp.header().map_or(0, |h| h.revision());
-    let present = names
-        .iter()
-        .zip(resp.op_responses())
-        .filter(|(_, r)| matches!(r, etcd_client::TxnOpResponse::Get(g) if !g.kvs().is_empty()))
-        .map(|(n, _)| n.clone())
-        .collect();
-    let from = || Some(WatchOptions::new().with_start_revision(at + 1));
-    let mut stream = client.watch(ep.keys.alive(&me.server), from()).await?;
-    for n in names {
-        stream.watch(ep.keys.alive(n), from()).await?;
-    }
-    Ok((stream, present))
 }
 
 #[cfg(test)]
