@@ -1073,7 +1073,8 @@ impl Agent {
                 .unwrap_or_else(|e| e.into_inner())
                 .set_peers(&peers);
         }
-        if self.interest.is_some() {
+        // Without a dataplane nothing is probed: no lease to watch either.
+        if self.interest.is_some() && self.liveness.is_some() {
             self.interest_due = Some(peers.into_values().collect());
         }
     }
@@ -1086,11 +1087,10 @@ impl Agent {
         let (Some(i), Some(names)) = (&self.interest, self.interest_due.take()) else {
             return;
         };
-        i.send_if_modified(|n| {
-            let changed = *n != names;
-            *n = names;
-            changed
-        });
+        // Sent even when the names are the same: set_peers may have dropped and re-added a
+        // peer (a switch that failed restores the plan in force), which then starts with its
+        // lease unknown until the etcd thread tells it again.
+        i.send_replace(names);
     }
 
     /// The peers' leases as etcd says now (None: unknown, our etcd is away).

@@ -57,17 +57,60 @@ fn failed_over(what: &str, attempts: &[Attempt], fault: u128, want: WantSrc) -> 
     took
 }
 
-fn metric(lab: &Lab, server: &str, name: &str) -> String {
+/// `server`'s metrics page.
+fn metrics(lab: &Lab, server: &str) -> String {
     lab.run(
         &lab.server_ns(server),
         "curl",
         &["-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics"],
     )
     .unwrap()
-    .lines()
-    .find(|l| l.starts_with(name))
-    .unwrap_or_else(|| panic!("no metric {name}"))
-    .to_string()
+}
+
+fn metric(lab: &Lab, server: &str, name: &str) -> String {
+    metrics(lab, server)
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .to_string()
+}
+
+/// The default topology without beta (ams-a-1's pool of its own).
+fn without_beta() -> String {
+    let pool = DEFAULT_CONFIG
+        .find("# Held only in ams")
+        .expect("beta's pool in the default config");
+    let policy = DEFAULT_CONFIG
+        .find("[[policies]]\npool = \"beta\"")
+        .expect("beta's policy in the default config");
+    let first_policy = DEFAULT_CONFIG.find("[[policies]]").unwrap();
+    format!(
+        "{}{}{}",
+        &DEFAULT_CONFIG[..pool],
+        &DEFAULT_CONFIG[first_policy..policy],
+        DEFAULT_CONFIG[policy..]
+            .split_once("\n\n")
+            .map_or("", |(_, rest)| rest)
+    )
+}
+
+/// Waits until `server`'s agent has applied revision `rev`.
+fn wait_applied(lab: &Lab, server: &str, rev: i64) {
+    let t = Instant::now();
+    while !metric(lab, server, "egress_applied_revision").ends_with(&format!(" {rev}")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{server} applies revision {rev}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `server`'s prober watches `peer` (its transitions are exported for the watched ones).
+fn watched(lab: &Lab, server: &str, peer: &str) -> bool {
+    metrics(lab, server).lines().any(|l| {
+        l.starts_with("egress_peer_transitions") && l.contains(&format!("server=\"{peer}\""))
+    })
 }
 
 /// Waits up to `secs` for `server`'s metric `name` to read 1.
@@ -249,17 +292,31 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     lab.set_mgmt_link("fra-a-1", true).unwrap();
     back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
 
-    // 3b. Agent only, on a peer watched since a plan change: with fra-a-1's cable out, fra-a-2
-    //     goes to ams-a-1 and starts watching its lease (a watch added to its session's
-    //     stream). ams-a-1's agent is then killed, its cable in: its lease lapsing takes it
-    //     down at fra-a-2.
+    // 3b. Agent only, on a peer watched only since a plan change. Without beta (ams-a-1 its
+    //     only holder), fra-a-2 has no reason to watch ams-a-1; with fra-a-1's cable out it
+    //     fails over to ams-a-1 and starts watching it (a watch added to its session's
+    //     stream). ams-a-1's agent is then killed, its cable in (its programs still answer
+    //     probes): its lease lapsing is what takes it down at fra-a-2.
+    let rev = lab.publish(&without_beta()).unwrap();
+    wait_applied(&lab, "fra-a-2", rev);
+    assert!(
+        !watched(&lab, "fra-a-2", "ams-a-1"),
+        "not watched without beta"
+    );
     lab.set_fabric_port("fra-a-1", false).unwrap();
     back_to(&lab, "fra-a-2", VIA_AMS_A_1, Duration::from_secs(10));
+    assert!(
+        watched(&lab, "fra-a-2", "ams-a-1"),
+        "watched once it is the next tier"
+    );
     lab.kill_agent("ams-a-1").unwrap();
     let t = Instant::now();
     loop {
         let explained = explain_live(&lab, "fra-a-2");
-        if explained.contains("ams-a-1 (10.50.2.31): ") && explained.contains("agent lease gone") {
+        if explained
+            .lines()
+            .any(|l| l.contains("ams-a-1 (10.50.2.31): ") && l.contains("agent lease gone"))
+        {
             break;
         }
         assert!(
@@ -271,6 +328,10 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
     lab.start_fleet_agent("ams-a-1", &["--hold-down", HOLD_DOWN])
         .unwrap();
     lab.set_fabric_port("fra-a-1", true).unwrap();
+    let rev = lab.publish(DEFAULT_CONFIG).unwrap();
+    for s in SERVERS {
+        wait_applied(&lab, s, rev);
+    }
     back_to(&lab, "fra-a-2", VIA_FRA_A_1, Duration::from_secs(15));
     // Step 4 needs ams-a-1 up at sin-a-1 first (its hold-down over).
     wait_metric(&lab, "sin-a-1", "egress_peer_up{server=\"ams-a-1\"", 10);

@@ -142,13 +142,18 @@ pub struct AliveView {
 }
 
 impl AliveView {
-    /// A new stream, watching this agent's own key from now on.
+    /// A new stream, watching this agent's own key from the revision after `put` (when it was
+    /// written), else from now on.
     pub async fn open(
         client: &mut etcd_client::Client,
         ep: &Endpoint,
         own: &str,
+        put: Option<i64>,
     ) -> Result<Self, etcd_client::Error> {
-        let stream = client.watch(ep.keys.alive(own), None).await?;
+        let from = put
+            .filter(|r| *r > 0)
+            .map(|r| WatchOptions::new().with_start_revision(r + 1));
+        let stream = client.watch(ep.keys.alive(own), from).await?;
         Ok(Self {
             stream,
             book: AliveBook::new(own),

@@ -318,7 +318,7 @@ async fn session(
     // The peers' view of this agent: written once per session, on the lease (and again if it
     // is deleted under it). Peers watch this key and not the status key, which changes with
     // every plan (a publish would otherwise fan out to every watcher of every agent).
-    let alive_refused = put_alive(&mut client, ep, me, lease.id).await?;
+    let alive_put = put_alive(&mut client, ep, me, lease.id).await?;
     let id = lease.id;
     // The keep-alives on a task of their own: a slow request of the session (a status put
     // during a publish, a read) never delays them, nor the answers that feed the fence.
@@ -334,11 +334,12 @@ async fn session(
         refused: false,
         names: interest.borrow_and_update().clone(),
         alive: None,
+        own_put: alive_put.as_ref().ok().copied(),
     };
     let current = status.borrow_and_update().clone();
     s.put_status(current).await?;
     // One report: an identity refused its status key is refused its alive key as well.
-    if let Some(why) = alive_refused
+    if let Err(why) = alive_put
         && !s.refused
         && events.send(Event::StatusRefused(why)).is_err()
     {
@@ -350,8 +351,9 @@ async fn session(
         return Ok(());
     }
     loop {
-        // In this order when several are ready: a new plan's status is written before the
-        // leases of its peers are read and watched (the agent hands those over after it).
+        // In this order when several are ready: a peer's lease news first (cheap, and what
+        // failover waits on); a new plan's status before the leases of its peers are read and
+        // watched (the agent hands those over after it).
         let going = tokio::select! {
             biased;
             ended = &mut keeping.0 => match ended {
@@ -359,6 +361,15 @@ async fn session(
                 Ok(Ok(())) => bail!("the keep-alives ended"),
                 Err(e) => bail!("the keep-alive task: {e}"),
             },
+            msg = async {
+                match s.alive.as_mut() {
+                    Some(v) => v.stream.message().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.alives())))?;
+                s.alive_keys(msg).await?
+            }
             changed = status.changed() => {
                 if changed.is_err() {
                     s.exit().await;
@@ -378,15 +389,6 @@ async fn session(
                 }
                 s.names = interest.borrow_and_update().clone();
                 s.view_leases().await?
-            }
-            msg = async {
-                match s.alive.as_mut() {
-                    Some(v) => v.stream.message().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.alives())))?;
-                s.alive_keys(msg).await?
             }
         };
         if !going {
@@ -502,6 +504,10 @@ struct Session<'a> {
     /// refused them).
     names: BTreeSet<String>,
     alive: Option<AliveView>,
+    /// The revision this session wrote its alive key at: the first view watches the key from
+    /// the next one on (a delete right after the put is not missed). Later views watch from
+    /// their opening (an old revision may have been compacted away by then).
+    own_put: Option<i64>,
 }
 
 impl Session<'_> {
@@ -514,11 +520,11 @@ impl Session<'_> {
             match self.client.lease_grant(self.me.restart_grace, None).await {
                 Ok(grace) => {
                     match put_alive(&mut self.client, self.ep, self.me, grace.id()).await {
-                        Ok(None) => log::info!(
+                        Ok(Ok(_)) => log::info!(
                             "exiting: the alive key is kept {} s for the next agent (--restart-grace)",
                             grace.ttl()
                         ),
-                        Ok(Some(why)) => log::warn!("exiting: alive key not kept: {why}"),
+                        Ok(Err(why)) => log::warn!("exiting: alive key not kept: {why}"),
                         Err(e) => log::warn!("exiting: alive key not kept: {e:#}"),
                     }
                 }
@@ -554,7 +560,14 @@ impl Session<'_> {
     async fn view_leases(&mut self) -> anyhow::Result<bool> {
         let result = match self.alive.as_mut() {
             Some(v) => v.update(&mut self.client, self.ep, &self.names).await,
-            None => match AliveView::open(&mut self.client, self.ep, &self.me.server).await {
+            None => match AliveView::open(
+                &mut self.client,
+                self.ep,
+                &self.me.server,
+                self.own_put.take(),
+            )
+            .await
+            {
                 Ok(mut v) => {
                     let r = v.update(&mut self.client, self.ep, &self.names).await;
                     self.alive = Some(v);
@@ -671,7 +684,8 @@ impl Session<'_> {
             }
         }
         if own_deleted {
-            put_alive(&mut self.client, self.ep, self.me, self.lease).await?;
+            // (A refusal here was reported when the session first wrote it.)
+            let _ = put_alive(&mut self.client, self.ep, self.me, self.lease).await?;
         }
         let now = self.present();
         Ok(now == before || self.events.send(Event::Leases(now)).is_ok())
@@ -726,14 +740,14 @@ fn from_events(ep: &Endpoint, events: &[etcd_client::Event]) -> Seen {
     }
 }
 
-/// Writes this agent's alive key on `lease`; Some(why) when etcd refuses it (peers then judge
-/// this server by probes alone; the session goes on).
+/// Writes this agent's alive key on `lease`: the revision it was written at, or why etcd refuses
+/// it (peers then judge this server by probes alone; the session goes on).
 async fn put_alive(
     client: &mut etcd_client::Client,
     ep: &Endpoint,
     me: &Identity,
     lease: i64,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Result<i64, String>> {
     let urls = ep.urls.join(",");
     let alive = ep.keys.alive(&me.server);
     let since = serde_json::json!({ "pid": std::process::id(), "since": super::unix_now() });
@@ -745,8 +759,8 @@ async fn put_alive(
         )
         .await
     {
-        Ok(_) => Ok(None),
-        Err(e) if denied(&e) => Ok(Some(crate::cli::error_text(&describe(
+        Ok(r) => Ok(Ok(r.header().map_or(0, |h| h.revision()))),
+        Err(e) if denied(&e) => Ok(Err(crate::cli::error_text(&describe(
             e,
             &urls,
             Some(&alive),
