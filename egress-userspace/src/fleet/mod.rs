@@ -102,7 +102,7 @@ impl EtcdArgs {
                 urls: self.urls.clone(),
                 keys,
                 credentials: None,
-                next: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(first_member())),
+                next: Default::default(),
             });
         }
         if let Some(u) = self.urls.iter().find(|u| u.starts_with("http://")) {
@@ -117,18 +117,9 @@ impl EtcdArgs {
             urls: self.urls.clone(),
             keys,
             credentials: Some(Credentials::load(&ca, &cert, &key)?),
-            next: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(first_member())),
+            next: Default::default(),
         })
     }
-}
-
-/// Where a new client starts trying members: random per process, so a fleet's agents spread over
-/// the members instead of all loading the first one.
-fn first_member() -> usize {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() as usize
 }
 
 impl Endpoint {
