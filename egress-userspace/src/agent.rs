@@ -1027,8 +1027,8 @@ impl Agent {
     }
 
     /// The peers whose liveness matters here: every next hop the plan would use with everyone
-    /// up, those it uses now (the next tier), and the owners of the shares of the addresses
-    /// this server holds (where soft-unicast goes).
+    /// up, those it uses now (the next tier), the owners of the shares of the addresses this
+    /// server holds (where soft-unicast goes), and every peer down now.
     fn peers_to_watch(&self) -> BTreeMap<Ipv4Addr, String> {
         let mut peers = BTreeMap::new();
         let all_up = plan::plan(&self.topology, &self.server);
@@ -1044,6 +1044,14 @@ impl Agent {
             .iter()
             .map(|s| (s.name.as_str(), s.fabric))
             .collect();
+        // A peer down now stays watched until its own signals bring it back. Dropped (no plan
+        // needs it now: say its pool became unreachable because it is down), it would come back
+        // as a fresh peer, up, with its lease never seen.
+        for name in self.down.keys() {
+            if let Some(f) = fabric_of.get(name.as_str()) {
+                peers.insert(*f, name.clone());
+            }
+        }
         for pool in self.topology.pools().values() {
             let mine: std::collections::BTreeSet<Ipv4Addr> = pool
                 .shares

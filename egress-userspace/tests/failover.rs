@@ -325,6 +325,14 @@ fn dead_holders_are_skipped_within_3_s_at_every_tier_and_come_back_after_the_hol
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // It stays down (acme is now unreachable from fra-a-2, so no plan needs ams-a-1: it must
+    // stay watched, not come back as a fresh peer).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        metric(&lab, "fra-a-2", "egress_peer_up{server=\"ams-a-1\"").ends_with(" 0"),
+        "ams-a-1 still down at fra-a-2 2 s later: {}",
+        explain_live(&lab, "fra-a-2")
+    );
     lab.start_fleet_agent("ams-a-1", &["--hold-down", HOLD_DOWN])
         .unwrap();
     lab.set_fabric_port("fra-a-1", true).unwrap();

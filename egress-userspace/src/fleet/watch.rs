@@ -334,6 +334,7 @@ async fn session(
         refused: false,
         names: interest.borrow_and_update().clone(),
         alive: None,
+        view_refused: false,
         own_put: alive_put.as_ref().ok().copied(),
     };
     let current = status.borrow_and_update().clone();
@@ -387,8 +388,15 @@ async fn session(
                 if changed.is_err() {
                     return Ok(());
                 }
-                s.names = interest.borrow_and_update().clone();
-                s.view_leases().await?
+                let names = interest.borrow_and_update().clone();
+                // Refused for these very peers: not asked again until they change (the agent
+                // hands the peers over after every plan, changed or not).
+                if s.view_refused && s.alive.is_none() && names == s.names {
+                    true
+                } else {
+                    s.names = names;
+                    s.view_leases().await?
+                }
             }
         };
         if !going {
@@ -504,6 +512,8 @@ struct Session<'a> {
     /// refused them).
     names: BTreeSet<String>,
     alive: Option<AliveView>,
+    /// etcd refused the lease watches for `names`.
+    view_refused: bool,
     /// The revision this session wrote its alive key at: the first view watches the key from
     /// the next one on (a delete right after the put is not missed). Later views watch from
     /// their opening (an old revision may have been compacted away by then).
@@ -579,10 +589,14 @@ impl Session<'_> {
         let event = match result {
             // Sent after every change of peers, even if the same peers are present: the new
             // ones learn their lease is known.
-            Ok(()) => Event::Leases(self.present()),
+            Ok(()) => {
+                self.view_refused = false;
+                Event::Leases(self.present())
+            }
             Err(e) if denied(&e) => {
                 let why = describe(e, &self.urls, Some(&self.ep.keys.alives()));
                 self.alive = None;
+                self.view_refused = true;
                 if self
                     .events
                     .send(Event::StatusRefused(crate::cli::error_text(&why)))
@@ -647,6 +661,7 @@ impl Session<'_> {
                 bail!("etcd cancelled the lease watch: {}", resp.cancel_reason());
             }
             self.alive = None;
+            self.view_refused = true;
             let why = format!(
                 "permission denied by etcd on key {}: {} (this identity's role does not cover it: roles from before alive keys? run `fleet init` again)",
                 self.ep.keys.alives(),
