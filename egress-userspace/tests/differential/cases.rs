@@ -1363,6 +1363,20 @@ impl G<'_> {
         bits | replied
     }
 
+    /// A local connection's two entries: `(src, dst, sport, dport, proto)` leaving as
+    /// `(addr, port)` of `pool`, and the reverse entry its replies find.
+    fn push_local(&mut self, t: (IpAddr, IpAddr, u16, u16, u8), binding: (IpAddr, u16, u32)) {
+        let ((src, dst, sport, dport, proto), (addr, port, pool)) = (t, binding);
+        self.flows.push((
+            fkey(src, dst, sport, dport, proto),
+            fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
+        ));
+        self.flows.push((
+            fkey(dst, addr, dport, port, proto),
+            fval(FLOW_REVERSE, src, sport, pool, [0; 4], 0),
+        ));
+    }
+
     /// A pool address of this server and a port: (addr, port, pool, family).
     fn own_binding(&mut self, v6: bool) -> Option<(IpAddr, u16, u32)> {
         let fam = if v6 { FAMILY_V6 } else { FAMILY_V4 };
@@ -2048,14 +2062,7 @@ fn egress_mss_padding(g: &mut G) -> Gen {
         if established {
             let addr = v4(*g.r.pick(&addrs));
             let port = g.r.range(1024, 65535) as u16;
-            g.flows.push((
-                fkey(src, d, sp, dp, 6),
-                fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
-            ));
-            g.flows.push((
-                fkey(d, addr, dp, port, 6),
-                fval(FLOW_REVERSE, src, sp, pool, [0; 4], 0),
-            ));
+            g.push_local((src, d, sp, dp, 6), (addr, port, pool));
         }
         (d, m)
     } else {
@@ -2616,14 +2623,7 @@ fn fragment_sequence(g: &mut G, idx: usize) -> Vec<Step> {
                     ));
                 } else if let Some((addr, port, pool)) = g.own_binding(v6) {
                     g.tag("outbound entry");
-                    g.flows.push((
-                        fkey(src, dst, a, b, proto),
-                        fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
-                    ));
-                    g.flows.push((
-                        fkey(dst, addr, b, port, proto),
-                        fval(FLOW_REVERSE, src, a, pool, [0; 4], 0),
-                    ));
+                    g.push_local((src, dst, a, b, proto), (addr, port, pool));
                 }
             }
             (src, dst, tp, false, mark, None)
@@ -2890,14 +2890,7 @@ fn fragment_ways(g: &mut G, idx: usize) -> Vec<Step> {
         5..=8 => {
             if let Some((addr, port, pool)) = g.own_binding(false) {
                 g.tag("outbound entry");
-                g.flows.push((
-                    fkey(src, dst, a, b, proto),
-                    fval(FLOW_OUTBOUND, addr, port, pool, [0; 4], 0),
-                ));
-                g.flows.push((
-                    fkey(dst, addr, b, port, proto),
-                    fval(FLOW_REVERSE, src, a, pool, [0; 4], 0),
-                ));
+                g.push_local((src, dst, a, b, proto), (addr, port, pool));
             } else {
                 g.tag("new connection");
             }
