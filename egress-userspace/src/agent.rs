@@ -643,12 +643,9 @@ impl Agent {
                 egress_common::action::MAX_HOPS
             );
         }
-        self.plan_hash = plan::plan_hash(&self.topology, &self.plan);
-        self.watch_peers();
-        if self.dp.is_none() {
-            return Ok(Diff::default());
-        }
         let want = plan::map_contents(&self.topology, &self.plan);
+        self.plan_hash = plan::plan_hash_of(&self.plan, &want);
+        self.watch_peers();
         let Some(dp) = self.dp.as_mut() else {
             return Ok(Diff::default());
         };

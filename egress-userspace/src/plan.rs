@@ -103,12 +103,17 @@ pub struct Plan {
 /// first 16 hex digits of the sha256 of its plan and map contents. Equal plans, equal hashes,
 /// whichever agent (of one version) computed them.
 pub fn plan_hash(t: &Topology, p: &Plan) -> String {
+    plan_hash_of(p, &map_contents(t, p))
+}
+
+/// [`plan_hash`] of a plan whose map contents are already at hand.
+pub fn plan_hash_of(p: &Plan, contents: &MapContents) -> String {
     use sha2::Digest as _;
     use std::io::Write as _;
     // Written into the hash as it is formatted (no text of it is kept).
     let mut h = sha2::Sha256::new();
     serde_json::to_writer(&mut h, p).expect("a plan always serialises");
-    write!(h, "\n{:?}", map_contents(t, p)).expect("a hash takes any bytes");
+    write!(h, "\n{contents:?}").expect("a hash takes any bytes");
     crate::fleet::hex(&h.finalize())[..16].to_string()
 }
 
