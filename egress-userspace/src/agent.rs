@@ -380,6 +380,8 @@ pub struct Initial {
     pub text: String,
     pub topology: Topology,
     pub published: crate::fleet::Published,
+    /// The etcd member it was read from (its place in `--etcd`, from 0).
+    pub member: usize,
 }
 
 /// Fleet mode: what the agent knows of the published topology and of its link to etcd.
@@ -393,6 +395,8 @@ pub struct FleetState {
     /// Why the newest revision was rejected, while it is the newest.
     pub rejected: Option<String>,
     pub connected: bool,
+    /// The etcd member connected to (its place in `--etcd`, from 0), while connected.
+    pub member: Option<usize>,
     /// Since when (Unix seconds) the plan may be stale: etcd unreachable.
     pub stale_since: Option<u64>,
     /// When the plan in force was last confirmed current (Unix seconds): applied, or found
@@ -468,11 +472,11 @@ impl Agent {
         initial: Option<Initial>,
         pins: Option<loader::AgentLock>,
     ) -> anyhow::Result<(Agent, Option<AttachMode>, Option<std::net::TcpListener>)> {
-        let (config_text, topology, published) = match initial {
-            Some(i) => (i.text, i.topology, Some(i.published)),
+        let (config_text, topology, published, member) = match initial {
+            Some(i) => (i.text, i.topology, Some(i.published), Some(i.member)),
             None => {
                 let (text, config) = read_config(opts.config_path.as_deref())?;
-                (text, validate::validate(&config)?, None)
+                (text, validate::validate(&config)?, None, None)
             }
         };
         let server = topology
@@ -496,6 +500,9 @@ impl Agent {
             &server.name,
             &pin_dir,
         );
+        if let Some(f) = agent.fleet.as_mut() {
+            f.member = member;
+        }
         let Some(lock) = lock else {
             agent.generation = 1;
             info!(
@@ -850,7 +857,14 @@ impl Agent {
             return;
         };
         match event {
+            Event::Connected(member, url) => {
+                if f.member != Some(member) {
+                    info!("etcd: connected to member {member} of --etcd ({url})");
+                }
+                f.member = Some(member);
+            }
             Event::Lost(why) => {
+                f.member = None;
                 if f.connected {
                     let since = crate::fleet::unix_now();
                     f.stale_since.get_or_insert(since);

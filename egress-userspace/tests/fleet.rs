@@ -502,8 +502,17 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     assert_eq!(moves(&lab), before, "fra-a-2 still sees fra-a-1 as it was");
     assert_eq!(peer_up(&lab, "fra-a-2", "fra-a-1"), 1.0);
 
+    // Each agent starts at the member its server's name hashes to (fra-a-1: 1, fra-a-2: 0):
+    // the member stopped is fra-a-1's, and only fra-a-1 moves.
+    let member = |lab: &Lab, s: &str| metric(lab, s, "egress_etcd_member") as i64;
+    let down = member(&lab, "fra-a-1");
+    assert_eq!(
+        (down, member(&lab, "fra-a-2")),
+        (1, 0),
+        "agents spread over the members by server name"
+    );
     let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
-    lab.stop_member(0).unwrap();
+    lab.stop_member(down as usize).unwrap();
     let rev = lab.publish(&text_b()).unwrap();
     let applied = |lab: &Lab, server: &str| metric(lab, server, "egress_applied_revision") as i64;
     let t = Instant::now();
@@ -517,18 +526,24 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     common::check_curl(&lab, "fra-a-2", lab::ORIGIN_V4_CHECK.into(), FRA_A_2_IN_B);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(moves(&lab), before, "a member down moved no peer");
-    let mut reconnected = 0;
     for (s, mark) in ["fra-a-1", "fra-a-2"].into_iter().zip(marks) {
         let log = std::fs::read_to_string(lab.log_path(&format!("agent-{s}"))).unwrap();
         let log = log.get(mark..).unwrap_or("");
         assert!(!log.contains("fenced"), "{s} kept its lease: {log}");
-        reconnected += usize::from(log.contains("etcd connection lost"));
+        assert_eq!(
+            log.contains("etcd connection lost"),
+            s == "fra-a-1",
+            "{s}: only the agent on the member stopped reconnects: {log}"
+        );
     }
-    assert!(reconnected > 0, "the member stopped served an agent");
+    let now = member(&lab, "fra-a-1");
+    assert!(now >= 0 && now != down, "fra-a-1 on another member: {now}");
+    assert_eq!(member(&lab, "fra-a-2"), 0);
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");
-    lab.stop_members(&[1, 2]).unwrap();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != down as usize).collect();
+    lab.stop_members(&rest).unwrap();
     lab.wait_for_log(
         "agent-fra-a-2",
         mark,
@@ -537,6 +552,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     )
     .unwrap();
     assert_eq!(metric(&lab, "fra-a-2", "egress_etcd_connected"), 0.0);
+    assert_eq!(member(&lab, "fra-a-2"), -1, "connected to no member");
     std::thread::sleep(Duration::from_millis(1100));
     assert!(metric(&lab, "fra-a-2", "egress_plan_stale_seconds") >= 1.0);
     // Every agent fenced itself (no renewal), and none could confirm another's fence: nobody

@@ -94,6 +94,7 @@ pub(super) struct Metrics {
 
 struct FleetMetrics {
     etcd_connected: Gauge,
+    etcd_member: Gauge,
     applied_revision: Gauge,
     plan_age: Gauge,
     plan_stale: Gauge,
@@ -238,6 +239,12 @@ impl Metrics {
                     r,
                     "etcd_connected",
                     "1 while the agent reads and watches the topology in etcd",
+                    Gauge::default(),
+                ),
+                etcd_member: add(
+                    r,
+                    "etcd_member",
+                    "The etcd member the agent is connected to: its place in --etcd, from 0 (agents start at the member their server's name hashes to); -1 while connected to none",
                     Gauge::default(),
                 ),
                 applied_revision: add(
@@ -402,6 +409,7 @@ impl Metrics {
         };
         let now = crate::fleet::unix_now();
         m.etcd_connected.set(i64::from(f.connected));
+        m.etcd_member.set(f.member.map_or(-1, |i| i as i64));
         m.applied_revision.set(f.applied_revision);
         m.plan_age.set(now.saturating_sub(f.updated_at) as i64);
         m.plan_stale

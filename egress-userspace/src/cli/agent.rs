@@ -201,6 +201,7 @@ fn fleet_endpoint(args: &Args) -> anyhow::Result<Option<(fleet::Endpoint, String
         anyhow::bail!("--etcd: name this agent's server with --server NAME");
     };
     let ep = args.etcd.endpoint()?;
+    ep.spread_by(&server);
     // An agent identity may write only its own server's status: another one is a mix-up.
     if let Some(user) = ep.user()
         && user.starts_with("egress-agent-")
@@ -373,6 +374,7 @@ async fn first_topology(
         );
     }
     let mut collect = tokio::time::interval(every);
+    let mut member = None;
     // Each thing said once: a rejected revision, and the connection's state while it stays.
     let mut said = std::collections::BTreeSet::new();
     let mut say = |line: String| {
@@ -393,6 +395,12 @@ async fn first_topology(
             e = events.recv() => e?,
         };
         match event {
+            Event::Connected(m, url) => {
+                if member != Some(m) {
+                    log::info!("etcd: connected to member {m} of --etcd ({url})");
+                }
+                member = Some(m);
+            }
             Event::Lost(why) => say(format!(
                 "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
             )),
@@ -422,6 +430,8 @@ async fn first_topology(
                             text: p.text.clone(),
                             topology,
                             published: p,
+                            // Published only follows Connected.
+                            member: member.unwrap_or_default(),
                         });
                     }
                     Err(e) => say(format!(

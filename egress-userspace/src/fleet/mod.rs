@@ -145,6 +145,22 @@ impl Endpoint {
         bail!("no etcd member answered: {}", why.join("; "))
     }
 
+    /// Starts this client at the member `name` (its server) hashes to instead of the first
+    /// URL: a fleet's agents spread over the members, so that one member carries a share of
+    /// the watches and leases, and its loss moves only that share (all at once onto the next
+    /// member otherwise). The same name always starts at the same member.
+    pub fn spread_by(&self, name: &str) {
+        self.next.store(
+            spread(name, self.urls.len()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The member in use (its place in the URLs, from 0), or the next to try while none is.
+    pub fn member(&self) -> usize {
+        self.next.load(std::sync::atomic::Ordering::Relaxed) % self.urls.len()
+    }
+
     /// After a connection failed: start with the next member.
     pub fn rotate(&self) {
         self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -192,6 +208,14 @@ impl Endpoint {
     pub fn user(&self) -> Option<&str> {
         self.credentials.as_ref().map(|c| c.user.as_str())
     }
+}
+
+/// The member (of `n`) that clients named `name` start at: a stable hash (SHA-256: the same
+/// on every build), so that an operator can tell from the name where an agent connects.
+pub fn spread(name: &str, n: usize) -> usize {
+    let h = sha2::Sha256::digest(name.as_bytes());
+    let x = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    (x % n.max(1) as u64) as usize
 }
 
 /// How trying one member failed: it did not answer (try the next), or it answered no.
@@ -595,7 +619,33 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Meta, Published, may_have_landed, unanswered};
+    use super::{Meta, Published, may_have_landed, spread, unanswered};
+
+    /// Agents start at the member their name hashes to: the same one on every build (the
+    /// values are pinned), within the members, and a fleet's names spread over all of them.
+    #[test]
+    fn agents_spread_over_the_members_by_name() {
+        for (name, n, member) in [
+            ("fra-a-1", 3, 1),
+            ("fra-a-2", 3, 0),
+            ("ams-a-1", 3, 2),
+            ("fra-a-1", 1, 0),
+            ("fra-a-1", 0, 0),
+        ] {
+            assert_eq!(spread(name, n), member, "{name} of {n}");
+        }
+        for n in [2, 3, 5] {
+            let mut per = vec![0; n];
+            for i in 0..300 {
+                per[spread(&format!("srv-{i}"), n)] += 1;
+            }
+            let fair = 300 / n;
+            assert!(
+                per.iter().all(|&c| c > fair * 3 / 4 && c < fair * 5 / 4),
+                "{n} members: {per:?}"
+            );
+        }
+    }
 
     /// Only a request without an answer may have landed; a refusal wrote nothing.
     #[test]

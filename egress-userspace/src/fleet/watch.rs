@@ -30,6 +30,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Connected to this member (its place in the URLs, from 0, and its URL); what is
+    /// published follows.
+    Connected(usize, String),
     /// What is published (after connecting, then on every change).
     Published(Published),
     /// Nothing is published under the prefix (yet).
@@ -295,6 +298,13 @@ async fn session(
     let events = link.events;
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
+    let member = ep.member();
+    if events
+        .send(Event::Connected(member, ep.urls[member].clone()))
+        .is_err()
+    {
+        return Ok(());
+    }
     let (published, at) = read_published(&mut client, ep).await?;
     if events
         .send(published.map_or(Event::Nothing, Event::Published))
