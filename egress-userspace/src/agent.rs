@@ -380,8 +380,8 @@ pub struct Initial {
     pub text: String,
     pub topology: Topology,
     pub published: crate::fleet::Published,
-    /// The etcd member it was read from (its place in `--etcd`, from 0).
-    pub member: usize,
+    /// The etcd member it was read from.
+    pub member: crate::fleet::watch::MemberView,
 }
 
 /// Fleet mode: what the agent knows of the published topology and of its link to etcd.
@@ -395,8 +395,8 @@ pub struct FleetState {
     /// Why the newest revision was rejected, while it is the newest.
     pub rejected: Option<String>,
     pub connected: bool,
-    /// The etcd member connected to (its place in `--etcd`, from 0), while connected.
-    pub member: Option<usize>,
+    /// The etcd member the session is on.
+    pub member: crate::fleet::watch::MemberView,
     /// Since when (Unix seconds) the plan may be stale: etcd unreachable.
     pub stale_since: Option<u64>,
     /// When the plan in force was last confirmed current (Unix seconds): applied, or found
@@ -500,8 +500,8 @@ impl Agent {
             &server.name,
             &pin_dir,
         );
-        if let Some(f) = agent.fleet.as_mut() {
-            f.member = member;
+        if let (Some(f), Some(m)) = (agent.fleet.as_mut(), member) {
+            f.member = m;
         }
         let Some(lock) = lock else {
             agent.generation = 1;
@@ -857,14 +857,9 @@ impl Agent {
             return;
         };
         match event {
-            Event::Connected(member, url) => {
-                if f.member != Some(member) {
-                    info!("etcd: connected to member {member} of --etcd ({url})");
-                }
-                f.member = Some(member);
-            }
+            Event::Connected(url) => f.member.connecting(url),
             Event::Lost(why) => {
-                f.member = None;
+                f.member.lost();
                 if f.connected {
                     let since = crate::fleet::unix_now();
                     f.stale_since.get_or_insert(since);
@@ -891,6 +886,7 @@ impl Agent {
             }
             Event::Nothing => {
                 f.connected = true;
+                f.member.established();
                 f.stale_since = None;
                 if f.seen_revision != 0 {
                     warn!(
@@ -902,6 +898,7 @@ impl Agent {
             }
             Event::Published(p) => {
                 f.connected = true;
+                f.member.established();
                 if let Some(since) = f.stale_since.take() {
                     info!(
                         "etcd reachable again after {} s; published revision {}",

@@ -502,17 +502,32 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     assert_eq!(moves(&lab), before, "fra-a-2 still sees fra-a-1 as it was");
     assert_eq!(peer_up(&lab, "fra-a-2", "fra-a-1"), 1.0);
 
-    // Each agent starts at the member its server's name hashes to (fra-a-1: 1, fra-a-2: 0):
-    // the member stopped is fra-a-1's, and only fra-a-1 moves.
-    let member = |lab: &Lab, s: &str| metric(lab, s, "egress_etcd_member") as i64;
-    let down = member(&lab, "fra-a-1");
-    assert_eq!(
-        (down, member(&lab, "fra-a-2")),
-        (1, 0),
-        "agents spread over the members by server name"
+    // Each agent is on the first member of its own order (rendezvous hashing of its server's
+    // name; in the lab fra-a-1's is member 1, fra-a-2's member 0). The member stopped is
+    // fra-a-1's: fra-a-1 alone moves, to the next member of its order.
+    let on = |lab: &Lab, s: &str| -> Option<usize> {
+        let text = metrics(lab, s);
+        let url = text.lines().find_map(|l| {
+            let (url, _) = l
+                .strip_prefix("egress_etcd_member{url=\"")?
+                .split_once('"')?;
+            Some(url.to_string())
+        })?;
+        fleet.urls.iter().position(|u| *u == url)
+    };
+    let [a1, a2] = ["fra-a-1", "fra-a-2"].map(|s| egress::fleet::rendezvous(s, &fleet.urls));
+    assert_ne!(
+        a1[0], a2[0],
+        "the lab's agents have different first members"
     );
+    assert_eq!(
+        (on(&lab, "fra-a-1"), on(&lab, "fra-a-2")),
+        (Some(a1[0]), Some(a2[0])),
+        "each agent on the first member of its order"
+    );
+    let down = a1[0];
     let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
-    lab.stop_member(down as usize).unwrap();
+    lab.stop_member(down).unwrap();
     let rev = lab.publish(&text_b()).unwrap();
     let applied = |lab: &Lab, server: &str| metric(lab, server, "egress_applied_revision") as i64;
     let t = Instant::now();
@@ -536,13 +551,16 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
             "{s}: only the agent on the member stopped reconnects: {log}"
         );
     }
-    let now = member(&lab, "fra-a-1");
-    assert!(now >= 0 && now != down, "fra-a-1 on another member: {now}");
-    assert_eq!(member(&lab, "fra-a-2"), 0);
+    assert_eq!(
+        on(&lab, "fra-a-1"),
+        Some(a1[1]),
+        "fra-a-1 on its next member"
+    );
+    assert_eq!(on(&lab, "fra-a-2"), Some(a2[0]), "fra-a-2 where it was");
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");
-    let rest: Vec<usize> = (0..3).filter(|&i| i != down as usize).collect();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != down).collect();
     lab.stop_members(&rest).unwrap();
     lab.wait_for_log(
         "agent-fra-a-2",
@@ -552,7 +570,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     )
     .unwrap();
     assert_eq!(metric(&lab, "fra-a-2", "egress_etcd_connected"), 0.0);
-    assert_eq!(member(&lab, "fra-a-2"), -1, "connected to no member");
+    assert_eq!(on(&lab, "fra-a-2"), None, "on no member");
     std::thread::sleep(Duration::from_millis(1100));
     assert!(metric(&lab, "fra-a-2", "egress_plan_stale_seconds") >= 1.0);
     // Every agent fenced itself (no renewal), and none could confirm another's fence: nobody

@@ -39,6 +39,10 @@ struct ResultLabel {
     result: String,
 }
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrlLabel {
+    url: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     server: String,
     fabric: String,
@@ -94,7 +98,7 @@ pub(super) struct Metrics {
 
 struct FleetMetrics {
     etcd_connected: Gauge,
-    etcd_member: Gauge,
+    etcd_member: Family<UrlLabel, Gauge>,
     applied_revision: Gauge,
     plan_age: Gauge,
     plan_stale: Gauge,
@@ -244,8 +248,8 @@ impl Metrics {
                 etcd_member: add(
                     r,
                     "etcd_member",
-                    "The etcd member the agent is connected to: its place in --etcd, from 0 (agents start at the member their server's name hashes to); -1 while connected to none",
-                    Gauge::default(),
+                    "1 for the etcd member (by its --etcd URL) the agent's session is on; none while it is on none",
+                    Family::default(),
                 ),
                 applied_revision: add(
                     r,
@@ -409,7 +413,14 @@ impl Metrics {
         };
         let now = crate::fleet::unix_now();
         m.etcd_connected.set(i64::from(f.connected));
-        m.etcd_member.set(f.member.map_or(-1, |i| i as i64));
+        m.etcd_member.clear();
+        if let Some(url) = f.member.current() {
+            m.etcd_member
+                .get_or_create(&UrlLabel {
+                    url: url.to_string(),
+                })
+                .set(1);
+        }
         m.applied_revision.set(f.applied_revision);
         m.plan_age.set(now.saturating_sub(f.updated_at) as i64);
         m.plan_stale

@@ -200,7 +200,7 @@ fn fleet_endpoint(args: &Args) -> anyhow::Result<Option<(fleet::Endpoint, String
     let Some(server) = args.server.clone() else {
         anyhow::bail!("--etcd: name this agent's server with --server NAME");
     };
-    let ep = args.etcd.endpoint()?;
+    let mut ep = args.etcd.endpoint()?;
     ep.spread_by(&server);
     // An agent identity may write only its own server's status: another one is a mix-up.
     if let Some(user) = ep.user()
@@ -374,7 +374,7 @@ async fn first_topology(
         );
     }
     let mut collect = tokio::time::interval(every);
-    let mut member = None;
+    let mut member = fleet::watch::MemberView::default();
     // Each thing said once: a rejected revision, and the connection's state while it stays.
     let mut said = std::collections::BTreeSet::new();
     let mut say = |line: String| {
@@ -395,26 +395,28 @@ async fn first_topology(
             e = events.recv() => e?,
         };
         match event {
-            Event::Connected(m, url) => {
-                if member != Some(m) {
-                    log::info!("etcd: connected to member {m} of --etcd ({url})");
-                }
-                member = Some(m);
+            Event::Connected(url) => member.connecting(url),
+            Event::Lost(why) => {
+                member.lost();
+                say(format!(
+                    "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
+                ));
             }
-            Event::Lost(why) => say(format!(
-                "etcd connection failed ({why}): no plan yet, nothing attached; retrying"
-            )),
             // Nothing is planned yet: leases matter once it is; nothing is attached to fence
             // (the state is looked at again once the agent has started).
             Event::Leases(_) | Event::LeasesUnknown | Event::Fenced(_) => {}
             Event::StatusRefused(why) => say(format!(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),
-            Event::Nothing => say(
-                "nothing published under the prefix yet: no plan, nothing attached; waiting"
-                    .to_string(),
-            ),
+            Event::Nothing => {
+                member.established();
+                say(
+                    "nothing published under the prefix yet: no plan, nothing attached; waiting"
+                        .to_string(),
+                );
+            }
             Event::Published(p) => {
+                member.established();
                 let checked = Config::parse(&p.text, "the published topology")
                     .map_err(anyhow::Error::from)
                     .and_then(|c| Ok(validate::validate(&c)?))
@@ -430,8 +432,7 @@ async fn first_topology(
                             text: p.text.clone(),
                             topology,
                             published: p,
-                            // Published only follows Connected.
-                            member: member.unwrap_or_default(),
+                            member,
                         });
                     }
                     Err(e) => say(format!(

@@ -63,8 +63,20 @@ pub struct Endpoint {
     pub urls: Vec<String>,
     pub keys: Keys,
     pub credentials: Option<Credentials>,
-    /// The member to try first (the one that answered last).
-    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The members in the order this client tries them (places in `urls`): as given, or an
+    /// agent's own order ([`Endpoint::spread_by`]).
+    order: Vec<usize>,
+    /// Which member is in use and which one the last session ended on.
+    members: std::sync::Arc<std::sync::Mutex<Members>>,
+}
+
+/// An endpoint's members in use (places in its URLs).
+#[derive(Debug, Default)]
+struct Members {
+    /// The member the latest connection was made to.
+    in_use: Option<usize>,
+    /// The member the last session ended on: tried last next time.
+    ended: Option<usize>,
 }
 
 impl EtcdArgs {
@@ -102,7 +114,8 @@ impl EtcdArgs {
                 urls: self.urls.clone(),
                 keys,
                 credentials: None,
-                next: Default::default(),
+                order: (0..self.urls.len()).collect(),
+                members: Default::default(),
             });
         }
         if let Some(u) = self.urls.iter().find(|u| u.starts_with("http://")) {
@@ -117,24 +130,24 @@ impl EtcdArgs {
             urls: self.urls.clone(),
             keys,
             credentials: Some(Credentials::load(&ca, &cert, &key)?),
-            next: Default::default(),
+            order: (0..self.urls.len()).collect(),
+            members: Default::default(),
         })
     }
 }
 
 impl Endpoint {
-    /// A client of one member: the first of the URLs, from the one last used, that answers a
-    /// read of the topology key. (The client's own balancing fails a request when any one
-    /// endpoint is down, so members are tried in turn here; one connection at a time, as
-    /// etcd's own clients keep.)
+    /// A client of one member: the first in this client's order that answers a read of the
+    /// topology key, the member the last session ended on last. (The client's own balancing
+    /// fails a request when any one endpoint is down, so members are tried in turn here; one
+    /// connection at a time, as etcd's own clients keep.)
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let n = self.urls.len();
-        let first = self.next.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let ended = self.lock().ended;
         let mut failures = Vec::new();
-        for i in (0..n).map(|k| (first + k) % n) {
+        for i in try_order(&self.order, ended) {
             match self.try_member(i).await {
                 Ok(client) => {
-                    self.next.store(i, std::sync::atomic::Ordering::Relaxed);
+                    self.lock().in_use = Some(i);
                     return Ok(client);
                 }
                 Err(Tried::Refused(e)) => return Err(e),
@@ -145,25 +158,28 @@ impl Endpoint {
         bail!("no etcd member answered: {}", why.join("; "))
     }
 
-    /// Starts this client at the member `name` (its server) hashes to instead of the first
-    /// URL: a fleet's agents spread over the members, so that one member carries a share of
-    /// the watches and leases, and its loss moves only that share (all at once onto the next
-    /// member otherwise). The same name always starts at the same member.
-    pub fn spread_by(&self, name: &str) {
-        self.next.store(
-            spread(name, self.urls.len()),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// Gives this client (an agent) an order of the members of its own, by the name of its
+    /// server ([`rendezvous`]), instead of the URLs' order: a fleet's agents spread over the
+    /// members; the agents of a member that fails spread over the others; and a member added
+    /// or removed moves only the agents it takes or had.
+    pub fn spread_by(&mut self, name: &str) {
+        self.order = rendezvous(name, &self.urls);
     }
 
-    /// The member in use (its place in the URLs, from 0), or the next to try while none is.
-    pub fn member(&self) -> usize {
-        self.next.load(std::sync::atomic::Ordering::Relaxed) % self.urls.len()
+    /// The URL of the member the latest connection was made to.
+    pub fn member_url(&self) -> Option<&str> {
+        self.lock().in_use.map(|i| self.urls[i].as_str())
     }
 
-    /// After a connection failed: start with the next member.
-    pub fn rotate(&self) {
-        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// After a session ended (failed): its member is tried last next time, so that one that
+    /// accepts connections but fails sessions does not hold the client.
+    pub fn session_ended(&self) {
+        let mut m = self.lock();
+        m.ended = m.in_use;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn try_member(&self, i: usize) -> Result<Client, Tried> {
@@ -210,12 +226,30 @@ impl Endpoint {
     }
 }
 
-/// The member (of `n`) that clients named `name` start at: a stable hash (SHA-256: the same
-/// on every build), so that an operator can tell from the name where an agent connects.
-pub fn spread(name: &str, n: usize) -> usize {
-    let h = sha2::Sha256::digest(name.as_bytes());
-    let x = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
-    (x % n.max(1) as u64) as usize
+/// The order in which a client named `name` tries the members `urls` (places in it):
+/// rendezvous hashing — by SHA-256 of the name and each URL, highest first. The same on every
+/// host and build whatever the URLs' order; a URL added or removed changes no other URL's
+/// place relative to the rest.
+pub fn rendezvous(name: &str, urls: &[String]) -> Vec<usize> {
+    let weight = |url: &str| {
+        let mut h = sha2::Sha256::new();
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(url.as_bytes());
+        let d = h.finalize();
+        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    };
+    let mut order: Vec<usize> = (0..urls.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(weight(&urls[i])), i));
+    order
+}
+
+/// `order` with `ended` (the member the last session ended on) moved to the end.
+fn try_order(order: &[usize], ended: Option<usize>) -> Vec<usize> {
+    let (last, mut first): (Vec<usize>, Vec<usize>) =
+        order.iter().partition(|&&i| Some(i) == ended);
+    first.extend(last);
+    first
 }
 
 /// How trying one member failed: it did not answer (try the next), or it answered no.
@@ -619,31 +653,60 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Meta, Published, may_have_landed, spread, unanswered};
+    use super::{Meta, Published, may_have_landed, rendezvous, try_order, unanswered};
 
-    /// Agents start at the member their name hashes to: the same one on every build (the
-    /// values are pinned), within the members, and a fleet's names spread over all of them.
+    /// An agent's order of the members: pinned values (the same on every build), the same
+    /// members whatever the URLs' order, each member first for about a third of 300 names
+    /// and a failed member's agents spread over the others, and a member removed moves only
+    /// the agents that had it first.
     #[test]
     fn agents_spread_over_the_members_by_name() {
-        for (name, n, member) in [
-            ("fra-a-1", 3, 1),
-            ("fra-a-2", 3, 0),
-            ("ams-a-1", 3, 2),
-            ("fra-a-1", 1, 0),
-            ("fra-a-1", 0, 0),
-        ] {
-            assert_eq!(spread(name, n), member, "{name} of {n}");
+        let urls: Vec<String> = (1..=3)
+            .map(|i| format!("https://10.61.0.{i}:2379"))
+            .collect();
+        let named = |name: &str, urls: &[String]| -> Vec<String> {
+            rendezvous(name, urls)
+                .into_iter()
+                .map(|i| urls[i].clone())
+                .collect()
+        };
+        for (name, order) in [("fra-a-1", [1, 2, 0]), ("fra-a-2", [0, 1, 2])] {
+            assert_eq!(rendezvous(name, &urls), order, "{name}");
+            let reversed: Vec<String> = urls.iter().rev().cloned().collect();
+            assert_eq!(named(name, &reversed), named(name, &urls), "{name}");
         }
-        for n in [2, 3, 5] {
-            let mut per = vec![0; n];
-            for i in 0..300 {
-                per[spread(&format!("srv-{i}"), n)] += 1;
+        let names: Vec<String> = (0..300).map(|i| format!("srv-{i}")).collect();
+        let mut first = [0; 3];
+        let mut second = [[0; 3]; 3];
+        for n in &names {
+            let o = rendezvous(n, &urls);
+            first[o[0]] += 1;
+            second[o[0]][o[1]] += 1;
+        }
+        assert!(first.iter().all(|&c| (75..=125).contains(&c)), "{first:?}");
+        for (m, s) in second.iter().enumerate() {
+            let (a, b) = (s[(m + 1) % 3], s[(m + 2) % 3]);
+            assert!(a * 2 >= b && b * 2 >= a, "member {m}'s agents next: {s:?}");
+        }
+        let fewer = &urls[..2];
+        for n in &names {
+            let before = named(n, &urls)[0].clone();
+            if before != urls[2] {
+                assert_eq!(named(n, fewer)[0], before, "{n} kept its member");
             }
-            let fair = 300 / n;
-            assert!(
-                per.iter().all(|&c| c > fair * 3 / 4 && c < fair * 5 / 4),
-                "{n} members: {per:?}"
-            );
+        }
+    }
+
+    /// The member a session ended on is tried last; the rest keep their order.
+    #[test]
+    fn the_member_a_session_ended_on_goes_last() {
+        for (ended, want) in [
+            (None, vec![1, 2, 0]),
+            (Some(1), vec![2, 0, 1]),
+            (Some(2), vec![1, 0, 2]),
+            (Some(7), vec![1, 2, 0]),
+        ] {
+            assert_eq!(try_order(&[1, 2, 0], ended), want, "{ended:?}");
         }
     }
 

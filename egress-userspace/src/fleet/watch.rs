@@ -30,9 +30,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Connected to this member (its place in the URLs, from 0, and its URL); what is
-    /// published follows.
-    Connected(usize, String),
+    /// Connected to the member of this URL; what is published follows (or the session
+    /// fails: [`Event::Lost`]).
+    Connected(String),
     /// What is published (after connecting, then on every change).
     Published(Published),
     /// Nothing is published under the prefix (yet).
@@ -53,6 +53,49 @@ pub enum Event {
     /// itself out of new connections now. False: renewed again (or a new lease holds the
     /// alive key).
     Fenced(bool),
+}
+
+/// Which etcd member an agent's session is on, from its events: the member of a connection
+/// counts once the session read something (a session can fail after connecting), and a change
+/// of member is logged once.
+#[derive(Debug, Clone, Default)]
+pub struct MemberView {
+    /// Connected to this member; nothing read yet.
+    connecting: Option<String>,
+    /// The member of the session that is up.
+    current: Option<String>,
+    /// The member last logged.
+    logged: Option<String>,
+}
+
+impl MemberView {
+    /// [`Event::Connected`].
+    pub fn connecting(&mut self, url: String) {
+        self.connecting = Some(url);
+    }
+
+    /// The session read what is published ([`Event::Published`], [`Event::Nothing`]).
+    pub fn established(&mut self) {
+        let Some(url) = self.connecting.take() else {
+            return;
+        };
+        if self.logged.as_ref() != Some(&url) {
+            log::info!("etcd: on member {url}");
+            self.logged = Some(url.clone());
+        }
+        self.current = Some(url);
+    }
+
+    /// [`Event::Lost`].
+    pub fn lost(&mut self) {
+        self.connecting = None;
+        self.current = None;
+    }
+
+    /// The member of the session that is up.
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
 }
 
 /// The renew deadline, as a fraction of the lease's time to live (like a Kubernetes leader's
@@ -210,7 +253,7 @@ async fn sessions(
         if started.elapsed() >= HEALTHY {
             backoff = Duration::ZERO;
         }
-        ep.rotate();
+        ep.session_ended();
         if events.send(Event::Lost(why)).is_err() {
             return;
         }
@@ -298,11 +341,8 @@ async fn session(
     let events = link.events;
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
-    let member = ep.member();
-    if events
-        .send(Event::Connected(member, ep.urls[member].clone()))
-        .is_err()
-    {
+    let url = ep.member_url().unwrap_or_default().to_string();
+    if events.send(Event::Connected(url)).is_err() {
         return Ok(());
     }
     let (published, at) = read_published(&mut client, ep).await?;
