@@ -857,7 +857,9 @@ impl Agent {
             return;
         };
         match event {
-            Event::Connected(url) => f.member.connecting(url),
+            Event::Connected(url) => {
+                f.member.connected(url);
+            }
             Event::Lost(why) => {
                 f.member.lost();
                 if f.connected {
@@ -886,7 +888,6 @@ impl Agent {
             }
             Event::Nothing => {
                 f.connected = true;
-                f.member.established();
                 f.stale_since = None;
                 if f.seen_revision != 0 {
                     warn!(
@@ -898,7 +899,6 @@ impl Agent {
             }
             Event::Published(p) => {
                 f.connected = true;
-                f.member.established();
                 if let Some(since) = f.stale_since.take() {
                     info!(
                         "etcd reachable again after {} s; published revision {}",

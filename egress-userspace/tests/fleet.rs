@@ -19,7 +19,8 @@ fn fleet_lab(servers: &[&str]) -> Lab {
     lab.start_fleet(true).expect("etcd cluster starts");
     lab.publish(DEFAULT_CONFIG).expect("first publish");
     for s in servers {
-        lab.start_fleet_agent(s, &[])
+        // An agent moved off its first etcd member checks every second whether it is back.
+        lab.start_fleet_agent(s, &["--etcd-failback", "1"])
             .unwrap_or_else(|e| panic!("fleet agent {s}: {e:#}"));
     }
     lab
@@ -503,8 +504,9 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
     assert_eq!(peer_up(&lab, "fra-a-2", "fra-a-1"), 1.0);
 
     // Each agent is on the first member of its own order (rendezvous hashing of its server's
-    // name; in the lab fra-a-1's is member 1, fra-a-2's member 0). The member stopped is
-    // fra-a-1's: fra-a-1 alone moves, to the next member of its order.
+    // name; in the lab fra-a-1's is member 0, fra-a-2's member 1). The member stopped is
+    // fra-a-1's: fra-a-1 alone moves, to the next member of its order, and back once its
+    // first member is up again.
     let on = |lab: &Lab, s: &str| -> Option<usize> {
         let text = metrics(lab, s);
         let url = text.lines().find_map(|l| {
@@ -557,11 +559,29 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         "fra-a-1 on its next member"
     );
     assert_eq!(on(&lab, "fra-a-2"), Some(a2[0]), "fra-a-2 where it was");
+    let mark = lab.log_len("agent-fra-a-1");
+    lab.start_member(&fleet, down).unwrap();
+    lab.wait_member(down).unwrap();
+    let t = Instant::now();
+    while on(&lab, "fra-a-1") != Some(a1[0]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fra-a-1 back on its first member"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(lab.log_path("agent-fra-a-1")).unwrap();
+    let log = log.get(mark..).unwrap_or("");
+    assert!(log.contains("answers again"), "{log}");
+    assert!(
+        !log.contains("fenced") && !log.contains("etcd connection lost"),
+        "moved back keeping its lease, no loss: {log}"
+    );
+    assert_eq!(moves(&lab), before, "moving back moved no peer");
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");
-    let rest: Vec<usize> = (0..3).filter(|&i| i != down).collect();
-    lab.stop_members(&rest).unwrap();
+    lab.stop_members(&[0, 1, 2]).unwrap();
     lab.wait_for_log(
         "agent-fra-a-2",
         mark,

@@ -76,6 +76,12 @@ pub struct Args {
     /// forwarding through this server meanwhile); 0, or --detach-on-exit: it goes at once.
     #[arg(long, default_value_t = fleet::watch::RESTART_GRACE, value_parser = clap::value_parser!(i64).range(0..=3600))]
     restart_grace: i64,
+    /// Fleet mode: while on an etcd member other than the first of its order (its first did
+    /// not answer), the agent checks every this many seconds (plus up to half as much again)
+    /// whether a member it ranks higher answers again, and moves back to it keeping its
+    /// lease; 0: never (it moves only when its member fails).
+    #[arg(long, default_value_t = fleet::watch::FAILBACK.as_secs(), value_parser = clap::value_parser!(u64).range(0..=86400))]
+    etcd_failback: u64,
     /// Log one datapath decision in N (default 100) with its counter, verdict and the packet's
     /// addresses (aya-log; target egress::trace). Off (the default), the logging step is
     /// removed by the verifier: no cost.
@@ -257,6 +263,7 @@ impl EtcdLink {
             } else {
                 args.restart_grace
             },
+            failback: (args.etcd_failback > 0).then(|| Duration::from_secs(args.etcd_failback)),
         };
         let thread = std::thread::Builder::new()
             .name("etcd".into())
@@ -395,7 +402,9 @@ async fn first_topology(
             e = events.recv() => e?,
         };
         match event {
-            Event::Connected(url) => member.connecting(url),
+            Event::Connected(url) => {
+                member.connected(url);
+            }
             Event::Lost(why) => {
                 member.lost();
                 say(format!(
@@ -409,14 +418,12 @@ async fn first_topology(
                 "etcd refuses this agent's status key ({why}); check the identity (--etcd-tls) matches --server"
             )),
             Event::Nothing => {
-                member.established();
                 say(
                     "nothing published under the prefix yet: no plan, nothing attached; waiting"
                         .to_string(),
                 );
             }
             Event::Published(p) => {
-                member.established();
                 let checked = Config::parse(&p.text, "the published topology")
                     .map_err(anyhow::Error::from)
                     .and_then(|c| Ok(validate::validate(&c)?))

@@ -71,12 +71,31 @@ pub struct Endpoint {
 }
 
 /// An endpoint's members in use (places in its URLs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Members {
     /// The member the latest connection was made to.
     in_use: Option<usize>,
-    /// The member the last session ended on: tried last next time.
+    /// The member that answered last: connected to, or refused.
+    answered: Option<usize>,
+    /// The member the last session ended on, or that refused it: tried last next time.
     ended: Option<usize>,
+}
+
+impl Members {
+    /// Member `i` answered a connection: took it (`connected`), or refused it.
+    fn answered(&mut self, i: usize, connected: bool) {
+        self.answered = Some(i);
+        if connected {
+            self.in_use = Some(i);
+        }
+    }
+
+    /// The session ended, or the connection was refused: the member that answered last is
+    /// tried last next time (one that refuses, or accepts but fails sessions, does not hold
+    /// the client while another would serve it).
+    fn session_ended(&mut self) {
+        self.ended = self.answered;
+    }
 }
 
 impl EtcdArgs {
@@ -147,10 +166,13 @@ impl Endpoint {
         for i in try_order(&self.order, ended) {
             match self.try_member(i).await {
                 Ok(client) => {
-                    self.lock().in_use = Some(i);
+                    self.lock().answered(i, true);
                     return Ok(client);
                 }
-                Err(Tried::Refused(e)) => return Err(e),
+                Err(Tried::Refused(e)) => {
+                    self.lock().answered(i, false);
+                    return Err(e);
+                }
                 Err(Tried::Unreachable(e)) => failures.push(e),
             }
         }
@@ -171,11 +193,30 @@ impl Endpoint {
         self.lock().in_use.map(|i| self.urls[i].as_str())
     }
 
-    /// After a session ended (failed): its member is tried last next time, so that one that
-    /// accepts connections but fails sessions does not hold the client.
+    /// After a session ended (failed, or refused): see [`Members::session_ended`].
     pub fn session_ended(&self) {
-        let mut m = self.lock();
-        m.ended = m.in_use;
+        self.lock().session_ended();
+    }
+
+    /// The members this client ranks above the one in use, best first (none when on its
+    /// first).
+    pub fn better_members(&self) -> Vec<usize> {
+        let in_use = self.lock().in_use;
+        self.order
+            .iter()
+            .copied()
+            .take_while(|&i| Some(i) != in_use)
+            .collect()
+    }
+
+    /// Whether member `i` answers now (a connection and a read, then closed).
+    pub async fn answers(&self, i: usize) -> bool {
+        self.try_member(i).await.is_ok()
+    }
+
+    /// The URL of member `i`.
+    pub fn url(&self, i: usize) -> &str {
+        &self.urls[i]
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
@@ -227,7 +268,7 @@ impl Endpoint {
 }
 
 /// The order in which a client named `name` tries the members `urls` (places in it):
-/// rendezvous hashing — by SHA-256 of the name and each URL, highest first. The same on every
+/// rendezvous hashing — by SHA-256 of the name and each member ([`member_of`]), highest first. The same on every
 /// host and build whatever the URLs' order; a URL added or removed changes no other URL's
 /// place relative to the rest.
 pub fn rendezvous(name: &str, urls: &[String]) -> Vec<usize> {
@@ -235,13 +276,22 @@ pub fn rendezvous(name: &str, urls: &[String]) -> Vec<usize> {
         let mut h = sha2::Sha256::new();
         h.update(name.as_bytes());
         h.update([0]);
-        h.update(url.as_bytes());
+        h.update(member_of(url).as_bytes());
         let d = h.finalize();
         u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
     };
     let mut order: Vec<usize> = (0..urls.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(weight(&urls[i])), i));
     order
+}
+
+/// What names the member in `url` for [`rendezvous`]: host and port, lowercase, without the
+/// scheme or a trailing `/` (`10.0.0.1:2379` and `https://10.0.0.1:2379/` are one member; a
+/// host name and its address are not).
+fn member_of(url: &str) -> String {
+    let url = url.trim();
+    let url = url.split_once("://").map_or(url, |(_, rest)| rest);
+    url.trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// `order` with `ended` (the member the last session ended on) moved to the end.
@@ -670,10 +720,13 @@ mod tests {
                 .map(|i| urls[i].clone())
                 .collect()
         };
-        for (name, order) in [("fra-a-1", [1, 2, 0]), ("fra-a-2", [0, 1, 2])] {
+        for (name, order) in [("fra-a-1", [0, 2, 1]), ("fra-a-2", [1, 0, 2])] {
             assert_eq!(rendezvous(name, &urls), order, "{name}");
             let reversed: Vec<String> = urls.iter().rev().cloned().collect();
             assert_eq!(named(name, &reversed), named(name, &urls), "{name}");
+            // Another spelling of the same members.
+            let bare: Vec<String> = (1..=3).map(|i| format!(" 10.61.0.{i}:2379/")).collect();
+            assert_eq!(rendezvous(name, &bare), order, "{name}, {bare:?}");
         }
         let names: Vec<String> = (0..300).map(|i| format!("srv-{i}")).collect();
         let mut first = [0; 3];
@@ -695,6 +748,31 @@ mod tests {
                 assert_eq!(named(n, fewer)[0], before, "{n} kept its member");
             }
         }
+    }
+
+    /// Which member goes last: the one the session ended on, or the one that refused, never
+    /// one that did not answer (the next connection tries the others first).
+    #[test]
+    fn the_member_that_answered_last_goes_last_after_a_failure() {
+        use super::Members;
+        let order = [1, 2, 0];
+        let mut m = Members::default();
+        let next = |m: &Members| try_order(&order, m.ended);
+        assert_eq!(next(&m), [1, 2, 0], "first connection: own order");
+        m.answered(1, true);
+        m.session_ended();
+        assert_eq!(next(&m), [2, 0, 1], "session on 1 ended: 1 last");
+        // 2 refuses (it answered): it goes last, 1 is tried again before it.
+        m.answered(2, false);
+        m.session_ended();
+        assert_eq!(next(&m), [1, 0, 2], "2 refused");
+        // Nothing answers: the member that answered last stays last.
+        m.session_ended();
+        assert_eq!(next(&m), [1, 0, 2], "nobody answered");
+        m.answered(0, true);
+        assert_eq!(m.in_use, Some(0));
+        m.session_ended();
+        assert_eq!(next(&m), [1, 2, 0], "session on 0 ended");
     }
 
     /// The member a session ended on is tried last; the rest keep their order.

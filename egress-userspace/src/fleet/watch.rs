@@ -30,8 +30,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Connected to the member of this URL; what is published follows (or the session
-    /// fails: [`Event::Lost`]).
+    /// A session is up (read, watching, alive) on the member of this URL.
     Connected(String),
     /// What is published (after connecting, then on every change).
     Published(Published),
@@ -55,13 +54,10 @@ pub enum Event {
     Fenced(bool),
 }
 
-/// Which etcd member an agent's session is on, from its events: the member of a connection
-/// counts once the session read something (a session can fail after connecting), and a change
-/// of member is logged once.
+/// Which etcd member an agent's session is on, from its events ([`Event::Connected`] once a
+/// session is up, [`Event::Lost`]); a change of member is logged once.
 #[derive(Debug, Clone, Default)]
 pub struct MemberView {
-    /// Connected to this member; nothing read yet.
-    connecting: Option<String>,
     /// The member of the session that is up.
     current: Option<String>,
     /// The member last logged.
@@ -69,26 +65,20 @@ pub struct MemberView {
 }
 
 impl MemberView {
-    /// [`Event::Connected`].
-    pub fn connecting(&mut self, url: String) {
-        self.connecting = Some(url);
-    }
-
-    /// The session read what is published ([`Event::Published`], [`Event::Nothing`]).
-    pub fn established(&mut self) {
-        let Some(url) = self.connecting.take() else {
-            return;
-        };
-        if self.logged.as_ref() != Some(&url) {
+    /// [`Event::Connected`]: whether the member differs from the one last logged (then it is
+    /// logged).
+    pub fn connected(&mut self, url: String) -> bool {
+        let new = self.logged.as_ref() != Some(&url);
+        if new {
             log::info!("etcd: on member {url}");
             self.logged = Some(url.clone());
         }
         self.current = Some(url);
+        new
     }
 
     /// [`Event::Lost`].
     pub fn lost(&mut self) {
-        self.connecting = None;
         self.current = None;
     }
 
@@ -166,6 +156,9 @@ pub struct Identity {
     /// Seconds the alive key outlives this agent when it exits and leaves its programs
     /// running (0: it goes with the agent's lease).
     pub restart_grace: i64,
+    /// How often, while on a member it ranks below others, the agent checks whether a better
+    /// one answers again (None: never).
+    pub failback: Option<Duration>,
 }
 
 /// Runs until `events` is closed.
@@ -242,7 +235,12 @@ async fn sessions(
     loop {
         let started = Instant::now();
         let why = match session(ep, me, link, status, interest, &mut kept).await {
-            Ok(()) => return, // the agent is gone
+            Ok(Ended::AgentGone) => return,
+            Ok(Ended::Failback) => {
+                // Its member goes last: the better one that answered comes first.
+                ep.session_ended();
+                continue;
+            }
             Err(e) => crate::cli::error_text(&e),
         };
         // Only a session that ran well for a while resets the backoff: one that fails right
@@ -260,6 +258,27 @@ async fn sessions(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
     }
+}
+
+/// How often an agent on a member it ranks below others checks whether a better one answers
+/// again (`agent --etcd-failback`).
+pub const FAILBACK: Duration = Duration::from_secs(60);
+
+/// How a session ended without an error.
+enum Ended {
+    /// The agent is gone (its ends of the channels closed).
+    AgentGone,
+    /// A member this agent ranks higher answers again: reconnect, keeping the lease.
+    Failback,
+}
+
+/// Up to half of `d` more, different from call to call: a fleet's agents do not check their
+/// members in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
 /// A lease kept alive on this session's connection.
@@ -337,20 +356,16 @@ async fn session(
     status: &mut watch::Receiver<Status>,
     interest: &mut watch::Receiver<BTreeSet<String>>,
     kept: &mut Option<(i64, i64)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let events = link.events;
     let urls = ep.urls.join(",");
     let mut client = ep.connect().await?;
-    let url = ep.member_url().unwrap_or_default().to_string();
-    if events.send(Event::Connected(url)).is_err() {
-        return Ok(());
-    }
     let (published, at) = read_published(&mut client, ep).await?;
     if events
         .send(published.map_or(Event::Nothing, Event::Published))
         .is_err()
     {
-        return Ok(());
+        return Ok(Ended::AgentGone);
     }
     let mut stream = client
         .watch(
@@ -394,13 +409,25 @@ async fn session(
         && !s.refused
         && events.send(Event::StatusRefused(why)).is_err()
     {
-        return Ok(());
+        return Ok(Ended::AgentGone);
     }
     // The leases of the peers the agent asks about, watched key by key (not the whole
     // status prefix: an agent hears about its next hops, not about the fleet).
     if !s.view_leases().await? {
-        return Ok(());
+        return Ok(Ended::AgentGone);
     }
+    // Up: read, watching, alive.
+    let url = ep.member_url().unwrap_or_default().to_string();
+    if events.send(Event::Connected(url.clone())).is_err() {
+        return Ok(Ended::AgentGone);
+    }
+    // On a member this agent ranks below others: now and then, whether a better one answers
+    // again (it comes back after a restart); then this session ends for it (the lease kept).
+    let better = ep.better_members();
+    let mut failback_at = me
+        .failback
+        .filter(|_| !better.is_empty())
+        .map(|d| Instant::now() + d + jitter(d));
     loop {
         // In this order when several are ready: a peer's lease news first (cheap, and what
         // failover waits on); a new plan's status before the leases of its peers are read and
@@ -424,7 +451,7 @@ async fn session(
             changed = status.changed() => {
                 if changed.is_err() {
                     s.exit().await;
-                    return Ok(());
+                    return Ok(Ended::AgentGone);
                 }
                 let current = status.borrow_and_update().clone();
                 s.put_status(current).await?;
@@ -434,9 +461,28 @@ async fn session(
                 let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.topology())))?;
                 s.topology(msg).await?
             }
+            () = async {
+                match failback_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                for &i in &better {
+                    if ep.answers(i).await {
+                        log::info!(
+                            "etcd: member {} answers again, ranked above {} for this server: moving back",
+                            ep.url(i),
+                            url
+                        );
+                        return Ok(Ended::Failback);
+                    }
+                }
+                failback_at = me.failback.map(|d| Instant::now() + d + jitter(d));
+                true
+            }
             changed = interest.changed() => {
                 if changed.is_err() {
-                    return Ok(());
+                    return Ok(Ended::AgentGone);
                 }
                 let names = interest.borrow_and_update().clone();
                 // Refused for these very peers: not asked again until they change (the agent
@@ -450,7 +496,7 @@ async fn session(
             }
         };
         if !going {
-            return Ok(()); // the agent is gone
+            return Ok(Ended::AgentGone); // the agent is gone
         }
     }
 }
@@ -836,6 +882,24 @@ async fn put_alive(
 
 #[cfg(test)]
 mod tests {
+
+    /// The member shown is the one of the session that is up; a change is logged once (a
+    /// reconnect to the same member is not news).
+    #[test]
+    fn the_member_shown_is_the_session_up() {
+        let mut m = super::MemberView::default();
+        assert_eq!(m.current(), None);
+        assert!(m.connected("https://a:2379".into()), "first: logged");
+        assert_eq!(m.current(), Some("https://a:2379"));
+        m.lost();
+        assert_eq!(m.current(), None, "lost: on none");
+        assert!(
+            !m.connected("https://a:2379".into()),
+            "same member again: not logged"
+        );
+        assert!(m.connected("https://b:2379".into()), "another: logged");
+        assert_eq!(m.current(), Some("https://b:2379"));
+    }
     use super::*;
 
     /// The fence follows the renewals: nothing before a lease, fenced once the renew deadline
