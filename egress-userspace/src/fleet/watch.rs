@@ -272,6 +272,52 @@ enum Ended {
     Failback,
 }
 
+/// An agent's checks of the members it ranks above the one in use: every `every` (plus
+/// [`jitter`]), one check at a time, each on a task of its own.
+struct Failback {
+    every: Option<Duration>,
+    at: Option<Instant>,
+    check: Option<AbortOnDrop<Option<usize>>>,
+}
+
+impl Failback {
+    fn new(every: Option<Duration>) -> Failback {
+        Failback {
+            every,
+            at: every.map(|d| Instant::now() + d + jitter(d)),
+            check: None,
+        }
+    }
+
+    /// The first of `better` (best first) that answered a check; pending until one does
+    /// (forever without checks).
+    async fn next(&mut self, ep: &Endpoint, better: &[usize]) -> Option<usize> {
+        loop {
+            if let Some(check) = self.check.as_mut() {
+                let found = (&mut check.0).await.ok().flatten();
+                self.check = None;
+                self.at = self.every.map(|d| Instant::now() + d + jitter(d));
+                if found.is_some() {
+                    return found;
+                }
+            }
+            let Some(at) = self.at else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(at.into()).await;
+            let (ep, better) = (ep.clone(), better.to_vec());
+            self.check = Some(AbortOnDrop(tokio::spawn(async move {
+                for i in better {
+                    if ep.answers(i).await {
+                        return Some(i);
+                    }
+                }
+                None
+            })));
+        }
+    }
+}
+
 /// Up to half of `d` more, different from call to call: a fleet's agents do not check their
 /// members in step.
 fn jitter(d: Duration) -> Duration {
@@ -423,11 +469,10 @@ async fn session(
     }
     // On a member this agent ranks below others: now and then, whether a better one answers
     // again (it comes back after a restart); then this session ends for it (the lease kept).
+    // The checks run on a task of their own: a better member that does not answer costs its
+    // timeouts there, never this loop's status puts and watch events.
     let better = ep.better_members();
-    let mut failback_at = me
-        .failback
-        .filter(|_| !better.is_empty())
-        .map(|d| Instant::now() + d + jitter(d));
+    let mut failback = Failback::new(me.failback.filter(|_| !better.is_empty()));
     loop {
         // In this order when several are ready: a peer's lease news first (cheap, and what
         // failover waits on); a new plan's status before the leases of its peers are read and
@@ -461,23 +506,14 @@ async fn session(
                 let msg = msg.map_err(|e| describe(e, &s.urls, Some(&ep.keys.topology())))?;
                 s.topology(msg).await?
             }
-            () = async {
-                match failback_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
+            found = failback.next(ep, &better) => {
+                if let Some(i) = found {
+                    log::info!(
+                        "etcd: member {} answers again, ranked above {url} for this server: moving back",
+                        ep.url(i)
+                    );
+                    return Ok(Ended::Failback);
                 }
-            } => {
-                for &i in &better {
-                    if ep.answers(i).await {
-                        log::info!(
-                            "etcd: member {} answers again, ranked above {} for this server: moving back",
-                            ep.url(i),
-                            url
-                        );
-                        return Ok(Ended::Failback);
-                    }
-                }
-                failback_at = me.failback.map(|d| Instant::now() + d + jitter(d));
                 true
             }
             changed = interest.changed() => {
