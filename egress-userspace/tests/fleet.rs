@@ -528,6 +528,20 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         "each agent on the first member of its order"
     );
     let down = a1[0];
+    // The lease holding fra-a-1's alive key: the same one through the move and the move back.
+    let lease = |lab: &Lab| -> i64 {
+        let out = lab
+            .etcdctl(
+                Some(pki::ROOT_USER),
+                &["get", "/egress/v1/alive/fra-a-1", "-w", "json"],
+            )
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kvs"][0]["lease"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{v}"))
+    };
+    let held = lease(&lab);
     let marks = ["fra-a-1", "fra-a-2"].map(|s| lab.log_len(&format!("agent-{s}")));
     lab.stop_member(down).unwrap();
     let rev = lab.publish(&text_b()).unwrap();
@@ -578,6 +592,7 @@ fn etcd_faults_leave_every_dataplane_on_its_last_plan() {
         "moved back keeping its lease, no loss: {log}"
     );
     assert_eq!(moves(&lab), before, "moving back moved no peer");
+    assert_eq!(lease(&lab), held, "one lease throughout");
 
     // The whole cluster down: traffic keeps flowing on the last plan; the agents say stale.
     let mark = lab.log_len("agent-fra-a-2");

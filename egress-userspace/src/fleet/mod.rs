@@ -130,7 +130,7 @@ impl EtcdArgs {
                 bail!("--etcd-plaintext with an https URL ({u}): use http:// or TLS options");
             }
             return Ok(Endpoint {
-                urls: self.urls.clone(),
+                urls: self.urls.iter().map(|u| u.trim().to_string()).collect(),
                 keys,
                 credentials: None,
                 order: (0..self.urls.len()).collect(),
@@ -146,7 +146,7 @@ impl EtcdArgs {
         let cert = file(&self.etcd_cert, tls::CERT_FILE, "client certificate")?;
         let key = file(&self.etcd_key, tls::KEY_FILE, "client key")?;
         Ok(Endpoint {
-            urls: self.urls.clone(),
+            urls: self.urls.iter().map(|u| u.trim().to_string()).collect(),
             keys,
             credentials: Some(Credentials::load(&ca, &cert, &key)?),
             order: (0..self.urls.len()).collect(),
@@ -209,9 +209,14 @@ impl Endpoint {
             .collect()
     }
 
-    /// Whether member `i` answers now (a connection and a read, then closed).
-    pub async fn answers(&self, i: usize) -> bool {
-        self.try_member(i).await.is_ok()
+    /// A connection to member `i` if it answers now (a read).
+    pub async fn answers(&self, i: usize) -> Option<Client> {
+        self.try_member(i).await.ok()
+    }
+
+    /// A connection to member `i` (from [`Endpoint::answers`]) is the one in use.
+    pub fn connected_to(&self, i: usize) {
+        self.lock().answered(i, true);
     }
 
     /// The URL of member `i`.

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::bail;
-use etcd_client::{PutOptions, WatchOptions};
+use etcd_client::{Client, PutOptions, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -229,20 +229,30 @@ async fn sessions(
 ) {
     let events = link.events;
     let mut backoff = BACKOFF_FIRST;
-    // The lease of the last session: the next one keeps it if it is still alive, so a
-    // reconnect (a member restarted) within its time to live is not seen by the peers.
-    let mut kept = None;
+    let mut carried = Carried {
+        kept: None,
+        ready: None,
+        failback: me.failback,
+    };
     loop {
         let started = Instant::now();
-        let why = match session(ep, me, link, status, interest, &mut kept).await {
+        let failed_back = carried.ready.is_some();
+        let why = match session(ep, me, link, status, interest, &mut carried).await {
             Ok(Ended::AgentGone) => return,
-            Ok(Ended::Failback) => {
-                // Its member goes last: the better one that answered comes first.
-                ep.session_ended();
+            Ok(Ended::Failback(ready)) => {
+                carried.ready = Some(ready);
+                backoff = Duration::ZERO;
                 continue;
             }
             Err(e) => crate::cli::error_text(&e),
         };
+        if failed_back {
+            carried.failback = if started.elapsed() >= HEALTHY {
+                me.failback
+            } else {
+                carried.failback.map(|d| (d * 2).min(FAILBACK_MAX))
+            };
+        }
         // Only a session that ran well for a while resets the backoff: one that fails right
         // after connecting (a refusal, a member that answers reads and nothing else) must not
         // turn into a tight reconnect loop.
@@ -264,12 +274,32 @@ async fn sessions(
 /// again (`agent --etcd-failback`).
 pub const FAILBACK: Duration = Duration::from_secs(60);
 
+/// The longest interval failback checks back off to.
+const FAILBACK_MAX: Duration = Duration::from_secs(600);
+
 /// How a session ended without an error.
 enum Ended {
     /// The agent is gone (its ends of the channels closed).
     AgentGone,
-    /// A member this agent ranks higher answers again: reconnect, keeping the lease.
-    Failback,
+    /// A member this agent ranks higher answers again (a connection to it made): the next
+    /// session runs on it, keeping the lease.
+    Failback(Ready),
+}
+
+/// A member (its place in the URLs) and a connection made to it.
+type Ready = (usize, Box<Client>);
+
+/// What one session hands the next.
+struct Carried {
+    /// The lease of the last session: the next one keeps it if it is still alive, so a
+    /// reconnect (a member restarted) within its time to live is not seen by the peers.
+    kept: Option<(i64, i64)>,
+    /// A connection made to a better member (failback) for the next session.
+    ready: Option<Ready>,
+    /// How often to check for a better member: doubled (to [`FAILBACK_MAX`]) while failing
+    /// back ends in a quick failure (a member that answers the check but fails sessions),
+    /// reset once a session after a failback holds.
+    failback: Option<Duration>,
 }
 
 /// An agent's checks of the members it ranks above the one in use: every `every` (plus
@@ -277,7 +307,7 @@ enum Ended {
 struct Failback {
     every: Option<Duration>,
     at: Option<Instant>,
-    check: Option<AbortOnDrop<Option<usize>>>,
+    check: Option<AbortOnDrop<Option<Ready>>>,
 }
 
 impl Failback {
@@ -289,9 +319,9 @@ impl Failback {
         }
     }
 
-    /// The first of `better` (best first) that answered a check; pending until one does
-    /// (forever without checks).
-    async fn next(&mut self, ep: &Endpoint, better: &[usize]) -> Option<usize> {
+    /// The first of `better` (best first) that answered a check, with the connection made
+    /// to it; pending until one does (forever without checks).
+    async fn next(&mut self, ep: &Endpoint, better: &[usize]) -> Option<Ready> {
         loop {
             if let Some(check) = self.check.as_mut() {
                 let found = (&mut check.0).await.ok().flatten();
@@ -308,9 +338,10 @@ impl Failback {
             let (ep, better) = (ep.clone(), better.to_vec());
             self.check = Some(AbortOnDrop(tokio::spawn(async move {
                 for i in better {
-                    if ep.answers(i).await {
-                        return Some(i);
+                    if let Some(client) = ep.answers(i).await {
+                        return Some((i, Box::new(client)));
                     }
+                    log::debug!("etcd: failback check: {} does not answer", ep.url(i));
                 }
                 None
             })));
@@ -321,10 +352,10 @@ impl Failback {
 /// Up to half of `d` more, different from call to call: a fleet's agents do not check their
 /// members in step.
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+    use std::hash::BuildHasher as _;
+    // RandomState's keys are random per process and move on with every instance.
+    let r = std::hash::RandomState::new().hash_one(Instant::now());
+    d.mul_f64((r % 1000) as f64 / 2000.0)
 }
 
 /// A lease kept alive on this session's connection.
@@ -401,11 +432,17 @@ async fn session(
     link: &Link<'_>,
     status: &mut watch::Receiver<Status>,
     interest: &mut watch::Receiver<BTreeSet<String>>,
-    kept: &mut Option<(i64, i64)>,
+    carried: &mut Carried,
 ) -> anyhow::Result<Ended> {
     let events = link.events;
     let urls = ep.urls.join(",");
-    let mut client = ep.connect().await?;
+    let mut client = match carried.ready.take() {
+        Some((i, client)) => {
+            ep.connected_to(i);
+            *client
+        }
+        None => ep.connect().await?,
+    };
     let (published, at) = read_published(&mut client, ep).await?;
     if events
         .send(published.map_or(Event::Nothing, Event::Published))
@@ -424,8 +461,8 @@ async fn session(
         )
         .await
         .map_err(|e| describe(e, &urls, Some(&ep.keys.topology())))?;
-    let lease = keep_or_grant(&mut client, &urls, me, *kept).await?;
-    *kept = Some((lease.id, lease.ttl));
+    let lease = keep_or_grant(&mut client, &urls, me, carried.kept).await?;
+    carried.kept = Some((lease.id, lease.ttl));
     // The peers' view of this agent: written once per session, on the lease (and again if it
     // is deleted under it). Peers watch this key and not the status key, which changes with
     // every plan (a publish would otherwise fan out to every watcher of every agent).
@@ -472,7 +509,7 @@ async fn session(
     // The checks run on a task of their own: a better member that does not answer costs its
     // timeouts there, never this loop's status puts and watch events.
     let better = ep.better_members();
-    let mut failback = Failback::new(me.failback.filter(|_| !better.is_empty()));
+    let mut failback = Failback::new(carried.failback.filter(|_| !better.is_empty()));
     loop {
         // In this order when several are ready: a peer's lease news first (cheap, and what
         // failover waits on); a new plan's status before the leases of its peers are read and
@@ -507,12 +544,15 @@ async fn session(
                 s.topology(msg).await?
             }
             found = failback.next(ep, &better) => {
-                if let Some(i) = found {
+                if let Some(ready) = found {
                     log::info!(
                         "etcd: member {} answers again, ranked above {url} for this server: moving back",
-                        ep.url(i)
+                        ep.url(ready.0)
                     );
-                    return Ok(Ended::Failback);
+                    // A fresh renewal first: the next session has the lease's whole time to
+                    // live to take it over (this session's keep-alives end with it).
+                    renew_now(link).await;
+                    return Ok(Ended::Failback(ready));
                 }
                 true
             }
@@ -535,6 +575,14 @@ async fn session(
             return Ok(Ended::AgentGone); // the agent is gone
         }
     }
+}
+
+/// Asks the keep-alive task for a renewal now and waits (a second at most) for etcd's answer.
+async fn renew_now(link: &Link<'_>) {
+    let mut renewed = link.renewed.subscribe();
+    renewed.borrow_and_update();
+    link.nudge.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(1), renewed.changed()).await;
 }
 
 /// Aborts the task when the session ends.
