@@ -273,9 +273,9 @@ impl Endpoint {
 }
 
 /// The order in which a client named `name` tries the members `urls` (places in it):
-/// rendezvous hashing — by SHA-256 of the name and each member ([`member_of`]), highest first. The same on every
-/// host and build whatever the URLs' order; a URL added or removed changes no other URL's
-/// place relative to the rest.
+/// rendezvous hashing — by SHA-256 of the name and each member ([`member_of`]), highest
+/// first. The same on every host and build whatever the URLs' order; a URL added or removed
+/// changes no other URL's place relative to the rest.
 pub fn rendezvous(name: &str, urls: &[String]) -> Vec<usize> {
     let weight = |url: &str| {
         let mut h = sha2::Sha256::new();

@@ -966,12 +966,13 @@ async fn put_alive(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// The member shown is the one of the session that is up; a change is logged once (a
     /// reconnect to the same member is not news).
     #[test]
     fn the_member_shown_is_the_session_up() {
-        let mut m = super::MemberView::default();
+        let mut m = MemberView::default();
         assert_eq!(m.current(), None);
         assert!(m.connected("https://a:2379".into()), "first: logged");
         assert_eq!(m.current(), Some("https://a:2379"));
@@ -984,7 +985,6 @@ mod tests {
         assert!(m.connected("https://b:2379".into()), "another: logged");
         assert_eq!(m.current(), Some("https://b:2379"));
     }
-    use super::*;
 
     /// The fence follows the renewals: nothing before a lease, fenced once the renew deadline
     /// passes with no renewal, lifted by the next one. (Checks order, not speed: only
