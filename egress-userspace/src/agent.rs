@@ -380,7 +380,8 @@ pub struct Initial {
     pub text: String,
     pub topology: Topology,
     pub published: crate::fleet::Published,
-    /// The etcd member it was read from.
+    /// The etcd member as the events before the start told it (empty when the topology
+    /// arrived before the session was up: its `Connected` then reaches the agent).
     pub member: crate::fleet::watch::MemberView,
 }
 
