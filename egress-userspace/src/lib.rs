@@ -23,3 +23,10 @@ pub mod stats;
 #[cfg(feature = "dev")]
 pub mod testrun;
 pub mod validate;
+
+/// A random number from the operating system's generator (std's hasher seeds are drawn from
+/// it, and each `RandomState` moves on): for keys and jitter, nothing cryptographic.
+pub fn random_u64() -> u64 {
+    use std::hash::BuildHasher as _;
+    std::hash::RandomState::new().hash_one(0u8)
+}

@@ -783,8 +783,7 @@ pub enum AttachMode {
 /// A new key for the sent hint's tag (`egress_common::fabric::sent_tag`): random, from the
 /// operating system's generator (std's hasher seeds are drawn from it).
 pub fn sent_key() -> u32 {
-    use std::hash::BuildHasher as _;
-    std::collections::hash_map::RandomState::new().hash_one(0u8) as u32
+    crate::random_u64() as u32
 }
 
 /// Loads the object without pinning anything (packet tests, benchmarks).

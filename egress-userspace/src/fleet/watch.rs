@@ -352,10 +352,7 @@ impl Failback {
 /// Up to half of `d` more, different from call to call: a fleet's agents do not check their
 /// members in step.
 fn jitter(d: Duration) -> Duration {
-    use std::hash::BuildHasher as _;
-    // RandomState's keys are random per process and move on with every instance.
-    let r = std::hash::RandomState::new().hash_one(Instant::now());
-    d.mul_f64((r % 1000) as f64 / 2000.0)
+    d.mul_f64((crate::random_u64() % 1000) as f64 / 2000.0)
 }
 
 /// A lease kept alive on this session's connection.
